@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# TORCH pins the CPU build that installs without pulling several GB of CUDA
+# packages; override it, e.g. `make test TORCH=torch`, on a GPU machine.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) tools/main_job.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

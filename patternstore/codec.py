@@ -1,0 +1,124 @@
+"""The on-disk value: a checksummed msgpack envelope (DESIGN.md section 3).
+
+    envelope = msgpack map {
+        "format":   ENVELOPE_VERSION,
+        "key":      spec.key,
+        "spec":     spec.to_dict(),
+        "arrays":   {name: {"dtype": "<i4", "shape": [...], "data": <bin>}},
+        "checksum": sha256(msgpack of the four fields above, in that order),
+    }
+
+Guarantees kept here:
+- ``encode`` is a pure function of the pattern: equal patterns give equal bytes.
+- ``decode`` never executes anything it reads: msgpack only builds maps,
+  lists, strings, ints and bytes (no ext types are accepted), and arrays are
+  copied out of the bytes into fresh int32 tensors.
+- ``decode`` returns a pattern only when the checksum matches, the format
+  version is this one, the spec re-validates, its key equals the key the value
+  was stored under, and every array has a known dtype and consistent shape.
+  Anything else raises ``CorruptValue``: the store treats it as a miss.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from typing import Any
+
+import msgpack
+import torch
+
+from .pattern import Pattern
+from .specs import spec_from_dict
+
+ENVELOPE_VERSION = 1
+_DTYPES = {"<i4": torch.int32}
+_NAMES = {torch.int32: "<i4"}
+
+
+class CorruptValue(ValueError):
+    """A stored value that must not be used (its reason is the message)."""
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The elements of ``tensor`` in C order, little-endian, as bytes."""
+    fresh = tensor.detach().to("cpu").contiguous()
+    return ctypes.string_at(fresh.data_ptr(), fresh.numel() * fresh.element_size())
+
+
+def _body(key: str, spec: dict[str, Any], arrays: dict[str, Any]) -> bytes:
+    return msgpack.packb([ENVELOPE_VERSION, key, spec, arrays], use_bin_type=True)
+
+
+def encode(pattern: Pattern) -> bytes:
+    """Envelope bytes of ``pattern`` (its arrays must be int32; any device)."""
+    arrays = {}
+    for name, tensor in pattern.arrays.items():
+        if tensor.dtype not in _NAMES:
+            raise TypeError(f"array {name!r} must be int32 to be stored, got {tensor.dtype}")
+        arrays[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data": tensor_bytes(tensor)}
+    spec = pattern.spec.to_dict()
+    checksum = hashlib.sha256(_body(pattern.key, spec, arrays)).digest()
+    return msgpack.packb(
+        {"format": ENVELOPE_VERSION, "key": pattern.key, "spec": spec, "arrays": arrays, "checksum": checksum},
+        use_bin_type=True,
+    )
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise CorruptValue(f"msgpack extension type {code} is not part of the format")
+
+
+def decode(value: Any, key: str) -> Pattern:
+    """The pattern in ``value`` (bytes stored under ``key``), or ``CorruptValue``."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise CorruptValue(f"value is {type(value).__name__}, not bytes")
+    try:
+        envelope = msgpack.unpackb(value, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except CorruptValue:
+        raise
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise CorruptValue(f"not a msgpack envelope: {error}") from None
+    if not isinstance(envelope, dict) or set(envelope) != {"format", "key", "spec", "arrays", "checksum"}:
+        raise CorruptValue("not an envelope map with format, key, spec, arrays, checksum")
+    if envelope["format"] != ENVELOPE_VERSION:
+        raise CorruptValue(f"envelope format {envelope['format']!r}, expected {ENVELOPE_VERSION}")
+    if envelope["key"] != key:
+        raise CorruptValue(f"envelope holds key {envelope['key']!r}, stored under {key!r}")
+    spec_fields, arrays = envelope["spec"], envelope["arrays"]
+    if not isinstance(spec_fields, dict) or not isinstance(arrays, dict):
+        raise CorruptValue("spec and arrays must be maps")
+    try:
+        body = _body(key, spec_fields, arrays)
+    except (TypeError, ValueError) as error:
+        raise CorruptValue(f"cannot re-encode envelope: {error}") from None
+    if hashlib.sha256(body).digest() != envelope["checksum"]:
+        raise CorruptValue("checksum mismatch")
+    try:
+        spec = spec_from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in spec_fields.items()})
+    except (TypeError, ValueError) as error:
+        raise CorruptValue(f"stored spec is invalid: {error}") from None
+    if spec.key != key:
+        raise CorruptValue(f"stored spec has key {spec.key!r}, stored under {key!r}")
+    return Pattern(spec, {name: _array(name, entry) for name, entry in arrays.items()})
+
+
+def _array(name: str, entry: Any) -> torch.Tensor:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data"}:
+        raise CorruptValue(f"array {name!r} is not a map of dtype, shape, data")
+    dtype, shape, data = entry["dtype"], entry["shape"], entry["data"]
+    if dtype not in _DTYPES:
+        raise CorruptValue(f"array {name!r} has dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CorruptValue(f"array {name!r} has a malformed shape {shape!r}")
+    if not isinstance(data, bytes):
+        raise CorruptValue(f"array {name!r} data is not binary")
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+    if numel * itemsize != len(data):
+        raise CorruptValue(f"array {name!r}: shape {shape} needs {numel * itemsize} bytes, has {len(data)}")
+    if numel == 0:
+        return torch.zeros(shape, dtype=_DTYPES[dtype])
+    return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype]).reshape(shape)

@@ -1,0 +1,87 @@
+"""``Pattern``: a spec and the named int32 arrays generated from it.
+
+A plain data object, like FlexAttention's ``BlockMask``: it holds tensors and
+knows how to move them, nothing else. State (caching, device copies, tamper
+checks) lives in the store.
+
+Arrays by spec kind:
+
+- ``DilatedSpec`` (a gather plan, one row per (branch, head group)):
+    ``groups``    int32 ``[G, 10]``, columns ``GROUP_COLUMNS``;
+    ``positions`` int32 ``[P]``: the selected sequence positions of every group
+    back to back, group g at ``positions[start : start + num_segments *
+    per_segment + tail]``, segment by segment, ascending.
+- ``SparseSpec`` (a CSR block layout, DESIGN.md section 2):
+    ``kv_num_blocks`` int32 ``[H, nb]``: active key blocks of each query block;
+    ``kv_indices``    int32 ``[sum(kv_num_blocks)]``: the rows back to back,
+    head-major, each sorted ascending. ``H`` is ``spec.layout_heads`` (1 when
+    all heads share the layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .specs import Spec
+
+# Columns of a dilated plan's ``groups`` table.
+GROUP_COLUMNS = (
+    "branch",        # index i of the branch (w_i, r_i)
+    "segment",       # s = min(w_i, seq_len)
+    "rate",          # r_i
+    "offset",        # o: first selected position inside each segment
+    "head_start",    # heads [head_start, head_stop) use this offset
+    "head_stop",
+    "num_segments",  # full segments: seq_len // s
+    "per_segment",   # positions selected in each full segment: ceil((s - o) / r)
+    "tail",          # positions selected in the last, shorter segment
+    "start",         # where this group's positions begin in ``positions``
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Pattern:
+    """``spec`` plus ``arrays``: name -> int32 tensor (CPU unless moved)."""
+
+    spec: Spec
+    arrays: Mapping[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.arrays[name]
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.arrays.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.arrays.values())).device
+
+    def to(self, device: torch.device | str) -> "Pattern":
+        """A copy of this pattern with every array on ``device``."""
+        device = torch.device(device)
+        return Pattern(self.spec, {name: t.to(device, copy=True) for name, t in self.arrays.items()})
+
+    def equals(self, other: "Pattern") -> bool:
+        """Same key and bit-identical arrays."""
+        return (
+            self.key == other.key
+            and self.arrays.keys() == other.arrays.keys()
+            and all(
+                self.arrays[n].dtype == other.arrays[n].dtype
+                and self.arrays[n].shape == other.arrays[n].shape
+                and torch.equal(self.arrays[n].cpu(), other.arrays[n].cpu())
+                for n in self.arrays
+            )
+        )
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in self.arrays.items())
+        return f"Pattern({self.key}, {shapes}, nbytes={self.nbytes})"
