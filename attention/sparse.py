@@ -1,0 +1,507 @@
+"""Block-sparse attention over a stored CSR layout (DESIGN.md section 2).
+
+Layout of every tensor, stated once: ``q, k`` are ``(batch, seq, heads, dim)``,
+``v`` is ``(batch, seq, heads, dim_v)``, the output is ``(batch, seq, heads,
+dim_v)``. The layout is ``kv_num_blocks`` int32 ``[H, nb]`` and ``kv_indices``
+int32 ``[nnz]`` (``patternstore.csr``), ``nb = ceil(seq / block_size)``,
+``H = 1`` (one layout for every head) or ``H = heads``.
+
+Semantics: query position ``i`` of head ``j`` attends the set ``K(i)`` of key
+positions that lie in the active key blocks of its query block ``i //
+block_size``, are ``< seq`` (a partial last block is zero-padded, and padding
+never enters a softmax), are ``<= i`` when ``causal``, and are not marked in
+``key_padding_mask``. It takes ONE softmax over all of ``K(i)``, never one
+per block::
+
+    out_i = sum_{t in K(i)} exp(s_it - lse_i) v_t,   s_it = scale * q_i . k_t,
+    lse_i = log sum_{t in K(i)} exp(s_it).
+
+A query with an empty ``K(i)`` outputs 0 and gets zero gradient. Gradients are
+exact (FlashAttention-2's backward from the saved ``lse``).
+
+Execution. Rows (head, query block) are grouped by their number ``c`` of
+active blocks; each group runs in tiles of ``R`` rows by ``kc`` key blocks:
+whole key/value blocks are gathered with ``index_select``, the scores of a
+tile are one batched matmul ``[.., R, bs, kc * bs]``, and an online softmax
+(running max and sum) merges the key tiles of the same rows. A tile holds at
+most ``TILE_ELEMENTS`` scores, so a global row (``c = nb``) costs the memory
+of one tile, never of ``nb`` blocks. The backward recomputes each tile's
+probabilities from ``lse`` and scatter-adds key and value gradients.
+
+The CPU path was chosen by measurement (tools/bench_sparse.py, see
+README "Block-sparse attention"): CPU_PATH_NOTE below gives the figures.
+
+Compile contract (DESIGN.md section 4): the data-dependent work (grouping rows
+by count, Python loops over tiles) lives inside the custom operators
+``attention::block_sparse_forward`` / ``_backward``, opaque to dynamo with fake
+implementations that give shapes; the store lookup is the custom operator
+``attention::sparse_layout``. ``torch.compile(fullgraph=True)`` therefore
+sees three operators and reshapes, on a cold start as after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patternstore.csr import check_layout, drop_future_blocks
+from patternstore.specs import SparseSpec
+
+__all__ = ["block_sparse_attention", "BlockSparseAttention", "TILE_ELEMENTS"]
+
+# Scores per tile: 4 Mi elements = 16 MiB in float32 (the backward holds about
+# three such tiles). CPU_PATH_NOTE gives the sweep that chose it.
+TILE_ELEMENTS = 1 << 22
+
+CPU_PATH_NOTE = """filled in from tools/bench_sparse.py"""
+
+
+# ----------------------------------------------------------------- the plan
+def _row_groups(
+    kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool
+) -> list[tuple[Tensor, Tensor]]:
+    """``(rows [R], keys [R, c])`` for every block count ``c > 0``: flat row
+    ids ``h * nb + i`` and flat key-block ids ``h * nb + j`` (int64). With
+    ``causal``, key blocks after the query block are dropped first."""
+    if causal:
+        kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)
+    heads, nb = kv_num_blocks.shape
+    counts = kv_num_blocks.flatten().long()
+    offsets = torch.cumsum(counts, 0) - counts
+    head_base = torch.arange(heads * nb, device=counts.device) // nb * nb
+    order = torch.argsort(counts, stable=True)
+    values, lengths = torch.unique_consecutive(counts[order], return_counts=True)
+    groups = []
+    for c, rows in zip(values.tolist(), torch.split(order, lengths.tolist())):
+        if c == 0:
+            continue  # rows without key blocks: output 0, lse -inf
+        slots = offsets[rows, None] + torch.arange(c, device=rows.device)
+        groups.append((rows, kv_indices[slots].long() + head_base[rows, None]))
+    return groups
+
+
+def _tiles(groups: list[tuple[Tensor, Tensor]], batch_rows: int, block_size: int):
+    """Yield ``(rows [R], [keys [R, kc] for each key tile])`` with at most
+    TILE_ELEMENTS scores per tile (at least one row and one block)."""
+    per_block = batch_rows * block_size * block_size
+    for rows, keys in groups:
+        c = keys.shape[1]
+        kc = min(c, max(1, TILE_ELEMENTS // per_block))
+        step = max(1, TILE_ELEMENTS // (per_block * kc))
+        for r0 in range(0, rows.numel(), step):
+            chunk = keys[r0 : r0 + step]
+            yield rows[r0 : r0 + step], [chunk[:, k0 : k0 + kc] for k0 in range(0, c, kc)]
+
+
+def _blocked(x: Tensor, layout_heads: int, nb: int, bs: int) -> Tensor:
+    """``(b, n, h, e)`` -> ``[b * h / H, H * nb, bs, e]``, zero-padded to nb * bs
+    positions: flat row ``h * nb + i`` of a per-head layout (or row ``i`` of a
+    shared one) indexes dimension 1."""
+    b, n, h, e = x.shape
+    if nb * bs != n:
+        x = F.pad(x, (0, 0, 0, 0, 0, nb * bs - n))
+    x = x.permute(0, 2, 1, 3)
+    return x.reshape(b * h // layout_heads, layout_heads * nb, bs, e)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else computes (and keeps lse) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unblocked(y: Tensor, b: int, n: int, h: int) -> Tensor:
+    """Inverse of ``_blocked``: ``[b * h / H, H * nb, bs, e]`` -> ``(b, n, h, e)``."""
+    return y.reshape(b, h, -1, y.shape[-1])[:, :, :n].permute(0, 2, 1, 3).contiguous()
+
+
+class _Problem:
+    """Everything one call needs, in blocked form (see ``_blocked``)."""
+
+    def __init__(self, q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal):
+        b, n, h, _ = q.shape
+        self.b, self.n, self.h, self.bs, self.causal = b, n, h, block_size, causal
+        self.nb = nb = -(-n // block_size)
+        check_layout(kv_num_blocks, kv_indices, nb)
+        layout_heads = kv_num_blocks.shape[0]
+        self.dtype = q.dtype
+        work = _work_dtype(q.dtype)
+        self.q, self.k, self.v = (_blocked(t.to(work), layout_heads, nb, block_size) for t in (q, k, v))
+        self.groups = _row_groups(kv_num_blocks, kv_indices, causal)
+        self.padded = None
+        if key_padding_mask is not None:  # True = ignore; padded positions ignored too
+            self.padded = F.pad(key_padding_mask, (0, nb * block_size - n), value=True).view(b, nb, block_size)
+
+    def tiles(self):
+        return _tiles(self.groups, self.q.shape[0], self.bs)
+
+    def gather(self, x: Tensor, index: Tensor) -> Tensor:
+        """Blocks ``index [R, c]`` of blocked ``x`` as ``[B', R, c * bs, e]``."""
+        rows, c = index.shape
+        return x.index_select(1, index.flatten()).view(x.shape[0], rows, c * self.bs, x.shape[-1])
+
+    def scores(self, qt: Tensor, rows: Tensor, keys: Tensor, scale: float) -> Tensor:
+        """Masked scores ``[B', R, bs, kc * bs]`` (-inf where a key is not in K(i))."""
+        s = torch.matmul(qt, self.gather(self.k, keys).transpose(-1, -2)).mul_(scale)
+        bs, nb = self.bs, self.nb
+        offsets = torch.arange(bs, device=s.device)
+        key_pos = ((keys % nb) * bs)[:, :, None] + offsets                  # [R, kc, bs]
+        masked = None
+        if self.n % bs:
+            masked = (key_pos >= self.n).view(keys.shape[0], 1, -1)
+        if self.causal:
+            query_pos = ((rows % nb) * bs)[:, None, None] + offsets[:, None]   # [R, bs, 1]
+            future = key_pos.view(keys.shape[0], 1, -1) > query_pos
+            masked = future if masked is None else masked | future
+        if masked is not None:
+            s.masked_fill_(masked, float("-inf"))
+        if self.padded is not None:
+            ignored = self.padded[:, keys % nb].view(self.b, 1, keys.shape[0], 1, -1)
+            s.view(self.b, -1, *s.shape[1:]).masked_fill_(ignored, float("-inf"))
+        return s
+
+
+def _dropout_keep(shape, p: float, seed: int, tile: int, device) -> Tensor:
+    """The keep mask of one tile, a pure function of (seed, tile): the
+    backward regenerates exactly the forward's mask."""
+    generator = torch.Generator(device=device).manual_seed((seed + 7919 * tile) % (1 << 63))
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+# ------------------------------------------------------ the custom operators
+@torch.library.custom_op("attention::block_sparse_forward", mutates_args=())
+def _forward_op(
+    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+    key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
+    block_size: int, causal: bool, scale: float, dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``out (b, n, h, dv)`` and ``lse [b, h, nb * bs]`` (rows past n are padding)."""
+    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal)
+    out = pb.v.new_zeros(*pb.q.shape[:3], pb.v.shape[-1])
+    lse = pb.q.new_full(pb.q.shape[:3], float("-inf"))
+    seed = int(dropout_seed) if dropout_p > 0 else 0
+    tile = 0
+    for rows, key_tiles in pb.tiles():
+        qt = pb.q.index_select(1, rows)
+        running_max = acc = total = None
+        for keys in key_tiles:
+            s = pb.scores(qt, rows, keys, scale)
+            tile_max = s.amax(-1, keepdim=True)
+            new_max = tile_max if running_max is None else torch.maximum(running_max, tile_max)
+            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+            p = s.sub_(shift).exp_()
+            tile_sum = p.sum(-1, keepdim=True)
+            if dropout_p > 0:
+                p.mul_(_dropout_keep(p.shape, dropout_p, seed, tile, p.device)).div_(1 - dropout_p)
+            pv = torch.matmul(p, pb.gather(pb.v, keys))
+            if running_max is None:
+                acc, total = pv, tile_sum
+            else:
+                alpha = torch.exp(running_max - shift)
+                acc, total = acc.mul_(alpha).add_(pv), total.mul_(alpha).add_(tile_sum)
+            running_max, tile = new_max, tile + 1
+        out.index_copy_(1, rows, acc / total.clamp_min(torch.finfo(total.dtype).tiny))
+        row_lse = torch.where(total > 0, shift + total.log(), float("-inf"))
+        lse.index_copy_(1, rows, row_lse.squeeze(-1))
+    return (
+        _unblocked(out, pb.b, pb.n, pb.h).to(pb.dtype),
+        lse.reshape(pb.b, pb.h, pb.nb * block_size),
+    )
+
+
+@_forward_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+      block_size, causal, scale, dropout_p):
+    b, n, h, _ = q.shape
+    nb = (n + block_size - 1) // block_size
+    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, h, nb * block_size, dtype=_work_dtype(q.dtype))
+
+
+@torch.library.custom_op("attention::block_sparse_backward", mutates_args=())
+def _backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor,
+    key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
+    block_size: int, causal: bool, scale: float, dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``_forward_op``'s ``out`` with respect to ``q, k, v``."""
+    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal)
+    layout_heads = kv_num_blocks.shape[0]
+    d_out = _blocked(grad_out.to(pb.q.dtype), layout_heads, pb.nb, block_size)
+    # D_i = sum_t P_it dP_it = dO_i . O_i (dropout included: O is the dropped output).
+    delta = (d_out * _blocked(out.to(pb.q.dtype), layout_heads, pb.nb, block_size)).sum(-1, keepdim=True)
+    lse = lse.to(pb.q.dtype).reshape(*pb.q.shape[:3], 1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # empty rows: exp(-inf - inf) = 0
+    dq, dk, dv = torch.zeros_like(pb.q), torch.zeros_like(pb.k), torch.zeros_like(pb.v)
+    seed = int(dropout_seed) if dropout_p > 0 else 0
+    tile = 0
+    for rows, key_tiles in pb.tiles():
+        qt, dot = pb.q.index_select(1, rows), d_out.index_select(1, rows)
+        row_lse, row_delta = lse.index_select(1, rows), delta.index_select(1, rows)
+        dq_rows = torch.zeros_like(qt)
+        for keys in key_tiles:
+            p = pb.scores(qt, rows, keys, scale).sub_(row_lse).exp_()
+            kt, vt = pb.gather(pb.k, keys), pb.gather(pb.v, keys)
+            dp = torch.matmul(dot, vt.transpose(-1, -2))
+            if dropout_p > 0:
+                keep = _dropout_keep(p.shape, dropout_p, seed, tile, p.device) / (1 - dropout_p)
+                dv_tile = torch.matmul((p * keep).transpose(-1, -2), dot)
+                dp.mul_(keep)
+            else:
+                dv_tile = torch.matmul(p.transpose(-1, -2), dot)
+            ds = dp.sub_(row_delta).mul_(p).mul_(scale)
+            dq_rows += torch.matmul(ds, kt)
+            dk_tile = torch.matmul(ds.transpose(-1, -2), qt)
+            flat = keys.flatten()
+            dk.index_add_(1, flat, dk_tile.view(dk.shape[0], flat.numel(), block_size, -1))
+            dv.index_add_(1, flat, dv_tile.view(dv.shape[0], flat.numel(), block_size, -1))
+            tile += 1
+        dq.index_copy_(1, rows, dq_rows)
+    b, n, h = pb.b, pb.n, pb.h
+    return (
+        _unblocked(dq, b, n, h).to(q.dtype),
+        _unblocked(dk, b, n, h).to(k.dtype),
+        _unblocked(dv, b, n, h).to(v.dtype),
+    )
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+      block_size, causal, scale, dropout_p):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *rest = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices,
+                          key_padding_mask, dropout_seed)
+    ctx.args = rest
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
+    q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
+    dq, dk, dv = _backward_op(
+        grad_out.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices,
+        key_padding_mask, dropout_seed, *ctx.args,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------- functional core
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    block_size: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention of ``q (b, n, h, d)`` over ``k (b, n, h, d)``, ``v (b, n, h, dv)``
+    restricted to a block layout (module docstring): returns ``(b, n, h, dv)``.
+
+    ``kv_num_blocks`` int32 ``[H, ceil(n / block_size)]`` with ``H`` in {1, h},
+    ``kv_indices`` int32 ``[sum(kv_num_blocks)]``, both on ``q``'s device.
+    ``causal`` adds key <= query. ``softmax_scale`` defaults to ``d ** -0.5``.
+    ``dropout_p`` drops attention probabilities (pass 0.0 in evaluation).
+    ``key_padding_mask`` bool ``(b, n)``, True where a key must be ignored.
+    Float16/bfloat16 inputs are computed in float32 and returned in their dtype.
+    """
+    _check_qkv(q, k, v)
+    b, n, h, d = q.shape
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    nb = -(-n // block_size)
+    for name, t, dim in (("kv_num_blocks", kv_num_blocks, 2), ("kv_indices", kv_indices, 1)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D int32 tensor")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if kv_num_blocks.shape[0] not in (1, h) or kv_num_blocks.shape[1] != nb:
+        raise ValueError(
+            f"kv_num_blocks must have shape [1 or heads={h}, ceil(seq_len / block_size)={nb}], "
+            f"got {list(kv_num_blocks.shape)}"
+        )
+    if key_padding_mask is not None and (
+        not isinstance(key_padding_mask, Tensor)
+        or key_padding_mask.dtype != torch.bool
+        or tuple(key_padding_mask.shape) != (b, n)
+        or key_padding_mask.device != q.device
+    ):
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch={b}, seq_len={n}) on {q.device}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
+    out, _ = _forward_op(
+        q, k, v, kv_num_blocks, kv_indices, key_padding_mask, seed,
+        block_size, bool(causal), float(scale), float(dropout_p),
+    )
+    return out
+
+
+def _check_qkv(q: Any, k: Any, v: Any) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a 4-D floating tensor (batch, seq_len, heads, head_dim)")
+    if k.shape != q.shape:
+        raise ValueError(
+            f"k must have the shape of q (block layouts are square: keys and queries share "
+            f"the sequence); got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in (batch, seq_len, heads); got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share dtype and device; got {q.dtype}/{k.dtype}/{v.dtype} "
+                         f"on {q.device}/{k.device}/{v.device}")
+    if 0 in q.shape or v.shape[-1] == 0:
+        raise ValueError(f"q, k, v must not be empty; got q {tuple(q.shape)} and v {tuple(v.shape)}")
+
+
+# ------------------------------------------------------------- store lookup
+class _LayoutSource:
+    """Where one module's layouts come from: a spec template (everything but
+    seq_len and num_heads) and a store. ``layout(n, h, device)`` looks the
+    layout up once per (n, h, device) and keeps the tensors (a bounded LRU),
+    so steady-state calls take no store lock and copy nothing between devices."""
+
+    MAX_LENGTHS = 16
+
+    def __init__(self, kind: str, block_size: int, seed: int, params: dict[str, Any], store) -> None:
+        self.kind, self.block_size, self.seed, self.params, self.store = kind, block_size, seed, params, store
+        self._layouts: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+
+    def spec(self, seq_len: int, num_heads: int) -> SparseSpec:
+        return SparseSpec(self.kind, seq_len=seq_len, block_size=self.block_size,
+                          num_heads=num_heads, seed=self.seed, **self.params)
+
+    def layout(self, seq_len: int, num_heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (seq_len, num_heads, device)
+        hit = self._layouts.get(key)
+        if hit is None:
+            from patternstore.store import default_store
+
+            store = self.store if self.store is not None else default_store()
+            pattern = store.get(self.spec(seq_len, num_heads), device)
+            hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
+            self._layouts[key] = hit
+            while len(self._layouts) > self.MAX_LENGTHS:
+                self._layouts.popitem(last=False)
+        return hit
+
+    def __deepcopy__(self, memo):  # a copied module shares the source (and its store)
+        return self
+
+
+_SOURCES: "weakref.WeakValueDictionary[str, _LayoutSource]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("attention::sparse_layout", mutates_args=())
+def _layout_op(like: Tensor, source: str, block_size: int, per_head: bool) -> tuple[Tensor, Tensor]:
+    """``(kv_num_blocks, kv_indices)`` of registered source ``source`` for the
+    sequence length, head count and device of ``like (b, n, h, d)``."""
+    _, n, h, _ = like.shape
+    kv_num_blocks, kv_indices = _SOURCES[source].layout(n, h, like.device)
+    # Custom operators must not hand out the same tensor twice (their outputs
+    # may be written by a caller); the copy is O(nb + nnz) int32s.
+    return kv_num_blocks.clone(), kv_indices.clone()
+
+
+@_layout_op.register_fake
+def _(like, source, block_size, per_head):
+    _, n, h, _ = like.shape
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    nb = (n + block_size - 1) // block_size
+    return (like.new_empty(h if per_head else 1, nb, dtype=torch.int32),
+            like.new_empty(nnz, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------- module
+class BlockSparseAttention(nn.Module):
+    """Block-sparse attention whose layout comes from the pattern store.
+
+    ``kind`` and ``**params`` are those of ``patternstore.SparseSpec``
+    (DeepSpeed's names); the layout for ``(kind, seq_len, block_size, heads,
+    seed, params)`` is fetched from ``store`` (``None``: ``default_store()``)
+    on the first call at each sequence length. ``forward(q, k, v,
+    is_causal=False, *, key_padding_mask=None)`` on ``(batch, seq, heads,
+    head_dim)``; the causal rule applies when the layout is unidirectional or
+    ``is_causal``. ``dropout`` applies to attention probabilities in training.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        block_size: int = 128,
+        seed: int = 0,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        store=None,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        if "num_heads" in params or "seq_len" in params:
+            raise ValueError("num_heads and seq_len come from the input (batch, seq_len, heads, head_dim); "
+                             "do not pass them")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if softmax_scale is not None and (isinstance(softmax_scale, bool)
+                                          or not isinstance(softmax_scale, (int, float))
+                                          or not math.isfinite(softmax_scale)):
+            raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+        # Validate kind and params now with a length no length-dependent rule
+        # rejects; rules that depend on the length (a global block beyond the
+        # sequence) raise at the first call with that length.
+        probe = SparseSpec(kind, seq_len=block_size << 20, block_size=block_size, seed=seed, **params)
+        self.kind, self.block_size, self.seed = kind, block_size, seed
+        self.params = dict(probe.params)
+        self.softmax_scale, self.dropout = softmax_scale, float(dropout)
+        self.unidirectional = self.params["attention"] == "unidirectional"
+        self.per_head = SparseSpec(kind, seq_len=block_size << 20, block_size=block_size, num_heads=2,
+                                   seed=seed, **params).layout_heads == 2
+        store_token = "default" if store is None else f"{type(store).__name__}@{id(store):x}"
+        self._source_id = "|".join(
+            [kind, str(block_size), str(seed), json.dumps(sorted(self.params.items())), store_token]
+        )
+        source = _SOURCES.get(self._source_id)
+        if source is None:
+            source = _LayoutSource(kind, block_size, seed, self.params, store)
+            _SOURCES[self._source_id] = source
+        self._source = source  # keeps the registry entry alive as long as the module
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, *,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        _check_qkv(q, k, v)
+        kv_num_blocks, kv_indices = _layout_op(q, self._source_id, self.block_size, self.per_head)
+        return block_sparse_attention(
+            q, k, v, kv_num_blocks, kv_indices, self.block_size,
+            causal=bool(is_causal) or self.unidirectional,
+            softmax_scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            key_padding_mask=key_padding_mask,
+        )
+
+    def layout(self, seq_len: int, num_heads: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """The ``(kv_num_blocks, kv_indices)`` this module uses at that shape (read-only)."""
+        return self._source.layout(seq_len, num_heads, torch.device(device))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, block_size={self.block_size}, seed={self.seed}, params={self.params}"
