@@ -1,4 +1,4 @@
-"""attention: dilated and block-sparse attention over patterns from the store."""
+"""attention: LongNet dilated, block-sparse and sequence-parallel attention over patternstore plans."""
 
 from .sparse import BlockSparseAttention, block_sparse_attention
 from .sparse_multihead import MultiheadBlockSparseAttention
