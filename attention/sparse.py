@@ -320,7 +320,7 @@ def block_sparse_attention(
     ``key_padding_mask`` bool ``(b, n)``, True where a key must be ignored.
     Float16/bfloat16 inputs are computed in float32 and returned in their dtype.
     """
-    _check_qkv(q, k, v)
+    _check_inputs(q, k, v, key_padding_mask)
     b, n, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
@@ -335,13 +335,6 @@ def block_sparse_attention(
             f"kv_num_blocks must have shape [1 or heads={h}, ceil(seq_len / block_size)={nb}], "
             f"got {list(kv_num_blocks.shape)}"
         )
-    if key_padding_mask is not None and (
-        not isinstance(key_padding_mask, Tensor)
-        or key_padding_mask.dtype != torch.bool
-        or tuple(key_padding_mask.shape) != (b, n)
-        or key_padding_mask.device != q.device
-    ):
-        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch={b}, seq_len={n}) on {q.device}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
@@ -357,7 +350,8 @@ def block_sparse_attention(
     return out
 
 
-def _check_qkv(q: Any, k: Any, v: Any) -> None:
+def _check_inputs(q: Any, k: Any, v: Any, key_padding_mask: Any) -> None:
+    """The checks of every input a layout does not enter (ValueError)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise ValueError(f"{name} must be a 4-D floating tensor (batch, seq_len, heads, head_dim)")
@@ -373,6 +367,14 @@ def _check_qkv(q: Any, k: Any, v: Any) -> None:
                          f"on {q.device}/{k.device}/{v.device}")
     if 0 in q.shape or v.shape[-1] == 0:
         raise ValueError(f"q, k, v must not be empty; got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    b, n = q.shape[:2]
+    if key_padding_mask is not None and (
+        not isinstance(key_padding_mask, Tensor)
+        or key_padding_mask.dtype != torch.bool
+        or tuple(key_padding_mask.shape) != (b, n)
+        or key_padding_mask.device != q.device
+    ):
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch={b}, seq_len={n}) on {q.device}")
 
 
 # ------------------------------------------------------------- store lookup
@@ -419,8 +421,9 @@ def _layout_op(like: Tensor, source: str, block_size: int, per_head: bool) -> tu
     sequence length, head count and device of ``like (b, n, h, d)``."""
     _, n, h, _ = like.shape
     kv_num_blocks, kv_indices = _SOURCES[source].layout(n, h, like.device)
-    # Custom operators must not hand out the same tensor twice (their outputs
-    # may be written by a caller); the copy is O(nb + nnz) int32s.
+    # An operator's outputs belong to its caller: a compiled graph may reuse a
+    # dead output's memory for another buffer. Handing out the cached tensors
+    # themselves could overwrite them; a copy costs O(nb + nnz) int32s.
     return kv_num_blocks.clone(), kv_indices.clone()
 
 
@@ -489,7 +492,7 @@ class BlockSparseAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, *,
                 key_padding_mask: Tensor | None = None) -> Tensor:
-        _check_qkv(q, k, v)
+        _check_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
         kv_num_blocks, kv_indices = _layout_op(q, self._source_id, self.block_size, self.per_head)
         return block_sparse_attention(
             q, k, v, kv_num_blocks, kv_indices, self.block_size,
@@ -499,9 +502,10 @@ class BlockSparseAttention(nn.Module):
             key_padding_mask=key_padding_mask,
         )
 
-    def layout(self, seq_len: int, num_heads: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """The ``(kv_num_blocks, kv_indices)`` this module uses at that shape (read-only)."""
-        return self._source.layout(seq_len, num_heads, torch.device(device))
+    def spec(self, seq_len: int, num_heads: int) -> SparseSpec:
+        """The spec of the layout this module uses for that input shape, e.g.
+        for ``store.get(module.spec(n, h)).to_block_mask()``."""
+        return self._source.spec(seq_len, num_heads)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, block_size={self.block_size}, seed={self.seed}, params={self.params}"

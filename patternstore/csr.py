@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_layout", "entry_rows", "drop_future_blocks", "padded_rows"]
+__all__ = ["check_layout", "entry_rows", "select_entries", "drop_future_blocks", "transpose_layout", "padded_rows"]
 
 
 def check_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_blocks: int) -> None:
@@ -54,17 +54,37 @@ def entry_rows(kv_num_blocks: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
 
+def select_entries(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout of the entries where bool ``keep [nnz]`` is True (rows stay sorted)."""
+    heads, nb = kv_num_blocks.shape
+    counts = torch.bincount(entry_rows(kv_num_blocks)[keep], minlength=heads * nb)
+    return counts.view(heads, nb).to(torch.int32), kv_indices[keep]
+
+
 def drop_future_blocks(
     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layout without key blocks after their query block (``j > i``): what
     the causal rule (key position <= query position) leaves of a layout at
-    block level. Rows stay sorted. A unidirectional layout comes back equal."""
+    block level. A unidirectional layout comes back equal."""
+    nb = kv_num_blocks.shape[1]
+    return select_entries(kv_num_blocks, kv_indices, kv_indices.long() <= entry_rows(kv_num_blocks) % nb)
+
+
+def transpose_layout(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout seen from the keys: ``(q_num_blocks [H, nb], q_indices)``,
+    row ``(h, j)`` listing in ascending order the query blocks ``i`` whose row
+    holds ``j``. One sort of the entries; no ``nb x nb`` matrix."""
     heads, nb = kv_num_blocks.shape
     rows = entry_rows(kv_num_blocks)
-    keep = kv_indices.long() <= rows % nb
-    counts = torch.bincount(rows[keep], minlength=heads * nb)
-    return counts.view(heads, nb).to(torch.int32), kv_indices[keep]
+    key_rows = rows // nb * nb + kv_indices.long()            # flat row (h, j) of each entry
+    order = torch.argsort(key_rows * nb + rows % nb)
+    counts = torch.bincount(key_rows, minlength=heads * nb)
+    return counts.view(heads, nb).to(torch.int32), (rows % nb)[order].to(torch.int32)
 
 
 def padded_rows(
