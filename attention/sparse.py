@@ -56,9 +56,18 @@ from patternstore.specs import SparseSpec
 
 __all__ = ["block_sparse_attention", "BlockSparseAttention", "TILE_ELEMENTS"]
 
-# Scores per tile: 4 Mi elements = 16 MiB in float32 (the backward holds about
-# three such tiles). CPU_PATH_NOTE gives the sweep that chose it.
+# Key (and value) elements gathered per tile: 4 Mi = 16 MiB each in float32.
+# CPU_PATH_NOTE gives the sweep that chose it.
 TILE_ELEMENTS = 1 << 22
+
+# On the CPU, without dropout and with v's head size equal to q's, each tile
+# runs through ATen's fused CPU flash attention kernel (the one
+# F.scaled_dot_product_attention dispatches to; the private op because it
+# also returns the log-sum-exp that a merge and the backward need). Otherwise
+# the same tiles run through matmuls (the "explicit" path). Tests run both.
+USE_CPU_FLASH_KERNEL = True
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 CPU_PATH_NOTE = """filled in from tools/bench_sparse.py"""
 
@@ -87,10 +96,10 @@ def _row_groups(
     return groups
 
 
-def _tiles(groups: list[tuple[Tensor, Tensor]], batch_rows: int, block_size: int):
-    """Yield ``(rows [R], [keys [R, kc] for each key tile])`` with at most
-    TILE_ELEMENTS scores per tile (at least one row and one block)."""
-    per_block = batch_rows * block_size * block_size
+def _tiles(groups: list[tuple[Tensor, Tensor]], per_block: int):
+    """Yield ``(rows [R], [keys [R, kc] for each key tile])``: at most
+    TILE_ELEMENTS gathered key elements per tile (``per_block`` per key
+    block), at least one row and one block."""
     for rows, keys in groups:
         c = keys.shape[1]
         kc = min(c, max(1, TILE_ELEMENTS // per_block))
@@ -122,56 +131,118 @@ def _unblocked(y: Tensor, b: int, n: int, h: int) -> Tensor:
 
 
 class _Problem:
-    """Everything one call needs, in blocked form (see ``_blocked``)."""
+    """Everything one call needs, in blocked form (see ``_blocked``). A tile
+    is ``R`` query blocks (rows) by ``kc`` key blocks each: queries
+    ``[B', R, bs, d]``, keys ``[B', R, kc * bs, d]``."""
 
-    def __init__(self, q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal):
+    def __init__(self, q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p):
         b, n, h, _ = q.shape
         self.b, self.n, self.h, self.bs, self.causal = b, n, h, block_size, causal
         self.nb = nb = -(-n // block_size)
         check_layout(kv_num_blocks, kv_indices, nb)
-        layout_heads = kv_num_blocks.shape[0]
-        self.dtype = q.dtype
+        self.layout_heads = kv_num_blocks.shape[0]
         work = _work_dtype(q.dtype)
-        self.q, self.k, self.v = (_blocked(t.to(work), layout_heads, nb, block_size) for t in (q, k, v))
+        self.q, self.k, self.v = (_blocked(t.to(work), self.layout_heads, nb, block_size) for t in (q, k, v))
         self.groups = _row_groups(kv_num_blocks, kv_indices, causal)
+        # The fused kernel wants equal q/k/v head sizes and has no dropout.
+        self.fused = (USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
+                      and v.shape[-1] == q.shape[-1])
         self.padded = None
         if key_padding_mask is not None:  # True = ignore; padded positions ignored too
             self.padded = F.pad(key_padding_mask, (0, nb * block_size - n), value=True).view(b, nb, block_size)
 
+    def blocked(self, x: Tensor) -> Tensor:
+        return _blocked(x.to(self.q.dtype), self.layout_heads, self.nb, self.bs)
+
     def tiles(self):
-        return _tiles(self.groups, self.q.shape[0], self.bs)
+        return _tiles(self.groups, self.q.shape[0] * self.bs * self.q.shape[-1])
 
     def gather(self, x: Tensor, index: Tensor) -> Tensor:
         """Blocks ``index [R, c]`` of blocked ``x`` as ``[B', R, c * bs, e]``."""
         rows, c = index.shape
         return x.index_select(1, index.flatten()).view(x.shape[0], rows, c * self.bs, x.shape[-1])
 
-    def scores(self, qt: Tensor, rows: Tensor, keys: Tensor, scale: float) -> Tensor:
-        """Masked scores ``[B', R, bs, kc * bs]`` (-inf where a key is not in K(i))."""
-        s = torch.matmul(qt, self.gather(self.k, keys).transpose(-1, -2)).mul_(scale)
-        bs, nb = self.bs, self.nb
-        offsets = torch.arange(bs, device=s.device)
-        key_pos = ((keys % nb) * bs)[:, :, None] + offsets                  # [R, kc, bs]
+    def mask(self, rows: Tensor, keys: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The tile's additive mask, broadcastable to ``[B', R, bs, kc * bs]``:
+        0 where key t is in K(i), -inf elsewhere; None when every key counts.
+        Second: bool, broadcastable to ``[B', R, bs]``, True for queries with
+        no key in this tile (only a key_padding_mask can empty a row)."""
+        bs, nb, count = self.bs, self.nb, keys.shape[0]
+        offsets = torch.arange(bs, device=keys.device)
+        key_pos = ((keys % nb) * bs)[:, :, None] + offsets                    # [R, kc, bs]
         masked = None
         if self.n % bs:
-            masked = (key_pos >= self.n).view(keys.shape[0], 1, -1)
+            masked = (key_pos >= self.n).view(1, count, 1, -1)
         if self.causal:
-            query_pos = ((rows % nb) * bs)[:, None, None] + offsets[:, None]   # [R, bs, 1]
-            future = key_pos.view(keys.shape[0], 1, -1) > query_pos
+            query_pos = ((rows % nb) * bs)[:, None, None] + offsets[:, None]     # [R, bs, 1]
+            future = (key_pos.view(count, 1, -1) > query_pos)[None]
             masked = future if masked is None else masked | future
-        if masked is not None:
-            s.masked_fill_(masked, float("-inf"))
+        empty = None
         if self.padded is not None:
-            ignored = self.padded[:, keys % nb].view(self.b, 1, keys.shape[0], 1, -1)
-            s.view(self.b, -1, *s.shape[1:]).masked_fill_(ignored, float("-inf"))
-        return s
+            batch_rows = self.q.shape[0]
+            ignored = self.padded[:, keys % nb].view(self.b, 1, count, 1, -1)
+            ignored = ignored.expand(self.b, batch_rows // self.b, count, 1, -1).reshape(batch_rows, count, 1, -1)
+            masked = ignored if masked is None else masked | ignored
+            empty = masked.all(-1)
+        if masked is None:
+            return None, None
+        additive = torch.zeros(masked.shape, dtype=self.q.dtype, device=masked.device)
+        return additive.masked_fill_(masked, float("-inf")), empty
 
 
-def _dropout_keep(shape, p: float, seed: int, tile: int, device) -> Tensor:
-    """The keep mask of one tile, a pure function of (seed, tile): the
-    backward regenerates exactly the forward's mask."""
-    generator = torch.Generator(device=device).manual_seed((seed + 7919 * tile) % (1 << 63))
-    return torch.rand(shape, generator=generator, device=device) >= p
+def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Tensor:
+    """The keep mask of one tile (queries ``like``, ``keys`` keys), scaled by
+    1 / (1 - p): a pure function of (seed, tile), so the backward regenerates
+    exactly the forward's mask."""
+    generator = torch.Generator(device=like.device).manual_seed((seed + 7919 * tile) % (1 << 63))
+    keep = torch.rand((*like.shape[:3], keys), generator=generator, device=like.device) >= p
+    return keep.to(like.dtype).div_(1 - p)
+
+
+def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
+    """Attention of one tile: ``(out [B', R, bs, dv], lse [B', R, bs])``."""
+    if fused:
+        return _FLASH(qt, kt, vt, attn_mask=mask, scale=scale)
+    s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        s.add_(mask)
+    top = s.amax(-1, keepdim=True)
+    shift = top.masked_fill(torch.isneginf(top), 0.0)
+    p = s.sub_(shift).exp_()
+    total = p.sum(-1, keepdim=True)
+    if keep is not None:
+        p.mul_(keep)
+    out = torch.matmul(p, vt).div_(total.clamp_min(torch.finfo(total.dtype).tiny))
+    lse = torch.where(total > 0, shift + total.log(), float("-inf")).squeeze(-1)
+    return out, lse
+
+
+def _merge(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partial softmaxes over disjoint key sets of the same queries."""
+    merged = torch.logaddexp(acc_lse, lse)
+    safe = merged.masked_fill(torch.isneginf(merged), 0.0)
+    acc = acc * torch.exp(acc_lse - safe).unsqueeze(-1) + out * torch.exp(lse - safe).unsqueeze(-1)
+    return acc, merged
+
+
+def _tile_backward(d_out, qt, kt, vt, out, lse, delta, mask, scale: float, keep: Optional[Tensor],
+                   fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one tile from the rows' final ``out`` and ``lse`` (+inf
+    for empty rows) and ``delta = rowsum(d_out * out)``."""
+    if fused:
+        return _FLASH_BACKWARD(d_out, qt, kt, vt, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        s.add_(mask)
+    p = s.sub_(lse.unsqueeze(-1)).exp_()
+    dp = torch.matmul(d_out, vt.transpose(-1, -2))
+    if keep is not None:
+        dv = torch.matmul((p * keep).transpose(-1, -2), d_out)
+        dp.mul_(keep)
+    else:
+        dv = torch.matmul(p.transpose(-1, -2), d_out)
+    ds = dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale)
+    return torch.matmul(ds, kt), torch.matmul(ds.transpose(-1, -2), qt), dv
 
 
 # ------------------------------------------------------ the custom operators
@@ -182,35 +253,28 @@ def _forward_op(
     block_size: int, causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out (b, n, h, dv)`` and ``lse [b, h, nb * bs]`` (rows past n are padding)."""
-    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal)
+    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
     out = pb.v.new_zeros(*pb.q.shape[:3], pb.v.shape[-1])
     lse = pb.q.new_full(pb.q.shape[:3], float("-inf"))
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
     for rows, key_tiles in pb.tiles():
         qt = pb.q.index_select(1, rows)
-        running_max = acc = total = None
+        acc = acc_lse = None
         for keys in key_tiles:
-            s = pb.scores(qt, rows, keys, scale)
-            tile_max = s.amax(-1, keepdim=True)
-            new_max = tile_max if running_max is None else torch.maximum(running_max, tile_max)
-            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-            p = s.sub_(shift).exp_()
-            tile_sum = p.sum(-1, keepdim=True)
+            mask, empty = pb.mask(rows, keys)
+            keep = None
             if dropout_p > 0:
-                p.mul_(_dropout_keep(p.shape, dropout_p, seed, tile, p.device)).div_(1 - dropout_p)
-            pv = torch.matmul(p, pb.gather(pb.v, keys))
-            if running_max is None:
-                acc, total = pv, tile_sum
-            else:
-                alpha = torch.exp(running_max - shift)
-                acc, total = acc.mul_(alpha).add_(pv), total.mul_(alpha).add_(tile_sum)
-            running_max, tile = new_max, tile + 1
-        out.index_copy_(1, rows, acc / total.clamp_min(torch.finfo(total.dtype).tiny))
-        row_lse = torch.where(total > 0, shift + total.log(), float("-inf"))
-        lse.index_copy_(1, rows, row_lse.squeeze(-1))
+                keep = _dropout_keep(qt, keys.shape[1] * block_size, dropout_p, seed, tile)
+            o, l = _tile_forward(qt, pb.gather(pb.k, keys), pb.gather(pb.v, keys), mask, scale, keep, pb.fused)
+            if empty is not None:
+                l = l.masked_fill(empty, float("-inf"))  # the fused kernel reports 0 for empty rows
+            acc, acc_lse = (o, l) if acc is None else _merge(acc, acc_lse, o, l)
+            tile += 1
+        out.index_copy_(1, rows, acc)
+        lse.index_copy_(1, rows, acc_lse)
     return (
-        _unblocked(out, pb.b, pb.n, pb.h).to(pb.dtype),
+        _unblocked(out, pb.b, pb.n, pb.h).to(q.dtype),
         lse.reshape(pb.b, pb.h, pb.nb * block_size),
     )
 
@@ -231,36 +295,30 @@ def _backward_op(
     block_size: int, causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_forward_op``'s ``out`` with respect to ``q, k, v``."""
-    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal)
-    layout_heads = kv_num_blocks.shape[0]
-    d_out = _blocked(grad_out.to(pb.q.dtype), layout_heads, pb.nb, block_size)
-    # D_i = sum_t P_it dP_it = dO_i . O_i (dropout included: O is the dropped output).
-    delta = (d_out * _blocked(out.to(pb.q.dtype), layout_heads, pb.nb, block_size)).sum(-1, keepdim=True)
-    lse = lse.to(pb.q.dtype).reshape(*pb.q.shape[:3], 1)
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # empty rows: exp(-inf - inf) = 0
+    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
+    d_out, out = pb.blocked(grad_out), pb.blocked(out)
+    # delta_i = sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output).
+    delta = None if pb.fused else (d_out * out).sum(-1)
+    lse = lse.to(pb.q.dtype).reshape(pb.q.shape[:3])
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty rows: exp(-inf - inf) = 0
     dq, dk, dv = torch.zeros_like(pb.q), torch.zeros_like(pb.k), torch.zeros_like(pb.v)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
     for rows, key_tiles in pb.tiles():
-        qt, dot = pb.q.index_select(1, rows), d_out.index_select(1, rows)
-        row_lse, row_delta = lse.index_select(1, rows), delta.index_select(1, rows)
-        dq_rows = torch.zeros_like(qt)
+        qt, d_rows, o_rows, l_rows = (x.index_select(1, rows) for x in (pb.q, d_out, out, lse))
+        delta_rows = None if delta is None else delta.index_select(1, rows)
+        dq_rows = None
         for keys in key_tiles:
-            p = pb.scores(qt, rows, keys, scale).sub_(row_lse).exp_()
-            kt, vt = pb.gather(pb.k, keys), pb.gather(pb.v, keys)
-            dp = torch.matmul(dot, vt.transpose(-1, -2))
+            mask, _ = pb.mask(rows, keys)
+            keep = None
             if dropout_p > 0:
-                keep = _dropout_keep(p.shape, dropout_p, seed, tile, p.device) / (1 - dropout_p)
-                dv_tile = torch.matmul((p * keep).transpose(-1, -2), dot)
-                dp.mul_(keep)
-            else:
-                dv_tile = torch.matmul(p.transpose(-1, -2), dot)
-            ds = dp.sub_(row_delta).mul_(p).mul_(scale)
-            dq_rows += torch.matmul(ds, kt)
-            dk_tile = torch.matmul(ds.transpose(-1, -2), qt)
+                keep = _dropout_keep(qt, keys.shape[1] * block_size, dropout_p, seed, tile)
+            gq, gk, gv = _tile_backward(d_rows, qt, pb.gather(pb.k, keys), pb.gather(pb.v, keys), o_rows,
+                                        l_rows, delta_rows, mask, scale, keep, pb.fused)
+            dq_rows = gq if dq_rows is None else dq_rows.add_(gq)
             flat = keys.flatten()
-            dk.index_add_(1, flat, dk_tile.view(dk.shape[0], flat.numel(), block_size, -1))
-            dv.index_add_(1, flat, dv_tile.view(dv.shape[0], flat.numel(), block_size, -1))
+            dk.index_add_(1, flat, gk.reshape(dk.shape[0], flat.numel(), block_size, -1))
+            dv.index_add_(1, flat, gv.reshape(dv.shape[0], flat.numel(), block_size, -1))
             tile += 1
         dq.index_copy_(1, rows, dq_rows)
     b, n, h = pb.b, pb.n, pb.h

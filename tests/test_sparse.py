@@ -16,6 +16,14 @@ from test_specs import _sparse_params
 
 
 
+@pytest.fixture(params=["fused", "explicit"])
+def cpu_path(request, monkeypatch):
+    """Run a test through the fused CPU flash kernel and through the explicit
+    (matmul) path that other devices and dropout use."""
+    monkeypatch.setattr(sparse, "USE_CPU_FLASH_KERNEL", request.param == "fused")
+    return request.param
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tensors are tiny: waking a second intra-op thread for each op costs
@@ -102,7 +110,7 @@ KINDS = [
 
 @pytest.mark.parametrize("attention", ["bidirectional", "unidirectional"])
 @pytest.mark.parametrize("kind,params", KINDS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KINDS)])
-def test_every_kind_matches_the_dense_reference(kind, params, attention):
+def test_every_kind_matches_the_dense_reference(kind, params, attention, cpu_path):
     spec = SparseSpec(kind, seq_len=45, block_size=8, num_heads=4, seed=3, attention=attention, **params)
     check_against_reference(spec)
 
@@ -111,20 +119,20 @@ def test_every_kind_matches_the_dense_reference(kind, params, attention):
     ("fixed", dict(num_local_blocks=2, horizontal_global_attention=True)),
     ("variable", dict(local_window_blocks=(2, 1), global_block_indices=(1, 4), horizontal_global_attention=True)),
 ])
-def test_horizontal_global_rows_match_the_reference(kind, params):
+def test_horizontal_global_rows_match_the_reference(kind, params, cpu_path):
     check_against_reference(SparseSpec(kind, seq_len=45, block_size=8, num_heads=2, **params))
 
 
-def test_is_causal_on_a_bidirectional_layout_padding_scale_and_value_width():
+def test_is_causal_on_a_bidirectional_layout_padding_scale_and_value_width(cpu_path):
     spec = SparseSpec("bigbird", seq_len=37, block_size=4, num_heads=3, seed=1, num_random_blocks=2)
     key_padding_mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(0)) < 0.3
     check_against_reference(spec, causal=True, key_padding_mask=key_padding_mask, scale=0.3, dim_v=5)
 
 
-def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch):
-    # 256 scores per tile with 2 * 4 batch rows and block 4: two key blocks
-    # per tile, so a global row (all 12 blocks) runs as six key tiles merged
-    # by the online softmax.
+def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch, cpu_path):
+    # 256 gathered key elements per tile with 2 * 4 batch rows, block 4 and
+    # head_dim 8: two key blocks per tile, so a global row (all 12 blocks)
+    # runs as six key tiles merged by their log-sum-exps.
     monkeypatch.setattr(sparse, "TILE_ELEMENTS", 256)
     for attention in ("bidirectional", "unidirectional"):
         spec = SparseSpec("bslongformer", seq_len=46, block_size=4, num_heads=4, attention=attention,
@@ -132,7 +140,8 @@ def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch):
         check_against_reference(spec, key_padding_mask=torch.arange(46).expand(2, 46) % 7 == 3)
 
 
-def test_a_query_without_any_allowed_key_outputs_zero_with_zero_gradient():
+def test_a_query_without_any_allowed_key_outputs_zero_with_zero_gradient(monkeypatch, cpu_path):
+    monkeypatch.setattr(sparse, "TILE_ELEMENTS", 256)  # empty rows in every key tile
     spec = SparseSpec("local", seq_len=20, block_size=4, num_heads=2, attention="bidirectional")
     key_padding_mask = torch.zeros(2, 20, dtype=torch.bool)
     key_padding_mask[1] = True                       # batch 1 ignores every key
@@ -165,7 +174,12 @@ def tiny_specs(draw):
 @settings(max_examples=60, deadline=None)
 @given(tiny_specs(), st.booleans())
 def test_random_layouts_match_the_dense_reference(spec, is_causal):
-    check_against_reference(spec, batch=1, dim=4, causal=is_causal or None)
+    for fused in (True, False):
+        sparse.USE_CPU_FLASH_KERNEL = fused
+        try:
+            check_against_reference(spec, batch=1, dim=4, causal=is_causal or None)
+        finally:
+            sparse.USE_CPU_FLASH_KERNEL = True
 
 
 def test_dropout_gradients_are_exact_and_eval_disables_it():
