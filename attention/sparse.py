@@ -116,8 +116,9 @@ def _blocked(x: Tensor, layout_heads: int, nb: int, bs: int) -> Tensor:
     b, n, h, e = x.shape
     if nb * bs != n:
         x = F.pad(x, (0, 0, 0, 0, 0, nb * bs - n))
-    x = x.permute(0, 2, 1, 3)
-    return x.reshape(b * h // layout_heads, layout_heads * nb, bs, e)
+    # contiguous: reshape may return a strided view, and index_select would
+    # then copy the whole tensor for every tile.
+    return x.permute(0, 2, 1, 3).reshape(b * h // layout_heads, layout_heads * nb, bs, e).contiguous()
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,6 +148,7 @@ class _Problem:
         # The fused kernel wants equal q/k/v head sizes and has no dropout.
         self.fused = (USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
                       and v.shape[-1] == q.shape[-1])
+        self._buffers: dict[str, Tensor] = {}
         self.padded = None
         if key_padding_mask is not None:  # True = ignore; padded positions ignored too
             self.padded = F.pad(key_padding_mask, (0, nb * block_size - n), value=True).view(b, nb, block_size)
@@ -157,10 +159,21 @@ class _Problem:
     def tiles(self):
         return _tiles(self.groups, self.q.shape[0] * self.bs * self.q.shape[-1])
 
-    def gather(self, x: Tensor, index: Tensor) -> Tensor:
+    def select(self, slot: str, x: Tensor, index: Tensor) -> Tensor:
+        """``x.index_select(1, index)`` written into a buffer reused from tile
+        to tile (one per ``slot``): with ``out=`` the copy runs at memory
+        speed, without it 5-10x slower on this CPU (tools/bench_sparse.py)."""
+        shape = (x.shape[0], index.numel(), *x.shape[2:])
+        numel = math.prod(shape)
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[slot] = x.new_empty(numel)
+        return torch.index_select(x, 1, index, out=buffer[:numel].view(shape))
+
+    def gather(self, slot: str, x: Tensor, index: Tensor) -> Tensor:
         """Blocks ``index [R, c]`` of blocked ``x`` as ``[B', R, c * bs, e]``."""
         rows, c = index.shape
-        return x.index_select(1, index.flatten()).view(x.shape[0], rows, c * self.bs, x.shape[-1])
+        return self.select(slot, x, index.flatten()).view(x.shape[0], rows, c * self.bs, x.shape[-1])
 
     def mask(self, rows: Tensor, keys: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The tile's additive mask, broadcastable to ``[B', R, bs, kc * bs]``:
@@ -259,14 +272,15 @@ def _forward_op(
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
     for rows, key_tiles in pb.tiles():
-        qt = pb.q.index_select(1, rows)
+        qt = pb.select("q", pb.q, rows)
         acc = acc_lse = None
         for keys in key_tiles:
             mask, empty = pb.mask(rows, keys)
             keep = None
             if dropout_p > 0:
                 keep = _dropout_keep(qt, keys.shape[1] * block_size, dropout_p, seed, tile)
-            o, l = _tile_forward(qt, pb.gather(pb.k, keys), pb.gather(pb.v, keys), mask, scale, keep, pb.fused)
+            o, l = _tile_forward(qt, pb.gather("k", pb.k, keys), pb.gather("v", pb.v, keys), mask, scale,
+                                 keep, pb.fused)
             if empty is not None:
                 l = l.masked_fill(empty, float("-inf"))  # the fused kernel reports 0 for empty rows
             acc, acc_lse = (o, l) if acc is None else _merge(acc, acc_lse, o, l)
@@ -305,16 +319,17 @@ def _backward_op(
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
     for rows, key_tiles in pb.tiles():
-        qt, d_rows, o_rows, l_rows = (x.index_select(1, rows) for x in (pb.q, d_out, out, lse))
-        delta_rows = None if delta is None else delta.index_select(1, rows)
+        qt, d_rows, o_rows, l_rows = (pb.select(name, x, rows) for name, x in
+                                      (("q", pb.q), ("d_out", d_out), ("out", out), ("lse", lse)))
+        delta_rows = None if delta is None else pb.select("delta", delta, rows)
         dq_rows = None
         for keys in key_tiles:
             mask, _ = pb.mask(rows, keys)
             keep = None
             if dropout_p > 0:
                 keep = _dropout_keep(qt, keys.shape[1] * block_size, dropout_p, seed, tile)
-            gq, gk, gv = _tile_backward(d_rows, qt, pb.gather(pb.k, keys), pb.gather(pb.v, keys), o_rows,
-                                        l_rows, delta_rows, mask, scale, keep, pb.fused)
+            gq, gk, gv = _tile_backward(d_rows, qt, pb.gather("k", pb.k, keys), pb.gather("v", pb.v, keys),
+                                        o_rows, l_rows, delta_rows, mask, scale, keep, pb.fused)
             dq_rows = gq if dq_rows is None else dq_rows.add_(gq)
             flat = keys.flatten()
             dk.index_add_(1, flat, gk.reshape(dk.shape[0], flat.numel(), block_size, -1))
