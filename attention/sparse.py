@@ -21,15 +21,17 @@ exact (FlashAttention-2's backward from the saved ``lse``).
 
 Execution. Rows (head, query block) are grouped by their number ``c`` of
 active blocks; each group runs in tiles of ``R`` rows by ``kc`` key blocks:
-whole key/value blocks are gathered with ``index_select``, the scores of a
-tile are one batched matmul ``[.., R, bs, kc * bs]``, and an online softmax
-(running max and sum) merges the key tiles of the same rows. A tile holds at
-most ``TILE_ELEMENTS`` scores, so a global row (``c = nb``) costs the memory
-of one tile, never of ``nb`` blocks. The backward recomputes each tile's
-probabilities from ``lse`` and scatter-adds key and value gradients.
+whole query, key and value blocks are gathered with ``index_select`` into
+buffers reused from tile to tile, and each tile is one attention call
+(``[B', R, bs, d]`` queries against ``[B', R, kc * bs, d]`` keys, ``B' = batch
+* heads / H``) that returns its output and log-sum-exp. Rows with more key
+blocks than a tile holds (global rows, ``c = nb``) run as several key tiles
+merged by their log-sum-exps, so no call gathers more than ``TILE_ELEMENTS``
+key elements. The backward runs the same tiles from the saved ``out`` and
+``lse`` and scatter-adds the key and value gradients (``index_add_``).
 
-The CPU path was chosen by measurement (tools/bench_sparse.py, see
-README "Block-sparse attention"): CPU_PATH_NOTE below gives the figures.
+The CPU path was chosen by measurement (tools/bench_sparse.py): see the note
+above ``USE_CPU_FLASH_KERNEL``.
 
 Compile contract (DESIGN.md section 4): the data-dependent work (grouping rows
 by count, Python loops over tiles) lives inside the custom operators
@@ -54,7 +56,7 @@ from torch import Tensor, nn
 from patternstore.csr import check_layout, drop_future_blocks
 from patternstore.specs import SparseSpec
 
-__all__ = ["block_sparse_attention", "BlockSparseAttention", "TILE_ELEMENTS"]
+__all__ = ["block_sparse_attention", "BlockSparseAttention"]
 
 # Key (and value) elements gathered per tile: 4 Mi = 16 MiB each in float32.
 # CPU_PATH_NOTE gives the sweep that chose it.
@@ -267,10 +269,9 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out (b, n, h, dv)`` and ``lse [b, h, nb * bs]`` (rows past n are padding)."""
     pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
-    out = pb.v.new_zeros(*pb.q.shape[:3], pb.v.shape[-1])
-    lse = pb.q.new_full(pb.q.shape[:3], float("-inf"))
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
+    done: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, out, lse) of every row tile
     for rows, key_tiles in pb.tiles():
         qt = pb.select("q", pb.q, rows)
         acc = acc_lse = None
@@ -285,8 +286,15 @@ def _forward_op(
                 l = l.masked_fill(empty, float("-inf"))  # the fused kernel reports 0 for empty rows
             acc, acc_lse = (o, l) if acc is None else _merge(acc, acc_lse, o, l)
             tile += 1
-        out.index_copy_(1, rows, acc)
-        lse.index_copy_(1, rows, acc_lse)
+        done.append((rows, acc, acc_lse))
+    # One scatter at the end rather than one per tile: on a shared machine
+    # every small parallel op risks a stall of milliseconds.
+    out = pb.v.new_zeros(*pb.q.shape[:3], pb.v.shape[-1])
+    lse = pb.q.new_full(pb.q.shape[:3], float("-inf"))
+    if done:
+        rows = torch.cat([r for r, _, _ in done])
+        out.index_copy_(1, rows, torch.cat([o for _, o, _ in done], dim=1))
+        lse.index_copy_(1, rows, torch.cat([l for _, _, l in done], dim=1))
     return (
         _unblocked(out, pb.b, pb.n, pb.h).to(q.dtype),
         lse.reshape(pb.b, pb.h, pb.nb * block_size),
