@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from patternstore.csr import check_layout, drop_future_blocks
 from patternstore.specs import SparseSpec
+from patternstore.store import default_store
 
 __all__ = ["block_sparse_attention", "BlockSparseAttention"]
 
@@ -151,6 +152,13 @@ class _Problem:
         self.fused = (USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
                       and v.shape[-1] == q.shape[-1])
         self._buffers: dict[str, Tensor] = {}
+        # Block-local mask patterns: key offset > query offset (causal cut of
+        # a diagonal block), key offsets past seq_len in the last block.
+        offsets = torch.arange(block_size, device=q.device)
+        self.future = offsets[None, :] > offsets[:, None]
+        self.beyond = offsets >= n - (nb - 1) * block_size if n % block_size else None
+        self.minus_infinity = torch.tensor(float("-inf"), dtype=work, device=q.device)
+        self.zero = torch.tensor(0.0, dtype=work, device=q.device)
         self.padded = None
         if key_padding_mask is not None:  # True = ignore; padded positions ignored too
             self.padded = F.pad(key_padding_mask, (0, nb * block_size - n), value=True).view(b, nb, block_size)
@@ -182,27 +190,27 @@ class _Problem:
         0 where key t is in K(i), -inf elsewhere; None when every key counts.
         Second: bool, broadcastable to ``[B', R, bs]``, True for queries with
         no key in this tile (only a key_padding_mask can empty a row)."""
-        bs, nb, count = self.bs, self.nb, keys.shape[0]
-        offsets = torch.arange(bs, device=keys.device)
-        key_pos = ((keys % nb) * bs)[:, :, None] + offsets                    # [R, kc, bs]
-        masked = None
-        if self.n % bs:
-            masked = (key_pos >= self.n).view(1, count, 1, -1)
-        if self.causal:
-            query_pos = ((rows % nb) * bs)[:, None, None] + offsets[:, None]     # [R, bs, 1]
-            future = (key_pos.view(count, 1, -1) > query_pos)[None]
-            masked = future if masked is None else masked | future
+        nb, count = self.nb, keys.shape[0]
+        column = keys % nb                                                     # key block, [R, kc]
+        masked = None                                                          # [R, bs | 1, kc, bs]
+        if self.causal:  # future blocks are dropped: only diagonal blocks cut keys
+            diagonal = column == (rows % nb)[:, None]
+            masked = diagonal[:, None, :, None] & self.future[None, :, None, :]
+        if self.beyond is not None:  # the zero-padded end of the last block
+            tail = (column == nb - 1)[:, None, :, None] & self.beyond
+            masked = tail if masked is None else masked | tail
+        if masked is not None:
+            masked = masked.flatten(2)[None]                                   # [1, R, bs | 1, kc * bs]
         empty = None
         if self.padded is not None:
             batch_rows = self.q.shape[0]
-            ignored = self.padded[:, keys % nb].view(self.b, 1, count, 1, -1)
+            ignored = self.padded[:, column].view(self.b, 1, count, 1, -1)
             ignored = ignored.expand(self.b, batch_rows // self.b, count, 1, -1).reshape(batch_rows, count, 1, -1)
             masked = ignored if masked is None else masked | ignored
             empty = masked.all(-1)
         if masked is None:
             return None, None
-        additive = torch.zeros(masked.shape, dtype=self.q.dtype, device=masked.device)
-        return additive.masked_fill_(masked, float("-inf")), empty
+        return torch.where(masked, self.minus_infinity, self.zero), empty
 
 
 def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Tensor:
@@ -416,11 +424,9 @@ def block_sparse_attention(
             f"kv_num_blocks must have shape [1 or heads={h}, ceil(seq_len / block_size)={nb}], "
             f"got {list(kv_num_blocks.shape)}"
         )
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_probability("dropout_p", dropout_p)
+    _check_scale(softmax_scale)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
@@ -429,6 +435,17 @@ def block_sparse_attention(
         block_size, bool(causal), float(scale), float(dropout_p),
     )
     return out
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+def _check_scale(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
 
 
 def _check_inputs(q: Any, k: Any, v: Any, key_padding_mask: Any) -> None:
@@ -462,8 +479,9 @@ def _check_inputs(q: Any, k: Any, v: Any, key_padding_mask: Any) -> None:
 class _LayoutSource:
     """Where one module's layouts come from: a spec template (everything but
     seq_len and num_heads) and a store. ``layout(n, h, device)`` looks the
-    layout up once per (n, h, device) and keeps the tensors (a bounded LRU),
-    so steady-state calls take no store lock and copy nothing between devices."""
+    layout up once per (n, h, device) and keeps the tensors (the last
+    MAX_LENGTHS used), so steady-state calls take no store lock and copy
+    nothing between devices."""
 
     MAX_LENGTHS = 16
 
@@ -478,9 +496,12 @@ class _LayoutSource:
     def layout(self, seq_len: int, num_heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (seq_len, num_heads, device)
         hit = self._layouts.get(key)
-        if hit is None:
-            from patternstore.store import default_store
-
+        if hit is not None:
+            try:
+                self._layouts.move_to_end(key)
+            except KeyError:  # another thread evicted it meanwhile; the tensors are still good
+                pass
+        else:
             store = self.store if self.store is not None else default_store()
             pattern = store.get(self.spec(seq_len, num_heads), device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
@@ -545,12 +566,8 @@ class BlockSparseAttention(nn.Module):
         if "num_heads" in params or "seq_len" in params:
             raise ValueError("num_heads and seq_len come from the input (batch, seq_len, heads, head_dim); "
                              "do not pass them")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                          or not isinstance(softmax_scale, (int, float))
-                                          or not math.isfinite(softmax_scale)):
-            raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+        _check_probability("dropout", dropout)
+        _check_scale(softmax_scale)
         # Validate kind and params now with a length no length-dependent rule
         # rejects; rules that depend on the length (a global block beyond the
         # sequence) raise at the first call with that length.

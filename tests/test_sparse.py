@@ -354,3 +354,14 @@ def test_compiled_module_cold_start_no_recompiles_and_equal_to_eager(tmp_path):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(5):
             compiled_mha(torch.randn(2, 30, 16), is_causal=True)
+
+
+def test_a_copied_module_shares_its_layout_source(tmp_path):
+    import copy
+
+    store = PatternStore(tmp_path / "store")
+    module = BlockSparseAttention("local", block_size=4, store=store)
+    q, k, v = (torch.randn(1, 20, 2, 4) for _ in range(3))
+    twin = copy.deepcopy(module)
+    torch.testing.assert_close(twin(q, k, v), module(q, k, v), rtol=0, atol=0)
+    assert store.stats()["misses"] == 1
