@@ -136,7 +136,11 @@ class PatternStore:
         to the returned arrays: they are shared with every other caller."""
         if device is not None:
             device = exact_device(device)
-        pattern = self._memory.get(spec.key, device)  # the hot path: key computed at spec construction
+        try:
+            key = spec.key  # computed once, at the spec's construction: no re-hash here
+        except AttributeError:
+            raise TypeError(f"spec must be a DilatedSpec or SparseSpec, got {type(spec).__name__}") from None
+        pattern = self._memory.get(key, device)
         if pattern is None:
             pattern = self._fetch(spec, device)
         return pattern
