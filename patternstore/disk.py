@@ -87,10 +87,11 @@ class _RawOnlyDisk(diskcache.Disk):
         raise CorruptValue(f"stored with diskcache mode {mode}, not as raw bytes; refused unread")
 
 
-def filesystem_type(path: Path) -> str | None:
-    """The fstype of the mount holding ``path`` (from /proc/mounts), or None."""
+def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
+    """The fstype of the mount holding ``path``, or None where unknown
+    (no /proc/mounts: not Linux)."""
     try:
-        with open("/proc/mounts", encoding="utf-8") as mounts:
+        with open(mounts_file, encoding="utf-8") as mounts:
             lines = mounts.read().splitlines()
     except OSError:
         return None
