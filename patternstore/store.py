@@ -215,12 +215,13 @@ class PatternStore:
 
     # ------------------------------------------------------------ changes
     def put(self, pattern: Pattern) -> None:
-        """Store ``pattern`` in both tiers. Its arrays are copied (through the
-        envelope, which also checks them), so the caller may keep using them."""
+        """Store ``pattern`` in both tiers. Its arrays are copied, so the
+        caller may keep using them. The store trusts that they are the spec's
+        pattern (as ``generate`` made them, here or on another machine)."""
         if not isinstance(pattern, Pattern):
             raise TypeError(f"put takes a Pattern, got {type(pattern).__name__}")
-        value = encode(pattern)
-        self._memory.put(decode(value, pattern.key))
+        value = encode(pattern)  # checks the arrays are storable before anything is kept
+        self._memory.put(pattern)
         if self.disk is not None:
             self.disk.write(pattern.key, value)
 

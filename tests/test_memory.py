@@ -67,6 +67,14 @@ def test_a_pattern_larger_than_max_bytes_is_served_not_kept():
     assert MemoryTier(max_entries=0).put(small).equals(small)
 
 
+def test_put_copies_so_the_callers_tensors_do_not_alias_the_held_ones():
+    tier = MemoryTier()
+    mine = pattern(64)
+    held = tier.put(mine)
+    mine["positions"].zero_()
+    assert tier.get(mine.key) is held and held.equals(pattern(64)) and tier.tampered == 0
+
+
 def test_held_arrays_cannot_be_swapped_out():
     tier = MemoryTier()
     held = tier.put(pattern(16))
