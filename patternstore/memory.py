@@ -30,6 +30,7 @@ Guarantees (each is kept by the code it is written next to):
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import OrderedDict
 from types import MappingProxyType
@@ -93,7 +94,15 @@ class _Held:
             end += -(-size // _ALIGN) * _ALIGN
         buffer = torch.empty(end, dtype=torch.uint8, device=pattern.device)
         for (_, dtype, _, offset, size), tensor in zip(layout, pattern.arrays.values()):
-            buffer[offset : offset + size].view(dtype).copy_(tensor.reshape(-1))
+            if size == 0:
+                continue
+            if buffer.device.type == "cpu":
+                # One plain memcpy: torch's copy_ would start its thread pool,
+                # which stalls for milliseconds on a loaded machine.
+                source = tensor.contiguous()
+                ctypes.memmove(buffer.data_ptr() + offset, source.data_ptr(), size)
+            else:
+                buffer[offset : offset + size].view(dtype).copy_(tensor.reshape(-1))
         held = cls(pattern.spec, buffer, tuple(layout))
         held.version = buffer._version  # the copies above bumped it
         return held
