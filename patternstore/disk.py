@@ -51,6 +51,10 @@ NETWORK_FILESYSTEMS = frozenset({
 DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
 
 
+# Caches inherited from a parent process: never closed by this one.
+_INHERITED: list[diskcache.Cache] = []
+
+
 class PatternStoreWarning(UserWarning):
     """The store works on, with less than it was asked for (see the message)."""
 
@@ -127,13 +131,7 @@ class DiskTier:
                 self.directory.mkdir(mode=0o700, parents=True)
                 self.directory.chmod(0o700)  # exactly 0700, whatever the umask
             (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
-            self._cache = diskcache.Cache(
-                str(self.directory),
-                disk=_RawOnlyDisk,
-                size_limit=size_limit,
-                eviction_policy=self.EVICTION_POLICY,
-                statistics=False,  # hit counting would make reads write, too
-            )
+            self._opened, self._pid = self._open(size_limit), os.getpid()
         except DISK_ERRORS as error:
             raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
         fstype = filesystem_type(self.directory)
@@ -143,6 +141,26 @@ class DiskTier:
                 f"pattern store directory {self.directory} is on a network filesystem ({fstype}); "
                 "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
             )
+
+    def _open(self, size_limit: int) -> diskcache.Cache:
+        return diskcache.Cache(
+            str(self.directory),
+            disk=_RawOnlyDisk,
+            size_limit=size_limit,
+            eviction_policy=self.EVICTION_POLICY,
+            statistics=False,  # hit counting would make reads write, too
+        )
+
+    @property
+    def _cache(self) -> diskcache.Cache:
+        """The diskcache of this process. SQLite forbids using, or even
+        closing, a connection inherited through fork(): a forked child opens
+        its own and keeps the inherited one referenced, unclosed, for good."""
+        if self._pid != os.getpid():
+            fresh = self._open(self._opened.size_limit)
+            _INHERITED.append(self._opened)
+            self._opened, self._pid = fresh, os.getpid()
+        return self._opened
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -229,6 +247,3 @@ class DiskTier:
     def lock_path(self, key: str) -> Path:
         """The file that serializes generation of ``key`` across processes."""
         return self.directory / "locks" / f"{key}.lock"
-
-    def close(self) -> None:
-        self._cache.close()

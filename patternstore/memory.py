@@ -141,6 +141,11 @@ class MemoryTier:
         self.evictions = 0
         self.tampered = 0
 
+    def reset_lock(self) -> None:
+        """A fresh lock, for a forked child (the parent's may be held by a
+        thread that does not exist there)."""
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------ lookups
     def get(self, key: str, device: torch.device | None = None) -> Pattern | None:
         """The held pattern (on ``device``, an ``exact_device`` result) or None.

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -82,6 +83,22 @@ class _KeyLocks:
                     del self._slots[key]
 
 
+_live_stores: "weakref.WeakSet[PatternStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() stays held forever in the
+    # child, where that thread does not exist: give every store fresh locks.
+    global _default_lock
+    _default_lock = threading.Lock()
+    for store in list(_live_stores):
+        store._reset_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class PatternStore:
     """Patterns by spec: a memory LRU over a process-shared disk directory.
 
@@ -112,12 +129,18 @@ class PatternStore:
         self._flights = _KeyLocks()
         self._lock = threading.Lock()  # guards the counters below
         self._disk_hits = self._misses = self._generations = self._corrupt = self._lock_timeouts = 0
+        _live_stores.add(self)
         directory = default_directory() if path is None else Path(path)
         try:
             self.disk: DiskTier | None = DiskTier(directory, disk_size_limit)
         except DiskUnavailable as error:
             self.disk = None
             warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
+
+    def _reset_locks(self) -> None:
+        self._lock = threading.Lock()
+        self._flights = _KeyLocks()
+        self._memory.reset_lock()
 
     @property
     def directory(self) -> Path | None:

@@ -133,3 +133,61 @@ def test_sigkill_mid_write_leaves_only_correct_patterns(tmp_path):
         stats = store.stats()
         assert stats["disk_hits"] + stats["misses"] == len(SPECS)
         assert stats["disk_hits"] > 0  # the child did write before it died
+
+
+def in_forked_child(check) -> int:
+    """Run ``check`` in a fork()ed child; its exit status (0: passed). The
+    child has 20 s; a hang is killed by SIGALRM."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            signal.alarm(20)
+            check()
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_forked_child_opens_its_own_database_connection(tmp_path):
+    store = PatternStore(tmp_path)
+    first, second = SPECS[0], SPECS[1]
+    store.get(first)
+    parents_connection = store.disk._opened
+
+    def child() -> None:
+        assert store.get(first).equals(generate(first))  # memory, inherited
+        assert store.get(second).equals(generate(second))  # written through a new connection
+        assert store.disk._opened is not parents_connection
+
+    assert in_forked_child(child) == 0
+    assert store.disk._opened is parents_connection
+    assert store.get(second).equals(generate(second)) and store.stats()["disk_hits"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_fork_while_another_thread_holds_the_store_lock(tmp_path):
+    import threading
+
+    store = PatternStore(tmp_path)
+    spec = SPECS[0]
+    store.get(spec)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.memory._lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    try:
+        status = in_forked_child(lambda: store.get(spec).equals(generate(spec)) or os._exit(2))
+    finally:
+        release.set()
+        holder.join()
+    assert status == 0
