@@ -21,6 +21,8 @@ A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
   opened raises ``DiskUnavailable`` from the constructor (the store goes on in
   memory); a failed write (full disk, read-only directory, SQLite error)
   returns False, warns once, and stops further writes; a failed read is a miss.
+- Never hangs: SQLite waits at most ``timeout`` seconds for another writer,
+  then the operation fails as above.
 - The directory is created with mode 0700; a directory on a network
   filesystem, where SQLite's locking is unreliable, gets one warning.
 """
@@ -122,8 +124,12 @@ class DiskTier:
     # tier only needs a bound, and dropping the oldest write is a fine one.
     EVICTION_POLICY = "least-recently-stored"
 
-    def __init__(self, directory: str | os.PathLike, size_limit: int = 8 << 30) -> None:
+    def __init__(self, directory: str | os.PathLike, size_limit: int = 8 << 30, timeout: float = 60.0) -> None:
+        """``timeout``: seconds SQLite waits for another writer before the
+        operation fails (diskcache's retry loops are never used: they could
+        wait forever on a stuck lock)."""
         self.directory = Path(directory).expanduser().absolute()
+        self.timeout = timeout
         self.writable = True
         self._warned: set[str] = set()
         try:
@@ -145,6 +151,7 @@ class DiskTier:
     def _open(self, size_limit: int) -> diskcache.Cache:
         return diskcache.Cache(
             str(self.directory),
+            timeout=self.timeout,
             disk=_RawOnlyDisk,
             size_limit=size_limit,
             eviction_policy=self.EVICTION_POLICY,
@@ -174,7 +181,7 @@ class DiskTier:
         Raises ``CorruptValue`` when the entry was not stored as raw bytes
         (e.g. a planted pickle): it is refused without being read."""
         try:
-            return self._cache.get(key, default=None, retry=True)
+            return self._cache.get(key, default=None)
         except DISK_ERRORS as error:
             self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
             return None
@@ -186,7 +193,7 @@ class DiskTier:
         if not self.writable:
             return False
         try:
-            return bool(self._cache.set(key, value, tag=time.time(), retry=True))
+            return bool(self._cache.set(key, value, tag=time.time()))
         except DISK_ERRORS as error:
             self.writable = False
             self._warn_once(
@@ -198,7 +205,7 @@ class DiskTier:
 
     def delete(self, key: str) -> bool:
         try:
-            return bool(self._cache.delete(key, retry=True))
+            return bool(self._cache.delete(key))
         except DISK_ERRORS:
             return False
 
@@ -211,7 +218,7 @@ class DiskTier:
     def clear(self) -> int:
         """Remove every entry; the number removed."""
         try:
-            return self._cache.clear(retry=True)
+            return self._cache.clear()
         except DISK_ERRORS:
             return 0
 
@@ -226,7 +233,7 @@ class DiskTier:
     def stored_at(self, key: str) -> float | None:
         """Unix time of the last write of ``key``, or None."""
         try:
-            value, tag = self._cache.get(key, default=None, read=True, tag=True, retry=True)
+            value, tag = self._cache.get(key, default=None, read=True, tag=True)
         except (CorruptValue, *DISK_ERRORS):
             return None
         if hasattr(value, "close"):

@@ -42,7 +42,7 @@ from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
 from .generate import generate
 from .memory import MemoryTier, exact_device
 from .pattern import Pattern
-from .specs import DilatedSpec, SparseSpec, Spec
+from .specs import DilatedSpec, SparseSpec, Spec, check_int
 
 __all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory"]
 
@@ -122,8 +122,7 @@ class PatternStore:
             raise TypeError(f"lock_timeout must be a number of seconds > 0, got {type(lock_timeout).__name__}")
         if not (lock_timeout > 0 and math.isfinite(lock_timeout)):
             raise ValueError(f"lock_timeout must be a finite number of seconds > 0, got {lock_timeout}")
-        if isinstance(disk_size_limit, bool) or not isinstance(disk_size_limit, int) or disk_size_limit < 1:
-            raise ValueError(f"disk_size_limit must be an int >= 1 (bytes), got {disk_size_limit!r}")
+        check_int("disk_size_limit", disk_size_limit)
         self.lock_timeout = float(lock_timeout)
         self._memory = MemoryTier(max_entries, max_bytes)
         self._flights = _KeyLocks()
@@ -132,7 +131,7 @@ class PatternStore:
         _live_stores.add(self)
         directory = default_directory() if path is None else Path(path)
         try:
-            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit)
+            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit, timeout=self.lock_timeout)
         except DiskUnavailable as error:
             self.disk = None
             warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
