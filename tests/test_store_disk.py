@@ -265,3 +265,33 @@ def test_filesystem_type_picks_the_longest_mount(tmp_path):
     assert filesystem_type(Path("/mnt/sharedother"), str(mounts)) == "ext4"
     assert filesystem_type(Path("/mnt/with space/x"), str(mounts)) == "cifs"
     assert filesystem_type(Path("/x"), str(tmp_path / "missing")) is None
+
+
+def test_a_stuck_sqlite_writer_never_hangs_a_get(tmp_path):
+    import time
+
+    store = PatternStore(tmp_path, lock_timeout=0.3)
+    stuck = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+    stuck.execute("BEGIN IMMEDIATE")  # another process's write transaction that never ends
+    try:
+        started = time.monotonic()
+        caught = warnings_of(lambda: attention_style_use(store))
+        assert time.monotonic() - started < 10
+    finally:
+        stuck.execute("ROLLBACK")
+        stuck.close()
+    assert len(caught) == 1 and "cannot write" in str(caught[0].message)
+
+
+def test_an_unreadable_database_is_a_miss_with_one_warning(tmp_path, monkeypatch):
+    store = PatternStore(tmp_path)
+    store.get(SMALL)
+    store.memory.clear()
+
+    def broken(*args, **kwargs):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(diskcache.Cache, "get", broken)
+    caught = warnings_of(lambda: [store.get(SMALL) for _ in range(3)])
+    assert len(caught) == 1 and "cannot read" in str(caught[0].message)
+    assert store.get(SMALL).equals(generate(SMALL)) and store.stats()["generations"] == 2
