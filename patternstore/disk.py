@@ -30,6 +30,7 @@ A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 import warnings
@@ -106,8 +107,8 @@ def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None
         fields = line.split()
         if len(fields) < 3:
             continue
-        # /proc/mounts escapes spaces, tabs, newlines and backslashes in octal.
-        mount = fields[1].encode().decode("unicode_escape")
+        # /proc/mounts writes space, tab, newline and backslash as \ooo.
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
         inside = target == mount or target.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) > best:
             best, fstype = len(mount), fields[2]

@@ -103,9 +103,7 @@ class _Held:
                 ctypes.memmove(buffer.data_ptr() + offset, source.data_ptr(), size)
             else:
                 buffer[offset : offset + size].view(dtype).copy_(tensor.reshape(-1))
-        held = cls(pattern.spec, buffer, tuple(layout))
-        held.version = buffer._version  # the copies above bumped it
-        return held
+        return cls(pattern.spec, buffer, tuple(layout))  # records the version after the copies
 
     def to(self, device: torch.device) -> "_Held":
         """The same pattern on ``device``: one transfer of the whole buffer."""

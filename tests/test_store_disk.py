@@ -260,7 +260,10 @@ def test_filesystem_type_picks_the_longest_mount(tmp_path):
         "rootfs / ext4 rw 0 0\n"
         "server:/export /mnt/shared nfs4 rw 0 0\n"
         "//host/share /mnt/with\\040space cifs rw 0 0\n"
+        "sshfs#me@host: /home/me/données fuse.sshfs rw 0 0\n",
+        encoding="utf-8",
     )
+    assert filesystem_type(Path("/home/me/données/cache"), str(mounts)) == "fuse.sshfs"
     assert filesystem_type(Path("/mnt/shared/cache"), str(mounts)) == "nfs4"
     assert filesystem_type(Path("/mnt/sharedother"), str(mounts)) == "ext4"
     assert filesystem_type(Path("/mnt/with space/x"), str(mounts)) == "cifs"
