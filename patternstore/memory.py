@@ -154,18 +154,18 @@ class MemoryTier:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            if entry.base.tampered():
+            base = entry.base
+            if base.buffer._version != base.version:  # base.tampered(), inlined: the hot path
                 self._drop(key, entry)
                 self.tampered += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
             if device is None:
-                return entry.base.pattern
+                return base.pattern
             copy = entry.copies.get(device)
             if copy is not None and not copy.tampered():
                 return copy.pattern
-            base = entry.base
         # The copy is made without the lock: other threads keep hitting.
         # (A tampered copy is replaced, and counted, by _add_copy.)
         return self._add_copy(key, base, device, base.to(device))
