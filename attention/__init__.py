@@ -1,0 +1,1 @@
+"""attention: LongNet dilated, block-sparse and sequence-parallel attention over patternstore plans."""

@@ -1,0 +1,233 @@
+"""``DiskTier``: the process-shared directory of pattern envelopes.
+
+A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
+``codec.encode`` bytes. Guarantees (each kept by the code next to it):
+
+- Nothing read from the directory is ever unpickled. diskcache stores a
+  ``bytes`` value raw (in SQLite below 32 KiB, else in a file) and pickles
+  every other type; anyone who can write the directory can plant a pickle
+  that runs code when loaded. ``_RawOnlyDisk.fetch`` returns only raw bytes
+  and refuses every other storage mode with ``CorruptValue`` before touching
+  the data; ``_RawOnlyDisk.get`` never unpickles a key either. ``codec.decode``
+  then checks the bytes themselves.
+- A value is written whole or not at all: diskcache writes the value file
+  first and then inserts its row in one SQLite transaction, so a process
+  killed mid-write leaves at most an orphan file, never a row pointing at
+  half a value. (Anything else, such as a disk fault, is caught by the
+  envelope checksum.)
+- Reads never write (eviction policy below), so readers in many processes
+  never contend for SQLite's write lock.
+- Failures degrade, never raise: a directory that cannot be created or
+  opened raises ``DiskUnavailable`` from the constructor (the store goes on in
+  memory); a failed write (full disk, read-only directory, SQLite error)
+  returns False, warns once, and stops further writes; a failed read is a miss.
+- The directory is created with mode 0700; a directory on a network
+  filesystem, where SQLite's locking is unreliable, gets one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import diskcache
+from diskcache.core import MODE_BINARY, MODE_RAW
+
+from .codec import CorruptValue
+
+# Filesystems on which SQLite's file locking is not to be trusted.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smbfs", "smb3", "9p", "afs", "ncpfs", "lustre", "gpfs", "beegfs",
+    "ceph", "glusterfs", "fuse.sshfs", "fuse.ceph", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse",
+    "fuse.rclone", "davfs", "fuse.davfs2",
+})
+
+# Errors a disk operation can raise when the directory or the disk is at
+# fault; each becomes a warning and a miss, never an exception to the caller.
+DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+class PatternStoreWarning(UserWarning):
+    """The store works on, with less than it was asked for (see the message)."""
+
+
+class DiskUnavailable(RuntimeError):
+    """The directory cannot be used at all; the store keeps patterns in memory."""
+
+
+class _RawOnlyDisk(diskcache.Disk):
+    """diskcache's serializer, narrowed to raw ``bytes`` values and ``str`` keys."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
+        if type(value) is not bytes:
+            raise TypeError(f"the disk tier stores bytes only, got {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def get(self, key: Any, raw: bool) -> Any:
+        # A non-raw key is a pickle; hand back its bytes uninterpreted (the
+        # tier's ``keys`` keeps str keys only).
+        return super().get(key, raw) if raw else bytes(key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == MODE_RAW and isinstance(value, (bytes, memoryview)):
+            return bytes(value)  # a blob under 32 KiB, inside the database row
+        if mode == MODE_BINARY and filename and not os.path.isabs(filename) and ".." not in filename:
+            # A missing file raises OSError, which Cache.get turns into a miss.
+            handle = open(os.path.join(self._directory, filename), "rb")
+            if read:
+                return handle
+            with handle:
+                return handle.read()
+        # MODE_PICKLE, MODE_TEXT, numbers, or a filename pointing elsewhere:
+        # not something this tier wrote. Refused without reading it.
+        raise CorruptValue(f"stored with diskcache mode {mode}, not as raw bytes; refused unread")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The fstype of the mount holding ``path`` (from /proc/mounts), or None."""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            lines = mounts.read().splitlines()
+    except OSError:
+        return None
+    target, best, fstype = str(path.resolve()), -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes spaces, tabs, newlines and backslashes in octal.
+        mount = fields[1].encode().decode("unicode_escape")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > best:
+            best, fstype = len(mount), fields[2]
+    return fstype
+
+
+class DiskTier:
+    """Pattern envelopes in ``directory``, shared by every process that opens it."""
+
+    # 'least-recently-stored', not 'least-recently-used': LRU makes every get
+    # an UPDATE of the row's access time, i.e. a write transaction per read,
+    # which serializes readers across processes on SQLite's write lock and
+    # churns the WAL. The memory tier already keeps hot patterns; the disk
+    # tier only needs a bound, and dropping the oldest write is a fine one.
+    EVICTION_POLICY = "least-recently-stored"
+
+    def __init__(self, directory: str | os.PathLike, size_limit: int = 8 << 30) -> None:
+        self.directory = Path(directory).expanduser().absolute()
+        self.writable = True
+        self._warned: set[str] = set()
+        try:
+            if not self.directory.is_dir():
+                self.directory.mkdir(mode=0o700, parents=True)
+                self.directory.chmod(0o700)  # exactly 0700, whatever the umask
+            (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
+            self._cache = diskcache.Cache(
+                str(self.directory),
+                disk=_RawOnlyDisk,
+                size_limit=size_limit,
+                eviction_policy=self.EVICTION_POLICY,
+                statistics=False,  # hit counting would make reads write, too
+            )
+        except DISK_ERRORS as error:
+            raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
+        fstype = filesystem_type(self.directory)
+        if fstype in NETWORK_FILESYSTEMS:
+            self._warn_once(
+                "network",
+                f"pattern store directory {self.directory} is on a network filesystem ({fstype}); "
+                "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
+            )
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, PatternStoreWarning, stacklevel=4)
+
+    # ------------------------------------------------------------ values
+    def read(self, key: str) -> bytes | None:
+        """The stored bytes of ``key``, or None when absent or unreadable.
+
+        Raises ``CorruptValue`` when the entry was not stored as raw bytes
+        (e.g. a planted pickle): it is refused without being read."""
+        try:
+            return self._cache.get(key, default=None, retry=True)
+        except DISK_ERRORS as error:
+            self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
+            return None
+
+    def write(self, key: str, value: bytes) -> bool:
+        """Store ``value`` under ``key`` (the write time becomes its tag).
+        False when the disk refused it; after the first failure (warned once)
+        no further write is tried."""
+        if not self.writable:
+            return False
+        try:
+            return bool(self._cache.set(key, value, tag=time.time(), retry=True))
+        except DISK_ERRORS as error:
+            self.writable = False
+            self._warn_once(
+                "write",
+                f"cannot write pattern store {self.directory}: {error}; "
+                "patterns are kept in memory only from now on",
+            )
+            return False
+
+    def delete(self, key: str) -> bool:
+        try:
+            return bool(self._cache.delete(key, retry=True))
+        except DISK_ERRORS:
+            return False
+
+    def contains(self, key: str) -> bool:
+        try:
+            return key in self._cache
+        except DISK_ERRORS:
+            return False
+
+    def clear(self) -> int:
+        """Remove every entry; the number removed."""
+        try:
+            return self._cache.clear(retry=True)
+        except DISK_ERRORS:
+            return 0
+
+    # ------------------------------------------------------------ reading
+    def keys(self) -> list[str]:
+        """Stored keys, oldest write first (str keys only)."""
+        try:
+            return [key for key in self._cache.iterkeys() if type(key) is str]
+        except DISK_ERRORS:
+            return []
+
+    def stored_at(self, key: str) -> float | None:
+        """Unix time of the last write of ``key``, or None."""
+        try:
+            value, tag = self._cache.get(key, default=None, read=True, tag=True, retry=True)
+        except (CorruptValue, *DISK_ERRORS):
+            return None
+        if hasattr(value, "close"):
+            value.close()
+        return float(tag) if isinstance(tag, (int, float)) else None
+
+    def volume(self) -> int:
+        """Bytes the directory takes on disk (database and value files)."""
+        try:
+            return self._cache.volume()
+        except DISK_ERRORS:
+            return 0
+
+    @property
+    def size_limit(self) -> int:
+        return self._cache.size_limit
+
+    def lock_path(self, key: str) -> Path:
+        """The file that serializes generation of ``key`` across processes."""
+        return self.directory / "locks" / f"{key}.lock"
+
+    def close(self) -> None:
+        self._cache.close()

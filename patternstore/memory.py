@@ -1,0 +1,238 @@
+"""``MemoryTier``: the in-process LRU of patterns, with per-device copies.
+
+Guarantees (each is kept by the code it is written next to):
+- Bounded: at most ``max_entries`` entries and ``max_bytes`` array bytes,
+  device copies included. A pattern that alone exceeds ``max_bytes`` is
+  served but not kept.
+- LRU: a hit makes the entry the most recent; the least recent entries go
+  first, one at a time, and every such eviction is counted.
+- Re-putting a key that is already held never evicts another entry: keys are
+  content addresses, so the held arrays are already the pattern (unless they
+  were tampered with, in which case the fresh ones replace them, same size).
+- One lock guards all state; every operation is O(1) (an ``OrderedDict``
+  lookup, ``move_to_end`` or ``popitem``) except ``clear``. No I/O and no
+  host-to-device copy happens while the lock is held.
+- Tamper detection: torch has no read-only tensor, so the tier records the
+  sum of every held tensor's ``_version`` (bumped by each in-place op) when it
+  takes the tensor, and compares it on each hit. An entry whose CPU arrays
+  moved is dropped (the store then rebuilds it from the disk envelope or
+  regenerates it); a device copy that moved is copied again from the CPU
+  arrays. Both are counted in ``tampered``. Writes that bypass the version
+  counter (``.numpy()`` views, ``.data``, raw pointers) are not seen.
+- Device copies are cached per exact device (``cuda:1`` is not ``cuda:0``;
+  ``"cuda"`` means the current device at the time of the call), evicted with
+  their entry and counted in its bytes. A steady-state hit on a device does no
+  host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections import OrderedDict
+from types import MappingProxyType
+from typing import Iterator
+
+import torch
+
+from .pattern import Pattern
+from .specs import check_int
+
+_version_of = operator.attrgetter("_version")
+
+
+def exact_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` with its index filled in, or ``None`` for the CPU (the tier
+    holds CPU arrays itself). ``"cuda"`` becomes ``cuda:<current index>``."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.index is None and device.type in ("cuda", "xpu", "mps", "mtia"):
+        module = getattr(torch, device.type)
+        if device.type != "mps":
+            device = torch.device(device.type, module.current_device())
+    return device
+
+
+class _Held:
+    """A pattern whose tensors the tier owns, with their version sum at intake."""
+
+    __slots__ = ("pattern", "tensors", "version", "nbytes")
+
+    def __init__(self, pattern: Pattern) -> None:
+        # A read-only mapping: callers cannot swap an array out of a held pattern.
+        arrays = MappingProxyType(dict(pattern.arrays))
+        self.pattern = Pattern(pattern.spec, arrays)
+        self.tensors = tuple(arrays.values())
+        self.version = sum(map(_version_of, self.tensors))
+        self.nbytes = self.pattern.nbytes
+
+    def tampered(self) -> bool:
+        return sum(map(_version_of, self.tensors)) != self.version
+
+
+class _Entry:
+    __slots__ = ("base", "copies", "nbytes")
+
+    def __init__(self, base: _Held) -> None:
+        self.base = base
+        self.copies: dict[torch.device, _Held] = {}
+        self.nbytes = base.nbytes  # base plus every device copy
+
+
+class MemoryTier:
+    """LRU of patterns keyed by ``spec.key``, bounded by entries and bytes."""
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 1 << 30) -> None:
+        self.max_entries = check_int("max_entries", max_entries, minimum=0)
+        self.max_bytes = check_int("max_bytes", max_bytes, minimum=0)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
+        self._bytes = 0
+        self.hits = 0
+        self.evictions = 0
+        self.tampered = 0
+
+    # ------------------------------------------------------------ lookups
+    def get(self, key: str, device: torch.device | None = None) -> Pattern | None:
+        """The held pattern (on ``device``, an ``exact_device`` result) or None.
+
+        A hit costs one dict lookup, a version check and ``move_to_end`` under
+        the lock; a missing device copy is made outside the lock."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry.base.tampered():
+                self._drop(key, entry)
+                self.tampered += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            if device is None:
+                return entry.base.pattern
+            copy = entry.copies.get(device)
+            if copy is not None and not copy.tampered():
+                return copy.pattern
+            base = entry.base
+        # The copy is made without the lock: other threads keep hitting.
+        # (A tampered copy is replaced, and counted, by _add_copy.)
+        return self._add_copy(key, base, device, base.pattern.to(device))
+
+    def _add_copy(self, key: str, base: _Held, device: torch.device, moved: Pattern) -> Pattern:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.base is not base:
+                return moved  # evicted or replaced meanwhile: serve, do not keep
+            present = entry.copies.get(device)
+            if present is not None:
+                if not present.tampered():
+                    return present.pattern  # another thread copied first: keep one copy
+                del entry.copies[device]
+                entry.nbytes -= present.nbytes
+                self._bytes -= present.nbytes
+                self.tampered += 1
+            held = _Held(moved)
+            if entry.nbytes + held.nbytes > self.max_bytes:
+                return held.pattern  # the entry could never fit with it: serve only
+            entry.copies[device] = held
+            entry.nbytes += held.nbytes
+            self._bytes += held.nbytes
+            self._entries.move_to_end(key)
+            self._shrink()  # never reaches this entry: it is the newest and fits
+            return held.pattern
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    # ------------------------------------------------------------ changes
+    def put(self, pattern: Pattern, device: torch.device | None = None) -> Pattern:
+        """Hold ``pattern`` and return it as held (on ``device``, an
+        ``exact_device`` result). The tier takes the tensors: callers must not
+        keep writing to them. A pattern larger than ``max_bytes`` (or any, when
+        ``max_entries`` is 0) is returned without being kept."""
+        key = pattern.key
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.base.tampered():
+                self._drop(key, entry)
+                self.tampered += 1
+                entry = None
+            if entry is not None:
+                # Same key, same content: refresh recency, evict nobody.
+                self._entries.move_to_end(key)
+            else:
+                held = _Held(pattern)
+                if held.nbytes > self.max_bytes or self.max_entries == 0:
+                    return held.pattern if device is None else held.pattern.to(device)
+                entry = self._entries[key] = _Entry(held)
+                self._bytes += held.nbytes
+                self._shrink()  # stops before the new entry: it is the newest and fits
+            base = entry.base
+            if device is None:
+                return base.pattern
+            copy = entry.copies.get(device)
+            if copy is not None and not copy.tampered():
+                return copy.pattern
+        return self._add_copy(key, base, device, base.pattern.to(device))
+
+    def evict(self, key: str) -> bool:
+        """Drop ``key`` (not counted as an eviction: the caller asked)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            self._drop(key, entry)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _shrink(self) -> None:
+        """Evict least recent entries until both bounds hold (lock held)."""
+        entries = self._entries
+        while len(entries) > self.max_entries or self._bytes > self.max_bytes:
+            _, entry = entries.popitem(last=False)
+            self._bytes -= entry.nbytes
+            self.evictions += 1
+
+    def _drop(self, key: str, entry: _Entry) -> None:
+        del self._entries[key]
+        self._bytes -= entry.nbytes
+
+    # ------------------------------------------------------------ reading
+    def keys(self) -> list[str]:
+        """Held keys, least recently used first (the eviction order)."""
+        with self._lock:
+            return list(self._entries)
+
+    def devices(self, key: str) -> list[torch.device]:
+        """Devices holding a cached copy of ``key``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return [] if entry is None else list(entry.copies)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "memory_hits": self.hits,
+                "evictions": self.evictions,
+                "tampered": self.tampered,
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+            }

@@ -1,0 +1,290 @@
+"""``PatternStore``: patterns by spec, from memory, disk, or generated once.
+
+    get(spec, device)
+      memory tier (dict lookup under one lock) ---------------- hit -> Pattern
+      disk tier (raw bytes -> codec.decode) ---------------------- hit -> keep in memory
+      single flight: per-key thread lock, then per-key file lock,
+        look in memory and on disk again, generate(spec), encode, write, keep
+
+Guarantees (each kept by the code next to it):
+- Never a wrong pattern: a disk value is used only when ``codec.decode``
+  accepts it (checksum, format version, key); anything else is counted in
+  ``corrupt``, dropped and regenerated. Cached arrays that a caller changed in
+  place are detected on the next hit and rebuilt (``MemoryTier``).
+- Never executes what it reads (``DiskTier`` refuses non-raw values unread).
+- Single flight: concurrent gets of one missing key, from threads or from
+  processes sharing the directory, generate it once. Every wait has a
+  deadline of ``lock_timeout`` seconds; past it the caller generates the
+  pattern itself (counted in ``lock_timeouts``), so a get never hangs.
+- Degrades, never fails: a directory that cannot be created or opened, or a
+  disk that refuses writes, leaves the store serving from memory, with one
+  warning (``PatternStoreWarning``).
+- Every get counts exactly one of ``memory_hits``, ``disk_hits``, ``misses``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import filelock
+import platformdirs
+
+from .codec import CorruptValue, decode, encode
+from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
+from .generate import generate
+from .memory import MemoryTier, exact_device
+from .pattern import Pattern
+from .specs import DilatedSpec, SparseSpec, Spec
+
+__all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory"]
+
+_SPEC_TYPES = (DilatedSpec, SparseSpec)
+
+
+def default_directory() -> Path:
+    """``$PATTERNSTORE_DIR`` if set, else the user cache directory + patternstore."""
+    configured = os.environ.get("PATTERNSTORE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(platformdirs.user_cache_dir("patternstore", appauthor=False))
+
+
+class _KeyLocks:
+    """One ``threading.Lock`` per key while anyone wants it (refcounted, so
+    the table holds only keys being generated right now)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[str, list] = {}  # key -> [Lock, number of holders and waiters]
+
+    @contextmanager
+    def hold(self, key: str, timeout: float) -> Iterator[bool]:
+        """Yields True with the key's lock held, False after ``timeout`` seconds."""
+        with self._lock:
+            slot = self._slots.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        acquired = slot[0].acquire(timeout=timeout)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                slot[0].release()
+            with self._lock:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._slots[key]
+
+
+class PatternStore:
+    """Patterns by spec: a memory LRU over a process-shared disk directory.
+
+    ``path``: the directory (None: ``default_directory()``). ``max_entries``
+    and ``max_bytes`` bound the memory tier (array bytes, device copies
+    included); ``disk_size_limit`` bounds the directory (diskcache culls the
+    oldest writes past it); ``lock_timeout`` bounds every wait for another
+    thread or process generating the same key.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        max_entries: int = 256,
+        max_bytes: int = 1 << 30,
+        disk_size_limit: int = 8 << 30,
+        lock_timeout: float = 60.0,
+    ) -> None:
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
+            raise TypeError(f"lock_timeout must be a number of seconds > 0, got {type(lock_timeout).__name__}")
+        if not (lock_timeout > 0 and math.isfinite(lock_timeout)):
+            raise ValueError(f"lock_timeout must be a finite number of seconds > 0, got {lock_timeout}")
+        if isinstance(disk_size_limit, bool) or not isinstance(disk_size_limit, int) or disk_size_limit < 1:
+            raise ValueError(f"disk_size_limit must be an int >= 1 (bytes), got {disk_size_limit!r}")
+        self.lock_timeout = float(lock_timeout)
+        self._memory = MemoryTier(max_entries, max_bytes)
+        self._flights = _KeyLocks()
+        self._lock = threading.Lock()  # guards the counters below
+        self._disk_hits = self._misses = self._generations = self._corrupt = self._lock_timeouts = 0
+        directory = default_directory() if path is None else Path(path)
+        try:
+            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit)
+        except DiskUnavailable as error:
+            self.disk = None
+            warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
+
+    @property
+    def directory(self) -> Path | None:
+        """The disk tier's directory, or None when the store is memory-only."""
+        return None if self.disk is None else self.disk.directory
+
+    @property
+    def memory(self) -> MemoryTier:
+        return self._memory
+
+    # ------------------------------------------------------------ get
+    def get(self, spec: Spec, device=None) -> Pattern:
+        """The pattern of ``spec``, its arrays on ``device`` (default: CPU).
+
+        Device copies are made once and cached per exact device. Never write
+        to the returned arrays: they are shared with every other caller."""
+        if device is not None:
+            device = exact_device(device)
+        pattern = self._memory.get(spec.key, device)  # the hot path: key computed at spec construction
+        if pattern is None:
+            pattern = self._fetch(spec, device)
+        return pattern
+
+    def _fetch(self, spec: Spec, device) -> Pattern:
+        """Disk, else single-flight generation (a memory miss)."""
+        if not isinstance(spec, _SPEC_TYPES):
+            raise TypeError(f"spec must be a DilatedSpec or SparseSpec, got {type(spec).__name__}")
+        key = spec.key
+        pattern, corrupt = self._read(key)
+        if pattern is None:
+            with self._single_flight(key) as held:
+                if held:
+                    # Whoever held the lock before us may have made it.
+                    pattern = self._memory.get(key, device)
+                    if pattern is not None:
+                        self._count(corrupt=corrupt)
+                        return pattern
+                    pattern, corrupt_again = self._read(key)
+                    corrupt = corrupt or corrupt_again
+                    if corrupt_again and self.disk is not None:
+                        self.disk.delete(key)  # under the lock: nobody is rewriting it
+                if pattern is None:
+                    pattern = generate(spec)
+                    self._count(misses=1, generations=1, corrupt=corrupt, lock_timeouts=not held)
+                    if self.disk is not None:
+                        self.disk.write(key, encode(pattern))
+                    return self._memory.put(pattern, device)
+        self._count(disk_hits=1, corrupt=corrupt)
+        return self._memory.put(pattern, device)
+
+    def _read(self, key: str) -> tuple[Pattern | None, bool]:
+        """(decoded disk value or None, whether a stored value was refused)."""
+        if self.disk is None:
+            return None, False
+        try:
+            value = self.disk.read(key)
+            return (None, False) if value is None else (decode(value, key), False)
+        except CorruptValue:
+            return None, True
+
+    @contextmanager
+    def _single_flight(self, key: str) -> Iterator[bool]:
+        """Hold ``key`` against other threads, then other processes. Yields
+        False when either wait passed ``lock_timeout`` (the caller then
+        generates without the lock); never waits longer than that in all."""
+        deadline = time.monotonic() + self.lock_timeout
+        with self._flights.hold(key, self.lock_timeout) as held:
+            if not held or self.disk is None:
+                yield held
+                return
+            lock = filelock.FileLock(self.disk.lock_path(key), timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                yield False
+                return
+            except OSError:
+                # No lock file possible (e.g. read-only locks directory): the
+                # thread lock still holds; other processes may duplicate work.
+                yield True
+                return
+            try:
+                yield True
+            finally:
+                lock.release()
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, f"_{name}", getattr(self, f"_{name}") + int(amount))
+
+    # ------------------------------------------------------------ changes
+    def put(self, pattern: Pattern) -> None:
+        """Store ``pattern`` in both tiers. Its arrays are copied (through the
+        envelope, which also checks them), so the caller may keep using them."""
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"put takes a Pattern, got {type(pattern).__name__}")
+        value = encode(pattern)
+        self._memory.put(decode(value, pattern.key))
+        if self.disk is not None:
+            self.disk.write(pattern.key, value)
+
+    def contains(self, spec_or_key: Spec | str) -> bool:
+        key = _key_of(spec_or_key)
+        return key in self._memory or (self.disk is not None and self.disk.contains(key))
+
+    def evict(self, spec_or_key: Spec | str) -> bool:
+        """Remove from both tiers; True if either held it."""
+        key = _key_of(spec_or_key)
+        in_memory = self._memory.evict(key)
+        on_disk = self.disk is not None and self.disk.delete(key)
+        return in_memory or on_disk
+
+    def clear(self) -> None:
+        """Remove every pattern from both tiers (counters are kept)."""
+        self._memory.clear()
+        if self.disk is not None:
+            self.disk.clear()
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters since construction, and what the memory tier holds now.
+
+        memory_hits, disk_hits, misses: one per get; generations: calls of
+        ``generate``; evictions: memory entries dropped for the bounds;
+        corrupt: disk values refused; tampered: cached arrays found changed
+        in place; lock_timeouts: gets that generated without waiting longer;
+        hit_rate: (memory_hits + disk_hits) / gets; entries, bytes: memory
+        tier now."""
+        memory = self._memory.stats()
+        with self._lock:
+            counts = {
+                "memory_hits": memory["memory_hits"],
+                "disk_hits": self._disk_hits,
+                "misses": self._misses,
+                "generations": self._generations,
+                "evictions": memory["evictions"],
+                "corrupt": self._corrupt,
+                "tampered": memory["tampered"],
+                "lock_timeouts": self._lock_timeouts,
+            }
+        gets = counts["memory_hits"] + counts["disk_hits"] + counts["misses"]
+        counts["hit_rate"] = (counts["memory_hits"] + counts["disk_hits"]) / gets if gets else 0.0
+        counts["entries"] = memory["entries"]
+        counts["bytes"] = memory["bytes"]
+        return counts
+
+    def __repr__(self) -> str:
+        where = self.directory if self.directory is not None else "memory only"
+        return f"PatternStore({where}, entries={len(self._memory)}, bytes={self._memory.nbytes})"
+
+
+def _key_of(spec_or_key: Spec | str) -> str:
+    if isinstance(spec_or_key, str):
+        return spec_or_key
+    if isinstance(spec_or_key, _SPEC_TYPES):
+        return spec_or_key.key
+    raise TypeError(f"expected a spec or a key string, got {type(spec_or_key).__name__}")
+
+
+_default: tuple[int, PatternStore] | None = None
+_default_lock = threading.Lock()
+
+
+def default_store() -> PatternStore:
+    """The process's store on ``default_directory()`` (a forked child gets its own)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default[0] != os.getpid():
+            _default = (os.getpid(), PatternStore())
+        return _default[1]

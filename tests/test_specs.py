@@ -1,0 +1,269 @@
+"""Specs: validation messages and content-addressed keys (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from patternstore.specs import SPARSE_KINDS, DilatedSpec, SparseSpec, canonical_key, spec_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_EXAMPLES = settings(max_examples=500, deadline=None)
+
+
+# ------------------------------------------------------------------ strategies
+@st.composite
+def dilated_specs(draw: st.DrawFn) -> DilatedSpec:
+    k = draw(st.integers(1, 4))
+    segments = draw(st.lists(st.integers(1, 1 << 16), min_size=k, max_size=k))
+    rates = [draw(st.integers(1, min(w, 16))) for w in segments]
+    heads = draw(st.integers(k, 64))
+    return DilatedSpec(
+        seq_len=draw(st.integers(1, 1 << 22)),
+        segment_lengths=segments,
+        dilation_rates=rates,
+        num_heads=heads,
+        scheme=draw(st.sampled_from(["longnet", "grouped"])),
+    )
+
+
+def _sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
+    params: dict = {}
+    if "attention" in SPARSE_KINDS[kind] and draw(st.booleans()):
+        params["attention"] = draw(st.sampled_from(["bidirectional", "unidirectional"]))
+    if "different_layout_per_head" in SPARSE_KINDS[kind]:
+        params["different_layout_per_head"] = draw(st.booleans())
+    if "num_random_blocks" in SPARSE_KINDS[kind]:
+        params["num_random_blocks"] = draw(st.integers(0, 4))
+    if "num_sliding_window_blocks" in SPARSE_KINDS[kind]:
+        params["num_sliding_window_blocks"] = draw(st.integers(1, 9))
+    if kind == "fixed":
+        glob = draw(st.integers(1, 3))
+        params["num_global_blocks"] = glob
+        params["num_local_blocks"] = glob * draw(st.integers(1, 4))
+    if kind == "bigbird":
+        params["num_global_blocks"] = draw(st.integers(0, 3))
+    if kind in ("bslongformer", "variable"):
+        params["global_block_indices"] = draw(
+            st.lists(st.integers(0, num_blocks - 1), min_size=1, max_size=3, unique=True)
+        )
+    if kind == "variable":
+        params["local_window_blocks"] = draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
+    if kind == "dilated_blocks":
+        k = draw(st.integers(1, 3))
+        segments = draw(st.lists(st.integers(1, 16), min_size=k, max_size=k))
+        params["segment_lengths"] = segments
+        params["dilation_rates"] = [draw(st.integers(1, w)) for w in segments]
+    return params
+
+
+@st.composite
+def sparse_specs(draw: st.DrawFn) -> SparseSpec:
+    kind = draw(st.sampled_from(sorted(SPARSE_KINDS)))
+    block_size = 1 << draw(st.integers(0, 8))
+    seq_len = draw(st.integers(1, 1 << 20))
+    num_blocks = -(-seq_len // block_size)
+    return SparseSpec(
+        kind,
+        seq_len=seq_len,
+        block_size=block_size,
+        num_heads=draw(st.integers(1, 16)),
+        seed=draw(st.integers(0, 2**63 - 1)),
+        **_sparse_params(draw, kind, num_blocks),
+    )
+
+
+any_spec = st.one_of(dilated_specs(), sparse_specs())
+
+
+def _rebuild(spec, **changes):
+    data = spec.to_dict()
+    data.update(changes)
+    return spec_from_dict(data)
+
+
+# ------------------------------------------------------------------ key properties
+@KEY_EXAMPLES
+@given(any_spec, st.data())
+def test_changing_any_one_field_changes_the_key(spec, data):
+    fields = spec.fields()
+    name = data.draw(st.sampled_from(sorted(fields)))
+    value = fields[name]
+    if isinstance(value, bool):
+        new = not value
+    elif isinstance(value, int):
+        new = value + data.draw(st.sampled_from([-1, 1, 7]))
+    elif isinstance(value, tuple):
+        new = value + (value[-1],) if data.draw(st.booleans()) else tuple(v + 1 for v in value)
+    elif value is None:
+        new = tuple(i + 1 for i in fields["global_block_indices"])
+    else:
+        new = data.draw(st.sampled_from(["longnet", "grouped", "bidirectional", "unidirectional"]))
+    try:
+        changed = _rebuild(spec, **{name: new})
+    except (TypeError, ValueError):
+        assume(False)  # the change made the spec invalid: nothing to compare
+    assume(changed.fields() != fields)
+    assert changed.key != spec.key
+
+
+@KEY_EXAMPLES
+@given(any_spec, any_spec)
+def test_keys_are_equal_exactly_when_specs_are(a, b):
+    assert (a.key == b.key) == (a.to_dict() == b.to_dict())
+    assert (a == b) == (a.key == b.key)
+
+
+@KEY_EXAMPLES
+@given(any_spec, st.randoms(use_true_random=False))
+def test_lists_tuples_and_keyword_order_do_not_change_the_key(spec, rng):
+    data = spec.to_dict()
+    kind = data.pop("kind")
+    as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    names = list(as_lists)
+    rng.shuffle(names)
+    reordered = {n: as_lists[n] for n in names}
+    rebuilt = spec_from_dict({"kind": kind, **reordered})
+    assert rebuilt.key == spec.key
+    assert rebuilt == spec and hash(rebuilt) == hash(spec)
+
+
+@KEY_EXAMPLES
+@given(
+    st.floats(allow_nan=False, allow_infinity=True, width=64),
+    st.floats(allow_nan=False, allow_infinity=True, width=64),
+)
+def test_float_fields_hash_by_exact_value(x, y):
+    assert (canonical_key("t", 1, {"x": x}) == canonical_key("t", 1, {"x": y})) == (
+        x == y and str(x) == str(y)  # 0.0 and -0.0 are different bit patterns
+    )
+
+
+def test_float_examples_from_the_issue_and_type_distinctions():
+    assert canonical_key("t", 1, {"x": 0.12341}) != canonical_key("t", 1, {"x": 0.12349})
+    keys = {canonical_key("t", 1, {"x": v}) for v in (1, 1.0, True, "1", (1,))}
+    assert len(keys) == 5
+    assert canonical_key("t", 1, {"x": 1}) != canonical_key("t", 2, {"x": 1})
+    assert canonical_key("t", 1, {"x": 1}) != canonical_key("u", 1, {"x": 1})
+
+
+def test_key_is_readable_and_stable():
+    spec = DilatedSpec(seq_len=8192, segment_lengths=(2048, 4096), dilation_rates=(1, 2), num_heads=8)
+    assert spec.key.startswith("dilated-v1-") and len(spec.key) == len("dilated-v1-") + 40
+    sparse = SparseSpec("bigbird", seq_len=4096, block_size=64, num_heads=8)
+    assert sparse.key.startswith("bigbird-v1-")
+    # spelled-out defaults equal implicit ones
+    assert SparseSpec("bigbird", 4096, 64, 8, num_random_blocks=1, attention="bidirectional") == sparse
+
+
+_KEY_SCRIPT = """
+import json, sys
+from patternstore.specs import spec_from_dict
+print(json.dumps([spec_from_dict(d).key for d in json.loads(sys.stdin.read())]))
+"""
+
+
+def test_keys_are_the_same_in_processes_with_other_hash_seeds():
+    specs = [
+        DilatedSpec(65536, (2048, 4096, 8192), (1, 2, 4), 8),
+        DilatedSpec(1000, [7], [3], 5, scheme="grouped"),
+        SparseSpec("bigbird", 1 << 20, 128, 8, seed=7, num_random_blocks=2),
+        SparseSpec("variable", 5000, 16, 4, local_window_blocks=[4, 2], global_block_indices=[0, 3]),
+        SparseSpec("fixed", 2048, 32, 2, attention="unidirectional"),
+    ]
+    payload = json.dumps([s.to_dict() for s in specs])
+    for seed in ("0", "12345", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        out = subprocess.run(
+            [sys.executable, "-c", _KEY_SCRIPT], input=payload, env=env,
+            capture_output=True, text=True, check=True,
+        )
+        assert json.loads(out.stdout) == [s.key for s in specs]
+
+
+def test_specs_are_immutable_and_picklable():
+    spec = SparseSpec("local", 1024, 32)
+    with pytest.raises(AttributeError):
+        spec.seq_len = 5
+    with pytest.raises(TypeError):
+        spec.params["attention"] = "bidirectional"
+    dilated = DilatedSpec(100, [10], [2], 2)
+    with pytest.raises(AttributeError):
+        dilated.seq_len = 5
+    for s in (spec, dilated):
+        assert pickle.loads(pickle.dumps(s)).key == s.key
+
+
+# ------------------------------------------------------------------ bad input
+DILATED_OK = dict(seq_len=64, segment_lengths=(16, 32), dilation_rates=(1, 2), num_heads=4)
+BAD_DILATED = [
+    (dict(seq_len=0), ValueError, "seq_len"),
+    (dict(seq_len=-3), ValueError, "seq_len"),
+    (dict(seq_len=True), TypeError, "seq_len"),
+    (dict(seq_len=64.0), TypeError, "seq_len"),
+    (dict(num_heads=0), ValueError, "num_heads"),
+    (dict(num_heads=False), TypeError, "num_heads"),
+    (dict(segment_lengths=(16, 0)), ValueError, "segment_lengths[1]"),
+    (dict(segment_lengths=()), ValueError, "segment_lengths"),
+    (dict(segment_lengths=16), TypeError, "segment_lengths"),
+    (dict(segment_lengths=(16, True)), TypeError, "segment_lengths[1]"),
+    (dict(dilation_rates=(1, 0)), ValueError, "dilation_rates[1]"),
+    (dict(dilation_rates=(1, 2, 4)), ValueError, "same length"),
+    (dict(dilation_rates=(1, 64)), ValueError, "dilation_rates[1]=64 is larger than its segment"),
+    (dict(scheme="flash"), ValueError, "scheme must be one of 'longnet', 'grouped'"),
+    (dict(scheme="grouped", num_heads=1), ValueError, "num_heads >= number of branches"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_DILATED)
+def test_bad_dilated_specs_name_the_field(change, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        DilatedSpec(**{**DILATED_OK, **change})
+
+
+BAD_SPARSE = [
+    (("bigbird",), dict(seq_len=0), ValueError, "seq_len"),
+    (("bigbird",), dict(block_size=48), ValueError, "block_size must be a power of two"),
+    (("bigbird",), dict(block_size=0), ValueError, "block_size"),
+    (("bigbird",), dict(block_size=True), TypeError, "block_size"),
+    (("bigbird",), dict(num_heads=-1), ValueError, "num_heads"),
+    (("bigbird",), dict(seed=-1), ValueError, "seed"),
+    (("bigbird",), dict(seed=2**63), ValueError, "seed"),
+    (("bigbird",), dict(num_random_blocks=True), TypeError, "num_random_blocks"),
+    (("bigbird",), dict(num_random_blocks=-1), ValueError, "num_random_blocks"),
+    (("bigbird",), dict(window=3), ValueError, "unknown parameter(s) window for kind 'bigbird'; valid parameters: attention, different_layout_per_head"),
+    (("bigbird",), dict(attention="causal"), ValueError, "attention must be one of 'bidirectional', 'unidirectional'"),
+    (("bigbird",), dict(different_layout_per_head=1), TypeError, "different_layout_per_head must be True or False"),
+    (("longformer",), dict(), ValueError, "kind must be one of 'dense', 'fixed', 'bigbird'"),
+    (("fixed",), dict(num_local_blocks=4, num_global_blocks=3), ValueError, "num_local_blocks (4) must be a multiple of num_global_blocks (3)"),
+    (("fixed",), dict(num_different_global_patterns=2), ValueError, "different_layout_per_head=True"),
+    (("fixed",), dict(num_different_global_patterns=5, different_layout_per_head=True), ValueError, "num_different_global_patterns must be <= "),
+    (("fixed",), dict(horizontal_global_attention=True, attention="unidirectional"), ValueError, "horizontal_global_attention"),
+    (("bslongformer",), dict(global_block_indices=[0, 99]), ValueError, "global_block_indices must be < the number of blocks (16)"),
+    (("bslongformer",), dict(global_block_end_indices=[1, 2]), ValueError, "global_block_end_indices must have one entry"),
+    (("variable",), dict(global_block_indices=[3], global_block_end_indices=[3]), ValueError, "global_block_end_indices[0]=3 must be > global_block_indices[0]=3"),
+    (("variable",), dict(local_window_blocks=[4, 0]), ValueError, "local_window_blocks[1]"),
+    (("dilated_blocks",), dict(segment_lengths=[4], dilation_rates=[8]), ValueError, "dilation_rates[0]=8 is larger than its segment segment_lengths[0]=4 blocks"),
+    (("dilated_blocks",), dict(segment_lengths=[4, 8], dilation_rates=[1]), ValueError, "same length"),
+]
+
+
+@pytest.mark.parametrize("args, change, error, message", BAD_SPARSE)
+def test_bad_sparse_specs_name_the_field(args, change, error, message):
+    kwargs = {"seq_len": 1024, "block_size": 64, "num_heads": 4, **change}
+    with pytest.raises(error, match=re.escape(message)):
+        SparseSpec(*args, **kwargs)
+
+
+def test_spec_from_dict_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="kind must be 'dilated' or one of"):
+        spec_from_dict({"kind": "nope", "seq_len": 3})
