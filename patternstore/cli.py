@@ -30,9 +30,10 @@ import msgpack
 from .bundle import BundleError, read_bundle, write_bundle
 from .codec import ENVELOPE_VERSION, CorruptValue, decode
 from .generate import generate
+from .pattern import Pattern
 from .presets import PRESETS
 from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec, spec_from_dict
-from .spectext import EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, parse_spec, spec_from_fields
+from .spectext import EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, format_value, parse_spec, spec_from_fields
 from .store import PatternStore
 
 try:  # Python 3.11+
@@ -110,7 +111,7 @@ class Progress:
         if not self.enabled:
             return
         if self.tty:
-            width = shutil.get_terminal_size().columns
+            width = max(shutil.get_terminal_size().columns, 40)
             bar = "#" * (20 * self.done // max(self.total, 1))
             line = f"[{bar:<20}] {self.done}/{self.total} {text}"
             self.stream.write("\r" + line[: width - 1].ljust(width - 1))
@@ -127,11 +128,12 @@ def _open_store(args: argparse.Namespace) -> PatternStore:
     cannot hold a disk tier is bad input."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        store = PatternStore(args.dir)
+        store = PatternStore(args.dir, max_entries=0)  # the command line keeps nothing in memory
     messages = [str(w.message).splitlines()[0] for w in caught]
     if store.disk is None:
-        where = args.dir or "the default directory"
-        raise UsageError(f"cannot use {where} as a store directory: {'; '.join(messages) or 'not writable'}")
+        # The store's warning ends in "; patterns are kept in memory only": not so here.
+        reasons = [m.split("; ")[0] for m in messages] or [f"cannot use {args.dir or 'the default directory'}"]
+        raise UsageError(f"{'; '.join(reasons)} (the store directory must be a writable directory)")
     for message in messages:
         _note(args, f"{PROG}: warning: {message}")
     return store
@@ -214,7 +216,7 @@ def _worker_start(directory: str, threads: int) -> None:
 
     global _worker_store
     torch.set_num_threads(threads)
-    _worker_store = PatternStore(directory)
+    _worker_store = PatternStore(directory, max_entries=0)
 
 
 def _worker_precompute(spec: Spec) -> tuple[bool, int, bool]:
@@ -229,12 +231,12 @@ def _precompute_one(store: PatternStore, spec: Spec) -> tuple[bool, int, bool]:
     before = store.stats()["generations"]
     pattern = store.get(spec)
     generated = store.stats()["generations"] > before
-    return generated, pattern.nbytes, store.disk.stored_at(spec.key) is not None
+    return generated, pattern.nbytes, store.disk.contains(spec.key)
 
 
 def _list_presets(args: argparse.Namespace) -> int:
     rows = []
-    for preset in PRESETS.values():
+    for preset in [PRESETS[name] for name in args.preset if _preset_specs(name)] or PRESETS.values():
         total = sum(generate(spec).nbytes for spec in preset.specs)
         rows.append({"name": preset.name, "specs": len(preset.specs), "bytes": total, "description": preset.description})
     text = "\n".join(
@@ -310,16 +312,27 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- ls / stats / info
+def _read(store: PatternStore, key: str) -> tuple[bytes | None, Pattern | None, str | None]:
+    """``(raw bytes, decoded pattern, problem)`` of one entry; raw is None when
+    the entry vanished or was refused unread (not stored as raw bytes)."""
+    try:
+        raw = store.disk.read(key)
+    except CorruptValue as error:
+        return None, None, str(error)
+    if raw is None:
+        return None, None, None
+    try:
+        return raw, decode(raw, key), None
+    except CorruptValue as error:
+        return raw, None, str(error)
+
+
 def _entry(store: PatternStore, key: str) -> dict[str, Any]:
     """What ``ls`` and ``info`` show of one stored entry."""
-    raw = store.disk.read(key)
+    raw, pattern, problem = _read(store, key)
     row: dict[str, Any] = {"key": key, "kind": _kind_of(key), "stored_at": store.disk.stored_at(key)}
-    if raw is None:
-        return {**row, "problem": "vanished while listing"}
-    try:
-        pattern = decode(raw, key)
-    except CorruptValue as error:
-        return {**row, "problem": f"corrupt: {error}", "stored_bytes": len(raw)}
+    if pattern is None:
+        return {**row, "problem": f"corrupt: {problem}" if problem else "vanished while listing"}
     return {
         **row,
         "spec": pattern.spec.to_dict(),
@@ -335,18 +348,18 @@ def _entry(store: PatternStore, key: str) -> dict[str, Any]:
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _open_store(args)
     rows = [_entry(store, key) for key in sorted(store.disk.keys())]
-    lines = []
-    for r in rows:
-        fields = r.get("short_spec", "").partition(":")[2] or r.get("problem", "")
-        bytes_text = _size(r["bytes"]) if "bytes" in r else "-"
-        lines.append(f"{_short(r['key']):<26} {r['kind']:<13} {bytes_text:>10}  {_when(r['stored_at'])}  {fields}")
-    for r in rows:
-        r.pop("arrays", None)
     if args.json:
-        _emit(args, rows, None)
-    elif lines:
-        print(f"{'KEY':<26} {'KIND':<13} {'BYTES':>10}  {'STORED':<19}  FIELDS")
-        print("\n".join(lines))
+        _emit(args, [{k: v for k, v in r.items() if k != "arrays"} for r in rows], None)
+        return 0
+    table = [("KEY", "KIND", "BYTES", "STORED", "FIELDS")] + [
+        (_short(r["key"]), r["kind"], _size(r["bytes"]) if "bytes" in r else "-", _when(r["stored_at"]),
+         r.get("short_spec", "").partition(":")[2] or r.get("problem", ""))
+        for r in rows
+    ]
+    if rows:
+        key_width, kind_width = (max(len(row[i]) for row in table) for i in (0, 1))
+        for key, kind, size, when, fields in table:
+            print(f"{key:<{key_width}}  {kind:<{kind_width}}  {size:>10}  {when:<19}  {fields}")
     return 0
 
 
@@ -395,7 +408,7 @@ def _resolve_key(store: PatternStore, text: str) -> str | None:
 def cmd_info(args: argparse.Namespace) -> int:
     store = _open_store(args)
     key = _resolve_key(store, args.key)
-    if key is None or store.disk.stored_at(key) is None:
+    if key is None or not store.disk.contains(key):
         print(f"{PROG}: no pattern stored under {args.key!r} in {store.directory}", file=sys.stderr)
         return 1
     row = _entry(store, key)
@@ -405,7 +418,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{key}\n  {row['problem']} (run 'patternstore verify --repair')")
     else:
         lines = [key, f"  spec    {row['spec_text']}"]
-        lines += [f"          {name} = {value}" for name, value in row["spec"].items()]
+        lines += [f"          {name} = {format_value(value)}" for name, value in row["spec"].items() if name != "kind"]
         lines += [f"  array   {name}: {a['dtype']} {a['shape']}" for name, a in row["arrays"].items()]
         lines += [f"  bytes   {_size(row['bytes'])} in arrays, {_size(row['stored_bytes'])} stored",
                   f"  stored  {_when(row['stored_at'])}"]
@@ -434,15 +447,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems: list[dict[str, Any]] = []
     progress = Progress(len(keys), sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
     for key in keys:
-        raw = store.disk.read(key)
+        raw, pattern, problem = _read(store, key)
         progress.step(_short(key))
-        if raw is None:
-            continue  # deleted since listed
-        try:
-            pattern = decode(raw, key)
-        except CorruptValue as error:
-            problems.append({"key": key, "problem": str(error), "spec": _recover_spec(raw, key)})
+        if problem is not None:
+            problems.append({"key": key, "problem": problem, "spec": _recover_spec(raw, key)})
             continue
+        if pattern is None:
+            continue  # deleted since listed
         if key in compare and not pattern.equals(generate(pattern.spec)):
             problems.append({"key": key, "problem": "arrays differ from a fresh generation", "spec": pattern.spec})
 
@@ -452,13 +463,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not args.repair:
             continue
         store.evict(problem["key"])
-        if store.disk.stored_at(problem["key"]) is not None:
+        if store.disk.contains(problem["key"]):
             problem["repair"], unrepaired = "could not delete", unrepaired + 1
         elif spec is None:
             problem["repair"] = "dropped (spec unreadable, nothing to regenerate)"
         else:
             store.get(spec)
-            ok = store.disk.stored_at(spec.key) is not None
+            ok = store.disk.contains(spec.key)
             problem["repair"] = "regenerated" if ok else "dropped; regenerating did not write"
             unrepaired += not ok
     status = (1 if unrepaired else 0) if args.repair else (1 if problems else 0)
@@ -495,15 +506,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = _open_store(args)
     entries, skipped = [], []
     for key in sorted(store.disk.keys()):
-        raw = store.disk.read(key)
-        if raw is None:
-            continue
-        try:
-            decode(raw, key)
-        except CorruptValue as error:
-            skipped.append(f"{key}: {error}")
-            continue
-        entries.append((key, raw))
+        raw, pattern, problem = _read(store, key)
+        if problem is not None:
+            skipped.append(f"{key}: {problem}")
+        elif pattern is not None:
+            entries.append((key, raw))
     try:
         size = write_bundle(args.file, entries)
     except OSError as error:
@@ -528,7 +535,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     imported = present = 0
     failed = []
     for key, value in entries:
-        if store.disk.read(key) == value:  # encode is pure: equal bytes, equal pattern
+        if _read(store, key)[0] == value:  # encode is pure: equal bytes, equal pattern
             present += 1
         elif store.disk.write(key, value):
             imported += 1
@@ -548,28 +555,34 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # The global options work before or after the command; the copy on each
-    # subcommand defaults to SUPPRESS so it never overwrites the main one.
-    common = _Parser(add_help=False)
-    common.add_argument("--dir", type=Path, default=argparse.SUPPRESS,
+def _global_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None) -> None:
+    """--dir, -q, --json. They work before or after the command: on each
+    command they default to SUPPRESS (``defaults=None``), so an option given
+    before the command is not overwritten by the command's own default."""
+    def default(name: str) -> Any:
+        return argparse.SUPPRESS if defaults is None else defaults[name]
+
+    parser.add_argument("--dir", type=Path, default=default("dir"), metavar="DIR",
                         help="store directory (default: $PATTERNSTORE_DIR, else the user cache dir)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+    parser.add_argument("-q", "--quiet", action="store_true", default=default("quiet"),
                         help="no progress or notes on stderr")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+    parser.add_argument("--json", action="store_true", default=default("json"),
                         help="machine-readable output on stdout")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Seed, inspect, verify and ship a store of attention index patterns.",
         epilog=GRAMMAR + "\n\nexit status: 0 ok; 1 problems found or work failed; 2 bad input (nothing written)",
     )
-    parser.set_defaults(dir=None, quiet=False, json=False)
+    _global_options(parser, defaults={"dir": None, "quiet": False, "json": False})
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str, **kwargs: Any) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help, description=help,
+        sub = commands.add_parser(name, help=help, description=help,
                                   formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        _global_options(sub, defaults=None)
         sub.set_defaults(run=run)
         return sub
 
@@ -580,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--spec", action="append", default=[], metavar="SPEC", help="one spec (repeatable); grammar below")
     pre.add_argument("--config", action="append", default=[], type=Path, metavar="FILE",
                      help="a TOML file with presets and specs (repeatable); format below")
-    pre.add_argument("--list-presets", action="store_true", help="show the presets with spec counts and sizes")
+    pre.add_argument("--list-presets", action="store_true",
+                     help="show the presets (those given with --preset, else all) with spec counts and sizes")
     pre.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
                      help="generate in N processes (default 1)")
 
@@ -606,17 +620,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Warnings (e.g. a store directory on NFS) as one line, without source."""
+    print(f"{PROG}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        return args.run(args)
+        with warnings.catch_warnings():  # restores showwarning when main returns
+            warnings.showwarning = _show_warning
+            args = parser.parse_args(argv)
+            return args.run(args)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {' '.join(str(error).split(chr(10)))}", file=sys.stderr)
         return 2
     except SystemExit as exit:  # --help and --version print, then exit 0
         return exit.code if isinstance(exit.code, int) else 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `patternstore ls | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1

@@ -123,11 +123,15 @@ def parse_spec(text: str) -> Spec:
         raise SpecError(f"bad SPEC {text!r}: {error}") from None
 
 
-def _item(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """One VALUE of the grammar: ``true``/``false``, comma-joined tuples; ``none``
+    for an unset optional field (which ``format_spec`` leaves out instead)."""
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
-        return ",".join(map(_item, value))
+        return ",".join(map(format_value, value))
     return str(value)
 
 
@@ -138,7 +142,7 @@ def format_spec(spec: Spec, *, defaults: bool = True) -> str:
     fields = spec.fields()
     if not defaults:
         fields = {name: value for name, value in fields.items() if not _is_default(spec, name, value)}
-    return ":".join([spec.kind, *(f"{name}={_item(value)}" for name, value in fields.items() if value is not None)])
+    return ":".join([spec.kind, *(f"{name}={format_value(value)}" for name, value in fields.items() if value is not None)])
 
 
 def _is_default(spec: Spec, name: str, value: Any) -> bool:
