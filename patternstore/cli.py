@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,7 +33,7 @@ from .codec import ENVELOPE_VERSION, CorruptValue, decode
 from .generate import generate
 from .pattern import Pattern
 from .presets import PRESETS
-from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec, spec_from_dict
+from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, SPARSE_KINDS, Spec, spec_from_dict
 from .spectext import EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, format_value, parse_spec, spec_from_fields
 from .store import PatternStore
 
@@ -43,17 +44,28 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
 
 PROG = "patternstore"
 
-GRAMMAR = f"""\
-SPEC grammar:  KIND:FIELD=VALUE:FIELD=VALUE...
-  KIND     {', '.join(KINDS)}
-  FIELD    dilated: seq_len, segment_lengths, dilation_rates, num_heads [, scheme=longnet|grouped]
-           sparse kinds: seq_len, block_size [, num_heads, seed] and the kind's
-           DeepSpeed parameters (e.g. num_random_blocks, num_sliding_window_blocks)
-  VALUE    an integer, true/false, or a string; {', '.join(sorted(LIST_FIELDS))}
-           are lists: items separated by commas (one item is a list of one)
-examples:
-  {EXAMPLES[0]}
-  {EXAMPLES[1]}"""
+
+def _grammar_help() -> str:
+    """The SPEC grammar for --help, with every kind's fields and defaults."""
+    def optional(name: str, default: Any) -> str:
+        return name if default is None else f"{name}={format_value(default)}"
+
+    lines = [
+        "SPEC grammar:  KIND:FIELD=VALUE:FIELD=VALUE...",
+        "  VALUE  an integer, true/false, or a string. List fields take items separated by",
+        *textwrap.wrap(f"commas (one item is a list of one): {', '.join(sorted(LIST_FIELDS))}", 80,
+                       initial_indent="         ", subsequent_indent="         "),
+        "  KINDs and their FIELDs (optional ones in brackets, with their defaults):",
+        "    dilated          seq_len segment_lengths dilation_rates num_heads [scheme=longnet|grouped]",
+        "    every sparse kind: seq_len block_size [num_heads=1 seed=0], and",
+    ]
+    for kind, params in SPARSE_KINDS.items():
+        fields = f"[{' '.join(optional(name, default) for name, (default, _) in params.items())}]"
+        lines += textwrap.wrap(fields, 96, initial_indent=f"      {kind:<15}", subsequent_indent=" " * 22)
+    return "\n".join(lines + ["examples:", *(f"  {example}" for example in EXAMPLES)])
+
+
+GRAMMAR = _grammar_help()
 
 CONFIG_HELP = """\
 --config FILE (TOML, Python 3.11+):
@@ -74,11 +86,14 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- output helpers
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
 
 
 def _when(timestamp: float | None) -> str:
@@ -235,10 +250,13 @@ def _precompute_one(store: PatternStore, spec: Spec) -> tuple[bool, int, bool]:
 
 
 def _list_presets(args: argparse.Namespace) -> int:
+    """Each preset (those named by --preset, else all) with its exact size:
+    its patterns are generated, not stored, so this takes seconds."""
     rows = []
-    for preset in [PRESETS[name] for name in args.preset if _preset_specs(name)] or PRESETS.values():
-        total = sum(generate(spec).nbytes for spec in preset.specs)
-        rows.append({"name": preset.name, "specs": len(preset.specs), "bytes": total, "description": preset.description})
+    for name in args.preset or PRESETS:
+        specs = _preset_specs(name)
+        total = sum(generate(spec).nbytes for spec in specs)
+        rows.append({"name": name, "specs": len(specs), "bytes": total, "description": PRESETS[name].description})
     text = "\n".join(
         f"{r['name']:<14} {r['specs']:>4} specs {_size(r['bytes']):>10}  {r['description']}" for r in rows
     )
@@ -255,14 +273,18 @@ def cmd_precompute(args: argparse.Namespace) -> int:
                          f"(presets: {', '.join(PRESETS)})")
     store = _open_store(args)
     start = time.perf_counter()
-    todo = [spec for spec in specs if not store.contains(spec)]
-    present = len(specs) - len(todo)
-    progress = Progress(len(todo), sys.stderr, enabled=not args.quiet)
-    generated = found = written = 0
+    # What is on disk is read here, through store.get, so a stored value that
+    # fails to decode is regenerated rather than counted as present; what is
+    # absent goes to the worker processes when there are several.
+    absent = [spec for spec in specs if not store.contains(spec)]
+    pooled = absent if args.jobs > 1 and len(absent) > 1 else []
+    here = [spec for spec in specs if spec.key not in {s.key for s in pooled}]
+    progress = Progress(len(specs), sys.stderr, enabled=not args.quiet)
+    generated = present = written = 0
     failed: list[str] = []
 
     def record(spec: Spec, outcome: tuple[bool, int, bool] | BaseException) -> None:
-        nonlocal generated, found, written
+        nonlocal generated, present, written
         label = format_spec(spec, defaults=False)
         if isinstance(outcome, BaseException):
             failed.append(f"{spec.key}: {type(outcome).__name__}: {outcome}")
@@ -275,37 +297,36 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             generated += 1
             written += nbytes
         else:
-            found += 1  # another process stored it meanwhile
+            present += 1  # stored before, or by another process meanwhile
         progress.step(f"{'generated' if was_generated else 'present'} {label} ({_size(nbytes)})")
 
-    if args.jobs == 1 or len(todo) <= 1:
-        for spec in todo:
-            try:
-                record(spec, _precompute_one(store, spec))
-            except Exception as error:  # reported and counted; the other specs go on
-                record(spec, error)
-    else:
+    for spec in here:
+        try:
+            record(spec, _precompute_one(store, spec))
+        except Exception as error:  # reported and counted; the other specs go on
+            record(spec, error)
+    if pooled:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ProcessPoolExecutor(
-            max_workers=min(args.jobs, len(todo)),
+            max_workers=min(args.jobs, len(pooled)),
             mp_context=get_context("spawn"),
             initializer=_worker_start,
             initargs=(str(store.directory), threads),
         ) as pool:
-            futures = {pool.submit(_worker_precompute, spec): spec for spec in todo}
+            futures = {pool.submit(_worker_precompute, spec): spec for spec in pooled}
             for future in as_completed(futures):
                 error = future.exception()
                 record(futures[future], error if error is not None else future.result())
 
     seconds = time.perf_counter() - start
     summary = {
-        "specs": len(specs), "generated": generated, "present": present + found, "failed": len(failed),
+        "specs": len(specs), "generated": generated, "present": present, "failed": len(failed),
         "bytes": written, "seconds": round(seconds, 3), "directory": str(store.directory),
     }
     for line in failed:
         print(f"{PROG}: failed: {line}", file=sys.stderr)
     _emit(args, summary,
-          f"generated {generated}, already present {present + found}"
+          f"generated {generated}, already present {present}"
           + (f", failed {len(failed)}" if failed else "")
           + f"; {_size(written)} in {seconds:.2f} s ({store.directory})")
     return 1 if failed else 0

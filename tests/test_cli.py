@@ -136,13 +136,18 @@ def test_precompute_then_stats_and_a_fresh_process_generates_nothing(seeded, tmp
     fresh = json.loads(child.stdout)
     assert fresh["same"] and fresh["generations"] == 0 and fresh["disk_hits"] == len(ALL_SPECS)
 
-    # Again, plus the default preset, on a copy: only what is missing is generated.
+    # Again, plus the default preset, on a copy with one entry damaged: what is
+    # missing or damaged is generated, the rest is read.
     again = copy_of(seeded, tmp_path)
+    store = PatternStore(again, max_entries=0)
+    store.disk.write(ALL_SPECS[1].key, b"damaged")
+    store.disk.close()
     done = cli(again, "precompute", "--preset", "default", *[a for t in SPEC_TEXTS for a in ("--spec", t)])
     assert done.returncode == 0, done.stderr
     default = PRESETS["default"].specs
-    assert f"generated {len(default)}, already present {len(SPEC_TEXTS)}" in done.stdout
-    assert len(re.findall(r"^\[\d+/\d+\] generated ", done.stderr, re.M)) == len(default)  # plain lines: no TTY
+    assert f"generated {len(default) + 1}, already present {len(SPEC_TEXTS) - 1}" in done.stdout
+    lines = re.findall(r"^\[\d+/\d+\] (generated|present) ", done.stderr, re.M)  # plain lines: no terminal
+    assert lines.count("generated") == len(default) + 1 and lines.count("present") == len(SPEC_TEXTS) - 1
     assert stored_keys(again) == sorted({s.key for s in ALL_SPECS} | {s.key for s in default})
 
 
