@@ -2,8 +2,8 @@
 
 - ``default``: a small mix of every family at 8K-32K tokens; seconds to
   precompute on two cores (``make run`` seeds it).
-- ``longnet``: LongNet's published configuration (arXiv 2307.02486, section
-  4): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation rates
+- ``longnet``: LongNet's published configuration (arXiv 2307.02486, its
+  experimental setup): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation rates
   1, 2, 4, 6, 12, at 32K to 1M tokens and 8, 12 or 16 heads.
 - ``dilated-small``: the smaller set of dilated-attention libraries
   (segments 2048, 4096, 8192 with rates 1, 2, 4), in both schemes: "longnet"
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .specs import DilatedSpec, SparseSpec, Spec
 
@@ -36,14 +37,17 @@ class Preset:
     specs: tuple[Spec, ...]
 
 
-def _dilated(lengths, heads, segments, rates, schemes=("longnet",)) -> tuple[Spec, ...]:
+def _dilated(
+    lengths: Sequence[int], heads: Sequence[int], segments: tuple[int, ...], rates: tuple[int, ...],
+    schemes: Sequence[str] = ("longnet",),
+) -> tuple[Spec, ...]:
     return tuple(
         DilatedSpec(n, segments, rates, h, scheme)
         for scheme in schemes for n in lengths for h in heads
     )
 
 
-def _sparse(kinds, lengths, heads) -> tuple[Spec, ...]:
+def _sparse(kinds: Sequence[str], lengths: Sequence[int], heads: Sequence[int]) -> tuple[Spec, ...]:
     return tuple(SparseSpec(kind, n, SPARSE_BLOCK, h) for kind in kinds for n in lengths for h in heads)
 
 
