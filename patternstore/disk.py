@@ -252,6 +252,12 @@ class DiskTier:
     def size_limit(self) -> int:
         return self._cache.size_limit
 
+    def close(self) -> None:
+        """Close this process's SQLite connections (each thread's). The tier
+        reopens them on its next use, so this only releases resources, e.g.
+        before the directory is copied or handed to another program."""
+        self._cache.close()
+
     def lock_path(self, key: str) -> Path:
         """The file that serializes generation of ``key`` across processes."""
         return self.directory / "locks" / f"{key}.lock"

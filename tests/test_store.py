@@ -308,3 +308,11 @@ def test_cuda_get_copies_once(tmp_path):
     assert first.device.type == "cuda" and first.equals(generate(spec))
     assert store.get(spec, "cuda") is first
     assert store.get(spec, torch.device("cuda", torch.cuda.current_device())) is first
+
+
+def test_disk_close_releases_connections_and_the_next_use_reopens(tmp_path):
+    store = PatternStore(tmp_path)
+    store.get(SPECS[0])
+    store.disk.close()
+    store.memory.clear()
+    assert store.get(SPECS[0]).equals(REFERENCE[SPECS[0].key]) and store.stats()["disk_hits"] == 1
