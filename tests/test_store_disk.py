@@ -9,7 +9,6 @@ store working with exactly one warning.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
 import sqlite3
@@ -22,7 +21,7 @@ import pytest
 
 import patternstore.disk as disk_module
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
-from patternstore.codec import encode
+from patternstore.codec import checksum, encode
 from patternstore.disk import PatternStoreWarning, filesystem_type
 
 SMALL = DilatedSpec(512, [128, 512], [1, 2], 2)  # envelope < 32 KiB: inside SQLite
@@ -100,9 +99,8 @@ def test_wrong_version_envelope_with_a_valid_checksum(tmp_path):
     store = PatternStore(tmp_path)
     spec = SMALL
     envelope = msgpack.unpackb(encode(generate(spec)), raw=False)
-    body = [2, spec.key, envelope["spec"], envelope["arrays"]]
     envelope["format"] = 2
-    envelope["checksum"] = hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
+    envelope["checksum"] = checksum(2, spec.key, envelope["spec"], envelope["arrays"])
     store.disk.write(spec.key, msgpack.packb(envelope, use_bin_type=True))
     refetched(store, spec)
 
