@@ -7,6 +7,7 @@ from .dilated import (
     dilated_attention,
     dilated_attention_reference,
 )
+from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
 from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "ImprovedDilatedAttention",
     "MultiheadDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
+    "DistributedDilatedAttention",
+    "DistributedMultiheadDilatedAttention",
     "DilatedPlan",
     "dilated_attention",
     "dilated_attention_reference",

@@ -33,9 +33,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from patternstore.specs import DilatedSpec
 
 from .collectives import agree_on_shapes, require_initialized, segment_group
 from .dilated import (
@@ -52,8 +51,9 @@ from .dilated import (
     check_attention_inputs,
     forward_groups,
 )
+from .multihead import MultiheadDilatedAttention
 
-__all__ = ["DistributedDilatedAttention"]
+__all__ = ["DistributedDilatedAttention", "DistributedMultiheadDilatedAttention"]
 
 _NEG_INF = float("-inf")
 _DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -238,7 +238,14 @@ class DistributedDilatedAttention(_DilatedBase):
     def bytes_received(self) -> int:
         return self._stats["bytes_received"]
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is not supported by DistributedDilatedAttention; pass None "
+                "(pad to a multiple of the chunk with keys the model can ignore instead)"
+            )
         group = require_initialized(self.process_group)
         check_attention_inputs(q, k, v)
         b, c, h, d = q.shape
@@ -259,3 +266,28 @@ class DistributedDilatedAttention(_DilatedBase):
             groups = tuple(segment_group(lg.ranks, self.timeout) for lg in dplan.long)
             cached = self._distributed_plans[(chunk, heads)] = (dplan, groups)
         return cached
+
+
+class DistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """``MultiheadDilatedAttention`` on ``DistributedDilatedAttention``:
+    ``query, key, value`` are this rank's chunk (batch, seq_len // world_size,
+    embed_dim), the output is this rank's chunk. Projections are per position,
+    so they run locally; only the attention communicates. Parameters must be
+    equal on every rank (as under DistributedDataParallel)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        timeout: timedelta = timedelta(minutes=5),
+        **options,
+    ) -> None:
+        self._group_options = {"process_group": process_group, "timeout": timeout}
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **options)
+
+    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
+        return DistributedDilatedAttention(segment_lengths, dilation_rates, **self._group_options, **options)
