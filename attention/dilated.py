@@ -56,6 +56,11 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+# The fast path's log-sum-exp for "no key": finite, so the merge needs no NaN
+# guards (logaddexp(E, E) rounds to E, and a branch with lse E gets weight 0
+# beside any real one), and exp(S - E) is still 0 for the masked (-inf) scores
+# of such rows in the backward.
+_EMPTY = -1e30
 
 
 # ---------------------------------------------------------------------- plan
@@ -274,23 +279,23 @@ def _additive_mask(pad: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor
 
 
 def _kernel_forward(q, k, v, is_causal: bool, scale: float, pad: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Attention of (B, H, M, d) views -> (out (B, H, M, d), lse (B, H, M)); rows with no key: 0, -inf."""
+    """Attention of (B, H, M, d) views -> (out (B, H, M, d), lse (B, H, M)); rows with no key: 0, _EMPTY."""
     if _uses_flash(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=_additive_mask(pad, q.dtype), scale=scale
         )
         if pad is not None:
-            lse = lse.masked_fill(_dead_rows(pad, is_causal).unsqueeze(1), _NEG_INF)
+            lse = lse.masked_fill(_dead_rows(pad, is_causal).unsqueeze(1), _EMPTY)
         return out, lse
     acc = _accumulate_dtype(q.dtype)
     q, k, v = (x.to(acc) for x in (q, k, v))
     p, lse = _softmax_lse(_scores(q, k, scale, is_causal, pad))
-    return p @ v, lse
+    return p @ v, lse.clamp_min(_EMPTY)
 
 
 def _kernel_backward(do, q, k, v, out, lse, is_causal: bool, scale: float, pad: Optional[Tensor]):
     """Gradients of (B, H, M, d) views given the FINAL output and log-sum-exp
-    of these rows (+inf where no key at all): P = exp(S - lse),
+    of these rows: P = exp(S - lse),
     dS = P * (dO @ v^T - rowsum(dO * out)). -> (dq, dk, dv)."""
     if _uses_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -305,11 +310,14 @@ def _kernel_backward(do, q, k, v, out, lse, is_causal: bool, scale: float, pad: 
 
 def _merge(out: Tensor, lse: Tensor, o: Tensor, l: Tensor) -> None:
     """Fold one branch's (o, l) into the running (out, lse), in place:
-    out <- out * exp(lse - new) + o * exp(l - new), new = logaddexp(lse, l)."""
-    new = torch.logaddexp(lse, l)
-    ref = new.masked_fill(new == _NEG_INF, 0.0)  # rows nothing reached yet keep weight 0
-    out.mul_((lse - ref).exp_().unsqueeze(-1)).addcmul_(o, (l - ref).exp_().unsqueeze(-1))
-    lse.copy_(new)
+    out <- out * exp(lse - new) + o * exp(l - new), new = logaddexp(lse, l).
+    The two weights sum to 1, so that is one lerp with weight
+    exp(l - new) = sigmoid(l - lse): one pass over the output and three small
+    ops (each parallel op costs a thread wake-up, which is what a short
+    sequence's merge time is made of)."""
+    weight = (l - lse).sigmoid_().unsqueeze(-1)
+    torch.logaddexp(lse, l, out=lse)
+    out.lerp_(o.to(out.dtype), weight)  # half-type kernels: accumulated in float32
 
 
 def _chunks(x: Optional[Tensor], units: int, flat: bool) -> Iterator[Optional[Tensor]]:
@@ -368,6 +376,7 @@ def forward_groups(
             for qc, kc, vc, oc, lc, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
                 o, l = _kernel_forward(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), is_causal, scale, pc)
                 _merge(oc, lc, o.transpose(1, 2), l.transpose(1, 2))
+                del o, l  # before the next chunk's kernel allocates its own
 
 
 def backward_groups(
@@ -376,7 +385,7 @@ def backward_groups(
     dq: Tensor, dk: Tensor, dv: Tensor,
 ) -> None:
     """Add every group's gradients into ``dq, dk, dv``, each kernel backward
-    fed the FINAL ``out`` and ``lse`` (+inf where no key reaches) at its rows."""
+    fed the FINAL ``out`` and ``lse`` at its rows."""
     for g in groups:
         heads = slice(g.head_start, g.head_stop)
         for tail in _parts(g):
@@ -390,6 +399,7 @@ def backward_groups(
                 )
                 for total, part in zip((dqc, dkc, dvc), partial):
                     total.add_(part.transpose(1, 2))
+                del partial, part
 
 
 @torch.library.custom_op("patternstore::dilated_attention", mutates_args=())
@@ -406,7 +416,7 @@ def _dilated_forward_op(
     plan's group rows back to back."""
     b, n, h, d = q.shape
     out = torch.zeros(b, n, h, d, dtype=_accumulate_dtype(q.dtype), device=q.device)
-    lse = torch.full((b, n, h), _NEG_INF, dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, n, h), _EMPTY, dtype=_lse_dtype(q.dtype), device=q.device)
     forward_groups(q, k, v, key_padding_mask, _plan_groups(flat_plan), is_causal, scale, out, lse)
     return out.to(q.dtype), lse
 
@@ -433,7 +443,6 @@ def _dilated_backward_op(
     ``lse`` at its rows, accumulated in place."""
     acc = _accumulate_dtype(q.dtype)
     grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
-    lse = lse.masked_fill(lse == _NEG_INF, float("inf"))  # rows no key reaches: P = 0, not NaN
     backward_groups(grad_out, q, k, v, out, lse, key_padding_mask, _plan_groups(flat_plan), is_causal, scale, *grads)
     return tuple(grad.to(q.dtype) for grad in grads)
 

@@ -41,6 +41,7 @@ from .dilated import (
     DilatedPlan,
     Group,
     _accumulate_dtype,
+    _EMPTY,
     _DilatedBase,
     _kernel_backward,
     _kernel_forward,
@@ -55,7 +56,6 @@ from .multihead import MultiheadDilatedAttention
 
 __all__ = ["DistributedDilatedAttention", "DistributedMultiheadDilatedAttention"]
 
-_NEG_INF = float("-inf")
 _DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -114,7 +114,7 @@ class _SequenceParallel(torch.autograd.Function):
     def forward(ctx, q, k, v, dplan: DistributedPlan, groups: tuple, is_causal: bool, scale: float, stats: dict):  # type: ignore[override]
         b, c, h, d = q.shape
         out = torch.zeros(b, c, h, d, dtype=_accumulate_dtype(q.dtype), device=q.device)
-        lse = torch.full((b, c, h), _NEG_INF, dtype=_lse_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, c, h), _EMPTY, dtype=_lse_dtype(q.dtype), device=q.device)
         forward_groups(q, k, v, None, dplan.local, is_causal, scale, out, lse)
         gathered = []
         for lg, group in zip(dplan.long, groups):
@@ -134,7 +134,6 @@ class _SequenceParallel(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, *gathered = ctx.saved_tensors
         dplan, is_causal, scale = ctx.dplan, ctx.is_causal, ctx.scale
-        lse = lse.masked_fill(lse == _NEG_INF, float("inf"))
         acc = _accumulate_dtype(q.dtype)
         grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
         backward_groups(grad_out, q, k, v, out, lse, None, dplan.local, is_causal, scale, *grads)
