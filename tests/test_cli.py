@@ -31,7 +31,7 @@ from patternstore.pattern import Pattern
 from patternstore.presets import PRESETS
 from patternstore.spectext import EXAMPLES, format_spec, parse_spec
 from patternstore.store import PatternStore
-from test_specs import any_spec  # the spec strategies of the spec tests
+from strategies import any_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
