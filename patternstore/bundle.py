@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import msgpack
 
-from .codec import CorruptValue, decode
+from .codec import CorruptValue, decode, unpack_plain
 
 BUNDLE_FORMAT = "patternstore-bundle"
 BUNDLE_VERSION = 1
@@ -54,19 +54,13 @@ def write_bundle(path: Path, entries: Iterable[tuple[str, bytes]]) -> int:
     return len(body)
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise BundleError(f"msgpack extension type {code} is not part of the bundle format")
-
-
 def read_bundle(path: Path) -> list[tuple[str, bytes]]:
     """The (key, envelope bytes) entries of the bundle at ``path``, every one
     decoded and verified; ``BundleError`` (or ``OSError``) otherwise."""
     data = Path(path).read_bytes()
     try:
-        bundle = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except BundleError:
-        raise
-    except Exception as error:  # msgpack raises several unrelated types on bad input
+        bundle = unpack_plain(data)
+    except ValueError as error:
         raise BundleError(f"not a patternstore bundle (not msgpack: {error})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"not a patternstore bundle (no {BUNDLE_FORMAT!r} marker)")

@@ -81,7 +81,16 @@ def encode(pattern: Pattern) -> bytes:
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
-    raise CorruptValue(f"msgpack extension type {code} is not part of the format")
+    raise ValueError(f"msgpack extension type {code} is not part of the format")
+
+
+def unpack_plain(data: bytes) -> Any:
+    """msgpack -> plain maps (str keys), lists, strings, numbers and bytes;
+    extension types are refused. Any malformed input raises ``ValueError``."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise ValueError(str(error)) from None
 
 
 def decode(value: Any, key: str) -> Pattern:
@@ -89,10 +98,8 @@ def decode(value: Any, key: str) -> Pattern:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise CorruptValue(f"value is {type(value).__name__}, not bytes")
     try:
-        envelope = msgpack.unpackb(value, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except CorruptValue:
-        raise
-    except Exception as error:  # msgpack raises several unrelated types on bad input
+        envelope = unpack_plain(value)
+    except ValueError as error:
         raise CorruptValue(f"not a msgpack envelope: {error}") from None
     if not isinstance(envelope, dict) or set(envelope) != {"format", "key", "spec", "arrays", "checksum"}:
         raise CorruptValue("not an envelope map with format, key, spec, arrays, checksum")
