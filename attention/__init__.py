@@ -9,6 +9,8 @@ from .dilated import (
 )
 from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
 from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .sparse import BlockSparseAttention, block_sparse_attention
+from .sparse_multihead import MultiheadBlockSparseAttention
 
 __all__ = [
     "DilatedAttention",
@@ -17,7 +19,10 @@ __all__ = [
     "ImprovedMultiheadDilatedAttention",
     "DistributedDilatedAttention",
     "DistributedMultiheadDilatedAttention",
+    "BlockSparseAttention",
+    "MultiheadBlockSparseAttention",
     "DilatedPlan",
     "dilated_attention",
     "dilated_attention_reference",
+    "block_sparse_attention",
 ]
