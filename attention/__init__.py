@@ -1,6 +1,28 @@
 """attention: LongNet dilated, block-sparse and sequence-parallel attention over patternstore plans."""
 
+from .dilated import (
+    DilatedAttention,
+    DilatedPlan,
+    ImprovedDilatedAttention,
+    dilated_attention,
+    dilated_attention_reference,
+)
+from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
+from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
 from .sparse import BlockSparseAttention, block_sparse_attention
 from .sparse_multihead import MultiheadBlockSparseAttention
 
-__all__ = ["BlockSparseAttention", "MultiheadBlockSparseAttention", "block_sparse_attention"]
+__all__ = [
+    "DilatedAttention",
+    "ImprovedDilatedAttention",
+    "MultiheadDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "DistributedDilatedAttention",
+    "DistributedMultiheadDilatedAttention",
+    "BlockSparseAttention",
+    "MultiheadBlockSparseAttention",
+    "DilatedPlan",
+    "dilated_attention",
+    "dilated_attention_reference",
+    "block_sparse_attention",
+]

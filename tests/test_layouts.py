@@ -17,7 +17,7 @@ from attention import BlockSparseAttention
 from patternstore import SparseSpec, generate
 from patternstore.blockmask import to_block_mask
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, transpose_layout
-from test_specs import _sparse_params
+from strategies import sparse_params
 
 
 
@@ -39,7 +39,7 @@ def tiny_specs(draw):
     seq_len = draw(st.integers(1, 16 * block_size))
     return SparseSpec(kind, seq_len=seq_len, block_size=block_size, num_heads=draw(st.integers(1, 3)),
                       seed=draw(st.integers(0, 2**63 - 1)),
-                      **_sparse_params(draw, kind, -(-seq_len // block_size)))
+                      **sparse_params(draw, kind, -(-seq_len // block_size)))
 
 
 def dense_blocks(counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import attention.sparse as sparse
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
 from patternstore import PatternStore, SparseSpec, generate
-from test_specs import _sparse_params
+from strategies import sparse_params
 
 
 
@@ -166,7 +166,7 @@ def tiny_specs(draw):
                                  "dilated_blocks"]))
     block_size = draw(st.sampled_from([1, 2, 4, 8]))
     seq_len = draw(st.integers(1, 12 * block_size))
-    params = _sparse_params(draw, kind, -(-seq_len // block_size))
+    params = sparse_params(draw, kind, -(-seq_len // block_size))
     return SparseSpec(kind, seq_len=seq_len, block_size=block_size, num_heads=draw(st.integers(1, 3)),
                       seed=draw(st.integers(0, 1000)), **params)
 

@@ -1,0 +1,154 @@
+"""Multi-head dilated attention: projections around ``attention.dilated``.
+
+Batch first: ``query, key, value`` are (batch, seq, embed_dim); key and value
+default to query (self-attention), and all three have one sequence length
+(dilated segments align queries and keys position by position). Following
+MAGNETO (arXiv 2210.06423), a LayerNorm sits before the output projection
+(``layer_norm=True``), and the value and output projections start
+Xavier-normal with gain ``gamma_init`` (query and key with gain 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patternstore.store import PatternStore
+
+from .dilated import DilatedAttention, ImprovedDilatedAttention
+
+__all__ = ["MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"]
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """``forward(query, key=None, value=None, *, key_padding_mask=None,
+    need_weights=False, is_causal=False) -> (out, None)``; ``out`` is
+    (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq) bool, True =
+    padding: those keys enter no softmax, and a query with no unpadded key gets
+    attention output 0 (never NaN). Attention weights are never materialized,
+    so ``need_weights=True`` is an error."""
+
+    _attention_class = DilatedAttention
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        scheme: str = "longnet",
+        store: Optional[PatternStore] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.gamma_init = float(gamma_init)
+        factory = {"device": device, "dtype": dtype}
+        self.attention = self._make_attention(
+            segment_lengths, dilation_rates, scheme=scheme, dropout=dropout, store=store
+        )
+        self._make_input_projections(bias, factory)
+        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
+        return self._attention_class(segment_lengths, dilation_rates, **options)
+
+    # ---- projections (the Improved variant fuses them)
+    def _make_input_projections(self, bias: bool, factory: dict) -> None:
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+
+    def _input_weights(self) -> list[tuple[Tensor, Optional[Tensor], float]]:
+        """(weight, bias, gain) of the q, k, v projections."""
+        return [
+            (self.q_proj.weight, self.q_proj.bias, 1.0),
+            (self.k_proj.weight, self.k_proj.bias, 1.0),
+            (self.v_proj.weight, self.v_proj.bias, self.gamma_init),
+        ]
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for weight, bias, gain in self._input_weights() + [(self.out_proj.weight, self.out_proj.bias, self.gamma_init)]:
+                nn.init.xavier_normal_(weight, gain=gain)
+                if bias is not None:
+                    bias.zero_()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        *,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = False,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
+        if need_weights:
+            raise ValueError(
+                "need_weights=True is not supported: dilated attention never materializes the "
+                "attention weights; call with need_weights=False"
+            )
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), got {shape}")
+        if not query.shape == key.shape == value.shape:
+            raise ValueError(
+                f"query, key and value must have one shape (batch, seq, embed_dim); got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in self._project(query, key, value))
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask).flatten(-2)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.out_proj(x), None
+
+
+class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """``MultiheadDilatedAttention`` on ``ImprovedDilatedAttention``, with one
+    fused (3 * embed_dim, embed_dim) input projection ``in_proj``: one matmul
+    for self-attention, its three row blocks for distinct key or value."""
+
+    _attention_class = ImprovedDilatedAttention
+
+    def _make_input_projections(self, bias: bool, factory: dict) -> None:
+        self.in_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=bias, **factory)
+
+    def _input_weights(self) -> list[tuple[Tensor, Optional[Tensor], float]]:
+        e, bias = self.embed_dim, self.in_proj.bias
+        gains = (1.0, 1.0, self.gamma_init)
+        return [
+            (self.in_proj.weight[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e], gain)
+            for i, gain in enumerate(gains)
+        ]
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if key is query and value is query:
+            return self.in_proj(query).chunk(3, dim=-1)
+        return tuple(F.linear(x, w, b) for x, (w, b, _) in zip((query, key, value), self._input_weights()))

@@ -1,0 +1,290 @@
+"""DilatedAttention and ImprovedDilatedAttention against the naive dense
+reference (tests/dense_reference.py): outputs and input gradients in float64,
+both schemes, causal or not, awkward lengths and head counts, padding; the
+fast path's other kernel and its chunking; dtypes; the store wiring; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attention.dilated as dilated
+from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
+from dense_reference import dense_dilated_attention
+from patternstore import DilatedSpec, PatternStore, generate
+
+MODULES = [DilatedAttention, ImprovedDilatedAttention]
+
+# (segment_lengths, dilation_rates, heads, seq_len), each awkward in its own way
+CASES = [
+    ((4, 8, 16), (1, 2, 4), 4, 37),  # length a multiple of no segment; last segment short in every branch
+    ((5,), (3,), 2, 23),             # r > heads: offsets past the last head belong to no head
+    ((6, 9), (2, 3), 5, 31),         # heads not divisible by r (groups of 3+2 and 2+2+1)
+    ((8, 6), (1, 5), 3, 30),         # r > heads in one branch, and several tails
+    ((64, 16), (2, 4), 4, 21),       # segment longer than the sequence: clipped to n
+]
+
+
+def qkv(b, n, h, d, dtype=torch.float64, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, d, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def assert_close(actual, expected, tol=1e-10):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert not actual.isnan().any()
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------ exactness
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("scheme", ["longnet", "grouped"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-r{c[1]}-h{c[2]}-n{c[3]}")
+def test_outputs_and_gradients_match_dense_reference(module_class, scheme, is_causal, case):
+    segments, rates, h, n = case
+    if scheme == "grouped" and len(segments) > h:
+        pytest.skip("grouped needs a head per branch")
+    q, k, v = qkv(2, n, h, 3, requires_grad=True)
+    module = module_class(segments, rates, scheme=scheme)
+    out = module(q, k, v, is_causal=is_causal)
+    expected = dense_dilated_attention(q, k, v, segments, rates, scheme=scheme, is_causal=is_causal)
+    assert_close(out, expected)
+    for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_padding_mask_matches_dense_reference(module_class, is_causal):
+    segments, rates, h, n = (4, 8, 16), (1, 2, 4), 4, 37
+    q, k, v = qkv(3, n, h, 3, requires_grad=True)
+    pad = torch.rand(3, n, generator=torch.Generator().manual_seed(2)) < 0.4
+    pad[1] = True                    # a batch row with every key padded: outputs 0
+    pad[2, :5] = True                # causal: the first queries see no key
+    out = module_class(segments, rates)(q, k, v, is_causal=is_causal, key_padding_mask=pad)
+    expected = dense_dilated_attention(q, k, v, segments, rates, is_causal=is_causal, key_padding_mask=pad)
+    assert_close(out, expected)
+    assert out[1].abs().max() == 0
+    for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+        assert_close(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 5)), min_size=1, max_size=3),
+    h=st.integers(1, 6),
+    n=st.integers(1, 40),
+    b=st.integers(1, 3),
+    is_causal=st.booleans(),
+    grouped=st.booleans(),
+)
+def test_improved_equals_dense_reference_property(branches, h, n, b, is_causal, grouped):
+    segments = tuple(w for w, _ in branches)
+    rates = tuple(min(r, w) for w, r in branches)
+    scheme = "grouped" if grouped and len(segments) <= h else "longnet"
+    q, k, v = qkv(b, n, h, 2, seed=n)
+    out = ImprovedDilatedAttention(segments, rates, scheme=scheme)(q, k, v, is_causal=is_causal)
+    assert_close(out, dense_dilated_attention(q, k, v, segments, rates, scheme=scheme, is_causal=is_causal))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_improved_equals_plain_to_1e6(is_causal):
+    segments, rates = (16, 32, 64), (1, 2, 4)
+    q, k, v = qkv(2, 200, 8, 16, requires_grad=True)
+    plain = DilatedAttention(segments, rates)(q, k, v, is_causal=is_causal)
+    fast = ImprovedDilatedAttention(segments, rates)(q, k, v, is_causal=is_causal)
+    assert_close(fast, plain, tol=1e-6)
+    for got, want in zip(grads(fast, (q, k, v)), grads(plain, (q, k, v))):
+        assert_close(got, want, tol=1e-6)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_single_full_branch_is_dense_sdpa(module_class, is_causal):
+    q, k, v = qkv(2, 50, 3, 8)
+    out = module_class((64,), (1,))(q, k, v, is_causal=is_causal)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal)
+    assert_close(out, sdpa.transpose(1, 2))
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_gradcheck_tiny(module_class):
+    q, k, v = qkv(1, 7, 3, 2, requires_grad=True)
+    pad = torch.tensor([[False, True, False, False, True, True, False]])
+    module = module_class((2, 4), (1, 2))
+    assert torch.autograd.gradcheck(lambda q, k, v: module(q, k, v, is_causal=True, key_padding_mask=pad), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: module(q, k, v), (q, k, v))
+
+
+# ------------------------------------------------ fast path internals
+def test_matmul_kernel_matches_dense_reference(monkeypatch):
+    """The kernel other devices and dtypes take, exercised on CPU."""
+    monkeypatch.setattr(dilated, "_uses_flash", lambda x: False)
+    segments, rates, h, n = (4, 8, 16), (1, 2, 4), 4, 37
+    q, k, v = qkv(2, n, h, 3, requires_grad=True)
+    pad = torch.rand(2, n, generator=torch.Generator().manual_seed(3)) < 0.3
+    pad[0, :6] = True
+    for is_causal in (False, True):
+        out = ImprovedDilatedAttention(segments, rates)(q, k, v, is_causal=is_causal, key_padding_mask=pad)
+        expected = dense_dilated_attention(q, k, v, segments, rates, is_causal=is_causal, key_padding_mask=pad)
+        assert_close(out, expected)
+        for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("min_chunk", [1, 150])
+@pytest.mark.parametrize("b, n", [(1, 37), (3, 37), (3, 32)])
+def test_chunked_paths_match_dense_reference(monkeypatch, b, n, min_chunk):
+    """Tiny chunks (one, or a few (batch, segment) pairs): chunks within a
+    batch row (tail present), across batch rows (no tail), and the reference
+    scores a segment at a time."""
+    monkeypatch.setattr(dilated, "_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(dilated, "_CHUNK_FRACTION", 1 << 30)
+    monkeypatch.setattr(dilated, "_REFERENCE_SCORES", 1)
+    segments, rates = (4, 8, 16), (1, 2, 4)
+    q, k, v = qkv(b, n, 4, 3, requires_grad=True)
+    expected = dense_dilated_attention(q, k, v, segments, rates, is_causal=True)
+    expected_grads = grads(expected, (q, k, v))
+    for module_class in MODULES:
+        out = module_class(segments, rates)(q, k, v, is_causal=True)
+        assert_close(out, expected)
+        for got, want in zip(grads(out, (q, k, v)), expected_grads):
+            assert_close(got, want)
+
+
+def test_strided_inputs_from_a_fused_projection():
+    """q, k, v as interleaved views of one tensor (a fused qkv projection)."""
+    qkv_all = torch.randn(2, 37, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv_all.unbind(2)
+    out = ImprovedDilatedAttention((4, 8), (1, 2))(q, k, v)
+    expected = dense_dilated_attention(q, k, v, (4, 8), (1, 2))
+    assert_close(out, expected)
+    (got,) = grads(out, (qkv_all,))
+    (want,) = grads(expected, (qkv_all,))
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("module_class", MODULES)
+def test_lower_precision_dtypes(module_class, dtype, tol):
+    q, k, v = qkv(2, 45, 4, 16)
+    low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out = module_class((8, 16), (1, 2))(*low, is_causal=True)
+    assert out.dtype == dtype
+    expected = dense_dilated_attention(*(x.detach().double() for x in low), (8, 16), (1, 2), is_causal=True)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    for g in grads(out, low):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+
+
+def test_dropout_trains_stochastically_and_evaluates_exactly():
+    q, k, v = qkv(1, 32, 2, 4)
+    segments, rates = (8, 16), (1, 2)
+    modules = [cls(segments, rates, dropout=0.5) for cls in MODULES]
+    outs = []
+    for module in modules:
+        torch.manual_seed(0)
+        outs.append(module.train()(q, k, v))
+    torch.testing.assert_close(outs[0], outs[1])  # Improved takes the reference path with dropout
+    assert not torch.allclose(outs[0], dense_dilated_attention(q, k, v, segments, rates))
+    for module in modules:
+        assert_close(module.eval()(q, k, v), dense_dilated_attention(q, k, v, segments, rates))
+
+
+# ----------------------------------------------------------------- plans
+@pytest.mark.parametrize("scheme", ["longnet", "grouped"])
+def test_strided_views_select_exactly_the_plan_positions(scheme):
+    """The kernels read each group's positions as strided views; the
+    pattern's ``positions`` array lists the same positions, in order."""
+    spec = DilatedSpec(53, (4, 8, 16, 12), (1, 2, 4, 3), 5, scheme)
+    pattern = generate(spec)
+    plan = DilatedPlan.from_pattern(pattern)
+    pos = torch.arange(spec.seq_len)[None, :]
+    for g in plan.groups:
+        viewed = torch.cat([dilated._part(pos, g, tail).flatten() for tail in dilated._parts(g)])
+        count = g.num_segments * g.per_segment + g.tail
+        assert torch.equal(viewed, pattern["positions"][g.start : g.start + count].long())
+
+
+def test_modules_fetch_plans_from_their_store_once_per_length(tmp_path):
+    store = PatternStore(tmp_path / "store")
+    module = ImprovedDilatedAttention((4, 8), (1, 2), store=store)
+    for n in (20, 20, 20, 33, 33):
+        module(*qkv(1, n, 2, 3))
+    stats = store.stats()
+    assert stats["misses"] == 2 and stats["memory_hits"] == 0 and stats["disk_hits"] == 0
+    assert store.contains(DilatedSpec(20, (4, 8), (1, 2), 2)) and store.contains(DilatedSpec(33, (4, 8), (1, 2), 2))
+    # A new module (as in a new process) reads the plan back instead of generating it.
+    other = DilatedAttention((4, 8), (1, 2), store=PatternStore(tmp_path / "store"))
+    other(*qkv(1, 20, 2, 3))
+    assert other.store.stats()["disk_hits"] == 1 and other.store.stats()["generations"] == 0
+
+
+def test_functional_api_checks_its_plan():
+    q, k, v = qkv(1, 10, 2, 3)
+    plan = DilatedPlan.from_pattern(generate(DilatedSpec(12, (4,), (1,), 2)))
+    with pytest.raises(ValueError, match="plan is for seq_len=12"):
+        dilated_attention(q, k, v, plan)
+
+
+# ------------------------------------------------------------- bad input
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (torch.randn(2, 8, 4), torch.randn(2, 8, 4), torch.randn(2, 8, 4)), "q must have shape"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 9, 2, 4), torch.randn(1, 8, 2, 4)), "same shape"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 3, 4), torch.randn(1, 8, 2, 4)), "same shape"),
+        (lambda: (torch.randn(1, 0, 2, 4),) * 3, "must not be empty"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4).double(), torch.randn(1, 8, 2, 4)), "one dtype"),
+        (lambda: (torch.ones(1, 8, 2, 4, dtype=torch.int64),) * 3, "floating-point"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4, device="meta"), torch.randn(1, 8, 2, 4)), "one device"),
+        (lambda: (torch.randn(1, 8, 2, 4), "k", torch.randn(1, 8, 2, 4)), "k must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_value_error(module_class, make, message):
+    with pytest.raises(ValueError, match=message):
+        module_class((4,), (1,))(*make())
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_bad_key_padding_mask(module_class):
+    q, k, v = qkv(2, 8, 2, 4)
+    module = module_class((4,), (1,))
+    with pytest.raises(ValueError, match="bool tensor"):
+        module(q, k, v, key_padding_mask=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"shape \(batch, seq\) = \(2, 8\)"):
+        module(q, k, v, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, message",
+    [
+        (((4, 8), (1,)), {}, ValueError, "same length"),
+        (((4,), (8,)), {}, ValueError, "larger than its segment"),
+        (((0,), (1,)), {}, ValueError, "segment_lengths"),
+        (((4,), (1,)), {"scheme": "ring"}, ValueError, "scheme must be one of"),
+        (((4,), (1,)), {"dropout": 1.0}, ValueError, "dropout"),
+        (((4,), (1,)), {"softmax_scale": -1.0}, ValueError, "softmax_scale"),
+        (((4,), (1,)), {"store": "/tmp"}, ValueError, "store must be a PatternStore"),
+    ],
+)
+def test_bad_configuration(args, kwargs, error, message):
+    for module_class in MODULES:
+        with pytest.raises(error, match=message):
+            module_class(*args, **kwargs)
+
+
+def test_grouped_needs_a_head_per_branch():
+    with pytest.raises(ValueError, match="num_heads >= number of branches"):
+        ImprovedDilatedAttention((4, 8, 16), (1, 2, 4), scheme="grouped")(*qkv(1, 8, 2, 4))
