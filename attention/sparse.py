@@ -1,8 +1,7 @@
 """Block-sparse attention over a stored CSR layout (DESIGN.md section 2).
 
-Layout of every tensor, stated once: ``q, k`` are ``(batch, seq, heads, dim)``,
-``v`` is ``(batch, seq, heads, dim_v)``, the output is ``(batch, seq, heads,
-dim_v)``. The layout is ``kv_num_blocks`` int32 ``[H, nb]`` and ``kv_indices``
+Layout of every tensor, stated once: ``q, k, v`` and the output are
+``(batch, seq, heads, head_dim)``. The layout is ``kv_num_blocks`` int32 ``[H, nb]`` and ``kv_indices``
 int32 ``[nnz]`` (``patternstore.csr``), ``nb = ceil(seq / block_size)``,
 ``H = 1`` (one layout for every head) or ``H = heads``.
 
@@ -55,7 +54,9 @@ from torch import Tensor, nn
 
 from patternstore.csr import check_layout, drop_future_blocks
 from patternstore.specs import SparseSpec
-from patternstore.store import default_store
+from patternstore.store import PatternStore, default_store
+
+from .dilated import check_attention_inputs
 
 __all__ = ["block_sparse_attention", "BlockSparseAttention"]
 
@@ -63,8 +64,8 @@ __all__ = ["block_sparse_attention", "BlockSparseAttention"]
 # CPU_PATH_NOTE gives the sweep that chose it.
 TILE_ELEMENTS = 1 << 22
 
-# On the CPU, without dropout and with v's head size equal to q's, each tile
-# runs through ATen's fused CPU flash attention kernel (the one
+# On the CPU, without dropout, each tile runs through ATen's fused CPU flash
+# attention kernel (the one
 # F.scaled_dot_product_attention dispatches to; the private op because it
 # also returns the log-sum-exp that a merge and the backward need). Otherwise
 # the same tiles run through matmuls (the "explicit" path). Tests run both.
@@ -148,9 +149,7 @@ class _Problem:
         work = _work_dtype(q.dtype)
         self.q, self.k, self.v = (_blocked(t.to(work), self.layout_heads, nb, block_size) for t in (q, k, v))
         self.groups = _row_groups(kv_num_blocks, kv_indices, causal)
-        # The fused kernel wants equal q/k/v head sizes and has no dropout.
-        self.fused = (USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
-                      and v.shape[-1] == q.shape[-1])
+        self.fused = USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
         self._buffers: dict[str, Tensor] = {}
         # Block-local mask patterns: key offset > query offset (causal cut of
         # a diagonal block), key offsets past seq_len in the last block.
@@ -223,7 +222,7 @@ def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Te
 
 
 def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
-    """Attention of one tile: ``(out [B', R, bs, dv], lse [B', R, bs])``."""
+    """Attention of one tile: ``(out [B', R, bs, d], lse [B', R, bs])``."""
     if fused:
         return _FLASH(qt, kt, vt, attn_mask=mask, scale=scale)
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
@@ -275,7 +274,7 @@ def _forward_op(
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``out (b, n, h, dv)`` and ``lse [b, h, nb * bs]`` (rows past n are padding)."""
+    """Returns ``out (b, n, h, d)`` and ``lse [b, h, nb * bs]`` (rows past n are padding)."""
     pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
@@ -399,8 +398,8 @@ def block_sparse_attention(
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """Attention of ``q (b, n, h, d)`` over ``k (b, n, h, d)``, ``v (b, n, h, dv)``
-    restricted to a block layout (module docstring): returns ``(b, n, h, dv)``.
+    """Attention of ``q`` over ``k, v`` (all ``(b, n, h, d)``) restricted to a
+    block layout (module docstring): returns ``(b, n, h, d)``.
 
     ``kv_num_blocks`` int32 ``[H, ceil(n / block_size)]`` with ``H`` in {1, h},
     ``kv_indices`` int32 ``[sum(kv_num_blocks)]``, both on ``q``'s device.
@@ -409,7 +408,7 @@ def block_sparse_attention(
     ``key_padding_mask`` bool ``(b, n)``, True where a key must be ignored.
     Float16/bfloat16 inputs are computed in float32 and returned in their dtype.
     """
-    _check_inputs(q, k, v, key_padding_mask)
+    check_attention_inputs(q, k, v, key_padding_mask)
     b, n, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
@@ -446,33 +445,6 @@ def _check_scale(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value)):
         raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
-
-
-def _check_inputs(q: Any, k: Any, v: Any, key_padding_mask: Any) -> None:
-    """The checks of every input a layout does not enter (ValueError)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a 4-D floating tensor (batch, seq_len, heads, head_dim)")
-    if k.shape != q.shape:
-        raise ValueError(
-            f"k must have the shape of q (block layouts are square: keys and queries share "
-            f"the sequence); got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must match q in (batch, seq_len, heads); got q {tuple(q.shape)} and v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share dtype and device; got {q.dtype}/{k.dtype}/{v.dtype} "
-                         f"on {q.device}/{k.device}/{v.device}")
-    if 0 in q.shape or v.shape[-1] == 0:
-        raise ValueError(f"q, k, v must not be empty; got q {tuple(q.shape)} and v {tuple(v.shape)}")
-    b, n = q.shape[:2]
-    if key_padding_mask is not None and (
-        not isinstance(key_padding_mask, Tensor)
-        or key_padding_mask.dtype != torch.bool
-        or tuple(key_padding_mask.shape) != (b, n)
-        or key_padding_mask.device != q.device
-    ):
-        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch={b}, seq_len={n}) on {q.device}")
 
 
 # ------------------------------------------------------------- store lookup
@@ -546,7 +518,7 @@ class BlockSparseAttention(nn.Module):
     (DeepSpeed's names); the layout for ``(kind, seq_len, block_size, heads,
     seed, params)`` is fetched from ``store`` (``None``: ``default_store()``)
     on the first call at each sequence length. ``forward(q, k, v,
-    is_causal=False, *, key_padding_mask=None)`` on ``(batch, seq, heads,
+    is_causal=False, key_padding_mask=None)`` on ``(batch, seq, heads,
     head_dim)``; the causal rule applies when the layout is unidirectional or
     ``is_causal``. ``dropout`` applies to attention probabilities in training.
     """
@@ -559,7 +531,7 @@ class BlockSparseAttention(nn.Module):
         seed: int = 0,
         softmax_scale: float | None = None,
         dropout: float = 0.0,
-        store=None,
+        store: Optional[PatternStore] = None,
         **params: Any,
     ) -> None:
         super().__init__()
@@ -568,6 +540,8 @@ class BlockSparseAttention(nn.Module):
                              "do not pass them")
         _check_probability("dropout", dropout)
         _check_scale(softmax_scale)
+        if store is not None and not isinstance(store, PatternStore):
+            raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
         # Validate kind and params now with a length no length-dependent rule
         # rejects; rules that depend on the length (a global block beyond the
         # sequence) raise at the first call with that length.
@@ -588,9 +562,9 @@ class BlockSparseAttention(nn.Module):
             _SOURCES[self._source_id] = source
         self._source = source  # keeps the registry entry alive as long as the module
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, *,
-                key_padding_mask: Tensor | None = None) -> Tensor:
-        _check_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
         kv_num_blocks, kv_indices = _layout_op(q, self._source_id, self.block_size, self.per_head)
         return block_sparse_attention(
             q, k, v, kv_num_blocks, kv_indices, self.block_size,

@@ -1,32 +1,30 @@
-"""``MultiheadBlockSparseAttention``: q/k/v/out projections around
-``BlockSparseAttention``. Batch-first: ``query, key, value`` are ``(batch,
-seq, embed_dim)``; heads split ``embed_dim`` into ``num_heads`` slices of
-``head_dim = embed_dim // num_heads``.
+"""``MultiheadBlockSparseAttention``: the multi-head wrapper of
+``attention.multihead`` (batch-first q/k/v/out projections, optional
+LayerNorm before the output projection, Xavier-normal initialization) around
+``BlockSparseAttention`` instead of dilated attention.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from torch import Tensor, nn
+from torch import nn
 
+from patternstore.store import PatternStore
+
+from .multihead import MultiheadDilatedAttention
 from .sparse import BlockSparseAttention
 
 __all__ = ["MultiheadBlockSparseAttention"]
 
 
-class MultiheadBlockSparseAttention(nn.Module):
-    """Multi-head block-sparse self-attention (or attention over a ``key`` /
-    ``value`` of the query's length: block layouts are square).
-
-    ``forward(query, key=None, value=None, *, key_padding_mask=None,
-    need_weights=False, is_causal=False) -> (out, None)``: ``key`` defaults to
-    ``query`` and ``value`` to ``key``; ``key_padding_mask`` bool ``(batch,
-    seq)``, True where a key is ignored (``nn.MultiheadAttention``'s
-    convention). Attention weights are never materialized, so
-    ``need_weights=True`` is refused. ``kind`` and ``**params`` as in
-    ``BlockSparseAttention``.
-    """
+class MultiheadBlockSparseAttention(MultiheadDilatedAttention):
+    """``forward(query, key=None, value=None, *, key_padding_mask=None,
+    need_weights=False, is_causal=False) -> (out, None)``, exactly as
+    ``MultiheadDilatedAttention``; ``kind``, ``block_size``, ``seed``,
+    ``softmax_scale`` and ``**params`` (DeepSpeed's names) choose the layout,
+    as in ``BlockSparseAttention``. Key and value have the query's length
+    (block layouts are square)."""
 
     def __init__(
         self,
@@ -36,60 +34,23 @@ class MultiheadBlockSparseAttention(nn.Module):
         *,
         block_size: int = 128,
         seed: int = 0,
-        bias: bool = True,
+        softmax_scale: Optional[float] = None,
         dropout: float = 0.0,
-        softmax_scale: float | None = None,
-        store=None,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        store: Optional[PatternStore] = None,
         device=None,
         dtype=None,
         **params: Any,
     ) -> None:
-        super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
-        factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.attention = BlockSparseAttention(
-            kind, block_size=block_size, seed=seed, softmax_scale=softmax_scale,
-            dropout=dropout, store=store, **params,
+        # Read by _make_attention, which the base __init__ calls.
+        self._layout = dict(kind=kind, block_size=block_size, seed=seed, softmax_scale=softmax_scale, **params)
+        super().__init__(
+            embed_dim, num_heads, None, None, dropout=dropout, bias=bias, layer_norm=layer_norm,
+            layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, store=store, device=device, dtype=dtype,
         )
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        *,
-        key_padding_mask: Tensor | None = None,
-        need_weights: bool = False,
-        is_causal: bool = False,
-    ) -> tuple[Tensor, None]:
-        if need_weights:
-            raise ValueError("need_weights=True is not supported: block-sparse attention never "
-                             "materializes the attention weights")
-        key = query if key is None else key
-        value = key if value is None else value
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} must be (batch, seq_len, embed_dim={self.embed_dim}), "
-                                 f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
-            raise ValueError(
-                f"key and value must have the query's (batch, seq_len) = {tuple(query.shape[:2])} "
-                f"(block layouts are square); got key {tuple(key.shape[:2])}, value {tuple(value.shape[:2])}"
-            )
-        b, n, _ = query.shape
-        heads = (b, n, self.num_heads, self.head_dim)
-        out = self.attention(
-            self.q_proj(query).view(heads), self.k_proj(key).view(heads), self.v_proj(value).view(heads),
-            is_causal, key_padding_mask=key_padding_mask,
-        )
-        return self.out_proj(out.reshape(b, n, self.embed_dim)), None
+    def _make_attention(self, segment_lengths, dilation_rates, *, scheme, dropout, store) -> nn.Module:
+        return BlockSparseAttention(**self._layout, dropout=dropout, store=store)

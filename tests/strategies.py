@@ -68,4 +68,21 @@ def sparse_specs(draw: st.DrawFn) -> SparseSpec:
     )
 
 
+@st.composite
+def tiny_sparse_specs(draw: st.DrawFn, max_blocks: int = 12) -> SparseSpec:
+    """Sparse specs of every kind small enough for dense references: at most
+    ``max_blocks`` blocks of 1 to 8 positions, 1 to 3 heads."""
+    kind = draw(st.sampled_from(sorted(SPARSE_KINDS)))
+    block_size = draw(st.sampled_from([1, 2, 4, 8]))
+    seq_len = draw(st.integers(1, max_blocks * block_size))
+    return SparseSpec(
+        kind,
+        seq_len=seq_len,
+        block_size=block_size,
+        num_heads=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**63 - 1)),
+        **sparse_params(draw, kind, -(-seq_len // block_size)),
+    )
+
+
 any_spec = st.one_of(dilated_specs(), sparse_specs())

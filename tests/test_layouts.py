@@ -17,7 +17,7 @@ from attention import BlockSparseAttention
 from patternstore import SparseSpec, generate
 from patternstore.blockmask import to_block_mask
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, transpose_layout
-from strategies import sparse_params
+from strategies import tiny_sparse_specs
 
 
 
@@ -29,17 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@st.composite
-def tiny_specs(draw):
-    kind = draw(st.sampled_from(["dense", "fixed", "bigbird", "bslongformer", "variable", "local",
-                                 "dilated_blocks"]))
-    block_size = draw(st.sampled_from([1, 2, 4]))
-    seq_len = draw(st.integers(1, 16 * block_size))
-    return SparseSpec(kind, seq_len=seq_len, block_size=block_size, num_heads=draw(st.integers(1, 3)),
-                      seed=draw(st.integers(0, 2**63 - 1)),
-                      **sparse_params(draw, kind, -(-seq_len // block_size)))
 
 
 def dense_blocks(counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -64,7 +53,7 @@ EXAMPLES = settings(max_examples=500, deadline=None)
 
 
 @EXAMPLES
-@given(tiny_specs())
+@given(tiny_sparse_specs(max_blocks=16))
 def test_csr_operations_agree_with_dense_matrices(spec):
     pattern = generate(spec)
     counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
@@ -85,7 +74,7 @@ def test_csr_operations_agree_with_dense_matrices(spec):
 
 
 @EXAMPLES
-@given(tiny_specs(), st.booleans())
+@given(tiny_sparse_specs(max_blocks=16), st.booleans())
 def test_block_masks_hold_exactly_the_layout(spec, force_causal):
     pattern = generate(spec)
     causal = force_causal or spec.params["attention"] == "unidirectional"

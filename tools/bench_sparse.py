@@ -7,7 +7,9 @@ Every case: batch 1, 8 heads, head_dim 64, block 128, forward only (CPU
 FlexAttention has no backward). Candidates, interleaved (A B C A B C ...)
 with a same-run fp32 matmul, medians reported:
 
-- ours:   ``BlockSparseAttention`` (layout already looked up);
+- ours:   ``BlockSparseAttention`` (layout already looked up); up to 16K
+          also ``ours_explicit``, the same tiles through matmuls instead of
+          the fused CPU flash kernel;
 - sdpa:   ``F.scaled_dot_product_attention`` with the equivalent dense
           boolean ``[n, n]`` mask, one mask broadcast over heads (built once,
           outside the timing), where it fits;
@@ -157,7 +159,7 @@ def tile_sweep(n: int, repeats: int) -> dict:
 
 
 def kind_case(kind: str, n: int, params: dict, repeats: int, *, store: PatternStore, sdpa: bool,
-              flex: bool, eager_mask: bool, flex_fn) -> dict:
+              flex: bool, eager_mask: bool, flex_fn, explicit: bool = False) -> dict:
     spec = spec_of(kind, n, params)
     causal = spec.params["attention"] == "unidirectional"
     module = BlockSparseAttention(kind, block_size=BLOCK, store=store, **params)
@@ -184,6 +186,14 @@ def kind_case(kind: str, n: int, params: dict, repeats: int, *, store: PatternSt
         lambda: create_block_mask(mask_mod, 1, 1, n, n, device="cpu", _compile=True))
 
     candidates = {"ours": lambda: module(q, k, v)}
+    if explicit:  # our tiles through matmuls instead of the fused CPU flash kernel
+        def explicit_path():
+            sparse.USE_CPU_FLASH_KERNEL = False
+            try:
+                module(q, k, v)
+            finally:
+                sparse.USE_CPU_FLASH_KERNEL = True
+        candidates["ours_explicit"] = explicit_path
     if sdpa:
         position = torch.arange(n)
         dense = blocks[position[:, None] // BLOCK, position[None, :] // BLOCK]
@@ -410,7 +420,8 @@ def main() -> None:
             if kind == "fixed" and n > 16384:
                 continue  # fixed's global columns grow with n: 25% dense, ~40 s per call at 64K
             result["kinds"].append(kind_case(kind, n, params, repeats, store=store, sdpa=n <= 16384,
-                                             flex=n <= 16384, eager_mask=n <= 16384, flex_fn=flex_fn))
+                                             flex=n <= 16384, eager_mask=n <= 16384, flex_fn=flex_fn,
+                                             explicit=n <= 16384))
     n90 = 8192 if quick else 32768
     target = kind_case(SPARSE_90[0], n90, SPARSE_90[1], repeats, store=store, sdpa=True, flex=True,
                        eager_mask=False, flex_fn=flex_fn)
