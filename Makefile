@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/patternstore precompute --preset default
 	$(PY) tools/main_job.py
 
 test: $(STAMP)

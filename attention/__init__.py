@@ -7,14 +7,22 @@ from .dilated import (
     dilated_attention,
     dilated_attention_reference,
 )
+from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
 from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .sparse import BlockSparseAttention, block_sparse_attention
+from .sparse_multihead import MultiheadBlockSparseAttention
 
 __all__ = [
     "DilatedAttention",
     "ImprovedDilatedAttention",
     "MultiheadDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
+    "DistributedDilatedAttention",
+    "DistributedMultiheadDilatedAttention",
+    "BlockSparseAttention",
+    "MultiheadBlockSparseAttention",
     "DilatedPlan",
     "dilated_attention",
     "dilated_attention_reference",
+    "block_sparse_attention",
 ]

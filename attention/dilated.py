@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -360,6 +360,48 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def forward_groups(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], groups: Sequence[Group],
+    is_causal: bool, scale: float, out: Tensor, lse: Tensor,
+) -> None:
+    """Fold every group's attention into ``out`` (b, n, h, d) and ``lse``
+    (b, n, h), in place, chunk by chunk (the forward of the fast path; the
+    sequence-parallel module runs its chunk-local groups through it too)."""
+    for g in groups:
+        heads = slice(g.head_start, g.head_stop)
+        for tail in _parts(g):
+            units, flat = _chunk_layout(g, tail, q)
+            views = [_part(x, g, tail)[:, :, :, heads] for x in (q, k, v, out, lse)]
+            pad = None if key_padding_mask is None else _part(key_padding_mask, g, tail)
+            for qc, kc, vc, oc, lc, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
+                o, l = _kernel_forward(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), is_causal, scale, pc)
+                _merge(oc, lc, o.transpose(1, 2), l.transpose(1, 2))
+                del o, l  # before the next chunk's kernel allocates its own
+
+
+def backward_groups(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    key_padding_mask: Optional[Tensor], groups: Sequence[Group], is_causal: bool, scale: float,
+    dq: Tensor, dk: Tensor, dv: Tensor,
+) -> None:
+    """Add every group's gradients into ``dq, dk, dv``, each kernel backward
+    fed the FINAL ``out`` and ``lse`` at its rows."""
+    for g in groups:
+        heads = slice(g.head_start, g.head_stop)
+        for tail in _parts(g):
+            units, flat = _chunk_layout(g, tail, q)
+            views = [_part(x, g, tail)[:, :, :, heads] for x in (grad_out, q, k, v, out, lse, dq, dk, dv)]
+            pad = None if key_padding_mask is None else _part(key_padding_mask, g, tail)
+            for *chunk, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
+                doc, qc, kc, vc, oc, lc, dqc, dkc, dvc = chunk
+                partial = _kernel_backward(
+                    *(x.transpose(1, 2) for x in (doc, qc, kc, vc, oc, lc)), is_causal, scale, pc
+                )
+                for total, part in zip((dqc, dkc, dvc), partial):
+                    total.add_(part.transpose(1, 2))
+                del partial, part
+
+
 @torch.library.custom_op("patternstore::dilated_attention", mutates_args=())
 def _dilated_forward_op(
     q: Tensor,
@@ -375,16 +417,7 @@ def _dilated_forward_op(
     b, n, h, d = q.shape
     out = torch.zeros(b, n, h, d, dtype=_accumulate_dtype(q.dtype), device=q.device)
     lse = torch.full((b, n, h), _EMPTY, dtype=_lse_dtype(q.dtype), device=q.device)
-    for g in _plan_groups(flat_plan):
-        heads = slice(g.head_start, g.head_stop)
-        for tail in _parts(g):
-            units, flat = _chunk_layout(g, tail, q)
-            views = [_part(x, g, tail)[:, :, :, heads] for x in (q, k, v, out, lse)]
-            pad = None if key_padding_mask is None else _part(key_padding_mask, g, tail)
-            for qc, kc, vc, oc, lc, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
-                o, l = _kernel_forward(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), is_causal, scale, pc)
-                _merge(oc, lc, o.transpose(1, 2), l.transpose(1, 2))
-                del o, l  # before the next chunk's kernel allocates its own
+    forward_groups(q, k, v, key_padding_mask, _plan_groups(flat_plan), is_causal, scale, out, lse)
     return out.to(q.dtype), lse
 
 
@@ -410,20 +443,7 @@ def _dilated_backward_op(
     ``lse`` at its rows, accumulated in place."""
     acc = _accumulate_dtype(q.dtype)
     grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
-    for g in _plan_groups(flat_plan):
-        heads = slice(g.head_start, g.head_stop)
-        for tail in _parts(g):
-            units, flat = _chunk_layout(g, tail, q)
-            views = [_part(x, g, tail)[:, :, :, heads] for x in (grad_out, q, k, v, out, lse, *grads)]
-            pad = None if key_padding_mask is None else _part(key_padding_mask, g, tail)
-            for *chunk, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
-                doc, qc, kc, vc, oc, lc, dqc, dkc, dvc = chunk
-                partial = _kernel_backward(
-                    *(x.transpose(1, 2) for x in (doc, qc, kc, vc, oc, lc)), is_causal, scale, pc
-                )
-                for total, part in zip((dqc, dkc, dvc), partial):
-                    total.add_(part.transpose(1, 2))
-                del partial, part
+    backward_groups(grad_out, q, k, v, out, lse, key_padding_mask, _plan_groups(flat_plan), is_causal, scale, *grads)
     return tuple(grad.to(q.dtype) for grad in grads)
 
 

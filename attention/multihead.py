@@ -60,13 +60,16 @@ class MultiheadDilatedAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.gamma_init = float(gamma_init)
         factory = {"device": device, "dtype": dtype}
-        self.attention = self._attention_class(
+        self.attention = self._make_attention(
             segment_lengths, dilation_rates, scheme=scheme, dropout=dropout, store=store
         )
         self._make_input_projections(bias, factory)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
+
+    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
+        return self._attention_class(segment_lengths, dilation_rates, **options)
 
     # ---- projections (the Improved variant fuses them)
     def _make_input_projections(self, bias: bool, factory: dict) -> None:

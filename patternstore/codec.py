@@ -5,8 +5,18 @@
         "key":      spec.key,
         "spec":     spec.to_dict(),
         "arrays":   {name: {"dtype": "<i4", "shape": [...], "data": <bin>}},
-        "checksum": sha256(msgpack of the four fields above, in that order),
+        "checksum": checksum(format, key, spec, arrays),
     }
+
+``checksum`` is CRC-32 over the msgpack of ``[format, key, spec, [[name,
+dtype, shape] for each array]]`` followed by each array's data bytes, in map
+order. It guards against torn writes and bit rot, which is all a checksum
+can do: it is not keyed, so it adds nothing against someone who can write the
+directory (nor would SHA-256; the key check and never unpickling do). CRC-32
+runs at about 4 GB/s here against 1.8 GB/s for SHA-256, and hashing the
+stored data directly, instead of re-encoding the envelope to hash it, saves
+a copy of every array: together they cut a disk hit of a 1.8 MB layout from
+about 2.1 ms to about 0.9 ms (tools/bench_store.py).
 
 Guarantees kept here:
 - ``encode`` is a pure function of the pattern: equal patterns give equal bytes.
@@ -22,7 +32,7 @@ Guarantees kept here:
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import zlib
 from typing import Any
 
 import msgpack
@@ -46,8 +56,13 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return ctypes.string_at(fresh.data_ptr(), fresh.numel() * fresh.element_size())
 
 
-def _body(key: str, spec: dict[str, Any], arrays: dict[str, Any]) -> bytes:
-    return msgpack.packb([ENVELOPE_VERSION, key, spec, arrays], use_bin_type=True)
+def checksum(format: Any, key: Any, spec: Any, arrays: dict[str, Any]) -> int:
+    """CRC-32 of an envelope's fields (module docstring); ``arrays`` as stored."""
+    header = [format, key, spec, [[name, a["dtype"], a["shape"]] for name, a in arrays.items()]]
+    crc = zlib.crc32(msgpack.packb(header, use_bin_type=True))
+    for entry in arrays.values():
+        crc = zlib.crc32(entry["data"], crc)
+    return crc
 
 
 def encode(pattern: Pattern) -> bytes:
@@ -58,15 +73,24 @@ def encode(pattern: Pattern) -> bytes:
             raise TypeError(f"array {name!r} must be int32 to be stored, got {tensor.dtype}")
         arrays[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data": tensor_bytes(tensor)}
     spec = pattern.spec.to_dict()
-    checksum = hashlib.sha256(_body(pattern.key, spec, arrays)).digest()
     return msgpack.packb(
-        {"format": ENVELOPE_VERSION, "key": pattern.key, "spec": spec, "arrays": arrays, "checksum": checksum},
+        {"format": ENVELOPE_VERSION, "key": pattern.key, "spec": spec, "arrays": arrays,
+         "checksum": checksum(ENVELOPE_VERSION, pattern.key, spec, arrays)},
         use_bin_type=True,
     )
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
-    raise CorruptValue(f"msgpack extension type {code} is not part of the format")
+    raise ValueError(f"msgpack extension type {code} is not part of the format")
+
+
+def unpack_plain(data: bytes) -> Any:
+    """msgpack -> plain maps (str keys), lists, strings, numbers and bytes;
+    extension types are refused. Any malformed input raises ``ValueError``."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise ValueError(str(error)) from None
 
 
 def decode(value: Any, key: str) -> Pattern:
@@ -74,10 +98,8 @@ def decode(value: Any, key: str) -> Pattern:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise CorruptValue(f"value is {type(value).__name__}, not bytes")
     try:
-        envelope = msgpack.unpackb(value, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-    except CorruptValue:
-        raise
-    except Exception as error:  # msgpack raises several unrelated types on bad input
+        envelope = unpack_plain(value)
+    except ValueError as error:
         raise CorruptValue(f"not a msgpack envelope: {error}") from None
     if not isinstance(envelope, dict) or set(envelope) != {"format", "key", "spec", "arrays", "checksum"}:
         raise CorruptValue("not an envelope map with format, key, spec, arrays, checksum")
@@ -88,11 +110,13 @@ def decode(value: Any, key: str) -> Pattern:
     spec_fields, arrays = envelope["spec"], envelope["arrays"]
     if not isinstance(spec_fields, dict) or not isinstance(arrays, dict):
         raise CorruptValue("spec and arrays must be maps")
+    if not all(isinstance(a, dict) and isinstance(a.get("data"), bytes) for a in arrays.values()):
+        raise CorruptValue("every array must be a map with binary data")
     try:
-        body = _body(key, spec_fields, arrays)
-    except (TypeError, ValueError) as error:
-        raise CorruptValue(f"cannot re-encode envelope: {error}") from None
-    if hashlib.sha256(body).digest() != envelope["checksum"]:
+        expected = checksum(envelope["format"], key, spec_fields, arrays)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CorruptValue(f"malformed envelope: {error!r}") from None
+    if expected != envelope["checksum"]:
         raise CorruptValue("checksum mismatch")
     try:
         spec = spec_from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in spec_fields.items()})

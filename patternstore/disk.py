@@ -21,6 +21,8 @@ A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
   opened raises ``DiskUnavailable`` from the constructor (the store goes on in
   memory); a failed write (full disk, read-only directory, SQLite error)
   returns False, warns once, and stops further writes; a failed read is a miss.
+- Never hangs: SQLite waits at most ``timeout`` seconds for another writer,
+  then the operation fails as above.
 - The directory is created with mode 0700; a directory on a network
   filesystem, where SQLite's locking is unreliable, gets one warning.
 """
@@ -28,6 +30,7 @@ A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 import warnings
@@ -49,6 +52,10 @@ NETWORK_FILESYSTEMS = frozenset({
 # Errors a disk operation can raise when the directory or the disk is at
 # fault; each becomes a warning and a miss, never an exception to the caller.
 DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+# Caches inherited from a parent process: never closed by this one.
+_INHERITED: list[diskcache.Cache] = []
 
 
 class PatternStoreWarning(UserWarning):
@@ -87,10 +94,11 @@ class _RawOnlyDisk(diskcache.Disk):
         raise CorruptValue(f"stored with diskcache mode {mode}, not as raw bytes; refused unread")
 
 
-def filesystem_type(path: Path) -> str | None:
-    """The fstype of the mount holding ``path`` (from /proc/mounts), or None."""
+def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
+    """The fstype of the mount holding ``path``, or None where unknown
+    (no /proc/mounts: not Linux)."""
     try:
-        with open("/proc/mounts", encoding="utf-8") as mounts:
+        with open(mounts_file, encoding="utf-8") as mounts:
             lines = mounts.read().splitlines()
     except OSError:
         return None
@@ -99,8 +107,8 @@ def filesystem_type(path: Path) -> str | None:
         fields = line.split()
         if len(fields) < 3:
             continue
-        # /proc/mounts escapes spaces, tabs, newlines and backslashes in octal.
-        mount = fields[1].encode().decode("unicode_escape")
+        # /proc/mounts writes space, tab, newline and backslash as \ooo.
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
         inside = target == mount or target.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) > best:
             best, fstype = len(mount), fields[2]
@@ -117,8 +125,12 @@ class DiskTier:
     # tier only needs a bound, and dropping the oldest write is a fine one.
     EVICTION_POLICY = "least-recently-stored"
 
-    def __init__(self, directory: str | os.PathLike, size_limit: int = 8 << 30) -> None:
+    def __init__(self, directory: str | os.PathLike, size_limit: int = 8 << 30, timeout: float = 60.0) -> None:
+        """``timeout``: seconds SQLite waits for another writer before the
+        operation fails (diskcache's retry loops are never used: they could
+        wait forever on a stuck lock)."""
         self.directory = Path(directory).expanduser().absolute()
+        self.timeout = timeout
         self.writable = True
         self._warned: set[str] = set()
         try:
@@ -126,13 +138,7 @@ class DiskTier:
                 self.directory.mkdir(mode=0o700, parents=True)
                 self.directory.chmod(0o700)  # exactly 0700, whatever the umask
             (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
-            self._cache = diskcache.Cache(
-                str(self.directory),
-                disk=_RawOnlyDisk,
-                size_limit=size_limit,
-                eviction_policy=self.EVICTION_POLICY,
-                statistics=False,  # hit counting would make reads write, too
-            )
+            self._opened, self._pid = self._open(size_limit), os.getpid()
         except DISK_ERRORS as error:
             raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
         fstype = filesystem_type(self.directory)
@@ -142,6 +148,27 @@ class DiskTier:
                 f"pattern store directory {self.directory} is on a network filesystem ({fstype}); "
                 "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
             )
+
+    def _open(self, size_limit: int) -> diskcache.Cache:
+        return diskcache.Cache(
+            str(self.directory),
+            timeout=self.timeout,
+            disk=_RawOnlyDisk,
+            size_limit=size_limit,
+            eviction_policy=self.EVICTION_POLICY,
+            statistics=False,  # hit counting would make reads write, too
+        )
+
+    @property
+    def _cache(self) -> diskcache.Cache:
+        """The diskcache of this process. SQLite forbids using, or even
+        closing, a connection inherited through fork(): a forked child opens
+        its own and keeps the inherited one referenced, unclosed, for good."""
+        if self._pid != os.getpid():
+            fresh = self._open(self._opened.size_limit)
+            _INHERITED.append(self._opened)
+            self._opened, self._pid = fresh, os.getpid()
+        return self._opened
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -155,7 +182,7 @@ class DiskTier:
         Raises ``CorruptValue`` when the entry was not stored as raw bytes
         (e.g. a planted pickle): it is refused without being read."""
         try:
-            return self._cache.get(key, default=None, retry=True)
+            return self._cache.get(key, default=None)
         except DISK_ERRORS as error:
             self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
             return None
@@ -167,7 +194,7 @@ class DiskTier:
         if not self.writable:
             return False
         try:
-            return bool(self._cache.set(key, value, tag=time.time(), retry=True))
+            return bool(self._cache.set(key, value, tag=time.time()))
         except DISK_ERRORS as error:
             self.writable = False
             self._warn_once(
@@ -179,7 +206,7 @@ class DiskTier:
 
     def delete(self, key: str) -> bool:
         try:
-            return bool(self._cache.delete(key, retry=True))
+            return bool(self._cache.delete(key))
         except DISK_ERRORS:
             return False
 
@@ -192,7 +219,7 @@ class DiskTier:
     def clear(self) -> int:
         """Remove every entry; the number removed."""
         try:
-            return self._cache.clear(retry=True)
+            return self._cache.clear()
         except DISK_ERRORS:
             return 0
 
@@ -207,7 +234,7 @@ class DiskTier:
     def stored_at(self, key: str) -> float | None:
         """Unix time of the last write of ``key``, or None."""
         try:
-            value, tag = self._cache.get(key, default=None, read=True, tag=True, retry=True)
+            value, tag = self._cache.get(key, default=None, read=True, tag=True)
         except (CorruptValue, *DISK_ERRORS):
             return None
         if hasattr(value, "close"):
@@ -225,9 +252,12 @@ class DiskTier:
     def size_limit(self) -> int:
         return self._cache.size_limit
 
+    def close(self) -> None:
+        """Close this process's SQLite connections (each thread's). The tier
+        reopens them on its next use, so this only releases resources, e.g.
+        before the directory is copied or handed to another program."""
+        self._cache.close()
+
     def lock_path(self, key: str) -> Path:
         """The file that serializes generation of ``key`` across processes."""
         return self.directory / "locks" / f"{key}.lock"
-
-    def close(self) -> None:
-        self._cache.close()

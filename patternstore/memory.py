@@ -10,15 +10,18 @@ Guarantees (each is kept by the code it is written next to):
   content addresses, so the held arrays are already the pattern (unless they
   were tampered with, in which case the fresh ones replace them, same size).
 - One lock guards all state; every operation is O(1) (an ``OrderedDict``
-  lookup, ``move_to_end`` or ``popitem``) except ``clear``. No I/O and no
-  host-to-device copy happens while the lock is held.
-- Tamper detection: torch has no read-only tensor, so the tier records the
-  sum of every held tensor's ``_version`` (bumped by each in-place op) when it
-  takes the tensor, and compares it on each hit. An entry whose CPU arrays
-  moved is dropped (the store then rebuilds it from the disk envelope or
-  regenerates it); a device copy that moved is copied again from the CPU
-  arrays. Both are counted in ``tampered``. Writes that bypass the version
-  counter (``.numpy()`` views, ``.data``, raw pointers) are not seen.
+  lookup, ``move_to_end`` or ``popitem``; evictions amortized) except
+  ``clear``. No I/O and no host-to-device copy happens while it is held.
+- The tier owns its arrays: ``put`` copies them into one fresh buffer per
+  pattern, so nothing the caller keeps aliases them.
+- Tamper detection: torch has no read-only tensor, but every in-place op
+  bumps ``_version``, and views share their base's counter. The held arrays
+  are views of that one buffer, so a hit compares one ``_version`` with the
+  value recorded at intake. An entry whose CPU arrays moved is dropped (the
+  store then rebuilds it from the disk envelope or regenerates it); a device
+  copy that moved is copied again from the CPU arrays. Both are counted in
+  ``tampered``. Writes that bypass the counter (``.numpy()`` views,
+  ``.data``, raw pointers) are not seen.
 - Device copies are cached per exact device (``cuda:1`` is not ``cuda:0``;
   ``"cuda"`` means the current device at the time of the call), evicted with
   their entry and counted in its bytes. A steady-state hit on a device does no
@@ -27,7 +30,7 @@ Guarantees (each is kept by the code it is written next to):
 
 from __future__ import annotations
 
-import operator
+import ctypes
 import threading
 from collections import OrderedDict
 from types import MappingProxyType
@@ -36,41 +39,82 @@ from typing import Iterator
 import torch
 
 from .pattern import Pattern
-from .specs import check_int
+from .specs import Spec, check_int
 
-_version_of = operator.attrgetter("_version")
+_ALIGN = 16  # bytes; every array starts at a multiple, so any dtype can view it
+
+
+_INDEXED = ("cuda", "xpu", "mtia")  # device types whose bare name means "the current one"
+_exact: dict = {None: None}  # device argument -> exact device, for arguments whose meaning cannot change
 
 
 def exact_device(device: torch.device | str | None) -> torch.device | None:
     """``device`` with its index filled in, or ``None`` for the CPU (the tier
-    holds CPU arrays itself). ``"cuda"`` becomes ``cuda:<current index>``."""
-    if device is None:
-        return None
-    device = torch.device(device)
-    if device.type == "cpu":
-        return None
-    if device.index is None and device.type in ("cuda", "xpu", "mps", "mtia"):
-        module = getattr(torch, device.type)
-        if device.type != "mps":
-            device = torch.device(device.type, module.current_device())
-    return device
+    holds CPU arrays itself). ``"cuda"`` becomes ``cuda:<current index>``,
+    looked up on every call (the current device can change); anything else
+    is resolved once and memoized, so the usual ``tensor.device`` costs a
+    dict lookup."""
+    exact = _exact.get(device, _exact)
+    if exact is not _exact:
+        return exact
+    resolved = torch.device(device)
+    if resolved.type in _INDEXED and resolved.index is None:
+        return torch.device(resolved.type, getattr(torch, resolved.type).current_device())
+    exact = None if resolved.type == "cpu" else resolved
+    if len(_exact) < 256:
+        _exact[device] = exact
+    return exact
 
 
 class _Held:
-    """A pattern whose tensors the tier owns, with their version sum at intake."""
+    """A pattern whose arrays the tier owns, packed as views of one byte
+    buffer. Views share their base's version counter, so one ``_version``
+    read notices an in-place write to any array of the pattern."""
 
-    __slots__ = ("pattern", "tensors", "version", "nbytes")
+    __slots__ = ("pattern", "buffer", "version", "nbytes")
 
-    def __init__(self, pattern: Pattern) -> None:
+    def __init__(self, spec: Spec, buffer: torch.Tensor, layout: tuple) -> None:
+        arrays = {
+            name: buffer[offset : offset + size].view(dtype).view(shape)
+            for name, dtype, shape, offset, size in layout
+        }
         # A read-only mapping: callers cannot swap an array out of a held pattern.
-        arrays = MappingProxyType(dict(pattern.arrays))
-        self.pattern = Pattern(pattern.spec, arrays)
-        self.tensors = tuple(arrays.values())
-        self.version = sum(map(_version_of, self.tensors))
-        self.nbytes = self.pattern.nbytes
+        self.pattern = Pattern(spec, MappingProxyType(arrays))
+        self.buffer = buffer
+        self.version = buffer._version
+        self.nbytes = self.pattern.nbytes  # array bytes (alignment padding not counted)
+
+    @classmethod
+    def pack(cls, pattern: Pattern) -> "_Held":
+        """Copy ``pattern``'s arrays into one fresh buffer on their device."""
+        layout, end = [], 0
+        for name, tensor in pattern.arrays.items():
+            size = tensor.numel() * tensor.element_size()
+            layout.append((name, tensor.dtype, tuple(tensor.shape), end, size))
+            end += -(-size // _ALIGN) * _ALIGN
+        buffer = torch.empty(end, dtype=torch.uint8, device=pattern.device)
+        for (_, dtype, _, offset, size), tensor in zip(layout, pattern.arrays.values()):
+            if size == 0:
+                continue
+            if buffer.device.type == "cpu":
+                # One plain memcpy: torch's copy_ would start its thread pool,
+                # which stalls for milliseconds on a loaded machine.
+                source = tensor.contiguous()
+                ctypes.memmove(buffer.data_ptr() + offset, source.data_ptr(), size)
+            else:
+                buffer[offset : offset + size].view(dtype).copy_(tensor.reshape(-1))
+        return cls(pattern.spec, buffer, tuple(layout))  # records the version after the copies
+
+    def to(self, device: torch.device) -> "_Held":
+        """The same pattern on ``device``: one transfer of the whole buffer."""
+        layout = tuple(
+            (name, t.dtype, tuple(t.shape), t.storage_offset() * t.element_size(), t.numel() * t.element_size())
+            for name, t in self.pattern.arrays.items()
+        )
+        return _Held(self.pattern.spec, self.buffer.to(device, copy=True), layout)
 
     def tampered(self) -> bool:
-        return sum(map(_version_of, self.tensors)) != self.version
+        return self.buffer._version != self.version
 
 
 class _Entry:
@@ -95,6 +139,11 @@ class MemoryTier:
         self.evictions = 0
         self.tampered = 0
 
+    def reset_lock(self) -> None:
+        """A fresh lock, for a forked child (the parent's may be held by a
+        thread that does not exist there)."""
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------ lookups
     def get(self, key: str, device: torch.device | None = None) -> Pattern | None:
         """The held pattern (on ``device``, an ``exact_device`` result) or None.
@@ -105,27 +154,27 @@ class MemoryTier:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            if entry.base.tampered():
+            base = entry.base
+            if base.buffer._version != base.version:  # base.tampered(), inlined: the hot path
                 self._drop(key, entry)
                 self.tampered += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
             if device is None:
-                return entry.base.pattern
+                return base.pattern
             copy = entry.copies.get(device)
             if copy is not None and not copy.tampered():
                 return copy.pattern
-            base = entry.base
         # The copy is made without the lock: other threads keep hitting.
         # (A tampered copy is replaced, and counted, by _add_copy.)
-        return self._add_copy(key, base, device, base.pattern.to(device))
+        return self._add_copy(key, base, device, base.to(device))
 
-    def _add_copy(self, key: str, base: _Held, device: torch.device, moved: Pattern) -> Pattern:
+    def _add_copy(self, key: str, base: _Held, device: torch.device, moved: _Held) -> Pattern:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.base is not base:
-                return moved  # evicted or replaced meanwhile: serve, do not keep
+                return moved.pattern  # evicted or replaced meanwhile: serve, do not keep
             present = entry.copies.get(device)
             if present is not None:
                 if not present.tampered():
@@ -134,15 +183,14 @@ class MemoryTier:
                 entry.nbytes -= present.nbytes
                 self._bytes -= present.nbytes
                 self.tampered += 1
-            held = _Held(moved)
-            if entry.nbytes + held.nbytes > self.max_bytes:
-                return held.pattern  # the entry could never fit with it: serve only
-            entry.copies[device] = held
-            entry.nbytes += held.nbytes
-            self._bytes += held.nbytes
+            if entry.nbytes + moved.nbytes > self.max_bytes:
+                return moved.pattern  # the entry could never fit with it: serve only
+            entry.copies[device] = moved
+            entry.nbytes += moved.nbytes
+            self._bytes += moved.nbytes
             self._entries.move_to_end(key)
             self._shrink()  # never reaches this entry: it is the newest and fits
-            return held.pattern
+            return moved.pattern
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -150,10 +198,9 @@ class MemoryTier:
 
     # ------------------------------------------------------------ changes
     def put(self, pattern: Pattern, device: torch.device | None = None) -> Pattern:
-        """Hold ``pattern`` and return it as held (on ``device``, an
-        ``exact_device`` result). The tier takes the tensors: callers must not
-        keep writing to them. A pattern larger than ``max_bytes`` (or any, when
-        ``max_entries`` is 0) is returned without being kept."""
+        """Hold a copy of ``pattern`` and return it as held (on ``device``, an
+        ``exact_device`` result). A pattern larger than ``max_bytes`` (or any,
+        when ``max_entries`` is 0) is returned, copied, without being kept."""
         key = pattern.key
         with self._lock:
             entry = self._entries.get(key)
@@ -165,9 +212,9 @@ class MemoryTier:
                 # Same key, same content: refresh recency, evict nobody.
                 self._entries.move_to_end(key)
             else:
-                held = _Held(pattern)
+                held = _Held.pack(pattern)
                 if held.nbytes > self.max_bytes or self.max_entries == 0:
-                    return held.pattern if device is None else held.pattern.to(device)
+                    return held.pattern if device is None else held.to(device).pattern
                 entry = self._entries[key] = _Entry(held)
                 self._bytes += held.nbytes
                 self._shrink()  # stops before the new entry: it is the newest and fits
@@ -177,7 +224,7 @@ class MemoryTier:
             copy = entry.copies.get(device)
             if copy is not None and not copy.tampered():
                 return copy.pattern
-        return self._add_copy(key, base, device, base.pattern.to(device))
+        return self._add_copy(key, base, device, base.to(device))
 
     def evict(self, key: str) -> bool:
         """Drop ``key`` (not counted as an eviction: the caller asked)."""

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +42,7 @@ from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
 from .generate import generate
 from .memory import MemoryTier, exact_device
 from .pattern import Pattern
-from .specs import DilatedSpec, SparseSpec, Spec
+from .specs import DilatedSpec, SparseSpec, Spec, check_int
 
 __all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory"]
 
@@ -82,6 +83,22 @@ class _KeyLocks:
                     del self._slots[key]
 
 
+_live_stores: "weakref.WeakSet[PatternStore]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() stays held forever in the
+    # child, where that thread does not exist: give every store fresh locks.
+    global _default_lock
+    _default_lock = threading.Lock()
+    for store in list(_live_stores):
+        store._reset_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class PatternStore:
     """Patterns by spec: a memory LRU over a process-shared disk directory.
 
@@ -105,19 +122,24 @@ class PatternStore:
             raise TypeError(f"lock_timeout must be a number of seconds > 0, got {type(lock_timeout).__name__}")
         if not (lock_timeout > 0 and math.isfinite(lock_timeout)):
             raise ValueError(f"lock_timeout must be a finite number of seconds > 0, got {lock_timeout}")
-        if isinstance(disk_size_limit, bool) or not isinstance(disk_size_limit, int) or disk_size_limit < 1:
-            raise ValueError(f"disk_size_limit must be an int >= 1 (bytes), got {disk_size_limit!r}")
+        check_int("disk_size_limit", disk_size_limit)
         self.lock_timeout = float(lock_timeout)
         self._memory = MemoryTier(max_entries, max_bytes)
         self._flights = _KeyLocks()
         self._lock = threading.Lock()  # guards the counters below
         self._disk_hits = self._misses = self._generations = self._corrupt = self._lock_timeouts = 0
+        _live_stores.add(self)
         directory = default_directory() if path is None else Path(path)
         try:
-            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit)
+            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit, timeout=self.lock_timeout)
         except DiskUnavailable as error:
             self.disk = None
             warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
+
+    def _reset_locks(self) -> None:
+        self._lock = threading.Lock()
+        self._flights = _KeyLocks()
+        self._memory.reset_lock()
 
     @property
     def directory(self) -> Path | None:
@@ -136,7 +158,11 @@ class PatternStore:
         to the returned arrays: they are shared with every other caller."""
         if device is not None:
             device = exact_device(device)
-        pattern = self._memory.get(spec.key, device)  # the hot path: key computed at spec construction
+        try:
+            key = spec.key  # computed once, at the spec's construction: no re-hash here
+        except AttributeError:
+            raise TypeError(f"spec must be a DilatedSpec or SparseSpec, got {type(spec).__name__}") from None
+        pattern = self._memory.get(key, device)
         if pattern is None:
             pattern = self._fetch(spec, device)
         return pattern
@@ -211,12 +237,13 @@ class PatternStore:
 
     # ------------------------------------------------------------ changes
     def put(self, pattern: Pattern) -> None:
-        """Store ``pattern`` in both tiers. Its arrays are copied (through the
-        envelope, which also checks them), so the caller may keep using them."""
+        """Store ``pattern`` in both tiers. Its arrays are copied, so the
+        caller may keep using them. The store trusts that they are the spec's
+        pattern (as ``generate`` made them, here or on another machine)."""
         if not isinstance(pattern, Pattern):
             raise TypeError(f"put takes a Pattern, got {type(pattern).__name__}")
-        value = encode(pattern)
-        self._memory.put(decode(value, pattern.key))
+        value = encode(pattern)  # checks the arrays are storable before anything is kept
+        self._memory.put(pattern)
         if self.disk is not None:
             self.disk.write(pattern.key, value)
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from patternstore import DilatedSpec, SparseSpec, generate
 from patternstore.codec import tensor_bytes
 from patternstore.pattern import GROUP_COLUMNS
-from test_specs import sparse_specs
+from strategies import sparse_specs
 
 REPO = Path(__file__).resolve().parents[1]
 

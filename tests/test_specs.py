@@ -14,75 +14,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from patternstore.specs import SPARSE_KINDS, DilatedSpec, SparseSpec, canonical_key, spec_from_dict
+from patternstore.specs import DilatedSpec, SparseSpec, canonical_key, spec_from_dict
+from strategies import any_spec
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_EXAMPLES = settings(max_examples=500, deadline=None)
-
-
-# ------------------------------------------------------------------ strategies
-@st.composite
-def dilated_specs(draw: st.DrawFn) -> DilatedSpec:
-    k = draw(st.integers(1, 4))
-    segments = draw(st.lists(st.integers(1, 1 << 16), min_size=k, max_size=k))
-    rates = [draw(st.integers(1, min(w, 16))) for w in segments]
-    heads = draw(st.integers(k, 64))
-    return DilatedSpec(
-        seq_len=draw(st.integers(1, 1 << 22)),
-        segment_lengths=segments,
-        dilation_rates=rates,
-        num_heads=heads,
-        scheme=draw(st.sampled_from(["longnet", "grouped"])),
-    )
-
-
-def _sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
-    params: dict = {}
-    if "attention" in SPARSE_KINDS[kind] and draw(st.booleans()):
-        params["attention"] = draw(st.sampled_from(["bidirectional", "unidirectional"]))
-    if "different_layout_per_head" in SPARSE_KINDS[kind]:
-        params["different_layout_per_head"] = draw(st.booleans())
-    if "num_random_blocks" in SPARSE_KINDS[kind]:
-        params["num_random_blocks"] = draw(st.integers(0, 4))
-    if "num_sliding_window_blocks" in SPARSE_KINDS[kind]:
-        params["num_sliding_window_blocks"] = draw(st.integers(1, 9))
-    if kind == "fixed":
-        glob = draw(st.integers(1, 3))
-        params["num_global_blocks"] = glob
-        params["num_local_blocks"] = glob * draw(st.integers(1, 4))
-    if kind == "bigbird":
-        params["num_global_blocks"] = draw(st.integers(0, 3))
-    if kind in ("bslongformer", "variable"):
-        params["global_block_indices"] = draw(
-            st.lists(st.integers(0, num_blocks - 1), min_size=1, max_size=3, unique=True)
-        )
-    if kind == "variable":
-        params["local_window_blocks"] = draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
-    if kind == "dilated_blocks":
-        k = draw(st.integers(1, 3))
-        segments = draw(st.lists(st.integers(1, 16), min_size=k, max_size=k))
-        params["segment_lengths"] = segments
-        params["dilation_rates"] = [draw(st.integers(1, w)) for w in segments]
-    return params
-
-
-@st.composite
-def sparse_specs(draw: st.DrawFn) -> SparseSpec:
-    kind = draw(st.sampled_from(sorted(SPARSE_KINDS)))
-    block_size = 1 << draw(st.integers(0, 8))
-    seq_len = draw(st.integers(1, 1 << 20))
-    num_blocks = -(-seq_len // block_size)
-    return SparseSpec(
-        kind,
-        seq_len=seq_len,
-        block_size=block_size,
-        num_heads=draw(st.integers(1, 16)),
-        seed=draw(st.integers(0, 2**63 - 1)),
-        **_sparse_params(draw, kind, num_blocks),
-    )
-
-
-any_spec = st.one_of(dilated_specs(), sparse_specs())
 
 
 def _rebuild(spec, **changes):

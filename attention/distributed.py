@@ -1,0 +1,292 @@
+"""Sequence-parallel LongNet dilated attention over torch.distributed
+(DESIGN.md section 5, LongNet section 3).
+
+Each of the ``P`` ranks of the process group holds a contiguous chunk of
+``c = n / P`` positions: ``q, k, v`` of shape (batch, c, heads, head_dim), rank
+``p`` holding positions ``[p*c, (p+1)*c)``. The result on each rank is its
+chunk of ``DilatedAttention`` on the whole sequence, outputs and gradients.
+
+Per branch, with segment ``s = min(w, n)``:
+- ``s`` divides ``c``: every segment lies inside one chunk. The branch runs
+  locally, exactly as in one process, with no communication.
+- ``s`` is a multiple of ``c`` (or the whole sequence): the segment spans the
+  ``s / c`` ranks ``[t*s/c, (t+1)*s/c)``. For each head group, every rank
+  dilates its own keys and values first (the rows ``o + r*m`` of the segment
+  that fall in its chunk), and an autograd-aware all-gather inside the
+  segment's process group brings in the others' dilated rows: a rank receives
+  about ``2 * (s / r) * batch * heads * head_dim`` elements for the branch,
+  independent of the sequence length. Queries stay local.
+- Any other ``s`` raises a ``ValueError`` (segments would straddle chunks
+  unevenly).
+
+All branches' outputs merge locally by log-sum-exp, in place, as in
+``dilated_attention``; the backward pass feeds every kernel the final merged
+output and log-sum-exp (which is the exact gradient of the combined softmax)
+and reduce-scatters the gathered keys' and values' gradients back to their
+ranks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+from .collectives import agree_on_shapes, require_initialized, segment_group
+from .dilated import (
+    DilatedPlan,
+    Group,
+    _accumulate_dtype,
+    _EMPTY,
+    _DilatedBase,
+    _kernel_backward,
+    _kernel_forward,
+    _lse_dtype,
+    _merge,
+    _scale,
+    backward_groups,
+    check_attention_inputs,
+    forward_groups,
+)
+from .multihead import MultiheadDilatedAttention
+
+__all__ = ["DistributedDilatedAttention", "DistributedMultiheadDilatedAttention"]
+
+_DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+class LongGroup(NamedTuple):
+    """A head group of a branch whose segment spans several ranks, seen from one rank."""
+
+    heads: slice
+    rate: int
+    first: int                    # first selected row of this rank's chunk (chunk-local)
+    counts: tuple[int, ...]       # selected rows on each rank of the segment, rank order
+    index: int                    # this rank's position among the segment's ranks
+    ranks: tuple[int, ...]        # global ranks of the segment
+    padded: int                   # rows each rank sends: ceil(c / r)
+
+
+class DistributedPlan(NamedTuple):
+    local: tuple[Group, ...]      # groups that run inside the chunk, in chunk coordinates
+    long: tuple[LongGroup, ...]
+
+
+def distributed_plan(plan: DilatedPlan, chunk: int, rank: int, global_ranks: tuple[int, ...]) -> DistributedPlan:
+    """Split the whole-sequence ``plan`` into what rank ``rank`` (of
+    ``len(global_ranks)``) runs locally and what it gathers."""
+    local, long = [], []
+    for g in plan.groups:
+        s = g.segment
+        if chunk % s == 0:
+            local.append(g._replace(num_segments=chunk // s, tail=0))
+        elif s % chunk == 0:
+            per = s // chunk
+            first_rank = rank // per * per
+            ranks = range(first_rank, min(first_rank + per, len(global_ranks)))
+            counts = tuple(_selected_rows(chunk, (p - first_rank) * chunk, g.offset, g.rate) for p in ranks)
+            long.append(LongGroup(
+                heads=slice(g.head_start, g.head_stop), rate=g.rate,
+                first=(g.offset - (rank - first_rank) * chunk) % g.rate,
+                counts=counts, index=rank - first_rank,
+                ranks=tuple(global_ranks[p] for p in ranks), padded=-(-chunk // g.rate),
+            ))
+        else:
+            raise ValueError(
+                f"segment length {s} (branch {g.branch}) must divide the chunk length {chunk} "
+                f"or be a multiple of it (sequence {plan.seq_len} over {len(global_ranks)} ranks)"
+            )
+    return DistributedPlan(tuple(local), tuple(long))
+
+
+def _selected_rows(chunk: int, start: int, offset: int, rate: int) -> int:
+    """Rows ``start + i`` (0 <= i < chunk) with ``(start + i - offset) % rate == 0``, ``>= offset``."""
+    first = (offset - start) % rate
+    return max(0, -(-(chunk - first) // rate))
+
+
+class _SequenceParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, dplan: DistributedPlan, groups: tuple, is_causal: bool, scale: float, stats: dict):  # type: ignore[override]
+        b, c, h, d = q.shape
+        out = torch.zeros(b, c, h, d, dtype=_accumulate_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, c, h), _EMPTY, dtype=_lse_dtype(q.dtype), device=q.device)
+        forward_groups(q, k, v, None, dplan.local, is_causal, scale, out, lse)
+        gathered = []
+        for lg, group in zip(dplan.long, groups):
+            keys, values = _gather_segment(k, v, lg, group, stats)
+            gathered += [keys, values]
+            queries = q[:, lg.first :: lg.rate, lg.heads].transpose(1, 2)
+            for key_rows, causal in _key_ranges(lg, is_causal):
+                o, l = _kernel_forward(queries, keys[:, :, key_rows], values[:, :, key_rows], causal, scale, None)
+                _merge(out[:, lg.first :: lg.rate, lg.heads], lse[:, lg.first :: lg.rate, lg.heads],
+                       o.transpose(1, 2), l.transpose(1, 2))
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *gathered)
+        ctx.dplan, ctx.groups, ctx.is_causal, ctx.scale = dplan, groups, is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, out, lse, *gathered = ctx.saved_tensors
+        dplan, is_causal, scale = ctx.dplan, ctx.is_causal, ctx.scale
+        acc = _accumulate_dtype(q.dtype)
+        grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
+        backward_groups(grad_out, q, k, v, out, lse, None, dplan.local, is_causal, scale, *grads)
+        dq, dk, dv = grads
+        for i, (lg, group) in enumerate(zip(dplan.long, ctx.groups)):
+            keys, values = gathered[2 * i], gathered[2 * i + 1]
+            rows = (slice(None), slice(lg.first, None, lg.rate), lg.heads)
+            queries = q[rows].transpose(1, 2)
+            dkeys, dvalues = torch.zeros_like(keys, dtype=acc), torch.zeros_like(values, dtype=acc)
+            for key_rows, causal in _key_ranges(lg, is_causal):
+                gq, gk, gv = _kernel_backward(
+                    grad_out[rows].transpose(1, 2), queries, keys[:, :, key_rows], values[:, :, key_rows],
+                    out[rows].transpose(1, 2), lse[rows].transpose(1, 2), causal, scale, None,
+                )
+                dq[rows] += gq.transpose(1, 2)
+                dkeys[:, :, key_rows] += gk
+                dvalues[:, :, key_rows] += gv
+            mine_k, mine_v = _scatter_segment(dkeys, dvalues, lg, group)
+            dk[rows] += mine_k
+            dv[rows] += mine_v
+        return tuple(g.to(q.dtype) for g in grads) + (None,) * 5
+
+
+def _key_ranges(lg: LongGroup, is_causal: bool) -> list[tuple[slice, bool]]:
+    """Which gathered keys this rank's queries see, and whether causally.
+    Gathered rows are in position order, this rank's own rows at
+    ``[before, before + mine)``: with ``is_causal`` the earlier ranks' rows are
+    all visible, its own rows causally, later ranks' rows not at all."""
+    before, mine = sum(lg.counts[: lg.index]), lg.counts[lg.index]
+    if not is_causal:
+        return [(slice(None), False)]
+    ranges = [(slice(before, before + mine), True)] if mine else []
+    return ([(slice(0, before), False)] if before else []) + ranges
+
+
+def _gather_segment(k: Tensor, v: Tensor, lg: LongGroup, group, stats: dict) -> tuple[Tensor, Tensor]:
+    """The dilated keys and values of the whole segment: (b, heads, M, d) each,
+    rows in position order (``M = sum(lg.counts)``)."""
+    b, _, _, d = k.shape
+    hg = lg.heads.stop - lg.heads.start
+    send = k.new_zeros(lg.padded, 2, b, hg, d)
+    mine = lg.counts[lg.index]
+    send[:mine, 0] = k[:, lg.first :: lg.rate, lg.heads].transpose(0, 1)
+    send[:mine, 1] = v[:, lg.first :: lg.rate, lg.heads].transpose(0, 1)
+    received = send.new_empty(len(lg.ranks) * lg.padded, 2, b, hg, d)
+    dist.all_gather_into_tensor(received, send, group=group)
+    stats["bytes_received"] += (len(lg.ranks) - 1) * send.numel() * send.element_size()
+    rows = torch.cat([torch.arange(n) + i * lg.padded for i, n in enumerate(lg.counts)]).to(k.device)
+    both = received.index_select(0, rows).permute(1, 2, 3, 0, 4)  # (2, b, hg, M, d)
+    return both[0], both[1]
+
+
+def _scatter_segment(dkeys: Tensor, dvalues: Tensor, lg: LongGroup, group) -> tuple[Tensor, Tensor]:
+    """Reduce-scatter the gathered rows' gradients back to their ranks: this
+    rank's (b, mine, heads, d) gradients of k and v."""
+    b, hg, _, d = dkeys.shape
+    full = dkeys.new_zeros(len(lg.ranks) * lg.padded, 2, b, hg, d)
+    rows = torch.cat([torch.arange(n) + i * lg.padded for i, n in enumerate(lg.counts)]).to(dkeys.device)
+    full.index_copy_(0, rows, torch.stack([dkeys, dvalues]).permute(3, 0, 1, 2, 4))
+    mine = full.new_empty(lg.padded, 2, b, hg, d)
+    dist.reduce_scatter_tensor(mine, full, group=group)
+    count = lg.counts[lg.index]
+    return mine[:count, 0].transpose(0, 1), mine[:count, 1].transpose(0, 1)
+
+
+class DistributedDilatedAttention(_DilatedBase):
+    """``DilatedAttention`` over a sequence split across the ranks of
+    ``process_group`` (default: the whole world).
+
+    ``forward(q, k, v, is_causal=False)``: this rank's contiguous chunk
+    (batch, seq_len // world_size, heads, head_dim) -> this rank's chunk of the
+    output. Every rank must call it with chunks of one shape; a mismatch
+    raises the same ``ValueError`` on every rank. Collectives run in groups
+    with a timeout of ``timeout`` (a rank that never arrives fails the others
+    after it, never hangs them). ``bytes_received`` counts the bytes this
+    rank received from all-gathers since construction.
+    """
+
+    def __init__(
+        self,
+        segment_lengths,
+        dilation_rates,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        scheme: str = "longnet",
+        softmax_scale: Optional[float] = None,
+        dropout: float = 0.0,
+        store=None,
+        timeout: timedelta = timedelta(minutes=5),
+    ) -> None:
+        super().__init__(segment_lengths, dilation_rates, scheme=scheme, softmax_scale=softmax_scale,
+                         dropout=dropout, store=store)
+        if dropout:
+            raise ValueError("dropout must be 0.0 for DistributedDilatedAttention (the fused kernels run without it)")
+        self.process_group = process_group
+        self.timeout = timeout
+        self._stats = {"bytes_received": 0}
+        self._distributed_plans: dict[tuple[int, int], tuple[DistributedPlan, tuple]] = {}
+
+    @property
+    def bytes_received(self) -> int:
+        return self._stats["bytes_received"]
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is not supported by DistributedDilatedAttention; pass None "
+                "(pad to a multiple of the chunk with keys the model can ignore instead)"
+            )
+        group = require_initialized(self.process_group)
+        check_attention_inputs(q, k, v)
+        b, c, h, d = q.shape
+        device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        agree_on_shapes([b, c, h, d, _DTYPE_CODES.get(q.dtype, -1), int(bool(is_causal))], group, device,
+                        "chunks of one shape (batch, seq_len // world_size, heads, head_dim), "
+                        "one dtype and one is_causal (batch, chunk, heads, head_dim, dtype, causal)")
+        dplan, groups = self._distributed_plan(c, h, group)
+        return _SequenceParallel.apply(q, k, v, dplan, groups, bool(is_causal), _scale(self.softmax_scale, q), self._stats)
+
+    def _distributed_plan(self, chunk: int, heads: int, group) -> tuple[DistributedPlan, tuple]:
+        cached = self._distributed_plans.get((chunk, heads))
+        if cached is None:
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            global_ranks = tuple(dist.get_global_rank(group, r) for r in range(world))
+            plan = self._plan(chunk * world, heads)
+            dplan = distributed_plan(plan, chunk, rank, global_ranks)
+            groups = tuple(segment_group(lg.ranks, self.timeout) for lg in dplan.long)
+            cached = self._distributed_plans[(chunk, heads)] = (dplan, groups)
+        return cached
+
+
+class DistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """``MultiheadDilatedAttention`` on ``DistributedDilatedAttention``:
+    ``query, key, value`` are this rank's chunk (batch, seq_len // world_size,
+    embed_dim), the output is this rank's chunk. Projections are per position,
+    so they run locally; only the attention communicates. Parameters must be
+    equal on every rank (as under DistributedDataParallel)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        timeout: timedelta = timedelta(minutes=5),
+        **options,
+    ) -> None:
+        self._group_options = {"process_group": process_group, "timeout": timeout}
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **options)
+
+    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
+        return DistributedDilatedAttention(segment_lengths, dilation_rates, **self._group_options, **options)

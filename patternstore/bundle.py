@@ -1,0 +1,82 @@
+"""Portable bundles: many stored patterns in one file, to seed other machines.
+
+    bundle = msgpack map {
+        "format":  "patternstore-bundle",
+        "version": BUNDLE_VERSION,
+        "entries": [[key, envelope bytes], ...],   # envelopes exactly as stored (codec.py)
+    }
+
+Guarantees kept here:
+- No pickle anywhere: reading builds maps, lists, strings and bytes only
+  (msgpack extension types are refused), then every envelope goes through
+  ``codec.decode``, which checks its checksum, version and key.
+- ``read_bundle`` returns only when *every* entry decodes; otherwise it raises
+  ``BundleError`` naming the first bad entry, so an importer that writes after
+  reading is all-or-nothing.
+- ``write_bundle`` writes a temporary file beside ``path`` and renames it
+  over ``path``: a reader never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import msgpack
+
+from .codec import CorruptValue, decode, unpack_plain
+
+BUNDLE_FORMAT = "patternstore-bundle"
+BUNDLE_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A file that is not a complete, valid bundle (one-line message)."""
+
+
+def write_bundle(path: Path, entries: Iterable[tuple[str, bytes]]) -> int:
+    """Write ``entries`` (key, envelope bytes) to ``path``; returns the file size."""
+    path = Path(path)
+    body = msgpack.packb(
+        {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "entries": [[k, v] for k, v in entries]},
+        use_bin_type=True,
+    )
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(body)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return len(body)
+
+
+def read_bundle(path: Path) -> list[tuple[str, bytes]]:
+    """The (key, envelope bytes) entries of the bundle at ``path``, every one
+    decoded and verified; ``BundleError`` (or ``OSError``) otherwise."""
+    data = Path(path).read_bytes()
+    try:
+        bundle = unpack_plain(data)
+    except ValueError as error:
+        raise BundleError(f"not a patternstore bundle (not msgpack: {error})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"not a patternstore bundle (no {BUNDLE_FORMAT!r} marker)")
+    if bundle.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"bundle version {bundle.get('version')!r}; this patternstore reads version {BUNDLE_VERSION}")
+    entries = bundle.get("entries")
+    if not isinstance(entries, list):
+        raise BundleError("bundle has no list of entries")
+    checked = []
+    for position, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], bytes)):
+            raise BundleError(f"entry {position} is not a [key, envelope bytes] pair")
+        key, value = entry
+        try:
+            decode(value, key)
+        except CorruptValue as error:
+            raise BundleError(f"entry {position} ({key}) fails verification: {error}") from None
+        checked.append((key, value))
+    return checked

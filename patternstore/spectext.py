@@ -1,0 +1,156 @@
+"""Specs as text: the SPEC grammar of the command line and its config files.
+
+    SPEC   = KIND ":" FIELD "=" VALUE { ":" FIELD "=" VALUE }
+    VALUE  = ITEM { "," ITEM }           (a list; list-valued fields only)
+    ITEM   = integer | "true" | "false" | string
+
+    dilated:seq_len=65536:segment_lengths=2048,4096,8192:dilation_rates=1,2,4:num_heads=8
+    bigbird:seq_len=1048576:block_size=128:num_heads=8:num_random_blocks=2:seed=7
+
+KIND is ``dilated`` or a sparse kind (``SPARSE_KINDS``); FIELDs are the
+keyword arguments of ``DilatedSpec`` / ``SparseSpec``. Integers are decimal
+(an optional sign, digits), ``true``/``false`` (any case) are bools, anything
+else is a string. The fields in ``LIST_FIELDS`` always become tuples, even
+with one item; a comma anywhere else leaves a string that the spec rejects.
+
+Every function here raises ``SpecError`` (one line: what is wrong and what is
+allowed) and never anything else for bad input, so a caller can validate a
+whole batch of specs before it does any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from .specs import SPARSE_KINDS, DilatedSpec, SparseSpec, Spec
+
+KINDS = (DilatedSpec.kind, *SPARSE_KINDS)
+LIST_FIELDS = frozenset(
+    {"segment_lengths", "dilation_rates", "global_block_indices", "global_block_end_indices", "local_window_blocks"}
+)
+_DILATED_FIELDS = tuple(f.name for f in dataclasses.fields(DilatedSpec) if f.init)
+_DILATED_REQUIRED = tuple(
+    f.name for f in dataclasses.fields(DilatedSpec) if f.init and f.default is dataclasses.MISSING
+)
+_SPARSE_BASE_FIELDS = ("seq_len", "block_size", "num_heads", "seed")
+_SPARSE_REQUIRED = ("seq_len", "block_size")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+EXAMPLES = (
+    "dilated:seq_len=65536:segment_lengths=2048,4096,8192:dilation_rates=1,2,4:num_heads=8",
+    "bigbird:seq_len=1048576:block_size=128:num_heads=8:num_random_blocks=2:seed=7",
+)
+
+
+class SpecError(ValueError):
+    """A spec (as text or fields) that cannot be built; the message is one line."""
+
+
+def kind_fields(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(allowed, required)`` field names of ``kind``."""
+    if kind == DilatedSpec.kind:
+        return _DILATED_FIELDS, _DILATED_REQUIRED
+    if kind in SPARSE_KINDS:
+        return _SPARSE_BASE_FIELDS + tuple(SPARSE_KINDS[kind]), _SPARSE_REQUIRED
+    raise SpecError(f"unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+
+
+def spec_from_fields(kind: str, fields: Mapping[str, Any]) -> Spec:
+    """Build and validate the spec of ``kind`` from ``fields`` (values already
+    typed: from the grammar or from TOML). List-valued fields become tuples
+    (a lone scalar becomes a one-item tuple)."""
+    allowed, required = kind_fields(kind)
+    unknown = [name for name in fields if name not in allowed]
+    if unknown:
+        raise SpecError(
+            f"unknown field {', '.join(map(repr, unknown))} for kind {kind!r}; allowed fields: {', '.join(allowed)}"
+        )
+    missing = [name for name in required if name not in fields]
+    if missing:
+        raise SpecError(
+            f"kind {kind!r} needs field {', '.join(map(repr, missing))}; required: {', '.join(required)}; "
+            f"optional: {', '.join(n for n in allowed if n not in required)}"
+        )
+    normalized = {}
+    for name, value in fields.items():
+        if name in LIST_FIELDS and not isinstance(value, (list, tuple)):
+            value = (value,)
+        normalized[name] = tuple(value) if isinstance(value, list) else value
+    try:
+        if kind == DilatedSpec.kind:
+            return DilatedSpec(**normalized)
+        return SparseSpec(kind, **normalized)
+    except (TypeError, ValueError) as error:
+        raise SpecError(str(error)) from None
+
+
+def _value(text: str) -> int | bool | str:
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_spec(text: str) -> Spec:
+    """The spec written as ``text`` in the SPEC grammar (module docstring)."""
+    kind, *pairs = text.split(":")
+    if not kind or not pairs:
+        raise SpecError(f"malformed SPEC {text!r}: expected KIND:FIELD=VALUE:..., e.g. {EXAMPLES[0]}")
+    if kind not in KINDS:  # say so before complaining about its fields
+        raise SpecError(f"bad SPEC {text!r}: unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+    fields: dict[str, Any] = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise SpecError(f"malformed SPEC {text!r}: {pair!r} is not FIELD=VALUE")
+        if name in fields:
+            raise SpecError(f"malformed SPEC {text!r}: field {name!r} given twice")
+        if value == "":
+            raise SpecError(f"malformed SPEC {text!r}: field {name!r} has no value")
+        if name in LIST_FIELDS:
+            items = value.split(",")
+            if "" in items:
+                raise SpecError(f"malformed SPEC {text!r}: empty item in {name}={value!r}; items are separated by single commas")
+            fields[name] = tuple(_value(item) for item in items)
+        else:
+            fields[name] = _value(value)
+    try:
+        return spec_from_fields(kind, fields)
+    except SpecError as error:
+        raise SpecError(f"bad SPEC {text!r}: {error}") from None
+
+
+def format_value(value: Any) -> str:
+    """One VALUE of the grammar: ``true``/``false``, comma-joined tuples; ``none``
+    for an unset optional field (which ``format_spec`` leaves out instead)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(format_value, value))
+    return str(value)
+
+
+def format_spec(spec: Spec, *, defaults: bool = True) -> str:
+    """``spec`` in the SPEC grammar; ``parse_spec`` of the result has the same
+    key. ``defaults=False`` leaves out the fields that equal their default
+    (shorter, for listings; ``seq_len``, ``num_heads`` and ``block_size`` stay)."""
+    fields = spec.fields()
+    if not defaults:
+        fields = {name: value for name, value in fields.items() if not _is_default(spec, name, value)}
+    return ":".join([spec.kind, *(f"{name}={format_value(value)}" for name, value in fields.items() if value is not None)])
+
+
+def _is_default(spec: Spec, name: str, value: Any) -> bool:
+    if name in ("seq_len", "num_heads", "block_size"):
+        return False
+    if isinstance(spec, DilatedSpec):
+        default = next(f.default for f in dataclasses.fields(DilatedSpec) if f.name == name)
+        return default is not dataclasses.MISSING and value == default
+    if name == "seed":
+        return value == 0
+    return value == SPARSE_KINDS[spec.kind][name][0]

@@ -1,0 +1,356 @@
+"""Block-sparse attention against a dense float64 reference built in the test
+from the layout's CSR arrays (outputs and gradients), the store wiring, the
+multi-head wrapper, bad input, and the compile contract (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attention.sparse as sparse
+from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
+from patternstore import PatternStore, SparseSpec, generate
+from strategies import tiny_sparse_specs
+
+
+
+@pytest.fixture(params=["fused", "explicit"])
+def cpu_path(request, monkeypatch):
+    """Run a test through the fused CPU flash kernel and through the explicit
+    (matmul) path that other devices and dropout use."""
+    monkeypatch.setattr(sparse, "USE_CPU_FLASH_KERNEL", request.param == "fused")
+    return request.param
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: waking a second intra-op thread for each op costs
+    more than the op (milliseconds on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- reference
+def allowed_pairs(kv_num_blocks, kv_indices, n, block_size, causal, heads) -> torch.Tensor:
+    """bool ``[heads, n, n]``: query i may attend key t. Written from the
+    definition: (i // bs, t // bs) is an active block pair of the head's row,
+    and with ``causal`` t <= i. Positions >= n do not exist here at all."""
+    layout_heads, nb = kv_num_blocks.shape
+    blocks = torch.zeros(layout_heads, nb, nb, dtype=torch.bool)
+    start = 0
+    for h in range(layout_heads):
+        for i in range(nb):
+            count = int(kv_num_blocks[h, i])
+            blocks[h, i, kv_indices[start: start + count].long()] = True
+            start += count
+    position = torch.arange(n)
+    pairs = blocks[:, position[:, None] // block_size, position[None, :] // block_size]
+    if causal:
+        pairs &= position[None, :] <= position[:, None]
+    return pairs.expand(heads, n, n)
+
+
+def reference_attention(q, k, v, pairs, key_padding_mask=None, scale=None):
+    """One softmax per query row over its allowed keys, in float64; an
+    empty row gives 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    allowed = pairs[None].expand(q.shape[0], -1, -1, -1)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhij,bjhd->bihd", weights, v)
+
+
+def check_against_reference(spec: SparseSpec, *, batch=2, dim=8, causal=None, key_padding_mask=None,
+                            scale=None):
+    pattern = generate(spec)
+    counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
+    unidirectional = spec.params["attention"] == "unidirectional"
+    causal = unidirectional if causal is None else causal
+    n, h = spec.seq_len, spec.num_heads
+    q, k, v = (torch.randn(batch, n, h, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = block_sparse_attention(q, k, v, counts, indices, spec.block_size, causal=causal,
+                                 softmax_scale=scale, key_padding_mask=key_padding_mask)
+    pairs = allowed_pairs(counts, indices, n, spec.block_size, causal, h)
+    expected = reference_attention(q, k, v, pairs, key_padding_mask, scale)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+    return out
+
+
+# Every kind, uni- and bidirectional, shared and per-head layouts. n = 45 with
+# block 8: nb = 6, the last block holds 5 positions.
+KINDS = [
+    ("dense", {}),
+    ("fixed", dict(num_local_blocks=2, num_global_blocks=1)),
+    ("fixed", dict(num_local_blocks=4, num_global_blocks=2, different_layout_per_head=True,
+                   num_different_global_patterns=2)),
+    ("bigbird", dict(num_random_blocks=2, num_sliding_window_blocks=3, num_global_blocks=1)),
+    ("bigbird", dict(num_random_blocks=1, num_global_blocks=2, different_layout_per_head=True)),
+    ("bslongformer", dict(num_sliding_window_blocks=3, global_block_indices=(0, 3))),
+    ("bslongformer", dict(global_block_indices=(1,), global_block_end_indices=(3,))),
+    ("variable", dict(num_random_blocks=1, local_window_blocks=(1, 2), global_block_indices=(2,))),
+    ("variable", dict(num_random_blocks=2, local_window_blocks=(3,), different_layout_per_head=True)),
+    ("local", dict(num_sliding_window_blocks=3)),
+    ("dilated_blocks", dict(segment_lengths=(2, 4), dilation_rates=(1, 2))),
+]
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "unidirectional"])
+@pytest.mark.parametrize("kind,params", KINDS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KINDS)])
+def test_every_kind_matches_the_dense_reference(kind, params, attention, cpu_path):
+    spec = SparseSpec(kind, seq_len=45, block_size=8, num_heads=4, seed=3, attention=attention, **params)
+    check_against_reference(spec)
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("fixed", dict(num_local_blocks=2, horizontal_global_attention=True)),
+    ("variable", dict(local_window_blocks=(2, 1), global_block_indices=(1, 4), horizontal_global_attention=True)),
+])
+def test_horizontal_global_rows_match_the_reference(kind, params, cpu_path):
+    check_against_reference(SparseSpec(kind, seq_len=45, block_size=8, num_heads=2, **params))
+
+
+def test_is_causal_on_a_bidirectional_layout_padding_and_scale(cpu_path):
+    spec = SparseSpec("bigbird", seq_len=37, block_size=4, num_heads=3, seed=1, num_random_blocks=2)
+    key_padding_mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(0)) < 0.3
+    check_against_reference(spec, causal=True, key_padding_mask=key_padding_mask, scale=0.3)
+
+
+def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch, cpu_path):
+    # 256 gathered key elements per tile with 2 * 4 batch rows, block 4 and
+    # head_dim 8: two key blocks per tile, so a global row (all 12 blocks)
+    # runs as six key tiles merged by their log-sum-exps.
+    monkeypatch.setattr(sparse, "TILE_ELEMENTS", 256)
+    for attention in ("bidirectional", "unidirectional"):
+        spec = SparseSpec("bslongformer", seq_len=46, block_size=4, num_heads=4, attention=attention,
+                          global_block_indices=(0, 5))
+        check_against_reference(spec, key_padding_mask=torch.arange(46).expand(2, 46) % 7 == 3)
+
+
+def test_a_query_without_any_allowed_key_outputs_zero_with_zero_gradient(monkeypatch, cpu_path):
+    monkeypatch.setattr(sparse, "TILE_ELEMENTS", 256)  # empty rows in every key tile
+    spec = SparseSpec("local", seq_len=20, block_size=4, num_heads=2, attention="bidirectional")
+    key_padding_mask = torch.zeros(2, 20, dtype=torch.bool)
+    key_padding_mask[1] = True                       # batch 1 ignores every key
+    out = check_against_reference(spec, key_padding_mask=key_padding_mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_low_precision_is_computed_in_float32():
+    spec = SparseSpec("bigbird", seq_len=40, block_size=8, num_heads=2)
+    pattern = generate(spec)
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    full = block_sparse_attention(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], 8)
+    half = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                  pattern["kv_num_blocks"], pattern["kv_indices"], 8)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.02, atol=0.02)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tiny_sparse_specs(), st.booleans())
+def test_random_layouts_match_the_dense_reference(spec, is_causal):
+    for fused in (True, False):
+        sparse.USE_CPU_FLASH_KERNEL = fused
+        try:
+            check_against_reference(spec, batch=1, dim=4, causal=is_causal or None)
+        finally:
+            sparse.USE_CPU_FLASH_KERNEL = True
+
+
+def test_dropout_gradients_are_exact_and_eval_disables_it():
+    spec = SparseSpec("bigbird", seq_len=12, block_size=4, num_heads=2, num_random_blocks=1)
+    pattern = generate(spec)
+    seed = torch.tensor(1234)
+    inputs = [torch.randn(1, 12, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def dropped(q, k, v):
+        return sparse._forward_op(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"],
+                                  None, seed, 4, False, 0.5, 0.4)[0]
+
+    assert torch.autograd.gradcheck(dropped, inputs)
+    plain = block_sparse_attention(*inputs, pattern["kv_num_blocks"], pattern["kv_indices"], 4,
+                                   softmax_scale=0.5)
+    assert not torch.allclose(dropped(*inputs), plain)
+
+    module = BlockSparseAttention("bigbird", block_size=4, dropout=0.4, num_random_blocks=1)
+    module.eval()
+    torch.testing.assert_close(module(*inputs), block_sparse_attention(
+        *inputs, pattern["kv_num_blocks"], pattern["kv_indices"], 4))
+
+
+# ------------------------------------------------------------ module + store
+def test_module_takes_its_layout_from_the_store_once_per_length(tmp_path):
+    store = PatternStore(tmp_path / "store")
+    module = BlockSparseAttention("bigbird", block_size=8, seed=5, num_random_blocks=2,
+                                  attention="unidirectional", store=store)
+    q, k, v = (torch.randn(2, 50, 4, 8) for _ in range(3))
+    for _ in range(3):
+        out = module(q, k, v)
+    assert store.stats()["misses"] == 1 and store.stats()["memory_hits"] == 0
+    spec = SparseSpec("bigbird", seq_len=50, block_size=8, num_heads=4, seed=5, num_random_blocks=2,
+                      attention="unidirectional")
+    assert store.contains(spec)
+    pattern = generate(spec)
+    expected = block_sparse_attention(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], 8, causal=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    module(*(torch.randn(1, 70, 4, 8) for _ in range(3)))
+    assert store.stats()["misses"] == 2
+    # A second module with the same layout source shares the looked-up layouts.
+    BlockSparseAttention("bigbird", block_size=8, seed=5, num_random_blocks=2,
+                         attention="unidirectional", store=store)(q, k, v)
+    assert store.stats()["misses"] == 2
+
+
+def test_module_defaults_to_the_default_store():
+    from patternstore import default_store
+
+    module = BlockSparseAttention("local", block_size=4, num_sliding_window_blocks=5)
+    module(*(torch.randn(1, 33, 2, 4) for _ in range(3)))
+    assert default_store().contains(SparseSpec("local", seq_len=33, block_size=4, num_heads=2,
+                                               num_sliding_window_blocks=5))
+
+
+def test_multihead_wrapper_projects_and_attends():
+    torch.manual_seed(0)
+    mha = MultiheadBlockSparseAttention(32, 4, "bslongformer", block_size=8, global_block_indices=(1,))
+    x, y = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
+    key_padding_mask = torch.zeros(2, 40, dtype=torch.bool)
+    key_padding_mask[0, 30:] = True
+    out, weights = mha(x, y, key_padding_mask=key_padding_mask, is_causal=True)
+    assert weights is None and out.shape == (2, 40, 32)
+    pattern = generate(SparseSpec("bslongformer", seq_len=40, block_size=8, num_heads=4,
+                                  global_block_indices=(1,)))
+    split = lambda t: t.view(2, 40, 4, 8)  # noqa: E731
+    attended = block_sparse_attention(split(mha.q_proj(x)), split(mha.k_proj(y)), split(mha.v_proj(y)),
+                                      pattern["kv_num_blocks"], pattern["kv_indices"], 8, causal=True,
+                                      key_padding_mask=key_padding_mask)
+    torch.testing.assert_close(out, mha.out_proj(mha.norm(attended.reshape(2, 40, 32))))
+    self_out, _ = mha(x)
+    torch.testing.assert_close(self_out, mha(x, x, x)[0])
+
+
+# ----------------------------------------------------------------- bad input
+def test_bad_input_raises_before_any_work(tmp_path):
+    store = PatternStore(tmp_path / "store")
+    module = BlockSparseAttention("bigbird", block_size=8, store=store)
+    good = torch.randn(1, 16, 2, 4)
+    cases = [
+        ((torch.randn(16, 2, 4), good, good), "batch, seq, heads, head_dim"),
+        ((good, torch.randn(1, 24, 2, 4), good), "same shape"),
+        ((good, good, torch.randn(1, 16, 3, 4)), "same shape"),
+        ((good, good, good.double()), "one dtype"),
+        ((good.int(), good, good), "floating-point"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            module(*args)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        module(good, good, good, key_padding_mask=torch.zeros(1, 15, dtype=torch.bool))
+    assert store.stats()["misses"] == 0 and not store.disk.keys()
+    with pytest.raises(ValueError, match="global_block_indices"):  # a length the layout does not fit
+        BlockSparseAttention("bslongformer", block_size=8, global_block_indices=(5,), store=store)(good, good, good)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind="nope"), "kind must be one of"),
+    (dict(kind="bigbird", num_local_blocks=2), "unknown parameter"),
+    (dict(kind="bigbird", block_size=12), "power of two"),
+    (dict(kind="bigbird", dropout=1.0), "dropout"),
+    (dict(kind="bigbird", softmax_scale=float("nan")), "softmax_scale"),
+    (dict(kind="local", num_heads=4), "num_heads"),
+    (dict(kind="local", store="/tmp"), "PatternStore"),
+])
+def test_bad_module_arguments_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BlockSparseAttention(**kwargs)
+
+
+def test_bad_layouts_are_refused():
+    q = torch.randn(1, 16, 2, 4)
+    counts = torch.tensor([[2, 2]], dtype=torch.int32)
+    cases = [
+        (counts, torch.tensor([0, 1, 1, 2], dtype=torch.int32), "lie in"),        # index past nb
+        (counts, torch.tensor([1, 0, 0, 1], dtype=torch.int32), "ascending"),     # unsorted row
+        (counts, torch.tensor([0, 0, 0, 1], dtype=torch.int32), "ascending"),     # duplicate
+        (counts, torch.tensor([0, 1, 0], dtype=torch.int32), "sums to"),
+        (counts.long(), torch.tensor([0, 1, 0, 1], dtype=torch.int32), "int32"),
+        (torch.tensor([[2, 2, 2]], dtype=torch.int32), torch.zeros(6, dtype=torch.int32), "shape"),
+        (torch.ones(3, 2, dtype=torch.int32), torch.zeros(6, dtype=torch.int32), "shape"),
+    ]
+    for kv_num_blocks, kv_indices, message in cases:
+        with pytest.raises(ValueError, match=message):
+            block_sparse_attention(q, q, q, kv_num_blocks, kv_indices, 8)
+    with pytest.raises(ValueError, match="dropout_p"):
+        block_sparse_attention(q, q, q, counts, torch.tensor([0, 1, 0, 1], dtype=torch.int32), 8, dropout_p=1.5)
+
+
+def test_multihead_bad_input():
+    mha = MultiheadBlockSparseAttention(16, 2, "local", block_size=4)
+    x = torch.randn(1, 12, 16)
+    with pytest.raises(ValueError, match="need_weights"):
+        mha(x, need_weights=True)
+    with pytest.raises(ValueError, match="one shape"):
+        mha(x, torch.randn(1, 8, 16))
+    with pytest.raises(ValueError, match="embed_dim=16"):
+        mha(torch.randn(1, 12, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        MultiheadBlockSparseAttention(10, 4, "local")
+
+
+# ------------------------------------------------------------ compile contract
+@pytest.mark.slow
+def test_compiled_module_cold_start_no_recompiles_and_equal_to_eager(tmp_path):
+    """fullgraph compile with the store lookup inside forward, on a store that
+    has never seen the layout and a module that has never run."""
+    torch._dynamo.reset()
+    store = PatternStore(tmp_path / "cold")
+    module = BlockSparseAttention("bigbird", block_size=8, num_random_blocks=2,
+                                  different_layout_per_head=True, store=store)
+    compiled = torch.compile(module, fullgraph=True)
+
+    def inputs():
+        return [torch.randn(2, 43, 4, 8, requires_grad=True) for _ in range(3)]
+
+    q, k, v = inputs()
+    out = compiled(q, k, v)
+    assert store.stats()["generations"] == 1
+    expected = module(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(5):
+            compiled(*inputs()).sum().backward()
+
+    mha = MultiheadBlockSparseAttention(16, 2, "local", block_size=4, store=store)
+    x = torch.randn(2, 30, 16)
+    compiled_mha = torch.compile(mha, fullgraph=True)
+    torch.testing.assert_close(compiled_mha(x, is_causal=True)[0], mha(x, is_causal=True)[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(5):
+            compiled_mha(torch.randn(2, 30, 16), is_causal=True)
+
+
+def test_a_copied_module_shares_its_layout_source(tmp_path):
+    import copy
+
+    store = PatternStore(tmp_path / "store")
+    module = BlockSparseAttention("local", block_size=4, store=store)
+    q, k, v = (torch.randn(1, 20, 2, 4) for _ in range(3))
+    twin = copy.deepcopy(module)
+    torch.testing.assert_close(twin(q, k, v), module(q, k, v), rtol=0, atol=0)
+    assert store.stats()["misses"] == 1
