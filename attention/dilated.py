@@ -258,7 +258,7 @@ _FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # memory above the inputs is the output, its log-sum-exp (1/head_dim of it)
 # and one chunk's temporaries.
 _CHUNK_FRACTION = 8
-_MIN_CHUNK = 1 << 18
+_MIN_CHUNK = 1 << 20
 
 
 def _uses_flash(x: Tensor) -> bool:
