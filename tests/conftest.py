@@ -11,6 +11,9 @@ import os
 import shutil
 import tempfile
 
+import pytest
+import torch
+
 _SESSION_DIR = tempfile.mkdtemp(prefix="patternstore-tests-")
 
 
@@ -20,3 +23,14 @@ def pytest_configure(config) -> None:
 
 def pytest_unconfigure(config) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    waking a second intra-op thread for each op costs more than the op
+    (milliseconds on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

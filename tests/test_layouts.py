@@ -19,16 +19,7 @@ from patternstore.blockmask import to_block_mask
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, transpose_layout
 from strategies import tiny_sparse_specs
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: waking a second intra-op thread for each op costs
-    more than the op (milliseconds on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_blocks(counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

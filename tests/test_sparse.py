@@ -14,6 +14,7 @@ from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block
 from patternstore import PatternStore, SparseSpec, generate
 from strategies import tiny_sparse_specs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["fused", "explicit"])
@@ -22,16 +23,6 @@ def cpu_path(request, monkeypatch):
     (matmul) path that other devices and dropout use."""
     monkeypatch.setattr(sparse, "USE_CPU_FLASH_KERNEL", request.param == "fused")
     return request.param
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: waking a second intra-op thread for each op costs
-    more than the op (milliseconds on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- reference
