@@ -53,36 +53,31 @@ def sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
 
 
 @st.composite
-def sparse_specs(draw: st.DrawFn) -> SparseSpec:
+def sparse_specs(
+    draw: st.DrawFn,
+    block_sizes: tuple[int, ...] = tuple(1 << i for i in range(9)),
+    max_blocks: int = 1 << 20,
+    max_heads: int = 16,
+) -> SparseSpec:
+    """Sparse specs of every kind: at most ``max_blocks`` blocks (and 1M
+    positions) of one of ``block_sizes``, 1 to ``max_heads`` heads."""
     kind = draw(st.sampled_from(sorted(SPARSE_KINDS)))
-    block_size = 1 << draw(st.integers(0, 8))
-    seq_len = draw(st.integers(1, 1 << 20))
-    num_blocks = -(-seq_len // block_size)
+    block_size = draw(st.sampled_from(block_sizes))
+    seq_len = draw(st.integers(1, min(1 << 20, max_blocks * block_size)))
     return SparseSpec(
         kind,
         seq_len=seq_len,
         block_size=block_size,
-        num_heads=draw(st.integers(1, 16)),
-        seed=draw(st.integers(0, 2**63 - 1)),
-        **sparse_params(draw, kind, num_blocks),
-    )
-
-
-@st.composite
-def tiny_sparse_specs(draw: st.DrawFn, max_blocks: int = 12) -> SparseSpec:
-    """Sparse specs of every kind small enough for dense references: at most
-    ``max_blocks`` blocks of 1 to 8 positions, 1 to 3 heads."""
-    kind = draw(st.sampled_from(sorted(SPARSE_KINDS)))
-    block_size = draw(st.sampled_from([1, 2, 4, 8]))
-    seq_len = draw(st.integers(1, max_blocks * block_size))
-    return SparseSpec(
-        kind,
-        seq_len=seq_len,
-        block_size=block_size,
-        num_heads=draw(st.integers(1, 3)),
+        num_heads=draw(st.integers(1, max_heads)),
         seed=draw(st.integers(0, 2**63 - 1)),
         **sparse_params(draw, kind, -(-seq_len // block_size)),
     )
+
+
+def tiny_sparse_specs(max_blocks: int = 12) -> st.SearchStrategy[SparseSpec]:
+    """Sparse specs small enough for dense references: at most ``max_blocks``
+    blocks of 1 to 8 positions, 1 to 3 heads."""
+    return sparse_specs(block_sizes=(1, 2, 4, 8), max_blocks=max_blocks, max_heads=3)
 
 
 any_spec = st.one_of(dilated_specs(), sparse_specs())
