@@ -70,6 +70,15 @@ class LongGroup(NamedTuple):
     ranks: tuple[int, ...]        # global ranks of the segment
     padded: int                   # rows each rank sends: ceil(c / r)
 
+    @property
+    def rows(self) -> tuple[slice, slice, slice]:
+        """Index of this rank's selected rows and heads in a (b, c, h, ...) chunk."""
+        return (slice(None), slice(self.first, None, self.rate), self.heads)
+
+    def received_rows(self, device: torch.device) -> Tensor:
+        """Where the real rows sit in the padded all-gather buffer, in rank order."""
+        return torch.cat([torch.arange(n) + i * self.padded for i, n in enumerate(self.counts)]).to(device)
+
 
 class DistributedPlan(NamedTuple):
     local: tuple[Group, ...]      # groups that run inside the chunk, in chunk coordinates
@@ -120,11 +129,10 @@ class _SequenceParallel(torch.autograd.Function):
         for lg, group in zip(dplan.long, groups):
             keys, values = _gather_segment(k, v, lg, group, stats)
             gathered += [keys, values]
-            queries = q[:, lg.first :: lg.rate, lg.heads].transpose(1, 2)
+            queries = q[lg.rows].transpose(1, 2)
             for key_rows, causal in _key_ranges(lg, is_causal):
                 o, l = _kernel_forward(queries, keys[:, :, key_rows], values[:, :, key_rows], causal, scale, None)
-                _merge(out[:, lg.first :: lg.rate, lg.heads], lse[:, lg.first :: lg.rate, lg.heads],
-                       o.transpose(1, 2), l.transpose(1, 2))
+                _merge(out[lg.rows], lse[lg.rows], o.transpose(1, 2), l.transpose(1, 2))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, *gathered)
         ctx.dplan, ctx.groups, ctx.is_causal, ctx.scale = dplan, groups, is_causal, scale
@@ -140,7 +148,7 @@ class _SequenceParallel(torch.autograd.Function):
         dq, dk, dv = grads
         for i, (lg, group) in enumerate(zip(dplan.long, ctx.groups)):
             keys, values = gathered[2 * i], gathered[2 * i + 1]
-            rows = (slice(None), slice(lg.first, None, lg.rate), lg.heads)
+            rows = lg.rows
             queries = q[rows].transpose(1, 2)
             dkeys, dvalues = torch.zeros_like(keys, dtype=acc), torch.zeros_like(values, dtype=acc)
             for key_rows, causal in _key_ranges(lg, is_causal):
@@ -176,13 +184,12 @@ def _gather_segment(k: Tensor, v: Tensor, lg: LongGroup, group, stats: dict) -> 
     hg = lg.heads.stop - lg.heads.start
     send = k.new_zeros(lg.padded, 2, b, hg, d)
     mine = lg.counts[lg.index]
-    send[:mine, 0] = k[:, lg.first :: lg.rate, lg.heads].transpose(0, 1)
-    send[:mine, 1] = v[:, lg.first :: lg.rate, lg.heads].transpose(0, 1)
+    send[:mine, 0] = k[lg.rows].transpose(0, 1)
+    send[:mine, 1] = v[lg.rows].transpose(0, 1)
     received = send.new_empty(len(lg.ranks) * lg.padded, 2, b, hg, d)
     dist.all_gather_into_tensor(received, send, group=group)
     stats["bytes_received"] += (len(lg.ranks) - 1) * send.numel() * send.element_size()
-    rows = torch.cat([torch.arange(n) + i * lg.padded for i, n in enumerate(lg.counts)]).to(k.device)
-    both = received.index_select(0, rows).permute(1, 2, 3, 0, 4)  # (2, b, hg, M, d)
+    both = received.index_select(0, lg.received_rows(k.device)).permute(1, 2, 3, 0, 4)  # (2, b, hg, M, d)
     return both[0], both[1]
 
 
@@ -191,8 +198,7 @@ def _scatter_segment(dkeys: Tensor, dvalues: Tensor, lg: LongGroup, group) -> tu
     rank's (b, mine, heads, d) gradients of k and v."""
     b, hg, _, d = dkeys.shape
     full = dkeys.new_zeros(len(lg.ranks) * lg.padded, 2, b, hg, d)
-    rows = torch.cat([torch.arange(n) + i * lg.padded for i, n in enumerate(lg.counts)]).to(dkeys.device)
-    full.index_copy_(0, rows, torch.stack([dkeys, dvalues]).permute(3, 0, 1, 2, 4))
+    full.index_copy_(0, lg.received_rows(dkeys.device), torch.stack([dkeys, dvalues]).permute(3, 0, 1, 2, 4))
     mine = full.new_empty(lg.padded, 2, b, hg, d)
     dist.reduce_scatter_tensor(mine, full, group=group)
     count = lg.counts[lg.index]
