@@ -69,7 +69,6 @@ def _dilated_plan(spec: DilatedSpec) -> dict[str, torch.Tensor]:
         rows.append((branch, segment, rate, offset, head_start, head_stop,
                      num_segments, per_segment, tail, start))
         start += full.numel() + last.numel()
-    assert len(GROUP_COLUMNS) == 10
     return {
         "groups": torch.tensor(rows, dtype=torch.int32).reshape(-1, len(GROUP_COLUMNS)),
         "positions": torch.cat(chunks).to(torch.int32) if chunks else torch.zeros(0, dtype=torch.int32),
