@@ -52,6 +52,9 @@ def _worker(rank: int, world: int, port: int, target, args) -> None:
                             world_size=world, timeout=timedelta(seconds=60))
     try:
         target(rank, world, *args)
+        # No rank tears its groups down while a peer may still use them: gloo
+        # aborts a process whose connections close under it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
