@@ -1,7 +1,7 @@
 """torch.distributed pieces of sequence-parallel attention (DESIGN.md section 5).
 
-- ``gather_rows``: autograd-aware all-gather along dim 0 inside a process
-  group (forward all-gather, backward reduce-scatter of the gradient).
+- ``all_gather`` / ``reduce_scatter``: the tensor collectives along dim 0,
+  under whichever names this torch has.
 - ``segment_group``: the process group of the ranks that share one segment,
   created once (only its members take part: ``use_local_synchronization``).
 - ``agree_on_shapes``: every rank learns every rank's chunk shape, so a
@@ -13,12 +13,19 @@ never arrives makes the others fail after that timeout, never hang.
 
 from __future__ import annotations
 
+import weakref
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_rows", "segment_group", "agree_on_shapes", "require_initialized"]
+__all__ = ["all_gather", "reduce_scatter", "segment_group", "agree_on_shapes", "require_initialized"]
+
+# ``all_gather(out [w*m, ...], mine [m, ...], group=)`` and
+# ``reduce_scatter(mine [m, ...], full [w*m, ...], group=)``: torch 2.13 renamed
+# them (the old names warn); older torch (>=2.4 is supported) has only the old.
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def require_initialized(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -31,42 +38,26 @@ def require_initialized(process_group: dist.ProcessGroup | None) -> dist.Process
     return process_group if process_group is not None else dist.group.WORLD
 
 
-class _GatherRows(torch.autograd.Function):
-    """rows ``[m, ...]`` on each of the ``w`` ranks -> ``[w * m, ...]``, rank order."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        world = dist.get_world_size(group)
-        out = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
-        dist.all_gather_into_tensor(out, rows.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        world = dist.get_world_size(ctx.group)
-        mine = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(mine, grad.contiguous(), group=ctx.group)
-        return mine, None
-
-
-def gather_rows(rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """All-gather ``rows [m, ...]`` (same m on every rank) into ``[world * m, ...]``;
-    the gradient of the result is summed over ranks back onto each rank's rows."""
-    return _GatherRows.apply(rows, group)
-
-
-_SEGMENT_GROUPS: dict[tuple[object, tuple[int, ...]], dist.ProcessGroup] = {}
+# default group -> {global ranks: subgroup}. Weakly keyed: once
+# destroy_process_group drops the default group, its subgroups are released
+# right then, while the interpreter is whole, and are never handed out again.
+# Holding them until exit leaves gloo tearing its threads down during
+# interpreter finalization, which can abort the process.
+_SEGMENT_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[tuple[int, ...], dist.ProcessGroup]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def segment_group(global_ranks: tuple[int, ...], timeout: timedelta) -> dist.ProcessGroup:
     """The process group of ``global_ranks``, created on first use by exactly
-    those ranks (so ranks of other segments need not take part) and kept."""
-    cache_key = (dist.group.WORLD, global_ranks)  # a new default group invalidates old entries
-    group = _SEGMENT_GROUPS.get(cache_key)
+    those ranks (so ranks of other segments need not take part) and kept for
+    the life of the default group."""
+    groups = _SEGMENT_GROUPS.setdefault(dist.group.WORLD, {})
+    group = groups.get(global_ranks)
     if group is None:
-        group = dist.new_group(list(global_ranks), timeout=timeout, use_local_synchronization=True)
-        _SEGMENT_GROUPS[cache_key] = group
+        group = groups[global_ranks] = dist.new_group(
+            list(global_ranks), timeout=timeout, use_local_synchronization=True
+        )
     return group
 
 
@@ -79,7 +70,7 @@ def agree_on_shapes(
     mine = torch.tensor(description, dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     everyone = mine.new_empty(world * mine.numel())
-    dist.all_gather_into_tensor(everyone, mine, group=group)
+    all_gather(everyone, mine, group=group)
     rows = everyone.view(world, -1)
     if not bool((rows == mine).all()):
         listing = "; ".join(f"rank {r}: {row}" for r, row in enumerate(rows.tolist()))

@@ -28,6 +28,7 @@ ranks.
 
 from __future__ import annotations
 
+import weakref
 from datetime import timedelta
 from typing import NamedTuple, Optional
 
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-from .collectives import agree_on_shapes, require_initialized, segment_group
+from .collectives import agree_on_shapes, all_gather, reduce_scatter, require_initialized, segment_group
 from .dilated import (
     DilatedPlan,
     Group,
@@ -187,7 +188,7 @@ def _gather_segment(k: Tensor, v: Tensor, lg: LongGroup, group, stats: dict) -> 
     send[:mine, 0] = k[lg.rows].transpose(0, 1)
     send[:mine, 1] = v[lg.rows].transpose(0, 1)
     received = send.new_empty(len(lg.ranks) * lg.padded, 2, b, hg, d)
-    dist.all_gather_into_tensor(received, send, group=group)
+    all_gather(received, send, group=group)
     stats["bytes_received"] += (len(lg.ranks) - 1) * send.numel() * send.element_size()
     both = received.index_select(0, lg.received_rows(k.device)).permute(1, 2, 3, 0, 4)  # (2, b, hg, M, d)
     return both[0], both[1]
@@ -200,7 +201,7 @@ def _scatter_segment(dkeys: Tensor, dvalues: Tensor, lg: LongGroup, group) -> tu
     full = dkeys.new_zeros(len(lg.ranks) * lg.padded, 2, b, hg, d)
     full.index_copy_(0, lg.received_rows(dkeys.device), torch.stack([dkeys, dvalues]).permute(3, 0, 1, 2, 4))
     mine = full.new_empty(lg.padded, 2, b, hg, d)
-    dist.reduce_scatter_tensor(mine, full, group=group)
+    reduce_scatter(mine, full, group=group)
     count = lg.counts[lg.index]
     return mine[:count, 0].transpose(0, 1), mine[:count, 1].transpose(0, 1)
 
@@ -237,7 +238,9 @@ class DistributedDilatedAttention(_DilatedBase):
         self.process_group = process_group
         self.timeout = timeout
         self._stats = {"bytes_received": 0}
-        self._distributed_plans: dict[tuple[int, int], tuple[DistributedPlan, tuple]] = {}
+        # process group -> {(chunk, heads): (plan, segment groups)}; weakly
+        # keyed, so a destroyed group's subgroups are not kept (or reused).
+        self._distributed_plans: weakref.WeakKeyDictionary[dist.ProcessGroup, dict] = weakref.WeakKeyDictionary()
 
     @property
     def bytes_received(self) -> int:
@@ -262,14 +265,15 @@ class DistributedDilatedAttention(_DilatedBase):
         return _SequenceParallel.apply(q, k, v, dplan, groups, bool(is_causal), _scale(self.softmax_scale, q), self._stats)
 
     def _distributed_plan(self, chunk: int, heads: int, group) -> tuple[DistributedPlan, tuple]:
-        cached = self._distributed_plans.get((chunk, heads))
+        plans = self._distributed_plans.setdefault(group, {})
+        cached = plans.get((chunk, heads))
         if cached is None:
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             global_ranks = tuple(dist.get_global_rank(group, r) for r in range(world))
             plan = self._plan(chunk * world, heads)
             dplan = distributed_plan(plan, chunk, rank, global_ranks)
             groups = tuple(segment_group(lg.ranks, self.timeout) for lg in dplan.long)
-            cached = self._distributed_plans[(chunk, heads)] = (dplan, groups)
+            cached = plans[(chunk, heads)] = (dplan, groups)
         return cached
 
 

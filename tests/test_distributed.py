@@ -7,8 +7,11 @@ runs inside it, and a failure on any rank fails the test."""
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
 import tempfile
+import weakref
 from datetime import timedelta
 
 import pytest
@@ -154,6 +157,29 @@ def _mismatched_chunks(rank: int, world: int) -> None:
     y = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="segment length 12 .* must divide the chunk length 8 or be a multiple"):
         bad_segment(y, y, y)
+
+
+def _reinitialized(rank: int, world: int, rendezvous_file: str) -> None:
+    """A module outlives its process group: after destroy_process_group its
+    segment groups are released (not kept to exit, not reused) and, once a new
+    group exists, it builds new ones and computes the same output."""
+    module = DistributedDilatedAttention([16], [2])
+    x = torch.randn(1, 8, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    before = module(x, x, x)
+    (plans,) = module._distributed_plans.values()
+    released = [weakref.ref(group) for group in plans[(8, 2)][1]]
+    del plans
+    dist.destroy_process_group()
+    gc.collect()
+    assert released and all(ref() is None for ref in released), "a destroyed world's segment groups are kept"
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    torch.testing.assert_close(module(x, x, x), before, rtol=0, atol=0)
+
+
+def test_module_survives_a_reinitialized_process_group():
+    with tempfile.TemporaryDirectory() as directory:
+        _spawn(2, _reinitialized, os.path.join(directory, "rendezvous"))
 
 
 def test_bad_inputs_raise_on_every_rank():
