@@ -144,13 +144,10 @@ def _open_store(args: argparse.Namespace) -> PatternStore:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         store = PatternStore(args.dir, max_entries=0)  # the command line keeps nothing in memory
-    messages = [str(w.message).splitlines()[0] for w in caught]
-    if store.disk is None:
-        # The store's warning ends in "; patterns are kept in memory only": not so here.
-        reasons = [m.split("; ")[0] for m in messages] or [f"cannot use {args.dir or 'the default directory'}"]
-        raise UsageError(f"{'; '.join(reasons)} (the store directory must be a writable directory)")
-    for message in messages:
-        _note(args, f"{PROG}: warning: {message}")
+    if store.disk is None:  # (its warning says patterns stay in memory: not so here)
+        raise UsageError(f"{store.disk_error} (the store directory must be a writable directory)")
+    for warning in caught:
+        _note(args, f"{PROG}: warning: {str(warning.message).splitlines()[0]}")
     return store
 
 
