@@ -13,7 +13,9 @@ Guarantees (each is kept by the code it is written next to):
   lookup, ``move_to_end`` or ``popitem``; evictions amortized) except
   ``clear``. No I/O and no host-to-device copy happens while it is held.
 - The tier owns its arrays: ``put`` copies them into one fresh buffer per
-  pattern, so nothing the caller keeps aliases them.
+  pattern, so nothing the caller keeps aliases them. The one exception is a
+  ``PackedPattern``, which the caller (the store, with a value it has just
+  decoded) hands over: nobody else references its buffer.
 - Tamper detection: torch has no read-only tensor, but every in-place op
   bumps ``_version``, and views share their base's counter. The held arrays
   are views of that one buffer, so a hit compares one ``_version`` with the
@@ -30,7 +32,6 @@ Guarantees (each is kept by the code it is written next to):
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections import OrderedDict
 from types import MappingProxyType
@@ -38,11 +39,8 @@ from typing import Iterator
 
 import torch
 
-from .pattern import Pattern
-from .specs import Spec, check_int
-
-_ALIGN = 16  # bytes; every array starts at a multiple, so any dtype can view it
-
+from .pattern import PackedPattern, Pattern
+from .specs import check_int
 
 _INDEXED = ("cuda", "xpu", "mtia")  # device types whose bare name means "the current one"
 _exact: dict = {None: None}  # device argument -> exact device, for arguments whose meaning cannot change
@@ -67,51 +65,22 @@ def exact_device(device: torch.device | str | None) -> torch.device | None:
 
 
 class _Held:
-    """A pattern whose arrays the tier owns, packed as views of one byte
-    buffer. Views share their base's version counter, so one ``_version``
-    read notices an in-place write to any array of the pattern."""
+    """A packed pattern the tier owns. Its arrays are views of one buffer and
+    share its version counter, so one ``_version`` read notices an in-place
+    write to any array of the pattern."""
 
-    __slots__ = ("pattern", "buffer", "version", "nbytes")
+    __slots__ = ("packed", "buffer", "pattern", "version", "nbytes")
 
-    def __init__(self, spec: Spec, buffer: torch.Tensor, layout: tuple) -> None:
-        arrays = {
-            name: buffer[offset : offset + size].view(dtype).view(shape)
-            for name, dtype, shape, offset, size in layout
-        }
+    def __init__(self, packed: PackedPattern) -> None:
+        self.packed = packed
+        self.buffer = packed.buffer  # read on every hit: one attribute lookup, not two
         # A read-only mapping: callers cannot swap an array out of a held pattern.
-        self.pattern = Pattern(spec, MappingProxyType(arrays))
-        self.buffer = buffer
-        self.version = buffer._version
+        self.pattern = Pattern(packed.spec, MappingProxyType(packed.views()))
+        self.version = packed.buffer._version
         self.nbytes = self.pattern.nbytes  # array bytes (alignment padding not counted)
 
-    @classmethod
-    def pack(cls, pattern: Pattern) -> "_Held":
-        """Copy ``pattern``'s arrays into one fresh buffer on their device."""
-        layout, end = [], 0
-        for name, tensor in pattern.arrays.items():
-            size = tensor.numel() * tensor.element_size()
-            layout.append((name, tensor.dtype, tuple(tensor.shape), end, size))
-            end += -(-size // _ALIGN) * _ALIGN
-        buffer = torch.empty(end, dtype=torch.uint8, device=pattern.device)
-        for (_, dtype, _, offset, size), tensor in zip(layout, pattern.arrays.values()):
-            if size == 0:
-                continue
-            if buffer.device.type == "cpu":
-                # One plain memcpy: torch's copy_ would start its thread pool,
-                # which stalls for milliseconds on a loaded machine.
-                source = tensor.contiguous()
-                ctypes.memmove(buffer.data_ptr() + offset, source.data_ptr(), size)
-            else:
-                buffer[offset : offset + size].view(dtype).copy_(tensor.reshape(-1))
-        return cls(pattern.spec, buffer, tuple(layout))  # records the version after the copies
-
     def to(self, device: torch.device) -> "_Held":
-        """The same pattern on ``device``: one transfer of the whole buffer."""
-        layout = tuple(
-            (name, t.dtype, tuple(t.shape), t.storage_offset() * t.element_size(), t.numel() * t.element_size())
-            for name, t in self.pattern.arrays.items()
-        )
-        return _Held(self.pattern.spec, self.buffer.to(device, copy=True), layout)
+        return _Held(self.packed.to(device))
 
     def tampered(self) -> bool:
         return self.buffer._version != self.version
@@ -197,11 +166,14 @@ class MemoryTier:
             return key in self._entries
 
     # ------------------------------------------------------------ changes
-    def put(self, pattern: Pattern, device: torch.device | None = None) -> Pattern:
+    def put(self, pattern: Pattern | PackedPattern, device: torch.device | None = None) -> Pattern:
         """Hold a copy of ``pattern`` and return it as held (on ``device``, an
         ``exact_device`` result). A pattern larger than ``max_bytes`` (or any,
-        when ``max_entries`` is 0) is returned, copied, without being kept."""
-        key = pattern.key
+        when ``max_entries`` is 0) is returned, copied, without being kept.
+
+        A ``PackedPattern`` (CPU) is handed over, not copied: the caller (the
+        store, with a value it has just decoded) keeps no reference to it."""
+        key = pattern.spec.key
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.base.tampered():
@@ -212,7 +184,7 @@ class MemoryTier:
                 # Same key, same content: refresh recency, evict nobody.
                 self._entries.move_to_end(key)
             else:
-                held = _Held.pack(pattern)
+                held = _Held(pattern if isinstance(pattern, PackedPattern) else PackedPattern.copy_of(pattern))
                 if held.nbytes > self.max_bytes or self.max_entries == 0:
                     return held.pattern if device is None else held.to(device).pattern
                 entry = self._entries[key] = _Entry(held)

@@ -20,12 +20,19 @@ Arrays by spec kind:
 
 from __future__ import annotations
 
+import ctypes
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from .specs import Spec
+
+PACK_ALIGN = 16  # bytes; every packed array starts at a multiple, so any dtype can view it
+
+# One array's place in a packed buffer: (name, dtype, shape, byte offset, nbytes).
+Slot = tuple[str, torch.dtype, tuple[int, ...], int, int]
 
 # Columns of a dilated plan's ``groups`` table.
 GROUP_COLUMNS = (
@@ -91,3 +98,53 @@ class Pattern:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in self.arrays.items())
         return f"Pattern({self.key}, {shapes}, nbytes={self.nbytes})"
+
+
+
+@dataclass(frozen=True, eq=False)
+class PackedPattern:
+    """A pattern whose arrays all live in one byte buffer: ``buffer`` uint8
+    ``[size]`` on one device, array ``name`` at ``slots`` ``(name, dtype,
+    shape, byte offset, nbytes)``, each offset a multiple of ``PACK_ALIGN``.
+    One buffer means one allocation, one transfer to a device, and one
+    ``buffer._version`` that every in-place write to any array bumps."""
+
+    spec: Spec
+    buffer: torch.Tensor
+    slots: tuple[Slot, ...]
+
+    @classmethod
+    def empty(cls, spec: Spec, arrays: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> "PackedPattern":
+        """An uninitialized CPU buffer for arrays ``name -> (dtype, shape)``, in order."""
+        slots, end = [], 0
+        for name, (dtype, shape) in arrays.items():
+            size = math.prod(shape) * dtype.itemsize
+            slots.append((name, dtype, tuple(shape), end, size))
+            end += -(-size // PACK_ALIGN) * PACK_ALIGN
+        return cls(spec, torch.empty(end, dtype=torch.uint8), tuple(slots))
+
+    @classmethod
+    def copy_of(cls, pattern: Pattern) -> "PackedPattern":
+        """``pattern``'s arrays copied into one fresh CPU buffer."""
+        packed = cls.empty(pattern.spec, {name: (t.dtype, tuple(t.shape)) for name, t in pattern.arrays.items()})
+        for (_, _, _, offset, size), tensor in zip(packed.slots, pattern.arrays.values()):
+            if size:
+                # One plain memcpy: torch's copy_ would start its thread pool,
+                # which stalls for milliseconds on a loaded machine.
+                source = tensor.detach().to("cpu").contiguous()
+                ctypes.memmove(packed.buffer.data_ptr() + offset, source.data_ptr(), size)
+        return packed
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """name -> the array, a view of ``buffer``."""
+        return {
+            name: self.buffer[offset : offset + size].view(dtype).view(shape)
+            for name, dtype, shape, offset, size in self.slots
+        }
+
+    def to(self, device: torch.device) -> "PackedPattern":
+        """The same arrays on ``device``: one transfer of the whole buffer."""
+        return PackedPattern(self.spec, self.buffer.to(device, copy=True), self.slots)
+
+    def unpack(self) -> Pattern:
+        return Pattern(self.spec, self.views())

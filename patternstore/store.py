@@ -37,11 +37,11 @@ from typing import Iterator
 import filelock
 import platformdirs
 
-from .codec import CorruptValue, decode, encode
+from .codec import CorruptValue, decode_packed, encode
 from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
 from .generate import generate
 from .memory import MemoryTier, exact_device
-from .pattern import Pattern
+from .pattern import PackedPattern, Pattern
 from .specs import DilatedSpec, SparseSpec, Spec, check_int
 
 __all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory"]
@@ -130,10 +130,11 @@ class PatternStore:
         self._disk_hits = self._misses = self._generations = self._corrupt = self._lock_timeouts = 0
         _live_stores.add(self)
         directory = default_directory() if path is None else Path(path)
+        self.disk_error: DiskUnavailable | None = None  # why there is no disk tier, if there is none
         try:
             self.disk: DiskTier | None = DiskTier(directory, disk_size_limit, timeout=self.lock_timeout)
         except DiskUnavailable as error:
-            self.disk = None
+            self.disk, self.disk_error = None, error
             warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
 
     def _reset_locks(self) -> None:
@@ -194,13 +195,14 @@ class PatternStore:
         self._count(disk_hits=1, corrupt=corrupt)
         return self._memory.put(pattern, device)
 
-    def _read(self, key: str) -> tuple[Pattern | None, bool]:
-        """(decoded disk value or None, whether a stored value was refused)."""
+    def _read(self, key: str) -> tuple[PackedPattern | None, bool]:
+        """(decoded disk value or None, whether a stored value was refused).
+        The value is decoded packed, so the memory tier holds its buffer as is."""
         if self.disk is None:
             return None, False
         try:
             value = self.disk.read(key)
-            return (None, False) if value is None else (decode(value, key), False)
+            return (None, False) if value is None else (decode_packed(value, key), False)
         except CorruptValue:
             return None, True
 

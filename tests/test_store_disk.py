@@ -21,7 +21,9 @@ import pytest
 
 import patternstore.disk as disk_module
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
-from patternstore.codec import checksum, encode
+from patternstore.codec import checksum, decode, decode_packed, encode
+from patternstore.memory import MemoryTier
+from patternstore.pattern import PACK_ALIGN
 from patternstore.disk import PatternStoreWarning, filesystem_type
 
 SMALL = DilatedSpec(512, [128, 512], [1, 2], 2)  # envelope < 32 KiB: inside SQLite
@@ -51,6 +53,19 @@ def refetched(store: PatternStore, spec) -> None:
     assert stats["corrupt"] == 1 and stats["generations"] == 1 and stats["disk_hits"] == 0
     fresh = PatternStore(store.directory)
     assert fresh.get(spec).equals(generate(spec)) and fresh.stats()["disk_hits"] == 1
+
+
+def test_a_value_decodes_into_one_aligned_buffer_that_the_memory_tier_holds_without_a_copy():
+    for spec in (SMALL, LARGE):
+        expected = generate(spec)
+        packed = decode_packed(encode(expected), spec.key)
+        assert [slot[0] for slot in packed.slots] == list(expected.arrays)
+        assert all(offset % PACK_ALIGN == 0 for _, _, _, offset, _ in packed.slots)
+        assert packed.unpack().equals(expected) and decode(encode(expected), spec.key).equals(expected)
+        held = MemoryTier().put(packed)
+        assert held.equals(expected)
+        for array in held.arrays.values():
+            assert array.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
 
 
 def test_the_planted_payload_is_live():
@@ -176,6 +191,7 @@ def test_directory_that_cannot_be_created(tmp_path):
     caught = warnings_of(use)
     assert len(caught) == 1 and "memory only" in str(caught[0].message)
     assert stores[0].directory is None and stores[0].disk is None
+    assert str(stores[0].disk_error).startswith(f"cannot use {tmp_path / 'file' / 'store'}: ")
     assert stores[0].stats()["memory_hits"] == 100
 
 

@@ -12,7 +12,8 @@ dilated plan and a large block-sparse layout (bigbird, 1M tokens, 8 heads):
 - disk hit, same process: ``store.get`` on a store whose memory tier keeps
   nothing (``max_entries=0``), so every call reads and decodes the envelope.
 - disk hit, fresh process: the first ``get`` in a new interpreter on a warm
-  directory (import and store construction timed separately).
+  directory (import and store construction timed separately), interleaved
+  with the first ``generate`` in a new interpreter (the like-for-like cost).
 - generation: ``generate(spec)``, interleaved with the disk reads (A B A B).
 - miss: a full cold ``get`` (lock, generate, encode, write), after ``evict``.
 - 8 processes released at once on one cold key: generations across them.
@@ -131,29 +132,35 @@ def disk_vs_generate(directory: Path, spec, rounds: int) -> tuple[list[float], l
 FRESH_CHILD = """
 import json, sys, time
 start = time.perf_counter_ns()
-from patternstore import PatternStore
+from patternstore import PatternStore, generate
 exec(sys.argv[2])
 imported = time.perf_counter_ns()
 store = PatternStore(sys.argv[1])
 opened = time.perf_counter_ns()
-store.get(SPECS[sys.argv[3]])
-got = time.perf_counter_ns()
-assert store.stats()["disk_hits"] == 1, store.stats()
-print(json.dumps({"import_ns": imported - start, "open_ns": opened - imported, "first_get_ns": got - opened}))
+if sys.argv[4] == "get":
+    store.get(SPECS[sys.argv[3]])
+    assert store.stats()["disk_hits"] == 1, store.stats()
+else:
+    generate(SPECS[sys.argv[3]])
+done = time.perf_counter_ns()
+print(json.dumps({"import_ns": imported - start, "open_ns": opened - imported, "first_call_ns": done - opened}))
 """
 
 
-def fresh_process_hits(directory: Path, names: list[str], rounds: int) -> dict[str, list[dict]]:
+def fresh_process_calls(directory: Path, names: list[str], rounds: int) -> dict[tuple[str, str], list[dict]]:
+    """(spec name, "get" | "generate") -> one run per round: the first such
+    call in a new interpreter, on a warm directory; interleaved."""
     for name in names:
         PatternStore(directory).get(SPECS[name])
-    results: dict[str, list[dict]] = {name: [] for name in names}
+    results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(rounds):
-        for name in names:  # interleaved
-            out = subprocess.run(
-                [sys.executable, "-c", textwrap.dedent(FRESH_CHILD), str(directory), SPECS_SOURCE, name],
-                env=child_env(), capture_output=True, text=True, check=True,
-            ).stdout
-            results[name].append(json.loads(out))
+        for name in names:
+            for call in ("get", "generate"):
+                out = subprocess.run(
+                    [sys.executable, "-c", textwrap.dedent(FRESH_CHILD), str(directory), SPECS_SOURCE, name, call],
+                    env=child_env(), capture_output=True, text=True, check=True,
+                ).stdout
+                results.setdefault((name, call), []).append(json.loads(out))
     return results
 
 
@@ -239,16 +246,20 @@ def main() -> None:
                 "nbytes": generate(spec).nbytes,
                 "generate_over_disk_hit_p50": percentile(gen, 0.5) / percentile(disk, 0.5),
             }
-        fresh = fresh_process_hits(work / "fresh", list(SPECS), fresh_rounds)
-        for name, runs in fresh.items():
+        fresh = fresh_process_calls(work / "fresh", list(SPECS), fresh_rounds)
+        for name in SPECS:
+            hits, generations = fresh[(name, "get")], fresh[(name, "generate")]
             rows.append({"spec": name, "case": "disk hit (fresh process, first get)",
-                         **summary([r["first_get_ns"] for r in runs])})
+                         **summary([r["first_call_ns"] for r in hits])})
+            rows.append({"spec": name, "case": "generation (fresh process, first call)",
+                         **summary([r["first_call_ns"] for r in generations])})
             rows.append({"spec": name, "case": "  fresh process: open store",
-                         **summary([r["open_ns"] for r in runs])})
-            generation_p50 = next(r["p50_us"] for r in rows if r["spec"] == name and r["case"] == "generation")
-            first_get_p50 = next(r["p50_us"] for r in rows
-                                 if r["spec"] == name and r["case"] == "disk hit (fresh process, first get)")
-            extra[name]["generate_over_fresh_process_hit_p50"] = generation_p50 / first_get_p50
+                         **summary([r["open_ns"] for r in hits])})
+            p50 = {r["case"]: r["p50_us"] for r in rows if r["spec"] == name}
+            first_get = p50["disk hit (fresh process, first get)"]
+            extra[name]["generate_over_fresh_process_hit_p50"] = p50["generation"] / first_get
+            extra[name]["fresh_generate_over_fresh_process_hit_p50"] = (
+                p50["generation (fresh process, first call)"] / first_get)
         concurrent = processes_on_one_cold_key(work / "concurrent" / "store", 8)
         gflops_after = matmul_gflops()
     finally:
@@ -260,9 +271,12 @@ def main() -> None:
         "memory hit p50 <= 1 us": {"value_us": memory_p50, "met": memory_p50 <= 1.0},
         "bigbird-1M disk hit >= 20x cheaper than generating (same process)": {
             "ratio": large["generate_over_disk_hit_p50"], "met": large["generate_over_disk_hit_p50"] >= 20},
-        "bigbird-1M disk hit >= 20x cheaper than generating (fresh process)": {
+        "bigbird-1M disk hit >= 20x cheaper than generating (fresh process hit, warm generation)": {
             "ratio": large["generate_over_fresh_process_hit_p50"],
             "met": large["generate_over_fresh_process_hit_p50"] >= 20},
+        "bigbird-1M disk hit >= 20x cheaper than generating (both the first call of a fresh process)": {
+            "ratio": large["fresh_generate_over_fresh_process_hit_p50"],
+            "met": large["fresh_generate_over_fresh_process_hit_p50"] >= 20},
         "8 processes on one cold key: exactly 1 generation": {
             "generations": concurrent["generations"], "met": concurrent["generations"] == 1},
     }
