@@ -8,13 +8,14 @@ from .dilated import (
     dilated_attention_reference,
 )
 from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
-from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, MultiheadWrapper
 from .sparse import BlockSparseAttention, block_sparse_attention
 from .sparse_multihead import MultiheadBlockSparseAttention
 
 __all__ = [
     "DilatedAttention",
     "ImprovedDilatedAttention",
+    "MultiheadWrapper",
     "MultiheadDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
     "DistributedDilatedAttention",

@@ -1,8 +1,15 @@
-"""Multi-head dilated attention: projections around ``attention.dilated``.
+"""Multi-head attention: projections around an attention module.
+
+``MultiheadWrapper`` is the layer every multi-head class here is: q/k/v
+projections, the attention module on (batch, seq, heads, head_dim), an
+optional LayerNorm and the output projection. ``MultiheadDilatedAttention``
+and ``ImprovedMultiheadDilatedAttention`` put ``attention.dilated`` inside
+(``sparse_multihead`` and ``distributed`` put theirs).
 
 Batch first: ``query, key, value`` are (batch, seq, embed_dim); key and value
 default to query (self-attention), and all three have one sequence length
-(dilated segments align queries and keys position by position). Following
+(dilated segments and square block layouts align queries and keys position
+by position). Following
 MAGNETO (arXiv 2210.06423), a LayerNorm sits before the output projection
 (``layer_norm=True``), and the value and output projections start
 Xavier-normal with gain ``gamma_init`` (query and key with gain 1).
@@ -20,33 +27,31 @@ from patternstore.store import PatternStore
 
 from .dilated import DilatedAttention, ImprovedDilatedAttention
 
-__all__ = ["MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"]
+__all__ = ["MultiheadWrapper", "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"]
 
 
-class MultiheadDilatedAttention(nn.Module):
-    """``forward(query, key=None, value=None, *, key_padding_mask=None,
+class MultiheadWrapper(nn.Module):
+    """Projections around ``attention``, a module called as
+    ``attention(q, k, v, is_causal=, key_padding_mask=)`` on (batch, seq,
+    num_heads, head_dim) that returns the same shape.
+
+    ``forward(query, key=None, value=None, *, key_padding_mask=None,
     need_weights=False, is_causal=False) -> (out, None)``; ``out`` is
     (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq) bool, True =
     padding: those keys enter no softmax, and a query with no unpadded key gets
     attention output 0 (never NaN). Attention weights are never materialized,
     so ``need_weights=True`` is an error."""
 
-    _attention_class = DilatedAttention
-
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
-        segment_lengths,
-        dilation_rates,
+        attention: nn.Module,
         *,
-        dropout: float = 0.0,
         bias: bool = True,
         layer_norm: bool = True,
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
-        scheme: str = "longnet",
-        store: Optional[PatternStore] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -60,16 +65,11 @@ class MultiheadDilatedAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.gamma_init = float(gamma_init)
         factory = {"device": device, "dtype": dtype}
-        self.attention = self._make_attention(
-            segment_lengths, dilation_rates, scheme=scheme, dropout=dropout, store=store
-        )
+        self.attention = attention
         self._make_input_projections(bias, factory)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
-
-    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
-        return self._attention_class(segment_lengths, dilation_rates, **options)
 
     # ---- projections (the Improved variant fuses them)
     def _make_input_projections(self, bias: bool, factory: dict) -> None:
@@ -109,8 +109,8 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         if need_weights:
             raise ValueError(
-                "need_weights=True is not supported: dilated attention never materializes the "
-                "attention weights; call with need_weights=False"
+                f"need_weights=True is not supported: {type(self.attention).__name__} never "
+                "materializes the attention weights; call with need_weights=False"
             )
         key = query if key is None else key
         value = key if value is None else value
@@ -128,6 +128,31 @@ class MultiheadDilatedAttention(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.out_proj(x), None
+
+
+class MultiheadDilatedAttention(MultiheadWrapper):
+    """``MultiheadWrapper`` around ``DilatedAttention(segment_lengths,
+    dilation_rates, scheme=, dropout=, store=)``."""
+
+    _attention_class = DilatedAttention
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        dropout: float = 0.0,
+        scheme: str = "longnet",
+        store: Optional[PatternStore] = None,
+        **projection_options,
+    ) -> None:
+        attention = self._make_attention(segment_lengths, dilation_rates, scheme=scheme, dropout=dropout, store=store)
+        super().__init__(embed_dim, num_heads, attention, **projection_options)
+
+    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
+        return self._attention_class(segment_lengths, dilation_rates, **options)
 
 
 class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):

@@ -1,4 +1,5 @@
-"""MultiheadDilatedAttention and ImprovedMultiheadDilatedAttention: the
+"""MultiheadDilatedAttention and ImprovedMultiheadDilatedAttention (and the
+MultiheadWrapper beneath every multi-head layer): the
 composition (projections, dense dilated attention, sub-LayerNorm, output
 projection) written out in the test, the initialization, padding, errors."""
 
@@ -10,7 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from attention import (
+    ImprovedMultiheadDilatedAttention,
+    MultiheadBlockSparseAttention,
+    MultiheadDilatedAttention,
+    MultiheadWrapper,
+)
 from dense_reference import dense_dilated_attention
 
 CLASSES = [MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention]
@@ -134,3 +140,32 @@ def test_errors(cls):
         cls(24, 5, SEGMENTS, RATES)
     with pytest.raises(ValueError, match="num_heads must be an int"):
         cls(24, 0, SEGMENTS, RATES)
+
+
+class _DenseAttention(torch.nn.Module):
+    """SDPA on (batch, seq, heads, head_dim), padding as an additive mask."""
+
+    def forward(self, q, k, v, is_causal=False, key_padding_mask=None):
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                             is_causal=is_causal)
+        return out.transpose(1, 2)
+
+
+def test_the_wrapper_serves_any_attention_module_and_the_layers_are_not_each_other():
+    torch.manual_seed(0)
+    module = MultiheadWrapper(24, 4, _DenseAttention(), dtype=torch.float64)
+    query, key, value = inputs(n=16)
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, 10:] = True
+    out, _ = module(query, key, value, key_padding_mask=pad)
+    q, k, v = (F.linear(x, w, b).unflatten(-1, (4, 6)).transpose(1, 2)
+               for x, (w, b) in zip((query, key, value), projections(module)))
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :]).transpose(1, 2).flatten(-2)
+    x = F.layer_norm(x, (24,), module.norm.weight, module.norm.bias, module.norm.eps)
+    torch.testing.assert_close(out, F.linear(x, module.out_proj.weight, module.out_proj.bias), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="_DenseAttention never materializes"):
+        module(query, need_weights=True)
+    sparse = MultiheadBlockSparseAttention(16, 2, "local", block_size=4)
+    assert isinstance(sparse, MultiheadWrapper) and not isinstance(sparse, MultiheadDilatedAttention)
+    assert isinstance(make(ImprovedMultiheadDilatedAttention), MultiheadWrapper)

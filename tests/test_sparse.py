@@ -291,7 +291,7 @@ def test_bad_layouts_are_refused():
 def test_multihead_bad_input():
     mha = MultiheadBlockSparseAttention(16, 2, "local", block_size=4)
     x = torch.randn(1, 12, 16)
-    with pytest.raises(ValueError, match="need_weights"):
+    with pytest.raises(ValueError, match="need_weights=True is not supported: BlockSparseAttention never"):
         mha(x, need_weights=True)
     with pytest.raises(ValueError, match="one shape"):
         mha(x, torch.randn(1, 8, 16))
