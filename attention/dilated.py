@@ -266,10 +266,11 @@ def _uses_flash(x: Tensor) -> bool:
 
 
 def _dead_rows(pad: Tensor, is_causal: bool) -> Tensor:
-    """(B, M) True where a query has no unpadded key (the flash kernel reports lse 0 there)."""
+    """True where a query has no unpadded key (the flash kernel reports lse 0
+    there): (B, M) for causal (square) attention, else (B, 1), any query count."""
     if is_causal:
         return (~pad).cumsum(-1) == 0
-    return pad.all(-1, keepdim=True).expand_as(pad)
+    return pad.all(-1, keepdim=True)
 
 
 def _additive_mask(pad: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -15,7 +15,9 @@ Per branch, with segment ``s = min(w, n)``:
   that fall in its chunk), and an autograd-aware all-gather inside the
   segment's process group brings in the others' dilated rows: a rank receives
   about ``2 * (s / r) * batch * heads * head_dim`` elements for the branch,
-  independent of the sequence length. Queries stay local.
+  independent of the sequence length. Queries stay local. With a
+  ``key_padding_mask``, the same rows of the mask are gathered beside them
+  (one byte per row and batch).
 - Any other ``s`` raises a ``ValueError`` (segments would straddle chunks
   unevenly).
 
@@ -121,33 +123,38 @@ def _selected_rows(chunk: int, start: int, offset: int, rate: int) -> int:
 
 class _SequenceParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, dplan: DistributedPlan, groups: tuple, is_causal: bool, scale: float, stats: dict):  # type: ignore[override]
+    def forward(ctx, q, k, v, pad: Optional[Tensor], dplan: DistributedPlan, groups: tuple, is_causal: bool,  # type: ignore[override]
+                scale: float, stats: dict):
         b, c, h, d = q.shape
         out = torch.zeros(b, c, h, d, dtype=_accumulate_dtype(q.dtype), device=q.device)
         lse = torch.full((b, c, h), _EMPTY, dtype=_lse_dtype(q.dtype), device=q.device)
-        forward_groups(q, k, v, None, dplan.local, is_causal, scale, out, lse)
-        gathered = []
+        forward_groups(q, k, v, pad, dplan.local, is_causal, scale, out, lse)
+        gathered, key_pads = [], []
         for lg, group in zip(dplan.long, groups):
             keys, values = _gather_segment(k, v, lg, group, stats)
+            key_pad = None if pad is None else _gather_padding(pad, lg, group, stats)
             gathered += [keys, values]
+            key_pads.append(key_pad)
             queries = q[lg.rows].transpose(1, 2)
             for key_rows, causal in _key_ranges(lg, is_causal):
-                o, l = _kernel_forward(queries, keys[:, :, key_rows], values[:, :, key_rows], causal, scale, None)
+                o, l = _kernel_forward(queries, keys[:, :, key_rows], values[:, :, key_rows], causal, scale,
+                                       None if key_pad is None else key_pad[:, key_rows])
                 _merge(out[lg.rows], lse[lg.rows], o.transpose(1, 2), l.transpose(1, 2))
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, *gathered)
+        ctx.save_for_backward(q, k, v, out, lse, pad, *gathered)
+        ctx.key_pads = key_pads  # made here, needing no gradient: kept as they are
         ctx.dplan, ctx.groups, ctx.is_causal, ctx.scale = dplan, groups, is_causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, out, lse, *gathered = ctx.saved_tensors
+        q, k, v, out, lse, pad, *gathered = ctx.saved_tensors
         dplan, is_causal, scale = ctx.dplan, ctx.is_causal, ctx.scale
         acc = _accumulate_dtype(q.dtype)
         grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
-        backward_groups(grad_out, q, k, v, out, lse, None, dplan.local, is_causal, scale, *grads)
+        backward_groups(grad_out, q, k, v, out, lse, pad, dplan.local, is_causal, scale, *grads)
         dq, dk, dv = grads
-        for i, (lg, group) in enumerate(zip(dplan.long, ctx.groups)):
+        for i, (lg, group, key_pad) in enumerate(zip(dplan.long, ctx.groups, ctx.key_pads)):
             keys, values = gathered[2 * i], gathered[2 * i + 1]
             rows = lg.rows
             queries = q[rows].transpose(1, 2)
@@ -155,7 +162,8 @@ class _SequenceParallel(torch.autograd.Function):
             for key_rows, causal in _key_ranges(lg, is_causal):
                 gq, gk, gv = _kernel_backward(
                     grad_out[rows].transpose(1, 2), queries, keys[:, :, key_rows], values[:, :, key_rows],
-                    out[rows].transpose(1, 2), lse[rows].transpose(1, 2), causal, scale, None,
+                    out[rows].transpose(1, 2), lse[rows].transpose(1, 2), causal, scale,
+                    None if key_pad is None else key_pad[:, key_rows],
                 )
                 dq[rows] += gq.transpose(1, 2)
                 dkeys[:, :, key_rows] += gk
@@ -163,7 +171,7 @@ class _SequenceParallel(torch.autograd.Function):
             mine_k, mine_v = _scatter_segment(dkeys, dvalues, lg, group)
             dk[rows] += mine_k
             dv[rows] += mine_v
-        return tuple(g.to(q.dtype) for g in grads) + (None,) * 5
+        return tuple(g.to(q.dtype) for g in grads) + (None,) * 6
 
 
 def _key_ranges(lg: LongGroup, is_causal: bool) -> list[tuple[slice, bool]]:
@@ -194,6 +202,18 @@ def _gather_segment(k: Tensor, v: Tensor, lg: LongGroup, group, stats: dict) -> 
     return both[0], both[1]
 
 
+def _gather_padding(pad: Tensor, lg: LongGroup, group, stats: dict) -> Tensor:
+    """The key padding of the segment's dilated rows: (b, M) bool, rows in
+    position order, as ``_gather_segment`` orders the keys."""
+    send = pad.new_zeros(lg.padded, pad.shape[0], dtype=torch.uint8)  # bool is not a gloo type
+    mine = lg.counts[lg.index]
+    send[:mine] = pad[:, lg.first :: lg.rate].t()
+    received = send.new_empty(len(lg.ranks) * lg.padded, pad.shape[0])
+    all_gather(received, send, group=group)
+    stats["bytes_received"] += (len(lg.ranks) - 1) * send.numel()
+    return received.index_select(0, lg.received_rows(pad.device)).t().bool()
+
+
 def _scatter_segment(dkeys: Tensor, dvalues: Tensor, lg: LongGroup, group) -> tuple[Tensor, Tensor]:
     """Reduce-scatter the gathered rows' gradients back to their ranks: this
     rank's (b, mine, heads, d) gradients of k and v."""
@@ -210,10 +230,13 @@ class DistributedDilatedAttention(_DilatedBase):
     """``DilatedAttention`` over a sequence split across the ranks of
     ``process_group`` (default: the whole world).
 
-    ``forward(q, k, v, is_causal=False)``: this rank's contiguous chunk
-    (batch, seq_len // world_size, heads, head_dim) -> this rank's chunk of the
-    output. Every rank must call it with chunks of one shape; a mismatch
-    raises the same ``ValueError`` on every rank. Collectives run in groups
+    ``forward(q, k, v, is_causal=False, key_padding_mask=None)``: this rank's
+    contiguous chunk (batch, seq_len // world_size, heads, head_dim) -> this
+    rank's chunk of the output; ``key_padding_mask`` is this rank's chunk
+    (batch, seq_len // world_size) of the (batch, seq_len) bool mask, True =
+    padding, as in ``DilatedAttention``. Every rank must call it with chunks
+    of one shape, and pass a mask or not; a mismatch raises the same
+    ``ValueError`` on every rank. Collectives run in groups
     with a timeout of ``timeout`` (a rank that never arrives fails the others
     after it, never hangs them). ``bytes_received`` counts the bytes this
     rank received from all-gathers since construction.
@@ -249,20 +272,18 @@ class DistributedDilatedAttention(_DilatedBase):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is not supported by DistributedDilatedAttention; pass None "
-                "(pad to a multiple of the chunk with keys the model can ignore instead)"
-            )
         group = require_initialized(self.process_group)
-        check_attention_inputs(q, k, v)
+        check_attention_inputs(q, k, v, key_padding_mask)
         b, c, h, d = q.shape
         device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        agree_on_shapes([b, c, h, d, _DTYPE_CODES.get(q.dtype, -1), int(bool(is_causal))], group, device,
-                        "chunks of one shape (batch, seq_len // world_size, heads, head_dim), "
-                        "one dtype and one is_causal (batch, chunk, heads, head_dim, dtype, causal)")
+        masked = int(key_padding_mask is not None)
+        agree_on_shapes([b, c, h, d, _DTYPE_CODES.get(q.dtype, -1), int(bool(is_causal)), masked], group, device,
+                        "chunks of one shape (batch, seq_len // world_size, heads, head_dim), one dtype, "
+                        "one is_causal and a key_padding_mask on all or none "
+                        "(batch, chunk, heads, head_dim, dtype, causal, masked)")
         dplan, groups = self._distributed_plan(c, h, group)
-        return _SequenceParallel.apply(q, k, v, dplan, groups, bool(is_causal), _scale(self.softmax_scale, q), self._stats)
+        return _SequenceParallel.apply(q, k, v, key_padding_mask, dplan, groups, bool(is_causal),
+                                       _scale(self.softmax_scale, q), self._stats)
 
     def _distributed_plan(self, chunk: int, heads: int, group) -> tuple[DistributedPlan, tuple]:
         plans = self._distributed_plans.setdefault(group, {})
