@@ -490,16 +490,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ok = store.disk.contains(spec.key)
             problem["repair"] = "regenerated" if ok else "dropped; regenerating did not write"
             unrepaired += not ok
-    status = (1 if unrepaired else 0) if args.repair else (1 if problems else 0)
-    data = {"entries": len(keys), "compared": len(compare), "problems": problems, "ok": status == 0}
+    # Value files no entry refers to (a writer killed between file and row).
+    orphans = [{"path": str(path), "bytes": _file_size(path)} for path in store.disk.orphans()]
+    if args.repair and orphans:
+        left = {str(path) for path in store.disk.remove([Path(o["path"]) for o in orphans])}
+        for orphan in orphans:
+            orphan["repair"] = "could not delete" if orphan["path"] in left else "removed"
+        unrepaired += len(left)
+    found = bool(problems or orphans)
+    status = (1 if unrepaired else 0) if args.repair else (1 if found else 0)
+    data = {"entries": len(keys), "compared": len(compare), "problems": problems, "orphans": orphans,
+            "ok": status == 0}
     if args.json:
         _emit(args, data, None)
     else:
         for p in problems:
             print(f"{p['key']}: {p['problem']}" + (f" -> {p['repair']}" if "repair" in p else ""))
+        for o in orphans:
+            print(f"{o['path']}: orphan file of {o['bytes']} bytes, no entry refers to it"
+                  + (f" -> {o['repair']}" if "repair" in o else ""))
         _note(args, f"verified {len(keys)} entries ({len(compare)} compared with a fresh generation): "
-                    f"{len(problems)} problem(s)" + (", repaired" if args.repair and problems and not unrepaired else ""))
+                    f"{len(problems)} problem(s), {len(orphans)} orphan file(s)"
+                    + (", repaired" if args.repair and found and not unrepaired else ""))
     return status
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 # ---------------------------------------------------------------- clear / export / import
@@ -626,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--full", action="store_true", help="compare every entry with a fresh generation")
     verify.add_argument("--sample", type=_positive_int, default=8, metavar="N",
                         help="entries compared with a fresh generation, chosen at random (default 8)")
-    verify.add_argument("--repair", action="store_true", help="drop bad entries and regenerate them")
+    verify.add_argument("--repair", action="store_true",
+                        help="drop bad entries and regenerate them; delete orphan value files")
 
     clear = command("clear", cmd_clear, "delete every stored pattern (asks first on a terminal)")
     clear.add_argument("--yes", "-y", action="store_true", help="do not ask")

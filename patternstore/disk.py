@@ -13,7 +13,9 @@ A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
 - A value is written whole or not at all: diskcache writes the value file
   first and then inserts its row in one SQLite transaction, so a process
   killed mid-write leaves at most an orphan file, never a row pointing at
-  half a value. (Anything else, such as a disk fault, is caught by the
+  half a value. ``orphans`` lists such files once they are an hour old (a
+  write in progress never is) and ``remove`` deletes them (``patternstore
+  verify --repair``). (Anything else, such as a disk fault, is caught by the
   envelope checksum.)
 - Reads never write (eviction policy below), so readers in many processes
   never contend for SQLite's write lock.
@@ -247,6 +249,38 @@ class DiskTier:
             return self._cache.volume()
         except DISK_ERRORS:
             return 0
+
+    def orphans(self, min_age: float = 3600.0) -> list[Path]:
+        """Value files that no entry refers to and that were last written more
+        than ``min_age`` seconds ago. A writer inserts its row right after
+        writing its file (waiting at most ``timeout`` for SQLite), so a file
+        that old without a row was left by a process that died in between."""
+        try:
+            # diskcache has no public listing of its value files; its table has.
+            rows = self._cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()
+        except DISK_ERRORS:
+            return []
+        referenced = {filename for (filename,) in rows}
+        cutoff = time.time() - min_age
+        found = []
+        for path in sorted(self.directory.rglob("*.val")):
+            try:
+                old = path.stat().st_mtime < cutoff
+            except OSError:
+                continue  # removed meanwhile
+            if old and path.relative_to(self.directory).as_posix() not in referenced:
+                found.append(path)
+        return found
+
+    def remove(self, paths: list[Path]) -> list[Path]:
+        """Delete ``paths`` (``orphans`` results); the ones that could not be."""
+        left = []
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                left.append(path)
+        return left
 
     @property
     def size_limit(self) -> int:

@@ -29,6 +29,7 @@ from patternstore.codec import ENVELOPE_VERSION, decode, encode
 from patternstore.generate import generate
 from patternstore.pattern import Pattern
 from patternstore.presets import PRESETS
+from patternstore.specs import SparseSpec
 from patternstore.spectext import EXAMPLES, format_spec, parse_spec
 from patternstore.store import PatternStore
 from strategies import any_spec
@@ -223,12 +224,40 @@ def test_verify_finds_corruption_and_repair_fixes_it(seeded, tmp_path):
 
     clean = cli(directory, "verify", "--full")
     assert clean.returncode == 0 and clean.stdout == ""
-    assert "verified 3 entries (3 compared with a fresh generation): 0 problem(s)" in clean.stderr
+    assert "verified 3 entries (3 compared with a fresh generation): 0 problem(s), 0 orphan file(s)" in clean.stderr
     store = PatternStore(directory, max_entries=0)
     assert sorted(store.disk.keys()) == sorted([dilated, local, CONFIG_SPECS[1].key])
     for spec in (ALL_SPECS[0], ALL_SPECS[2]):
         assert decode(store.disk.read(spec.key), spec.key).equals(generate(spec))
     store.disk.close()
+
+
+def test_verify_finds_orphan_value_files_and_repair_removes_only_those(seeded, tmp_path):
+    """A writer killed between writing its value file and inserting the row
+    leaves a file no entry refers to: an hour later it is an orphan."""
+    directory = copy_of(seeded, tmp_path)
+    store = PatternStore(directory, max_entries=0)
+    store.get(SparseSpec("bigbird", seq_len=16384, block_size=32, num_heads=4, different_layout_per_head=True))
+    referenced = sorted(directory.rglob("*.val"))
+    assert referenced  # values over 32 KiB live in files
+    hour_ago = time.time() - 3700
+    old, young = directory / "ff" / "ee" / "0123abcd.val", directory / "ff" / "ee" / "4567cdef.val"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x" * 1000)
+    young.write_bytes(b"y" * 10)
+    for path in referenced + [old]:
+        os.utime(path, (hour_ago, hour_ago))
+    assert store.disk.orphans() == [old]
+    store.disk.close()
+
+    found = cli(directory, "--json", "verify")
+    assert found.returncode == 1
+    assert json.loads(found.stdout)["orphans"] == [{"path": str(old), "bytes": 1000}]
+    repaired = cli(directory, "verify", "--repair")
+    assert repaired.returncode == 0 and repaired.stdout == f"{old}: orphan file of 1000 bytes, no entry refers to it -> removed\n"
+    assert not old.exists() and young.exists() and all(path.exists() for path in referenced)
+    clean = cli(directory, "verify", "--full")
+    assert clean.returncode == 0 and "0 problem(s), 0 orphan file(s)" in clean.stderr
 
 
 # ---------------------------------------------------------------- export, import
