@@ -261,10 +261,24 @@ class PatternStore:
         return in_memory or on_disk
 
     def clear(self) -> None:
-        """Remove every pattern from both tiers (counters are kept)."""
+        """Remove every pattern from both tiers (counters are kept), and the
+        lock files that no process holds."""
         self._memory.clear()
         if self.disk is not None:
             self.disk.clear()
+            self._remove_idle_locks()
+
+    def _remove_idle_locks(self) -> None:
+        """Delete each lock file that can be taken at once, while holding it.
+        A process that was already waiting on one then holds the lock of a
+        deleted file while a newcomer creates a fresh one, so both may
+        generate that key: duplicated work, never a wrong value."""
+        for path in sorted((self.disk.directory / "locks").glob("*.lock")):
+            try:
+                with filelock.FileLock(path, timeout=0):
+                    path.unlink(missing_ok=True)
+            except (filelock.Timeout, OSError):
+                continue  # held by someone, or not ours to delete
 
     def stats(self) -> dict[str, int | float]:
         """Counters since construction, and what the memory tier holds now.

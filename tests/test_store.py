@@ -250,6 +250,22 @@ def test_sixteen_threads_on_one_missing_key_generate_once(tmp_path, monkeypatch)
     assert stats["generations"] == 1 and stats["misses"] == 1 and stats["memory_hits"] == 15
 
 
+def test_clear_removes_the_lock_files_nobody_holds(tmp_path):
+    import filelock
+
+    store = PatternStore(tmp_path)
+    for spec in SPECS[:3]:
+        store.get(spec)
+    locks = sorted((tmp_path / "locks").glob("*.lock"))
+    assert [p.name for p in locks] == sorted(f"{s.key}.lock" for s in SPECS[:3])
+    with filelock.FileLock(locks[0], timeout=1):  # another holder (its own open file)
+        store.clear()
+        assert sorted((tmp_path / "locks").glob("*.lock")) == [locks[0]]
+    assert store.disk.keys() == [] and store.stats()["entries"] == 0
+    store.get(SPECS[1])  # a cleared key's lock comes back with its next generation
+    assert (tmp_path / "locks" / f"{SPECS[1].key}.lock").exists()
+
+
 def test_a_held_lock_times_out_into_a_local_generation(tmp_path):
     import filelock
 
