@@ -295,3 +295,7 @@ class DiskTier:
     def lock_path(self, key: str) -> Path:
         """The file that serializes generation of ``key`` across processes."""
         return self.directory / "locks" / f"{key}.lock"
+
+    def lock_paths(self) -> list[Path]:
+        """Every lock file present, in key order."""
+        return sorted((self.directory / "locks").glob("*.lock"))

@@ -273,7 +273,7 @@ class PatternStore:
         A process that was already waiting on one then holds the lock of a
         deleted file while a newcomer creates a fresh one, so both may
         generate that key: duplicated work, never a wrong value."""
-        for path in sorted((self.disk.directory / "locks").glob("*.lock")):
+        for path in self.disk.lock_paths():
             try:
                 with filelock.FileLock(path, timeout=0):
                     path.unlink(missing_ok=True)

@@ -65,7 +65,7 @@ CANDIDATES = {
     "sdpa-dense": ("dense", "forward", (8 * K, 16 * K, 32 * K)),
     "improved-grouped": ("grouped", "forward", ALL),
     "dapt-grouped": ("grouped", "forward", ALL[:6]),
-    "improved:fb": ("longnet", "forward+backward", ALL[:5]),
+    "improved:fb": ("longnet", "forward+backward", ALL),
     "plain:fb": ("longnet", "forward+backward", (8 * K, 16 * K)),
     "sdpa-dense:fb": ("dense", "forward+backward", (8 * K, 16 * K)),
 }
