@@ -100,7 +100,6 @@ class Pattern:
         return f"Pattern({self.key}, {shapes}, nbytes={self.nbytes})"
 
 
-
 @dataclass(frozen=True, eq=False)
 class PackedPattern:
     """A pattern whose arrays all live in one byte buffer: ``buffer`` uint8
@@ -147,4 +146,5 @@ class PackedPattern:
         return PackedPattern(self.spec, self.buffer.to(device, copy=True), self.slots)
 
     def unpack(self) -> Pattern:
+        """The plain ``Pattern`` of these arrays (views of ``buffer``, not copies)."""
         return Pattern(self.spec, self.views())
