@@ -11,7 +11,8 @@ Guarantees (each is kept by the code it is written next to):
   were tampered with, in which case the fresh ones replace them, same size).
 - One lock guards all state; every operation is O(1) (an ``OrderedDict``
   lookup, ``move_to_end`` or ``popitem``; evictions amortized) except
-  ``clear``. No I/O and no host-to-device copy happens while it is held.
+  ``clear``. No I/O and no copy (memcpy or device transfer) happens while it
+  is held.
 - The tier owns its arrays: ``put`` copies them into one fresh buffer per
   pattern, so nothing the caller keeps aliases them. The one exception is a
   ``PackedPattern``, which the caller (the store, with a value it has just
@@ -131,10 +132,10 @@ class MemoryTier:
             self._entries.move_to_end(key)
             self.hits += 1
             if device is None:
-                return base.pattern
-            copy = entry.copies.get(device)
-            if copy is not None and not copy.tampered():
-                return copy.pattern
+                return base.pattern  # the hot path: no call
+            served = self._held_on(entry, device)
+            if served is not None:
+                return served
         # The copy is made without the lock: other threads keep hitting.
         # (A tampered copy is replaced, and counted, by _add_copy.)
         return self._add_copy(key, base, device, base.to(device))
@@ -174,6 +175,11 @@ class MemoryTier:
         A ``PackedPattern`` (CPU) is handed over, not copied: the caller (the
         store, with a value it has just decoded) keeps no reference to it."""
         key = pattern.spec.key
+        # Packed before the lock is taken (a memcpy, or a device-to-host copy
+        # for a pattern on a device): the lock never waits on a copy.
+        held = _Held(pattern if isinstance(pattern, PackedPattern) else PackedPattern.copy_of(pattern))
+        if held.nbytes > self.max_bytes or self.max_entries == 0:
+            return held.pattern if device is None else held.to(device).pattern  # served, not kept
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.base.tampered():
@@ -181,22 +187,24 @@ class MemoryTier:
                 self.tampered += 1
                 entry = None
             if entry is not None:
-                # Same key, same content: refresh recency, evict nobody.
+                # Same key, same content: keep the held arrays, refresh recency, evict nobody.
                 self._entries.move_to_end(key)
             else:
-                held = _Held(pattern if isinstance(pattern, PackedPattern) else PackedPattern.copy_of(pattern))
-                if held.nbytes > self.max_bytes or self.max_entries == 0:
-                    return held.pattern if device is None else held.to(device).pattern
                 entry = self._entries[key] = _Entry(held)
                 self._bytes += held.nbytes
                 self._shrink()  # stops before the new entry: it is the newest and fits
             base = entry.base
-            if device is None:
-                return base.pattern
-            copy = entry.copies.get(device)
-            if copy is not None and not copy.tampered():
-                return copy.pattern
-        return self._add_copy(key, base, device, base.to(device))
+            served = self._held_on(entry, device)
+        return served if served is not None else self._add_copy(key, base, device, base.to(device))
+
+    @staticmethod
+    def _held_on(entry: _Entry, device: torch.device | None) -> Pattern | None:
+        """The entry's pattern on ``device`` when it holds an intact copy there
+        (call with the lock held)."""
+        if device is None:
+            return entry.base.pattern
+        copy = entry.copies.get(device)
+        return copy.pattern if copy is not None and not copy.tampered() else None
 
     def evict(self, key: str) -> bool:
         """Drop ``key`` (not counted as an eviction: the caller asked)."""
