@@ -236,7 +236,8 @@ class DistributedDilatedAttention(_DilatedBase):
     (batch, seq_len // world_size) of the (batch, seq_len) bool mask, True =
     padding, as in ``DilatedAttention``. Every rank must call it with chunks
     of one shape, and pass a mask or not; a mismatch raises the same
-    ``ValueError`` on every rank. Collectives run in groups
+    ``ValueError`` on every rank, and an invalid input on one rank raises its
+    own ``ValueError`` there and one naming that rank on the others. Collectives run in groups
     with a timeout of ``timeout`` (a rank that never arrives fails the others
     after it, never hangs them). ``bytes_received`` counts the bytes this
     rank received from all-gathers since construction.
@@ -273,14 +274,35 @@ class DistributedDilatedAttention(_DilatedBase):
         self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
         group = require_initialized(self.process_group)
-        check_attention_inputs(q, k, v, key_padding_mask)
-        b, c, h, d = q.shape
-        device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        masked = int(key_padding_mask is not None)
-        agree_on_shapes([b, c, h, d, _DTYPE_CODES.get(q.dtype, -1), int(bool(is_causal)), masked], group, device,
-                        "chunks of one shape (batch, seq_len // world_size, heads, head_dim), one dtype, "
-                        "one is_causal and a key_padding_mask on all or none "
-                        "(batch, chunk, heads, head_dim, dtype, causal, masked)")
+        # Every rank reaches the agreement below, valid inputs or not, so a bad
+        # input on one rank is an error on all of them, never a wait for a
+        # collective the bad rank will not join.
+        try:
+            check_attention_inputs(q, k, v, key_padding_mask)
+            mine = None
+        except ValueError as error:
+            mine = error
+        nccl = dist.get_backend(group) == "nccl"
+        if mine is None:
+            b, c, h, d = q.shape
+            description = [b, c, h, d, _DTYPE_CODES.get(q.dtype, -1), int(bool(is_causal)),
+                           int(key_padding_mask is not None), 0]
+            device = q.device if nccl else torch.device("cpu")
+        else:
+            description = [-1] * 7 + [1]
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        try:
+            agree_on_shapes(description, group, device,
+                            "chunks of one shape (batch, seq_len // world_size, heads, head_dim), one dtype, "
+                            "one is_causal and a key_padding_mask on all or none (batch, chunk, heads, "
+                            "head_dim, dtype, causal, masked, invalid; a rank with invalid inputs shows "
+                            "-1s and raises its own error)")
+        except ValueError:
+            if mine is not None:
+                raise mine from None
+            raise
+        if mine is not None:  # every rank's inputs were invalid in the same way
+            raise mine
         dplan, groups = self._distributed_plan(c, h, group)
         return _SequenceParallel.apply(q, k, v, key_padding_mask, dplan, groups, bool(is_causal),
                                        _scale(self.softmax_scale, q), self._stats)

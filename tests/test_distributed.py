@@ -181,8 +181,14 @@ def _mismatched_chunks(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match="segment length 12 .* must divide the chunk length 8 or be a multiple"):
         bad_segment(y, y, y)
     mask_on_rank_0 = torch.zeros(1, 8, dtype=torch.bool) if rank == 0 else None
-    with pytest.raises(ValueError, match="a key_padding_mask on all or none.*rank 0: \\[1, 8, 2, 4, 1, 0, 1\\]"):
+    with pytest.raises(ValueError, match="a key_padding_mask on all or none.*rank 0: \\[1, 8, 2, 4, 1, 0, 1, 0\\]"):
         module(y, y, y, key_padding_mask=mask_on_rank_0)
+    # A malformed input on one rank: that rank names it, the others name the rank.
+    wrong_mask_on_rank_0 = torch.zeros(1, 8 if rank else 5, dtype=torch.bool)
+    expected = ("key_padding_mask must have shape \\(batch, seq\\) = \\(1, 8\\), got \\(1, 5\\)" if rank == 0
+                else "rank 0: \\[-1, -1, -1, -1, -1, -1, -1, 1\\]")
+    with pytest.raises(ValueError, match=expected):
+        module(y, y, y, key_padding_mask=wrong_mask_on_rank_0)
 
 
 def _reinitialized(rank: int, world: int, rendezvous_file: str) -> None:
