@@ -237,9 +237,9 @@ class DistributedDilatedAttention(_DilatedBase):
     padding, as in ``DilatedAttention``. Every rank must call it with chunks
     of one shape, and pass a mask or not; a mismatch raises the same
     ``ValueError`` on every rank, and an invalid input on one rank raises its
-    own ``ValueError`` there and one naming that rank on the others. Collectives run in groups
-    with a timeout of ``timeout`` (a rank that never arrives fails the others
-    after it, never hangs them). ``bytes_received`` counts the bytes this
+    own ``ValueError`` there and one naming that rank on the others.
+    Collectives run in groups with a timeout of ``timeout`` (a rank that
+    never arrives fails the others after it, never hangs them). ``bytes_received`` counts the bytes this
     rank received from all-gathers since construction.
     """
 
@@ -279,11 +279,11 @@ class DistributedDilatedAttention(_DilatedBase):
         # collective the bad rank will not join.
         try:
             check_attention_inputs(q, k, v, key_padding_mask)
-            mine = None
+            local_error = None
         except ValueError as error:
-            mine = error
+            local_error = error
         nccl = dist.get_backend(group) == "nccl"
-        if mine is None:
+        if local_error is None:
             b, c, h, d = q.shape
             description = [b, c, h, d, _DTYPE_CODES.get(q.dtype, -1), int(bool(is_causal)),
                            int(key_padding_mask is not None), 0]
@@ -298,11 +298,11 @@ class DistributedDilatedAttention(_DilatedBase):
                             "head_dim, dtype, causal, masked, invalid; a rank with invalid inputs shows "
                             "-1s and raises its own error)")
         except ValueError:
-            if mine is not None:
-                raise mine from None
+            if local_error is not None:
+                raise local_error from None
             raise
-        if mine is not None:  # every rank's inputs were invalid in the same way
-            raise mine
+        if local_error is not None:  # every rank's inputs were invalid in the same way
+            raise local_error
         dplan, groups = self._distributed_plan(c, h, group)
         return _SequenceParallel.apply(q, k, v, key_padding_mask, dplan, groups, bool(is_causal),
                                        _scale(self.softmax_scale, q), self._stats)
