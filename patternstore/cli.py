@@ -491,11 +491,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             problem["repair"] = "regenerated" if ok else "dropped; regenerating did not write"
             unrepaired += not ok
     # Value files no entry refers to (a writer killed between file and row).
-    orphans = [{"path": str(path), "bytes": _file_size(path)} for path in store.disk.orphans()]
-    if args.repair and orphans:
-        left = {str(path) for path in store.disk.remove([Path(o["path"]) for o in orphans])}
-        for orphan in orphans:
-            orphan["repair"] = "could not delete" if orphan["path"] in left else "removed"
+    orphan_paths = store.disk.orphans()
+    orphans = [{"path": str(path), "bytes": _file_size(path)} for path in orphan_paths]
+    if args.repair and orphan_paths:
+        left = set(store.disk.remove(orphan_paths))
+        for path, orphan in zip(orphan_paths, orphans):
+            orphan["repair"] = "could not delete" if path in left else "removed"
         unrepaired += len(left)
     found = bool(problems or orphans)
     status = (1 if unrepaired else 0) if args.repair else (1 if found else 0)
