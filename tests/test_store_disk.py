@@ -12,22 +12,32 @@ import errno
 import os
 import pickle
 import sqlite3
+import struct
 import warnings
 from pathlib import Path
 
 import diskcache
 import msgpack
 import pytest
+import xxhash
 
 import patternstore.disk as disk_module
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
-from patternstore.codec import checksum, decode, decode_packed, encode
+from patternstore.codec import decode, decode_packed, encode
 from patternstore.memory import MemoryTier
 from patternstore.pattern import PACK_ALIGN
 from patternstore.disk import PatternStoreWarning, filesystem_type
 
 SMALL = DilatedSpec(512, [128, 512], [1, 2], 2)  # envelope < 32 KiB: inside SQLite
 LARGE = SparseSpec("bigbird", seq_len=16384, block_size=32, num_heads=4, different_layout_per_head=True)  # a file
+
+
+def resealed(value: bytearray) -> bytes:
+    """``value`` with its checksum recomputed: xxh3_64 of bytes 12 onwards,
+    at bytes 4 to 12 (the layout in codec.py), so only the field checks can
+    refuse it."""
+    struct.pack_into("<Q", value, 4, xxhash.xxh3_64_intdigest(bytes(value[12:])))
+    return bytes(value)
 
 
 class Planted:
@@ -45,12 +55,15 @@ def plain_cache(store: PatternStore) -> diskcache.Cache:
     return diskcache.Cache(str(store.directory))
 
 
-def refetched(store: PatternStore, spec) -> None:
-    """get returns the true pattern, counted as one corrupt value, and the
-    disk now holds a value a fresh store accepts."""
+def refetched(store: PatternStore, spec, counter: str = "corrupt") -> None:
+    """get returns the true pattern, counted as one refused value (in
+    ``counter``: corrupt, or outdated for another format), and the disk now
+    holds a value a fresh store accepts."""
     assert store.get(spec).equals(generate(spec))
     stats = store.stats()
-    assert stats["corrupt"] == 1 and stats["generations"] == 1 and stats["disk_hits"] == 0
+    other = {"corrupt": "outdated", "outdated": "corrupt"}[counter]
+    assert stats[counter] == 1 and stats[other] == 0
+    assert stats["generations"] == 1 and stats["disk_hits"] == 0
     fresh = PatternStore(store.directory)
     assert fresh.get(spec).equals(generate(spec)) and fresh.stats()["disk_hits"] == 1
 
@@ -110,14 +123,12 @@ def test_truncated_value_file(tmp_path):
     refetched(PatternStore(tmp_path), LARGE)
 
 
-def test_wrong_version_envelope_with_a_valid_checksum(tmp_path):
+def test_wrong_version_value_with_a_valid_checksum_is_an_outdated_miss(tmp_path):
     store = PatternStore(tmp_path)
-    spec = SMALL
-    envelope = msgpack.unpackb(encode(generate(spec)), raw=False)
-    envelope["format"] = 2
-    envelope["checksum"] = checksum(2, spec.key, envelope["spec"], envelope["arrays"])
-    store.disk.write(spec.key, msgpack.packb(envelope, use_bin_type=True))
-    refetched(store, spec)
+    value = bytearray(encode(generate(SMALL)))
+    struct.pack_into("<I", value, 12, 3)  # a format this code does not know
+    store.disk.write(SMALL.key, resealed(value))
+    refetched(store, SMALL, counter="outdated")
 
 
 def test_envelope_of_another_spec_under_this_key(tmp_path):
