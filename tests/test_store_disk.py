@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import pickle
 import sqlite3
@@ -221,14 +222,18 @@ def writes_are_refused(directory: Path) -> bool:
     return False
 
 
-def test_read_only_directory(tmp_path, monkeypatch):
+def test_read_only_directory_is_still_read(tmp_path, monkeypatch):
+    """A precomputed store whose database cannot be opened for writing.
+    Root ignores mode bits, so chmod alone cannot refuse this process: where
+    it does not, diskcache's (writing) open is made to fail the way SQLite
+    fails on a read-only directory. test_read_only_mount below uses a real
+    read-only mount."""
     directory = tmp_path / "store"
     PatternStore(directory).get(SMALL)
+    PatternStore(directory).get(LARGE)
     directory.chmod(0o500)
     try:
         if not writes_are_refused(directory):
-            # Root ignores mode bits: make SQLite fail the way it does on a
-            # read-only directory instead.
             def refuse(*args, **kwargs):
                 raise sqlite3.OperationalError("attempt to write a readonly database")
 
@@ -237,12 +242,70 @@ def test_read_only_directory(tmp_path, monkeypatch):
 
         def use() -> None:
             stores.append(PatternStore(directory))
-            attention_style_use(stores[0])
+            attention_style_use(stores[0])  # SMALL from disk, another spec generated
+            assert stores[0].get(LARGE).equals(generate(LARGE))
 
         caught = warnings_of(use)
-        assert len(caught) == 1
+        assert len(caught) == 1 and "read-only" in str(caught[0].message)
+        store = stores[0]
+        assert store.read_only and store.disk.read_only and "readonly" in str(store.disk_error)
+        stats = store.stats()
+        assert stats["disk_hits"] == 2 and stats["generations"] == 1 and stats["corrupt"] == 0
+        assert sorted(store.disk.keys()) == sorted([SMALL.key, LARGE.key])  # what `patternstore ls` reads
+        assert store.disk.stored_at(LARGE.key) is not None and store.disk.volume() > 0
+        assert decode(store.disk.read(LARGE.key), LARGE.key).equals(generate(LARGE))
+        assert not store.disk.write(SMALL.key, b"x") and not store.disk.delete(SMALL.key)
+        assert store.disk.clear() == 0 and store.disk.contains(SMALL.key)
     finally:
         directory.chmod(0o700)
+    monkeypatch.undo()
+    assert PatternStore(directory).get(SMALL).equals(generate(SMALL))  # untouched
+
+
+READ_ONLY_CHILD = """
+import json, sys, warnings
+warnings.simplefilter("always")
+from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
+small = DilatedSpec(512, [128, 512], [1, 2], 2)
+large = SparseSpec("bigbird", seq_len=16384, block_size=32, num_heads=4, different_layout_per_head=True)
+absent = DilatedSpec(256, [256], [1], 1)
+with warnings.catch_warnings(record=True) as caught:
+    store = PatternStore(sys.argv[1])
+    ok = all(store.get(spec).equals(generate(spec)) for spec in (small, large, absent, small))
+print(json.dumps({"ok": ok, "read_only": store.read_only, "warnings": [str(w.message) for w in caught],
+                  "stats": store.stats(), "keys": sorted(store.disk.keys())}))
+"""
+
+
+def test_read_only_mount(tmp_path):
+    """A precomputed store on a read-only bind mount, made in a user and mount
+    namespace of its own (``unshare -rm``: nothing outside it sees the mount,
+    and it ends with the child)."""
+    import shutil
+    import subprocess
+    import sys
+
+    directory = tmp_path / "store"
+    PatternStore(directory).get(SMALL)
+    PatternStore(directory).get(LARGE)
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces here; test_read_only_directory_is_still_read covers the logic")
+    repo = str(Path(__file__).resolve().parents[1])
+    script = (f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && touch "$1/probe" 2>/dev/null '
+              f'&& exit 3; exec "$2" -c "$3" "$1"')
+    result = subprocess.run(
+        [unshare, "-rm", "sh", "-c", script, "sh", str(directory), sys.executable, READ_ONLY_CHILD],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["read_only"]
+    assert len(report["warnings"]) == 1 and "read-only" in report["warnings"][0]
+    stats = report["stats"]
+    assert stats["disk_hits"] == 2 and stats["generations"] == 1 and stats["memory_hits"] == 1
+    assert report["keys"] == sorted([SMALL.key, LARGE.key])
 
 
 @pytest.mark.parametrize(
