@@ -26,16 +26,15 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-import msgpack
 
 from .bundle import BundleError, read_bundle, write_bundle
-from .codec import ENVELOPE_VERSION, CorruptValue, decode
+from .codec import ENVELOPE_VERSION, CorruptValue, decode, stored_spec
 from .generate import generate
 from .pattern import Pattern
 from .presets import PRESETS
 from .fields import Field
 from .kinds import SPARSE_KINDS
-from .specs import DILATED_FORMAT_VERSION, SPARSE_BASE_FIELDS, SPARSE_FORMAT_VERSION, Spec, spec_from_dict
+from .specs import DILATED_FORMAT_VERSION, SPARSE_BASE_FIELDS, SPARSE_FORMAT_VERSION, Spec
 from .spectext import (
     EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, format_value, kind_schema, parse_spec, spec_from_fields,
 )
@@ -461,13 +460,7 @@ def _recover_spec(raw: bytes | None, key: str) -> Spec | None:
     """The spec a damaged envelope was written for, when its (unchecked) spec
     field still rebuilds to exactly ``key``; regenerating that spec gives the
     one value that belongs under the key. Otherwise None."""
-    try:
-        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=lambda c, d: None)
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in envelope["spec"].items()}
-        spec = spec_from_dict(fields)
-    except Exception:  # anything unreadable: nothing to regenerate from
-        return None
-    return spec if spec.key == key else None
+    return None if raw is None else stored_spec(raw, key)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
