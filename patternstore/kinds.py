@@ -13,6 +13,14 @@ has the kind. A generator appends candidate key blocks to ``LayoutContext``
 sorted CSR layout and applies the unidirectional rule (key block <= query
 block). Generators are vectorized torch code: Python loops run over
 parameter lists, never over blocks.
+
+Causal prefix property (docs/design.md, generation semantics): with
+``attention="unidirectional"`` every kind's layout at a length is exactly the
+first rows of its layout at any longer length, so a capacity layout serves
+every shorter length (``patternstore.csr.prefix_rows``). ``prefix_stable``
+says whether that also holds for a bidirectional layout under the causal
+rule; random blocks of a bidirectional row are drawn from the whole row, so
+there it does not.
 """
 
 from __future__ import annotations
@@ -56,7 +64,6 @@ class LayoutContext:
 
     def __post_init__(self) -> None:
         self.full_rows = torch.zeros(self.heads, self.num_blocks, dtype=torch.bool)
-        self._generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -72,17 +79,48 @@ class LayoutContext:
     def random_blocks(self, count: int) -> torch.Tensor:
         """``count`` distinct uniform key blocks per (head, query block), from
         ``[0, nb)`` or, causal, ``[0, row]`` (fewer where fewer exist).
-        Floyd's sampling, vectorized over all rows: ``[heads, nb, count]``, -1 = none."""
+        Floyd's sampling, vectorized over all rows: ``[heads, nb, count]``, -1 = none.
+
+        Every draw is a counter-based hash of ``(seed, head, row, step)``, so
+        a row's draws do not depend on the number of rows: a causal row gets
+        the same blocks at every length (``SparseSpec.is_prefix_stable``)."""
         heads, nb = self.heads, self.num_blocks
         pool = (self.rows + 1) if self.causal else torch.full((nb,), nb)
         pool = pool.expand(heads, nb)
+        head = torch.arange(heads, dtype=torch.int64)[:, None]
+        stream = _mix(_mix(torch.tensor(self.seed, dtype=torch.int64) + _GOLDEN * (head + 1)) + _GOLDEN * self.rows)
         chosen = torch.full((heads, nb, count), -1, dtype=torch.int64)
         for step in range(count):
             top = pool - count + step                                   # Floyd: draw from [0, top]
-            draw = (torch.rand(heads, nb, generator=self._generator, dtype=torch.float64) * (top + 1)).long()
+            bits = _shift_right(_mix(stream + _int64(_GOLDEN * (step + 1) % (1 << 64))), 11)  # 53 uniform bits
+            draw = (bits.to(torch.float64) * 2.0**-53 * (top + 1)).long()
             taken = (chosen[..., :step] == draw[..., None]).any(-1)
             chosen[..., step] = torch.where(top >= 0, torch.where(taken, top, draw), -1)
         return chosen
+
+
+def _int64(value: int) -> int:
+    """A 64-bit constant as the signed int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# SplitMix64 (Steele, Lea, Flood 2014): its increment and finalizer constants.
+# int64 tensor arithmetic wraps modulo 2**64, so the bits equal the unsigned algorithm's.
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 ``x``."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """The SplitMix64 finalizer: a bijection of 64-bit words that spreads every input bit."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
 
 
 @dataclass(frozen=True)
@@ -190,17 +228,22 @@ def _build_fixed(ctx: LayoutContext) -> None:
     local, num_global = p["num_local_blocks"], p["num_global_blocks"]
     ctx.candidates.append((rows // local * local)[:, None] + torch.arange(local))
     # Per head: the last num_global blocks of each local window are global
-    # (shifted left by num_global for each further pattern); a partial last
-    # window keeps its global blocks inside the sequence.
+    # (shifted left by num_global for each further pattern).
     head = torch.arange(heads)[:, None]
     first = local - (1 + head % p["num_different_global_patterns"]) * num_global  # [heads, 1]
     complete = nb - nb % local
-    window_starts = torch.arange(0, max(complete, 1), local)[None, :]
-    starts = first + window_starts                                               # [heads, w]
-    starts = torch.where(window_starts < complete, starts, -num_global)
-    if complete < nb:
-        last = (torch.clamp(complete + first, max=nb - num_global)).clamp(min=0)
-        starts = torch.cat([starts, last], dim=1)
+    if ctx.causal:
+        # A partial last window has the global blocks it will have when
+        # complete (those that exist yet): a row never depends on the length.
+        starts = first + torch.arange(0, nb, local)[None, :]                     # [heads, w]
+    else:
+        # DeepSpeed's rule: a partial last window keeps its global blocks
+        # inside the sequence.
+        window_starts = torch.arange(0, max(complete, 1), local)[None, :]
+        starts = torch.where(window_starts < complete, first + window_starts, -num_global)
+        if complete < nb:
+            last = (torch.clamp(complete + first, max=nb - num_global)).clamp(min=0)
+            starts = torch.cat([starts, last], dim=1)
     columns = (starts[:, :, None] + torch.arange(num_global)).flatten(1)         # [heads, c]
     columns = torch.where((columns >= 0) & (columns < nb), columns, -1)
     ctx.candidates.append(columns[:, None, :].expand(heads, nb, -1))

@@ -44,7 +44,7 @@ from .kinds import SPARSE_KINDS
 # Bump a version whenever the generator's output or the array layout of that
 # kind changes: old entries then live under other keys and are never misread.
 DILATED_FORMAT_VERSION = 2  # 2: length-free (no seq_len), groups [G, 6], no positions
-SPARSE_FORMAT_VERSION = 1
+SPARSE_FORMAT_VERSION = 2  # 2: random blocks per (seed, head, row); causal fixed windows length-free
 
 SCHEMES = ("longnet", "grouped")
 
@@ -136,6 +136,8 @@ class DilatedSpec(_SpecBase):
             )
         self._freeze(DILATED_FORMAT_VERSION, values)
 
+    is_prefix_stable = True  # the pattern holds no length at all
+
     def fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in DILATED_FIELDS}
 
@@ -201,6 +203,16 @@ class SparseSpec(_SpecBase):
     @property
     def num_blocks(self) -> int:
         return -(-self.seq_len // self.block_size)
+
+    @property
+    def is_prefix_stable(self) -> bool:
+        """True when, under the causal rule (key block <= query block), the
+        layout of any shorter length is the first rows of this one, and this
+        one the first rows of any longer: causal decode may then use the rows
+        of a longer (capacity) layout. Always True for
+        ``attention="unidirectional"``; False where a bidirectional kind
+        draws random blocks from the whole row."""
+        return SPARSE_KINDS[self.kind].prefix_stable(self.params)
 
     @property
     def layout_heads(self) -> int:

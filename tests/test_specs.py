@@ -96,7 +96,7 @@ def test_key_is_readable_and_stable():
     spec = DilatedSpec(segment_lengths=(2048, 4096), dilation_rates=(1, 2), num_heads=8)
     assert spec.key.startswith("dilated-v2-") and len(spec.key) == len("dilated-v2-") + 40
     sparse = SparseSpec("bigbird", seq_len=4096, block_size=64, num_heads=8)
-    assert sparse.key.startswith("bigbird-v1-")
+    assert sparse.key.startswith("bigbird-v2-")
     # spelled-out defaults equal implicit ones
     assert SparseSpec("bigbird", 4096, 64, 8, num_random_blocks=1, attention="bidirectional") == sparse
 
