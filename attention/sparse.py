@@ -538,7 +538,7 @@ def block_sparse_attention(
     b, q_len, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    nb = -(-k.shape[1] // block_size)
+    nb = (k.shape[1] + block_size - 1) // block_size  # the fake of _layout_op says the same: one symbolic size
     for name, t, dim in (("kv_num_blocks", kv_num_blocks, 2), ("kv_indices", kv_indices, 1)):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dim:
             raise ValueError(f"{name} must be a {dim}-D int32 tensor")

@@ -607,3 +607,33 @@ def test_a_saved_module_and_an_exported_program_run_in_a_fresh_process(tmp_path)
     expected = module(*inputs)
     torch.testing.assert_close(outputs["module"], expected, rtol=0, atol=0)
     torch.testing.assert_close(outputs["program"], expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------- any number of lengths
+@pytest.mark.slow
+def test_dynamic_compile_runs_twenty_lengths_with_one_compile_and_export_takes_a_dynamic_length(tmp_path):
+    torch._dynamo.reset()
+    store = PatternStore(tmp_path / "store")
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, store=store)
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    lengths = [9 + 5 * i for i in range(20)]
+    for i, n in enumerate(lengths):
+        q, k, v = (torch.randn(1, n, 2, 8) for _ in range(3))
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            out = compiled(q, k, v, is_causal=True)
+        if i % 6 == 0:
+            torch.testing.assert_close(out, module(q, k, v, is_causal=True), rtol=1e-6, atol=1e-6)
+    mha = MultiheadBlockSparseAttention(16, 2, "local", block_size=4, store=store)
+    compiled_mha = torch.compile(mha, fullgraph=True, dynamic=True)
+    for i, n in enumerate(lengths[:4]):
+        x = torch.randn(1, n, 16)
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            torch.testing.assert_close(compiled_mha(x)[0], mha(x)[0], rtol=1e-6, atol=1e-6)
+
+    # min: dynamo specializes sizes 0 and 1, so a dynamic block count starts at 2 blocks
+    sequence = torch.export.Dim("sequence", min=5, max=4096)
+    inputs = tuple(torch.randn(1, 40, 2, 8) for _ in range(3))
+    program = torch.export.export(module, inputs, dynamic_shapes=({1: sequence},) * 3)
+    for n in (17, 40, 77):
+        q, k, v = (torch.randn(1, n, 2, 8) for _ in range(3))
+        torch.testing.assert_close(program.module()(q, k, v), module(q, k, v), rtol=0, atol=0)
