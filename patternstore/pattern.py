@@ -6,11 +6,12 @@ checks) lives in the store.
 
 Arrays by spec kind:
 
-- ``DilatedSpec`` (a gather plan, one row per (branch, head group)):
-    ``groups``    int32 ``[G, 10]``, columns ``GROUP_COLUMNS``;
-    ``positions`` int32 ``[P]``: the selected sequence positions of every group
-    back to back, group g at ``positions[start : start + num_segments *
-    per_segment + tail]``, segment by segment, ascending.
+- ``DilatedSpec`` (one row per (branch, head group), independent of the
+  sequence length):
+    ``groups``    int32 ``[G, 6]``, columns ``GROUP_COLUMNS``. At length n a
+    group selects, in every segment ``[t*s, min((t+1)*s, n))`` with
+    ``s = min(segment, n)``, the positions ``t*s + offset + rate*m``; the
+    attention code derives those numbers at call time.
 - ``SparseSpec`` (a CSR block layout, DESIGN.md section 2):
     ``kv_num_blocks`` int32 ``[H, nb]``: active key blocks of each query block;
     ``kv_indices``    int32 ``[sum(kv_num_blocks)]``: the rows back to back,
@@ -22,14 +23,38 @@ from __future__ import annotations
 
 import ctypes
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Mapping
+from typing import ContextManager, Iterator, Mapping
 
 import torch
+from torch._ops import _len_torch_dispatch_stack_pre_dispatch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .specs import Spec
 
 PACK_ALIGN = 16  # bytes; every packed array starts at a multiple, so any dtype can view it
+
+def real_tensors() -> ContextManager[None]:
+    """Tensors made inside are real tensors with autograd and version
+    counting, whatever the caller runs under: ``torch.inference_mode`` (whose
+    tensors have no ``_version``, which the memory tier's tamper check reads),
+    or fake and other dispatch modes (``torch.export``, ``FakeTensorMode``),
+    whose tensors have no data to read or write. The store makes and reads
+    its own tensors only inside this (never on a memory hit: no cost there).
+    Outside any such mode it is a no-op: checking costs 1 us, entering the
+    modes' exits 12 us (measured here), and a disk hit nests a few."""
+    if (torch._C._len_torch_dispatch_stack() or _len_torch_dispatch_stack_pre_dispatch()
+            or torch.is_inference_mode_enabled()):
+        return _outside_modes()
+    return nullcontext()
+
+
+@contextmanager
+def _outside_modes() -> Iterator[None]:
+    with _disable_current_modes(), torch.inference_mode(False):
+        yield
+
 
 # One array's place in a packed buffer: (name, dtype, shape, byte offset, nbytes).
 Slot = tuple[str, torch.dtype, tuple[int, ...], int, int]
@@ -37,15 +62,11 @@ Slot = tuple[str, torch.dtype, tuple[int, ...], int, int]
 # Columns of a dilated plan's ``groups`` table.
 GROUP_COLUMNS = (
     "branch",        # index i of the branch (w_i, r_i)
-    "segment",       # s = min(w_i, seq_len)
+    "segment",       # w_i, not clipped to any length
     "rate",          # r_i
-    "offset",        # o: first selected position inside each segment
+    "offset",        # o < r_i: first selected position inside each segment
     "head_start",    # heads [head_start, head_stop) use this offset
     "head_stop",
-    "num_segments",  # full segments: seq_len // s
-    "per_segment",   # positions selected in each full segment: ceil((s - o) / r)
-    "tail",          # positions selected in the last, shorter segment
-    "start",         # where this group's positions begin in ``positions``
 )
 
 
@@ -112,15 +133,34 @@ class PackedPattern:
     buffer: torch.Tensor
     slots: tuple[Slot, ...]
 
-    @classmethod
-    def empty(cls, spec: Spec, arrays: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> "PackedPattern":
-        """An uninitialized CPU buffer for arrays ``name -> (dtype, shape)``, in order."""
+    @staticmethod
+    def layout(arrays: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[tuple[Slot, ...], int]:
+        """(slots, buffer bytes) of arrays ``name -> (dtype, shape)`` packed in
+        order, each at a multiple of ``PACK_ALIGN``."""
         slots, end = [], 0
         for name, (dtype, shape) in arrays.items():
             size = math.prod(shape) * dtype.itemsize
             slots.append((name, dtype, tuple(shape), end, size))
             end += -(-size // PACK_ALIGN) * PACK_ALIGN
-        return cls(spec, torch.empty(end, dtype=torch.uint8), tuple(slots))
+        return tuple(slots), end
+
+    @classmethod
+    def empty(cls, spec: Spec, arrays: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> "PackedPattern":
+        """An uninitialized CPU buffer for arrays ``name -> (dtype, shape)``, in order."""
+        slots, size = cls.layout(arrays)
+        return cls(spec, torch.empty(size, dtype=torch.uint8), slots)
+
+    @classmethod
+    def over(cls, spec: Spec, buffer: torch.Tensor, arrays: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> "PackedPattern":
+        """Arrays ``name -> (dtype, shape)`` laid out in ``buffer`` (uint8, 1-D,
+        its first byte aligned to ``PACK_ALIGN``), which the result views: no
+        copy. ``ValueError`` when ``buffer`` is not exactly the layout's size."""
+        slots, size = cls.layout(arrays)
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != size:
+            raise ValueError(f"buffer must be uint8 of {size} bytes, got {buffer.dtype} {tuple(buffer.shape)}")
+        if buffer.data_ptr() % PACK_ALIGN:
+            raise ValueError(f"buffer must start at a multiple of {PACK_ALIGN} bytes")
+        return cls(spec, buffer, slots)
 
     @classmethod
     def copy_of(cls, pattern: Pattern) -> "PackedPattern":

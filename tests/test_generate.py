@@ -9,23 +9,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patternstore import DilatedSpec, SparseSpec, generate
-from patternstore.codec import tensor_bytes
+from patternstore.codec import encode, tensor_bytes
+from patternstore.csr import check_layout, drop_future_blocks, padded_rows, prefix_rows
+from patternstore.kinds import SPARSE_KINDS
 from patternstore.pattern import GROUP_COLUMNS
-from strategies import sparse_specs
+from strategies import dilated_specs, sparse_params, sparse_specs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ dilated
-def reference_selection(spec: DilatedSpec) -> set[tuple[int, int, int, int]]:
-    """(branch, head, segment start, position) for every selected pair, by
-    walking the definition position by position."""
-    n, h = spec.seq_len, spec.num_heads
+def reference_selection(spec: DilatedSpec, n: int) -> set[tuple[int, int, int, int]]:
+    """(branch, head, segment start, position) for every selected pair at
+    length ``n``, by walking the definition position by position."""
+    h = spec.num_heads
     k = len(spec.segment_lengths)
     out = set()
     for i, (w, r) in enumerate(zip(spec.segment_lengths, spec.dilation_rates)):
@@ -45,52 +48,64 @@ def reference_selection(spec: DilatedSpec) -> set[tuple[int, int, int, int]]:
     return out
 
 
-def plan_selection(spec: DilatedSpec) -> set[tuple[int, int, int, int]]:
-    pattern = generate(spec)
-    groups, positions = pattern["groups"].tolist(), pattern["positions"]
+def plan_selection(pattern, n: int) -> set[tuple[int, int, int, int]]:
+    """The same set, read from the length-free groups table the way the
+    attention code does: s = min(segment, n), every segment start t*s < n."""
     out = set()
-    for row in groups:
+    for row in pattern["groups"].tolist():
         g = dict(zip(GROUP_COLUMNS, row))
-        count = g["num_segments"] * g["per_segment"] + g["tail"]
-        pos = positions[g["start"]: g["start"] + count].tolist()
-        assert pos == sorted(pos)
-        full = pos[: g["num_segments"] * g["per_segment"]]
-        for t in range(g["num_segments"]):  # each full segment holds per_segment positions
-            chunk = full[t * g["per_segment"]: (t + 1) * g["per_segment"]]
-            assert all(t * g["segment"] <= p < (t + 1) * g["segment"] for p in chunk)
-        for j in range(g["head_start"], g["head_stop"]):
-            for p in pos:
-                out.add((g["branch"], j, p // g["segment"] * g["segment"], p))
+        s = min(g["segment"], n)
+        assert 0 <= g["offset"] < g["rate"] <= g["segment"] and g["head_start"] < g["head_stop"]
+        for start in range(0, n, s):
+            for p in range(start + g["offset"], min(start + s, n), g["rate"]):
+                for j in range(g["head_start"], g["head_stop"]):
+                    out.add((g["branch"], j, start, p))
     return out
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    n=st.integers(1, 70),
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=3),
     branches=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9)), min_size=1, max_size=3),
     heads=st.integers(1, 9),
     grouped=st.booleans(),
 )
-def test_dilated_plan_selects_exactly_what_the_definition_selects(n, branches, heads, grouped):
+def test_dilated_plan_selects_exactly_what_the_definition_selects(lengths, branches, heads, grouped):
+    """One length-free pattern gives the definition's selection at every length."""
     segments = [w for w, _ in branches]
     rates = [min(r, w) for w, r in branches]
     if grouped and heads < len(branches):
         heads = len(branches)
-    spec = DilatedSpec(n, segments, rates, heads, scheme="grouped" if grouped else "longnet")
-    assert plan_selection(spec) == reference_selection(spec)
+    spec = DilatedSpec(segments, rates, heads, scheme="grouped" if grouped else "longnet")
+    pattern = generate(spec)
+    for n in lengths:
+        assert plan_selection(pattern, n) == reference_selection(spec, n)
 
 
 def test_dilated_plan_example():
-    # n=10, heads=3, branches (4, 1) and (8, 2): offsets of branch 2 are
-    # head 0,1 -> 0 (g = ceil(3/2) = 2) and head 2 -> 1; the tail is [8, 10).
-    pattern = generate(DilatedSpec(10, (4, 8), (1, 2), 3))
+    # heads=3, branches (4, 1) and (8, 2): offsets of branch 2 are
+    # head 0,1 -> 0 (g = ceil(3/2) = 2) and head 2 -> 1.
+    pattern = generate(DilatedSpec((4, 8), (1, 2), 3))
+    assert list(pattern.arrays) == ["groups"]
     assert pattern["groups"].tolist() == [
-        [0, 4, 1, 0, 0, 3, 2, 4, 2, 0],
-        [1, 8, 2, 0, 0, 2, 1, 4, 1, 10],
-        [1, 8, 2, 1, 2, 3, 1, 4, 1, 15],
+        [0, 4, 1, 0, 0, 3],
+        [1, 8, 2, 0, 0, 2],
+        [1, 8, 2, 1, 2, 3],
     ]
-    assert pattern["positions"].tolist() == list(range(10)) + [0, 2, 4, 6, 8] + [1, 3, 5, 7, 9]
-    assert all(t.dtype == torch.int32 for t in pattern.arrays.values())
+    assert pattern["groups"].dtype == torch.int32
+
+
+def test_dilated_groups_drop_head_groups_past_the_last_head():
+    # 3 heads, rate 4: g = ceil(3/4) = 1, offsets 0, 1, 2 have a head; offset 3 has none.
+    pattern = generate(DilatedSpec((16,), (4,), 3))
+    assert [row[3:] for row in pattern["groups"].tolist()] == [[0, 0, 1], [1, 1, 2], [2, 2, 3]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(spec=dilated_specs())
+def test_dilated_entry_is_small_at_any_spec(spec):
+    """Contract: a stored dilated entry stays under 4 KiB (issue 11)."""
+    assert len(encode(generate(spec))) < 4096
 
 
 # ------------------------------------------------------------------ sparse
@@ -118,10 +133,13 @@ def reference_layout(spec: SparseSpec) -> torch.Tensor:
                 elif spec.kind == "fixed":
                     L, G = p["num_local_blocks"], p["num_global_blocks"]
                     first = L - (1 + h % p["num_different_global_patterns"]) * G
-                    cols = [w + first + x for w in range(0, nb - nb % L, L) for x in range(G)]
-                    if nb % L:
-                        start = max(0, min(nb - nb % L + first, nb - G))
-                        cols += list(range(start, start + G))
+                    if p["attention"] == "unidirectional":  # a partial window: its blocks when complete
+                        cols = [w + first + x for w in range(0, nb, L) for x in range(G)]
+                    else:  # DeepSpeed: a partial window keeps its global blocks inside the sequence
+                        cols = [w + first + x for w in range(0, nb - nb % L, L) for x in range(G)]
+                        if nb % L:
+                            start = max(0, min(nb - nb % L + first, nb - G))
+                            cols += list(range(start, start + G))
                     on = i // L == j // L or j in cols
                     on |= p["horizontal_global_attention"] and i in cols
                 elif spec.kind == "variable":
@@ -206,9 +224,9 @@ def test_random_blocks_are_uniform_and_distinct():
 _DIGEST_SCRIPT = """
 import hashlib, sys
 from patternstore import DilatedSpec, SparseSpec, generate
-from patternstore.codec import tensor_bytes
+from patternstore.codec import encode, tensor_bytes
 specs = [
-    DilatedSpec(5000, (512, 1024, 2048), (1, 2, 4), 8),
+    DilatedSpec((512, 1024, 2048), (1, 2, 4), 8),
     SparseSpec("bigbird", 1 << 16, 64, 4, seed=11, num_random_blocks=3, different_layout_per_head=True),
     SparseSpec("variable", 9000, 32, 2, seed=5, num_random_blocks=2, local_window_blocks=(3, 5)),
 ]
@@ -235,3 +253,69 @@ def test_seed_changes_random_layouts_only():
     assert layout("bigbird", 1) == layout("bigbird", 1)
     assert layout("bigbird", 1) != layout("bigbird", 2)
     assert layout("local", 1) == layout("local", 2)
+
+
+# ------------------------------------------------------------------ causal prefix property
+def _causal_rows(spec: SparseSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern = generate(spec)
+    return drop_future_blocks(pattern["kv_num_blocks"], pattern["kv_indices"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(sorted(SPARSE_KINDS)), block_size=st.sampled_from([1, 2, 4, 16]),
+       heads=st.integers(1, 3), seed=st.integers(0, 2**63 - 1), causal=st.booleans())
+def test_causal_layout_of_a_shorter_length_is_the_first_rows_of_a_longer_one(
+    data, kind, block_size, heads, seed, causal
+):
+    """Issue 13 section 2: for every kind, unidirectional layouts (and every
+    layout whose spec says ``is_prefix_stable``, under the causal rule) at
+    length n are the first query rows of the layout at any longer length."""
+    short = data.draw(st.integers(1, 40 * block_size), label="short")
+    long = data.draw(st.integers(short, 90 * block_size), label="long")
+    nb = -(-short // block_size)
+    params = sparse_params(data.draw, kind, nb)
+    if causal:
+        params["attention"] = "unidirectional"
+    elif "attention" not in params:
+        params["attention"] = "bidirectional"
+    spec_short = SparseSpec(kind, short, block_size, heads, seed, **params)
+    spec_long = SparseSpec(kind, long, block_size, heads, seed, **params)
+    assert spec_short.is_prefix_stable == spec_long.is_prefix_stable
+    if causal:
+        assert spec_short.is_prefix_stable
+    if not spec_short.is_prefix_stable:
+        return
+    counts, indices = _causal_rows(spec_short)
+    long_counts, long_indices = prefix_rows(*_causal_rows(spec_long), nb)
+    assert torch.equal(counts, long_counts) and torch.equal(indices, long_indices)
+    check_layout(long_counts, long_indices, nb)
+
+
+def test_bidirectional_random_blocks_are_not_prefix_stable_and_say_so():
+    """Random blocks of a bidirectional row come from the whole row: the
+    predicate says so, and the layouts really differ."""
+    spec_short = SparseSpec("bigbird", 64, 1, 1, seed=5, num_random_blocks=3, num_global_blocks=0)
+    spec_long = SparseSpec("bigbird", 128, 1, 1, seed=5, num_random_blocks=3, num_global_blocks=0)
+    assert not spec_short.is_prefix_stable and not spec_long.is_prefix_stable
+    assert not torch.equal(padded_rows(*_causal_rows(spec_short), 64),
+                           padded_rows(*prefix_rows(*_causal_rows(spec_long), 64), 64))
+    assert SparseSpec("bigbird", 64, 1, num_random_blocks=0).is_prefix_stable
+    assert SparseSpec("bigbird", 64, 1, num_random_blocks=3, attention="unidirectional").is_prefix_stable
+    assert not SparseSpec("fixed", 64, 1).is_prefix_stable  # DeepSpeed's partial last window moves with the length
+    assert DilatedSpec((8,), (2,), 2).is_prefix_stable
+
+
+def test_prefix_rows_of_one_and_several_heads():
+    # head 0: rows [0], [0, 1], [1, 2]; head 1: rows [0], [1], [0, 2]
+    counts = torch.tensor([[1, 2, 2], [1, 1, 2]], dtype=torch.int32)
+    indices = torch.tensor([0, 0, 1, 1, 2, 0, 1, 0, 2], dtype=torch.int32)
+    two, entries = prefix_rows(counts, indices, 2)
+    assert two.tolist() == [[1, 2], [1, 1]] and entries.tolist() == [0, 0, 1, 0, 1]
+    one, first = prefix_rows(counts[:1], indices[:5], 2)
+    assert one.tolist() == [[1, 2]] and first.tolist() == [0, 0, 1]
+    assert first.data_ptr() == indices.data_ptr()  # one head: a view, no copy
+    assert prefix_rows(counts, indices, 0)[1].numel() == 0
+    assert torch.equal(prefix_rows(counts, indices, 3)[1], indices)
+    for bad in (4, -1, True, 2.0):
+        with pytest.raises(ValueError, match="num_blocks must be an int in"):
+            prefix_rows(counts, indices, bad)
