@@ -444,37 +444,59 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, flat_plan, is_causal, scale
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, flat_plan, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.flat_plan, ctx.is_causal, ctx.scale = flat_plan, is_causal, scale
+class _DilatedFunction(torch.autograd.Function):
+    """Autograd of the custom ops, written as a Function with
+    ``setup_context`` so that ``torch.func`` transforms (grad, vjp, vmap)
+    take it; ``torch.compile`` traces it into the graph around the opaque
+    ops. The backward is differentiable once: double backward raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, key_padding_mask, flat_plan, is_causal, scale):  # type: ignore[override]
+        return _dilated_forward_op(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, key_padding_mask, flat_plan, is_causal, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)  # internal: the modules return only ``out``
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.flat_plan, ctx.is_causal, ctx.scale = flat_plan, is_causal, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _dilated_backward_op(
+                grad_out, q, k, v, out, lse, key_padding_mask, ctx.flat_plan, ctx.is_causal, ctx.scale
+            )
+        anchors = [x for x in (grad_out, q, k, v) if x.requires_grad]
+        if torch.is_grad_enabled() and anchors:
+            # create_graph: gradients that depend on the inputs through a node
+            # whose backward names the limit (instead of a silent detach).
+            grads = _NoDoubleBackward.apply(anchors[0], *grads)
+        return (*grads, None, None, None, None)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # lse is an internal output: the modules return only ``out``.
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _dilated_backward_op(
-        grad_out, q, k, v, out, lse, key_padding_mask, ctx.flat_plan, ctx.is_causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on ``grads`` whose backward is a clear error (double backward
+    of the fast path); ``anchor``, an input that requires grad, attaches it."""
 
+    @staticmethod
+    def forward(anchor, *grads):  # type: ignore[override]
+        return tuple(g.view_as(g) for g in grads)
 
-_dilated_forward_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward (gradients of gradients) of dilated attention is not supported; "
-        "use DilatedAttention (the autograd-native reference path) for it"
-    )
-
-
-def _backward_setup(ctx, inputs, output) -> None:
-    pass
-
-
-_dilated_backward_op.register_autograd(_no_double_backward, setup_context=_backward_setup)
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise RuntimeError(
+            "double backward (gradients of gradients) of the fast dilated attention path is not supported; "
+            "DilatedAttention (the autograd-native reference path) supports it"
+        )
 
 
 def dilated_attention(
@@ -499,7 +521,7 @@ def dilated_attention(
 
 def _fast(q, k, v, plan, is_causal, scale, key_padding_mask) -> Tensor:
     flat_plan = [value for g in plan.groups for value in g]
-    out, _ = _dilated_forward_op(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
+    out, _ = _DilatedFunction.apply(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
     return out
 
 
