@@ -87,10 +87,6 @@ __all__ = [
 
 _NEG_INF = float("-inf")
 
-# The plan columns this module reads, by name (contract: GROUP_COLUMNS of the length-free spec).
-PLAN_COLUMNS = ("branch", "segment", "rate", "offset", "head_start", "head_stop")
-
-
 # ---------------------------------------------------------------------- plan
 class Group(NamedTuple):
     """One row of a plan: branch ``branch`` (segment length ``segment`` =
@@ -106,6 +102,9 @@ class Group(NamedTuple):
     head_stop: int
 
 
+assert Group._fields == GROUP_COLUMNS
+
+
 class DilatedPlan(NamedTuple):
     """What a kernel needs of a dilated pattern, as plain ints: valid for
     every sequence length."""
@@ -118,18 +117,7 @@ class DilatedPlan(NamedTuple):
         spec = pattern.spec
         if not isinstance(spec, DilatedSpec):
             raise ValueError(f"a dilated plan needs a DilatedSpec pattern, got {spec.kind!r}")
-        columns = [GROUP_COLUMNS.index(name) for name in PLAN_COLUMNS]
-        rows = pattern["groups"].tolist()
-        return cls(spec.num_heads, tuple(Group(*(row[c] for c in columns)) for row in rows))
-
-
-def dilated_spec(segment_lengths, dilation_rates, num_heads: int, scheme: str) -> DilatedSpec:
-    """The store spec of a plan. Length-free (contract 1); while the landed
-    ``DilatedSpec`` still takes a ``seq_len``, the longest segment is given,
-    which leaves every row's ``segment`` at w_i."""
-    if "seq_len" in DilatedSpec.__dataclass_fields__:
-        return DilatedSpec(max(segment_lengths), segment_lengths, dilation_rates, num_heads, scheme)
-    return DilatedSpec(segment_lengths, dilation_rates, num_heads, scheme)
+        return cls(spec.num_heads, tuple(Group(*row) for row in pattern["groups"].tolist()))
 
 
 class Piece(NamedTuple):
@@ -579,7 +567,7 @@ class _DilatedBase(nn.Module):
         """The plan for ``num_heads`` query heads: from this module's cache, else the store."""
         plan = self._plans.get(num_heads)
         if plan is None:
-            spec = dilated_spec(self.segment_lengths, self.dilation_rates, num_heads, self.scheme)
+            spec = DilatedSpec(self.segment_lengths, self.dilation_rates, num_heads, self.scheme)
             store = self.store if self.store is not None else default_store()
             plan = DilatedPlan.from_pattern(store.get(spec))
             self._plans[num_heads] = plan
