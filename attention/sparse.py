@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, Optional
 
@@ -706,14 +705,21 @@ class _LayoutSource:
 
 
 # Sources by description: a cache, never the only way to a layout (any
-# process rebuilds a source from its description). Weak: modules hold theirs.
-_SOURCES: "weakref.WeakValueDictionary[str, _LayoutSource]" = weakref.WeakValueDictionary()
+# process rebuilds a source from its description). Strong and bounded, so a
+# program that holds no module (an exported one) keeps its layouts too.
+_SOURCES: OrderedDict[str, _LayoutSource] = OrderedDict()
+MAX_SOURCES = 64
 
 
 def _source(description: str, store: Optional[PatternStore] = None) -> _LayoutSource:
     source = _SOURCES.get(description)
     if source is None:
         source = _SOURCES.setdefault(description, _LayoutSource(description, store))
+        while len(_SOURCES) > MAX_SOURCES:
+            try:
+                _SOURCES.popitem(last=False)
+            except KeyError:  # another thread emptied it meanwhile
+                break
     return source
 
 
