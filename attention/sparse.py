@@ -320,9 +320,11 @@ def _has_nonfinite(keys: Tensor) -> bool:
     """Whether a masked tile must leave the fused kernel: it ADDS its mask to
     the scores, so a NaN or inf in a masked key (a future key of a causal
     diagonal block) would poison rows that never attend it; the explicit
-    path fills masked scores instead, as SDPA's causal kernels do. One read
-    of the tile's keys, 1/bs of the tile's attention work."""
-    return not bool(torch.isfinite(keys).all())
+    path fills masked scores instead, as SDPA's causal kernels do. One sum
+    over the tile's keys (a NaN or inf makes it non-finite; an overflow to
+    inf only sends a finite tile down the exact explicit path), 1/bs of the
+    tile's attention work."""
+    return not bool(torch.isfinite(keys.sum()))
 
 
 def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
