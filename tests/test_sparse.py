@@ -633,3 +633,20 @@ def test_dynamic_compile_runs_twenty_lengths_with_one_compile_and_export_takes_a
     for n in (17, 40, 77):
         q, k, v = (torch.randn(1, n, 2, 8) for _ in range(3))
         torch.testing.assert_close(program.module()(q, k, v), module(q, k, v), rtol=0, atol=0)
+
+
+def test_threads_sharing_one_module_at_different_lengths(tmp_path, monkeypatch):
+    """The bounded per-source caches evict under concurrent use (MAX_LAYOUTS
+    2 here) without a wrong layout reaching any call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, attention="unidirectional",
+                                  store=PatternStore(tmp_path / "store"))
+    monkeypatch.setattr(module.layouts, "MAX_LAYOUTS", 2)
+    inputs = {n: tuple(torch.randn(1, n, 2, 4) for _ in range(3)) for n in (9, 17, 30, 41, 64)}
+    expected = {n: module(*x) for n, x in inputs.items()}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: (n, module(*inputs[n])), list(inputs) * 6))
+    for n, out in results:
+        torch.testing.assert_close(out, expected[n], rtol=0, atol=0)
+    assert len(module.layouts._layouts) <= 2
