@@ -50,7 +50,6 @@ a clear error.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import OrderedDict
 from typing import Iterator, NamedTuple, Optional, Sequence
