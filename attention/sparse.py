@@ -348,9 +348,18 @@ def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Te
     return keep.to(like.dtype).div_(1 - p)
 
 
+def _has_nonfinite(keys: Tensor) -> bool:
+    """Whether a masked tile must leave the fused kernel: it ADDS its mask to
+    the scores, so a NaN or inf in a masked key (a future key of a causal
+    diagonal block) would poison rows that never attend it; the explicit
+    path fills masked scores instead, as SDPA's causal kernels do. One read
+    of the tile's keys, 1/bs of the tile's attention work."""
+    return not bool(torch.isfinite(keys).all())
+
+
 def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
     """Attention of one tile: ``(out [B, R, M, d], lse [B, R, M])``."""
-    if fused:
+    if fused and not (mask is not None and _has_nonfinite(kt)):
         out, lse = _FLASH(qt, kt, vt, attn_mask=mask, scale=scale)[:2]
         return out, lse
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
@@ -371,7 +380,7 @@ def _tile_backward(d_out, qt, kt, vt, out, lse, mask, scale: float, keep: Option
                    fused: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one tile from the rows' final ``out`` and ``lse`` (+inf
     for empty rows)."""
-    if fused:
+    if fused and not (mask is not None and _has_nonfinite(kt)):
         return _FLASH_BACKWARD(d_out, qt, kt, vt, out, lse, 0.0, False, attn_mask=mask, scale=scale)
     delta = (d_out * out).sum(-1)  # sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output)
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
@@ -499,33 +508,54 @@ def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *rest = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices,
-                          key_padding_mask, dropout_seed)
-    ctx.args = rest
+class _BlockSparseFunction(torch.autograd.Function):
+    """Autograd of ``_forward_op`` as an ``autograd.Function`` with its own
+    ``setup_context``: the form ``torch.func`` transforms accept (a custom
+    op's ``register_autograd`` is not, torch 2.13). Its backward feeds the
+    FINAL ``out`` and ``lse`` to ``_backward_op``."""
+
+    @staticmethod
+    def forward(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+                block_size, causal, scale, dropout_p):
+        return _forward_op(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+                           block_size, causal, scale, dropout_p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *rest = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices,
+                              key_padding_mask, dropout_seed)
+        ctx.args = rest
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+        q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
+        dq, dk, dv = _BlockSparseBackwardFunction.apply(
+            grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *ctx.args,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
-    q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
-    dq, dk, dv = _backward_op(
-        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *ctx.args,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+class _BlockSparseBackwardFunction(torch.autograd.Function):
+    """``_backward_op`` under autograd: differentiating it again (double
+    backward) is refused with a message instead of a silent wrong zero."""
 
+    @staticmethod
+    def forward(*inputs):
+        return _backward_op(*inputs)
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "block-sparse attention has no double backward (a gradient of its gradients, e.g. create_graph=True "
-        "then backward again, or torch.func.grad of torch.func.grad); use the dense reference "
-        "F.scaled_dot_product_attention with a boolean mask for second derivatives"
-    )
-
-
-_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "block-sparse attention has no double backward (a gradient of its gradients, e.g. "
+            "create_graph=True then backward again, or torch.func.grad of torch.func.grad); use the dense "
+            "reference F.scaled_dot_product_attention with a boolean mask for second derivatives"
+        )
 
 
 # ----------------------------------------------------------- functional core
@@ -574,7 +604,7 @@ def block_sparse_attention(
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
-    out, _ = _forward_op(
+    out, _ = _BlockSparseFunction.apply(
         q, k, v, kv_num_blocks, kv_indices, key_padding_mask, seed,
         block_size, bool(causal), float(scale), float(dropout_p),
     )
