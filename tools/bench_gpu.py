@@ -9,13 +9,16 @@ Full run (CUDA): bf16, batch 1, 16 heads, head_dim 128 (then 64).
   Candidates, interleaved in one process (A B C A B C ...), medians of CUDA
   event timings:
   ``ours`` (ImprovedDilatedAttention, the kernel layer's default CUDA half
-  kernel), ``ours-cudnn`` (the same with ``attention.kernels.CUDA_HALF_KERNEL
-  = "cuda_cudnn"``: the measurement that chooses between them),
+  kernel), ``ours-flash`` or ``ours-cudnn`` (the same with the other fused
+  half kernel set in ``attention.kernels.CUDA_HALF_KERNEL``: the measurement
+  behind the default),
   ``gather-flash`` (what torchscale does: gather each branch's dilated rows
   with ``index_select``, FlashAttention per branch, scatter back, merge by
-  log-sum-exp weights computed without gradient) and ``sdpa`` / ``sdpa-flash``
-  (dense ``F.scaled_dot_product_attention``, default dispatch / FlashAttention
-  forced) at lengths where dense is affordable.
+  log-sum-exp weights computed without gradient) and ``sdpa`` /
+  ``sdpa-flash`` / ``sdpa-cudnn`` (dense ``F.scaled_dot_product_attention``:
+  default dispatch, FlashAttention forced, cuDNN forced; forward+backward
+  without the default) at lengths where dense is affordable; the ratio to
+  dense is taken against the fastest of them.
   Useful work (docs/design.md section 6): 4 * head_dim * selected query-key
   pairs per branch and head, counted here from the design's rules (not from
   the module's plan); dense: 4 * d * n^2 * heads; forward+backward counts 3x
@@ -295,9 +298,11 @@ def run_dilated(torch, F, cfg: Config, device, dtype, timed, report: Report, dea
             return call
 
         functions: dict[str, tuple[Callable, str]] = {"ours": (module, "dilated")}
-        if device.type == "cuda" and kernels is not None and hasattr(kernels, "CUDA_HALF_KERNEL") \
-                and "cuda_cudnn" in getattr(kernels, "KERNELS", {}):
-            functions["ours-cudnn"] = (with_half_kernel("cuda_cudnn", module), "dilated")
+        if device.type == "cuda" and kernels is not None and hasattr(kernels, "CUDA_HALF_KERNEL"):
+            # The other fused half kernel (cuDNN <-> flash): the measurement behind the default.
+            other = "cuda_flash" if kernels.CUDA_HALF_KERNEL == "cuda_cudnn" else "cuda_cudnn"
+            if other in getattr(kernels, "KERNELS", {}):
+                functions[f"ours-{other[5:]}"] = (with_half_kernel(other, module), "dilated")
         if all(n % min(w, n) == 0 for w in cfg.segments):
             functions["gather-flash"] = (lambda q, k, v: gather_flash_dilated(torch, q, k, v, cfg.segments, cfg.rates),
                                          "dilated")
@@ -319,6 +324,7 @@ def run_dilated(torch, F, cfg: Config, device, dtype, timed, report: Report, dea
                 from torch.nn.attention import SDPBackend
 
                 functions["sdpa-flash"] = (lambda q, k, v: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), "dense")
+                functions["sdpa-cudnn"] = (lambda q, k, v: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), "dense")
 
         for mode in ("forward", "forward+backward"):
             candidates = {}
@@ -629,10 +635,12 @@ def summarize(report: Report, cfg: Config) -> dict:
         peer = rows.get((d, n, mode, "gather-flash"))
         if peer:
             entry["speedup_vs_gather_flash"] = peer["median_s"] / row["median_s"]
-        cudnn = rows.get((d, n, mode, "ours-cudnn"))
-        if cudnn:
-            entry["cudnn_over_flash_time"] = cudnn["median_s"] / row["median_s"]
-        dense = [rows[(d, n, mode, c)]["useful_tflops"] for c in ("sdpa", "sdpa-flash") if (d, n, mode, c) in rows]
+        for other in ("ours-cudnn", "ours-flash"):
+            if (d, n, mode, other) in rows:
+                entry["other_half_kernel"] = other
+                entry["other_over_default_time"] = rows[(d, n, mode, other)]["median_s"] / row["median_s"]
+        dense = [rows[(d, n, mode, c)]["useful_tflops"] for c in ("sdpa", "sdpa-flash", "sdpa-cudnn")
+                 if (d, n, mode, c) in rows]
         if dense:
             entry["dense_tflops"] = max(dense)
             entry["tflops_ratio_vs_dense"] = row["useful_tflops"] / max(dense)
@@ -684,8 +692,8 @@ def print_summary(summary: dict, report: Report) -> None:
             parts.append(f"{e['tflops_ratio_vs_dense']:.2f} of dense (target {e['target_ratio']})")
         if "speedup_vs_gather_flash" in e:
             parts.append(f"{e['speedup_vs_gather_flash']:.2f}x gather-flash")
-        if "cudnn_over_flash_time" in e:
-            parts.append(f"cudnn/flash time {e['cudnn_over_flash_time']:.2f}")
+        if "other_over_default_time" in e:
+            parts.append(f"{e['other_half_kernel']}/ours time {e['other_over_default_time']:.2f}")
         if "peak_over_output" in e:
             parts.append(f"peak {e['peak_over_output']:.2f}x output")
         print("  " + ", ".join(parts))
@@ -716,7 +724,7 @@ def plot(report: Report, paths: list[Path]) -> None:
     data = report.data
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for ax, mode in zip(axes[:2], ("forward", "forward+backward")):
-        for row_name in ("ours", "ours-cudnn", "gather-flash", "sdpa", "sdpa-flash"):
+        for row_name in ("ours", "ours-cudnn", "ours-flash", "gather-flash", "sdpa", "sdpa-flash", "sdpa-cudnn"):
             for d in sorted({r["head_dim"] for r in data["dilated"]}):
                 points = sorted((r["length"], r["useful_tflops"]) for r in data["dilated"]
                                 if r["mode"] == mode and r["candidate"] == row_name and r["head_dim"] == d)
