@@ -34,7 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, full log to $LO
     timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     echo "== $name: last lines"
-    tail -n 25 "$LOGS/$name.log"
+    tail -n 12 "$LOGS/$name.log"
     local verdict=ok
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT"; elif [ $rc -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
     printf '%-14s %-18s %4ds\n' "$name" "$verdict" $((SECONDS - began)) >>"$STATE/summary"
@@ -64,7 +64,7 @@ for f in tests/test_kernels.py tests/test_dilated.py tests/test_sparse.py; do [ 
 XDIST=()
 [ $DRY = 0 ] && "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 6)
 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 step tests_cpu 110 \
-    "$PY" -m pytest -x "${CPU_TESTS[@]}" "${XDIST[@]}" -q -p no:cacheprovider -m "not cuda" >"$STATE/cpu.out" 2>&1 &
+    "$PY" -m pytest "${CPU_TESTS[@]}" "${XDIST[@]}" -q -p no:cacheprovider -m "not cuda" >"$STATE/cpu.out" 2>&1 &
 CPU_PID=$!
 
 # 3. CUDA tests (they skip cleanly without a device: the dry run checks that).
@@ -101,6 +101,9 @@ echo "== gpu_check summary ($((SECONDS - START)) s)"
 sed 's/^/  /' "$STATE/summary"
 grep -q -v " ok " "$STATE/summary" && STATUS=1
 grep -E "passed|failed|skipped|error" "$LOGS/tests_cuda.log" | tail -n 1 | sed 's/^/  cuda tests: /'
+grep -E "^(FAILED|ERROR) " "$LOGS/tests_cuda.log" | head -n 30 | cut -c1-220 | sed 's/^/    /'
 grep -E "passed|failed|error" "$LOGS/tests_cpu.log" | tail -n 1 | sed 's/^/  cpu tests: /'
-sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 60
+grep -E "^(FAILED|ERROR) " "$LOGS/tests_cpu.log" | head -n 10 | cut -c1-220 | sed 's/^/    /'
+sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 70
+[ -f "$LOGS/decode.log" ] && tail -n 8 "$LOGS/decode.log"
 exit $STATUS
