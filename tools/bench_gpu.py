@@ -635,6 +635,7 @@ def summarize(report: Report, cfg: Config) -> dict:
         peer = rows.get((d, n, mode, "gather-flash"))
         if peer:
             entry["speedup_vs_gather_flash"] = peer["median_s"] / row["median_s"]
+            entry["faster_than_peer"] = entry["speedup_vs_gather_flash"] > 1.0
         for other in ("ours-cudnn", "ours-flash"):
             if (d, n, mode, other) in rows:
                 entry["other_half_kernel"] = other
@@ -649,7 +650,10 @@ def summarize(report: Report, cfg: Config) -> dict:
         memory = rows.get((d, n, "memory", "ours"))
         if memory and mode == "forward":
             entry["peak_over_output"] = memory["peak_over_output"]
+            entry["memory_target_met"] = memory["peak_over_output"] <= 1.5
         summary["dilated"].append(entry)
+    longest = max(cfg.lengths[cfg.head_dims[0]])
+    summary["longest_forward_backward_done"] = (cfg.head_dims[0], longest, "forward+backward", "ours") in rows
     sparse = {}
     for row in data["sparse"]:
         sparse[(row["kind"], row["length"], row["mode"], row["candidate"])] = row
@@ -697,6 +701,7 @@ def print_summary(summary: dict, report: Report) -> None:
         if "peak_over_output" in e:
             parts.append(f"peak {e['peak_over_output']:.2f}x output")
         print("  " + ", ".join(parts))
+    print(f"  ours forward+backward at the longest length: {'done' if summary['longest_forward_backward_done'] else 'NOT done'}")
     for e in summary["sparse"]:
         parts = [f"sparse {e['kind']} n={length_label(e['length'])} {e['mode']}"]
         if "time_over_flex_cbm" in e:
