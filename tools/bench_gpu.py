@@ -247,6 +247,31 @@ def gather_flash_dilated(torch, q, k, v, segments, rates):
 
 
 # ----------------------------------------------------- dilated section
+def dilated_cost_estimate(report: Report, cfg: Config, head_dim: int, n: int) -> float:
+    """Seconds length ``n`` will take, from the medians at a shorter length:
+    each candidate runs about 6 times (2 untimed, 3 rounds, the memory
+    check); dilated work grows linearly, dense quadratically; 3 s of set-up."""
+    estimate = 0.0
+    for m in {r["length"] for r in report.data["dilated"] if r["head_dim"] == head_dim and r["length"] < n}:
+        rows = [r for r in report.data["dilated"] if r["head_dim"] == head_dim and r["length"] == m and "median_s" in r]
+        linear = sum(r["median_s"] for r in rows if not r["candidate"].startswith("sdpa")) * n / m
+        dense = sum(r["median_s"] for r in rows if r["candidate"].startswith("sdpa")) * (n / m) ** 2
+        estimate = max(estimate, 6 * (linear + (dense if n <= cfg.dense_forward_max else 0.0)) + 3)
+    return estimate
+
+
+def priority_order(lengths) -> list[int]:
+    """The shortest, the longest (the 1M target), then from the middle
+    outwards: when the budget runs short, what is dropped is in between."""
+    lengths = sorted(lengths)
+    order = [lengths[0], lengths[-1]]
+    rest = lengths[1:-1]
+    while rest:
+        middle = rest.pop(len(rest) // 2)
+        order.append(middle)
+    return list(dict.fromkeys(order))
+
+
 def run_dilated(torch, F, cfg: Config, device, dtype, timed, report: Report, deadline: float, head_dim: int) -> None:
     from attention import ImprovedDilatedAttention
 
@@ -257,16 +282,14 @@ def run_dilated(torch, F, cfg: Config, device, dtype, timed, report: Report, dea
     heads = cfg.heads
     module = ImprovedDilatedAttention(cfg.segments, cfg.rates)
     matmul_tflops = report.data["matmul"].get("tflops")
-    last_cost: Optional[float] = None
-    for n in cfg.lengths[head_dim]:
-        # Forward then forward+backward; the next length costs about twice
-        # (dense: four times) as much, so skip what cannot fit.
-        if last_cost is not None and time.monotonic() + 2.2 * last_cost > deadline:
+    for n in priority_order(cfg.lengths[head_dim]):
+        estimate = dilated_cost_estimate(report, cfg, head_dim, n)
+        if time.monotonic() + estimate > deadline:
             report.data["skipped"].append({"section": "dilated", "head_dim": head_dim, "length": n,
-                                           "reason": f"budget (previous length took {last_cost:.1f} s)"})
+                                           "reason": f"budget (estimated {estimate:.0f} s)"})
             report.write()
-            log(f"dilated d={head_dim}: skipping n={n} and longer (budget)")
-            break
+            log(f"dilated d={head_dim}: skipping n={n} (budget: estimated {estimate:.0f} s)")
+            continue
         started = time.monotonic()
         try:
             q, k, v = (torch.randn(1, n, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
@@ -383,7 +406,7 @@ def run_dilated(torch, F, cfg: Config, device, dtype, timed, report: Report, dea
                                                   "message": str(error)[:300]})
         del q, k, v, grad_out
         free_memory(torch)
-        last_cost = time.monotonic() - started
+        log(f"dilated d={head_dim} n={n}: {time.monotonic() - started:.1f} s (estimated {estimate:.1f} s)")
 
 
 # ------------------------------------------------------ sparse helpers
@@ -442,36 +465,31 @@ def make_cbm(torch, table, cfg: Config, n: int, device, causal: bool):
 # ------------------------------------------------------ sparse section
 def run_sparse(torch, F, cfg: Config, device, dtype, timed, report: Report, deadline: float) -> None:
     d, heads = cfg.sparse_head_dim, cfg.heads
-    # Priority order: forward at the shortest and the longest length, then the
-    # rest; forward+backward last.
+    # Priority order: forward at the shortest length (the dense-mask target),
+    # then at the longest (the fresh-process target), then the rest;
+    # forward+backward last.
     lengths = list(cfg.sparse_lengths)
-    order = [(lengths[0], "forward"), (lengths[-1], "forward"), *[(n, "forward") for n in lengths[1:-1]]]
+    order = list(dict.fromkeys([(lengths[0], "forward"), (lengths[-1], "forward"),
+                                *[(n, "forward") for n in lengths[1:-1]]]))
     if device.type == "cuda":  # flex has no CPU backward
-        order += [(lengths[0], "forward+backward"), (lengths[-1], "forward+backward")]
-    seen = []
-    # (length, mode) -> (wall seconds, timed seconds): compiles and set-up do
-    # not grow with the length, the timed calls about linearly.
-    costs: dict[tuple[int, str], tuple[float, float]] = {}
+        order += list(dict.fromkeys([(lengths[0], "forward+backward"), (lengths[-1], "forward+backward")]))
+    # (length, mode, kind) -> (wall seconds, timed seconds): compiles and
+    # set-up do not grow with the length, the timed calls about linearly.
+    costs: dict[tuple[int, str, str], tuple[float, float]] = {}
     for n, mode in order:
-        if (n, mode) in seen:
-            continue
-        seen.append((n, mode))
-        smaller = [wall - work + work * n / m for (m, md), (wall, work) in costs.items() if md == mode and m <= n]
-        estimate = max(smaller) if smaller else 0.0
-        if time.monotonic() + estimate > deadline:
-            report.data["skipped"].append({"section": "sparse", "length": n, "mode": mode,
-                                           "reason": f"budget (estimated {estimate:.0f} s)"})
-            report.write()
-            log(f"sparse: skipping n={n} {mode} (budget)")
-            continue
-        started, timed_before = time.monotonic(), timed_seconds(report)
         for kind in cfg.sparse_kinds:
-            if time.monotonic() > deadline:
+            smaller = [wall - work + work * n / m for (m, md, kd), (wall, work) in costs.items()
+                       if md == mode and kd == kind and m <= n]
+            estimate = max(smaller) if smaller else 0.0
+            if time.monotonic() + estimate > deadline:
                 report.data["skipped"].append({"section": "sparse", "length": n, "mode": mode, "kind": kind,
-                                               "reason": "budget"})
+                                               "reason": f"budget (estimated {estimate:.0f} s)"})
+                report.write()
+                log(f"sparse: skipping {kind} n={n} {mode} (budget: estimated {estimate:.0f} s)")
                 continue
+            started, timed_before = time.monotonic(), timed_seconds(report)
             run_sparse_case(torch, F, cfg, device, dtype, timed, report, kind, n, mode, d, heads)
-        costs[(n, mode)] = (time.monotonic() - started, timed_seconds(report) - timed_before)
+            costs[(n, mode, kind)] = (time.monotonic() - started, timed_seconds(report) - timed_before)
 
 
 def timed_seconds(report: Report) -> float:
@@ -549,7 +567,8 @@ def run_first_output(cfg: Config, args, report: Report, deadline: float) -> None
         report.data["skipped"].append({"section": "first_output", "reason": "no sparse length ran"})
         return
     n = done_lengths[-1]  # the layout is in the store and flex's kernels in the compile caches
-    for kind in cfg.sparse_kinds:
+    ran = {row["kind"] for row in report.data["sparse"] if row["candidate"] == "ours" and row["length"] == n}
+    for kind in [kind for kind in cfg.sparse_kinds if kind in ran]:
         for which in ("ours", "flex-cbm"):
             remaining = deadline - time.monotonic()
             if remaining < (20 if cfg.quick else 30):
@@ -822,10 +841,10 @@ def main() -> None:
 
     # Sections with shares of the remaining budget (unused time rolls over).
     sections: list[tuple[str, float, Callable[[float], None]]] = [
-        ("dilated", 0.35, lambda dl: run_dilated(torch, F, cfg, device, dtype, timed, report, dl, cfg.head_dims[0])),
-        ("sparse", 0.30, lambda dl: run_sparse(torch, F, cfg, device, dtype, timed, report, dl)),
+        ("dilated", 0.33, lambda dl: run_dilated(torch, F, cfg, device, dtype, timed, report, dl, cfg.head_dims[0])),
+        ("sparse", 0.37, lambda dl: run_sparse(torch, F, cfg, device, dtype, timed, report, dl)),
         ("first_output", 0.20, lambda dl: run_first_output(cfg, args, report, dl)),
-        ("dilated-small-head", 0.15,
+        ("dilated-small-head", 0.10,
          lambda dl: run_dilated(torch, F, cfg, device, dtype, timed, report, dl, cfg.head_dims[1])),
     ]
     for i, (section, share, run) in enumerate(sections):
