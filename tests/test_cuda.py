@@ -19,6 +19,10 @@ last rows of the full-length reference.
 
 Error measure: ||got - ref|| / ||ref|| over the whole tensor (RELATIVE_ERROR),
 and every output finite; rows with no key at all must be exactly 0.
+
+Order: the block-sparse correctness tests come last (each new dtype and mask
+compiles flex_attention's forward and backward), so a run cut short by a time
+limit (tools/gpu_check.sh) loses the fewest checks.
 """
 
 from __future__ import annotations
@@ -352,55 +356,6 @@ def test_multihead_dilated_matches_reference(cls, dtype):
     check_multihead(layer, dilated_reference, dtype=dtype, n=300, causal=True, padded=True, seed=4)
 
 
-# --------------------------------------------------------- block-sparse
-# (kind, params, block_size, batch, q_len, kv_len, kv_heads, is_causal, padded)
-SPARSE_CASES = {
-    "bigbird-tail-padded": ("bigbird", {}, 64, 2, 1000, 1000, 4, False, True),
-    "local-causal": ("local", {}, 64, 2, 640, 640, 4, False, False),
-    "bslongformer-gqa-causal": ("bslongformer", {"global_block_indices": (0, 3)}, 128, 1, 700, 700, 2, True, False),
-    "bigbird-per-head": ("bigbird", {"different_layout_per_head": True}, 64, 2, 333, 333, 4, False, False),
-    "local-decode-rows": ("local", {}, 64, 2, 3, 700, 4, False, True),
-}
-
-
-def sparse_module_case(case: str, dtype: torch.dtype, seed: int) -> None:
-    kind, params, block_size, batch, q_len, kv_len, kv_heads, causal, padded = SPARSE_CASES[case]
-    module = BlockSparseAttention(kind, block_size=block_size, **params)
-    spec = SparseSpec(kind, seq_len=kv_len, block_size=block_size, num_heads=HEADS, **params)
-    unidirectional = spec.params["attention"] == "unidirectional"
-
-    def reference(q, k, v, *, causal, pad):
-        return sparse_reference(q, k, v, spec, causal=causal or unidirectional, pad=pad)
-
-    check_module(module, reference, dtype=dtype, batch=batch, q_len=q_len, kv_len=kv_len, heads=HEADS,
-                 kv_heads=kv_heads, causal=causal, padded=padded, seed=seed)
-
-
-# Every case in bf16 (the training dtype); fp16 and fp32 on one each: every
-# new (dtype, mask) compiles flex_attention's forward and backward, seconds
-# apiece on a fresh machine.
-SPARSE_RUNS = [(case, torch.bfloat16) for case in SPARSE_CASES] + [
-    ("local-causal", torch.float16), ("bigbird-tail-padded", torch.float32),
-]
-
-
-@pytest.mark.parametrize("case,dtype", SPARSE_RUNS, ids=[f"{c}-{d}" for c, d in SPARSE_RUNS])
-def test_block_sparse_attention_matches_reference(case, dtype):
-    sparse_module_case(case, dtype, seed=5)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_multihead_block_sparse_matches_reference(dtype):
-    torch.manual_seed(6)
-    layer = MultiheadBlockSparseAttention(HEADS * HEAD_DIM, HEADS, "bigbird", block_size=64)
-    spec = SparseSpec("bigbird", seq_len=500, block_size=64, num_heads=HEADS)
-
-    def reference(q, k, v, *, causal, pad):
-        return sparse_reference(q, k, v, spec, causal=causal, pad=pad)
-
-    check_multihead(layer, reference, dtype=dtype, n=500, causal=False, padded=True, seed=6)
-
-
 # ------------------------------------------------------------- compile
 class Block(nn.Module):
     """A pre-norm transformer block around a multi-head attention layer."""
@@ -518,3 +473,51 @@ def test_cuda_graphs_block_sparse():
     section 4 asks to say which): inference."""
     check_cuda_graphs(BlockSparseAttention("local", block_size=64), head_inputs(640), training=False)
 
+
+# --------------------------------------------------------- block-sparse
+# (kind, params, block_size, batch, q_len, kv_len, kv_heads, is_causal, padded)
+SPARSE_CASES = {
+    "bigbird-tail-padded": ("bigbird", {}, 64, 2, 1000, 1000, 4, False, True),
+    "local-causal": ("local", {}, 64, 2, 640, 640, 4, False, False),
+    "bslongformer-gqa-causal": ("bslongformer", {"global_block_indices": (0, 3)}, 128, 1, 700, 700, 2, True, False),
+    "bigbird-per-head": ("bigbird", {"different_layout_per_head": True}, 64, 2, 333, 333, 4, False, False),
+    "local-decode-rows": ("local", {}, 64, 2, 3, 700, 4, False, True),
+}
+
+
+def sparse_module_case(case: str, dtype: torch.dtype, seed: int) -> None:
+    kind, params, block_size, batch, q_len, kv_len, kv_heads, causal, padded = SPARSE_CASES[case]
+    module = BlockSparseAttention(kind, block_size=block_size, **params)
+    spec = SparseSpec(kind, seq_len=kv_len, block_size=block_size, num_heads=HEADS, **params)
+    unidirectional = spec.params["attention"] == "unidirectional"
+
+    def reference(q, k, v, *, causal, pad):
+        return sparse_reference(q, k, v, spec, causal=causal or unidirectional, pad=pad)
+
+    check_module(module, reference, dtype=dtype, batch=batch, q_len=q_len, kv_len=kv_len, heads=HEADS,
+                 kv_heads=kv_heads, causal=causal, padded=padded, seed=seed)
+
+
+# Every case in bf16 (the training dtype); fp16 and fp32 on one each: every
+# new (dtype, mask) compiles flex_attention's forward and backward, seconds
+# apiece on a fresh machine.
+SPARSE_RUNS = [(case, torch.bfloat16) for case in SPARSE_CASES] + [
+    ("local-causal", torch.float16), ("bigbird-tail-padded", torch.float32),
+]
+
+
+@pytest.mark.parametrize("case,dtype", SPARSE_RUNS, ids=[f"{c}-{d}" for c, d in SPARSE_RUNS])
+def test_block_sparse_attention_matches_reference(case, dtype):
+    sparse_module_case(case, dtype, seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_multihead_block_sparse_matches_reference(dtype):
+    torch.manual_seed(6)
+    layer = MultiheadBlockSparseAttention(HEADS * HEAD_DIM, HEADS, "bigbird", block_size=64)
+    spec = SparseSpec("bigbird", seq_len=500, block_size=64, num_heads=HEADS)
+
+    def reference(q, k, v, *, causal, pad):
+        return sparse_reference(q, k, v, spec, causal=causal, pad=pad)
+
+    check_multihead(layer, reference, dtype=dtype, n=500, causal=False, padded=True, seed=6)

@@ -12,7 +12,9 @@
 # Every step is bounded by `timeout`; a failing step does not stop the next.
 # Logs, tools/results/gpu.json and gpu.png also go to $OUT when it is set
 # (the device tool's folder that comes back); a summary is printed last.
-# Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 420).
+# Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 420),
+# GPU_CHECK_TESTS=0 (benchmarks only: a second run gets the whole budget),
+# GPU_CHECK_BENCH=0 (tests only).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ TOTAL=${GPU_CHECK_SECONDS:-420}
 DRY=0
 [ "${1:-}" = "--dry" ] && DRY=1
 STATE=$(mktemp -d /tmp/gpu_check.XXXXXX)  # step verdicts (not in $OUT: it brings back 8 files at most)
+: >"$STATE/summary"
 LOGS=${OUT:-$STATE}
 mkdir -p "$LOGS" tools/results
 export PYTHONUNBUFFERED=1
@@ -63,20 +66,22 @@ CPU_TESTS=()
 for f in tests/test_kernels.py tests/test_dilated.py tests/test_sparse.py; do [ -f "$f" ] && CPU_TESTS+=("$f"); done
 XDIST=()
 [ $DRY = 0 ] && "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 6)
-CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 step tests_cpu 110 \
-    "$PY" -m pytest "${CPU_TESTS[@]}" "${XDIST[@]}" -q -p no:cacheprovider -m "not cuda" >"$STATE/cpu.out" 2>&1 &
-CPU_PID=$!
+if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
+    CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 step tests_cpu 110 \
+        "$PY" -m pytest "${CPU_TESTS[@]}" "${XDIST[@]}" -q -p no:cacheprovider -m "not cuda" >"$STATE/cpu.out" 2>&1 &
+    CPU_PID=$!
 
-# 3. CUDA tests (they skip cleanly without a device: the dry run checks that).
-PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12)
-"$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
-step tests_cuda 190 "$PY" -m pytest -m cuda tests/test_cuda.py "${PYTEST_OPTS[@]}"
-wait $CPU_PID
-cat "$STATE/cpu.out"
+    # 3. CUDA tests (they skip cleanly without a device: the dry run checks that).
+    PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12)
+    "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
+    step tests_cuda 200 "$PY" -m pytest -m cuda tests/test_cuda.py "${PYTEST_OPTS[@]}"
+    wait $CPU_PID
+    cat "$STATE/cpu.out"
+fi
 
 # 4. Decode latency through transformers (branch hf's tools/bench_decode.py), when present.
 DECODE=0
-[ -f tools/bench_decode.py ] && [ $DRY = 0 ] && DECODE=1
+[ -f tools/bench_decode.py ] && [ $DRY = 0 ] && [ "${GPU_CHECK_BENCH:-1}" != 0 ] && DECODE=1
 
 # 5. The benchmark, with what is left of the budget (it drops its largest
 #    cases to keep to it; bench_gpu.py writes tools/results/gpu.{json,png}
@@ -84,7 +89,9 @@ DECODE=0
 RESERVE=$(( DECODE == 1 ? 60 : 0 ))
 BUDGET=$(( TOTAL - (SECONDS - START) - RESERVE - 30 ))
 [ $BUDGET -lt 90 ] && BUDGET=90
-if [ $DRY = 1 ]; then
+if [ "${GPU_CHECK_BENCH:-1}" = 0 ]; then
+    echo "== bench: skipped (GPU_CHECK_BENCH=0)"
+elif [ $DRY = 1 ]; then
     step bench 300 "$PY" tools/bench_gpu.py --quick --device cpu --budget-s 150 --results "$LOGS"
 else
     step bench $((BUDGET + 25)) "$PY" tools/bench_gpu.py --budget-s "$BUDGET"
@@ -100,10 +107,12 @@ echo
 echo "== gpu_check summary ($((SECONDS - START)) s)"
 sed 's/^/  /' "$STATE/summary"
 grep -q -v " ok " "$STATE/summary" && STATUS=1
-grep -E "passed|failed|skipped|error" "$LOGS/tests_cuda.log" | tail -n 1 | sed 's/^/  cuda tests: /'
-grep -E "^(FAILED|ERROR) " "$LOGS/tests_cuda.log" | head -n 30 | cut -c1-220 | sed 's/^/    /'
-grep -E "passed|failed|error" "$LOGS/tests_cpu.log" | tail -n 1 | sed 's/^/  cpu tests: /'
-grep -E "^(FAILED|ERROR) " "$LOGS/tests_cpu.log" | head -n 10 | cut -c1-220 | sed 's/^/    /'
-sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 70
+if [ -f "$LOGS/tests_cuda.log" ]; then
+    grep -E "passed|failed|skipped|error" "$LOGS/tests_cuda.log" | tail -n 1 | sed 's/^/  cuda tests: /'
+    grep -E "^(FAILED|ERROR) " "$LOGS/tests_cuda.log" | head -n 30 | cut -c1-220 | sed 's/^/    /'
+    grep -E "passed|failed|error" "$LOGS/tests_cpu.log" | tail -n 1 | sed 's/^/  cpu tests: /'
+    grep -E "^(FAILED|ERROR) " "$LOGS/tests_cpu.log" | head -n 10 | cut -c1-220 | sed 's/^/    /'
+fi
+[ -f "$LOGS/bench.log" ] && sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 70
 [ -f "$LOGS/decode.log" ] && tail -n 8 "$LOGS/decode.log"
 exit $STATUS
