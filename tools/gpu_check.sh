@@ -6,7 +6,8 @@
 # platformdirs) are installed from wheels carried in .whl/ (git-ignored) into
 # /tmp/site, and the project is imported from the working tree.
 #
-#   tools/gpu_check.sh          # on the GPU machine (about 7 minutes at most)
+#   tools/gpu_check.sh          # on the GPU machine (about 7 minutes at most); through the
+#                               # device tool: command "make gpu-check", carry [".whl"], timeout_s 480
 #   tools/gpu_check.sh --dry    # anywhere: CUDA tests must skip, bench --quick on the CPU
 #
 # Every step is bounded by `timeout`; a failing step does not stop the next.
