@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA device and no network, with that machine's own
+# python3 and torch (no venv): CUDA tests, a CPU subset, a short GPU
+# benchmark (tools/gpu_check.sh; about 7 minutes). Wheels of the missing
+# pure-Python dependencies travel in .whl/ (see the script).
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

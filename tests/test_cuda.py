@@ -1,0 +1,523 @@
+"""Every attention module on a CUDA device against float64 dense references
+(issue 12, section 5): outputs and gradients in bfloat16, float16 and
+float32, causal and key padding, grouped-query attention, lengths that are
+not multiples of any segment or block, decode rows (fewer queries than
+keys, bottom-right aligned: query row i is position kv_len - q_len + i,
+docs/design.md section 7), the compile contract (docs/design.md section 4)
+and CUDA graphs.
+
+Marked ``cuda`` and skipped without a device. ``PATTERNSTORE_TEST_DEVICE=cpu``
+runs the same checks (those that do not need CUDA itself) on the CPU: a dry
+run of this file's own logic where no GPU is lent.
+
+References: ``dense_reference.dense_dilated_attention`` (from the design's
+definition alone) and ``sparse_reference`` below (from the stored CSR layout),
+both float64 on the CPU, fed the very values the device saw (inputs rounded to
+the tested dtype, then widened). Grouped-query heads are repeated in the
+reference (query head j reads key head j // (h / h_kv)); decode rows are the
+last rows of the full-length reference.
+
+Error measure: ||got - ref|| / ||ref|| over the whole tensor (RELATIVE_ERROR),
+and every output finite; rows with no key at all must be exactly 0.
+
+Order: the block-sparse correctness tests come last (each new dtype and mask
+compiles flex_attention's forward and backward), so a run cut short by a time
+limit (tools/gpu_check.sh) loses the fewest checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from attention import (
+    BlockSparseAttention,
+    DilatedAttention,
+    ImprovedDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    MultiheadBlockSparseAttention,
+    MultiheadDilatedAttention,
+)
+from attention import kernels
+from dense_reference import dense_dilated_attention
+from patternstore import SparseSpec, generate
+
+DEVICE = torch.device(os.environ.get("PATTERNSTORE_TEST_DEVICE", "cuda"))
+HAVE_CUDA = torch.cuda.is_available()
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        DEVICE.type == "cuda" and not HAVE_CUDA,
+        reason="needs a CUDA device (PATTERNSTORE_TEST_DEVICE=cpu runs the device-independent checks on the CPU)",
+    ),
+]
+needs_cuda = pytest.mark.skipif(
+    not (DEVICE.type == "cuda" and HAVE_CUDA), reason="CUDA graphs and the CUDA kernel choice need a CUDA device"
+)
+
+# Largest ||got - ref|| / ||ref|| accepted, per dtype. Unit roundoff u: bf16
+# 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4. Rounding the output alone costs about
+# u / sqrt(3) in this measure (2.3e-3 bf16, 2.8e-4 fp16); the fused kernels
+# also round the probabilities to the input dtype before P @ V (errors that
+# average over keys), and the branch merge runs in float32. So about 2u is
+# expected, and the bounds are 2.5u (bf16 1e-2) and 4u (fp16 2e-3), the
+# METHOD's 1e-3..1e-2 band for bf16. float32: float32 arithmetic lands near
+# 1e-6 here; 1e-4 also fails a kernel that silently computed in TF32 (~3e-4).
+RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+# Gradients: the backward rounds dP and dS to the input dtype before its
+# matmuls, and a gradient sums two such products (dS @ K and P^T @ dO).
+GRADIENT_FACTOR = 2.0
+# Multi-head layers add four rounded stages (input projection, attention,
+# LayerNorm, output projection) around the attention.
+MULTIHEAD_FACTOR = 2.0
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+SEGMENTS, RATES = (32, 64, 128), (1, 2, 4)
+HEADS, HEAD_DIM = 4, 64
+
+
+# ------------------------------------------------------------------ helpers
+def device_tensor(*shape: int, dtype: torch.dtype, generator: torch.Generator, grad: bool = True) -> Tensor:
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+    return x.requires_grad_(grad)
+
+
+def widened(x: Tensor) -> Tensor:
+    """The values the device saw, as a float64 CPU leaf for the reference."""
+    return x.detach().to("cpu", torch.float64).requires_grad_(x.requires_grad)
+
+
+def assert_close(got: Tensor, want: Tensor, tolerance: float, what: str, floor: float = 0.0) -> None:
+    """||got - want|| <= tolerance * max(||want||, floor), every value finite."""
+    got = got.detach().to("cpu", torch.float64)
+    want = want.detach().to("cpu", torch.float64)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: {int((~torch.isfinite(got)).sum())} non-finite values"
+    error = float((got - want).norm() / max(float(want.norm()), floor, 1e-300))
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance:.1e}"
+
+
+def padding_mask(batch: int, kv_len: int) -> Tensor:
+    """Right padding: row 0 unpadded, row 1 padded after its first third, so
+    late queries whose pattern reaches only padded keys have no key at all
+    (they must output exactly 0)."""
+    mask = torch.zeros(batch, kv_len, dtype=torch.bool)
+    if batch > 1:
+        mask[1, max(1, kv_len // 3):] = True
+    return mask
+
+
+def with_decode_rows(q: Tensor, kv_len: int) -> Tensor:
+    """q (b, m, h, d) as the last m rows of a kv_len-row query (zero filler
+    above: those rows are computed and dropped, they touch nothing else)."""
+    filler = q.new_zeros(q.shape[0], kv_len - q.shape[1], *q.shape[2:])
+    return torch.cat([filler, q], dim=1)
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    return x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
+def dilated_reference(q, k, v, *, causal, pad, segments=SEGMENTS, rates=RATES) -> Tensor:
+    kv_len, q_len = k.shape[1], q.shape[1]
+    h = q.shape[2]
+    out = dense_dilated_attention(
+        with_decode_rows(q, kv_len), repeat_kv(k, h), repeat_kv(v, h), segments, rates,
+        is_causal=causal, key_padding_mask=pad,
+    )
+    return out[:, kv_len - q_len:]
+
+
+def sparse_reference(q, k, v, spec: SparseSpec, *, causal, pad) -> Tensor:
+    """One softmax per query row over the keys of its active blocks (and,
+    with ``causal``, at or before its position), written from the CSR."""
+    pattern = generate(spec)
+    counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
+    layout_heads, nb = counts.shape
+    blocks = torch.zeros(layout_heads, nb, nb, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(layout_heads * nb), counts.flatten().long())
+    blocks.view(-1, nb)[rows, indices.long()] = True
+    kv_len, q_len, h = k.shape[1], q.shape[1], q.shape[2]
+    position = torch.arange(kv_len)
+    allowed = blocks[:, position[:, None] // spec.block_size, position[None, :] // spec.block_size]
+    if causal:
+        allowed = allowed & (position[None, :] <= position[:, None])
+    allowed = allowed.expand(h, kv_len, kv_len)[None]
+    if pad is not None:
+        allowed = allowed & ~pad[:, None, None, :]
+    qf, kf, vf = with_decode_rows(q, kv_len), repeat_kv(k, h), repeat_kv(v, h)
+    scores = torch.einsum("bihd,bjhd->bhij", qf, kf) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, -math.inf)
+    live = allowed.any(-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(~live, 0.0), dim=-1) * live
+    return torch.einsum("bhij,bjhd->bihd", weights, vf)[:, kv_len - q_len:]
+
+
+def check_module(module: nn.Module, reference, *, dtype, batch, q_len, kv_len, heads, kv_heads, causal,
+                 padded, seed, factor: float = 1.0) -> None:
+    """module(q, k, v) on DEVICE in ``dtype`` against ``reference`` (float64
+    CPU): output, dead rows exactly 0, and the gradients of q, k and v."""
+    generator = torch.Generator().manual_seed(seed)
+    q = device_tensor(batch, q_len, heads, HEAD_DIM, dtype=dtype, generator=generator)
+    k, v = (device_tensor(batch, kv_len, kv_heads, HEAD_DIM, dtype=dtype, generator=generator) for _ in range(2))
+    pad = padding_mask(batch, kv_len) if padded else None
+    out = module(q, k, v, is_causal=causal, key_padding_mask=None if pad is None else pad.to(DEVICE))
+    assert out.dtype == dtype and out.device.type == DEVICE.type
+    q64, k64, v64 = (widened(x) for x in (q, k, v))
+    want = reference(q64, k64, v64, causal=causal, pad=pad)
+    tolerance = RELATIVE_ERROR[dtype] * factor
+    assert_close(out, want, tolerance, "output")
+    dead = want.detach().abs().sum(-1) == 0  # rows with no key
+    assert (out.detach().cpu()[dead] == 0).all(), "a row with no key must output exactly 0"
+    grad_out = device_tensor(*out.shape, dtype=dtype, generator=generator, grad=False)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = torch.autograd.grad(want, (q64, k64, v64), widened(grad_out))
+    # A query whose every key is one position (a one-key row) has dq = dk = 0
+    # exactly, so where every row is such, the error is measured against
+    # 1% of ||dv|| (= ||P^T dO||, never 0) instead of a zero norm.
+    floor = 1e-2 * float(expected[2].norm())
+    for name, a, b in zip("qkv", got, expected):
+        assert_close(a, b, tolerance * GRADIENT_FACTOR, f"grad {name}", floor)
+
+
+# ------------------------------------------------------------- dilated
+# (batch, q_len, kv_len, kv_heads, causal, padded): whole segments; not a
+# multiple of any segment (GQA); shorter than every segment (padding);
+# multi-query causal padded; a longer one with many segments; decode rows.
+DILATED_CASES = {
+    "whole-segments": (2, 256, 256, 4, False, False),
+    "tail-gqa-causal": (2, 300, 300, 2, True, False),
+    "short-padded": (2, 77, 77, 4, False, True),
+    "mqa-causal-padded": (2, 531, 531, 1, True, True),
+    "long": (1, 2053, 2053, 4, False, False),
+    "decode-one-row": (2, 1, 300, 2, True, False),
+    "decode-rows-padded": (2, 7, 531, 4, False, True),
+    "decode-rows-causal-padded": (2, 5, 1000, 1, True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DILATED_CASES)
+def test_improved_dilated_attention_matches_reference(case, dtype):
+    batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
+    check_module(ImprovedDilatedAttention(SEGMENTS, RATES), dilated_reference, dtype=dtype, batch=batch,
+                 q_len=q_len, kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal, padded=padded, seed=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["tail-gqa-causal", "short-padded", "decode-rows-causal-padded"])
+def test_dilated_attention_matches_reference(case, dtype):
+    batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
+    check_module(DilatedAttention(SEGMENTS, RATES), dilated_reference, dtype=dtype, batch=batch, q_len=q_len,
+                 kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal, padded=padded, seed=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_dilated_attention_property(data):
+    """Any branches, head counts (GQA included), lengths and decode rows, bf16:
+    ImprovedDilatedAttention equals the reference."""
+    k = data.draw(st.integers(1, 3), label="branches")
+    segments = data.draw(st.lists(st.integers(1, 160), min_size=k, max_size=k), label="segments")
+    rates = [data.draw(st.integers(1, min(w, 6)), label="rate") for w in segments]
+    heads = data.draw(st.sampled_from([1, 2, 4, 8]), label="heads")
+    kv_heads = data.draw(st.sampled_from([h for h in (1, 2, 4, 8) if heads % h == 0]), label="kv_heads")
+    kv_len = data.draw(st.integers(1, 420), label="kv_len")
+    q_len = data.draw(st.sampled_from(sorted({kv_len, 1, max(1, kv_len // 3)})), label="q_len")
+    causal, padded = data.draw(st.booleans(), label="causal"), data.draw(st.booleans(), label="padded")
+
+    def reference(q, k, v, *, causal, pad):
+        return dilated_reference(q, k, v, causal=causal, pad=pad, segments=segments, rates=rates)
+
+    check_module(ImprovedDilatedAttention(segments, rates), reference, dtype=torch.bfloat16, batch=2, q_len=q_len,
+                 kv_len=kv_len, heads=heads, kv_heads=kv_heads, causal=causal, padded=padded, seed=kv_len)
+
+
+def test_large_segments_and_head_dim_128():
+    """The benchmark's shape family at a small length: segments 2048..16384
+    and rates 1..8 on 16 heads of 128 (every branch clipped to the length,
+    with a tail), bf16."""
+    segments, rates = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+    generator = torch.Generator().manual_seed(3)
+    n, h = 2100, 16
+    q, k, v = (torch.randn(1, n, h, 128, generator=generator, dtype=torch.float64).to(DEVICE, torch.bfloat16)
+               for _ in range(3))
+    out = ImprovedDilatedAttention(segments, rates)(q, k, v, is_causal=True)
+    want = dense_dilated_attention(*(widened(x) for x in (q, k, v)), segments, rates, is_causal=True)
+    assert_close(out, want, RELATIVE_ERROR[torch.bfloat16], "output")
+
+
+# ------------------------------------------------------------ dispatch
+@needs_cuda
+@pytest.mark.parametrize(
+    "dtype,head_dim,padded",
+    [(torch.bfloat16, 64, False), (torch.float16, 128, False), (torch.bfloat16, 256, False),
+     (torch.float32, 64, False), (torch.bfloat16, 64, True)],
+    ids=["bf16-d64", "fp16-d128", "bf16-d256", "fp32", "bf16-masked"],
+)
+def test_dispatch_runs_the_kernel_it_chooses(monkeypatch, dtype, head_dim, padded):
+    """Half types without a mask take the fused half kernel (cuDNN up to
+    CUDNN_MAX_HEAD_DIM, flash above), float32 and masks take the efficient
+    kernel, and a dilated module's forward and backward call that kernel and
+    no other."""
+    expected = ("cuda_efficient" if dtype == torch.float32 or padded
+                else kernels.CUDA_HALF_KERNEL if head_dim <= kernels.CUDNN_MAX_HEAD_DIM else "cuda_flash")
+    assert kernels.choose_kernel("cuda", dtype, head_dim, padded) == expected
+    calls = []
+    for name, kernel in list(kernels.KERNELS.items()):
+        def forward(*args, _name=name, _kernel=kernel):
+            calls.append((_name, "forward"))
+            return _kernel.forward(*args)
+
+        def backward(*args, _name=name, _kernel=kernel):
+            calls.append((_name, "backward"))
+            return _kernel.backward(*args)
+        monkeypatch.setitem(kernels.KERNELS, name, kernel._replace(forward=forward, backward=backward))
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (device_tensor(2, 300, HEADS, head_dim, dtype=dtype, generator=generator) for _ in range(3))
+    pad = padding_mask(2, 300).to(DEVICE) if padded else None
+    out = ImprovedDilatedAttention(SEGMENTS, RATES)(q, k, v, is_causal=True, key_padding_mask=pad)
+    out.float().sum().backward()
+    assert {name for name, _ in calls} == {expected}, calls
+    assert {step for _, step in calls} == {"forward", "backward"}
+
+
+@needs_cuda
+@pytest.mark.parametrize("half_kernel", ["cuda_flash", "cuda_cudnn"])
+@pytest.mark.parametrize("case", ["tail-gqa-causal", "decode-rows-causal-padded"])
+def test_both_fused_half_kernels_match_reference(monkeypatch, half_kernel, case):
+    """The default half kernel was chosen by speed; both must be exact, so a
+    device where the other wins can switch (bf16; GQA; decode rows; no
+    padding: a mask takes the efficient kernel)."""
+    monkeypatch.setattr(kernels, "CUDA_HALF_KERNEL", half_kernel)
+    batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
+    check_module(ImprovedDilatedAttention(SEGMENTS, RATES), dilated_reference, dtype=torch.bfloat16, batch=batch,
+                 q_len=q_len, kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal, padded=False, seed=9)
+
+
+def embed_inputs(batch: int, n: int, embed: int, dtype, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return device_tensor(batch, n, embed, dtype=dtype, generator=generator)
+
+
+class ReferenceAttention(nn.Module):
+    """A multi-head layer's attention replaced by a float64 reference."""
+
+    def __init__(self, reference) -> None:
+        super().__init__()
+        self.reference = reference
+
+    def forward(self, q, k, v, is_causal=False, key_padding_mask=None):
+        return self.reference(q, k, v, causal=is_causal, pad=key_padding_mask)
+
+
+def check_multihead(layer: nn.Module, reference, *, dtype, n: int, causal: bool, padded: bool, seed: int) -> None:
+    """The layer on DEVICE in ``dtype`` against the same weights in float64
+    on the CPU with the attention replaced by ``reference``: output and the
+    gradients of the input and of every parameter."""
+    expected_layer = copy.deepcopy(layer).to("cpu", torch.float64)
+    expected_layer.attention = ReferenceAttention(reference)
+    layer = layer.to(DEVICE, dtype)
+    generator = torch.Generator().manual_seed(seed)
+    x = device_tensor(2, n, layer.embed_dim, dtype=dtype, generator=generator)
+    pad = padding_mask(2, n) if padded else None
+    out, _ = layer(x, key_padding_mask=None if pad is None else pad.to(DEVICE), is_causal=causal)
+    x64 = widened(x)
+    want, _ = expected_layer(x64, key_padding_mask=pad, is_causal=causal)
+    tolerance = RELATIVE_ERROR[dtype] * MULTIHEAD_FACTOR
+    assert_close(out, want, tolerance, "output")
+    grad_out = device_tensor(*out.shape, dtype=dtype, generator=generator, grad=False)
+    names = [name for name, _ in layer.named_parameters()]
+    got = torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
+    expected = torch.autograd.grad(want, [x64, *expected_layer.parameters()], widened(grad_out))
+    for name, a, b in zip(["input", *names], got, expected):
+        if b.norm() < 1e-9:
+            # The key projection's bias: softmax is invariant to the per-row
+            # constant it adds, so its exact gradient is 0 and the device's is
+            # rounding noise with no scale to compare with (finiteness is checked).
+            assert torch.isfinite(a).all(), f"grad {name}: non-finite values"
+            continue
+        assert_close(a, b, tolerance * GRADIENT_FACTOR, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cls", [ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention], ids=lambda c: c.__name__)
+def test_multihead_dilated_matches_reference(cls, dtype):
+    torch.manual_seed(4)
+    layer = cls(HEADS * HEAD_DIM, HEADS, SEGMENTS, RATES)
+    check_multihead(layer, dilated_reference, dtype=dtype, n=300, causal=True, padded=True, seed=4)
+
+
+# ------------------------------------------------------------- compile
+class Block(nn.Module):
+    """A pre-norm transformer block around a multi-head attention layer."""
+
+    def __init__(self, attention: nn.Module, embed: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(embed), nn.LayerNorm(embed)
+        self.attention = attention
+        self.mlp = nn.Sequential(nn.Linear(embed, 4 * embed), nn.GELU(), nn.Linear(4 * embed, embed))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x), is_causal=True)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def compile_dtype() -> torch.dtype:
+    return torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+
+
+def check_compiled(model: nn.Module, make_inputs, **kwargs) -> None:
+    """Cold start with fullgraph=True; compiled == eager (output and input
+    gradients); then three calls at the same shape with recompiles made errors."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    inputs = make_inputs(0)
+    out = compiled(*inputs, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    expected = model(*inputs, **kwargs)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    tolerance = RELATIVE_ERROR[out.dtype]
+    assert_close(out, expected, tolerance, "compiled output")
+    got = torch.autograd.grad(out.float().square().sum(), inputs)
+    want = torch.autograd.grad(expected.float().square().sum(), inputs)
+    for a, b in zip(got, want):
+        assert_close(a, b, tolerance * GRADIENT_FACTOR, "compiled gradient")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(1, 4):
+            out = compiled(*make_inputs(seed), **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().sum().backward()
+
+
+def head_inputs(n: int, kv_heads: int = HEADS):
+    def make(seed: int):
+        generator = torch.Generator().manual_seed(100 + seed)
+        q = device_tensor(2, n, HEADS, HEAD_DIM, dtype=compile_dtype(), generator=generator)
+        return [q] + [device_tensor(2, n, kv_heads, HEAD_DIM, dtype=compile_dtype(), generator=generator)
+                      for _ in range(2)]
+    return make
+
+
+def embedded_inputs(n: int, embed: int):
+    def make(seed: int):
+        return [embed_inputs(2, n, embed, compile_dtype(), 200 + seed)]
+    return make
+
+
+def test_compiled_improved_dilated_attention():
+    check_compiled(ImprovedDilatedAttention(SEGMENTS, RATES), head_inputs(300, kv_heads=2), is_causal=True)
+
+
+def test_compiled_block_sparse_attention():
+    check_compiled(BlockSparseAttention("bigbird", block_size=64), head_inputs(640))
+
+
+@pytest.mark.parametrize("kind", ["dilated", "sparse"])
+def test_compiled_transformer_block(kind):
+    embed = HEADS * HEAD_DIM
+    if kind == "dilated":
+        attention = ImprovedMultiheadDilatedAttention(embed, HEADS, SEGMENTS, RATES)
+    else:
+        attention = MultiheadBlockSparseAttention(embed, HEADS, "local", block_size=64)
+    torch.manual_seed(7)
+    block = Block(attention, embed).to(DEVICE, compile_dtype())
+    check_compiled(block, embedded_inputs(320, embed))
+
+
+def check_cuda_graphs(model: nn.Module, make_inputs, training: bool) -> None:
+    """mode="reduce-overhead": no cudagraph skip, and the replays equal eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):  # warm-up, record, then replays
+        inputs = make_inputs(seed)
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.set_grad_enabled(training):
+            out = compiled(*inputs)
+            out = (out[0] if isinstance(out, tuple) else out)
+            got_out = out.detach().clone()
+            if training:
+                got_grads = [g.clone() for g in torch.autograd.grad(out.float().square().sum(), inputs)]
+        with torch.set_grad_enabled(training):
+            expected = model(*inputs)
+            expected = expected[0] if isinstance(expected, tuple) else expected
+        assert_close(got_out, expected, RELATIVE_ERROR[expected.dtype], f"call {seed}: output")
+        if training:
+            want = torch.autograd.grad(expected.float().square().sum(), inputs)
+            for a, b in zip(got_grads, want):
+                assert_close(a, b, RELATIVE_ERROR[expected.dtype] * GRADIENT_FACTOR, f"call {seed}: gradient")
+    skips = counters["inductor"]["cudagraph_skips"]
+    assert skips == 0, f"CUDA graphs were skipped {skips} time(s) (see the log for the reason)"
+
+
+@needs_cuda
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_cuda_graphs_dilated(training):
+    check_cuda_graphs(ImprovedDilatedAttention(SEGMENTS, RATES), head_inputs(300), training)
+
+
+@needs_cuda
+def test_cuda_graphs_block_sparse():
+    """Whether flex_attention on a stored BlockMask can be captured (issue 12
+    section 4 asks to say which): inference."""
+    check_cuda_graphs(BlockSparseAttention("local", block_size=64), head_inputs(640), training=False)
+
+
+# --------------------------------------------------------- block-sparse
+# (kind, params, block_size, batch, q_len, kv_len, kv_heads, is_causal, padded)
+SPARSE_CASES = {
+    "bigbird-tail-padded": ("bigbird", {}, 64, 2, 1000, 1000, 4, False, True),
+    "local-causal": ("local", {}, 64, 2, 640, 640, 4, False, False),
+    "bslongformer-gqa-causal": ("bslongformer", {"global_block_indices": (0, 3)}, 128, 1, 700, 700, 2, True, False),
+    "bigbird-per-head": ("bigbird", {"different_layout_per_head": True}, 64, 2, 333, 333, 4, False, False),
+    "local-decode-rows": ("local", {}, 64, 2, 3, 700, 4, False, True),
+}
+
+
+def sparse_module_case(case: str, dtype: torch.dtype, seed: int) -> None:
+    kind, params, block_size, batch, q_len, kv_len, kv_heads, causal, padded = SPARSE_CASES[case]
+    module = BlockSparseAttention(kind, block_size=block_size, **params)
+    spec = SparseSpec(kind, seq_len=kv_len, block_size=block_size, num_heads=HEADS, **params)
+    unidirectional = spec.params["attention"] == "unidirectional"
+
+    def reference(q, k, v, *, causal, pad):
+        return sparse_reference(q, k, v, spec, causal=causal or unidirectional, pad=pad)
+
+    check_module(module, reference, dtype=dtype, batch=batch, q_len=q_len, kv_len=kv_len, heads=HEADS,
+                 kv_heads=kv_heads, causal=causal, padded=padded, seed=seed)
+
+
+# Every case in bf16 (the training dtype); fp16 and fp32 on one each: every
+# new (dtype, mask) compiles flex_attention's forward and backward, seconds
+# apiece on a fresh machine.
+SPARSE_RUNS = [(case, torch.bfloat16) for case in SPARSE_CASES] + [
+    ("local-causal", torch.float16), ("bigbird-tail-padded", torch.float32),
+]
+
+
+@pytest.mark.parametrize("case,dtype", SPARSE_RUNS, ids=[f"{c}-{d}" for c, d in SPARSE_RUNS])
+def test_block_sparse_attention_matches_reference(case, dtype):
+    sparse_module_case(case, dtype, seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_multihead_block_sparse_matches_reference(dtype):
+    torch.manual_seed(6)
+    layer = MultiheadBlockSparseAttention(HEADS * HEAD_DIM, HEADS, "bigbird", block_size=64)
+    spec = SparseSpec("bigbird", seq_len=500, block_size=64, num_heads=HEADS)
+
+    def reference(q, k, v, *, causal, pad):
+        return sparse_reference(q, k, v, spec, causal=causal, pad=pad)
+
+    check_multihead(layer, reference, dtype=dtype, n=500, causal=False, padded=True, seed=6)

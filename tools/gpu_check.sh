@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# `make gpu-check`: the CUDA tests, a CPU subset (torch compatibility) and a
+# short GPU benchmark on a machine with a CUDA device and no network (issue 12
+# section 5). Runs with that machine's own python3 and torch: nothing comes
+# from an index; the pure-Python dependencies it lacks (diskcache,
+# platformdirs) are installed from wheels carried in .whl/ (git-ignored) into
+# /tmp/site, and the project is imported from the working tree.
+#
+#   tools/gpu_check.sh          # on the GPU machine (about 7 minutes at most); through the
+#                               # device tool: command "make gpu-check", carry [".whl"], timeout_s 480
+#   tools/gpu_check.sh --dry    # anywhere: CUDA tests must skip, bench --quick on the CPU
+#
+# Every step is bounded by `timeout`; a failing step does not stop the next.
+# Logs, tools/results/gpu.json and gpu.png also go to $OUT when it is set
+# (the device tool's folder that comes back); a summary is printed last.
+# Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 420),
+# GPU_CHECK_TESTS=0 (benchmarks only: a second run gets the whole budget),
+# GPU_CHECK_BENCH=0 (tests only).
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TOTAL=${GPU_CHECK_SECONDS:-420}
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
+STATE=$(mktemp -d /tmp/gpu_check.XXXXXX)  # step verdicts (not in $OUT: it brings back 8 files at most)
+: >"$STATE/summary"
+LOGS=${OUT:-$STATE}
+mkdir -p "$LOGS" tools/results
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, full log to $LOGS/NAME.log, its tail here
+    local name=$1 limit=$2
+    shift 2
+    local began=$SECONDS
+    echo "== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: last lines"
+    tail -n 12 "$LOGS/$name.log"
+    local verdict=ok
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT"; elif [ $rc -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
+    printf '%-14s %-18s %4ds\n' "$name" "$verdict" $((SECONDS - began)) >>"$STATE/summary"
+    [ "$verdict" = ok ]
+}
+
+echo "== gpu_check $( [ $DRY = 1 ] && echo '(dry run)') at $(date -u +%FT%TZ), budget ${TOTAL}s, logs in $LOGS"
+command -v nvidia-smi >/dev/null && nvidia-smi -L
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+
+# 1. Missing pure-Python dependencies from the carried wheels (no index).
+if compgen -G ".whl/*.whl" >/dev/null; then
+    rm -rf /tmp/site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; STATUS=1; }
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    echo "no .whl/ folder: using the interpreter's own packages"
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$PY" -c 'import attention, patternstore, diskcache, platformdirs' || { echo "the project does not import"; exit 1; }
+
+# 2. A CPU subset, in the background beside the CUDA tests: the code passes
+#    on this torch too. No GPU in sight, one thread per test process.
+CPU_TESTS=()
+for f in tests/test_kernels.py tests/test_dilated.py tests/test_sparse.py; do [ -f "$f" ] && CPU_TESTS+=("$f"); done
+XDIST=()
+[ $DRY = 0 ] && "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 6)
+if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
+    CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 step tests_cpu 110 \
+        "$PY" -m pytest "${CPU_TESTS[@]}" "${XDIST[@]}" -q -p no:cacheprovider -m "not cuda" >"$STATE/cpu.out" 2>&1 &
+    CPU_PID=$!
+
+    # 3. CUDA tests (they skip cleanly without a device: the dry run checks that).
+    PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12)
+    "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
+    step tests_cuda 200 "$PY" -m pytest -m cuda tests/test_cuda.py "${PYTEST_OPTS[@]}"
+    wait $CPU_PID
+    cat "$STATE/cpu.out"
+fi
+
+# 4. Decode latency through transformers (branch hf's tools/bench_decode.py), when present.
+DECODE=0
+[ -f tools/bench_decode.py ] && [ $DRY = 0 ] && [ "${GPU_CHECK_BENCH:-1}" != 0 ] && DECODE=1
+
+# 5. The benchmark, with what is left of the budget (it drops its largest
+#    cases to keep to it; bench_gpu.py writes tools/results/gpu.{json,png}
+#    and, with $OUT set, there too).
+RESERVE=$(( DECODE == 1 ? 60 : 0 ))
+BUDGET=$(( TOTAL - (SECONDS - START) - RESERVE - 30 ))
+[ $BUDGET -lt 90 ] && BUDGET=90
+if [ "${GPU_CHECK_BENCH:-1}" = 0 ]; then
+    echo "== bench: skipped (GPU_CHECK_BENCH=0)"
+elif [ $DRY = 1 ]; then
+    step bench 300 "$PY" tools/bench_gpu.py --quick --device cpu --budget-s 150 --results "$LOGS"
+else
+    step bench $((BUDGET + 25)) "$PY" tools/bench_gpu.py --budget-s "$BUDGET"
+fi
+
+if [ $DECODE = 1 ]; then
+    step decode 55 "$PY" tools/bench_decode.py --device cuda --dtype bfloat16 --reps 5 \
+        --output tools/results/decode_gpu.json
+    [ -n "${OUT:-}" ] && cp -f tools/results/decode_gpu.json "$OUT/" 2>/dev/null
+fi
+
+echo
+echo "== gpu_check summary ($((SECONDS - START)) s)"
+sed 's/^/  /' "$STATE/summary"
+grep -q -v " ok " "$STATE/summary" && STATUS=1
+if [ -f "$LOGS/tests_cuda.log" ]; then
+    grep -E "passed|failed|skipped|error" "$LOGS/tests_cuda.log" | tail -n 1 | sed 's/^/  cuda tests: /'
+    grep -E "^(FAILED|ERROR) " "$LOGS/tests_cuda.log" | head -n 30 | cut -c1-220 | sed 's/^/    /'
+    grep -E "passed|failed|error" "$LOGS/tests_cpu.log" | tail -n 1 | sed 's/^/  cpu tests: /'
+    grep -E "^(FAILED|ERROR) " "$LOGS/tests_cpu.log" | head -n 10 | cut -c1-220 | sed 's/^/    /'
+fi
+[ -f "$LOGS/bench.log" ] && sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 70
+[ -f "$LOGS/decode.log" ] && tail -n 8 "$LOGS/decode.log"
+exit $STATUS
