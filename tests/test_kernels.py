@@ -189,13 +189,6 @@ def emulated_cuda_ops():
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, scale=scale)
         return out, lse.unsqueeze(-1), None, None, q.shape[2], k.shape[2], None, None, None
 
-    def cudnn_backward(do, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout, causal, *, scale):
-        check(q, k, v, causal)
-        assert lse.shape == (*q.shape[:3], 1)
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse.squeeze(-1), dropout, causal, scale=scale
-        )
-
     def efficient(q, k, v, bias, compute_lse, dropout, causal, *, scale):
         check(q, k, v, causal, gqa=False)
         assert compute_lse
@@ -218,7 +211,6 @@ def emulated_cuda_ops():
         _scaled_dot_product_flash_attention=flash,
         _scaled_dot_product_flash_attention_backward=flash_backward,
         _scaled_dot_product_cudnn_attention=cudnn,
-        _scaled_dot_product_cudnn_attention_backward=cudnn_backward,
         _scaled_dot_product_efficient_attention=efficient,
         _scaled_dot_product_efficient_attention_backward=efficient_backward,
     )
