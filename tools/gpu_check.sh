@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TOTAL=${GPU_CHECK_SECONDS:-420}
 DRY=0
+STATUS=0
 [ "${1:-}" = "--dry" ] && DRY=1
 STATE=$(mktemp -d /tmp/gpu_check.XXXXXX)  # step verdicts (not in $OUT: it brings back 8 files at most)
 : >"$STATE/summary"
@@ -72,8 +73,14 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
         "$PY" -m pytest "${CPU_TESTS[@]}" "${XDIST[@]}" -q -p no:cacheprovider -m "not cuda" >"$STATE/cpu.out" 2>&1 &
     CPU_PID=$!
 
-    # 3. CUDA tests (they skip cleanly without a device: the dry run checks that).
-    PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12)
+    # 3. Each fused CUDA kernel alone, one process each (a crash names its case),
+    #    then the CUDA tests (they skip cleanly without a device: the dry run
+    #    checks that), in xdist workers where there are any, so that a kernel
+    #    crashing one worker fails its test instead of ending the run.
+    if [ $DRY = 0 ]; then
+        step kernels 60 bash -c "for k in cuda_cudnn cuda_flash cuda_efficient; do $PY tools/cuda_kernels_check.py --kernel \$k; done"
+    fi
+    PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12 "${XDIST[@]/6/4}")
     "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
     step tests_cuda 200 "$PY" -m pytest -m cuda tests/test_cuda.py "${PYTEST_OPTS[@]}"
     wait $CPU_PID
@@ -116,4 +123,5 @@ if [ -f "$LOGS/tests_cuda.log" ]; then
 fi
 [ -f "$LOGS/bench.log" ] && sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 70
 [ -f "$LOGS/decode.log" ] && tail -n 8 "$LOGS/decode.log"
+[ -f "$LOGS/kernels.log" ] && grep -E "worst|ERROR" "$LOGS/kernels.log" | sed 's/^/  kernels: /'
 exit $STATUS
