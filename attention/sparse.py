@@ -72,9 +72,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternstore.blockmask import block_mask_of, layout_block_mask, structural_mask_mod, with_key_padding
-from patternstore.csr import check_layout, drop_future_blocks, entry_rows
+from patternstore.csr import check_layout, drop_future_blocks, prefix_rows
 from patternstore.specs import SparseSpec
-from patternstore.store import PatternStore, default_store
+from patternstore.store import PatternStore, store_for
 
 from .kernels import (
     EMPTY_LSE,
@@ -88,26 +88,6 @@ from .kernels import (
 )
 
 __all__ = ["block_sparse_attention", "BlockSparseAttention"]
-
-try:  # contract 4 (branch `store`): that process's store for a directory
-    from patternstore.store import store_for
-except ImportError:  # until `store` lands: a store on the directory, the default one for None
-    def store_for(directory: Optional[str]) -> PatternStore:
-        return default_store() if directory is None else PatternStore(directory)
-
-try:  # branch `maint`: the first nb rows of a prefix-stable layout
-    from patternstore.csr import prefix_rows
-except ImportError:  # until `maint` lands
-    def prefix_rows(kv_num_blocks: Tensor, kv_indices: Tensor, nb: int) -> tuple[Tensor, Tensor]:
-        keep = entry_rows(kv_num_blocks) % kv_num_blocks.shape[1] < nb
-        return kv_num_blocks[:, :nb].contiguous(), kv_indices[keep]
-
-
-def is_prefix_stable(spec: SparseSpec) -> bool:
-    """Whether the first rows of ``spec``'s layout at a longer length are its
-    layout at a shorter one (``SparseSpec.is_prefix_stable``, branch maint)."""
-    return bool(getattr(spec, "is_prefix_stable", False))
-
 
 # Key (and value) elements gathered per tile: 4 Mi = 16 MiB each in float32.
 # The sweep of 1, 4 and 16 Mi (forward + backward, bigbird 16K) showed no
@@ -643,8 +623,12 @@ class _LayoutSource:
         self._block_masks: OrderedDict[tuple, Any] = OrderedDict()
         probe = self.spec(self.block_size << 20, 2)
         self.per_head = probe.layout_heads == 2
-        self.prefix_stable = is_prefix_stable(probe)
+        self.prefix_stable = probe.is_prefix_stable
         self.unidirectional = probe.params["attention"] == "unidirectional"
+        # The fewest blocks (a power of two) at which the spec is valid: a
+        # global block index past a short length exists in causal use only
+        # once the sequence reaches it, but the capacity layout must hold it.
+        self.min_capacity_blocks = next(1 << e for e in range(21) if self._valid(self.block_size << e))
 
     @property
     def store(self) -> PatternStore:
@@ -659,12 +643,19 @@ class _LayoutSource:
         return SparseSpec(self.kind, seq_len=seq_len, block_size=self.block_size,
                           num_heads=num_heads, seed=self.seed, **self.params)
 
+    def _valid(self, seq_len: int) -> bool:
+        try:
+            self.spec(seq_len, 1)
+        except ValueError:
+            return False
+        return True
+
     def capacity(self, seq_len: int) -> int:
         """The length whose layout serves ``seq_len`` in causal use."""
-        if self.max_seq_len is not None and seq_len <= self.max_seq_len:
+        if self.max_seq_len is not None and seq_len <= self.max_seq_len and self._valid(self.max_seq_len):
             return self.max_seq_len
         nb = -(-seq_len // self.block_size)
-        return (1 << (nb - 1).bit_length()) * self.block_size
+        return max(1 << (nb - 1).bit_length(), self.min_capacity_blocks) * self.block_size
 
     def layout(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
         key = (kv_len, num_heads, device, causal)
@@ -675,12 +666,14 @@ class _LayoutSource:
             except KeyError:  # another thread evicted it meanwhile; the tensors are still good
                 pass
             return hit
-        exact = self.spec(kv_len, num_heads)  # validates the parameters at this length
         if causal and self.prefix_stable:
             pattern = self.store.get(self.spec(self.capacity(kv_len), num_heads), device)
-            hit = prefix_rows(pattern["kv_num_blocks"], pattern["kv_indices"], exact.num_blocks)
+            # Bidirectional rows also hold later blocks: the causal rule drops
+            # them, so every kept entry lies inside the first rows' blocks.
+            hit = drop_future_blocks(*prefix_rows(pattern["kv_num_blocks"], pattern["kv_indices"],
+                                                  -(-kv_len // self.block_size)))
         else:
-            pattern = self.store.get(exact, device)
+            pattern = self.store.get(self.spec(kv_len, num_heads), device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
         self._layouts[key] = hit
         while len(self._layouts) > self.MAX_LAYOUTS:

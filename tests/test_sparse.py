@@ -198,7 +198,10 @@ def test_module_takes_its_layout_from_the_store_once_per_length(tmp_path):
     assert store.stats()["misses"] == 1 and store.stats()["memory_hits"] == 0
     spec = SparseSpec("bigbird", seq_len=50, block_size=8, num_heads=4, seed=5, num_random_blocks=2,
                       attention="unidirectional")
-    assert store.contains(spec)
+    # causal use: the entry of the capacity (7 blocks -> 8 blocks = 64 tokens), whose first rows serve 50
+    capacity = SparseSpec("bigbird", seq_len=64, block_size=8, num_heads=4, seed=5, num_random_blocks=2,
+                          attention="unidirectional")
+    assert store.contains(capacity) and not store.contains(spec)
     pattern = generate(spec)
     expected = block_sparse_attention(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], 8, causal=True)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -215,7 +218,7 @@ def test_module_defaults_to_the_default_store():
 
     module = BlockSparseAttention("local", block_size=4, num_sliding_window_blocks=5)
     module(*(torch.randn(1, 33, 2, 4) for _ in range(3)))
-    assert default_store().contains(SparseSpec("local", seq_len=33, block_size=4, num_heads=2,
+    assert default_store().contains(SparseSpec("local", seq_len=64, block_size=4, num_heads=2,  # capacity
                                                num_sliding_window_blocks=5))
 
 
@@ -490,12 +493,6 @@ def test_torch_func_grad_inference_mode_and_a_clear_double_backward_error():
 
 
 # ------------------------------------------- generation: decode and capacity
-# Transitional, removed when branch maint (prefix-stable layouts) is merged.
-NEEDS_MAINT = pytest.mark.xfail(not hasattr(SparseSpec, "is_prefix_stable"), strict=True,
-                                reason="SparseSpec.is_prefix_stable comes with branch maint")
-
-
-@NEEDS_MAINT
 @pytest.mark.parametrize("kind,params", [
     ("local", dict(num_sliding_window_blocks=3)),
     ("bigbird", dict(num_random_blocks=2, attention="unidirectional", different_layout_per_head=True)),
@@ -540,7 +537,6 @@ def test_causal_decode_of_a_layout_that_depends_on_the_length_is_refused():
     torch.testing.assert_close(full.double(), reference, rtol=1e-5, atol=1e-5)
 
 
-@NEEDS_MAINT
 def test_store_entries_grow_with_log_of_the_length_not_with_the_number_of_lengths(tmp_path):
     store = PatternStore(tmp_path / "store")
     module = BlockSparseAttention("local", block_size=4, num_sliding_window_blocks=5, store=store)
