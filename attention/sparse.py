@@ -1,43 +1,62 @@
-"""Block-sparse attention over a stored CSR layout (DESIGN.md section 2).
+"""Block-sparse attention over a stored CSR layout (docs/design.md section 2).
 
-Layout of every tensor, stated once: ``q, k, v`` and the output are
-``(batch, seq, heads, head_dim)``. The layout is ``kv_num_blocks`` int32 ``[H, nb]`` and ``kv_indices``
-int32 ``[nnz]`` (``patternstore.csr``), ``nb = ceil(seq / block_size)``,
-``H = 1`` (one layout for every head) or ``H = heads``.
+Layout of every tensor, stated once: ``q`` and the output are ``(batch,
+q_len, heads, head_dim)``, ``k, v`` are ``(batch, kv_len, kv_heads,
+head_dim)`` with ``kv_len >= q_len`` and ``heads % kv_heads == 0`` (grouped
+query attention: query head ``j`` reads key/value head ``j // (heads /
+kv_heads)``). The layout is ``kv_num_blocks`` int32 ``[H, nb]`` and
+``kv_indices`` int32 ``[nnz]`` (``patternstore.csr``) over ``nb =
+ceil(kv_len / block_size)`` query and key blocks, ``H = 1`` (one layout for
+every head) or ``H = heads``.
 
-Semantics: query position ``i`` of head ``j`` attends the set ``K(i)`` of key
-positions that lie in the active key blocks of its query block ``i //
-block_size``, are ``< seq`` (a partial last block is zero-padded, and padding
-never enters a softmax), are ``<= i`` when ``causal``, and are not marked in
-``key_padding_mask``. It takes ONE softmax over all of ``K(i)``, never one
-per block::
+Semantics: query row ``r`` sits at position ``p = kv_len - q_len + r``
+(bottom-right aligned, docs/design.md section 7; ``q_len == kv_len`` is the
+ordinary square case). It attends the set ``K(p)`` of key positions that lie
+in the active key blocks of query block ``p // block_size``, are ``<
+kv_len``, are ``<= p`` when ``causal``, and are not marked in
+``key_padding_mask``, with ONE softmax over all of ``K(p)``::
 
-    out_i = sum_{t in K(i)} exp(s_it - lse_i) v_t,   s_it = scale * q_i . k_t,
-    lse_i = log sum_{t in K(i)} exp(s_it).
+    out_p = sum_{t in K(p)} exp(s_pt - lse_p) v_t,   s_pt = scale * q_p . k_t,
+    lse_p = log sum_{t in K(p)} exp(s_pt).
 
-A query with an empty ``K(i)`` outputs 0 and gets zero gradient. Gradients are
-exact (FlashAttention-2's backward from the saved ``lse``).
+So the rows of a short ``q`` equal, exactly, the same rows of the full
+forward. A query with an empty ``K(p)`` outputs 0 and gets zero gradient.
+Gradients are exact (FlashAttention-2's backward from the saved ``lse``).
 
-Execution. Rows (head, query block) are grouped by their number ``c`` of
-active blocks; each group runs in tiles of ``R`` rows by ``kc`` key blocks:
-whole query, key and value blocks are gathered with ``index_select`` into
-buffers reused from tile to tile, and each tile is one attention call
-(``[B', R, bs, d]`` queries against ``[B', R, kc * bs, d]`` keys, ``B' = batch
-* heads / H``) that returns its output and log-sum-exp. Rows with more key
-blocks than a tile holds (global rows, ``c = nb``) run as several key tiles
-merged by their log-sum-exps, so no call gathers more than ``TILE_ELEMENTS``
-key elements. The backward runs the same tiles from the saved ``out`` and
-``lse`` and scatter-adds the key and value gradients (``index_add_``).
+Execution (the gather path: CPU tensors, and decode or dropout anywhere).
+Only the query blocks that hold a query row are visited. Rows (head, query
+block) are grouped by their number ``c`` of active blocks; each group runs in
+tiles of ``R`` rows by ``kc`` key blocks: query, key and value blocks are
+gathered by position with ``index_select`` straight from the caller's
+tensors (viewed as ``(batch, positions * heads, head_dim)``, never copied as
+a whole), into buffers reused from tile to tile, so a decode step costs the
+key blocks of its rows, not ``kv_len``. A tile is one attention call with
+queries ``[batch * A, R, G * bs, d]`` against keys ``[batch * A, R, kc * bs,
+d]``: with one shared layout ``A = kv_heads`` and the ``G = heads /
+kv_heads`` query heads of a key/value head share its gathered keys (no key
+is repeated for GQA); with a per-head layout ``A = G = 1`` and each row
+gathers the key/value head of its own query head. Rows with more key blocks
+than a tile holds (global rows) run as several key tiles merged by their
+log-sum-exps, so no call gathers more than ``TILE_ELEMENTS`` key elements.
+The backward runs the same tiles from the saved ``out`` and ``lse`` and
+scatter-adds the gradients (``index_add_``).
 
 The CPU path was chosen by measurement (tools/bench_sparse.py): the figures
-are in the note above ``USE_CPU_FLASH_KERNEL``.
+are in the note above ``USE_CPU_FLASH_KERNEL``. CUDA tensors take the
+FlexAttention path (``_flex_forward``; the choice is written down at
+``uses_flex``).
 
-Compile contract (DESIGN.md section 4): the data-dependent work (grouping rows
-by count, Python loops over tiles) lives inside the custom operators
-``attention::block_sparse_forward`` / ``_backward``, opaque to dynamo with fake
-implementations that give shapes; the store lookup is the custom operator
-``attention::sparse_layout``. ``torch.compile(fullgraph=True)`` therefore
-sees three operators and reshapes, on a cold start as after warm-up.
+Compile contract (docs/design.md section 4): the data-dependent work lives
+inside the custom operators ``patternstore::block_sparse_forward`` /
+``_backward``, opaque to dynamo with fake implementations that give shapes;
+the store lookup is the custom operator ``patternstore::sparse_layout``
+whose string argument describes the layout completely (kind, block size,
+seed, parameters, store directory), so a compiled or exported graph resolves
+it in any process. No length is baked into a graph: ``dynamic=True`` compiles
+once for every length.
+
+Pickling (issue 10): a module's state is its layout description and its
+store's directory; lookups are rebuilt lazily in whatever process runs it.
 """
 
 from __future__ import annotations
@@ -46,19 +65,37 @@ import json
 import math
 import weakref
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patternstore.csr import check_layout, drop_future_blocks
+from patternstore.csr import check_layout, drop_future_blocks, entry_rows
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, default_store
 
-from .dilated import check_attention_inputs
-
 __all__ = ["block_sparse_attention", "BlockSparseAttention"]
+
+try:  # contract 4 (branch `store`): that process's store for a directory
+    from patternstore.store import store_for
+except ImportError:  # until `store` lands: a store on the directory, the default one for None
+    def store_for(directory: Optional[str]) -> PatternStore:
+        return default_store() if directory is None else PatternStore(directory)
+
+try:  # branch `maint`: the first nb rows of a prefix-stable layout
+    from patternstore.csr import prefix_rows
+except ImportError:  # until `maint` lands
+    def prefix_rows(kv_num_blocks: Tensor, kv_indices: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+        keep = entry_rows(kv_num_blocks) % kv_num_blocks.shape[1] < nb
+        return kv_num_blocks[:, :nb].contiguous(), kv_indices[keep]
+
+
+def is_prefix_stable(spec: SparseSpec) -> bool:
+    """Whether the first rows of ``spec``'s layout at a longer length are its
+    layout at a shorter one (``SparseSpec.is_prefix_stable``, branch maint)."""
+    return bool(getattr(spec, "is_prefix_stable", False))
+
 
 # Key (and value) elements gathered per tile: 4 Mi = 16 MiB each in float32.
 # The sweep of 1, 4 and 16 Mi (forward + backward, bigbird 16K) showed no
@@ -66,10 +103,10 @@ __all__ = ["block_sparse_attention", "BlockSparseAttention"]
 TILE_ELEMENTS = 1 << 22
 
 # On the CPU, without dropout, each tile runs through ATen's fused CPU flash
-# attention kernel (the one
-# F.scaled_dot_product_attention dispatches to; the private op because it
-# also returns the log-sum-exp that a merge and the backward need). Otherwise
-# the same tiles run through matmuls (the "explicit" path). Tests run both.
+# attention kernel (the one F.scaled_dot_product_attention dispatches to; the
+# private op because it also returns the log-sum-exp that a merge and the
+# backward need). Otherwise the same tiles run through matmuls (the
+# "explicit" path). Tests run both.
 #
 # The CPU path, chosen by measurement (tools/bench_sparse.py, results/
 # bench_sparse.json: float32, batch 1, 8 heads, head_dim 64, block 128,
@@ -80,62 +117,13 @@ TILE_ELEMENTS = 1 << 22
 #   flex 1.1x to 1.45x faster at 4K and 16K, ours 1.06x faster at 32K with
 #   90% block sparsity (4.63 s vs 4.89 s); vs SDPA with the dense boolean
 #   mask: 1.9x to 21.6x faster (7.3x at 32K, 90% sparse).
-# flex is not the default: on the CPU it has no backward, compiles once per
-# (layout, length) (0.2 s to 2.6 s here), and past dynamo's recompile limit
-# it falls back to dense math (a 32 GiB allocation at 32K in our first run).
-# Users who want it for inference get the mask from patternstore.blockmask.
+# flex is not the CPU default: on the CPU it has no backward, compiles once
+# per (layout, length) (0.2 s to 2.6 s here), and past dynamo's recompile
+# limit it falls back to dense math (a 32 GiB allocation at 32K in our first
+# run). Users who want it for inference get the mask from patternstore.blockmask.
 USE_CPU_FLASH_KERNEL = True
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-# ----------------------------------------------------------------- the plan
-def _row_groups(
-    kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool
-) -> list[tuple[Tensor, Tensor]]:
-    """``(rows [R], keys [R, c])`` for every block count ``c > 0``: flat row
-    ids ``h * nb + i`` and flat key-block ids ``h * nb + j`` (int64). With
-    ``causal``, key blocks after the query block are dropped first."""
-    if causal:
-        kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)
-    heads, nb = kv_num_blocks.shape
-    counts = kv_num_blocks.flatten().long()
-    offsets = torch.cumsum(counts, 0) - counts
-    head_base = torch.arange(heads * nb, device=counts.device) // nb * nb
-    order = torch.argsort(counts, stable=True)
-    values, lengths = torch.unique_consecutive(counts[order], return_counts=True)
-    groups = []
-    for c, rows in zip(values.tolist(), torch.split(order, lengths.tolist())):
-        if c == 0:
-            continue  # rows without key blocks: output 0, lse -inf
-        slots = offsets[rows, None] + torch.arange(c, device=rows.device)
-        groups.append((rows, kv_indices[slots].long() + head_base[rows, None]))
-    return groups
-
-
-def _tiles(groups: list[tuple[Tensor, Tensor]], per_block: int):
-    """Yield ``(rows [R], [keys [R, kc] for each key tile])``: at most
-    TILE_ELEMENTS gathered key elements per tile (``per_block`` per key
-    block), at least one row and one block."""
-    for rows, keys in groups:
-        c = keys.shape[1]
-        kc = min(c, max(1, TILE_ELEMENTS // per_block))
-        step = max(1, TILE_ELEMENTS // (per_block * kc))
-        for r0 in range(0, rows.numel(), step):
-            chunk = keys[r0 : r0 + step]
-            yield rows[r0 : r0 + step], [chunk[:, k0 : k0 + kc] for k0 in range(0, c, kc)]
-
-
-def _blocked(x: Tensor, layout_heads: int, nb: int, bs: int) -> Tensor:
-    """``(b, n, h, e)`` -> ``[b * h / H, H * nb, bs, e]``, zero-padded to nb * bs
-    positions: flat row ``h * nb + i`` of a per-head layout (or row ``i`` of a
-    shared one) indexes dimension 1."""
-    b, n, h, e = x.shape
-    if nb * bs != n:
-        x = F.pad(x, (0, 0, 0, 0, 0, nb * bs - n))
-    # contiguous: reshape may return a strided view, and index_select would
-    # then copy the whole tensor for every tile.
-    return x.permute(0, 2, 1, 3).reshape(b * h // layout_heads, layout_heads * nb, bs, e).contiguous()
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,86 +131,212 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _unblocked(y: Tensor, b: int, n: int, h: int) -> Tensor:
-    """Inverse of ``_blocked``: ``[b * h / H, H * nb, bs, e]`` -> ``(b, n, h, e)``."""
-    return y.reshape(b, h, -1, y.shape[-1])[:, :, :n].permute(0, 2, 1, 3).contiguous()
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> None:
+    """ValueError naming the field unless q ``(b, q_len, h, d)`` and k, v
+    ``(b, kv_len, h_kv, d)`` are floating tensors of one dtype and device with
+    ``kv_len >= q_len`` and ``h % h_kv == 0``, and ``key_padding_mask`` is
+    None or bool ``(b, kv_len)`` there too (contract 3 of the kernel layer)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, q_len, h, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k and v must have q's batch {b} and head_dim {d}, got shape {tuple(k.shape)}")
+    if k.shape[1] < q_len:
+        raise ValueError(f"k and v must have at least q's {q_len} positions (kv_len >= q_len), got {k.shape[1]}")
+    if k.shape[2] == 0 or h % k.shape[2]:
+        raise ValueError(f"q's heads ({h}) must be a multiple of k's and v's heads ({k.shape[2]})")
+    if q.numel() == 0:
+        raise ValueError(f"q, k and v must not be empty, got shape {tuple(q.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be a bool tensor (True = padding)")
+        if tuple(key_padding_mask.shape) != (b, k.shape[1]):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, kv_len) = {(b, k.shape[1])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+
+
+def _check_scale(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"softmax_scale must be a finite float > 0 or None, got {value!r}")
+
+
+def _merge(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partial softmaxes over disjoint key sets of the same queries."""
+    merged = torch.logaddexp(acc_lse, lse)
+    safe = merged.masked_fill(torch.isneginf(merged), 0.0)
+    acc = acc * torch.exp(acc_lse - safe).unsqueeze(-1) + out * torch.exp(lse - safe).unsqueeze(-1)
+    return acc, merged
+
+
+# ----------------------------------------------------------------- the plan
+def _row_groups(kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool,
+                first_block: int) -> list[tuple[Tensor, Tensor]]:
+    """``(rows [R], keys [R, c])`` for every block count ``c > 0`` among the
+    rows of query blocks ``>= first_block``: flat row ids ``h * nb + i`` and
+    key block ids ``j`` (int64). With ``causal``, key blocks after the query
+    block are dropped first."""
+    if causal:
+        kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)
+    heads, nb = kv_num_blocks.shape
+    counts = kv_num_blocks.flatten().long()
+    offsets = torch.cumsum(counts, 0) - counts
+    live = (torch.arange(nb, device=counts.device) >= first_block).repeat(heads).nonzero().squeeze(1)
+    order = live[torch.argsort(counts[live], stable=True)]
+    values, lengths = torch.unique_consecutive(counts[order], return_counts=True)
+    groups = []
+    for c, rows in zip(values.tolist(), torch.split(order, lengths.tolist())):
+        if c == 0:
+            continue  # rows without key blocks: output 0, lse -inf
+        slots = offsets[rows, None] + torch.arange(c, device=rows.device)
+        groups.append((rows, kv_indices[slots].long()))
+    return groups
 
 
 class _Problem:
-    """Everything one call needs, in blocked form (see ``_blocked``). A tile
-    is ``R`` query blocks (rows) by ``kc`` key blocks each: queries
-    ``[B', R, bs, d]``, keys ``[B', R, kc * bs, d]``."""
+    """Everything one call needs: the gather indices of a tile (module
+    docstring: queries ``[b * A, R, G * bs, d]``, keys ``[b * A, R, kc * bs,
+    d]``), its mask, and buffers reused from tile to tile."""
 
-    def __init__(self, q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p):
-        b, n, h, _ = q.shape
-        self.b, self.n, self.h, self.bs, self.causal = b, n, h, block_size, causal
-        self.nb = nb = -(-n // block_size)
+    def __init__(self, q: Tensor, k: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                 key_padding_mask: Optional[Tensor], block_size: int, causal: bool, dropout_p: float) -> None:
+        b, q_len, h, d = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        self.b, self.q_len, self.h, self.kv_len, self.kv_heads = b, q_len, h, kv_len, kv_heads
+        self.bs, self.causal = block_size, causal
+        self.nb = nb = -(-kv_len // block_size)
         check_layout(kv_num_blocks, kv_indices, nb)
-        self.layout_heads = kv_num_blocks.shape[0]
-        work = _work_dtype(q.dtype)
-        self.q, self.k, self.v = (_blocked(t.to(work), self.layout_heads, nb, block_size) for t in (q, k, v))
-        self.groups = _row_groups(kv_num_blocks, kv_indices, causal)
+        self.shared = kv_num_blocks.shape[0] == 1
+        self.lanes = kv_heads if self.shared else 1                   # A
+        self.per_lane = h // kv_heads if self.shared else 1          # G
+        self.offset = kv_len - q_len                                  # position of query row 0
+        self.work = _work_dtype(q.dtype)
+        self.groups = _row_groups(kv_num_blocks, kv_indices, causal, self.offset // block_size)
         self.fused = USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
         self._buffers: dict[str, Tensor] = {}
-        # Block-local mask patterns: key offset > query offset (causal cut of
-        # a diagonal block), key offsets past seq_len in the last block.
-        offsets = torch.arange(block_size, device=q.device)
-        self.future = offsets[None, :] > offsets[:, None]
-        self.beyond = offsets >= n - (nb - 1) * block_size if n % block_size else None
-        self.minus_infinity = torch.tensor(float("-inf"), dtype=work, device=q.device)
-        self.zero = torch.tensor(0.0, dtype=work, device=q.device)
-        self.padded = None
-        if key_padding_mask is not None:  # True = ignore; padded positions ignored too
-            self.padded = F.pad(key_padding_mask, (0, nb * block_size - n), value=True).view(b, nb, block_size)
+        device = q.device
+        self.slot = torch.arange(block_size, device=device)
+        self.future = self.slot[None, :] > self.slot[:, None]           # [bs, bs] key offset > query offset
+        self.beyond = self.slot >= kv_len - (nb - 1) * block_size if kv_len % block_size else None
+        self.minus_infinity = torch.tensor(float("-inf"), dtype=self.work, device=device)
+        self.zero = torch.tensor(0.0, dtype=self.work, device=device)
+        self.key_padding_mask = key_padding_mask
+        if self.shared:  # query head of lane a, slot r: a * G + r
+            self.head_of_lane = torch.arange(h, device=device).view(self.lanes, 1, self.per_lane, 1)
 
-    def blocked(self, x: Tensor) -> Tensor:
-        return _blocked(x.to(self.q.dtype), self.layout_heads, self.nb, self.bs)
+    # -------------------------------------------------------- indices
+    def query_index(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat indices into ``(b, q_len * h)`` of the tile's query slots,
+        ``[A, R, G, bs]`` (clamped into range), and bool ``[A, R, G, bs]``:
+        the slot is a real query row. Invalid slots (before the first query
+        row, past kv_len) are computed and thrown away."""
+        position = (rows % self.nb)[:, None] * self.bs + self.slot - self.offset   # query row, [R, bs]
+        valid = (position >= 0) & (position < self.q_len)
+        row = position.clamp(0, self.q_len - 1)
+        if self.shared:
+            flat = row[None, :, None, :] * self.h + self.head_of_lane
+            valid = valid[None, :, None, :].expand(flat.shape)
+        else:
+            flat = (row * self.h + (rows // self.nb)[:, None])[None, :, None, :]
+            valid = valid[None, :, None, :]
+        return flat, valid
 
-    def tiles(self):
-        return _tiles(self.groups, self.q.shape[0] * self.bs * self.q.shape[-1])
+    def key_positions(self, keys: Tensor) -> Tensor:
+        """``[R, kc * bs]`` key positions of key blocks ``keys [R, kc]``, clamped below kv_len."""
+        return (keys[:, :, None] * self.bs + self.slot).flatten(1).clamp(max=self.kv_len - 1)
 
-    def select(self, slot: str, x: Tensor, index: Tensor) -> Tensor:
-        """``x.index_select(1, index)`` written into a buffer reused from tile
-        to tile (one per ``slot``): with ``out=`` the copy runs at memory
-        speed, without it 5-10x slower on this CPU (tools/bench_sparse.py)."""
-        shape = (x.shape[0], index.numel(), *x.shape[2:])
+    def key_index(self, rows: Tensor, positions: Tensor) -> Tensor:
+        """Flat indices into ``(b, kv_len * kv_heads)``: ``[A, R, kc * bs]``."""
+        if self.shared:
+            return positions[None] * self.kv_heads + torch.arange(self.kv_heads, device=rows.device)[:, None, None]
+        group = self.h // self.kv_heads
+        return (positions * self.kv_heads + (rows // self.nb // group)[:, None])[None]
+
+    def gather(self, slot: str, x: Tensor, index: Tensor, rows: int) -> Tensor:
+        """``x (b, N, e)`` at flat ``index [A, R, ...]`` as ``[b * A, R, M, e]``,
+        converted to the work dtype, in a buffer reused from tile to tile (one
+        per ``slot``): with ``out=`` the copy runs at memory speed, without it
+        5-10x slower on this CPU (tools/bench_sparse.py)."""
+        shape = (x.shape[0], index.numel(), x.shape[-1])
         numel = math.prod(shape)
         buffer = self._buffers.get(slot)
-        if buffer is None or buffer.numel() < numel:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != x.dtype:
             buffer = self._buffers[slot] = x.new_empty(numel)
-        return torch.index_select(x, 1, index, out=buffer[:numel].view(shape))
+        picked = torch.index_select(x, 1, index.flatten(), out=buffer[:numel].view(shape))
+        return picked.view(x.shape[0] * self.lanes, rows, -1, x.shape[-1]).to(self.work)
 
-    def gather(self, slot: str, x: Tensor, index: Tensor) -> Tensor:
-        """Blocks ``index [R, c]`` of blocked ``x`` as ``[B', R, c * bs, e]``."""
-        rows, c = index.shape
-        return self.select(slot, x, index.flatten()).view(x.shape[0], rows, c * self.bs, x.shape[-1])
-
-    def mask(self, rows: Tensor, keys: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """The tile's additive mask, broadcastable to ``[B', R, bs, kc * bs]``:
-        0 where key t is in K(i), -inf elsewhere; None when every key counts.
-        Second: bool, broadcastable to ``[B', R, bs]``, True for queries with
-        no key in this tile (only a key_padding_mask can empty a row)."""
-        nb, count = self.nb, keys.shape[0]
-        column = keys % nb                                                     # key block, [R, kc]
-        masked = None                                                          # [R, bs | 1, kc, bs]
+    # ----------------------------------------------------------- masks
+    def mask(self, rows: Tensor, keys: Tensor, positions: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The tile's additive mask, broadcastable to ``[b * A, R, G * bs, kc *
+        bs]``: 0 where the key counts, -inf elsewhere; None when every key
+        counts. Second: bool ``[b * A, R, G * bs]``, True for queries with no
+        key in this tile (only a key_padding_mask empties a row)."""
+        count, kc = keys.shape
+        masked = None                                                        # [R, bs | 1, kc, bs]
         if self.causal:  # future blocks are dropped: only diagonal blocks cut keys
-            diagonal = column == (rows % nb)[:, None]
+            diagonal = keys == (rows % self.nb)[:, None]
             masked = diagonal[:, None, :, None] & self.future[None, :, None, :]
-        if self.beyond is not None:  # the zero-padded end of the last block
-            tail = (column == nb - 1)[:, None, :, None] & self.beyond
+        if self.beyond is not None:  # the end of the last block, past kv_len
+            tail = (keys == self.nb - 1)[:, None, :, None] & self.beyond
             masked = tail if masked is None else masked | tail
         if masked is not None:
-            masked = masked.flatten(2)[None]                                   # [1, R, bs | 1, kc * bs]
+            masked = masked.flatten(2)                                        # [R, bs | 1, kc * bs]
+            if masked.shape[1] > 1 and self.per_lane > 1:
+                masked = masked.repeat(1, self.per_lane, 1)                   # [R, G * bs, kc * bs]
+            masked = masked[None]
         empty = None
-        if self.padded is not None:
-            batch_rows = self.q.shape[0]
-            ignored = self.padded[:, column].view(self.b, 1, count, 1, -1)
-            ignored = ignored.expand(self.b, batch_rows // self.b, count, 1, -1).reshape(batch_rows, count, 1, -1)
+        if self.key_padding_mask is not None:
+            ignored = self.key_padding_mask[:, positions]                     # [b, R, kc * bs]
+            ignored = ignored[:, None, :, None, :].expand(self.b, self.lanes, count, 1, kc * self.bs)
+            ignored = ignored.reshape(self.b * self.lanes, count, 1, kc * self.bs)
             masked = ignored if masked is None else masked | ignored
             empty = masked.all(-1)
+            if empty.shape[-1] == 1:
+                empty = empty.expand(-1, -1, self.per_lane * self.bs)
         if masked is None:
             return None, None
         return torch.where(masked, self.minus_infinity, self.zero), empty
+
+    def tiles(self, head_dim: int) -> Iterator[tuple[Tensor, list[Tensor]]]:
+        """``(rows [R], [keys [R, kc] for each key tile])``: at most
+        TILE_ELEMENTS gathered key elements per tile, at least one row and
+        one block."""
+        per_block = self.b * self.lanes * self.bs * head_dim
+        for rows, keys in self.groups:
+            c = keys.shape[1]
+            kc = min(c, max(1, TILE_ELEMENTS // per_block))
+            step = max(1, TILE_ELEMENTS // (per_block * kc))
+            for r0 in range(0, rows.numel(), step):
+                chunk = keys[r0: r0 + step]
+                yield rows[r0: r0 + step], [chunk[:, k0: k0 + kc] for k0 in range(0, c, kc)]
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``(b, n, heads, e)`` -> ``(b, n * heads, e)``, a view where the strides
+    allow (the last dimension made contiguous first: kernels need it)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Tensor:
@@ -235,12 +349,13 @@ def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Te
 
 
 def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
-    """Attention of one tile: ``(out [B', R, bs, d], lse [B', R, bs])``."""
+    """Attention of one tile: ``(out [B, R, M, d], lse [B, R, M])``."""
     if fused:
-        return _FLASH(qt, kt, vt, attn_mask=mask, scale=scale)
+        out, lse = _FLASH(qt, kt, vt, attn_mask=mask, scale=scale)[:2]
+        return out, lse
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        s.add_(mask)
+        s = s.masked_fill(torch.isneginf(mask), float("-inf"))  # not an add: a NaN in a masked key stays out
     top = s.amax(-1, keepdim=True)
     shift = top.masked_fill(torch.isneginf(top), 0.0)
     p = s.sub_(shift).exp_()
@@ -252,23 +367,16 @@ def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused:
     return out, lse
 
 
-def _merge(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Two partial softmaxes over disjoint key sets of the same queries."""
-    merged = torch.logaddexp(acc_lse, lse)
-    safe = merged.masked_fill(torch.isneginf(merged), 0.0)
-    acc = acc * torch.exp(acc_lse - safe).unsqueeze(-1) + out * torch.exp(lse - safe).unsqueeze(-1)
-    return acc, merged
-
-
-def _tile_backward(d_out, qt, kt, vt, out, lse, delta, mask, scale: float, keep: Optional[Tensor],
+def _tile_backward(d_out, qt, kt, vt, out, lse, mask, scale: float, keep: Optional[Tensor],
                    fused: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one tile from the rows' final ``out`` and ``lse`` (+inf
-    for empty rows) and ``delta = rowsum(d_out * out)``."""
+    for empty rows)."""
     if fused:
         return _FLASH_BACKWARD(d_out, qt, kt, vt, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    delta = (d_out * out).sum(-1)  # sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output)
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        s.add_(mask)
+        s = s.masked_fill(torch.isneginf(mask), float("-inf"))
     p = s.sub_(lse.unsqueeze(-1)).exp_()
     dp = torch.matmul(d_out, vt.transpose(-1, -2))
     if keep is not None:
@@ -281,55 +389,59 @@ def _tile_backward(d_out, qt, kt, vt, out, lse, delta, mask, scale: float, keep:
 
 
 # ------------------------------------------------------ the custom operators
-@torch.library.custom_op("attention::block_sparse_forward", mutates_args=())
+@torch.library.custom_op("patternstore::block_sparse_forward", mutates_args=())
 def _forward_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``out (b, n, h, d)`` and ``lse [b, h, nb * bs]`` (rows past n are padding)."""
-    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
+    """Returns ``out (b, q_len, h, d)`` and ``lse (b, h, q_len)`` (work dtype)."""
+    pb = _Problem(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
+    q_flat, k_flat, v_flat = _flat(q), _flat(k), _flat(v)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
-    done: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, out, lse) of every row tile
-    for rows, key_tiles in pb.tiles():
-        qt = pb.select("q", pb.q, rows)
+    done: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (index, valid, out, lse) of every row tile
+    for rows, key_tiles in pb.tiles(q.shape[-1]):
+        index, valid = pb.query_index(rows)
+        qt = pb.gather("q", q_flat, index, rows.numel())
         acc = acc_lse = None
         for keys in key_tiles:
-            mask, empty = pb.mask(rows, keys)
+            positions = pb.key_positions(keys)
+            key_index = pb.key_index(rows, positions)
+            mask, empty = pb.mask(rows, keys, positions)
             keep = None
             if dropout_p > 0:
-                keep = _dropout_keep(qt, keys.shape[1] * block_size, dropout_p, seed, tile)
-            o, l = _tile_forward(qt, pb.gather("k", pb.k, keys), pb.gather("v", pb.v, keys), mask, scale,
-                                 keep, pb.fused)
+                keep = _dropout_keep(qt, positions.shape[1], dropout_p, seed, tile)
+            o, l = _tile_forward(qt, pb.gather("k", k_flat, key_index, rows.numel()),
+                                 pb.gather("v", v_flat, key_index, rows.numel()), mask, scale, keep, pb.fused)
             if empty is not None:
                 l = l.masked_fill(empty, float("-inf"))  # the fused kernel reports 0 for empty rows
             acc, acc_lse = (o, l) if acc is None else _merge(acc, acc_lse, o, l)
             tile += 1
-        done.append((rows, acc, acc_lse))
-    # One scatter at the end rather than one per tile: on a shared machine
-    # every small parallel op risks a stall of milliseconds.
-    out = pb.v.new_zeros(*pb.q.shape[:3], pb.v.shape[-1])
-    lse = pb.q.new_full(pb.q.shape[:3], float("-inf"))
+        done.append((index, valid, acc, acc_lse))
+    # Invalid query slots write to one extra row (position q_len), sliced off.
+    b, q_len, h = pb.b, pb.q_len, pb.h
+    out = q.new_zeros(b, (q_len + 1) * h, v.shape[-1], dtype=pb.work)
+    lse = q.new_full((b, (q_len + 1) * h), float("-inf"), dtype=pb.work)
     if done:
-        rows = torch.cat([r for r, _, _ in done])
-        out.index_copy_(1, rows, torch.cat([o for _, o, _ in done], dim=1))
-        lse.index_copy_(1, rows, torch.cat([l for _, _, l in done], dim=1))
-    return (
-        _unblocked(out, pb.b, pb.n, pb.h).to(q.dtype),
-        lse.reshape(pb.b, pb.h, pb.nb * block_size),
-    )
+        # One scatter at the end rather than one per tile: on a shared machine
+        # every small parallel op risks a stall of milliseconds.
+        index = torch.cat([i.masked_fill(~ok, q_len * h).flatten() for i, ok, _, _ in done])
+        out.index_copy_(1, index, torch.cat([o.reshape(b, -1, o.shape[-1]) for _, _, o, _ in done], 1))
+        lse.index_copy_(1, index, torch.cat([l.reshape(b, -1) for _, _, _, l in done], 1))
+    out = out.view(b, q_len + 1, h, -1)[:, :q_len].to(q.dtype)
+    lse = lse.view(b, q_len + 1, h)[:, :q_len].transpose(1, 2)
+    return out.contiguous(), lse.contiguous()
 
 
 @_forward_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
       block_size, causal, scale, dropout_p):
-    b, n, h, _ = q.shape
-    nb = (n + block_size - 1) // block_size
-    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, h, nb * block_size, dtype=_work_dtype(q.dtype))
+    b, q_len, h, _ = q.shape
+    return q.new_empty(b, q_len, h, v.shape[-1]), q.new_empty(b, h, q_len, dtype=_work_dtype(q.dtype))
 
 
-@torch.library.custom_op("attention::block_sparse_backward", mutates_args=())
+@torch.library.custom_op("patternstore::block_sparse_backward", mutates_args=())
 def _backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor,
@@ -337,45 +449,54 @@ def _backward_op(
     block_size: int, causal: bool, scale: float, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_forward_op``'s ``out`` with respect to ``q, k, v``."""
-    pb = _Problem(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
-    d_out, out = pb.blocked(grad_out), pb.blocked(out)
-    # delta_i = sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output).
-    delta = None if pb.fused else (d_out * out).sum(-1)
-    lse = lse.to(pb.q.dtype).reshape(pb.q.shape[:3])
+    pb = _Problem(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
+    b, q_len, h = pb.b, pb.q_len, pb.h
+    # d_out gets one zero row (position q_len): invalid query slots read it,
+    # so they add nothing to any gradient.
+    d_out = F.pad(grad_out.to(pb.work), (0, 0, 0, 0, 0, 1)).view(b, (q_len + 1) * h, -1)
+    q_flat, k_flat, v_flat, out_flat = _flat(q), _flat(k), _flat(v), _flat(out)
+    lse = lse.to(pb.work).transpose(1, 2).reshape(b, q_len * h, 1)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty rows: exp(-inf - inf) = 0
-    dq, dk, dv = torch.zeros_like(pb.q), torch.zeros_like(pb.k), torch.zeros_like(pb.v)
+    dq = q.new_zeros(b, (q_len + 1) * h, q.shape[-1], dtype=pb.work)
+    dk = k.new_zeros(b, pb.kv_len * pb.kv_heads, k.shape[-1], dtype=pb.work)
+    dv = v.new_zeros(b, pb.kv_len * pb.kv_heads, v.shape[-1], dtype=pb.work)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
-    for rows, key_tiles in pb.tiles():
-        qt, d_rows, o_rows, l_rows = (pb.select(name, x, rows) for name, x in
-                                      (("q", pb.q), ("d_out", d_out), ("out", out), ("lse", lse)))
-        delta_rows = None if delta is None else pb.select("delta", delta, rows)
+    for rows, key_tiles in pb.tiles(q.shape[-1]):
+        index, valid = pb.query_index(rows)
+        count = rows.numel()
+        target = index.masked_fill(~valid, q_len * h)
+        qt, ot = pb.gather("q", q_flat, index, count), pb.gather("out", out_flat, index, count)
+        dt = pb.gather("d_out", d_out, target, count)
+        lt = pb.gather("lse", lse, index, count).squeeze(-1)
         dq_rows = None
         for keys in key_tiles:
-            mask, _ = pb.mask(rows, keys)
+            positions = pb.key_positions(keys)
+            key_index = pb.key_index(rows, positions)
+            mask, _ = pb.mask(rows, keys, positions)
             keep = None
             if dropout_p > 0:
-                keep = _dropout_keep(qt, keys.shape[1] * block_size, dropout_p, seed, tile)
-            gq, gk, gv = _tile_backward(d_rows, qt, pb.gather("k", pb.k, keys), pb.gather("v", pb.v, keys),
-                                        o_rows, l_rows, delta_rows, mask, scale, keep, pb.fused)
+                keep = _dropout_keep(qt, positions.shape[1], dropout_p, seed, tile)
+            gq, gk, gv = _tile_backward(dt, qt, pb.gather("k", k_flat, key_index, count),
+                                        pb.gather("v", v_flat, key_index, count), ot, lt, mask, scale, keep,
+                                        pb.fused)
             dq_rows = gq if dq_rows is None else dq_rows.add_(gq)
-            flat = keys.flatten()
-            dk.index_add_(1, flat, gk.reshape(dk.shape[0], flat.numel(), block_size, -1))
-            dv.index_add_(1, flat, gv.reshape(dv.shape[0], flat.numel(), block_size, -1))
+            flat = key_index.flatten()
+            dk.index_add_(1, flat, gk.reshape(b, flat.numel(), -1))
+            dv.index_add_(1, flat, gv.reshape(b, flat.numel(), -1))
             tile += 1
-        dq.index_copy_(1, rows, dq_rows)
-    b, n, h = pb.b, pb.n, pb.h
+        dq.index_add_(1, target.flatten(), dq_rows.reshape(b, -1, dq_rows.shape[-1]))
     return (
-        _unblocked(dq, b, n, h).to(q.dtype),
-        _unblocked(dk, b, n, h).to(k.dtype),
-        _unblocked(dv, b, n, h).to(v.dtype),
+        dq.view(b, q_len + 1, h, -1)[:, :q_len].to(q.dtype).contiguous(),
+        dk.view(k.shape).to(k.dtype),
+        dv.view(v.shape).to(v.dtype),
     )
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
       block_size, causal, scale, dropout_p):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -388,13 +509,23 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
     q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
     dq, dk, dv = _backward_op(
-        grad_out.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices,
-        key_padding_mask, dropout_seed, *ctx.args,
+        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *ctx.args,
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "block-sparse attention has no double backward (a gradient of its gradients, e.g. create_graph=True "
+        "then backward again, or torch.func.grad of torch.func.grad); use the dense reference "
+        "F.scaled_dot_product_attention with a boolean mask for second derivatives"
+    )
+
+
+_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # ----------------------------------------------------------- functional core
@@ -411,21 +542,22 @@ def block_sparse_attention(
     dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """Attention of ``q`` over ``k, v`` (all ``(b, n, h, d)``) restricted to a
-    block layout (module docstring): returns ``(b, n, h, d)``.
+    """Attention of ``q (b, q_len, h, d)`` over ``k, v (b, kv_len, h_kv, d)``
+    restricted to a block layout (module docstring): returns ``(b, q_len, h, d)``.
 
-    ``kv_num_blocks`` int32 ``[H, ceil(n / block_size)]`` with ``H`` in {1, h},
-    ``kv_indices`` int32 ``[sum(kv_num_blocks)]``, both on ``q``'s device.
-    ``causal`` adds key <= query. ``softmax_scale`` defaults to ``d ** -0.5``.
-    ``dropout_p`` drops attention probabilities (pass 0.0 in evaluation).
-    ``key_padding_mask`` bool ``(b, n)``, True where a key must be ignored.
-    Float16/bfloat16 inputs are computed in float32 and returned in their dtype.
+    ``kv_num_blocks`` int32 ``[H, ceil(kv_len / block_size)]`` with ``H`` in
+    {1, h}, ``kv_indices`` int32 ``[sum(kv_num_blocks)]``, both on ``q``'s
+    device. Query rows are the last ``q_len`` positions. ``causal`` adds key
+    <= query. ``softmax_scale`` defaults to ``d ** -0.5``. ``dropout_p`` drops
+    attention probabilities (pass 0.0 in evaluation). ``key_padding_mask``
+    bool ``(b, kv_len)``, True where a key must be ignored. Float16/bfloat16
+    inputs are computed in float32 and returned in their dtype.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
-    b, n, h, d = q.shape
+    b, q_len, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    nb = -(-n // block_size)
+    nb = -(-k.shape[1] // block_size)
     for name, t, dim in (("kv_num_blocks", kv_num_blocks, 2), ("kv_indices", kv_indices, 1)):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dim:
             raise ValueError(f"{name} must be a {dim}-D int32 tensor")
@@ -433,7 +565,7 @@ def block_sparse_attention(
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if kv_num_blocks.shape[0] not in (1, h) or kv_num_blocks.shape[1] != nb:
         raise ValueError(
-            f"kv_num_blocks must have shape [1 or heads={h}, ceil(seq_len / block_size)={nb}], "
+            f"kv_num_blocks must have shape [1 or heads={h}, ceil(kv_len / block_size)={nb}], "
             f"got {list(kv_num_blocks.shape)}"
         )
     _check_probability("dropout_p", dropout_p)
@@ -449,65 +581,112 @@ def block_sparse_attention(
     return out
 
 
-def _check_probability(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-
-
-def _check_scale(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value)):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
-
-
 # ------------------------------------------------------------- store lookup
+def describe_layouts(kind: str, block_size: int, seed: int, params: dict[str, Any],
+                     store: Optional[PatternStore], max_seq_len: Optional[int]) -> str:
+    """The self-describing string that names a module's layouts in any
+    process: canonical JSON of the spec template (everything but the length
+    and the head count), the capacity, and the store's directory ("" for the
+    default store)."""
+    if store is None:
+        where = ""
+    elif store.directory is not None:
+        where = str(store.directory)
+    else:  # a memory-only store exists in this process only
+        where = f"memory:{id(store):x}"
+    return json.dumps({"kind": kind, "block_size": block_size, "seed": seed, "params": params,
+                       "max_seq_len": max_seq_len, "store": where}, sort_keys=True, separators=(",", ":"))
+
+
 class _LayoutSource:
-    """Where one module's layouts come from: a spec template (everything but
-    seq_len and num_heads) and a store. ``layout(n, h, device)`` looks the
-    layout up once per (n, h, device) and keeps the tensors (the last
-    MAX_LENGTHS used), so steady-state calls take no store lock and copy
-    nothing between devices."""
+    """The layouts of one description (``describe_layouts``). ``layout(kv_len,
+    h, device, causal)`` looks each one up once and keeps it (the last
+    MAX_LAYOUTS used), so a steady-state call takes no store lock and copies
+    nothing between devices.
 
-    MAX_LENGTHS = 16
+    Capacity (docs/design.md section 7): in causal use of a prefix-stable
+    layout the store entry fetched is that of a capacity, ``max_seq_len`` or
+    the next power of two of the block count, and its first rows are used;
+    store entries then grow with log(max length), not with the number of
+    lengths."""
 
-    def __init__(self, kind: str, block_size: int, seed: int, params: dict[str, Any], store) -> None:
-        self.kind, self.block_size, self.seed, self.params, self.store = kind, block_size, seed, params, store
+    MAX_LAYOUTS = 32
+
+    def __init__(self, description: str, store: Optional[PatternStore] = None) -> None:
+        fields = json.loads(description)
+        self.kind, self.block_size, self.seed = fields["kind"], fields["block_size"], fields["seed"]
+        self.params, self.max_seq_len = fields["params"], fields["max_seq_len"]
+        self._directory = fields["store"]
+        self._store = store
         self._layouts: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        probe = self.spec(self.block_size << 20, 2)
+        self.per_head = probe.layout_heads == 2
+        self.prefix_stable = is_prefix_stable(probe)
+        self.unidirectional = probe.params["attention"] == "unidirectional"
+
+    @property
+    def store(self) -> PatternStore:
+        if self._store is None:
+            if self._directory.startswith("memory:"):
+                raise RuntimeError("this module was built with a memory-only PatternStore, which exists in the "
+                                   "process that made it only; give it a store with a directory")
+            return store_for(self._directory or None)
+        return self._store
 
     def spec(self, seq_len: int, num_heads: int) -> SparseSpec:
         return SparseSpec(self.kind, seq_len=seq_len, block_size=self.block_size,
                           num_heads=num_heads, seed=self.seed, **self.params)
 
-    def layout(self, seq_len: int, num_heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (seq_len, num_heads, device)
+    def capacity(self, seq_len: int) -> int:
+        """The length whose layout serves ``seq_len`` in causal use."""
+        if self.max_seq_len is not None and seq_len <= self.max_seq_len:
+            return self.max_seq_len
+        nb = -(-seq_len // self.block_size)
+        return (1 << (nb - 1).bit_length()) * self.block_size
+
+    def layout(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
+        key = (kv_len, num_heads, device, causal)
         hit = self._layouts.get(key)
         if hit is not None:
             try:
                 self._layouts.move_to_end(key)
             except KeyError:  # another thread evicted it meanwhile; the tensors are still good
                 pass
+            return hit
+        exact = self.spec(kv_len, num_heads)  # validates the parameters at this length
+        if causal and self.prefix_stable:
+            pattern = self.store.get(self.spec(self.capacity(kv_len), num_heads), device)
+            hit = prefix_rows(pattern["kv_num_blocks"], pattern["kv_indices"], exact.num_blocks)
         else:
-            store = self.store if self.store is not None else default_store()
-            pattern = store.get(self.spec(seq_len, num_heads), device)
+            pattern = self.store.get(exact, device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
-            self._layouts[key] = hit
-            while len(self._layouts) > self.MAX_LENGTHS:
+        self._layouts[key] = hit
+        while len(self._layouts) > self.MAX_LAYOUTS:
+            try:
                 self._layouts.popitem(last=False)
+            except KeyError:
+                break
         return hit
 
-    def __deepcopy__(self, memo):  # a copied module shares the source (and its store)
-        return self
 
-
+# Sources by description: a cache, never the only way to a layout (any
+# process rebuilds a source from its description). Weak: modules hold theirs.
 _SOURCES: "weakref.WeakValueDictionary[str, _LayoutSource]" = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("attention::sparse_layout", mutates_args=())
-def _layout_op(like: Tensor, source: str, block_size: int, per_head: bool) -> tuple[Tensor, Tensor]:
-    """``(kv_num_blocks, kv_indices)`` of registered source ``source`` for the
-    sequence length, head count and device of ``like (b, n, h, d)``."""
-    _, n, h, _ = like.shape
-    kv_num_blocks, kv_indices = _SOURCES[source].layout(n, h, like.device)
+def _source(description: str, store: Optional[PatternStore] = None) -> _LayoutSource:
+    source = _SOURCES.get(description)
+    if source is None:
+        source = _SOURCES.setdefault(description, _LayoutSource(description, store))
+    return source
+
+
+@torch.library.custom_op("patternstore::sparse_layout", mutates_args=())
+def _layout_op(q: Tensor, k: Tensor, description: str, causal: bool) -> tuple[Tensor, Tensor]:
+    """``(kv_num_blocks, kv_indices)`` of the layouts ``description`` names
+    (``describe_layouts``) for the key length of ``k``, the head count of
+    ``q`` and their device."""
+    kv_num_blocks, kv_indices = _source(description).layout(k.shape[1], q.shape[2], q.device, causal)
     # An operator's outputs belong to its caller: a compiled graph may reuse a
     # dead output's memory for another buffer. Handing out the cached tensors
     # themselves could overwrite them; a copy costs O(nb + nnz) int32s.
@@ -515,12 +694,13 @@ def _layout_op(like: Tensor, source: str, block_size: int, per_head: bool) -> tu
 
 
 @_layout_op.register_fake
-def _(like, source, block_size, per_head):
-    _, n, h, _ = like.shape
+def _(q, k, description, causal):
+    source = _source(description)
+    h, kv_len = q.shape[2], k.shape[1]
     nnz = torch.library.get_ctx().new_dynamic_size()
-    nb = (n + block_size - 1) // block_size
-    return (like.new_empty(h if per_head else 1, nb, dtype=torch.int32),
-            like.new_empty(nnz, dtype=torch.int32))
+    nb = (kv_len + source.block_size - 1) // source.block_size
+    return (q.new_empty(h if source.per_head else 1, nb, dtype=torch.int32),
+            q.new_empty(nnz, dtype=torch.int32))
 
 
 # ------------------------------------------------------------------- module
@@ -528,12 +708,19 @@ class BlockSparseAttention(nn.Module):
     """Block-sparse attention whose layout comes from the pattern store.
 
     ``kind`` and ``**params`` are those of ``patternstore.SparseSpec``
-    (DeepSpeed's names); the layout for ``(kind, seq_len, block_size, heads,
+    (DeepSpeed's names); the layout for ``(kind, length, block_size, heads,
     seed, params)`` is fetched from ``store`` (``None``: ``default_store()``)
-    on the first call at each sequence length. ``forward(q, k, v,
-    is_causal=False, key_padding_mask=None)`` on ``(batch, seq, heads,
-    head_dim)``; the causal rule applies when the layout is unidirectional or
-    ``is_causal``. ``dropout`` applies to attention probabilities in training.
+    on the first call at each key length. ``forward(q, k, v, is_causal=False,
+    key_padding_mask=None)`` with q ``(batch, q_len, heads, head_dim)`` and k,
+    v ``(batch, kv_len, kv_heads, head_dim)``: the query rows are the last
+    ``q_len`` positions (a decode step, a chunk of a prefill). The causal rule
+    applies when the layout is unidirectional or ``is_causal``; then a
+    prefix-stable layout is taken from the layout of ``max_seq_len`` (or of
+    the next power of two of the block count). ``dropout`` applies to
+    attention probabilities in training.
+
+    Pickles, deep-copies and exports as its layout description and store
+    directory: it finds its layouts again in any process.
     """
 
     def __init__(
@@ -545,6 +732,7 @@ class BlockSparseAttention(nn.Module):
         softmax_scale: float | None = None,
         dropout: float = 0.0,
         store: Optional[PatternStore] = None,
+        max_seq_len: Optional[int] = None,
         **params: Any,
     ) -> None:
         super().__init__()
@@ -555,6 +743,9 @@ class BlockSparseAttention(nn.Module):
         _check_scale(softmax_scale)
         if store is not None and not isinstance(store, PatternStore):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                        or max_seq_len < 1):
+            raise ValueError(f"max_seq_len must be an int >= 1 or None, got {max_seq_len!r}")
         # Validate kind and params now with a length no length-dependent rule
         # rejects; rules that depend on the length (a global block beyond the
         # sequence) raise at the first call with that length.
@@ -562,35 +753,46 @@ class BlockSparseAttention(nn.Module):
         self.kind, self.block_size, self.seed = kind, block_size, seed
         self.params = dict(probe.params)
         self.softmax_scale, self.dropout = softmax_scale, float(dropout)
-        self.unidirectional = self.params["attention"] == "unidirectional"
-        self.per_head = SparseSpec(kind, seq_len=block_size << 20, block_size=block_size, num_heads=2,
-                                   seed=seed, **params).layout_heads == 2
-        store_token = "default" if store is None else f"{type(store).__name__}@{id(store):x}"
-        self._source_id = "|".join(
-            [kind, str(block_size), str(seed), json.dumps(sorted(self.params.items())), store_token]
-        )
-        source = _SOURCES.get(self._source_id)
-        if source is None:
-            source = _LayoutSource(kind, block_size, seed, self.params, store)
-            _SOURCES[self._source_id] = source
-        self._source = source  # keeps the registry entry alive as long as the module
+        self.max_seq_len = max_seq_len
+        self._description = describe_layouts(kind, block_size, seed, self.params, store, max_seq_len)
+        self._source: Optional[_LayoutSource] = _source(self._description, store)
+
+    @property
+    def layouts(self) -> _LayoutSource:
+        """This process's lookup of the module's layouts (rebuilt after unpickling)."""
+        if self._source is None:
+            self._source = _source(self._description)
+        return self._source
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_source"] = None  # process-local: rebuilt from _description where it is unpickled
+        return state
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
-        kv_num_blocks, kv_indices = _layout_op(q, self._source_id, self.block_size, self.per_head)
+        source = self.layouts
+        causal = bool(is_causal) or source.unidirectional
+        if causal and q.shape[1] != k.shape[1] and not source.prefix_stable:
+            raise ValueError(
+                f"causal attention with fewer queries than keys (q_len={q.shape[1]}, kv_len={k.shape[1]}: a "
+                f"decode step) needs a prefix-stable layout, whose rows do not depend on the length; "
+                f"{self.kind!r} with {self.params} is not (attention='unidirectional' layouts are)"
+            )
+        kv_num_blocks, kv_indices = _layout_op(q, k, self._description, causal)
         return block_sparse_attention(
             q, k, v, kv_num_blocks, kv_indices, self.block_size,
-            causal=bool(is_causal) or self.unidirectional,
+            causal=causal,
             softmax_scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
             key_padding_mask=key_padding_mask,
         )
 
     def spec(self, seq_len: int, num_heads: int) -> SparseSpec:
-        """The spec of the layout this module uses for that input shape, e.g.
-        for ``store.get(module.spec(n, h)).to_block_mask()``."""
-        return self._source.spec(seq_len, num_heads)
+        """The spec of the layout at that length (without capacity), e.g. for
+        ``store.get(module.spec(n, h)).to_block_mask()``."""
+        return self.layouts.spec(seq_len, num_heads)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, block_size={self.block_size}, seed={self.seed}, params={self.params}"
