@@ -56,7 +56,7 @@ def _grammar_help() -> str:
         *textwrap.wrap(f"commas (one item is a list of one): {', '.join(sorted(LIST_FIELDS))}", 80,
                        initial_indent="         ", subsequent_indent="         "),
         "  KINDs and their FIELDs (optional ones in brackets, with their defaults):",
-        "    dilated          seq_len segment_lengths dilation_rates num_heads [scheme=longnet|grouped]",
+        "    dilated          segment_lengths dilation_rates num_heads [scheme=longnet|grouped]  (any length)",
         "    every sparse kind: seq_len block_size [num_heads=1 seed=0], and",
     ]
     for kind, params in SPARSE_KINDS.items():
@@ -71,7 +71,7 @@ CONFIG_HELP = """\
 --config FILE (TOML, Python 3.11+):
   presets = ["default"]
   specs = ["local:seq_len=8192:block_size=128",
-           {kind = "dilated", seq_len = 65536, segment_lengths = [2048, 4096],
+           {kind = "dilated", segment_lengths = [2048, 4096],
             dilation_rates = [1, 2], num_heads = 8}]"""
 
 

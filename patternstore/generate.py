@@ -52,27 +52,14 @@ def dilated_head_groups(spec: DilatedSpec) -> list[tuple[int, int, int, int]]:
 
 
 def _dilated_plan(spec: DilatedSpec) -> dict[str, torch.Tensor]:
-    n = spec.seq_len
-    rows, chunks, start = [], [], 0
-    for branch, offset, head_start, head_stop in dilated_head_groups(spec):
-        rate = spec.dilation_rates[branch]
-        segment = min(spec.segment_lengths[branch], n)
-        num_segments, tail_length = divmod(n, segment)
-        per_segment = -(-(segment - offset) // rate) if offset < segment else 0
-        tail = -(-(tail_length - offset) // rate) if offset < tail_length else 0
-        if per_segment * num_segments + tail == 0:
-            continue
-        inside = offset + rate * torch.arange(per_segment, dtype=torch.int64)
-        full = (torch.arange(num_segments, dtype=torch.int64)[:, None] * segment + inside).flatten()
-        last = num_segments * segment + offset + rate * torch.arange(tail, dtype=torch.int64)
-        chunks += [full, last]
-        rows.append((branch, segment, rate, offset, head_start, head_stop,
-                     num_segments, per_segment, tail, start))
-        start += full.numel() + last.numel()
-    return {
-        "groups": torch.tensor(rows, dtype=torch.int32).reshape(-1, len(GROUP_COLUMNS)),
-        "positions": torch.cat(chunks).to(torch.int32) if chunks else torch.zeros(0, dtype=torch.int32),
-    }
+    """The length-free groups table: one row per (branch, head group).
+    Every offset is < its rate <= its segment, so no group is empty at any
+    length; ``dilated_head_groups`` already dropped head ranges past the last head."""
+    rows = [
+        (branch, spec.segment_lengths[branch], spec.dilation_rates[branch], offset, head_start, head_stop)
+        for branch, offset, head_start, head_stop in dilated_head_groups(spec)
+    ]
+    return {"groups": torch.tensor(rows, dtype=torch.int32).reshape(-1, len(GROUP_COLUMNS))}
 
 
 # ------------------------------------------------------------------ sparse

@@ -6,11 +6,12 @@ checks) lives in the store.
 
 Arrays by spec kind:
 
-- ``DilatedSpec`` (a gather plan, one row per (branch, head group)):
-    ``groups``    int32 ``[G, 10]``, columns ``GROUP_COLUMNS``;
-    ``positions`` int32 ``[P]``: the selected sequence positions of every group
-    back to back, group g at ``positions[start : start + num_segments *
-    per_segment + tail]``, segment by segment, ascending.
+- ``DilatedSpec`` (one row per (branch, head group), independent of the
+  sequence length):
+    ``groups``    int32 ``[G, 6]``, columns ``GROUP_COLUMNS``. At length n a
+    group selects, in every segment ``[t*s, min((t+1)*s, n))`` with
+    ``s = min(segment, n)``, the positions ``t*s + offset + rate*m``; the
+    attention code derives those numbers at call time.
 - ``SparseSpec`` (a CSR block layout, DESIGN.md section 2):
     ``kv_num_blocks`` int32 ``[H, nb]``: active key blocks of each query block;
     ``kv_indices``    int32 ``[sum(kv_num_blocks)]``: the rows back to back,
@@ -37,15 +38,11 @@ Slot = tuple[str, torch.dtype, tuple[int, ...], int, int]
 # Columns of a dilated plan's ``groups`` table.
 GROUP_COLUMNS = (
     "branch",        # index i of the branch (w_i, r_i)
-    "segment",       # s = min(w_i, seq_len)
+    "segment",       # w_i, not clipped to any length
     "rate",          # r_i
-    "offset",        # o: first selected position inside each segment
+    "offset",        # o < r_i: first selected position inside each segment
     "head_start",    # heads [head_start, head_stop) use this offset
     "head_stop",
-    "num_segments",  # full segments: seq_len // s
-    "per_segment",   # positions selected in each full segment: ceil((s - o) / r)
-    "tail",          # positions selected in the last, shorter segment
-    "start",         # where this group's positions begin in ``positions``
 )
 
 

@@ -1,14 +1,17 @@
 """Named sets of specs that people actually use, for ``patternstore precompute --preset``.
 
-- ``default``: a small mix of every family at 8K-32K tokens; seconds to
-  precompute on two cores (``make run`` seeds it).
+Dilated patterns hold no length (one entry serves every sequence length), so
+a dilated preset names branches and head counts only.
+
+- ``default``: a small mix of every family (DeepSpeed layouts at 8K tokens);
+  seconds to precompute on two cores (``make run`` seeds it).
 - ``longnet``: LongNet's published configuration (arXiv 2307.02486, its
   experimental setup): segment lengths 2048, 4096, 8192, 16384, 32768 with dilation rates
-  1, 2, 4, 6, 12, at 32K to 1M tokens and 8, 12 or 16 heads.
+  1, 2, 4, 6, 12, for 8, 12 or 16 heads.
 - ``dilated-small``: the smaller set of dilated-attention libraries
   (segments 2048, 4096, 8192 with rates 1, 2, 4), in both schemes: "longnet"
   (every branch on every head) and "grouped" (branch i on head group i, as in
-  dilated-attention-pytorch), at 8K to 64K tokens and 8 or 16 heads.
+  dilated-attention-pytorch), for 8 or 16 heads.
 - ``sparse``: DeepSpeed's sparsity configs with their default parameters,
   block size 128, 8 or 16 heads: bigbird, bslongformer and local at 4K to 1M
   tokens; fixed up to 256K only (its global columns repeat in every local
@@ -38,13 +41,10 @@ class Preset:
 
 
 def _dilated(
-    lengths: Sequence[int], heads: Sequence[int], segments: tuple[int, ...], rates: tuple[int, ...],
+    heads: Sequence[int], segments: tuple[int, ...], rates: tuple[int, ...],
     schemes: Sequence[str] = ("longnet",),
 ) -> tuple[Spec, ...]:
-    return tuple(
-        DilatedSpec(n, segments, rates, h, scheme)
-        for scheme in schemes for n in lengths for h in heads
-    )
+    return tuple(DilatedSpec(segments, rates, h, scheme) for scheme in schemes for h in heads)
 
 
 def _sparse(kinds: Sequence[str], lengths: Sequence[int], heads: Sequence[int]) -> tuple[Spec, ...]:
@@ -57,20 +57,20 @@ PRESETS: dict[str, Preset] = {
     for preset in (
         Preset(
             "default",
-            "small mix for a quick start: LongNet and 2K/4K/8K dilated at 8K-32K, DeepSpeed layouts at 8K (8 heads)",
-            _dilated((8 * _K, 16 * _K, 32 * _K), (8,), SMALL_SEGMENTS, SMALL_RATES)
-            + _dilated((32 * _K,), (8,), LONGNET_SEGMENTS, LONGNET_RATES)
+            "small mix for a quick start: LongNet and 2K/4K/8K dilated (any length), DeepSpeed layouts at 8K (8 heads)",
+            _dilated((8,), SMALL_SEGMENTS, SMALL_RATES)
+            + _dilated((8,), LONGNET_SEGMENTS, LONGNET_RATES)
             + _sparse(SPARSE_KINDS_SHIPPED, (8 * _K,), (8,)),
         ),
         Preset(
             "longnet",
-            "LongNet's published branches (2K..32K, rates 1,2,4,6,12) at 32K-1M tokens, 8/12/16 heads",
-            _dilated(tuple(n * _K for n in (32, 64, 128, 256, 512, 1024)), (8, 12, 16), LONGNET_SEGMENTS, LONGNET_RATES),
+            "LongNet's published branches (2K..32K, rates 1,2,4,6,12), any length, 8/12/16 heads",
+            _dilated((8, 12, 16), LONGNET_SEGMENTS, LONGNET_RATES),
         ),
         Preset(
             "dilated-small",
-            "segments 2048,4096,8192 with rates 1,2,4, schemes longnet and grouped, at 8K-64K tokens, 8/16 heads",
-            _dilated(tuple(n * _K for n in (8, 16, 32, 64)), (8, 16), SMALL_SEGMENTS, SMALL_RATES, ("longnet", "grouped")),
+            "segments 2048,4096,8192 with rates 1,2,4, schemes longnet and grouped, any length, 8/16 heads",
+            _dilated((8, 16), SMALL_SEGMENTS, SMALL_RATES, ("longnet", "grouped")),
         ),
         Preset(
             "sparse",

@@ -28,7 +28,7 @@ import msgpack
 
 # Bump a version whenever the generator's output or the array layout of that
 # kind changes: old entries then live under other keys and are never misread.
-DILATED_FORMAT_VERSION = 1
+DILATED_FORMAT_VERSION = 2  # 2: length-free (no seq_len), groups [G, 6], no positions
 SPARSE_FORMAT_VERSION = 1
 
 SCHEMES = ("longnet", "grouped")
@@ -96,13 +96,14 @@ def check_branches(
 # ---------------------------------------------------------------- dilated
 @dataclass(frozen=True)
 class DilatedSpec:
-    """LongNet dilated attention over ``seq_len`` positions and ``num_heads``
-    heads: branch i has segment length ``segment_lengths[i]`` and dilation
+    """LongNet dilated attention over ``num_heads`` heads, at any sequence
+    length: branch i has segment length ``segment_lengths[i]`` and dilation
     rate ``dilation_rates[i]``; ``scheme`` is "longnet" (every branch on every
     head, offsets by head group) or "grouped" (branch i on head group i only).
-    DESIGN.md section 2 gives the exact semantics."""
+    The pattern does not depend on the length: what a length n makes of a
+    branch (s = min(w, n), full segments, tail) is derived at call time
+    (docs/design.md, dilated attention)."""
 
-    seq_len: int
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     num_heads: int
@@ -112,7 +113,6 @@ class DilatedSpec:
     kind = "dilated"
 
     def __post_init__(self) -> None:
-        seq_len = check_int("seq_len", self.seq_len)
         segments, rates = check_branches(self.segment_lengths, self.dilation_rates)
         num_heads = check_int("num_heads", self.num_heads)
         scheme = check_choice("scheme", self.scheme, SCHEMES)
@@ -121,7 +121,6 @@ class DilatedSpec:
                 f"scheme='grouped' gives each branch its own head group, so it needs "
                 f"num_heads >= number of branches; got num_heads={num_heads} and {len(segments)} branches"
             )
-        object.__setattr__(self, "seq_len", seq_len)
         object.__setattr__(self, "segment_lengths", segments)
         object.__setattr__(self, "dilation_rates", rates)
         object.__setattr__(self, "num_heads", num_heads)
@@ -129,7 +128,6 @@ class DilatedSpec:
 
     def fields(self) -> dict[str, Any]:
         return {
-            "seq_len": self.seq_len,
             "segment_lengths": self.segment_lengths,
             "dilation_rates": self.dilation_rates,
             "num_heads": self.num_heads,

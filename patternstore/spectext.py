@@ -4,7 +4,7 @@
     VALUE  = ITEM { "," ITEM }           (a list; list-valued fields only)
     ITEM   = integer | "true" | "false" | string
 
-    dilated:seq_len=65536:segment_lengths=2048,4096,8192:dilation_rates=1,2,4:num_heads=8
+    dilated:segment_lengths=2048,4096,8192:dilation_rates=1,2,4:num_heads=8
     bigbird:seq_len=1048576:block_size=128:num_heads=8:num_random_blocks=2:seed=7
 
 KIND is ``dilated`` or a sparse kind (``SPARSE_KINDS``); FIELDs are the
@@ -39,7 +39,7 @@ _SPARSE_REQUIRED = ("seq_len", "block_size")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 EXAMPLES = (
-    "dilated:seq_len=65536:segment_lengths=2048,4096,8192:dilation_rates=1,2,4:num_heads=8",
+    "dilated:segment_lengths=2048,4096,8192:dilation_rates=1,2,4:num_heads=8",
     "bigbird:seq_len=1048576:block_size=128:num_heads=8:num_random_blocks=2:seed=7",
 )
 

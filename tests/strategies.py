@@ -14,7 +14,6 @@ def dilated_specs(draw: st.DrawFn) -> DilatedSpec:
     rates = [draw(st.integers(1, min(w, 16))) for w in segments]
     heads = draw(st.integers(k, 64))
     return DilatedSpec(
-        seq_len=draw(st.integers(1, 1 << 22)),
         segment_lengths=segments,
         dilation_rates=rates,
         num_heads=heads,

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 
 from patternstore.cli import main
-from patternstore.codec import ENVELOPE_VERSION, decode, encode
+from patternstore.codec import ENVELOPE_VERSION, decode, encode, tensor_bytes
 from patternstore.generate import generate
 from patternstore.pattern import Pattern
 from patternstore.presets import PRESETS
@@ -38,18 +38,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Tiny specs of four kinds, through both sources: --spec and a TOML --config.
 SPEC_TEXTS = [
-    "dilated:seq_len=512:segment_lengths=64,128:dilation_rates=1,2:num_heads=4",
+    "dilated:segment_lengths=64,128:dilation_rates=1,2:num_heads=4",
     "bigbird:seq_len=2048:block_size=64:num_heads=2:num_random_blocks=2:seed=7",
     "local:seq_len=1024:block_size=128",
 ]
 CONFIG = """\
 specs = [
-  "dilated:seq_len=300:segment_lengths=100:dilation_rates=3:num_heads=2:scheme=grouped",
+  "dilated:segment_lengths=100:dilation_rates=3:num_heads=2:scheme=grouped",
   {kind = "fixed", seq_len = 4096, block_size = 128, num_local_blocks = 4, num_global_blocks = 2},
 ]
 """
 CONFIG_SPECS = [
-    parse_spec("dilated:seq_len=300:segment_lengths=100:dilation_rates=3:num_heads=2:scheme=grouped"),
+    parse_spec("dilated:segment_lengths=100:dilation_rates=3:num_heads=2:scheme=grouped"),
     parse_spec("fixed:seq_len=4096:block_size=128:num_local_blocks=4:num_global_blocks=2"),
 ]
 ALL_SPECS = [parse_spec(text) for text in SPEC_TEXTS] + CONFIG_SPECS
@@ -172,7 +172,7 @@ def test_ls_and_info(seeded, capsys):
     assert lines[0].split() == ["KEY", "KIND", "BYTES", "STORED", "FIELDS"] and len(lines) == 1 + len(ALL_SPECS)
     dilated = ALL_SPECS[0]
     line = next(l for l in lines if l.startswith(dilated.key[:23]))
-    assert "seq_len=512:segment_lengths=64,128:dilation_rates=1,2:num_heads=4" in line
+    assert "segment_lengths=64,128:dilation_rates=1,2:num_heads=4" in line
 
     # info by the short key that ls prints, and (in this process) by SPEC: the same answer.
     by_prefix = cli(directory, "info", line.split()[0], "--json")
@@ -194,7 +194,8 @@ def test_verify_finds_corruption_and_repair_fixes_it(seeded, tmp_path):
     grouped = CONFIG_SPECS[0].key
     store = PatternStore(directory, max_entries=0)
     flipped = bytearray(store.disk.read(dilated))
-    flipped[len(flipped) // 2] ^= 0xFF  # inside the positions array: checksum mismatch, spec still readable
+    groups = tensor_bytes(generate(ALL_SPECS[0])["groups"])
+    flipped[bytes(flipped).rindex(groups) + len(groups) - 1] ^= 0xFF  # inside the groups array: checksum mismatch, spec still readable
     store.disk.write(dilated, bytes(flipped))
     store.disk.write(bigbird, b"not an envelope")  # nothing left to regenerate from
     wrong = {name: t.clone() for name, t in generate(ALL_SPECS[2]).arrays.items()}
@@ -345,11 +346,11 @@ BAD_INPUT = {
     "malformed SPEC": (["precompute", "--spec", "dilated"], "malformed SPEC 'dilated': expected KIND:FIELD=VALUE"),
     "unknown kind": (["precompute", "--spec", "sliding:seq_len=8"], "unknown kind 'sliding'; allowed kinds: dilated, dense"),
     "unknown field": (["precompute", "--spec", GOOD + ":window=3"],
-                      "unknown field 'window' for kind 'dilated'; allowed fields: seq_len, segment_lengths"),
+                      "unknown field 'window' for kind 'dilated'; allowed fields: segment_lengths, dilation_rates"),
     "bad value": (["precompute", "--spec", "local:seq_len=lots:block_size=128"], "seq_len must be an int >= 1, got str 'lots'"),
     "bad choice": (["precompute", "--spec", "local:seq_len=64:block_size=8:attention=both"],
                    "attention must be one of 'bidirectional', 'unidirectional'"),
-    "missing field": (["precompute", "--spec", "dilated:seq_len=64:segment_lengths=8:dilation_rates=1"],
+    "missing field": (["precompute", "--spec", "dilated:segment_lengths=8:dilation_rates=1"],
                       "kind 'dilated' needs field 'num_heads'"),
     "good then bad": (["precompute", "--spec", GOOD, "--spec", "local:seq_len=64:block_size=3"],
                       "block_size must be a power of two"),
@@ -366,7 +367,7 @@ BAD_INPUT = {
     "not a bundle": (["import", "{tmp}/broken.toml"], "broken.toml: not a patternstore bundle"),
     "directory is a file": (["--dir", "{tmp}/broken.toml", "precompute", "--spec", GOOD],
                             "(the store directory must be a writable directory)"),
-    "bad SPEC in info": (["info", "dilated:seq_len=0"], "bad SPEC 'dilated:seq_len=0'"),
+    "bad SPEC in info": (["info", "dilated:num_heads=0"], "bad SPEC 'dilated:num_heads=0'"),
 }
 
 
@@ -374,7 +375,7 @@ BAD_INPUT = {
 def bad_files(tmp_path) -> Path:
     (tmp_path / "broken.toml").write_text("specs = [\n")
     (tmp_path / "badspec.toml").write_text(
-        f'specs = ["{GOOD}", {{kind = "dilated", seq_len = 64, segment_lengths = 8, dilation_rates = 1, heads = 2}}]\n'
+        f'specs = ["{GOOD}", {{kind = "dilated", segment_lengths = 8, dilation_rates = 1, heads = 2}}]\n'
     )
     (tmp_path / "badkey.toml").write_text(f'spec = ["{GOOD}"]\n')
     return tmp_path
@@ -418,7 +419,7 @@ def test_list_presets(capsys):
     assert row["bytes"] == sum(generate(spec).nbytes for spec in default)
     assert {"default", "longnet", "dilated-small", "sparse"} <= set(PRESETS)
     assert any(s.kind == "dilated" and s.segment_lengths == (2048, 4096, 8192, 16384, 32768)
-               and s.dilation_rates == (1, 2, 4, 6, 12) and s.seq_len == 1 << 20 for s in PRESETS["longnet"].specs)
+               and s.dilation_rates == (1, 2, 4, 6, 12) and s.num_heads == 16 for s in PRESETS["longnet"].specs)
     assert {s.kind for s in PRESETS["sparse"].specs} == {"bigbird", "bslongformer", "fixed", "local"}
 
 
@@ -431,7 +432,7 @@ def test_spec_text_round_trips(spec):
 
 
 def test_list_fields_are_tuples_even_with_one_item():
-    spec = parse_spec("dilated:seq_len=64:segment_lengths=16:dilation_rates=2:num_heads=2")
+    spec = parse_spec("dilated:segment_lengths=16:dilation_rates=2:num_heads=2")
     assert spec.segment_lengths == (16,) and spec.dilation_rates == (2,)
     sparse = parse_spec("bslongformer:seq_len=1024:block_size=64:global_block_indices=3:global_block_end_indices=5")
     assert sparse.params["global_block_indices"] == (3,) and sparse.params["global_block_end_indices"] == (5,)

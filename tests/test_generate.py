@@ -14,18 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patternstore import DilatedSpec, SparseSpec, generate
-from patternstore.codec import tensor_bytes
+from patternstore.codec import encode, tensor_bytes
 from patternstore.pattern import GROUP_COLUMNS
-from strategies import sparse_specs
+from strategies import dilated_specs, sparse_specs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ dilated
-def reference_selection(spec: DilatedSpec) -> set[tuple[int, int, int, int]]:
-    """(branch, head, segment start, position) for every selected pair, by
-    walking the definition position by position."""
-    n, h = spec.seq_len, spec.num_heads
+def reference_selection(spec: DilatedSpec, n: int) -> set[tuple[int, int, int, int]]:
+    """(branch, head, segment start, position) for every selected pair at
+    length ``n``, by walking the definition position by position."""
+    h = spec.num_heads
     k = len(spec.segment_lengths)
     out = set()
     for i, (w, r) in enumerate(zip(spec.segment_lengths, spec.dilation_rates)):
@@ -45,52 +45,64 @@ def reference_selection(spec: DilatedSpec) -> set[tuple[int, int, int, int]]:
     return out
 
 
-def plan_selection(spec: DilatedSpec) -> set[tuple[int, int, int, int]]:
-    pattern = generate(spec)
-    groups, positions = pattern["groups"].tolist(), pattern["positions"]
+def plan_selection(pattern, n: int) -> set[tuple[int, int, int, int]]:
+    """The same set, read from the length-free groups table the way the
+    attention code does: s = min(segment, n), every segment start t*s < n."""
     out = set()
-    for row in groups:
+    for row in pattern["groups"].tolist():
         g = dict(zip(GROUP_COLUMNS, row))
-        count = g["num_segments"] * g["per_segment"] + g["tail"]
-        pos = positions[g["start"]: g["start"] + count].tolist()
-        assert pos == sorted(pos)
-        full = pos[: g["num_segments"] * g["per_segment"]]
-        for t in range(g["num_segments"]):  # each full segment holds per_segment positions
-            chunk = full[t * g["per_segment"]: (t + 1) * g["per_segment"]]
-            assert all(t * g["segment"] <= p < (t + 1) * g["segment"] for p in chunk)
-        for j in range(g["head_start"], g["head_stop"]):
-            for p in pos:
-                out.add((g["branch"], j, p // g["segment"] * g["segment"], p))
+        s = min(g["segment"], n)
+        assert 0 <= g["offset"] < g["rate"] <= g["segment"] and g["head_start"] < g["head_stop"]
+        for start in range(0, n, s):
+            for p in range(start + g["offset"], min(start + s, n), g["rate"]):
+                for j in range(g["head_start"], g["head_stop"]):
+                    out.add((g["branch"], j, start, p))
     return out
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    n=st.integers(1, 70),
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=3),
     branches=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9)), min_size=1, max_size=3),
     heads=st.integers(1, 9),
     grouped=st.booleans(),
 )
-def test_dilated_plan_selects_exactly_what_the_definition_selects(n, branches, heads, grouped):
+def test_dilated_plan_selects_exactly_what_the_definition_selects(lengths, branches, heads, grouped):
+    """One length-free pattern gives the definition's selection at every length."""
     segments = [w for w, _ in branches]
     rates = [min(r, w) for w, r in branches]
     if grouped and heads < len(branches):
         heads = len(branches)
-    spec = DilatedSpec(n, segments, rates, heads, scheme="grouped" if grouped else "longnet")
-    assert plan_selection(spec) == reference_selection(spec)
+    spec = DilatedSpec(segments, rates, heads, scheme="grouped" if grouped else "longnet")
+    pattern = generate(spec)
+    for n in lengths:
+        assert plan_selection(pattern, n) == reference_selection(spec, n)
 
 
 def test_dilated_plan_example():
-    # n=10, heads=3, branches (4, 1) and (8, 2): offsets of branch 2 are
-    # head 0,1 -> 0 (g = ceil(3/2) = 2) and head 2 -> 1; the tail is [8, 10).
-    pattern = generate(DilatedSpec(10, (4, 8), (1, 2), 3))
+    # heads=3, branches (4, 1) and (8, 2): offsets of branch 2 are
+    # head 0,1 -> 0 (g = ceil(3/2) = 2) and head 2 -> 1.
+    pattern = generate(DilatedSpec((4, 8), (1, 2), 3))
+    assert list(pattern.arrays) == ["groups"]
     assert pattern["groups"].tolist() == [
-        [0, 4, 1, 0, 0, 3, 2, 4, 2, 0],
-        [1, 8, 2, 0, 0, 2, 1, 4, 1, 10],
-        [1, 8, 2, 1, 2, 3, 1, 4, 1, 15],
+        [0, 4, 1, 0, 0, 3],
+        [1, 8, 2, 0, 0, 2],
+        [1, 8, 2, 1, 2, 3],
     ]
-    assert pattern["positions"].tolist() == list(range(10)) + [0, 2, 4, 6, 8] + [1, 3, 5, 7, 9]
-    assert all(t.dtype == torch.int32 for t in pattern.arrays.values())
+    assert pattern["groups"].dtype == torch.int32
+
+
+def test_dilated_groups_drop_head_groups_past_the_last_head():
+    # 3 heads, rate 4: g = ceil(3/4) = 1, offsets 0, 1, 2 have a head; offset 3 has none.
+    pattern = generate(DilatedSpec((16,), (4,), 3))
+    assert [row[3:] for row in pattern["groups"].tolist()] == [[0, 0, 1], [1, 1, 2], [2, 2, 3]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(spec=dilated_specs())
+def test_dilated_entry_is_small_at_any_spec(spec):
+    """Contract: a stored dilated entry stays under 4 KiB (issue 11)."""
+    assert len(encode(generate(spec))) < 4096
 
 
 # ------------------------------------------------------------------ sparse
@@ -206,9 +218,9 @@ def test_random_blocks_are_uniform_and_distinct():
 _DIGEST_SCRIPT = """
 import hashlib, sys
 from patternstore import DilatedSpec, SparseSpec, generate
-from patternstore.codec import tensor_bytes
+from patternstore.codec import encode, tensor_bytes
 specs = [
-    DilatedSpec(5000, (512, 1024, 2048), (1, 2, 4), 8),
+    DilatedSpec((512, 1024, 2048), (1, 2, 4), 8),
     SparseSpec("bigbird", 1 << 16, 64, 4, seed=11, num_random_blocks=3, different_layout_per_head=True),
     SparseSpec("variable", 9000, 32, 2, seed=5, num_random_blocks=2, local_window_blocks=(3, 5)),
 ]

@@ -105,7 +105,7 @@ def test_block_mask_width_is_the_longest_row_when_asked():
     with pytest.raises(ValueError, match="width"):
         pattern.to_block_mask(width=65)
     with pytest.raises(ValueError, match="SparseSpec"):
-        to_block_mask(generate(__import__("patternstore").DilatedSpec(64, (16,), (2,), 2)))
+        to_block_mask(generate(__import__("patternstore").DilatedSpec((16,), (2,), 2)))
 
 
 @pytest.mark.slow

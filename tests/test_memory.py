@@ -13,17 +13,18 @@ import threading
 import pytest
 import torch
 
-from patternstore import DilatedSpec, generate
+from patternstore import SparseSpec, generate
 from patternstore.memory import MemoryTier, exact_device
 
 
-def dilated(n: int) -> DilatedSpec:
-    """A one-branch plan over n positions: nbytes = 4 * n + 40."""
-    return DilatedSpec(n, [n], [1], 1)
+def sized(n: int) -> SparseSpec:
+    """A causal local layout of n one-position blocks: nbytes = 12 * n - 4
+    (n counts, 2n - 1 entries), so n sets the size."""
+    return SparseSpec("local", n, 1)
 
 
 def pattern(n: int):
-    return generate(dilated(n))
+    return generate(sized(n))
 
 
 def test_bounds_by_entries_and_bytes_evict_least_recent_first():
@@ -71,7 +72,7 @@ def test_put_copies_so_the_callers_tensors_do_not_alias_the_held_ones():
     tier = MemoryTier()
     mine = pattern(64)
     held = tier.put(mine)
-    mine["positions"].zero_()
+    mine["kv_indices"].zero_()
     assert tier.get(mine.key) is held and held.equals(pattern(64)) and tier.tampered == 0
 
 
@@ -79,25 +80,25 @@ def test_held_arrays_cannot_be_swapped_out():
     tier = MemoryTier()
     held = tier.put(pattern(16))
     with pytest.raises(TypeError):
-        held.arrays["positions"] = torch.zeros(16, dtype=torch.int32)
+        held.arrays["kv_indices"] = torch.zeros(16, dtype=torch.int32)
 
 
 def test_in_place_change_of_a_held_array_drops_the_entry():
     tier = MemoryTier()
     held = tier.put(pattern(64))
-    held["positions"].add_(1)
+    held["kv_indices"].add_(1)
     assert tier.get(held.key) is None
     assert tier.tampered == 1 and len(tier) == 0 and tier.nbytes == 0
     # Writing through a view bumps the shared version counter too.
     held = tier.put(pattern(64))
-    held["positions"][3:5] = 7
+    held["kv_indices"][3:5] = 7
     assert tier.get(held.key) is None and tier.tampered == 2
 
 
 def test_reput_replaces_a_tampered_entry():
     tier = MemoryTier()
     held = tier.put(pattern(64))
-    held["groups"].zero_()
+    held["kv_num_blocks"].zero_()
     fresh = tier.put(pattern(64))
     assert fresh is not held and fresh.equals(pattern(64))
     assert tier.tampered == 1 and tier.nbytes == fresh.nbytes
@@ -118,7 +119,7 @@ def test_device_copies_are_cached_per_device_counted_and_evicted_with_their_entr
 
 def test_a_device_copy_makes_room_by_evicting_least_recent_entries():
     a, b = pattern(256), pattern(512)
-    tier = MemoryTier(max_entries=4, max_bytes=a.nbytes * 2 + b.nbytes)
+    tier = MemoryTier(max_entries=4, max_bytes=2 * b.nbytes + a.nbytes - 1)
     tier.put(a)
     tier.put(b)
     tier.get(b.key, torch.device("meta"))  # b + copy + a = 2 * b + a > bound
@@ -141,7 +142,7 @@ def test_a_tampered_device_copy_is_copied_again():
     tier = MemoryTier()
     tier.put(p)
     first = tier.get(p.key, meta)
-    first["positions"].add_(1)  # meta tensors keep version counters too
+    first["kv_indices"].add_(1)  # meta tensors keep version counters too
     second = tier.get(p.key, meta)
     assert second is not first
     assert tier.tampered == 1 and tier.nbytes == 2 * p.nbytes

@@ -93,8 +93,8 @@ def test_float_examples_from_the_issue_and_type_distinctions():
 
 
 def test_key_is_readable_and_stable():
-    spec = DilatedSpec(seq_len=8192, segment_lengths=(2048, 4096), dilation_rates=(1, 2), num_heads=8)
-    assert spec.key.startswith("dilated-v1-") and len(spec.key) == len("dilated-v1-") + 40
+    spec = DilatedSpec(segment_lengths=(2048, 4096), dilation_rates=(1, 2), num_heads=8)
+    assert spec.key.startswith("dilated-v2-") and len(spec.key) == len("dilated-v2-") + 40
     sparse = SparseSpec("bigbird", seq_len=4096, block_size=64, num_heads=8)
     assert sparse.key.startswith("bigbird-v1-")
     # spelled-out defaults equal implicit ones
@@ -110,8 +110,8 @@ print(json.dumps([spec_from_dict(d).key for d in json.loads(sys.stdin.read())]))
 
 def test_keys_are_the_same_in_processes_with_other_hash_seeds():
     specs = [
-        DilatedSpec(65536, (2048, 4096, 8192), (1, 2, 4), 8),
-        DilatedSpec(1000, [7], [3], 5, scheme="grouped"),
+        DilatedSpec((2048, 4096, 8192), (1, 2, 4), 8),
+        DilatedSpec([7], [3], 5, scheme="grouped"),
         SparseSpec("bigbird", 1 << 20, 128, 8, seed=7, num_random_blocks=2),
         SparseSpec("variable", 5000, 16, 4, local_window_blocks=[4, 2], global_block_indices=[0, 3]),
         SparseSpec("fixed", 2048, 32, 2, attention="unidirectional"),
@@ -132,20 +132,18 @@ def test_specs_are_immutable_and_picklable():
         spec.seq_len = 5
     with pytest.raises(TypeError):
         spec.params["attention"] = "bidirectional"
-    dilated = DilatedSpec(100, [10], [2], 2)
+    dilated = DilatedSpec([10], [2], 2)
     with pytest.raises(AttributeError):
-        dilated.seq_len = 5
+        dilated.num_heads = 5
     for s in (spec, dilated):
         assert pickle.loads(pickle.dumps(s)).key == s.key
 
 
 # ------------------------------------------------------------------ bad input
-DILATED_OK = dict(seq_len=64, segment_lengths=(16, 32), dilation_rates=(1, 2), num_heads=4)
+DILATED_OK = dict(segment_lengths=(16, 32), dilation_rates=(1, 2), num_heads=4)
 BAD_DILATED = [
-    (dict(seq_len=0), ValueError, "seq_len"),
-    (dict(seq_len=-3), ValueError, "seq_len"),
-    (dict(seq_len=True), TypeError, "seq_len"),
-    (dict(seq_len=64.0), TypeError, "seq_len"),
+    (dict(num_heads=-3), ValueError, "num_heads"),
+    (dict(num_heads=4.0), TypeError, "num_heads"),
     (dict(num_heads=0), ValueError, "num_heads"),
     (dict(num_heads=False), TypeError, "num_heads"),
     (dict(segment_lengths=(16, 0)), ValueError, "segment_lengths[1]"),
@@ -203,3 +201,10 @@ def test_bad_sparse_specs_name_the_field(args, change, error, message):
 def test_spec_from_dict_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="kind must be 'dilated' or one of"):
         spec_from_dict({"kind": "nope", "seq_len": 3})
+
+
+def test_dilated_specs_hold_no_length():
+    """Contract 1: one dilated spec serves every length, so it has no seq_len."""
+    with pytest.raises(TypeError, match="seq_len"):
+        DilatedSpec(seq_len=64, segment_lengths=(16,), dilation_rates=(1,), num_heads=2)  # type: ignore[call-arg]
+    assert "seq_len" not in DilatedSpec((16,), (1,), 2).fields()

@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import patternstore.store as store_module
-from patternstore import DilatedSpec, PatternStore, SparseSpec, default_store, generate
+from patternstore import DilatedSpec, PatternStore, SparseSpec, Spec, default_store, generate
 
-SIZES = (16, 40, 128, 300, 1024, 2500)  # positions; a plan's nbytes is 4 * n + 40
-SPECS = [DilatedSpec(n, [n], [1], 1) for n in SIZES] + [DilatedSpec(n, [n // 2, n], [1, 2], 2) for n in SIZES[2:]]
+SIZES = (16, 40, 128, 300, 1024, 2500)  # one-position blocks; a causal local layout's nbytes is 12 * n - 4
+SPECS = [SparseSpec("local", n, 1) for n in SIZES] + [SparseSpec("local", n, 1, 2, num_sliding_window_blocks=5) for n in SIZES[2:]]
+SPECS += [DilatedSpec([n // 2, n], [1, 2], 2) for n in SIZES[2:4]]  # length-free: a few hundred bytes
 REFERENCE = {spec.key: generate(spec) for spec in SPECS}
 
 
@@ -69,7 +70,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
 
     # -------------------------------------------------------------- rules
     @rule(spec=st.sampled_from(SPECS))
-    def get(self, spec: DilatedSpec) -> None:
+    def get(self, spec: Spec) -> None:
         key = spec.key
         self._forget_if_tampered(key)
         if key in self.memory:
@@ -86,7 +87,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
         assert self.store.get(spec).equals(REFERENCE[key])
 
     @rule(spec=st.sampled_from(SPECS))
-    def put(self, spec: DilatedSpec) -> None:
+    def put(self, spec: Spec) -> None:
         key = spec.key
         self.store.put(generate(spec))
         self._forget_if_tampered(key)
@@ -97,7 +98,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
             self._keep(key)
 
     @rule(spec=st.sampled_from(SPECS))
-    def evict(self, spec: DilatedSpec) -> None:
+    def evict(self, spec: Spec) -> None:
         key = spec.key
         expected = key in self.memory or key in self.disk
         assert self.store.evict(spec) is expected
@@ -163,10 +164,10 @@ def test_get_fills_both_tiers_and_a_second_store_reads_the_disk(tmp_path):
 
 def test_put_copies_the_arrays(tmp_path):
     store = PatternStore(tmp_path)
-    spec = DilatedSpec(256, [64, 256], [1, 4], 4)
+    spec = SparseSpec("local", 256, 1, 4)
     mine = generate(spec)
     store.put(mine)
-    mine["positions"].zero_()  # the caller keeps using its own tensors
+    mine["kv_indices"].zero_()  # the caller keeps using its own tensors
     assert store.get(spec).equals(generate(spec))
     assert store.stats()["memory_hits"] == 1 and store.stats()["tampered"] == 0
 
@@ -300,7 +301,7 @@ def test_returned_device_copies_changed_in_place_are_copied_again(tmp_path):
     spec = SPECS[4]
     first = store.get(spec, "meta")
     assert store.get(spec, torch.device("meta")) is first
-    first["positions"].fill_(0)
+    first["kv_indices"].fill_(0)
     again = store.get(spec, "meta")
     assert again is not first and store.stats()["tampered"] == 1
     assert store.get(spec).equals(generate(spec))  # the CPU arrays were never touched

@@ -26,7 +26,7 @@ from patternstore.memory import MemoryTier
 from patternstore.pattern import PACK_ALIGN
 from patternstore.disk import PatternStoreWarning, filesystem_type
 
-SMALL = DilatedSpec(512, [128, 512], [1, 2], 2)  # envelope < 32 KiB: inside SQLite
+SMALL = DilatedSpec([128, 512], [1, 2], 2)  # envelope < 32 KiB: inside SQLite
 LARGE = SparseSpec("bigbird", seq_len=16384, block_size=32, num_heads=4, different_layout_per_head=True)  # a file
 
 
@@ -122,7 +122,7 @@ def test_wrong_version_envelope_with_a_valid_checksum(tmp_path):
 
 def test_envelope_of_another_spec_under_this_key(tmp_path):
     store = PatternStore(tmp_path)
-    other = DilatedSpec(512, [128, 512], [1, 2], 1)  # differs in one field
+    other = DilatedSpec([128, 512], [1, 2], 1)  # differs in one field
     store.disk.write(SMALL.key, encode(generate(other)))
     refetched(store, SMALL)
 
@@ -165,7 +165,7 @@ def test_stored_at_of_a_planted_pickle_does_not_run_it(tmp_path):
 # ------------------------------------------------------------------ failures
 def attention_style_use(store: PatternStore) -> None:
     """What a module's forward does: the same few specs, over and over."""
-    specs = [SMALL, DilatedSpec(256, [256], [1], 1)]
+    specs = [SMALL, DilatedSpec([256], [1], 1)]
     first = [store.get(spec) for spec in specs]
     for _ in range(50):
         for spec, pattern in zip(specs, first):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Built identically in the parent and in every child.
 SPECS_SOURCE = """
 from patternstore import DilatedSpec, SparseSpec
-SPECS = [DilatedSpec(n, [n // 4, n], [1, 2], 2) for n in (256, 1024, 4096)] + [
+SPECS = [DilatedSpec([n // 4, n], [1, 2], 2) for n in (256, 1024, 4096)] + [
     SparseSpec("bigbird", seq_len=n, block_size=32, num_heads=4, different_layout_per_head=True)
     for n in (8192, 32768, 65536)
 ]

@@ -49,7 +49,7 @@ from patternstore import PatternStore, generate  # noqa: E402
 SPECS_SOURCE = """
 from patternstore import DilatedSpec, SparseSpec
 SPECS = {
-    "dilated-8k": DilatedSpec(8192, [2048, 4096, 8192], [1, 2, 4], 8),
+    "dilated-8k": DilatedSpec([2048, 4096, 8192], [1, 2, 4], 8),  # length-free: serves 8K and every other length
     "bigbird-1M": SparseSpec("bigbird", seq_len=1048576, block_size=128, num_heads=8,
                              different_layout_per_head=True),
 }
