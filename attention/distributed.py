@@ -40,20 +40,17 @@ from torch import Tensor, nn
 
 
 from .collectives import agree_on_shapes, all_gather, reduce_scatter, require_initialized, segment_group
-from .dilated import (
-    DilatedPlan,
-    Group,
-    _accumulate_dtype,
-    _EMPTY,
-    _DilatedBase,
-    _kernel_backward,
-    _kernel_forward,
-    _lse_dtype,
-    _merge,
-    _scale,
-    backward_groups,
+from .dilated import DilatedPlan, Group, _DilatedBase, backward_groups, forward_groups
+from .kernels import (
+    EMPTY_LSE,
+    accumulate_dtype,
+    attend,
+    attend_backward,
     check_attention_inputs,
-    forward_groups,
+    check_is_causal,
+    default_scale,
+    lse_dtype,
+    merge_,
 )
 from .multihead import MultiheadDilatedAttention
 
@@ -92,10 +89,11 @@ def distributed_plan(plan: DilatedPlan, chunk: int, rank: int, global_ranks: tup
     """Split the whole-sequence ``plan`` into what rank ``rank`` (of
     ``len(global_ranks)``) runs locally and what it gathers."""
     local, long = [], []
+    seq_len = chunk * len(global_ranks)
     for g in plan.groups:
-        s = g.segment
+        s = min(g.segment, seq_len)
         if chunk % s == 0:
-            local.append(g._replace(num_segments=chunk // s, tail=0))
+            local.append(g._replace(segment=s))  # the chunk's segments are the sequence's
         elif s % chunk == 0:
             per = s // chunk
             first_rank = rank // per * per
@@ -110,7 +108,7 @@ def distributed_plan(plan: DilatedPlan, chunk: int, rank: int, global_ranks: tup
         else:
             raise ValueError(
                 f"segment length {s} (branch {g.branch}) must divide the chunk length {chunk} "
-                f"or be a multiple of it (sequence {plan.seq_len} over {len(global_ranks)} ranks)"
+                f"or be a multiple of it (sequence {seq_len} over {len(global_ranks)} ranks)"
             )
     return DistributedPlan(tuple(local), tuple(long))
 
@@ -126,8 +124,8 @@ class _SequenceParallel(torch.autograd.Function):
     def forward(ctx, q, k, v, pad: Optional[Tensor], dplan: DistributedPlan, groups: tuple, is_causal: bool,  # type: ignore[override]
                 scale: float, stats: dict):
         b, c, h, d = q.shape
-        out = torch.zeros(b, c, h, d, dtype=_accumulate_dtype(q.dtype), device=q.device)
-        lse = torch.full((b, c, h), _EMPTY, dtype=_lse_dtype(q.dtype), device=q.device)
+        out = torch.zeros(b, c, h, d, dtype=accumulate_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, c, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
         forward_groups(q, k, v, pad, dplan.local, is_causal, scale, out, lse)
         gathered, key_pads = [], []
         for lg, group in zip(dplan.long, groups):
@@ -137,9 +135,9 @@ class _SequenceParallel(torch.autograd.Function):
             key_pads.append(key_pad)
             queries = q[lg.rows].transpose(1, 2)
             for key_rows, causal in _key_ranges(lg, is_causal):
-                o, l = _kernel_forward(queries, keys[:, :, key_rows], values[:, :, key_rows], causal, scale,
-                                       None if key_pad is None else key_pad[:, key_rows])
-                _merge(out[lg.rows], lse[lg.rows], o.transpose(1, 2), l.transpose(1, 2))
+                o, l = attend(queries, keys[:, :, key_rows], values[:, :, key_rows], causal=causal, scale=scale,
+                              key_mask=None if key_pad is None else key_pad[:, key_rows])
+                merge_(out[lg.rows], lse[lg.rows], o.transpose(1, 2), l.transpose(1, 2))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, pad, *gathered)
         ctx.key_pads = key_pads  # made here, needing no gradient: kept as they are
@@ -150,7 +148,7 @@ class _SequenceParallel(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, out, lse, pad, *gathered = ctx.saved_tensors
         dplan, is_causal, scale = ctx.dplan, ctx.is_causal, ctx.scale
-        acc = _accumulate_dtype(q.dtype)
+        acc = accumulate_dtype(q.dtype)
         grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
         backward_groups(grad_out, q, k, v, out, lse, pad, dplan.local, is_causal, scale, *grads)
         dq, dk, dv = grads
@@ -160,10 +158,10 @@ class _SequenceParallel(torch.autograd.Function):
             queries = q[rows].transpose(1, 2)
             dkeys, dvalues = torch.zeros_like(keys, dtype=acc), torch.zeros_like(values, dtype=acc)
             for key_rows, causal in _key_ranges(lg, is_causal):
-                gq, gk, gv = _kernel_backward(
+                gq, gk, gv = attend_backward(
                     grad_out[rows].transpose(1, 2), queries, keys[:, :, key_rows], values[:, :, key_rows],
-                    out[rows].transpose(1, 2), lse[rows].transpose(1, 2), causal, scale,
-                    None if key_pad is None else key_pad[:, key_rows],
+                    out[rows].transpose(1, 2), lse[rows].transpose(1, 2), causal=causal, scale=scale,
+                    key_mask=None if key_pad is None else key_pad[:, key_rows],
                 )
                 dq[rows] += gq.transpose(1, 2)
                 dkeys[:, :, key_rows] += gk
@@ -279,6 +277,12 @@ class DistributedDilatedAttention(_DilatedBase):
         # collective the bad rank will not join.
         try:
             check_attention_inputs(q, k, v, key_padding_mask)
+            check_is_causal(is_causal)
+            if q.shape != k.shape:
+                raise ValueError(
+                    f"DistributedDilatedAttention needs q, k and v of one shape (each rank's chunk of one "
+                    f"sequence, all heads); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+                )
             local_error = None
         except ValueError as error:
             local_error = error
@@ -305,7 +309,7 @@ class DistributedDilatedAttention(_DilatedBase):
             raise local_error
         dplan, groups = self._distributed_plan(c, h, group)
         return _SequenceParallel.apply(q, k, v, key_padding_mask, dplan, groups, bool(is_causal),
-                                       _scale(self.softmax_scale, q), self._stats)
+                                       default_scale(q, self.softmax_scale), self._stats)
 
     def _distributed_plan(self, chunk: int, heads: int, group) -> tuple[DistributedPlan, tuple]:
         plans = self._distributed_plans.setdefault(group, {})
@@ -313,7 +317,7 @@ class DistributedDilatedAttention(_DilatedBase):
         if cached is None:
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             global_ranks = tuple(dist.get_global_rank(group, r) for r in range(world))
-            plan = self._plan(chunk * world, heads)
+            plan = self._plan(heads)
             dplan = distributed_plan(plan, chunk, rank, global_ranks)
             groups = tuple(segment_group(lg.ranks, self.timeout) for lg in dplan.long)
             cached = plans[(chunk, heads)] = (dplan, groups)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention.dilated as dilated
+import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
 from dense_reference import dense_dilated_attention
 from patternstore import DilatedSpec, PatternStore, generate
@@ -133,7 +134,7 @@ def test_gradcheck_tiny(module_class):
 # ------------------------------------------------ fast path internals
 def test_matmul_kernel_matches_dense_reference(monkeypatch):
     """The kernel other devices and dtypes take, exercised on CPU."""
-    monkeypatch.setattr(dilated, "_uses_flash", lambda x: False)
+    monkeypatch.setattr(kernels, "choose_kernel", lambda *args: "matmul")
     segments, rates, h, n = (4, 8, 16), (1, 2, 4), 4, 37
     q, k, v = qkv(2, n, h, 3, requires_grad=True)
     pad = torch.rand(2, n, generator=torch.Generator().manual_seed(3)) < 0.3
@@ -206,38 +207,60 @@ def test_dropout_trains_stochastically_and_evaluates_exactly():
 
 
 # ----------------------------------------------------------------- plans
+def selected_positions(g, n):
+    """Positions of [0, n) group g selects, from docs/design.md's rule: s = min(w, n), p % s >= o, (p % s - o) % r == 0."""
+    s = min(g.segment, n)
+    return {p for p in range(n) if p % s >= g.offset and (p % s - g.offset) % g.rate == 0}
+
+
 @pytest.mark.parametrize("scheme", ["longnet", "grouped"])
-def test_strided_views_select_exactly_the_plan_positions(scheme):
-    """The kernels read each group's positions as strided views; the
-    pattern's ``positions`` array lists the same positions, in order."""
-    spec = DilatedSpec(53, (4, 8, 16, 12), (1, 2, 4, 3), 5, scheme)
-    pattern = generate(spec)
-    plan = DilatedPlan.from_pattern(pattern)
-    pos = torch.arange(spec.seq_len)[None, :]
-    for g in plan.groups:
-        viewed = torch.cat([dilated._part(pos, g, tail).flatten() for tail in dilated._parts(g)])
-        count = g.num_segments * g.per_segment + g.tail
-        assert torch.equal(viewed, pattern["positions"][g.start : g.start + count].long())
+def test_pieces_select_exactly_the_rule_positions(scheme):
+    """Every (q_len, kv_len): the pieces' query views are exactly the group's
+    selected positions among the last q_len, and each piece's keys are the
+    selected positions of the same segment (the query rows last)."""
+    plan = DilatedPlan.from_pattern(generate(dilated.dilated_spec((4, 8, 16, 12), (1, 2, 4, 3), 5, scheme)))
+    for n in (1, 7, 12, 16, 53):
+        pos = torch.arange(n)[None, :]
+        for m in sorted({1, 2, 5, 11, n // 2 + 1, n} & set(range(1, n + 1))):
+            for g in plan.groups:
+                s = min(g.segment, n)
+                selected = selected_positions(g, n)
+                queries = []
+                for piece in dilated._pieces(g, m, n):
+                    qv = dilated._view(pos[:, n - m :], piece, True)[0]
+                    kv = dilated._view(pos, piece, False)[0]
+                    for q_row, k_row in zip(qv.tolist(), kv.tolist()):
+                        segment = {p for p in selected if p // s == q_row[0] // s}
+                        assert k_row == sorted(segment) and q_row == k_row[len(k_row) - len(q_row):]
+                        queries += q_row
+                assert sorted(queries) == sorted(p for p in selected if p >= n - m)
 
 
-def test_modules_fetch_plans_from_their_store_once_per_length(tmp_path):
+def test_modules_fetch_one_plan_for_every_length(tmp_path):
     store = PatternStore(tmp_path / "store")
     module = ImprovedDilatedAttention((4, 8), (1, 2), store=store)
-    for n in (20, 20, 20, 33, 33):
+    for n in (20, 20, 20, 33, 33, 5):
         module(*qkv(1, n, 2, 3))
     stats = store.stats()
-    assert stats["misses"] == 2 and stats["memory_hits"] == 0 and stats["disk_hits"] == 0
-    assert store.contains(DilatedSpec(20, (4, 8), (1, 2), 2)) and store.contains(DilatedSpec(33, (4, 8), (1, 2), 2))
+    assert stats["misses"] == 1 and stats["memory_hits"] == 0 and stats["disk_hits"] == 0
+    assert store.contains(dilated.dilated_spec((4, 8), (1, 2), 2, "longnet"))
     # A new module (as in a new process) reads the plan back instead of generating it.
     other = DilatedAttention((4, 8), (1, 2), store=PatternStore(tmp_path / "store"))
     other(*qkv(1, 20, 2, 3))
     assert other.store.stats()["disk_hits"] == 1 and other.store.stats()["generations"] == 0
 
 
+def test_plan_cache_is_bounded():
+    module = ImprovedDilatedAttention((4,), (1,))
+    for h in range(1, dilated._PLANS_KEPT + 4):
+        module(*qkv(1, 6, h, 2))
+    assert len(module._plans) == dilated._PLANS_KEPT
+
+
 def test_functional_api_checks_its_plan():
     q, k, v = qkv(1, 10, 2, 3)
-    plan = DilatedPlan.from_pattern(generate(DilatedSpec(12, (4,), (1,), 2)))
-    with pytest.raises(ValueError, match="plan is for seq_len=12"):
+    plan = DilatedPlan.from_pattern(generate(dilated.dilated_spec((4,), (1,), 3, "longnet")))
+    with pytest.raises(ValueError, match="plan is for num_heads=3"):
         dilated_attention(q, k, v, plan)
 
 
@@ -247,8 +270,11 @@ def test_functional_api_checks_its_plan():
     "make, message",
     [
         (lambda: (torch.randn(2, 8, 4), torch.randn(2, 8, 4), torch.randn(2, 8, 4)), "q must have shape"),
-        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 9, 2, 4), torch.randn(1, 8, 2, 4)), "same shape"),
-        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 3, 4), torch.randn(1, 8, 2, 4)), "same shape"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 9, 2, 4), torch.randn(1, 8, 2, 4)), "k and v must have one shape"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 3, 4), torch.randn(1, 8, 2, 4)), "k and v must have one shape"),
+        (lambda: (torch.randn(1, 9, 2, 4), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)), "q_len must be <= kv_len"),
+        (lambda: (torch.randn(1, 8, 3, 4), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)), "multiple of the key/value heads"),
+        (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 5), torch.randn(1, 8, 2, 5)), "same batch and head_dim"),
         (lambda: (torch.randn(1, 0, 2, 4),) * 3, "must not be empty"),
         (lambda: (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4).double(), torch.randn(1, 8, 2, 4)), "one dtype"),
         (lambda: (torch.ones(1, 8, 2, 4, dtype=torch.int64),) * 3, "floating-point"),
@@ -267,7 +293,7 @@ def test_bad_key_padding_mask(module_class):
     module = module_class((4,), (1,))
     with pytest.raises(ValueError, match="bool tensor"):
         module(q, k, v, key_padding_mask=torch.zeros(2, 8))
-    with pytest.raises(ValueError, match=r"shape \(batch, seq\) = \(2, 8\)"):
+    with pytest.raises(ValueError, match=r"shape \(batch, kv_len\) = \(2, 8\)"):
         module(q, k, v, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool))
 
 
@@ -279,7 +305,10 @@ def test_bad_key_padding_mask(module_class):
         (((0,), (1,)), {}, ValueError, "segment_lengths"),
         (((4,), (1,)), {"scheme": "ring"}, ValueError, "scheme must be one of"),
         (((4,), (1,)), {"dropout": 1.0}, ValueError, "dropout"),
-        (((4,), (1,)), {"softmax_scale": -1.0}, ValueError, "softmax_scale"),
+        (((4,), (1,)), {"softmax_scale": -1.0}, ValueError, "softmax_scale must be None or a finite number > 0"),
+        (((4,), (1,)), {"softmax_scale": float("inf")}, ValueError, "softmax_scale must be None or a finite number > 0"),
+        (((4,), (1,)), {"softmax_scale": True}, ValueError, "softmax_scale"),
+        (((4,), (1,)), {"dropout": -0.1}, ValueError, r"dropout must be a probability in \[0, 1\)"),
         (((4,), (1,)), {"store": "/tmp"}, ValueError, "store must be a PatternStore"),
     ],
 )
