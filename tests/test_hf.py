@@ -182,39 +182,73 @@ def test_grouped_query_attention_equals_repeated_keys(pattern):
     torch.testing.assert_close(torch.stack(got_logits), torch.stack(want_logits), rtol=0, atol=1e-5)
 
 
-def kernel_spy(monkeypatch) -> list[tuple[torch.Tensor, ...]]:
-    """Record the (q, k, v) every attention kernel call receives."""
-    import attention.kernels as kernels
+def spy(monkeypatch, module, name: str) -> list[tuple]:
+    """Record (result, *positional arguments) of every call of ``module.name``."""
+    calls: list[tuple] = []
+    original = getattr(module, name)
 
-    calls: list[tuple[torch.Tensor, ...]] = []
-    original = kernels.attend
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((result, *args))
+        return result
 
-    def spy(q, k, v, **kwargs):
-        calls.append((q, k, v))
-        return original(q, k, v, **kwargs)
-
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] == "attention" and getattr(module, "attend", None) is original:
-            monkeypatch.setattr(module, "attend", spy)
+    monkeypatch.setattr(module, name, recording)
     return calls
 
 
-@pytest.mark.parametrize("pattern", ["dilated", "bigbird"])
-@torch.no_grad()
-def test_grouped_query_keys_reach_the_kernel_as_views_of_the_cache(pattern, monkeypatch):
-    impl, settings = PATTERNS[pattern]
+def kernel_spy(monkeypatch) -> list[tuple]:
+    """The (q, k, v, ...) of every call of attention.kernels.attend, wherever it is imported."""
+    import attention.kernels as kernels
+
+    calls: list[tuple] = []
+    original = kernels.attend
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "attention" and getattr(module, "attend", None) is original:
+            monkeypatch.setattr(module, "attend", recording)
+    return calls
+
+
+def decode_step(impl, settings):
+    """One decode step straight through the registered function: 4 query
+    heads over a cache of 2 key/value heads in transformers' layout."""
     layer = SimpleNamespace(config=SimpleNamespace(patternstore_attention=settings), is_causal=True)
-    forward = AttentionInterface._global_mapping[impl]
     key, value = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)  # (batch, kv_heads, cache, head_dim)
-    query = torch.randn(2, 4, 1, 16)                                   # one decode step, 4 query heads
-    calls = kernel_spy(monkeypatch)
-    out, _ = forward(layer, query, key, value, None, scaling=0.25)
+    query = torch.randn(2, 4, 1, 16)
+    out, _ = AttentionInterface._global_mapping[impl](layer, query, key, value, None, scaling=0.25)
     assert out.shape == (2, 1, 4, 16)
+    return key, value
+
+
+@torch.no_grad()
+def test_grouped_query_keys_reach_the_dilated_kernel_as_views_of_the_cache(monkeypatch):
+    calls = kernel_spy(monkeypatch)
+    key, value = decode_step(hf.DILATED, DILATED)
     assert calls, "no kernel call seen"
-    cache_storages = {key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr()}
-    for q, k, v in calls:
-        assert k.untyped_storage().data_ptr() in cache_storages  # a view of the cache: no repeat, no copy
-        assert v.untyped_storage().data_ptr() in cache_storages
+    cache = {key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr()}
+    for q, k, v, *_ in calls:
+        assert k.untyped_storage().data_ptr() in cache  # a view of the cache: no repeat, no copy
+        assert v.untyped_storage().data_ptr() in cache
+
+
+@torch.no_grad()
+def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monkeypatch):
+    import attention.sparse as sparse
+
+    flattened = spy(monkeypatch, sparse, "_flat")
+    tiles = spy(monkeypatch, sparse, "_tile_forward")
+    key, value = decode_step(hf.SPARSE, BIGBIRD)
+    cache = {key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr()}
+    # Blocks are gathered from q and from the cache's keys and values, as views (no whole copy).
+    assert [flat.untyped_storage().data_ptr() in cache for flat, _ in flattened] == [False, True, True]
+    assert tiles
+    for _, qt, kt, vt, *_ in tiles:
+        assert kt.shape[0] == vt.shape[0] == 2 * 2  # batch x kv_heads lanes: keys gathered once per kv head
+        assert qt.shape[0] == 2 * 2                 # the 2 query heads of a lane share them
 
 
 # ------------------------------------------------------------- training step
