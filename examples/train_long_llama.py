@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval", type=int, default=32, help="fresh sequences answered by generate at the end")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop training after this long (the steps run are recorded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=REPO / "tools" / "results" / "train_long_llama")
@@ -120,6 +122,10 @@ def main() -> None:
     bar = tqdm(range(args.steps), desc=f"train {args.seq_len} tokens", unit="step")
     model.train()
     for _ in bar:
+        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+            bar.close()
+            print(f"stopped after {len(losses)} steps (--max-minutes {args.max_minutes})")
+            break
         ids, answers, _ = batch(args.batch, args.seq_len, generator)
         ids, answers = ids.to(device), answers.to(device)
         with autocast:
@@ -158,9 +164,9 @@ def main() -> None:
     print(f"recall accuracy by generate over {args.eval} fresh sequences: {accuracy:.3f} (chance {1 / len(VALUES):.3f})")
 
     metrics = {
-        "seq_len": args.seq_len, "steps": args.steps, "batch": args.batch, "lr": args.lr, "device": str(device),
+        "seq_len": args.seq_len, "steps": len(losses), "steps_requested": args.steps, "batch": args.batch, "lr": args.lr, "device": str(device),
         "segments": SEGMENTS, "rates": RATES, "heads": HEADS, "kv_heads": HEADS // 2,
-        "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, args.steps),
+        "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(1, len(losses)),
         "first_20_loss": sum(losses[:20]) / len(losses[:20]), "last_20_loss": sum(losses[-20:]) / len(losses[-20:]),
         "last_20_train_accuracy": sum(accuracies[-20:]) / len(accuracies[-20:]),
         "generate_accuracy": accuracy, "eval_sequences": args.eval, "chance_accuracy": 1 / len(VALUES),

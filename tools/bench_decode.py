@@ -111,8 +111,14 @@ def run_context(context: int, reps: int, device: torch.device, dtype: torch.dtyp
         sync()
         return time.perf_counter() - start
 
+    warm, refused = {}, {}
     with torch.no_grad():
-        warm = {name: timed(fn) for name, fn in functions.items()}  # store fetch, kernel load
+        for name, fn in list(functions.items()):  # store fetch, kernel load
+            try:
+                warm[name] = timed(fn)
+            except ValueError as error:  # a layout that refuses decoding says why; the others go on
+                refused[name] = str(error)
+                del functions[name]
         times = {name: [] for name in functions}
         normalized = {name: [] for name in functions}
         for _ in range(reps):
@@ -132,7 +138,7 @@ def run_context(context: int, reps: int, device: torch.device, dtype: torch.dtyp
             "first_call_ms": warm[name] * 1e3,
             "speedup_vs_dense": dense / median,
         }
-    return {"context": context, "reps": reps, "candidates": rows}
+    return {"context": context, "reps": reps, "candidates": rows, "refused": refused}
 
 
 def evaluate(runs: list[dict]) -> dict:
