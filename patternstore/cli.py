@@ -33,8 +33,12 @@ from .codec import ENVELOPE_VERSION, CorruptValue, decode
 from .generate import generate
 from .pattern import Pattern
 from .presets import PRESETS
-from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, SPARSE_KINDS, Spec, spec_from_dict
-from .spectext import EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, format_value, parse_spec, spec_from_fields
+from .fields import Field
+from .kinds import SPARSE_KINDS
+from .specs import DILATED_FORMAT_VERSION, SPARSE_BASE_FIELDS, SPARSE_FORMAT_VERSION, Spec, spec_from_dict
+from .spectext import (
+    EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, format_value, kind_schema, parse_spec, spec_from_fields,
+)
 from .store import PatternStore
 
 try:  # Python 3.11+
@@ -46,9 +50,17 @@ PROG = "patternstore"
 
 
 def _grammar_help() -> str:
-    """The SPEC grammar for --help, with every kind's fields and defaults."""
-    def optional(name: str, default: Any) -> str:
-        return name if default is None else f"{name}={format_value(default)}"
+    """The SPEC grammar for --help: every kind with its help line and its
+    fields (required, then optional with defaults), from their declarations."""
+    def fields(schema: Sequence[Field]) -> str:
+        required = [f.name for f in schema if f.required]
+        def optional(f: Field) -> str:
+            choices = getattr(f.check, "allowed", ())  # a choice lists its values, the default first
+            allowed = (f.default, *(c for c in choices if c != f.default))
+            return f.name if f.default is None else f"{f.name}={'|'.join(map(format_value, allowed))}"
+
+        optional = [optional(f) for f in schema if not f.required]
+        return " ".join(required + ([f"[{' '.join(optional)}]"] if optional else []))
 
     lines = [
         "SPEC grammar:  KIND:FIELD=VALUE:FIELD=VALUE...",
@@ -56,12 +68,12 @@ def _grammar_help() -> str:
         *textwrap.wrap(f"commas (one item is a list of one): {', '.join(sorted(LIST_FIELDS))}", 80,
                        initial_indent="         ", subsequent_indent="         "),
         "  KINDs and their FIELDs (optional ones in brackets, with their defaults):",
-        "    dilated          segment_lengths dilation_rates num_heads [scheme=longnet|grouped]  (any length)",
-        "    every sparse kind: seq_len block_size [num_heads=1 seed=0], and",
+        f"    dilated          {fields(kind_schema('dilated'))}  (one pattern for every length)",
+        f"    every sparse kind: {fields(SPARSE_BASE_FIELDS)}, and",
     ]
-    for kind, params in SPARSE_KINDS.items():
-        fields = f"[{' '.join(optional(name, default) for name, (default, _) in params.items())}]"
-        lines += textwrap.wrap(fields, 96, initial_indent=f"      {kind:<15}", subsequent_indent=" " * 22)
+    for name, kind in SPARSE_KINDS.items():
+        lines += textwrap.wrap(f"{kind.help}: {fields(kind.params)}", 96,
+                               initial_indent=f"      {name:<15}", subsequent_indent=" " * 21)
     return "\n".join(lines + ["examples:", *(f"  {example}" for example in EXAMPLES)])
 
 

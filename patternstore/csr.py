@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_layout", "entry_rows", "select_entries", "drop_future_blocks", "transpose_layout", "padded_rows"]
+__all__ = [
+    "check_layout", "entry_rows", "select_entries", "drop_future_blocks", "transpose_layout", "padded_rows",
+    "prefix_rows",
+]
 
 
 def check_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_blocks: int) -> None:
@@ -104,3 +107,22 @@ def padded_rows(
     out = torch.zeros(heads * nb, width, dtype=torch.int32, device=kv_indices.device)
     out[rows, slot] = kv_indices
     return out.view(heads, nb, width)
+
+
+def prefix_rows(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_blocks`` query rows of every head of a (capacity)
+    layout, as a layout of its own: ``kv_num_blocks[:, :num_blocks]`` and
+    those rows' entries. A causal layout's rows hold only key blocks <= their
+    query block, so the result lies inside ``num_blocks`` key blocks; for a
+    spec with ``is_prefix_stable`` it equals the layout generated at that
+    length. One head: views, no copy; several: one gather of the kept entries."""
+    heads, capacity = kv_num_blocks.shape
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 0 <= num_blocks <= capacity:
+        raise ValueError(f"num_blocks must be an int in [0, {capacity}] (the layout's query blocks), got {num_blocks!r}")
+    counts = kv_num_blocks[:, :num_blocks]
+    if heads == 1:
+        return counts, kv_indices[: int(counts.sum())]
+    keep = entry_rows(kv_num_blocks) % capacity < num_blocks
+    return counts.contiguous(), kv_indices[keep]

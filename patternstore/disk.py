@@ -1,7 +1,9 @@
 """``DiskTier``: the process-shared directory of pattern envelopes.
 
 A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
-``codec.encode`` bytes. Guarantees (each kept by the code next to it):
+``codec.encode`` bytes (format 2: a header and the raw arrays). A value over
+32 KiB is a file, which ``source`` hands over open and unbuffered, so the
+reader reads it once straight into its own buffer. Guarantees (each kept by the code next to it):
 
 - Nothing read from the directory is ever unpickled. diskcache stores a
   ``bytes`` value raw (in SQLite below 32 KiB, else in a file) and pickles
@@ -21,7 +23,9 @@ A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
   never contend for SQLite's write lock.
 - Failures degrade, never raise: a directory that cannot be created or
   opened raises ``DiskUnavailable`` from the constructor (the store goes on in
-  memory); a failed write (full disk, read-only directory, SQLite error)
+  memory); a store directory that cannot be written (read-only mount, full
+  disk, another user's files) is opened read-only (``read_only``): it is
+  read as it is, with one warning, and nothing is written; a failed write (full disk, read-only directory, SQLite error)
   returns False, warns once, and stops further writes; a failed read is a miss.
 - Never hangs: SQLite waits at most ``timeout`` seconds for another writer,
   then the operation fails as above.
@@ -34,10 +38,12 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_RAW
@@ -86,7 +92,8 @@ class _RawOnlyDisk(diskcache.Disk):
             return bytes(value)  # a blob under 32 KiB, inside the database row
         if mode == MODE_BINARY and filename and not os.path.isabs(filename) and ".." not in filename:
             # A missing file raises OSError, which Cache.get turns into a miss.
-            handle = open(os.path.join(self._directory, filename), "rb")
+            # Unbuffered: a reader's readinto goes straight into its buffer.
+            handle = open(os.path.join(self._directory, filename), "rb", buffering=0)
             if read:
                 return handle
             with handle:
@@ -117,6 +124,72 @@ def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None
     return fstype
 
 
+class _ReadOnlyCache:
+    """The reads ``DiskTier`` makes, on a database SQLite opens read-only
+    (``mode=ro``; ``immutable=1`` where even that needs a file it cannot
+    create, i.e. a WAL database without its ``-shm`` file in a read-only
+    directory). For a directory this process cannot write: a read-only mount,
+    a shared cache of another user, a full disk that refused diskcache's
+    setup writes. Same rows, same raw-only fetch as the writable tier."""
+
+    def __init__(self, directory: Path, timeout: float) -> None:
+        self._directory, self._timeout = directory, timeout
+        self._disk = _RawOnlyDisk(str(directory))
+        self._local = threading.local()
+        self._uri_mode = "mode=ro"
+        try:
+            self._sql("SELECT 1 FROM Cache LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            self.close()
+            self._uri_mode = "immutable=1"
+            self._sql("SELECT 1 FROM Cache LIMIT 1").fetchall()
+        rows = dict(self._sql("SELECT key, value FROM Settings").fetchall())
+        self.size_limit = int(rows.get("size_limit", 0))
+        self._page_size = int(self._sql("PRAGMA page_size").fetchone()[0])
+        self._stored_size = int(rows.get("size", 0))
+
+    def _sql(self, statement: str, parameters: tuple = ()) -> sqlite3.Cursor:
+        if getattr(self._local, "pid", None) != os.getpid():
+            self._local.pid, self._local.connection = os.getpid(), None
+        if self._local.connection is None:
+            path = urllib.parse.quote(str(self._directory / diskcache.core.DBNAME))
+            self._local.connection = sqlite3.connect(
+                f"file:{path}?{self._uri_mode}", uri=True, timeout=self._timeout, isolation_level=None,
+            )
+        return self._local.connection.execute(statement, parameters)
+
+    def get(self, key: str, default: Any = None, read: bool = False, tag: bool = False) -> Any:
+        rows = self._sql(
+            "SELECT tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+            " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time()),
+        ).fetchall()
+        found: Any = default
+        stored_tag = None
+        if rows:
+            ((stored_tag, mode, filename, value),) = rows
+            try:
+                found = self._disk.fetch(mode, filename, value, read)
+            except OSError:
+                found, stored_tag = default, None  # deleted meanwhile
+        return (found, stored_tag) if tag else found
+
+    def __contains__(self, key: str) -> bool:
+        query = "SELECT 1 FROM Cache WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
+        return bool(self._sql(query, (key, time.time())).fetchall())
+
+    def iterkeys(self) -> Iterator[Any]:
+        return iter([key for (key,) in self._sql("SELECT key FROM Cache WHERE raw = 1 ORDER BY key").fetchall()])
+
+    def volume(self) -> int:
+        return self._page_size * int(self._sql("PRAGMA page_count").fetchone()[0]) + self._stored_size
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and getattr(self._local, "pid", None) == os.getpid():
+            connection.close()
+        self._local.connection = None
+
+
 class DiskTier:
     """Pattern envelopes in ``directory``, shared by every process that opens it."""
 
@@ -134,15 +207,31 @@ class DiskTier:
         self.directory = Path(directory).expanduser().absolute()
         self.timeout = timeout
         self.writable = True
+        self.read_only = False  # opened read-only: the directory could not be written
+        self.write_error: BaseException | None = None  # why writes stopped, if they did
         self._warned: set[str] = set()
         try:
             if not self.directory.is_dir():
                 self.directory.mkdir(mode=0o700, parents=True)
                 self.directory.chmod(0o700)  # exactly 0700, whatever the umask
             (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
-            self._opened, self._pid = self._open(size_limit), os.getpid()
+            self._opened = self._open(size_limit)
         except DISK_ERRORS as error:
-            raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
+            if not (self.directory / diskcache.core.DBNAME).is_file():
+                raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
+            # A store someone else wrote, which this process cannot write:
+            # read it as it is (docs/design.md, section 3).
+            self.read_only, self.writable, self.write_error = True, False, error
+            try:
+                self._opened = self._open(size_limit)
+            except DISK_ERRORS as read_error:
+                raise DiskUnavailable(f"cannot use {self.directory}: {error}; read-only: {read_error}") from error
+            self._warn_once(
+                "write",
+                f"cannot write pattern store {self.directory} ({error}); reading it read-only, "
+                "patterns it lacks are kept in memory only",
+            )
+        self._pid = os.getpid()
         fstype = filesystem_type(self.directory)
         if fstype in NETWORK_FILESYSTEMS:
             self._warn_once(
@@ -151,7 +240,9 @@ class DiskTier:
                 "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
             )
 
-    def _open(self, size_limit: int) -> diskcache.Cache:
+    def _open(self, size_limit: int) -> diskcache.Cache | _ReadOnlyCache:
+        if self.read_only:
+            return _ReadOnlyCache(self.directory, self.timeout)
         return diskcache.Cache(
             str(self.directory),
             timeout=self.timeout,
@@ -189,6 +280,17 @@ class DiskTier:
             self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
             return None
 
+    def source(self, key: str) -> bytes | BinaryIO | None:
+        """The stored value of ``key`` for ``codec.decode``: ``bytes`` when
+        SQLite holds it (values under 32 KiB), else the value file opened
+        unbuffered, for the caller to read once into its own buffer and close;
+        None when absent or unreadable. Raises ``CorruptValue`` like ``read``."""
+        try:
+            return self._cache.get(key, default=None, read=True)
+        except DISK_ERRORS as error:
+            self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
+            return None
+
     def write(self, key: str, value: bytes) -> bool:
         """Store ``value`` under ``key`` (the write time becomes its tag).
         False when the disk refused it; after the first failure (warned once)
@@ -198,7 +300,7 @@ class DiskTier:
         try:
             return bool(self._cache.set(key, value, tag=time.time()))
         except DISK_ERRORS as error:
-            self.writable = False
+            self.writable, self.write_error = False, error
             self._warn_once(
                 "write",
                 f"cannot write pattern store {self.directory}: {error}; "
@@ -207,6 +309,8 @@ class DiskTier:
             return False
 
     def delete(self, key: str) -> bool:
+        if self.read_only:
+            return False
         try:
             return bool(self._cache.delete(key))
         except DISK_ERRORS:
@@ -220,6 +324,8 @@ class DiskTier:
 
     def clear(self) -> int:
         """Remove every entry; the number removed."""
+        if self.read_only:
+            return 0
         try:
             return self._cache.clear()
         except DISK_ERRORS:
@@ -256,7 +362,8 @@ class DiskTier:
         writing its file (waiting at most ``timeout`` for SQLite), so a file
         that old without a row was left by a process that died in between."""
         try:
-            # diskcache has no public listing of its value files; its table has.
+            # diskcache has no public listing of its value files; its table has
+            # (``_sql`` is the query method both cache classes have).
             rows = self._cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()
         except DISK_ERRORS:
             return []

@@ -25,6 +25,9 @@ Guarantees (each is kept by the code it is written next to):
   copy that moved is copied again from the CPU arrays. Both are counted in
   ``tampered``. Writes that bypass the counter (``.numpy()`` views,
   ``.data``, raw pointers) are not seen.
+- Held arrays are real tensors with version counting whatever mode the
+  caller runs under (``inference_mode``, fake tensors): every tensor the tier
+  makes is made inside ``pattern.real_tensors``.
 - Device copies are cached per exact device (``cuda:1`` is not ``cuda:0``;
   ``"cuda"`` means the current device at the time of the call), evicted with
   their entry and counted in its bytes. A steady-state hit on a device does no
@@ -40,7 +43,7 @@ from typing import Iterator
 
 import torch
 
-from .pattern import PackedPattern, Pattern
+from .pattern import PackedPattern, Pattern, real_tensors
 from .specs import check_int
 
 _INDEXED = ("cuda", "xpu", "mtia")  # device types whose bare name means "the current one"
@@ -138,7 +141,8 @@ class MemoryTier:
                 return served
         # The copy is made without the lock: other threads keep hitting.
         # (A tampered copy is replaced, and counted, by _add_copy.)
-        return self._add_copy(key, base, device, base.to(device))
+        with real_tensors():
+            return self._add_copy(key, base, device, base.to(device))
 
     def _add_copy(self, key: str, base: _Held, device: torch.device, moved: _Held) -> Pattern:
         with self._lock:
@@ -174,6 +178,10 @@ class MemoryTier:
 
         A ``PackedPattern`` (CPU) is handed over, not copied: the caller (the
         store, with a value it has just decoded) keeps no reference to it."""
+        with real_tensors():
+            return self._put(pattern, device)
+
+    def _put(self, pattern: Pattern | PackedPattern, device: torch.device | None) -> Pattern:
         key = pattern.spec.key
         # Packed before the lock is taken (a memcpy, or a device-to-host copy
         # for a pattern on a device): the lock never waits on a copy.

@@ -12,27 +12,41 @@ field order of the caller's keyword arguments cannot matter. No Python
 ``hash()`` and no ``repr`` enter a key, so it is the same in every process
 whatever ``PYTHONHASHSEED`` is.
 
-Bad input raises before anything is built: ``TypeError`` for a wrong type
-(a ``bool`` where an int is meant included), ``ValueError`` for a wrong value,
-each message naming the field and what is allowed.
+Both spec classes are built the same way: their fields are ``Field``
+declarations (``patternstore.fields``; a sparse kind's own parameters are its
+entry in ``patternstore.kinds.SPARSE_KINDS``), checked by one routine, then
+the cross-field rules; the spec is immutable and equality and hashing go by
+``key``. Bad input raises before anything is built: ``TypeError`` for a wrong
+type (a ``bool`` where an int is meant included), ``ValueError`` for a wrong
+value, each message naming the field and what is allowed.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Mapping, Union
 
 import msgpack
+
+from .fields import (  # noqa: F401  (check_* are re-exported: the modules validate with them)
+    Field,
+    check_bool,
+    check_branches,
+    check_choice,
+    check_int,
+    check_int_tuple,
+    choice,
+    validate_fields,
+)
+from .kinds import SPARSE_KINDS
 
 # Bump a version whenever the generator's output or the array layout of that
 # kind changes: old entries then live under other keys and are never misread.
 DILATED_FORMAT_VERSION = 2  # 2: length-free (no seq_len), groups [G, 6], no positions
-SPARSE_FORMAT_VERSION = 1
+SPARSE_FORMAT_VERSION = 2  # 2: random blocks per (seed, head, row); causal fixed windows length-free
 
 SCHEMES = ("longnet", "grouped")
-DIRECTIONS = ("bidirectional", "unidirectional")
 
 
 def canonical_key(kind: str, version: int, fields: Mapping[str, Any]) -> str:
@@ -44,58 +58,54 @@ def canonical_key(kind: str, version: int, fields: Mapping[str, Any]) -> str:
     return f"{kind}-v{version}-{hashlib.sha256(payload).hexdigest()[:40]}"
 
 
-# ---------------------------------------------------------------- validators
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
+# ---------------------------------------------------------------- shared machinery
+class _SpecBase:
+    """What both spec classes share: immutability, ``fields()``, ``to_dict()``,
+    equality and hashing by ``key``, pickling as the fields (specs cross
+    process boundaries that way, and are re-validated on the other side)."""
 
+    __slots__ = ()
+    kind: str
+    key: str
 
-def check_int_tuple(name: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple of ints >= {minimum}, got {type(value).__name__}")
-    if len(value) == 0:
-        raise ValueError(f"{name} must not be empty")
-    return tuple(check_int(f"{name}[{i}]", item, minimum) for i, item in enumerate(value))
+    def _freeze(self, version: int, values: Mapping[str, Any]) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "key", canonical_key(self.kind, version, self.fields()))
 
+    def fields(self) -> dict[str, Any]:
+        raise NotImplementedError
 
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.fields()}
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; cannot set {name!r}")
 
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; cannot delete {name!r}")
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.key == self.key
 
-def check_branches(
-    segment_lengths: Any, dilation_rates: Any, unit: str = ""
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Validate LongNet branches (w_i, r_i): same count, r_i <= w_i."""
-    segments = check_int_tuple("segment_lengths", segment_lengths)
-    rates = check_int_tuple("dilation_rates", dilation_rates)
-    if len(segments) != len(rates):
-        raise ValueError(
-            f"segment_lengths and dilation_rates must have the same length, "
-            f"got {len(segments)} and {len(rates)}"
-        )
-    for i, (w, r) in enumerate(zip(segments, rates)):
-        if r > w:
-            raise ValueError(
-                f"dilation_rates[{i}]={r} is larger than its segment "
-                f"segment_lengths[{i}]={w}{unit}; a rate must be <= its segment length"
-            )
-    return segments, rates
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (spec_from_dict, (self.to_dict(),))
 
 
 # ---------------------------------------------------------------- dilated
-@dataclass(frozen=True)
-class DilatedSpec:
+DILATED_FIELDS: tuple[Field, ...] = (
+    Field("segment_lengths", check_int_tuple, help="segment length w_i of each branch", is_list=True),
+    Field("dilation_rates", check_int_tuple, help="dilation rate r_i <= w_i of each branch", is_list=True),
+    Field("num_heads", check_int, help="attention heads"),
+    Field("scheme", choice(*SCHEMES), "longnet",
+          help="longnet: every branch on every head; grouped: branch i on head group i"),
+)
+
+
+class DilatedSpec(_SpecBase):
     """LongNet dilated attention over ``num_heads`` heads, at any sequence
     length: branch i has segment length ``segment_lengths[i]`` and dilation
     rate ``dilation_rates[i]``; ``scheme`` is "longnet" (every branch on every
@@ -104,106 +114,67 @@ class DilatedSpec:
     branch (s = min(w, n), full segments, tail) is derived at call time
     (docs/design.md, dilated attention)."""
 
+    __slots__ = ("segment_lengths", "dilation_rates", "num_heads", "scheme", "key")
+    kind = "dilated"
+    FIELDS = DILATED_FIELDS
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     num_heads: int
-    scheme: str = "longnet"
-    key: str = field(init=False, repr=False, compare=False)
+    scheme: str
 
-    kind = "dilated"
-
-    def __post_init__(self) -> None:
-        segments, rates = check_branches(self.segment_lengths, self.dilation_rates)
-        num_heads = check_int("num_heads", self.num_heads)
-        scheme = check_choice("scheme", self.scheme, SCHEMES)
-        if scheme == "grouped" and len(segments) > num_heads:
+    def __init__(self, segment_lengths: Any, dilation_rates: Any, num_heads: int, scheme: str = "longnet") -> None:
+        values = validate_fields(
+            "kind 'dilated'", DILATED_FIELDS,
+            {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates,
+             "num_heads": num_heads, "scheme": scheme},
+        )
+        check_branches(values["segment_lengths"], values["dilation_rates"])
+        if values["scheme"] == "grouped" and len(values["segment_lengths"]) > values["num_heads"]:
             raise ValueError(
-                f"scheme='grouped' gives each branch its own head group, so it needs "
-                f"num_heads >= number of branches; got num_heads={num_heads} and {len(segments)} branches"
+                f"scheme='grouped' gives each branch its own head group, so it needs num_heads >= number "
+                f"of branches; got num_heads={values['num_heads']} and {len(values['segment_lengths'])} branches"
             )
-        object.__setattr__(self, "segment_lengths", segments)
-        object.__setattr__(self, "dilation_rates", rates)
-        object.__setattr__(self, "num_heads", num_heads)
-        object.__setattr__(self, "key", canonical_key(self.kind, DILATED_FORMAT_VERSION, self.fields()))
+        self._freeze(DILATED_FORMAT_VERSION, values)
+
+    is_prefix_stable = True  # the pattern holds no length at all
 
     def fields(self) -> dict[str, Any]:
-        return {
-            "segment_lengths": self.segment_lengths,
-            "dilation_rates": self.dilation_rates,
-            "num_heads": self.num_heads,
-            "scheme": self.scheme,
-        }
+        return {f.name: getattr(self, f.name) for f in DILATED_FIELDS}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **self.fields()}
+    def __repr__(self) -> str:
+        return f"DilatedSpec({', '.join(f'{k}={v!r}' for k, v in self.fields().items())})"
 
 
 # ---------------------------------------------------------------- sparse
-def _int_or_none_tuple(name: str, value: Any) -> tuple[int, ...] | None:
-    return None if value is None else check_int_tuple(name, value, minimum=0)
+def _check_block_size(name: str, value: Any) -> int:
+    value = check_int(name, value)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two (1, 2, 4, ..., 128, ...), got {value}")
+    return value
 
 
-def _nonneg_int(name: str, value: Any) -> int:
-    return check_int(name, value, minimum=0)
+def _check_seed(name: str, value: Any) -> int:
+    value = check_int(name, value, minimum=0)
+    if value >= 2**63:
+        raise ValueError(f"{name} must be < 2**63, got {value}")
+    return value
 
 
-def _direction(name: str, value: Any) -> str:
-    return check_choice(name, value, DIRECTIONS)
+# The fields every sparse kind has, before its own parameters.
+SPARSE_BASE_FIELDS: tuple[Field, ...] = (
+    Field("seq_len", check_int, help="sequence length"),
+    Field("block_size", _check_block_size, help="positions per block, a power of two"),
+    Field("num_heads", check_int, 1, help="attention heads"),
+    Field("seed", _check_seed, 0, help="seed of the random blocks"),
+)
 
 
-_Param = tuple[Any, Callable[[str, Any], Any]]  # (default, validator(name, value) -> normalized)
-
-# DeepSpeed's sparsity-config names and defaults where DeepSpeed has the kind.
-SPARSE_KINDS: dict[str, dict[str, _Param]] = {
-    "dense": {"attention": ("bidirectional", _direction)},
-    "fixed": {
-        "num_local_blocks": (4, check_int),
-        "num_global_blocks": (1, check_int),
-        "attention": ("bidirectional", _direction),
-        "horizontal_global_attention": (False, check_bool),
-        "num_different_global_patterns": (1, check_int),
-        "different_layout_per_head": (False, check_bool),
-    },
-    "bigbird": {
-        "num_random_blocks": (1, _nonneg_int),
-        "num_sliding_window_blocks": (3, check_int),
-        "num_global_blocks": (1, _nonneg_int),
-        "attention": ("bidirectional", _direction),
-        "different_layout_per_head": (False, check_bool),
-    },
-    "bslongformer": {
-        "num_sliding_window_blocks": (3, check_int),
-        "global_block_indices": ((0,), lambda n, v: check_int_tuple(n, v, minimum=0)),
-        "global_block_end_indices": (None, _int_or_none_tuple),
-        "attention": ("bidirectional", _direction),
-    },
-    "variable": {
-        "num_random_blocks": (0, _nonneg_int),
-        "local_window_blocks": ((4,), check_int_tuple),
-        "global_block_indices": ((0,), lambda n, v: check_int_tuple(n, v, minimum=0)),
-        "global_block_end_indices": (None, _int_or_none_tuple),
-        "attention": ("bidirectional", _direction),
-        "horizontal_global_attention": (False, check_bool),
-        "different_layout_per_head": (False, check_bool),
-    },
-    "local": {
-        "num_sliding_window_blocks": (3, check_int),
-        "attention": ("unidirectional", _direction),
-    },
-    "dilated_blocks": {
-        "segment_lengths": ((4,), check_int_tuple),
-        "dilation_rates": ((1,), check_int_tuple),
-        "attention": ("bidirectional", _direction),
-    },
-}
-
-
-class SparseSpec:
+class SparseSpec(_SpecBase):
     """A block-sparse layout of ``kind`` over ``ceil(seq_len / block_size)``
     query and key blocks for ``num_heads`` heads. ``params`` are the kind's
-    parameters (``SPARSE_KINDS[kind]``: DeepSpeed's names), defaults filled in,
-    so a spec that spells a default out equals one that leaves it implicit.
-    Random blocks come from ``seed`` through a ``torch.Generator``.
+    parameters (``SPARSE_KINDS[kind].params``: DeepSpeed's names), defaults
+    filled in, so a spec that spells a default out equals one that leaves it
+    implicit. Random blocks come from ``seed``.
 
     Immutable; equality and hashing go by ``key``."""
 
@@ -214,54 +185,39 @@ class SparseSpec:
     num_heads: int
     seed: int
     params: Mapping[str, Any]
-    key: str
 
     def __init__(
         self, kind: str, seq_len: int, block_size: int, num_heads: int = 1, seed: int = 0, **params: Any
     ) -> None:
         check_choice("kind", kind, tuple(SPARSE_KINDS))
-        seq_len = check_int("seq_len", seq_len)
-        block_size = check_int("block_size", block_size)
-        if block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 128, ...), got {block_size}")
-        num_heads = check_int("num_heads", num_heads)
-        seed = check_int("seed", seed, minimum=0)
-        if seed >= 2**63:
-            raise ValueError(f"seed must be < 2**63, got {seed}")
-        schema = SPARSE_KINDS[kind]
-        unknown = sorted(set(params) - set(schema))
-        if unknown:
-            raise ValueError(
-                f"unknown parameter(s) {', '.join(unknown)} for kind {kind!r}; "
-                f"valid parameters: {', '.join(sorted(schema))}"
-            )
-        normalized = {
-            name: validate(name, params[name]) if name in params else default
-            for name, (default, validate) in schema.items()
-        }
-        _check_sparse_params(kind, -(-seq_len // block_size), normalized)
-        for name, value in (("kind", kind), ("seq_len", seq_len), ("block_size", block_size),
-                            ("num_heads", num_heads), ("seed", seed),
-                            ("params", MappingProxyType(dict(sorted(normalized.items()))))):
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "key", canonical_key(kind, SPARSE_FORMAT_VERSION, self.fields()))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"SparseSpec is immutable; cannot set {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"SparseSpec is immutable; cannot delete {name!r}")
+        entry = SPARSE_KINDS[kind]
+        base = validate_fields(
+            f"kind {kind!r}", SPARSE_BASE_FIELDS,
+            {"seq_len": seq_len, "block_size": block_size, "num_heads": num_heads, "seed": seed},
+        )
+        own = validate_fields(f"kind {kind!r}", entry.params, params)
+        entry.check(own, -(-base["seq_len"] // base["block_size"]))
+        object.__setattr__(self, "kind", kind)
+        self._freeze(SPARSE_FORMAT_VERSION, {**base, "params": MappingProxyType(dict(sorted(own.items())))})
 
     @property
     def num_blocks(self) -> int:
         return -(-self.seq_len // self.block_size)
 
     @property
+    def is_prefix_stable(self) -> bool:
+        """True when, under the causal rule (key block <= query block), the
+        layout of any shorter length is the first rows of this one, and this
+        one the first rows of any longer: causal decode may then use the rows
+        of a longer (capacity) layout. Always True for
+        ``attention="unidirectional"``; False where a bidirectional kind
+        draws random blocks from the whole row."""
+        return SPARSE_KINDS[self.kind].prefix_stable(self.params)
+
+    @property
     def layout_heads(self) -> int:
         """Leading dimension of the layout: ``num_heads`` where heads differ, else 1."""
-        if self.kind == "dilated_blocks" or self.params.get("different_layout_per_head", False):
-            return self.num_heads
-        return 1
+        return self.num_heads if SPARSE_KINDS[self.kind].per_head(self.params) else 1
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -272,62 +228,9 @@ class SparseSpec:
             **self.params,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **self.fields()}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SparseSpec) and other.key == self.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.fields().items())
         return f"SparseSpec(kind={self.kind!r}, {args})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Specs cross process boundaries (multiprocessing) as their fields.
-        return (spec_from_dict, (self.to_dict(),))
-
-
-def _check_sparse_params(kind: str, num_blocks: int, p: dict[str, Any]) -> None:
-    """Cross-field rules of the sparse kinds (DeepSpeed's, plus range checks)."""
-    if p.get("horizontal_global_attention") and p["attention"] != "bidirectional":
-        raise ValueError("horizontal_global_attention=True needs attention='bidirectional'")
-    if kind == "fixed":
-        local, glob = p["num_local_blocks"], p["num_global_blocks"]
-        if local % glob:
-            raise ValueError(
-                f"num_local_blocks ({local}) must be a multiple of num_global_blocks ({glob})"
-            )
-        patterns = p["num_different_global_patterns"]
-        if patterns > local // glob:
-            raise ValueError(
-                f"num_different_global_patterns must be <= num_local_blocks // num_global_blocks "
-                f"= {local // glob}, got {patterns}"
-            )
-        if patterns > 1 and not p["different_layout_per_head"]:
-            raise ValueError("num_different_global_patterns > 1 needs different_layout_per_head=True")
-    if "global_block_indices" in p:
-        starts, ends = p["global_block_indices"], p["global_block_end_indices"]
-        if max(starts) >= num_blocks:
-            raise ValueError(
-                f"global_block_indices must be < the number of blocks ({num_blocks}), got {list(starts)}"
-            )
-        if ends is not None:
-            if len(ends) != len(starts):
-                raise ValueError(
-                    f"global_block_end_indices must have one entry per global_block_indices entry "
-                    f"({len(starts)}), got {len(ends)}"
-                )
-            for i, (start, end) in enumerate(zip(starts, ends)):
-                if not start < end <= num_blocks:
-                    raise ValueError(
-                        f"global_block_end_indices[{i}]={end} must be > global_block_indices[{i}]={start} "
-                        f"and <= the number of blocks ({num_blocks})"
-                    )
-    if kind == "dilated_blocks":
-        check_branches(p["segment_lengths"], p["dilation_rates"], unit=" blocks")
 
 
 Spec = Union[DilatedSpec, SparseSpec]

@@ -8,7 +8,8 @@
     bigbird:seq_len=1048576:block_size=128:num_heads=8:num_random_blocks=2:seed=7
 
 KIND is ``dilated`` or a sparse kind (``SPARSE_KINDS``); FIELDs are the
-keyword arguments of ``DilatedSpec`` / ``SparseSpec``. Integers are decimal
+keyword arguments of ``DilatedSpec`` / ``SparseSpec``, declared once as
+``Field``s (``kind_schema``). Integers are decimal
 (an optional sign, digits), ``true``/``false`` (any case) are bools, anything
 else is a string. The fields in ``LIST_FIELDS`` always become tuples, even
 with one item; a comma anywhere else leaves a string that the spec rejects.
@@ -20,22 +21,32 @@ whole batch of specs before it does any work.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Mapping
 
-from .specs import SPARSE_KINDS, DilatedSpec, SparseSpec, Spec
+from .fields import Field
+from .kinds import SPARSE_KINDS
+from .specs import DILATED_FIELDS, SPARSE_BASE_FIELDS, DilatedSpec, SparseSpec, Spec
 
 KINDS = (DilatedSpec.kind, *SPARSE_KINDS)
-LIST_FIELDS = frozenset(
-    {"segment_lengths", "dilation_rates", "global_block_indices", "global_block_end_indices", "local_window_blocks"}
-)
-_DILATED_FIELDS = tuple(f.name for f in dataclasses.fields(DilatedSpec) if f.init)
-_DILATED_REQUIRED = tuple(
-    f.name for f in dataclasses.fields(DilatedSpec) if f.init and f.default is dataclasses.MISSING
-)
-_SPARSE_BASE_FIELDS = ("seq_len", "block_size", "num_heads", "seed")
-_SPARSE_REQUIRED = ("seq_len", "block_size")
+
+
+class SpecError(ValueError):
+    """A spec (as text or fields) that cannot be built; the message is one line."""
+
+
+def kind_schema(kind: str) -> tuple[Field, ...]:
+    """Every field of ``kind``, in the order ``--help`` lists them."""
+    if kind == DilatedSpec.kind:
+        return DILATED_FIELDS
+    if kind in SPARSE_KINDS:
+        return SPARSE_BASE_FIELDS + SPARSE_KINDS[kind].params
+    raise SpecError(f"unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+
+
+LIST_FIELDS = frozenset(f.name for kind in KINDS for f in kind_schema(kind) if f.is_list)
+# Listings keep these even at their default: they say what the pattern is for.
+_ALWAYS_SHOWN = frozenset({"seq_len", "num_heads", "block_size"})
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 EXAMPLES = (
@@ -44,17 +55,10 @@ EXAMPLES = (
 )
 
 
-class SpecError(ValueError):
-    """A spec (as text or fields) that cannot be built; the message is one line."""
-
-
 def kind_fields(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(allowed, required)`` field names of ``kind``."""
-    if kind == DilatedSpec.kind:
-        return _DILATED_FIELDS, _DILATED_REQUIRED
-    if kind in SPARSE_KINDS:
-        return _SPARSE_BASE_FIELDS + tuple(SPARSE_KINDS[kind]), _SPARSE_REQUIRED
-    raise SpecError(f"unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+    schema = kind_schema(kind)
+    return tuple(f.name for f in schema), tuple(f.name for f in schema if f.required)
 
 
 def spec_from_fields(kind: str, fields: Mapping[str, Any]) -> Spec:
@@ -146,11 +150,7 @@ def format_spec(spec: Spec, *, defaults: bool = True) -> str:
 
 
 def _is_default(spec: Spec, name: str, value: Any) -> bool:
-    if name in ("seq_len", "num_heads", "block_size"):
+    if name in _ALWAYS_SHOWN:
         return False
-    if isinstance(spec, DilatedSpec):
-        default = next(f.default for f in dataclasses.fields(DilatedSpec) if f.name == name)
-        return default is not dataclasses.MISSING and value == default
-    if name == "seed":
-        return value == 0
-    return value == SPARSE_KINDS[spec.kind][name][0]
+    field = next(f for f in kind_schema(spec.kind) if f.name == name)
+    return not field.required and value == field.default

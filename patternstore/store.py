@@ -20,6 +20,16 @@ Guarantees (each kept by the code next to it):
   disk that refuses writes, leaves the store serving from memory, with one
   warning (``PatternStoreWarning``).
 - Every get counts exactly one of ``memory_hits``, ``disk_hits``, ``misses``.
+- Works whatever mode the caller is in (``torch.inference_mode``,
+  ``torch.export``/fake tensors): a miss or disk hit runs inside
+  ``pattern.real_tensors``, so the store's tensors are real, version-counted
+  CPU tensors and no fake tensor's data is touched; a memory hit makes no
+  tensor at all.
+- A store pickles (and deep-copies) as its directory and options, and
+  unpickles as the receiving process's store for that directory
+  (``store_for``): no lock or tensor is pickled.
+- A directory that cannot be written is still read (``read_only``); misses
+  are then generated and kept in memory only, with one warning.
 """
 
 from __future__ import annotations
@@ -37,14 +47,14 @@ from typing import Iterator
 import filelock
 import platformdirs
 
-from .codec import CorruptValue, decode_packed, encode
+from .codec import CorruptValue, OutdatedValue, decode_packed, encode
 from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
 from .generate import generate
 from .memory import MemoryTier, exact_device
-from .pattern import PackedPattern, Pattern
+from .pattern import PackedPattern, Pattern, real_tensors
 from .specs import DilatedSpec, SparseSpec, Spec, check_int
 
-__all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory"]
+__all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory", "store_for"]
 
 _SPEC_TYPES = (DilatedSpec, SparseSpec)
 
@@ -89,8 +99,9 @@ _live_stores: "weakref.WeakSet[PatternStore]" = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     # A lock held by another thread at fork() stays held forever in the
     # child, where that thread does not exist: give every store fresh locks.
-    global _default_lock
+    global _default_lock, _registry_lock
     _default_lock = threading.Lock()
+    _registry_lock = threading.Lock()
     for store in list(_live_stores):
         store._reset_locks()
 
@@ -124,18 +135,47 @@ class PatternStore:
             raise ValueError(f"lock_timeout must be a finite number of seconds > 0, got {lock_timeout}")
         check_int("disk_size_limit", disk_size_limit)
         self.lock_timeout = float(lock_timeout)
+        # What pickling records (``__reduce__``): the directory as asked for
+        # (None: this process's default) and the options.
+        self._path = None if path is None else Path(path).expanduser().absolute()
+        self._options = {"max_entries": max_entries, "max_bytes": max_bytes,
+                         "disk_size_limit": disk_size_limit, "lock_timeout": self.lock_timeout}
         self._memory = MemoryTier(max_entries, max_bytes)
         self._flights = _KeyLocks()
         self._lock = threading.Lock()  # guards the counters below
-        self._disk_hits = self._misses = self._generations = self._corrupt = self._lock_timeouts = 0
+        self._disk_hits = self._misses = self._generations = self._corrupt = self._outdated = 0
+        self._lock_timeouts = 0
         _live_stores.add(self)
         directory = default_directory() if path is None else Path(path)
-        self.disk_error: DiskUnavailable | None = None  # why there is no disk tier, if there is none
+        self._disk_unavailable: DiskUnavailable | None = None
         try:
             self.disk: DiskTier | None = DiskTier(directory, disk_size_limit, timeout=self.lock_timeout)
         except DiskUnavailable as error:
-            self.disk, self.disk_error = None, error
+            self.disk, self._disk_unavailable = None, error
             warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
+        with _registry_lock:
+            _registry.setdefault(_registry_key(self._path), self)
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its directory and options; unpickled (or deep-copied) as
+        that process's store for that directory (``store_for``), so no lock,
+        connection or cached tensor is ever pickled."""
+        return (_store_for_pickle, (self._path, self._options))
+
+    @property
+    def disk_error(self) -> BaseException | None:
+        """Why the disk tier is missing (``DiskUnavailable``) or read-only (the
+        error that stopped writes); None while it reads and writes."""
+        if self.disk is None:
+            return self._disk_unavailable
+        return self.disk.write_error
+
+    @property
+    def read_only(self) -> bool:
+        """True when a disk tier exists but is not written: opened read-only
+        (a directory this process cannot write) or a write failed. Its
+        entries are still read; misses are kept in memory only."""
+        return self.disk is not None and not self.disk.writable
 
     def _reset_locks(self) -> None:
         self._lock = threading.Lock()
@@ -172,39 +212,59 @@ class PatternStore:
         """Disk, else single-flight generation (a memory miss)."""
         if not isinstance(spec, _SPEC_TYPES):
             raise TypeError(f"spec must be a DilatedSpec or SparseSpec, got {type(spec).__name__}")
+        with real_tensors():  # whatever mode the caller is in (see real_tensors)
+            return self._fetch_real(spec, device)
+
+    def _fetch_real(self, spec: Spec, device) -> Pattern:
         key = spec.key
-        pattern, corrupt = self._read(key)
+        pattern, refused = self._read(key)
         if pattern is None:
             with self._single_flight(key) as held:
                 if held:
                     # Whoever held the lock before us may have made it.
                     pattern = self._memory.get(key, device)
                     if pattern is not None:
-                        self._count(corrupt=corrupt)
+                        self._count_refused(refused)
                         return pattern
-                    pattern, corrupt_again = self._read(key)
-                    corrupt = corrupt or corrupt_again
-                    if corrupt_again and self.disk is not None:
+                    pattern, refused_again = self._read(key)
+                    refused = refused or refused_again
+                    if refused_again is not None and self.disk is not None:
                         self.disk.delete(key)  # under the lock: nobody is rewriting it
                 if pattern is None:
                     pattern = generate(spec)
-                    self._count(misses=1, generations=1, corrupt=corrupt, lock_timeouts=not held)
+                    self._count(misses=1, generations=1, lock_timeouts=not held)
+                    self._count_refused(refused)
                     if self.disk is not None:
                         self.disk.write(key, encode(pattern))
                     return self._memory.put(pattern, device)
-        self._count(disk_hits=1, corrupt=corrupt)
+        self._count(disk_hits=1)
+        self._count_refused(refused)
         return self._memory.put(pattern, device)
 
-    def _read(self, key: str) -> tuple[PackedPattern | None, bool]:
-        """(decoded disk value or None, whether a stored value was refused).
-        The value is decoded packed, so the memory tier holds its buffer as is."""
+    def _read(self, key: str) -> tuple[PackedPattern | None, CorruptValue | None]:
+        """(decoded disk value or None, the refusal of a stored value or None).
+        The value is read once into the buffer the memory tier then holds as
+        it is (``codec.decode_packed``)."""
         if self.disk is None:
-            return None, False
+            return None, None
         try:
-            value = self.disk.read(key)
-            return (None, False) if value is None else (decode_packed(value, key), False)
-        except CorruptValue:
-            return None, True
+            source = self.disk.source(key)
+            if source is None:
+                return None, None
+            try:
+                return decode_packed(source, key), None
+            finally:
+                if hasattr(source, "close"):
+                    source.close()
+        except CorruptValue as refusal:
+            return None, refusal
+        except OSError as error:  # the value file vanished or failed mid-read
+            self.disk._warn_once("read", f"cannot read pattern store {self.disk.directory}: {error}; regenerating")
+            return None, None
+
+    def _count_refused(self, refusal: CorruptValue | None) -> None:
+        if refusal is not None:
+            self._count(**{"outdated" if isinstance(refusal, OutdatedValue) else "corrupt": 1})
 
     @contextmanager
     def _single_flight(self, key: str) -> Iterator[bool]:
@@ -244,7 +304,8 @@ class PatternStore:
         pattern (as ``generate`` made them, here or on another machine)."""
         if not isinstance(pattern, Pattern):
             raise TypeError(f"put takes a Pattern, got {type(pattern).__name__}")
-        value = encode(pattern)  # checks the arrays are storable before anything is kept
+        with real_tensors():
+            value = encode(pattern)  # checks the arrays are storable before anything is kept
         self._memory.put(pattern)
         if self.disk is not None:
             self.disk.write(pattern.key, value)
@@ -287,8 +348,9 @@ class PatternStore:
         ``generate``; evictions: memory entries dropped for the bounds;
         corrupt: disk values refused; tampered: cached arrays found changed
         in place; lock_timeouts: gets that generated without waiting longer;
-        hit_rate: (memory_hits + disk_hits) / gets; entries, bytes: memory
-        tier now."""
+        outdated: disk values of another format (e.g. format 1), refused
+        and regenerated; hit_rate: (memory_hits + disk_hits) / gets;
+        entries, bytes: memory tier now."""
         memory = self._memory.stats()
         with self._lock:
             counts = {
@@ -298,6 +360,7 @@ class PatternStore:
                 "generations": self._generations,
                 "evictions": memory["evictions"],
                 "corrupt": self._corrupt,
+                "outdated": self._outdated,
                 "tampered": memory["tampered"],
                 "lock_timeouts": self._lock_timeouts,
             }
@@ -323,6 +386,17 @@ def _key_of(spec_or_key: Spec | str) -> str:
 _default: tuple[int, PatternStore] | None = None
 _default_lock = threading.Lock()
 
+# The process's stores by resolved directory (None: the default store), held
+# weakly: a store lives as long as something uses it. Every store registers
+# itself at construction unless its directory already has one.
+_registry: "weakref.WeakValueDictionary[tuple[int, str | None], PatternStore]" = weakref.WeakValueDictionary()
+_registry_lock = threading.Lock()
+
+
+def _registry_key(path: Path | None) -> tuple[int, str | None]:
+    # The pid: a forked child builds its own stores rather than share its parent's.
+    return os.getpid(), None if path is None else os.path.realpath(path)
+
 
 def default_store() -> PatternStore:
     """The process's store on ``default_directory()`` (a forked child gets its own)."""
@@ -331,3 +405,25 @@ def default_store() -> PatternStore:
         if _default is None or _default[0] != os.getpid():
             _default = (os.getpid(), PatternStore())
         return _default[1]
+
+
+def store_for(directory: str | os.PathLike | None = None, **options) -> PatternStore:
+    """This process's store for ``directory``: the one already open there
+    (whatever its options) or a new ``PatternStore(directory, **options)``.
+    ``store_for(None)`` is ``default_store()``. Unpickled stores come from here
+    (``PatternStore.__reduce__``), so a module pickled with its store finds
+    the same directory in any process (docs/design.md, section 3)."""
+    if directory is None:
+        return default_store()
+    key = _registry_key(Path(directory).expanduser().absolute())
+    with _registry_lock:
+        store = _registry.get(key)
+    if store is not None:
+        return store
+    fresh = PatternStore(directory, **options)
+    with _registry_lock:
+        return _registry.setdefault(key, fresh)
+
+
+def _store_for_pickle(directory: Path | None, options: dict) -> PatternStore:
+    return store_for(directory, **options)

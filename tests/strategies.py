@@ -23,13 +23,14 @@ def dilated_specs(draw: st.DrawFn) -> DilatedSpec:
 
 def sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
     params: dict = {}
-    if "attention" in SPARSE_KINDS[kind] and draw(st.booleans()):
+    names = {f.name for f in SPARSE_KINDS[kind].params}
+    if "attention" in names and draw(st.booleans()):
         params["attention"] = draw(st.sampled_from(["bidirectional", "unidirectional"]))
-    if "different_layout_per_head" in SPARSE_KINDS[kind]:
+    if "different_layout_per_head" in names:
         params["different_layout_per_head"] = draw(st.booleans())
-    if "num_random_blocks" in SPARSE_KINDS[kind]:
+    if "num_random_blocks" in names:
         params["num_random_blocks"] = draw(st.integers(0, 4))
-    if "num_sliding_window_blocks" in SPARSE_KINDS[kind]:
+    if "num_sliding_window_blocks" in names:
         params["num_sliding_window_blocks"] = draw(st.integers(1, 9))
     if kind == "fixed":
         glob = draw(st.integers(1, 3))

@@ -9,14 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patternstore import DilatedSpec, SparseSpec, generate
 from patternstore.codec import encode, tensor_bytes
+from patternstore.csr import check_layout, drop_future_blocks, padded_rows, prefix_rows
+from patternstore.kinds import SPARSE_KINDS
 from patternstore.pattern import GROUP_COLUMNS
-from strategies import dilated_specs, sparse_specs
+from strategies import dilated_specs, sparse_params, sparse_specs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,10 +133,13 @@ def reference_layout(spec: SparseSpec) -> torch.Tensor:
                 elif spec.kind == "fixed":
                     L, G = p["num_local_blocks"], p["num_global_blocks"]
                     first = L - (1 + h % p["num_different_global_patterns"]) * G
-                    cols = [w + first + x for w in range(0, nb - nb % L, L) for x in range(G)]
-                    if nb % L:
-                        start = max(0, min(nb - nb % L + first, nb - G))
-                        cols += list(range(start, start + G))
+                    if p["attention"] == "unidirectional":  # a partial window: its blocks when complete
+                        cols = [w + first + x for w in range(0, nb, L) for x in range(G)]
+                    else:  # DeepSpeed: a partial window keeps its global blocks inside the sequence
+                        cols = [w + first + x for w in range(0, nb - nb % L, L) for x in range(G)]
+                        if nb % L:
+                            start = max(0, min(nb - nb % L + first, nb - G))
+                            cols += list(range(start, start + G))
                     on = i // L == j // L or j in cols
                     on |= p["horizontal_global_attention"] and i in cols
                 elif spec.kind == "variable":
@@ -247,3 +253,69 @@ def test_seed_changes_random_layouts_only():
     assert layout("bigbird", 1) == layout("bigbird", 1)
     assert layout("bigbird", 1) != layout("bigbird", 2)
     assert layout("local", 1) == layout("local", 2)
+
+
+# ------------------------------------------------------------------ causal prefix property
+def _causal_rows(spec: SparseSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern = generate(spec)
+    return drop_future_blocks(pattern["kv_num_blocks"], pattern["kv_indices"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(sorted(SPARSE_KINDS)), block_size=st.sampled_from([1, 2, 4, 16]),
+       heads=st.integers(1, 3), seed=st.integers(0, 2**63 - 1), causal=st.booleans())
+def test_causal_layout_of_a_shorter_length_is_the_first_rows_of_a_longer_one(
+    data, kind, block_size, heads, seed, causal
+):
+    """Issue 13 section 2: for every kind, unidirectional layouts (and every
+    layout whose spec says ``is_prefix_stable``, under the causal rule) at
+    length n are the first query rows of the layout at any longer length."""
+    short = data.draw(st.integers(1, 40 * block_size), label="short")
+    long = data.draw(st.integers(short, 90 * block_size), label="long")
+    nb = -(-short // block_size)
+    params = sparse_params(data.draw, kind, nb)
+    if causal:
+        params["attention"] = "unidirectional"
+    elif "attention" not in params:
+        params["attention"] = "bidirectional"
+    spec_short = SparseSpec(kind, short, block_size, heads, seed, **params)
+    spec_long = SparseSpec(kind, long, block_size, heads, seed, **params)
+    assert spec_short.is_prefix_stable == spec_long.is_prefix_stable
+    if causal:
+        assert spec_short.is_prefix_stable
+    if not spec_short.is_prefix_stable:
+        return
+    counts, indices = _causal_rows(spec_short)
+    long_counts, long_indices = prefix_rows(*_causal_rows(spec_long), nb)
+    assert torch.equal(counts, long_counts) and torch.equal(indices, long_indices)
+    check_layout(long_counts, long_indices, nb)
+
+
+def test_bidirectional_random_blocks_are_not_prefix_stable_and_say_so():
+    """Random blocks of a bidirectional row come from the whole row: the
+    predicate says so, and the layouts really differ."""
+    spec_short = SparseSpec("bigbird", 64, 1, 1, seed=5, num_random_blocks=3, num_global_blocks=0)
+    spec_long = SparseSpec("bigbird", 128, 1, 1, seed=5, num_random_blocks=3, num_global_blocks=0)
+    assert not spec_short.is_prefix_stable and not spec_long.is_prefix_stable
+    assert not torch.equal(padded_rows(*_causal_rows(spec_short), 64),
+                           padded_rows(*prefix_rows(*_causal_rows(spec_long), 64), 64))
+    assert SparseSpec("bigbird", 64, 1, num_random_blocks=0).is_prefix_stable
+    assert SparseSpec("bigbird", 64, 1, num_random_blocks=3, attention="unidirectional").is_prefix_stable
+    assert not SparseSpec("fixed", 64, 1).is_prefix_stable  # DeepSpeed's partial last window moves with the length
+    assert DilatedSpec((8,), (2,), 2).is_prefix_stable
+
+
+def test_prefix_rows_of_one_and_several_heads():
+    # head 0: rows [0], [0, 1], [1, 2]; head 1: rows [0], [1], [0, 2]
+    counts = torch.tensor([[1, 2, 2], [1, 1, 2]], dtype=torch.int32)
+    indices = torch.tensor([0, 0, 1, 1, 2, 0, 1, 0, 2], dtype=torch.int32)
+    two, entries = prefix_rows(counts, indices, 2)
+    assert two.tolist() == [[1, 2], [1, 1]] and entries.tolist() == [0, 0, 1, 0, 1]
+    one, first = prefix_rows(counts[:1], indices[:5], 2)
+    assert one.tolist() == [[1, 2]] and first.tolist() == [0, 0, 1]
+    assert first.data_ptr() == indices.data_ptr()  # one head: a view, no copy
+    assert prefix_rows(counts, indices, 0)[1].numel() == 0
+    assert torch.equal(prefix_rows(counts, indices, 3)[1], indices)
+    for bad in (4, -1, True, 2.0):
+        with pytest.raises(ValueError, match="num_blocks must be an int in"):
+            prefix_rows(counts, indices, bad)

@@ -96,7 +96,7 @@ def test_key_is_readable_and_stable():
     spec = DilatedSpec(segment_lengths=(2048, 4096), dilation_rates=(1, 2), num_heads=8)
     assert spec.key.startswith("dilated-v2-") and len(spec.key) == len("dilated-v2-") + 40
     sparse = SparseSpec("bigbird", seq_len=4096, block_size=64, num_heads=8)
-    assert sparse.key.startswith("bigbird-v1-")
+    assert sparse.key.startswith("bigbird-v2-")
     # spelled-out defaults equal implicit ones
     assert SparseSpec("bigbird", 4096, 64, 8, num_random_blocks=1, attention="bidirectional") == sparse
 
@@ -208,3 +208,23 @@ def test_dilated_specs_hold_no_length():
     with pytest.raises(TypeError, match="seq_len"):
         DilatedSpec(seq_len=64, segment_lengths=(16,), dilation_rates=(1,), num_heads=2)  # type: ignore[call-arg]
     assert "seq_len" not in DilatedSpec((16,), (1,), 2).fields()
+
+
+def test_every_consumer_reads_the_kind_registry():
+    """A sparse kind is one entry of SPARSE_KINDS: the spec, the generator, the
+    spec text grammar and the command line's help all come from it."""
+    from patternstore import generate
+    from patternstore.cli import GRAMMAR
+    from patternstore.kinds import SPARSE_KINDS
+    from patternstore.spectext import KINDS, LIST_FIELDS, format_spec, kind_fields, parse_spec
+
+    for name, kind in SPARSE_KINDS.items():
+        assert name in KINDS and f"{name:<15}{kind.help}"[:40] in GRAMMAR.replace("\n", " ")
+        allowed, required = kind_fields(name)
+        assert set(allowed) == {"seq_len", "block_size", "num_heads", "seed"} | {f.name for f in kind.params}
+        assert required == ("seq_len", "block_size")
+        assert {f.name for f in kind.params if f.is_list} <= LIST_FIELDS
+        spec = SparseSpec(name, 256, 16, 2)
+        assert dict(spec.params) == {f.name: f.default for f in kind.params}
+        assert parse_spec(format_spec(spec, defaults=False)) == spec
+        assert generate(spec)["kv_num_blocks"].shape == (spec.layout_heads, 16)

@@ -333,3 +333,120 @@ def test_disk_close_releases_connections_and_the_next_use_reopens(tmp_path):
     store.disk.close()
     store.memory.clear()
     assert store.get(SPECS[0]).equals(REFERENCE[SPECS[0].key]) and store.stats()["disk_hits"] == 1
+
+
+# ------------------------------------------------------------------ inside real PyTorch programs
+SPARSE = SparseSpec("bigbird", seq_len=4096, block_size=64, num_heads=2, different_layout_per_head=True)
+
+
+def held_version_is_counted(store: PatternStore, spec) -> None:
+    """The held arrays are normal tensors: an in-place write outside any mode
+    is noticed by the next get (counted in tampered) and rebuilt."""
+    before = store.stats()["tampered"]
+    store.get(spec)["kv_indices"][0] += 1
+    assert store.get(spec).equals(generate(spec)) and store.stats()["tampered"] == before + 1
+
+
+def test_inference_mode_on_a_cold_and_on_a_disk_warm_store(tmp_path):
+    cold = PatternStore(tmp_path)
+    with torch.inference_mode():
+        pattern = cold.get(SPARSE)  # generate, encode, write, keep
+        assert cold.get(SPARSE) is pattern  # memory hit
+        on_meta = cold.get(SPARSE, "meta")  # a device copy, made in inference mode
+    assert not any(t.is_inference() for t in (*pattern.arrays.values(), *on_meta.arrays.values()))
+    assert pattern.equals(generate(SPARSE)) and cold.stats()["generations"] == 1
+    held_version_is_counted(cold, SPARSE)
+
+    warm = PatternStore(tmp_path)
+    with torch.inference_mode():
+        assert warm.get(SPARSE).equals(generate(SPARSE))  # decoded from disk
+        other = SparseSpec("fixed", seq_len=1024, block_size=32, num_heads=2)
+        made = generate(other)  # inference tensors, handed to put
+        warm.put(made)
+        assert warm.get(other).equals(made)
+    assert warm.stats()["disk_hits"] == 1 and warm.stats()["memory_hits"] == 1
+    held_version_is_counted(warm, SPARSE)
+
+
+def test_fake_tensor_mode_lookups_give_real_tensors_cold_and_warm(tmp_path):
+    """What torch.export (non-strict) runs a module's forward under: the
+    lookup generates, encodes and writes (cold) or decodes (warm) real
+    tensors and never reads a fake tensor's data."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    cold = PatternStore(tmp_path)
+    with FakeTensorMode():
+        pattern = cold.get(SPARSE)
+        assert cold.get(SPARSE) is pattern
+        meta = cold.get(SPARSE, "meta")
+    warm = PatternStore(tmp_path)
+    with FakeTensorMode():
+        decoded = warm.get(SPARSE)
+    for found in (pattern, meta, decoded):
+        assert not any(isinstance(t, FakeTensor) for t in found.arrays.values())
+    assert pattern.equals(generate(SPARSE)) and decoded.equals(generate(SPARSE))
+    assert cold.stats()["generations"] == 1 and warm.stats()["disk_hits"] == 1
+    held_version_is_counted(warm, SPARSE)
+
+
+class Gather(torch.nn.Module):
+    """A module whose forward looks its layout up, as the attention modules do."""
+
+    def __init__(self, store: PatternStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices = self.store.get(SPARSE)["kv_indices"][:8].long()
+        return x.index_select(1, indices) * 2
+
+
+def test_torch_export_of_a_module_that_looks_up_a_cold_store(tmp_path):
+    store = PatternStore(tmp_path)
+    x = torch.randn(2, 64)
+    program = torch.export.export(Gather(store), (x,))
+    assert store.stats()["generations"] == 1
+    expected = x[:, generate(SPARSE)["kv_indices"][:8].long()] * 2
+    torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=0)
+
+
+def test_stores_pickle_and_deepcopy_as_their_directory(tmp_path):
+    import copy
+    import pickle
+
+    store = PatternStore(tmp_path / "a", max_entries=7, lock_timeout=5.0)
+    store.get(SPARSE)
+    assert pickle.loads(pickle.dumps(store)) is store  # this process's store for that directory
+    assert copy.deepcopy(store) is store
+    module = Gather(store)
+    assert copy.deepcopy(module).store is store
+    assert store_module.store_for(tmp_path / "a") is store
+    assert store_module.store_for(tmp_path / "a" / ".." / "a") is store
+    assert store_module.store_for(None) is default_store()
+    fresh = store_module.store_for(tmp_path / "b", max_entries=3)
+    assert fresh.directory == tmp_path / "b" and fresh.memory.max_entries == 3
+
+
+UNPICKLE_CHILD = """
+import pickle, sys
+from patternstore import SparseSpec, generate
+store = pickle.loads(sys.stdin.buffer.read())
+spec = SparseSpec("bigbird", seq_len=4096, block_size=64, num_heads=2, different_layout_per_head=True)
+assert store.get(spec).equals(generate(spec))
+print(store.directory, store.memory.max_entries, store.lock_timeout, store.stats()["disk_hits"])
+"""
+
+
+def test_a_pickled_store_opens_its_directory_in_a_fresh_process(tmp_path):
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    store = PatternStore(tmp_path, max_entries=7, lock_timeout=5.0)
+    store.get(SPARSE)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", UNPICKLE_CHILD], input=pickle.dumps(store), env=env,
+                         capture_output=True, check=True, timeout=120).stdout.decode().split()
+    assert out == [str(tmp_path), "7", "5.0", "1"]

@@ -10,13 +10,15 @@ dilated plan and a large block-sparse layout (bigbird, 1M tokens, 8 heads):
   per-call figures are batch time / batch size. Interleaved with the same
   loop over a bare dict lookup under a ``threading.Lock`` (the floor).
 - disk hit, same process: ``store.get`` on a store whose memory tier keeps
-  nothing (``max_entries=0``), so every call reads and decodes the envelope.
+  nothing (``max_entries=0``), so every call reads the value (format 2: one
+  read of the file into the buffer the arrays view) and checks it.
 - disk hit, fresh process: the first ``get`` in a new interpreter on a warm
   directory (import and store construction timed separately), interleaved
   with the first ``generate`` in a new interpreter (the like-for-like cost).
 - generation: ``generate(spec)``, interleaved with the disk reads (A B A B).
 - miss: a full cold ``get`` (lock, generate, encode, write), after ``evict``.
 - 8 processes released at once on one cold key: generations across them.
+- stored bytes: the size of each spec's value as the disk tier stores it.
 
 Machine drift: ratios come from interleaved runs; figures are medians (p50)
 and nearest-rank p99 (with few samples, p99 is the maximum).
@@ -45,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from patternstore import PatternStore, generate  # noqa: E402
+from patternstore.codec import encode  # noqa: E402
 
 SPECS_SOURCE = """
 from patternstore import DilatedSpec, SparseSpec
@@ -244,6 +247,7 @@ def main() -> None:
             rows.append({"spec": name, "case": "miss (lock+generate+encode+write)", **summary(miss)})
             extra[name] = {
                 "nbytes": generate(spec).nbytes,
+                "stored_bytes": len(encode(generate(spec))),
                 "generate_over_disk_hit_p50": percentile(gen, 0.5) / percentile(disk, 0.5),
             }
         fresh = fresh_process_calls(work / "fresh", list(SPECS), fresh_rounds)
@@ -267,16 +271,15 @@ def main() -> None:
 
     memory_p50 = max(r["p50_us"] for r in rows if r["case"] == "memory hit")
     large = extra["bigbird-1M"]
+    dilated_stored = extra["dilated-8k"]["stored_bytes"]
     targets = {
-        "memory hit p50 <= 1 us": {"value_us": memory_p50, "met": memory_p50 <= 1.0},
+        "memory hit p50 <= 0.5 us": {"value_us": memory_p50, "met": memory_p50 <= 0.5},
         "bigbird-1M disk hit >= 20x cheaper than generating (same process)": {
             "ratio": large["generate_over_disk_hit_p50"], "met": large["generate_over_disk_hit_p50"] >= 20},
-        "bigbird-1M disk hit >= 20x cheaper than generating (fresh process hit, warm generation)": {
-            "ratio": large["generate_over_fresh_process_hit_p50"],
-            "met": large["generate_over_fresh_process_hit_p50"] >= 20},
-        "bigbird-1M disk hit >= 20x cheaper than generating (both the first call of a fresh process)": {
+        "bigbird-1M disk hit >= 10x cheaper than generating (both the first call of a fresh process)": {
             "ratio": large["fresh_generate_over_fresh_process_hit_p50"],
-            "met": large["fresh_generate_over_fresh_process_hit_p50"] >= 20},
+            "met": large["fresh_generate_over_fresh_process_hit_p50"] >= 10},
+        "dilated entry stored in < 4 KiB": {"stored_bytes": dilated_stored, "met": dilated_stored < 4096},
         "8 processes on one cold key: exactly 1 generation": {
             "generations": concurrent["generations"], "met": concurrent["generations"] == 1},
     }
