@@ -87,10 +87,6 @@ __all__ = [
 
 _NEG_INF = float("-inf")
 
-# The plan columns this module reads, by name (contract: GROUP_COLUMNS of the length-free spec).
-PLAN_COLUMNS = ("branch", "segment", "rate", "offset", "head_start", "head_stop")
-
-
 # ---------------------------------------------------------------------- plan
 class Group(NamedTuple):
     """One row of a plan: branch ``branch`` (segment length ``segment`` =
@@ -106,6 +102,9 @@ class Group(NamedTuple):
     head_stop: int
 
 
+assert Group._fields == GROUP_COLUMNS
+
+
 class DilatedPlan(NamedTuple):
     """What a kernel needs of a dilated pattern, as plain ints: valid for
     every sequence length."""
@@ -118,18 +117,7 @@ class DilatedPlan(NamedTuple):
         spec = pattern.spec
         if not isinstance(spec, DilatedSpec):
             raise ValueError(f"a dilated plan needs a DilatedSpec pattern, got {spec.kind!r}")
-        columns = [GROUP_COLUMNS.index(name) for name in PLAN_COLUMNS]
-        rows = pattern["groups"].tolist()
-        return cls(spec.num_heads, tuple(Group(*(row[c] for c in columns)) for row in rows))
-
-
-def dilated_spec(segment_lengths, dilation_rates, num_heads: int, scheme: str) -> DilatedSpec:
-    """The store spec of a plan. Length-free (contract 1); while the landed
-    ``DilatedSpec`` still takes a ``seq_len``, the longest segment is given,
-    which leaves every row's ``segment`` at w_i."""
-    if "seq_len" in DilatedSpec.__dataclass_fields__:
-        return DilatedSpec(max(segment_lengths), segment_lengths, dilation_rates, num_heads, scheme)
-    return DilatedSpec(segment_lengths, dilation_rates, num_heads, scheme)
+        return cls(spec.num_heads, tuple(Group(*row) for row in pattern["groups"].tolist()))
 
 
 class Piece(NamedTuple):
@@ -444,37 +432,59 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, flat_plan, is_causal, scale
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, flat_plan, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.flat_plan, ctx.is_causal, ctx.scale = flat_plan, is_causal, scale
+class _DilatedFunction(torch.autograd.Function):
+    """Autograd of the custom ops, written as a Function with
+    ``setup_context`` so that ``torch.func`` transforms (grad, vjp, vmap)
+    take it; ``torch.compile`` traces it into the graph around the opaque
+    ops. The backward is differentiable once: double backward raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, key_padding_mask, flat_plan, is_causal, scale):  # type: ignore[override]
+        return _dilated_forward_op(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, key_padding_mask, flat_plan, is_causal, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)  # internal: the modules return only ``out``
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.flat_plan, ctx.is_causal, ctx.scale = flat_plan, is_causal, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _dilated_backward_op(
+                grad_out, q, k, v, out, lse, key_padding_mask, ctx.flat_plan, ctx.is_causal, ctx.scale
+            )
+        anchors = [x for x in (grad_out, q, k, v) if x.requires_grad]
+        if torch.is_grad_enabled() and anchors:
+            # create_graph: gradients that depend on the inputs through a node
+            # whose backward names the limit (instead of a silent detach).
+            grads = _NoDoubleBackward.apply(anchors[0], *grads)
+        return (*grads, None, None, None, None)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # lse is an internal output: the modules return only ``out``.
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _dilated_backward_op(
-        grad_out, q, k, v, out, lse, key_padding_mask, ctx.flat_plan, ctx.is_causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on ``grads`` whose backward is a clear error (double backward
+    of the fast path); ``anchor``, an input that requires grad, attaches it."""
 
+    @staticmethod
+    def forward(anchor, *grads):  # type: ignore[override]
+        return tuple(g.view_as(g) for g in grads)
 
-_dilated_forward_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward (gradients of gradients) of dilated attention is not supported; "
-        "use DilatedAttention (the autograd-native reference path) for it"
-    )
-
-
-def _backward_setup(ctx, inputs, output) -> None:
-    pass
-
-
-_dilated_backward_op.register_autograd(_no_double_backward, setup_context=_backward_setup)
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise RuntimeError(
+            "double backward (gradients of gradients) of the fast dilated attention path is not supported; "
+            "DilatedAttention (the autograd-native reference path) supports it"
+        )
 
 
 def dilated_attention(
@@ -499,7 +509,7 @@ def dilated_attention(
 
 def _fast(q, k, v, plan, is_causal, scale, key_padding_mask) -> Tensor:
     flat_plan = [value for g in plan.groups for value in g]
-    out, _ = _dilated_forward_op(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
+    out, _ = _DilatedFunction.apply(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
     return out
 
 
@@ -557,7 +567,7 @@ class _DilatedBase(nn.Module):
         """The plan for ``num_heads`` query heads: from this module's cache, else the store."""
         plan = self._plans.get(num_heads)
         if plan is None:
-            spec = dilated_spec(self.segment_lengths, self.dilation_rates, num_heads, self.scheme)
+            spec = DilatedSpec(self.segment_lengths, self.dilation_rates, num_heads, self.scheme)
             store = self.store if self.store is not None else default_store()
             plan = DilatedPlan.from_pattern(store.get(spec))
             self._plans[num_heads] = plan

@@ -218,7 +218,7 @@ def test_pieces_select_exactly_the_rule_positions(scheme):
     """Every (q_len, kv_len): the pieces' query views are exactly the group's
     selected positions among the last q_len, and each piece's keys are the
     selected positions of the same segment (the query rows last)."""
-    plan = DilatedPlan.from_pattern(generate(dilated.dilated_spec((4, 8, 16, 12), (1, 2, 4, 3), 5, scheme)))
+    plan = DilatedPlan.from_pattern(generate(DilatedSpec((4, 8, 16, 12), (1, 2, 4, 3), 5, scheme)))
     for n in (1, 7, 12, 16, 53):
         pos = torch.arange(n)[None, :]
         for m in sorted({1, 2, 5, 11, n // 2 + 1, n} & set(range(1, n + 1))):
@@ -243,7 +243,7 @@ def test_modules_fetch_one_plan_for_every_length(tmp_path):
         module(*qkv(1, n, 2, 3))
     stats = store.stats()
     assert stats["misses"] == 1 and stats["memory_hits"] == 0 and stats["disk_hits"] == 0
-    assert store.contains(dilated.dilated_spec((4, 8), (1, 2), 2, "longnet"))
+    assert store.contains(DilatedSpec((4, 8), (1, 2), 2))
     # A new module (as in a new process) reads the plan back instead of generating it.
     other = DilatedAttention((4, 8), (1, 2), store=PatternStore(tmp_path / "store"))
     other(*qkv(1, 20, 2, 3))
@@ -259,7 +259,7 @@ def test_plan_cache_is_bounded():
 
 def test_functional_api_checks_its_plan():
     q, k, v = qkv(1, 10, 2, 3)
-    plan = DilatedPlan.from_pattern(generate(dilated.dilated_spec((4,), (1,), 3, "longnet")))
+    plan = DilatedPlan.from_pattern(generate(DilatedSpec((4,), (1,), 3)))
     with pytest.raises(ValueError, match="plan is for num_heads=3"):
         dilated_attention(q, k, v, plan)
 
