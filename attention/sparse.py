@@ -75,6 +75,17 @@ from patternstore.csr import check_layout, drop_future_blocks, entry_rows
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, default_store
 
+from .kernels import (
+    EMPTY_LSE,
+    accumulate_dtype,
+    check_attention_inputs,
+    check_dropout,
+    check_is_causal,
+    check_softmax_scale,
+    default_scale,
+    merge_,
+)
+
 __all__ = ["block_sparse_attention", "BlockSparseAttention"]
 
 try:  # contract 4 (branch `store`): that process's store for a directory
@@ -126,69 +137,6 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else computes (and keeps lse) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> None:
-    """ValueError naming the field unless q ``(b, q_len, h, d)`` and k, v
-    ``(b, kv_len, h_kv, d)`` are floating tensors of one dtype and device with
-    ``kv_len >= q_len`` and ``h % h_kv == 0``, and ``key_padding_mask`` is
-    None or bool ``(b, kv_len)`` there too (contract 3 of the kernel layer)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    b, q_len, h, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k and v must have q's batch {b} and head_dim {d}, got shape {tuple(k.shape)}")
-    if k.shape[1] < q_len:
-        raise ValueError(f"k and v must have at least q's {q_len} positions (kv_len >= q_len), got {k.shape[1]}")
-    if k.shape[2] == 0 or h % k.shape[2]:
-        raise ValueError(f"q's heads ({h}) must be a multiple of k's and v's heads ({k.shape[2]})")
-    if q.numel() == 0:
-        raise ValueError(f"q, k and v must not be empty, got shape {tuple(q.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            raise ValueError("key_padding_mask must be a bool tensor (True = padding)")
-        if tuple(key_padding_mask.shape) != (b, k.shape[1]):
-            raise ValueError(
-                f"key_padding_mask must have shape (batch, kv_len) = {(b, k.shape[1])}, "
-                f"got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-
-
-def _check_probability(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-
-
-def _check_scale(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"softmax_scale must be a finite float > 0 or None, got {value!r}")
-
-
-def _merge(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Two partial softmaxes over disjoint key sets of the same queries."""
-    merged = torch.logaddexp(acc_lse, lse)
-    safe = merged.masked_fill(torch.isneginf(merged), 0.0)
-    acc = acc * torch.exp(acc_lse - safe).unsqueeze(-1) + out * torch.exp(lse - safe).unsqueeze(-1)
-    return acc, merged
-
-
 # ----------------------------------------------------------------- the plan
 def _row_groups(kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool,
                 first_block: int) -> list[tuple[Tensor, Tensor]]:
@@ -207,7 +155,7 @@ def _row_groups(kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool,
     groups = []
     for c, rows in zip(values.tolist(), torch.split(order, lengths.tolist())):
         if c == 0:
-            continue  # rows without key blocks: output 0, lse -inf
+            continue  # rows without key blocks: output 0, lse EMPTY_LSE
         slots = offsets[rows, None] + torch.arange(c, device=rows.device)
         groups.append((rows, kv_indices[slots].long()))
     return groups
@@ -230,7 +178,7 @@ class _Problem:
         self.lanes = kv_heads if self.shared else 1                   # A
         self.per_lane = h // kv_heads if self.shared else 1          # G
         self.offset = kv_len - q_len                                  # position of query row 0
-        self.work = _work_dtype(q.dtype)
+        self.work = accumulate_dtype(q.dtype)
         self.groups = _row_groups(kv_num_blocks, kv_indices, causal, self.offset // block_size)
         self.fused = USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
         self._buffers: dict[str, Tensor] = {}
@@ -348,9 +296,18 @@ def _dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Te
     return keep.to(like.dtype).div_(1 - p)
 
 
+def _has_nonfinite(keys: Tensor) -> bool:
+    """Whether a masked tile must leave the fused kernel: it ADDS its mask to
+    the scores, so a NaN or inf in a masked key (a future key of a causal
+    diagonal block) would poison rows that never attend it; the explicit
+    path fills masked scores instead, as SDPA's causal kernels do. One read
+    of the tile's keys, 1/bs of the tile's attention work."""
+    return not bool(torch.isfinite(keys).all())
+
+
 def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
     """Attention of one tile: ``(out [B, R, M, d], lse [B, R, M])``."""
-    if fused:
+    if fused and not (mask is not None and _has_nonfinite(kt)):
         out, lse = _FLASH(qt, kt, vt, attn_mask=mask, scale=scale)[:2]
         return out, lse
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
@@ -363,15 +320,15 @@ def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused:
     if keep is not None:
         p.mul_(keep)
     out = torch.matmul(p, vt).div_(total.clamp_min(torch.finfo(total.dtype).tiny))
-    lse = torch.where(total > 0, shift + total.log(), float("-inf")).squeeze(-1)
+    lse = torch.where(total > 0, shift + total.log(), EMPTY_LSE).squeeze(-1)
     return out, lse
 
 
 def _tile_backward(d_out, qt, kt, vt, out, lse, mask, scale: float, keep: Optional[Tensor],
                    fused: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one tile from the rows' final ``out`` and ``lse`` (+inf
-    for empty rows)."""
-    if fused:
+    """Gradients of one tile from the rows' final ``out`` and ``lse``
+    (``EMPTY_LSE`` for empty rows: their masked scores give 0)."""
+    if fused and not (mask is not None and _has_nonfinite(kt)):
         return _FLASH_BACKWARD(d_out, qt, kt, vt, out, lse, 0.0, False, attn_mask=mask, scale=scale)
     delta = (d_out * out).sum(-1)  # sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output)
     s = torch.matmul(qt, kt.transpose(-1, -2)).mul_(scale)
@@ -415,14 +372,17 @@ def _forward_op(
             o, l = _tile_forward(qt, pb.gather("k", k_flat, key_index, rows.numel()),
                                  pb.gather("v", v_flat, key_index, rows.numel()), mask, scale, keep, pb.fused)
             if empty is not None:
-                l = l.masked_fill(empty, float("-inf"))  # the fused kernel reports 0 for empty rows
-            acc, acc_lse = (o, l) if acc is None else _merge(acc, acc_lse, o, l)
+                l = l.masked_fill(empty, EMPTY_LSE)  # the fused kernel reports 0 for empty rows
+            if acc is None:
+                acc, acc_lse = o, l
+            else:
+                merge_(acc, acc_lse, o, l)
             tile += 1
         done.append((index, valid, acc, acc_lse))
     # Invalid query slots write to one extra row (position q_len), sliced off.
     b, q_len, h = pb.b, pb.q_len, pb.h
     out = q.new_zeros(b, (q_len + 1) * h, v.shape[-1], dtype=pb.work)
-    lse = q.new_full((b, (q_len + 1) * h), float("-inf"), dtype=pb.work)
+    lse = q.new_full((b, (q_len + 1) * h), EMPTY_LSE, dtype=pb.work)
     if done:
         # One scatter at the end rather than one per tile: on a shared machine
         # every small parallel op risks a stall of milliseconds.
@@ -438,7 +398,7 @@ def _forward_op(
 def _(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
       block_size, causal, scale, dropout_p):
     b, q_len, h, _ = q.shape
-    return q.new_empty(b, q_len, h, v.shape[-1]), q.new_empty(b, h, q_len, dtype=_work_dtype(q.dtype))
+    return q.new_empty(b, q_len, h, v.shape[-1]), q.new_empty(b, h, q_len, dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.custom_op("patternstore::block_sparse_backward", mutates_args=())
@@ -455,8 +415,7 @@ def _backward_op(
     # so they add nothing to any gradient.
     d_out = F.pad(grad_out.to(pb.work), (0, 0, 0, 0, 0, 1)).view(b, (q_len + 1) * h, -1)
     q_flat, k_flat, v_flat, out_flat = _flat(q), _flat(k), _flat(v), _flat(out)
-    lse = lse.to(pb.work).transpose(1, 2).reshape(b, q_len * h, 1)
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # empty rows: exp(-inf - inf) = 0
+    lse = lse.to(pb.work).transpose(1, 2).reshape(b, q_len * h, 1)  # empty rows: EMPTY_LSE, exp(-inf - it) = 0
     dq = q.new_zeros(b, (q_len + 1) * h, q.shape[-1], dtype=pb.work)
     dk = k.new_zeros(b, pb.kv_len * pb.kv_heads, k.shape[-1], dtype=pb.work)
     dv = v.new_zeros(b, pb.kv_len * pb.kv_heads, v.shape[-1], dtype=pb.work)
@@ -499,33 +458,55 @@ def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *rest = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices,
-                          key_padding_mask, dropout_seed)
-    ctx.args = rest
+class _BlockSparseFunction(torch.autograd.Function):
+    """Autograd of ``_forward_op`` as an ``autograd.Function`` with its own
+    ``setup_context``: the form ``torch.func`` transforms accept (a custom
+    op's ``register_autograd`` is not, torch 2.13). Its backward feeds the
+    FINAL ``out`` and ``lse`` to ``_backward_op``."""
+
+    @staticmethod
+    def forward(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+                block_size, causal, scale, dropout_p):
+        return _forward_op(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+                           block_size, causal, scale, dropout_p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *rest = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices,
+                              key_padding_mask, dropout_seed)
+        ctx.args = rest
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+        q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
+        dq, dk, dv = _BlockSparseBackwardFunction.apply(
+            grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *ctx.args,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
-    q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
-    dq, dk, dv = _backward_op(
-        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *ctx.args,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+class _BlockSparseBackwardFunction(torch.autograd.Function):
+    """``_backward_op`` under autograd: differentiating it again (double
+    backward) is refused with a message instead of a silent wrong zero."""
 
+    @staticmethod
+    def forward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
+                block_size, causal, scale, dropout_p):
+        return _backward_op(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask,
+                            dropout_seed, block_size, causal, scale, dropout_p)
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "block-sparse attention has no double backward (a gradient of its gradients, e.g. create_graph=True "
-        "then backward again, or torch.func.grad of torch.func.grad); use the dense reference "
-        "F.scaled_dot_product_attention with a boolean mask for second derivatives"
-    )
-
-
-_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "block-sparse attention has no double backward (a gradient of its gradients, e.g. "
+            "create_graph=True then backward again, or torch.func.grad of torch.func.grad); use the dense "
+            "reference F.scaled_dot_product_attention with a boolean mask for second derivatives"
+        )
 
 
 # ----------------------------------------------------------- functional core
@@ -557,7 +538,7 @@ def block_sparse_attention(
     b, q_len, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    nb = -(-k.shape[1] // block_size)
+    nb = (k.shape[1] + block_size - 1) // block_size  # the fake of _layout_op says the same: one symbolic size
     for name, t, dim in (("kv_num_blocks", kv_num_blocks, 2), ("kv_indices", kv_indices, 1)):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dim:
             raise ValueError(f"{name} must be a {dim}-D int32 tensor")
@@ -568,15 +549,14 @@ def block_sparse_attention(
             f"kv_num_blocks must have shape [1 or heads={h}, ceil(kv_len / block_size)={nb}], "
             f"got {list(kv_num_blocks.shape)}"
         )
-    _check_probability("dropout_p", dropout_p)
-    _check_scale(softmax_scale)
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    dropout_p = check_dropout(dropout_p)
+    scale = default_scale(q, check_softmax_scale(softmax_scale))
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
-    out, _ = _forward_op(
+    out, _ = _BlockSparseFunction.apply(
         q, k, v, kv_num_blocks, kv_indices, key_padding_mask, seed,
-        block_size, bool(causal), float(scale), float(dropout_p),
+        block_size, check_is_causal(causal), float(scale), dropout_p,
     )
     return out
 
@@ -739,8 +719,8 @@ class BlockSparseAttention(nn.Module):
         if "num_heads" in params or "seq_len" in params:
             raise ValueError("num_heads and seq_len come from the input (batch, seq_len, heads, head_dim); "
                              "do not pass them")
-        _check_probability("dropout", dropout)
-        _check_scale(softmax_scale)
+        dropout = check_dropout(dropout)
+        softmax_scale = check_softmax_scale(softmax_scale)
         if store is not None and not isinstance(store, PatternStore):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
         if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
@@ -773,7 +753,7 @@ class BlockSparseAttention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
         source = self.layouts
-        causal = bool(is_causal) or source.unidirectional
+        causal = check_is_causal(is_causal) or source.unidirectional
         if causal and q.shape[1] != k.shape[1] and not source.prefix_stable:
             raise ValueError(
                 f"causal attention with fewer queries than keys (q_len={q.shape[1]}, kv_len={k.shape[1]}: a "
