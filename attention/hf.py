@@ -160,7 +160,8 @@ def padding_mask(
 ) -> Tensor:
     """The ``AttentionMaskInterface`` function of both implementations:
     ``(batch, 1, 1, filled)`` bool, True = real token, ``filled = q_offset +
-    q_length``. Transformers before 5.x's ``q_offset`` pass ``cache_position``."""
+    q_length``. Older transformers pass ``cache_position`` instead of
+    ``q_length`` and ``q_offset``; both are understood."""
     if cache_position is not None:
         q_length, q_offset = cache_position.shape[-1], cache_position[..., 0]
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
