@@ -226,31 +226,36 @@ def _cpu_flash_backward(do, q, k, v, out, lse, causal, scale, bias):
     )
 
 
+# The fused CUDA ops, looked up here at call time: tests substitute CPU
+# emulations of their conventions to run the CUDA control flow numerically.
+_ops = torch.ops.aten
+
+
 def _rng_placeholders(q: Tensor) -> tuple[Tensor, Tensor]:
     # dropout_p is 0: the backward kernels read no random state.
     return torch.empty((), dtype=torch.int64, device=q.device), torch.empty((), dtype=torch.int64, device=q.device)
 
 
 def _cuda_flash_forward(q, k, v, causal, scale, bias):
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    out, lse, *_ = _ops._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return out, lse
 
 
 def _cuda_flash_backward(do, q, k, v, out, lse, causal, scale, bias):
     seed, offset = _rng_placeholders(q)
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+    return _ops._scaled_dot_product_flash_attention_backward(
         do, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
     )
 
 
 def _cuda_cudnn_forward(q, k, v, causal, scale, bias):
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    out, lse, *_ = _ops._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     return out, lse.reshape(q.shape[:3])  # cuDNN returns (B, H, M, 1)
 
 
 def _cuda_cudnn_backward(do, q, k, v, out, lse, causal, scale, bias):
     seed, offset = _rng_placeholders(q)
-    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+    return _ops._scaled_dot_product_cudnn_attention_backward(
         do, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,
         q.shape[2], k.shape[2], 0.0, causal, scale=scale,
     )
@@ -273,7 +278,7 @@ def _efficient_bias(bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Te
 
 
 def _cuda_efficient_forward(q, k, v, causal, scale, bias):
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
+    out, lse, *_ = _ops._scaled_dot_product_efficient_attention(
         q, k, v, _efficient_bias(bias, q, k), True, 0.0, causal, scale=scale
     )
     return out, lse[:, :, : q.shape[2]]  # padded to a multiple of EFFICIENT_LSE_ROWS
@@ -284,7 +289,7 @@ def _cuda_efficient_backward(do, q, k, v, out, lse, causal, scale, bias):
     padded = lse.new_zeros(b, h, -(-m // EFFICIENT_LSE_ROWS) * EFFICIENT_LSE_ROWS)
     padded[:, :, :m] = lse
     seed, offset = _rng_placeholders(q)
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+    dq, dk, dv, _ = _ops._scaled_dot_product_efficient_attention_backward(
         do, q, k, v, _efficient_bias(bias, q, k), out, padded, seed, offset, 0.0,
         [True, True, True, False], causal, scale=scale,
     )

@@ -118,9 +118,10 @@ class MultiheadWrapper(nn.Module):
             if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
                 shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), got {shape}")
-        if not query.shape == key.shape == value.shape:
+        if key.shape != value.shape or query.shape[0] != key.shape[0] or query.shape[1] > key.shape[1]:
             raise ValueError(
-                f"query, key and value must have one shape (batch, seq, embed_dim); got "
+                f"key and value must have one shape (batch, kv_len, embed_dim) and query (batch, q_len, "
+                f"embed_dim) with q_len <= kv_len (the last positions); got "
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
         q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in self._project(query, key, value))

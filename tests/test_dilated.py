@@ -321,3 +321,170 @@ def test_bad_configuration(args, kwargs, error, message):
 def test_grouped_needs_a_head_per_branch():
     with pytest.raises(ValueError, match="num_heads >= number of branches"):
         ImprovedDilatedAttention((4, 8, 16), (1, 2, 4), scheme="grouped")(*qkv(1, 8, 2, 4))
+
+
+# ------------------------------------------- generation: q shorter than k
+DECODE_CASES = [((4, 8, 16), (1, 2, 4), 4, 37), ((6, 9), (2, 3), 5, 31), ((64, 16), (2, 4), 4, 21)]
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"w{c[0]}-r{c[1]}-h{c[2]}-n{c[3]}")
+def test_queries_shorter_than_keys_are_the_last_rows_of_the_full_forward(module_class, is_causal, case):
+    """q of the last q_len positions against the whole k, v: exactly those
+    rows of the full forward (the dense reference), padding included, and
+    the gradients of those rows."""
+    segments, rates, h, n = case
+    q, k, v = qkv(2, n, h, 3, requires_grad=True)
+    pad = torch.zeros(2, n, dtype=torch.bool)
+    pad[1, ::3] = True
+    module = module_class(segments, rates)
+    for q_len in (1, 2, 5, n - 1):
+        full = dense_dilated_attention(q, k, v, segments, rates, is_causal=is_causal, key_padding_mask=pad)
+        rows = q[:, n - q_len :]
+        out = module(rows, k, v, is_causal=is_causal, key_padding_mask=pad)
+        assert_close(out, full[:, n - q_len :])
+        for got, want in zip(grads(out, (q, k, v)), grads(full[:, n - q_len :], (q, k, v))):
+            assert_close(got, want)
+
+
+def test_a_decode_step_reads_only_the_keys_its_row_attends(monkeypatch):
+    """Cost proportional to the keys a row attends: every kernel call of a
+    one-row step gets at most w_i / r_i keys, never the cache."""
+    shapes = []
+    real_attend = dilated.attend
+
+    def counting(q, k, v, **kwargs):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return real_attend(q, k, v, **kwargs)
+
+    monkeypatch.setattr(dilated, "attend", counting)
+    segments, rates, n = (64, 128, 256), (1, 2, 4), 1000
+    q, k, v = qkv(1, n, 4, 8)
+    ImprovedDilatedAttention(segments, rates)(q[:, -1:], k, v, is_causal=True)
+    assert shapes and all(m == 1 and keys <= max(w // r for w, r in zip(segments, rates)) for m, keys in shapes)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("h, h_kv, rates", [(4, 2, (1, 2)), (6, 2, (4, 3)), (6, 3, (1, 4)), (4, 1, (2, 3))])
+def test_grouped_query_attention_equals_repeated_keys(module_class, h, h_kv, rates):
+    """k, v with fewer heads (query head j reads key/value head j // (h / h_kv)),
+    head groups cut across key/value heads included: equals the same keys
+    repeated, outputs and gradients, full and decode rows, causal."""
+    segments, n = (8, 12), 29
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, n, h, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, n, h_kv, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    module = module_class(segments, rates)
+    for q_len in (n, 3):
+        rows = q[:, n - q_len :]
+        out = module(rows, k, v, is_causal=True)
+        repeat = h // h_kv
+        expected = dense_dilated_attention(
+            q, k.repeat_interleave(repeat, 2), v.repeat_interleave(repeat, 2), segments, rates, is_causal=True
+        )[:, n - q_len :]
+        assert_close(out, expected)
+        for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+            assert_close(got, want)
+
+
+def strided_layouts(x):
+    """The same (b, n, h, d) values in every stride pattern (head_dim included)."""
+    b, n, h, d = x.shape
+    wide = torch.zeros(2 * b, 2 * n, 2 * h, 2 * d, dtype=x.dtype)
+    wide[::2, ::2, ::2, ::2] = x
+    return {
+        "every-dim-strided": wide[::2, ::2, ::2, ::2],
+        "head-dim-strided": torch.stack([x, x], -1)[..., 0],
+        "permuted-bdnh": x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+        "sequence-last": x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+        "bhnd": x.transpose(1, 2).contiguous().transpose(1, 2),
+    }
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("layout", ["every-dim-strided", "head-dim-strided", "permuted-bdnh", "sequence-last", "bhnd"])
+def test_every_stride_pattern_equals_contiguous(module_class, layout):
+    """Issue 10: a last dim that is not contiguous gave wrong numbers (and a
+    permuted (b, d, n, h) tensor NaN); every layout equals the reference."""
+    q, k, v = qkv(2, 37, 4, 6)
+    strided = [strided_layouts(x)[layout] for x in (q, k, v)]
+    leaves = [x.detach().requires_grad_() for x in strided]
+    out = module_class((4, 8, 16), (1, 2, 4))(*leaves, is_causal=True)
+    expected_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = dense_dilated_attention(*expected_leaves, (4, 8, 16), (1, 2, 4), is_causal=True)
+    assert_close(out, expected)
+    for got, want in zip(grads(out, leaves), grads(expected, expected_leaves)):
+        assert_close(got, want)
+
+
+def test_a_nan_in_a_future_key_leaves_earlier_queries_finite():
+    q, k, v = qkv(1, 32, 2, 8)
+    k[:, 20] = float("nan")
+    for module_class in MODULES:
+        out = module_class((8, 16), (1, 2))(q, k, v, is_causal=True)
+        assert torch.isfinite(out[:, :20]).all()
+
+
+# --------------------------------------------------- program transforms
+@pytest.mark.parametrize("module_class", MODULES)
+def test_pickle_and_deepcopy_rebuild_plans_lazily(module_class):
+    import copy
+    import pickle
+
+    module = module_class((4, 8), (1, 2), softmax_scale=0.4)
+    q, k, v = qkv(1, 19, 2, 3)
+    expected = module(q, k, v, is_causal=True)
+    for clone in (pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+        assert len(clone._plans) == 0 and clone.softmax_scale == 0.4
+        assert_close(clone(q, k, v, is_causal=True), expected)
+    assert len(module._plans) == 1
+
+
+def test_torch_func_grad_and_vjp():
+    module = ImprovedDilatedAttention((4, 8), (1, 2))
+    q, k, v = qkv(1, 19, 2, 3)
+    module(q, k, v)  # warm: a cold store under a torch.func transform is the store's part (issue 10)
+    got = torch.func.grad(lambda q, k, v: module(q, k, v, is_causal=True).square().sum(), argnums=(0, 1, 2))(q, k, v)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = torch.autograd.grad(module(*leaves, is_causal=True).square().sum(), leaves)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+def test_double_backward_is_a_clear_error_on_the_fast_path_and_works_on_the_plain_one():
+    q, k, v = qkv(1, 12, 2, 3, requires_grad=True)
+    out = ImprovedDilatedAttention((4,), (1,))(q, k, v)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported; DilatedAttention"):
+        dq.sum().backward()
+    out = DilatedAttention((4,), (1,))(q, k, v)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (dqq,) = torch.autograd.grad(dq.square().sum(), q)
+    assert torch.isfinite(dqq).all() and dqq.abs().sum() > 0
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_torch_jit_script_names_torch_compile(module_class):
+    with pytest.raises(RuntimeError, match=r"torch.jit.script.*use torch.compile"):
+        torch.jit.script(module_class((4,), (1,)))
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_inference_mode_and_no_grad(module_class):
+    module = module_class((4, 8), (1, 2))
+    q, k, v = qkv(1, 19, 2, 3)
+    expected = dense_dilated_attention(q, k, v, (4, 8), (1, 2), is_causal=True)
+    module(q, k, v)  # warm: the store's first take under inference mode is the store's part (issue 10)
+    with torch.inference_mode():
+        assert_close(module(q, k, v, is_causal=True), expected)
+    with torch.no_grad():
+        assert_close(module(q, k, v, is_causal=True), expected)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_is_causal_must_be_a_bool(value):
+    q, k, v = qkv(1, 8, 2, 3)
+    for module_class in MODULES:
+        with pytest.raises(ValueError, match="is_causal must be True or False"):
+            module_class((4,), (1,))(q, k, v, is_causal=value)

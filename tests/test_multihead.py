@@ -134,12 +134,26 @@ def test_errors(cls):
         module(x[..., :20])
     with pytest.raises(ValueError, match="one shape"):
         module(x, x[:, :30])
+    with pytest.raises(ValueError, match="one shape"):
+        module(x, x, x[:, :30])
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):
         module(x, key_padding_mask=torch.zeros(2, 30, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         cls(24, 5, SEGMENTS, RATES)
     with pytest.raises(ValueError, match="num_heads must be an int"):
         cls(24, 0, SEGMENTS, RATES)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_decode_rows_through_the_wrapper_are_the_full_forward_rows(cls):
+    """query of the last positions against the whole key/value sequence (a
+    KV cache): the same rows as the full causal self-attention."""
+    module = make(cls)
+    x, _, _ = inputs()
+    full, _ = module(x, is_causal=True)
+    for q_len in (1, 4):
+        out, _ = module(x[:, -q_len:], x, x, is_causal=True)
+        torch.testing.assert_close(out, full[:, -q_len:], rtol=1e-10, atol=1e-10)
 
 
 class _DenseAttention(torch.nn.Module):

@@ -127,6 +127,7 @@ def worker(n: int, names: list[str]) -> dict:
     import torch.nn.functional as F
 
     from attention import DilatedAttention, ImprovedDilatedAttention
+    from attention.dilated import _pieces as dilated_pieces
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -144,9 +145,10 @@ def worker(n: int, names: list[str]) -> dict:
     def useful_flop(scheme: str, module=None) -> float:
         if scheme == "dense":
             return 4.0 * HEAD_DIM * n * n * HEADS
-        plan = module._plan(n, HEADS)
+        plan = module._plan(HEADS)  # length-free: the per-length pieces are derived here as in the op
         pairs = sum(
-            (g.head_stop - g.head_start) * (g.num_segments * g.per_segment**2 + g.tail**2) for g in plan.groups
+            (g.head_stop - g.head_start) * p.count * p.q_rows * p.k_rows
+            for g in plan.groups for p in dilated_pieces(g, n, n)
         )
         return 4.0 * HEAD_DIM * pairs
 
