@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from patternstore.blockmask import block_mask_of, layout_block_mask, structural_mask_mod, with_key_padding
 from patternstore.csr import check_layout, drop_future_blocks, entry_rows
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, default_store
@@ -133,6 +134,43 @@ TILE_ELEMENTS = 1 << 22
 # limit it falls back to dense math (a 32 GiB allocation at 32K in our first
 # run). Users who want it for inference get the mask from patternstore.blockmask.
 USE_CPU_FLASH_KERNEL = True
+
+# Which path a call takes (issue 12 section 3), decided by ``attention_path``:
+# - "flex": compiled ``flex_attention`` on a ``BlockMask`` built once per
+#   (layout, length, device) from the stored CSR (patternstore.blockmask.
+#   layout_block_mask), for device types in FLEX_DEVICE_TYPES, square calls
+#   (q_len == kv_len), no dropout and blocks of at least FLEX_MIN_BLOCK
+#   (torch 2.13's CPU flex returns NaN for 8-token blocks; 16 is exact). On CUDA it is the fused kernel that
+#   skips empty blocks and takes GQA natively, with its own backward.
+# - "gather": the tiles above, for everything else: CPU tensors (flex on the
+#   CPU has no backward, refuses lse, and compiles per length; figures above),
+#   decode and chunked prefill (q_len < kv_len: rows not aligned to blocks),
+#   and dropout (flex has no dropout).
+# Tests add "cpu" to FLEX_DEVICE_TYPES to run the flex path in CPU inference.
+FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+FLEX_MIN_BLOCK = 16
+
+
+def attention_path(device_type: str, q_len: int, kv_len: int, dropout_p: float, block_size: int) -> str:
+    """"flex" or "gather" (see the note above FLEX_DEVICE_TYPES)."""
+    if device_type in FLEX_DEVICE_TYPES and q_len == kv_len and dropout_p == 0 and block_size >= FLEX_MIN_BLOCK:
+        return "flex"
+    return "gather"
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """``flex_attention`` compiled once per process (it runs only compiled:
+    eager flex materializes the scores). Inside a caller's compiled region
+    dynamo traces through it."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, fullgraph=True)
+    return _compiled_flex
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -591,6 +629,9 @@ class _LayoutSource:
     lengths."""
 
     MAX_LAYOUTS = 32
+    # BlockMasks (flex path) kept: each holds 4 arrays of H * nb * nb int32
+    # (16 MiB each for one head at 256K tokens, block 128).
+    MAX_BLOCK_MASKS = 8
 
     def __init__(self, description: str, store: Optional[PatternStore] = None) -> None:
         fields = json.loads(description)
@@ -599,6 +640,7 @@ class _LayoutSource:
         self._directory = fields["store"]
         self._store = store
         self._layouts: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        self._block_masks: OrderedDict[tuple, Any] = OrderedDict()
         probe = self.spec(self.block_size << 20, 2)
         self.per_head = probe.layout_heads == 2
         self.prefix_stable = is_prefix_stable(probe)
@@ -649,6 +691,24 @@ class _LayoutSource:
         return hit
 
 
+    def block_mask(self, seq_len: int, num_heads: int, device: torch.device, causal: bool, padded: bool):
+        """The ``BlockMask`` of ``layout(seq_len, ...)`` (``padded``: every
+        block partial, for a key_padding_mask), built once and kept (the last
+        MAX_BLOCK_MASKS used): a steady-state call is this dict lookup."""
+        key = (seq_len, num_heads, device, causal, padded)
+        hit = self._block_masks.get(key)
+        if hit is None:
+            layout = self.layout(seq_len, num_heads, device, causal)
+            hit = layout_block_mask(*layout, seq_len, self.block_size, causal=causal, padded=padded)
+            self._block_masks[key] = hit
+            while len(self._block_masks) > self.MAX_BLOCK_MASKS:
+                try:
+                    self._block_masks.popitem(last=False)
+                except KeyError:
+                    break
+        return hit
+
+
 # Sources by description: a cache, never the only way to a layout (any
 # process rebuilds a source from its description). Weak: modules hold theirs.
 _SOURCES: "weakref.WeakValueDictionary[str, _LayoutSource]" = weakref.WeakValueDictionary()
@@ -681,6 +741,29 @@ def _(q, k, description, causal):
     nb = (kv_len + source.block_size - 1) // source.block_size
     return (q.new_empty(h if source.per_head else 1, nb, dtype=torch.int32),
             q.new_empty(nnz, dtype=torch.int32))
+
+
+_MASK_ARRAYS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@torch.library.custom_op("patternstore::sparse_block_mask", mutates_args=())
+def _block_mask_op(q: Tensor, k: Tensor, description: str, causal: bool, padded: bool) -> list[Tensor]:
+    """The eight index arrays of the kept ``BlockMask`` (``_LayoutSource.
+    block_mask``) for the length, head count and device of ``q``: what a
+    compiled region sees of the flex path's lookup (copies, as in
+    ``_layout_op``)."""
+    mask = _source(description).block_mask(k.shape[1], q.shape[2], q.device, causal, padded)
+    return [getattr(mask, name).clone() for name in _MASK_ARRAYS]
+
+
+@_block_mask_op.register_fake
+def _(q, k, description, causal, padded):
+    source = _source(description)
+    heads = q.shape[2] if source.per_head else 1
+    nb = (k.shape[1] + source.block_size - 1) // source.block_size
+    counts, rows = (1, heads, nb), (1, heads, nb, nb)
+    return [q.new_empty(rows if name.endswith("indices") else counts, dtype=torch.int32) for name in _MASK_ARRAYS]
 
 
 # ------------------------------------------------------------------- module
@@ -760,14 +843,36 @@ class BlockSparseAttention(nn.Module):
                 f"decode step) needs a prefix-stable layout, whose rows do not depend on the length; "
                 f"{self.kind!r} with {self.params} is not (attention='unidirectional' layouts are)"
             )
+        dropout_p = self.dropout if self.training else 0.0
+        if attention_path(q.device.type, q.shape[1], k.shape[1], dropout_p, self.block_size) == "flex":
+            return self._flex_forward(q, k, v, causal, key_padding_mask)
         kv_num_blocks, kv_indices = _layout_op(q, k, self._description, causal)
         return block_sparse_attention(
             q, k, v, kv_num_blocks, kv_indices, self.block_size,
             causal=causal,
             softmax_scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             key_padding_mask=key_padding_mask,
         )
+
+    def _flex_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                      key_padding_mask: Optional[Tensor]) -> Tensor:
+        """The flex path (note above FLEX_DEVICE_TYPES): eager, the kept
+        BlockMask itself; compiled, its arrays through ``_block_mask_op``."""
+        n, heads = k.shape[1], q.shape[2]
+        padded = key_padding_mask is not None
+        if torch.compiler.is_compiling():
+            arrays = _block_mask_op(q, k, self._description, causal, padded)
+            mask = block_mask_of(arrays, n, self.block_size, structural_mask_mod(n, causal))
+        else:
+            mask = self.layouts.block_mask(n, heads, q.device, causal, padded)
+        if padded:
+            mask = with_key_padding(mask, key_padding_mask)
+        out = _flex_attention()(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+            scale=default_scale(q, self.softmax_scale), enable_gqa=heads != k.shape[2],
+        )
+        return out.transpose(1, 2)
 
     def spec(self, seq_len: int, num_heads: int) -> SparseSpec:
         """The spec of the layout at that length (without capacity), e.g. for
