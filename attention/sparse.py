@@ -23,7 +23,8 @@ So the rows of a short ``q`` equal, exactly, the same rows of the full
 forward. A query with an empty ``K(p)`` outputs 0 and gets zero gradient.
 Gradients are exact (FlashAttention-2's backward from the saved ``lse``).
 
-Execution (the gather path: CPU tensors, and decode or dropout anywhere).
+Execution of the gather path (CPU tensors; decode, chunked prefill and
+dropout on any device; the functional ``block_sparse_attention``).
 Only the query blocks that hold a query row are visited. Rows (head, query
 block) are grouped by their number ``c`` of active blocks; each group runs in
 tiles of ``R`` rows by ``kc`` key blocks: query, key and value blocks are
@@ -42,9 +43,10 @@ The backward runs the same tiles from the saved ``out`` and ``lse`` and
 scatter-adds the gradients (``index_add_``).
 
 The CPU path was chosen by measurement (tools/bench_sparse.py): the figures
-are in the note above ``USE_CPU_FLASH_KERNEL``. CUDA tensors take the
-FlexAttention path (``_flex_forward``; the choice is written down at
-``uses_flex``).
+are in the note above ``USE_CPU_FLASH_KERNEL``. Square CUDA calls take the
+FlexAttention path instead (``BlockSparseAttention._flex_forward``: compiled
+``flex_attention`` on a ``BlockMask`` kept per layout, length and device);
+the rule is ``attention_path``, with its reasons in the note above it.
 
 Compile contract (docs/design.md section 4): the data-dependent work lives
 inside the custom operators ``patternstore::block_sparse_forward`` /
@@ -52,8 +54,9 @@ inside the custom operators ``patternstore::block_sparse_forward`` /
 the store lookup is the custom operator ``patternstore::sparse_layout``
 whose string argument describes the layout completely (kind, block size,
 seed, parameters, store directory), so a compiled or exported graph resolves
-it in any process. No length is baked into a graph: ``dynamic=True`` compiles
-once for every length.
+it in any process; the flex path's lookup is ``patternstore::sparse_block_mask``
+(its BlockMask's arrays). No length is baked into a graph: ``dynamic=True``
+compiles once for every length.
 
 Pickling (issue 10): a module's state is its layout description and its
 store's directory; lookups are rebuilt lazily in whatever process runs it.
@@ -63,7 +66,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, Optional
 
@@ -703,14 +705,21 @@ class _LayoutSource:
 
 
 # Sources by description: a cache, never the only way to a layout (any
-# process rebuilds a source from its description). Weak: modules hold theirs.
-_SOURCES: "weakref.WeakValueDictionary[str, _LayoutSource]" = weakref.WeakValueDictionary()
+# process rebuilds a source from its description). Strong and bounded, so a
+# program that holds no module (an exported one) keeps its layouts too.
+_SOURCES: OrderedDict[str, _LayoutSource] = OrderedDict()
+MAX_SOURCES = 64
 
 
 def _source(description: str, store: Optional[PatternStore] = None) -> _LayoutSource:
     source = _SOURCES.get(description)
     if source is None:
         source = _SOURCES.setdefault(description, _LayoutSource(description, store))
+        while len(_SOURCES) > MAX_SOURCES:
+            try:
+                _SOURCES.popitem(last=False)
+            except KeyError:  # another thread emptied it meanwhile
+                break
     return source
 
 
