@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import struct
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,10 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from .bundle import read_bundle, write_bundle
-from .codec import ENVELOPE_VERSION, MAGIC, decode, unpack_plain
+from .codec import ENVELOPE_VERSION, decode, stored_spec
 from .generate import generate
 from .presets import PRESETS
-from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec, spec_from_dict
+from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec
 from .spectext import format_spec, parse_spec
 from .store import PatternStore
 
@@ -387,25 +386,6 @@ class VerifyResult:
                 "orphans": [o.to_json() for o in self.orphans], "ok": self.ok}
 
 
-def _recover_spec(value: bytes | None, key: str) -> Spec | None:
-    """The spec a damaged value was written for, when its (unchecked) header
-    still names a spec whose key is exactly ``key``: regenerating that spec
-    gives the one value that belongs under the key. Otherwise None.
-    (Format 2 layout, ``patternstore.codec``: magic, checksum, format,
-    header_size, then the msgpack header.)"""
-    prefix = struct.Struct("<4sQII")
-    try:
-        magic, _, _, header_size = prefix.unpack_from(value)
-        if magic != MAGIC:
-            return None
-        header = unpack_plain(value[prefix.size : prefix.size + header_size])
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in header["spec"].items()}
-        spec = spec_from_dict(fields)
-    except Exception:  # anything unreadable: nothing to regenerate from
-        return None
-    return spec if spec.key == key else None
-
-
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -431,7 +411,7 @@ def verify(
         if progress is not None:
             progress(key)
         if entry.problem is not None:
-            found.append((VerifyProblem(key, entry.problem), _recover_spec(entry.value, key)))
+            found.append((VerifyProblem(key, entry.problem), stored_spec(entry.value, key)))
         elif entry.pattern is not None and key in compare and not entry.pattern.equals(generate(entry.pattern.spec)):
             found.append((VerifyProblem(key, "arrays differ from a fresh generation"), entry.pattern.spec))
         # (no pattern and no problem: deleted since listed)

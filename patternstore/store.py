@@ -259,7 +259,7 @@ class PatternStore:
         except CorruptValue as refusal:
             return None, refusal
         except OSError as error:  # the value file vanished or failed mid-read
-            self.disk._warn_once("read", f"cannot read pattern store {self.disk.directory}: {error}; regenerating")
+            self.disk.read_failed(error)
             return None, None
 
     def _count_refused(self, refusal: CorruptValue | None) -> None:

@@ -215,7 +215,7 @@ def test_verify_finds_corruption_and_repair_fixes_it(seeded, tmp_path):
         local: "arrays differ from a fresh generation",
         grouped: problems[grouped],
     }
-    assert "shorter than the 20-byte prefix" in problems[bigbird] and "refused unread" in problems[grouped]  # format 2
+    assert "not a format-2 value" in problems[bigbird] and "refused unread" in problems[grouped]
 
     repaired = cli(directory, "--json", "verify", "--repair")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr

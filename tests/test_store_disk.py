@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import patternstore.disk as disk_module
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
-from patternstore.codec import CorruptValue, decode, decode_packed, encode
+from patternstore.codec import CorruptValue, decode, decode_packed, encode, stored_spec
 from patternstore.memory import MemoryTier
 from patternstore.pattern import PACK_ALIGN, Pattern
 from patternstore.disk import PatternStoreWarning, filesystem_type
@@ -592,3 +592,14 @@ def test_round_trip_of_every_kind_through_the_disk(tmp_path_factory, spec):
     PatternStore(directory).get(spec)
     reader = PatternStore(directory)
     assert reader.get(spec).equals(generate(spec)) and reader.stats()["disk_hits"] == 1
+
+
+def test_the_spec_of_a_damaged_value_is_recovered_only_for_its_own_key():
+    value = bytearray(encode(generate(TWO_ARRAYS)))
+    value[-1] ^= 0xFF  # payload damaged: the checksum refuses the value
+    with pytest.raises(CorruptValue, match="checksum"):
+        decode(bytes(value), TWO_ARRAYS.key)
+    assert stored_spec(bytes(value), TWO_ARRAYS.key) == TWO_ARRAYS
+    assert stored_spec(bytes(value), SMALL.key) is None  # another key: not that spec's value
+    for garbage in (b"", b"not a value", format_1_value(generate(SMALL)), bytes(value[:25]), 12):
+        assert stored_spec(garbage, SMALL.key) is None

@@ -234,6 +234,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-store-"))
     rows, extra = [], {}
     try:
+        load_before = os.getloadavg()  # other programs' share of the cores, recorded beside the figures
         gflops_before = matmul_gflops()
         for name, spec in SPECS.items():
             store = PatternStore(work / f"memory-{name}")
@@ -266,6 +267,7 @@ def main() -> None:
                 p50["generation (fresh process, first call)"] / first_get)
         concurrent = processes_on_one_cold_key(work / "concurrent" / "store", 8)
         gflops_after = matmul_gflops()
+        load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -291,6 +293,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "fp32_mm_1024_gflops": {"before": gflops_before, "after": gflops_after},
+        "load_average_1_5_15_min": {"before": load_before, "after": load_after},
         "settings": {"batches": batches, "calls_per_batch": calls, "rounds": rounds, "fresh_rounds": fresh_rounds},
         "specs": {name: {"spec": repr(spec), "key": spec.key, **extra[name]} for name, spec in SPECS.items()},
         "rows": rows,
