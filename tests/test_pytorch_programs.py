@@ -365,8 +365,8 @@ def test_saved_modules_and_exported_programs_run_in_a_fresh_process(tmp_path):
         store = PatternStore(tmp_path / case.name)
         module = case.build(store)
         xs = inputs(case)
+        assert not store.stored_keys()                                   # cold
         program = torch.export.export(module, tuple(xs), {"is_causal": case.is_causal})
-        assert store.stats()["generations"] <= 1 and len(store.stored_keys()) <= 1
         torch.export.save(program, tmp_path / f"{case.name}.pt2")
         expected[case.name] = check(case, module, xs, backward=False)
         kwargs = {"is_causal": case.is_causal}
@@ -503,6 +503,7 @@ def test_double_backward_is_exact_on_the_reference_path_and_a_clear_error_on_the
 
 
 @pytest.mark.parametrize("case", OTHERS, ids=str)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_torch_jit_script_is_a_clear_error_naming_torch_compile(case):
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.compile"):
         torch.jit.script(case.build(None))
