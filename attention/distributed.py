@@ -264,6 +264,17 @@ class DistributedDilatedAttention(_DilatedBase):
         # keyed, so a destroyed group's subgroups are not kept (or reused).
         self._distributed_plans: weakref.WeakKeyDictionary[dist.ProcessGroup, dict] = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict:
+        # The per-group plans hold this process's process groups (weakly):
+        # a copy or an unpickled module rebuilds them at its first call.
+        state = super().__getstate__()
+        del state["_distributed_plans"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._distributed_plans = weakref.WeakKeyDictionary()
+
     @property
     def bytes_received(self) -> int:
         return self._stats["bytes_received"]

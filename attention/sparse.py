@@ -831,6 +831,12 @@ class BlockSparseAttention(nn.Module):
             self._source = _source(self._description)
         return self._source
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its kernels are custom ops "
+            f"and Python control flow); use torch.compile(module) or torch.export instead"
+        )
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_source"] = None  # process-local: rebuilt from _description where it is unpickled
@@ -850,7 +856,10 @@ class BlockSparseAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if attention_path(q.device.type, q.shape[1], k.shape[1], dropout_p, self.block_size) == "flex":
             return self._flex_forward(q, k, v, causal, key_padding_mask)
-        kv_num_blocks, kv_indices = _layout_op(q, k, self._description, causal)
+        # Detached: the lookup reads shapes only, and an operator input that
+        # requires grad would route it through an autograd.Function without
+        # setup_context, which torch.func transforms refuse.
+        kv_num_blocks, kv_indices = _layout_op(q.detach(), k.detach(), self._description, causal)
         return block_sparse_attention(
             q, k, v, kv_num_blocks, kv_indices, self.block_size,
             causal=causal,
@@ -866,7 +875,7 @@ class BlockSparseAttention(nn.Module):
         n, heads = k.shape[1], q.shape[2]
         padded = key_padding_mask is not None
         if torch.compiler.is_compiling():
-            arrays = _block_mask_op(q, k, self._description, causal, padded)
+            arrays = _block_mask_op(q.detach(), k.detach(), self._description, causal, padded)  # as _layout_op
             mask = block_mask_of(arrays, n, self.block_size, structural_mask_mod(n, causal))
         else:
             mask = self.layouts.block_mask(n, heads, q.device, causal, padded)

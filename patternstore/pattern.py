@@ -40,19 +40,20 @@ def real_tensors() -> ContextManager[None]:
     counting, whatever the caller runs under: ``torch.inference_mode`` (whose
     tensors have no ``_version``, which the memory tier's tamper check reads),
     or fake and other dispatch modes (``torch.export``, ``FakeTensorMode``),
-    whose tensors have no data to read or write. The store makes and reads
-    its own tensors only inside this (never on a memory hit: no cost there).
+    and ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``), whose tensors
+    have no data to read or write. The store makes and reads its own tensors
+    only inside this (never on a memory hit: no cost there).
     Outside any such mode it is a no-op: checking costs 1 us, entering the
     modes' exits 12 us (measured here), and a disk hit nests a few."""
     if (torch._C._len_torch_dispatch_stack() or _len_torch_dispatch_stack_pre_dispatch()
-            or torch.is_inference_mode_enabled()):
+            or torch.is_inference_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
         return _outside_modes()
     return nullcontext()
 
 
 @contextmanager
 def _outside_modes() -> Iterator[None]:
-    with _disable_current_modes(), torch.inference_mode(False):
+    with _disable_current_modes(), torch.inference_mode(False), torch._C._DisableFuncTorch():
         yield
 
 

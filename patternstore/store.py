@@ -270,10 +270,13 @@ class PatternStore:
     def _single_flight(self, key: str) -> Iterator[bool]:
         """Hold ``key`` against other threads, then other processes. Yields
         False when either wait passed ``lock_timeout`` (the caller then
-        generates without the lock); never waits longer than that in all."""
+        generates without the lock); never waits longer than that in all.
+        A store that does not write its disk tier (read-only) takes no file
+        lock: no other process could read what it generates, and a lock file
+        would be a write to a directory it must leave untouched."""
         deadline = time.monotonic() + self.lock_timeout
         with self._flights.hold(key, self.lock_timeout) as held:
-            if not held or self.disk is None:
+            if not held or self.disk is None or not self.disk.writable:
                 yield held
                 return
             lock = filelock.FileLock(self.disk.lock_path(key), timeout=max(0.0, deadline - time.monotonic()))
