@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--eval", type=int, default=32, help="fresh sequences answered by generate at the end")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop training after this long (the steps run are recorded)")
@@ -104,7 +104,10 @@ def main() -> None:
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,   # grouped-query attention
-        max_position_embeddings=args.seq_len + 8, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
+        max_position_embeddings=args.seq_len + 8, pad_token_id=PAD,
+        # A long-context RoPE base (Llama 3's): more of each head's dimensions stay
+        # nearly position-independent across thousands of tokens, so content can match.
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=None, eos_token_id=None,
         attn_implementation=hf.DILATED,
         patternstore_attention={"segment_lengths": list(SEGMENTS), "dilation_rates": list(RATES)},
     )
