@@ -3,7 +3,7 @@
     bundle = msgpack map {
         "format":  "patternstore-bundle",
         "version": BUNDLE_VERSION,
-        "entries": [[key, envelope bytes], ...],   # envelopes exactly as stored (codec.py)
+        "entries": [[key, value bytes], ...],   # values exactly as stored (codec.py, format 2)
     }
 
 Guarantees kept here:

@@ -14,30 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import shutil
 import sys
 import textwrap
-import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
-import msgpack
-
-from .bundle import BundleError, read_bundle, write_bundle
-from .codec import ENVELOPE_VERSION, CorruptValue, decode
-from .generate import generate
-from .pattern import Pattern
-from .presets import PRESETS
+from . import maintenance
+from .bundle import BundleError, read_bundle
 from .fields import Field
 from .kinds import SPARSE_KINDS
-from .specs import DILATED_FORMAT_VERSION, SPARSE_BASE_FIELDS, SPARSE_FORMAT_VERSION, Spec, spec_from_dict
+from .maintenance import format_size
+from .presets import PRESETS
+from .specs import SPARSE_BASE_FIELDS, Spec
 from .spectext import (
-    EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_spec, format_value, kind_schema, parse_spec, spec_from_fields,
+    EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_value, kind_schema, parse_spec, spec_from_fields,
 )
 from .store import PatternStore
 
@@ -97,17 +89,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- output helpers
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f} {unit}"
-
-
 def _when(timestamp: float | None) -> str:
     return "-" if timestamp is None else datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -125,47 +106,40 @@ def _emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
         print(text)
 
 
-class Progress:
-    """A one-line bar on a terminal, one plain line per item elsewhere."""
+def _progress(
+    args: argparse.Namespace, total: int, label: Callable[[Any], str], *, lines: bool
+) -> Callable[[Any], None] | None:
+    """A bar on a terminal; elsewhere one plain ``[i/n] label`` line per item
+    when ``lines`` (nothing with -q)."""
+    if args.quiet:
+        return None
+    if sys.stderr.isatty():
+        return maintenance.progress_bar(total, sys.stderr, label)
+    if not lines:
+        return None
+    done = 0
 
-    def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
-        self.total, self.stream, self.enabled = total, stream, enabled
-        self.tty = enabled and stream.isatty()
-        self.done = 0
+    def line(item: Any) -> None:
+        nonlocal done
+        done += 1
+        print(f"[{done}/{total}] {label(item)}", file=sys.stderr, flush=True)
 
-    def step(self, text: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.tty:
-            width = max(shutil.get_terminal_size().columns, 40)
-            bar = "#" * (20 * self.done // max(self.total, 1))
-            line = f"[{bar:<20}] {self.done}/{self.total} {text}"
-            self.stream.write("\r" + line[: width - 1].ljust(width - 1))
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"[{self.done}/{self.total}] {text}\n")
-        self.stream.flush()
+    return line
 
 
-# ---------------------------------------------------------------- the store
-def _open_store(args: argparse.Namespace) -> PatternStore:
+def _open_store(args: argparse.Namespace, *, writable: bool = False) -> PatternStore:
     """The store in ``--dir`` (else the default directory); a directory that
-    cannot hold a disk tier is bad input."""
+    cannot hold a store, or cannot be written by a command that writes, is
+    bad input. Read-only commands read a directory they cannot write."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        store = PatternStore(args.dir, max_entries=0)  # the command line keeps nothing in memory
-    if store.disk is None:  # (its warning says patterns stay in memory: not so here)
-        raise UsageError(f"{store.disk_error} (the store directory must be a writable directory)")
+        try:
+            store = maintenance.open_store(args.dir, writable=writable)
+        except maintenance.StoreUnavailable as error:
+            raise UsageError(str(error)) from None
     for warning in caught:
         _note(args, f"{PROG}: warning: {str(warning.message).splitlines()[0]}")
     return store
-
-
-def _kind_of(key: str) -> str:
-    """``"dilated"`` of ``"dilated-v1-<hex>"`` (kinds contain no '-')."""
-    return key.split("-", 1)[0]
 
 
 def _short(key: str) -> str:
@@ -231,45 +205,12 @@ def _requested_specs(args: argparse.Namespace) -> list[Spec]:
     return list({spec.key: spec for spec in specs}.values())
 
 
-# A worker process keeps one store open for all the specs it is given.
-_worker_store: PatternStore | None = None
-
-
-def _worker_start(directory: str, threads: int) -> None:
-    import torch
-
-    global _worker_store
-    torch.set_num_threads(threads)
-    _worker_store = PatternStore(directory, max_entries=0)
-
-
-def _worker_precompute(spec: Spec) -> tuple[bool, int, bool]:
-    assert _worker_store is not None
-    return _precompute_one(_worker_store, spec)
-
-
-def _precompute_one(store: PatternStore, spec: Spec) -> tuple[bool, int, bool]:
-    """``(generated here, array bytes, now on disk)`` after ``store.get(spec)``.
-    The store's single flight makes exactly one process generate a key; the
-    others read what it wrote."""
-    before = store.stats()["generations"]
-    pattern = store.get(spec)
-    generated = store.stats()["generations"] > before
-    return generated, pattern.nbytes, store.disk.contains(spec.key)
-
-
 def _list_presets(args: argparse.Namespace) -> int:
-    """Each preset (those named by --preset, else all) with its exact size:
-    its patterns are generated, not stored, so this takes seconds."""
-    rows = []
-    for name in args.preset or PRESETS:
-        specs = _preset_specs(name)
-        total = sum(generate(spec).nbytes for spec in specs)
-        rows.append({"name": name, "specs": len(specs), "bytes": total, "description": PRESETS[name].description})
-    text = "\n".join(
-        f"{r['name']:<14} {r['specs']:>4} specs {_size(r['bytes']):>10}  {r['description']}" for r in rows
-    )
-    _emit(args, rows, text)
+    for name in args.preset:
+        _preset_specs(name)  # an unknown name is bad input
+    rows = maintenance.preset_sizes(args.preset)
+    text = "\n".join(f"{r.name:<14} {r.specs:>4} specs {format_size(r.bytes):>10}  {r.description}" for r in rows)
+    _emit(args, [r.to_json() for r in rows], text)
     return 0
 
 
@@ -280,109 +221,27 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if not specs:
         raise UsageError("nothing to precompute: give --preset NAME, --spec SPEC or --config FILE "
                          f"(presets: {', '.join(PRESETS)})")
-    store = _open_store(args)
-    start = time.perf_counter()
-    # What is on disk is read here, through store.get, so a stored value that
-    # fails to decode is regenerated rather than counted as present; what is
-    # absent goes to the worker processes when there are several.
-    absent = [spec for spec in specs if not store.contains(spec)]
-    pooled = absent if args.jobs > 1 and len(absent) > 1 else []
-    here = [spec for spec in specs if spec.key not in {s.key for s in pooled}]
-    progress = Progress(len(specs), sys.stderr, enabled=not args.quiet)
-    generated = present = written = 0
-    failed: list[str] = []
-
-    def record(spec: Spec, outcome: tuple[bool, int, bool] | BaseException) -> None:
-        nonlocal generated, present, written
-        label = format_spec(spec, defaults=False)
-        if isinstance(outcome, BaseException):
-            failed.append(f"{spec.key}: {type(outcome).__name__}: {outcome}")
-            progress.step(f"FAILED {label}: {outcome}")
-            return
-        was_generated, nbytes, on_disk = outcome
-        if not on_disk:
-            failed.append(f"{spec.key}: generated but not written to {store.directory}")
-        if was_generated:
-            generated += 1
-            written += nbytes
-        else:
-            present += 1  # stored before, or by another process meanwhile
-        progress.step(f"{'generated' if was_generated else 'present'} {label} ({_size(nbytes)})")
-
-    for spec in here:
-        try:
-            record(spec, _precompute_one(store, spec))
-        except Exception as error:  # reported and counted; the other specs go on
-            record(spec, error)
-    if pooled:
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(
-            max_workers=min(args.jobs, len(pooled)),
-            mp_context=get_context("spawn"),
-            initializer=_worker_start,
-            initargs=(str(store.directory), threads),
-        ) as pool:
-            futures = {pool.submit(_worker_precompute, spec): spec for spec in pooled}
-            for future in as_completed(futures):
-                error = future.exception()
-                record(futures[future], error if error is not None else future.result())
-
-    seconds = time.perf_counter() - start
-    summary = {
-        "specs": len(specs), "generated": generated, "present": present, "failed": len(failed),
-        "bytes": written, "seconds": round(seconds, 3), "directory": str(store.directory),
-    }
-    for line in failed:
+    store = _open_store(args, writable=True)
+    progress = _progress(args, len(specs), maintenance.describe, lines=True)
+    result = maintenance.precompute(store, specs, jobs=args.jobs, progress=progress)
+    for line in result.failed:
         print(f"{PROG}: failed: {line}", file=sys.stderr)
-    _emit(args, summary,
-          f"generated {generated}, already present {present}"
-          + (f", failed {len(failed)}" if failed else "")
-          + f"; {_size(written)} in {seconds:.2f} s ({store.directory})")
-    return 1 if failed else 0
+    _emit(args, result.to_json(),
+          f"generated {result.generated}, already present {result.present}"
+          + (f", failed {len(result.failed)}" if result.failed else "")
+          + f"; {format_size(result.bytes)} in {result.seconds:.2f} s ({store.directory})")
+    return 1 if result.failed else 0
 
 
 # ---------------------------------------------------------------- ls / stats / info
-def _read(store: PatternStore, key: str) -> tuple[bytes | None, Pattern | None, str | None]:
-    """``(raw bytes, decoded pattern, problem)`` of one entry; raw is None when
-    the entry vanished or was refused unread (not stored as raw bytes)."""
-    try:
-        raw = store.disk.read(key)
-    except CorruptValue as error:
-        return None, None, str(error)
-    if raw is None:
-        return None, None, None
-    try:
-        return raw, decode(raw, key), None
-    except CorruptValue as error:
-        return raw, None, str(error)
-
-
-def _entry(store: PatternStore, key: str) -> dict[str, Any]:
-    """What ``ls`` and ``info`` show of one stored entry."""
-    raw, pattern, problem = _read(store, key)
-    row: dict[str, Any] = {"key": key, "kind": _kind_of(key), "stored_at": store.disk.stored_at(key)}
-    if pattern is None:
-        return {**row, "problem": f"corrupt: {problem}" if problem else "vanished while listing"}
-    return {
-        **row,
-        "spec": pattern.spec.to_dict(),
-        "spec_text": format_spec(pattern.spec),
-        "short_spec": format_spec(pattern.spec, defaults=False),
-        "bytes": pattern.nbytes,
-        "stored_bytes": len(raw),
-        "arrays": {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                   for name, t in pattern.arrays.items()},
-    }
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    rows = [_entry(store, key) for key in sorted(store.disk.keys())]
+    rows = [entry.to_json(arrays=False) for entry in maintenance.list_entries(store)]
     if args.json:
-        _emit(args, [{k: v for k, v in r.items() if k != "arrays"} for r in rows], None)
+        _emit(args, rows, None)
         return 0
     table = [("KEY", "KIND", "BYTES", "STORED", "FIELDS")] + [
-        (_short(r["key"]), r["kind"], _size(r["bytes"]) if "bytes" in r else "-", _when(r["stored_at"]),
+        (_short(r["key"]), r["kind"], format_size(r["bytes"]) if "bytes" in r else "-", _when(r["stored_at"]),
          r.get("short_spec", "").partition(":")[2] or r.get("problem", ""))
         for r in rows
     ]
@@ -394,54 +253,30 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    keys = store.disk.keys()
-    kinds: dict[str, int] = {}
-    for key in keys:
-        kinds[_kind_of(key)] = kinds.get(_kind_of(key), 0) + 1
-    data = {
-        "directory": str(store.directory),
-        "entries": len(keys),
-        "bytes": store.disk.volume(),
-        "disk_size_limit": store.disk.size_limit,
-        "format_version": ENVELOPE_VERSION,
-        "spec_format_versions": {"dilated": DILATED_FORMAT_VERSION, "sparse": SPARSE_FORMAT_VERSION},
-        "kinds": dict(sorted(kinds.items())),
-    }
+    data = maintenance.store_stats(_open_store(args)).to_json()
+    versions = data["spec_format_versions"]
     _emit(args, data, "\n".join([
         f"directory       {data['directory']}",
         f"entries         {data['entries']}" + (
-            f" ({', '.join(f'{k} {n}' for k, n in data['kinds'].items())})" if kinds else ""),
-        f"bytes on disk   {_size(data['bytes'])}",
-        f"disk limit      {_size(data['disk_size_limit'])}",
-        f"format version  envelope {ENVELOPE_VERSION}, dilated {DILATED_FORMAT_VERSION}, sparse {SPARSE_FORMAT_VERSION}",
+            f" ({', '.join(f'{k} {n}' for k, n in data['kinds'].items())})" if data["kinds"] else ""),
+        f"bytes on disk   {format_size(data['bytes'])}",
+        f"disk limit      {format_size(data['disk_size_limit'])}",
+        f"format version  envelope {data['format_version']}, dilated {versions['dilated']}, sparse {versions['sparse']}",
     ]))
     return 0
 
 
-def _resolve_key(store: PatternStore, text: str) -> str | None:
-    """A full key, a unique key prefix (as ``ls`` prints), or a SPEC."""
-    if ":" in text:
-        try:
-            return parse_spec(text).key
-        except SpecError as error:
-            raise UsageError(str(error)) from None
-    keys = store.disk.keys()
-    if text in keys:
-        return text
-    matches = [key for key in keys if key.startswith(text)]
-    if len(matches) > 1:
-        raise UsageError(f"{text!r} matches {len(matches)} keys; give more of the key (see 'patternstore ls')")
-    return matches[0] if matches else None
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    key = _resolve_key(store, args.key)
-    if key is None or not store.disk.contains(key):
+    try:
+        key = maintenance.resolve_key(store, args.key)
+    except (SpecError, maintenance.AmbiguousKey) as error:
+        raise UsageError(str(error)) from None
+    entry = None if key is None else maintenance.entry_info(store, key)
+    if entry is None:
         print(f"{PROG}: no pattern stored under {args.key!r} in {store.directory}", file=sys.stderr)
         return 1
-    row = _entry(store, key)
+    row = entry.to_json()
     if args.json:
         _emit(args, row, None)
     elif "problem" in row:
@@ -450,103 +285,45 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines = [key, f"  spec    {row['spec_text']}"]
         lines += [f"          {name} = {format_value(value)}" for name, value in row["spec"].items() if name != "kind"]
         lines += [f"  array   {name}: {a['dtype']} {a['shape']}" for name, a in row["arrays"].items()]
-        lines += [f"  bytes   {_size(row['bytes'])} in arrays, {_size(row['stored_bytes'])} stored",
+        lines += [f"  bytes   {format_size(row['bytes'])} in arrays, {format_size(row['stored_bytes'])} stored",
                   f"  stored  {_when(row['stored_at'])}"]
         print("\n".join(lines))
     return 1 if "problem" in row else 0
 
 
 # ---------------------------------------------------------------- verify
-def _recover_spec(raw: bytes | None, key: str) -> Spec | None:
-    """The spec a damaged envelope was written for, when its (unchecked) spec
-    field still rebuilds to exactly ``key``; regenerating that spec gives the
-    one value that belongs under the key. Otherwise None."""
-    try:
-        envelope = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=lambda c, d: None)
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in envelope["spec"].items()}
-        spec = spec_from_dict(fields)
-    except Exception:  # anything unreadable: nothing to regenerate from
-        return None
-    return spec if spec.key == key else None
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    keys = sorted(store.disk.keys())
-    compare = set(keys) if args.full else set(random.sample(keys, min(args.sample, len(keys))))
-    problems: list[dict[str, Any]] = []
-    progress = Progress(len(keys), sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
-    for key in keys:
-        raw, pattern, problem = _read(store, key)
-        progress.step(_short(key))
-        if problem is not None:
-            problems.append({"key": key, "problem": problem, "spec": _recover_spec(raw, key)})
-            continue
-        if pattern is None:
-            continue  # deleted since listed
-        if key in compare and not pattern.equals(generate(pattern.spec)):
-            problems.append({"key": key, "problem": "arrays differ from a fresh generation", "spec": pattern.spec})
-
-    unrepaired = 0
-    for problem in problems:
-        spec = problem.pop("spec")
-        if not args.repair:
-            continue
-        store.evict(problem["key"])
-        if store.disk.contains(problem["key"]):
-            problem["repair"], unrepaired = "could not delete", unrepaired + 1
-        elif spec is None:
-            problem["repair"] = "dropped (spec unreadable, nothing to regenerate)"
-        else:
-            store.get(spec)
-            ok = store.disk.contains(spec.key)
-            problem["repair"] = "regenerated" if ok else "dropped; regenerating did not write"
-            unrepaired += not ok
-    # Value files no entry refers to (a writer killed between file and row).
-    orphan_paths = store.disk.orphans()
-    orphans = [{"path": str(path), "bytes": _file_size(path)} for path in orphan_paths]
-    if args.repair and orphan_paths:
-        left = set(store.disk.remove(orphan_paths))
-        for path, orphan in zip(orphan_paths, orphans):
-            orphan["repair"] = "could not delete" if path in left else "removed"
-        unrepaired += len(left)
-    found = bool(problems or orphans)
-    status = (1 if unrepaired else 0) if args.repair else (1 if found else 0)
-    data = {"entries": len(keys), "compared": len(compare), "problems": problems, "orphans": orphans,
-            "ok": status == 0}
+    store = _open_store(args, writable=args.repair)
+    total = len(store.stored_keys())
+    result = maintenance.verify(store, full=args.full, sample=args.sample, repair=args.repair,
+                                progress=_progress(args, total, _short, lines=False))
     if args.json:
-        _emit(args, data, None)
+        _emit(args, result.to_json(), None)
     else:
-        for p in problems:
-            print(f"{p['key']}: {p['problem']}" + (f" -> {p['repair']}" if "repair" in p else ""))
-        for o in orphans:
-            print(f"{o['path']}: orphan file of {o['bytes']} bytes, no entry refers to it"
-                  + (f" -> {o['repair']}" if "repair" in o else ""))
-        _note(args, f"verified {len(keys)} entries ({len(compare)} compared with a fresh generation): "
-                    f"{len(problems)} problem(s), {len(orphans)} orphan file(s)"
-                    + (", repaired" if args.repair and found and not unrepaired else ""))
-    return status
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+        for p in result.problems:
+            print(f"{p.key}: {p.problem}" + (f" -> {p.repair}" if p.repair else ""))
+        for o in result.orphans:
+            print(f"{o.path}: orphan file of {o.bytes} bytes, no entry refers to it"
+                  + (f" -> {o.repair}" if o.repair else ""))
+        found = bool(result.problems or result.orphans)
+        _note(args, f"verified {result.entries} entries ({result.compared} compared with a fresh generation): "
+                    f"{len(result.problems)} problem(s), {len(result.orphans)} orphan file(s)"
+                    + (", repaired" if args.repair and found and result.ok else ""))
+    return 0 if result.ok else 1
 
 
 # ---------------------------------------------------------------- clear / export / import
 def cmd_clear(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    count = len(store.disk.keys())
+    store = _open_store(args, writable=True)
+    count = len(store.stored_keys())
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to clear {count} patterns in {store.directory} without confirmation: pass --yes")
-        answer = input(f"Delete all {count} patterns ({_size(store.disk.volume())}) in {store.directory}? [y/N] ")
+        answer = input(f"Delete all {count} patterns ({format_size(store.disk.volume())}) in {store.directory}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing cleared", file=sys.stderr)
             return 1
-    store.clear()
+    count = maintenance.clear(store)
     _emit(args, {"cleared": count, "directory": str(store.directory)}, f"cleared {count} patterns from {store.directory}")
     return 0
 
@@ -555,48 +332,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.file.parent.is_dir():
         raise UsageError(f"export: {args.file.parent} is not a directory")
     store = _open_store(args)
-    entries, skipped = [], []
-    for key in sorted(store.disk.keys()):
-        raw, pattern, problem = _read(store, key)
-        if problem is not None:
-            skipped.append(f"{key}: {problem}")
-        elif pattern is not None:
-            entries.append((key, raw))
     try:
-        size = write_bundle(args.file, entries)
+        result = maintenance.export(store, args.file)
     except OSError as error:
         raise UsageError(f"export: cannot write {args.file}: {error.strerror}") from None
-    for line in skipped:
+    for line in result.skipped:
         print(f"{PROG}: skipped corrupt entry {line} (run 'patternstore verify --repair')", file=sys.stderr)
-    _emit(args, {"exported": len(entries), "skipped": len(skipped), "bytes": size, "file": str(args.file)},
-          f"exported {len(entries)} patterns ({_size(size)}) to {args.file}")
-    return 1 if skipped else 0
+    _emit(args, result.to_json(), f"exported {result.exported} patterns ({format_size(result.bytes)}) to {args.file}")
+    return 1 if result.skipped else 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     try:
-        entries = read_bundle(args.file)  # every entry verified before any is written
+        entries = read_bundle(args.file)  # every entry verified before the store is opened
     except FileNotFoundError:
         raise UsageError(f"import: {args.file}: no such file") from None
     except OSError as error:
         raise UsageError(f"import: cannot read {args.file}: {error.strerror}") from None
     except BundleError as error:
         raise UsageError(f"import: {args.file}: {error}; nothing imported") from None
-    store = _open_store(args)
-    imported = present = 0
-    failed = []
-    for key, value in entries:
-        if _read(store, key)[0] == value:  # encode is pure: equal bytes, equal pattern
-            present += 1
-        elif store.disk.write(key, value):
-            imported += 1
-        else:
-            failed.append(key)
-    for key in failed:
+    store = _open_store(args, writable=True)
+    result = maintenance.import_entries(store, entries)
+    for key in result.failed:
         print(f"{PROG}: failed: could not write {key} to {store.directory}", file=sys.stderr)
-    _emit(args, {"imported": imported, "present": present, "failed": len(failed), "directory": str(store.directory)},
-          f"imported {imported}, already present {present} ({store.directory})")
-    return 1 if failed else 0
+    _emit(args, result.to_json(), f"imported {result.imported}, already present {result.present} ({store.directory})")
+    return 1 if result.failed else 0
 
 
 # ---------------------------------------------------------------- argument parsing

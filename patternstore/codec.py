@@ -38,7 +38,11 @@ Guarantees kept here:
   matches, the spec re-validates, its key equals the key the value was stored
   under, and the array table is exactly the canonical layout of known dtypes
   and non-negative shapes. Anything else raises ``CorruptValue``: the store
-  treats it as a miss. A format-1 value (a msgpack map) fails the magic check.
+  treats it as a miss. A format-1 value (a msgpack map) fails the magic check
+  (``OutdatedValue``, counted apart). What a valid checksum cannot tell apart
+  from a true pattern (other payload bytes, a shape change that keeps the
+  layout) only a writer of the directory can make; ``patternstore verify``
+  compares entries with fresh generations.
 - Every tensor made here is a real CPU tensor with normal version counting,
   whatever mode the caller is in (``real_tensors``).
 """
@@ -56,7 +60,7 @@ import torch
 import xxhash
 
 from .pattern import PACK_ALIGN, PackedPattern, Pattern, real_tensors
-from .specs import spec_from_dict
+from .specs import Spec, spec_from_dict
 
 ENVELOPE_VERSION = 2
 MAGIC = b"PSV\x00"
@@ -85,6 +89,14 @@ def _view(tensor: torch.Tensor) -> memoryview:
     Valid while ``tensor`` lives: the caller keeps it."""
     nbytes = tensor.numel() * tensor.element_size()
     return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The elements of ``tensor`` in C order, little-endian, as bytes (how a
+    payload holds an array)."""
+    with real_tensors():
+        fresh = tensor.detach().to("cpu").contiguous()
+        return ctypes.string_at(fresh.data_ptr(), fresh.numel() * fresh.element_size())
 
 
 def encode(pattern: Pattern) -> bytes:
@@ -159,7 +171,8 @@ def decode_packed(source: Any, key: str) -> PackedPattern:
     value = read_value(source)
     view = _view(value)
     if len(view) < _PREFIX.size:
-        raise CorruptValue(f"value of {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+        raise CorruptValue(f"not a format-{ENVELOPE_VERSION} value ({len(view)} bytes, "
+                           f"shorter than the {_PREFIX.size}-byte prefix)")
     magic, checksum, version, header_size = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         if view[0] == _FORMAT_1_FIRST_BYTE:
@@ -194,6 +207,22 @@ def decode_packed(source: Any, key: str) -> PackedPattern:
         raise CorruptValue(f"value has {len(view)} bytes, its header describes {data_start + payload_size}")
     with real_tensors():
         return PackedPattern.over(spec, value[data_start:], arrays)
+
+
+def stored_spec(value: Any, key: str) -> Spec | None:
+    """The spec a (possibly damaged) value was written for, read from its
+    header without the checksum, when it rebuilds to exactly ``key``;
+    regenerating that spec gives the one value that belongs under the key
+    (``patternstore verify --repair``). None when the header is unreadable."""
+    try:
+        view = memoryview(value).cast("B")
+        magic, _, _, header_size = _PREFIX.unpack_from(view)
+        header = unpack_plain(view[_PREFIX.size : _PREFIX.size + header_size]) if magic == MAGIC else None
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in header["spec"].items()}
+        spec = spec_from_dict(fields)
+    except Exception:  # anything unreadable (any type, any shape): nothing to regenerate from
+        return None
+    return spec if spec.key == key else None
 
 
 def _array_table(table: list) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], int]:

@@ -288,8 +288,13 @@ class DiskTier:
         try:
             return self._cache.get(key, default=None, read=True)
         except DISK_ERRORS as error:
-            self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
+            self.read_failed(error)
             return None
+
+    def read_failed(self, error: BaseException) -> None:
+        """Note a failed read (here, or of a file ``source`` opened): one
+        warning; the caller treats the value as missing."""
+        self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
 
     def write(self, key: str, value: bytes) -> bool:
         """Store ``value`` under ``key`` (the write time becomes its tag).

@@ -2,7 +2,7 @@
 
 A spec names everything that decides a pattern's arrays and nothing else.
 Every spec carries ``.key``, a content address computed once at construction
-(DESIGN.md section 3):
+(docs/design.md, key format):
 
     key = f"{kind}-v{format_version}-{sha256(canonical msgpack)[:40]}"
 

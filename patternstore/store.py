@@ -42,7 +42,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import filelock
 import platformdirs
@@ -259,7 +259,7 @@ class PatternStore:
         except CorruptValue as refusal:
             return None, refusal
         except OSError as error:  # the value file vanished or failed mid-read
-            self.disk._warn_once("read", f"cannot read pattern store {self.disk.directory}: {error}; regenerating")
+            self.disk.read_failed(error)
             return None, None
 
     def _count_refused(self, refusal: CorruptValue | None) -> None:
@@ -373,6 +373,71 @@ class PatternStore:
     def __repr__(self) -> str:
         where = self.directory if self.directory is not None else "memory only"
         return f"PatternStore({where}, entries={len(self._memory)}, bytes={self._memory.nbytes})"
+
+    # ================================================================ maintenance
+    # What ``patternstore.maintenance`` (and so the command line) needs of the
+    # disk tier, as store API. Nothing here touches the memory tier or
+    # generates; a file that vanishes meanwhile (another process clearing or
+    # repairing the directory) reads as gone, never as an error. Nothing here
+    # writes except ``remove_orphans``.
+    class StoredEntry(NamedTuple):
+        """One entry as read from disk: ``value`` (the stored bytes; None
+        when it vanished or was refused unread), ``pattern`` (None unless the
+        value decoded under its key), ``problem`` (why not; None when fine or
+        vanished), ``stored_at`` (unix time of its write, None if unknown)."""
+
+        key: str
+        value: bytes | None
+        pattern: Pattern | None
+        problem: str | None
+        stored_at: float | None
+
+    def stored_keys(self) -> list[str]:
+        """Keys on disk, oldest write first (none without a disk tier)."""
+        return [] if self.disk is None else self.disk.keys()
+
+    def stored(self, key: str) -> bool:
+        """Whether the disk holds ``key`` (the memory tier is not asked)."""
+        return self.disk is not None and self.disk.contains(key)
+
+    def entries(self) -> Iterator["PatternStore.StoredEntry"]:
+        """Every disk entry, checked (``read_entry``), in key order."""
+        for key in sorted(self.stored_keys()):
+            yield self.read_entry(key)
+
+    def read_entry(self, key: str) -> "PatternStore.StoredEntry":
+        """The disk entry of ``key``, decoded and checked (checksum, format,
+        key) exactly as a get would; never generates, never kept in memory."""
+        if self.disk is None:
+            return self.StoredEntry(key, None, None, None, None)
+        stored_at = self.disk.stored_at(key)
+        try:
+            value = self.disk.read(key)
+        except CorruptValue as error:  # not stored as raw bytes: refused unread
+            return self.StoredEntry(key, None, None, str(error), stored_at)
+        if value is None:
+            return self.StoredEntry(key, None, None, None, stored_at)
+        try:
+            return self.StoredEntry(key, value, decode_packed(value, key).unpack(), None, stored_at)
+        except CorruptValue as error:
+            return self.StoredEntry(key, value, None, str(error), stored_at)
+
+    def orphans(self, min_age: float = 3600.0) -> list[Path]:
+        """Value files no entry refers to, last written over ``min_age`` s ago
+        (a writer killed between its file and its row)."""
+        if self.disk is None:
+            return []
+        try:
+            return self.disk.orphans(min_age)
+        except FileNotFoundError:  # a directory removed while it was listed: cleared meanwhile
+            return []
+
+    def remove_orphans(self, paths: list[Path]) -> list[Path]:
+        """Delete orphan files (``orphans``); those that could not be deleted.
+        A file already gone counts as deleted."""
+        if self.disk is None or self.read_only:
+            return list(paths)
+        return self.disk.remove(paths)
 
 
 def _key_of(spec_or_key: Spec | str) -> str:

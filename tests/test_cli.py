@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 
 from patternstore.cli import main
-from patternstore.codec import ENVELOPE_VERSION, decode, encode, tensor_bytes
+from patternstore.codec import ENVELOPE_VERSION, decode, encode
 from patternstore.generate import generate
 from patternstore.pattern import Pattern
 from patternstore.presets import PRESETS
@@ -194,7 +194,7 @@ def test_verify_finds_corruption_and_repair_fixes_it(seeded, tmp_path):
     grouped = CONFIG_SPECS[0].key
     store = PatternStore(directory, max_entries=0)
     flipped = bytearray(store.disk.read(dilated))
-    groups = tensor_bytes(generate(ALL_SPECS[0])["groups"])
+    groups = generate(ALL_SPECS[0])["groups"].numpy().tobytes()
     flipped[bytes(flipped).rindex(groups) + len(groups) - 1] ^= 0xFF  # inside the groups array: checksum mismatch, spec still readable
     store.disk.write(dilated, bytes(flipped))
     store.disk.write(bigbird, b"not an envelope")  # nothing left to regenerate from
@@ -215,7 +215,7 @@ def test_verify_finds_corruption_and_repair_fixes_it(seeded, tmp_path):
         local: "arrays differ from a fresh generation",
         grouped: problems[grouped],
     }
-    assert "not a msgpack envelope" in problems[bigbird] and "refused unread" in problems[grouped]
+    assert "not a format-2 value" in problems[bigbird] and "refused unread" in problems[grouped]
 
     repaired = cli(directory, "--json", "verify", "--repair")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patternstore import DilatedSpec, SparseSpec, generate
-from patternstore.codec import encode, tensor_bytes
+from patternstore.codec import encode
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, prefix_rows
 from patternstore.kinds import SPARSE_KINDS
 from patternstore.pattern import GROUP_COLUMNS
@@ -224,7 +224,7 @@ def test_random_blocks_are_uniform_and_distinct():
 _DIGEST_SCRIPT = """
 import hashlib, sys
 from patternstore import DilatedSpec, SparseSpec, generate
-from patternstore.codec import encode, tensor_bytes
+from patternstore.codec import encode
 specs = [
     DilatedSpec((512, 1024, 2048), (1, 2, 4), 8),
     SparseSpec("bigbird", 1 << 16, 64, 4, seed=11, num_random_blocks=3, different_layout_per_head=True),
@@ -232,7 +232,7 @@ specs = [
 ]
 for s in specs:
     p = generate(s)
-    print(s.key, hashlib.sha256(b"".join(tensor_bytes(t) for t in p.arrays.values())).hexdigest())
+    print(s.key, hashlib.sha256(b"".join(t.numpy().tobytes() for t in p.arrays.values())).hexdigest())
 """
 
 
@@ -248,7 +248,7 @@ def test_generate_is_bit_identical_across_processes():
 def test_seed_changes_random_layouts_only():
     def layout(kind: str, seed: int) -> bytes:
         pattern = generate(SparseSpec(kind, 8192, 64, 2, seed=seed))
-        return tensor_bytes(pattern["kv_num_blocks"]) + tensor_bytes(pattern["kv_indices"])
+        return pattern["kv_num_blocks"].numpy().tobytes() + pattern["kv_indices"].numpy().tobytes()
 
     assert layout("bigbird", 1) == layout("bigbird", 1)
     assert layout("bigbird", 1) != layout("bigbird", 2)
