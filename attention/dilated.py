@@ -32,7 +32,9 @@ tensor is needed, and a query row costs the keys it attends.
 Two implementations of the same function:
 - ``dilated_attention_reference``: plain and autograd-native; per branch a
   zero-filled full-size output, softmax attention per piece, one softmax over
-  branches at the end. The one to read.
+  branches at the end. The one to read. Under ``torch.compile`` (no dropout)
+  ``DilatedAttention`` runs it as one opaque op whose backward recomputes it
+  by autograd, so its graph is length-free too.
 - ``dilated_attention``: the fast path. One custom op (opaque to
   ``torch.compile``) runs ``kernels.attend`` piece by piece, chunk by chunk,
   and merges each result into one output in place; its backward runs
@@ -48,7 +50,6 @@ a clear error.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import OrderedDict
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -243,7 +244,8 @@ def dilated_attention_reference(
 _REFERENCE_SCORES = 1 << 26
 
 
-def _reference(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p) -> Tensor:
+def _reference(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p, with_lse: bool = False):
+    """-> out, or (out, lse) with ``with_lse`` (lse EMPTY_LSE where no key)."""
     dtype, acc = q.dtype, accumulate_dtype(q.dtype)
     q, k, v = (x.to(acc) for x in (q, k, v))
     b, m, h, d = q.shape
@@ -281,8 +283,45 @@ def _reference(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p) -> 
                         _view(lse, piece, True)[:, seg, :, heads] = seg_lse.transpose(2, 3)
         outs.append(out)
         lses.append(lse)
-    weights, _ = _softmax_lse(torch.stack(lses, dim=-1))  # exp(lse_i - L): (b, m, h, branches)
-    return sum(w.unsqueeze(-1) * o for w, o in zip(weights.unbind(-1), outs)).to(dtype)
+    weights, total = _softmax_lse(torch.stack(lses, dim=-1))  # exp(lse_i - L): (b, m, h, branches)
+    out = sum(w.unsqueeze(-1) * o for w, o in zip(weights.unbind(-1), outs)).to(dtype)
+    if with_lse:
+        return out, total.clamp_min(EMPTY_LSE).to(lse_dtype(dtype))
+    return out
+
+
+@torch.library.custom_op("patternstore::dilated_attention_reference", mutates_args=())
+def _reference_op(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], flat_plan: list[int],
+    is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``_reference`` (no dropout) as one opaque op -> (out, lse): what
+    ``DilatedAttention`` runs under ``torch.compile``, so that the graph does
+    not follow the length through the reference's Python loops. Its backward
+    is the fast path's (exact given the final out and lse)."""
+    plan = DilatedPlan(q.shape[2], tuple(_plan_groups(flat_plan)))
+    return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, 0.0, with_lse=True)
+
+
+@_reference_op.register_fake
+def _(q, k, v, key_padding_mask, flat_plan, is_causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+
+
+def _reference_setup(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, flat_plan, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.flat_plan, ctx.is_causal, ctx.scale = flat_plan, is_causal, scale
+
+
+def _reference_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    grads = _dilated_backward_op(grad_out, q, k, v, out, lse, key_padding_mask, ctx.flat_plan, ctx.is_causal, ctx.scale)
+    return (*grads, None, None, None, None)
+
+
+_reference_op.register_autograd(_reference_backward, setup_context=_reference_setup)
 
 
 # ------------------------------------------------------------ fast path
@@ -602,6 +641,10 @@ class DilatedAttention(_DilatedBase):
     ) -> Tensor:
         plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         dropout_p = self.dropout if self.training else 0.0
+        if torch.compiler.is_compiling() and dropout_p == 0:
+            # One opaque op: the graph stays length-free (eager stays autograd-native).
+            flat_plan = [value for g in plan.groups for value in g]
+            return _reference_op(q, k, v, key_padding_mask, flat_plan, is_causal, scale)[0]
         return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p)
 
 
