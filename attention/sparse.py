@@ -23,7 +23,8 @@ So the rows of a short ``q`` equal, exactly, the same rows of the full
 forward. A query with an empty ``K(p)`` outputs 0 and gets zero gradient.
 Gradients are exact (FlashAttention-2's backward from the saved ``lse``).
 
-Execution (the gather path: CPU tensors, and decode or dropout anywhere).
+Execution of the gather path (CPU tensors; decode, chunked prefill and
+dropout on any device; the functional ``block_sparse_attention``).
 Only the query blocks that hold a query row are visited. Rows (head, query
 block) are grouped by their number ``c`` of active blocks; each group runs in
 tiles of ``R`` rows by ``kc`` key blocks: query, key and value blocks are
@@ -42,9 +43,10 @@ The backward runs the same tiles from the saved ``out`` and ``lse`` and
 scatter-adds the gradients (``index_add_``).
 
 The CPU path was chosen by measurement (tools/bench_sparse.py): the figures
-are in the note above ``USE_CPU_FLASH_KERNEL``. CUDA tensors take the
-FlexAttention path (``_flex_forward``; the choice is written down at
-``uses_flex``).
+are in the note above ``USE_CPU_FLASH_KERNEL``. Square CUDA calls take the
+FlexAttention path instead (``BlockSparseAttention._flex_forward``: compiled
+``flex_attention`` on a ``BlockMask`` kept per layout, length and device);
+the rule is ``attention_path``, with its reasons in the note above it.
 
 Compile contract (docs/design.md section 4): the data-dependent work lives
 inside the custom operators ``patternstore::block_sparse_forward`` /
@@ -52,8 +54,9 @@ inside the custom operators ``patternstore::block_sparse_forward`` /
 the store lookup is the custom operator ``patternstore::sparse_layout``
 whose string argument describes the layout completely (kind, block size,
 seed, parameters, store directory), so a compiled or exported graph resolves
-it in any process. No length is baked into a graph: ``dynamic=True`` compiles
-once for every length.
+it in any process; the flex path's lookup is ``patternstore::sparse_block_mask``
+(its BlockMask's arrays). No length is baked into a graph: ``dynamic=True``
+compiles once for every length.
 
 Pickling (issue 10): a module's state is its layout description and its
 store's directory; lookups are rebuilt lazily in whatever process runs it.
@@ -63,7 +66,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, Optional
 
@@ -72,9 +74,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternstore.blockmask import block_mask_of, layout_block_mask, structural_mask_mod, with_key_padding
-from patternstore.csr import check_layout, drop_future_blocks, entry_rows
+from patternstore.csr import check_layout, drop_future_blocks, prefix_rows
 from patternstore.specs import SparseSpec
-from patternstore.store import PatternStore, default_store
+from patternstore.store import PatternStore, store_for
 
 from .kernels import (
     EMPTY_LSE,
@@ -88,26 +90,6 @@ from .kernels import (
 )
 
 __all__ = ["block_sparse_attention", "BlockSparseAttention"]
-
-try:  # contract 4 (branch `store`): that process's store for a directory
-    from patternstore.store import store_for
-except ImportError:  # until `store` lands: a store on the directory, the default one for None
-    def store_for(directory: Optional[str]) -> PatternStore:
-        return default_store() if directory is None else PatternStore(directory)
-
-try:  # branch `maint`: the first nb rows of a prefix-stable layout
-    from patternstore.csr import prefix_rows
-except ImportError:  # until `maint` lands
-    def prefix_rows(kv_num_blocks: Tensor, kv_indices: Tensor, nb: int) -> tuple[Tensor, Tensor]:
-        keep = entry_rows(kv_num_blocks) % kv_num_blocks.shape[1] < nb
-        return kv_num_blocks[:, :nb].contiguous(), kv_indices[keep]
-
-
-def is_prefix_stable(spec: SparseSpec) -> bool:
-    """Whether the first rows of ``spec``'s layout at a longer length are its
-    layout at a shorter one (``SparseSpec.is_prefix_stable``, branch maint)."""
-    return bool(getattr(spec, "is_prefix_stable", False))
-
 
 # Key (and value) elements gathered per tile: 4 Mi = 16 MiB each in float32.
 # The sweep of 1, 4 and 16 Mi (forward + backward, bigbird 16K) showed no
@@ -338,9 +320,11 @@ def _has_nonfinite(keys: Tensor) -> bool:
     """Whether a masked tile must leave the fused kernel: it ADDS its mask to
     the scores, so a NaN or inf in a masked key (a future key of a causal
     diagonal block) would poison rows that never attend it; the explicit
-    path fills masked scores instead, as SDPA's causal kernels do. One read
-    of the tile's keys, 1/bs of the tile's attention work."""
-    return not bool(torch.isfinite(keys).all())
+    path fills masked scores instead, as SDPA's causal kernels do. One sum
+    over the tile's keys (a NaN or inf makes it non-finite; an overflow to
+    inf only sends a finite tile down the exact explicit path), 1/bs of the
+    tile's attention work."""
+    return not bool(torch.isfinite(keys.sum()))
 
 
 def _tile_forward(qt, kt, vt, mask, scale: float, keep: Optional[Tensor], fused: bool) -> tuple[Tensor, Tensor]:
@@ -643,8 +627,12 @@ class _LayoutSource:
         self._block_masks: OrderedDict[tuple, Any] = OrderedDict()
         probe = self.spec(self.block_size << 20, 2)
         self.per_head = probe.layout_heads == 2
-        self.prefix_stable = is_prefix_stable(probe)
+        self.prefix_stable = probe.is_prefix_stable
         self.unidirectional = probe.params["attention"] == "unidirectional"
+        # The fewest blocks (a power of two) at which the spec is valid: a
+        # global block index past a short length exists in causal use only
+        # once the sequence reaches it, but the capacity layout must hold it.
+        self.min_capacity_blocks = next(1 << e for e in range(21) if self._valid(self.block_size << e))
 
     @property
     def store(self) -> PatternStore:
@@ -659,12 +647,19 @@ class _LayoutSource:
         return SparseSpec(self.kind, seq_len=seq_len, block_size=self.block_size,
                           num_heads=num_heads, seed=self.seed, **self.params)
 
+    def _valid(self, seq_len: int) -> bool:
+        try:
+            self.spec(seq_len, 1)
+        except ValueError:
+            return False
+        return True
+
     def capacity(self, seq_len: int) -> int:
         """The length whose layout serves ``seq_len`` in causal use."""
-        if self.max_seq_len is not None and seq_len <= self.max_seq_len:
+        if self.max_seq_len is not None and seq_len <= self.max_seq_len and self._valid(self.max_seq_len):
             return self.max_seq_len
         nb = -(-seq_len // self.block_size)
-        return (1 << (nb - 1).bit_length()) * self.block_size
+        return max(1 << (nb - 1).bit_length(), self.min_capacity_blocks) * self.block_size
 
     def layout(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
         key = (kv_len, num_heads, device, causal)
@@ -675,12 +670,14 @@ class _LayoutSource:
             except KeyError:  # another thread evicted it meanwhile; the tensors are still good
                 pass
             return hit
-        exact = self.spec(kv_len, num_heads)  # validates the parameters at this length
         if causal and self.prefix_stable:
             pattern = self.store.get(self.spec(self.capacity(kv_len), num_heads), device)
-            hit = prefix_rows(pattern["kv_num_blocks"], pattern["kv_indices"], exact.num_blocks)
+            # Bidirectional rows also hold later blocks: the causal rule drops
+            # them, so every kept entry lies inside the first rows' blocks.
+            hit = drop_future_blocks(*prefix_rows(pattern["kv_num_blocks"], pattern["kv_indices"],
+                                                  -(-kv_len // self.block_size)))
         else:
-            pattern = self.store.get(exact, device)
+            pattern = self.store.get(self.spec(kv_len, num_heads), device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
         self._layouts[key] = hit
         while len(self._layouts) > self.MAX_LAYOUTS:
@@ -710,14 +707,21 @@ class _LayoutSource:
 
 
 # Sources by description: a cache, never the only way to a layout (any
-# process rebuilds a source from its description). Weak: modules hold theirs.
-_SOURCES: "weakref.WeakValueDictionary[str, _LayoutSource]" = weakref.WeakValueDictionary()
+# process rebuilds a source from its description). Strong and bounded, so a
+# program that holds no module (an exported one) keeps its layouts too.
+_SOURCES: OrderedDict[str, _LayoutSource] = OrderedDict()
+MAX_SOURCES = 64
 
 
 def _source(description: str, store: Optional[PatternStore] = None) -> _LayoutSource:
     source = _SOURCES.get(description)
     if source is None:
         source = _SOURCES.setdefault(description, _LayoutSource(description, store))
+        while len(_SOURCES) > MAX_SOURCES:
+            try:
+                _SOURCES.popitem(last=False)
+            except KeyError:  # another thread emptied it meanwhile
+                break
     return source
 
 

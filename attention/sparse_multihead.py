@@ -19,9 +19,11 @@ class MultiheadBlockSparseAttention(MultiheadWrapper):
     """``forward(query, key=None, value=None, *, key_padding_mask=None,
     need_weights=False, is_causal=False) -> (out, None)``, as every
     ``MultiheadWrapper``; ``kind``, ``block_size``, ``seed``,
-    ``softmax_scale`` and ``**params`` (DeepSpeed's names) choose the layout,
-    as in ``BlockSparseAttention``. Key and value have the query's length
-    (block layouts are square)."""
+    ``softmax_scale``, ``max_seq_len`` (the capacity of causal layouts) and
+    ``**params`` (DeepSpeed's names) choose the layout, as in
+    ``BlockSparseAttention``. Which key lengths the wrapper accepts is
+    ``MultiheadWrapper``'s rule; the attention itself takes queries shorter
+    than keys (bottom-right aligned)."""
 
     def __init__(
         self,
@@ -38,12 +40,14 @@ class MultiheadBlockSparseAttention(MultiheadWrapper):
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
         store: Optional[PatternStore] = None,
+        max_seq_len: Optional[int] = None,
         device=None,
         dtype=None,
         **params: Any,
     ) -> None:
         attention = BlockSparseAttention(
-            kind, block_size=block_size, seed=seed, softmax_scale=softmax_scale, dropout=dropout, store=store, **params
+            kind, block_size=block_size, seed=seed, softmax_scale=softmax_scale, dropout=dropout, store=store,
+            max_seq_len=max_seq_len, **params
         )
         super().__init__(
             embed_dim, num_heads, attention, bias=bias, layer_norm=layer_norm, layer_norm_eps=layer_norm_eps,

@@ -91,3 +91,63 @@ def test_the_flex_path_equals_the_reference(tmp_path, flex_on_cpu):
     mask = source.block_mask(n, 4, q.device, True, True)
     assert mask is source.block_mask(n, 4, q.device, True, True)
     assert with_key_padding(mask, key_padding_mask).kv_indices is mask.kv_indices
+
+
+# ------------------------------------------------------------ on a GPU
+# Output and (relative) gradient tolerances against float64: bf16 keeps 8
+# bits of mantissa (2^-8 = 4e-3 per rounding; scores, softmax and the value
+# sum each round once), float32 in flex may use TF32 matmuls (2^-11).
+CUDA_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 2e-3}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind,params,kv_heads,causal,padded,q_len", [
+    ("bigbird", dict(num_random_blocks=2, different_layout_per_head=True), 8, True, False, None),
+    ("bigbird", dict(num_random_blocks=2), 2, False, True, None),
+    ("local", dict(num_sliding_window_blocks=3), 2, True, True, None),
+    ("bslongformer", dict(global_block_indices=(0, 3), attention="unidirectional"), 4, False, False, None),
+    ("local", dict(num_sliding_window_blocks=3), 2, True, True, 1),             # decode: the gather path
+    ("bigbird", dict(num_random_blocks=2, attention="unidirectional"), 4, True, False, 70),
+], ids=["bigbird-per-head-causal", "bigbird-gqa-padded", "local-causal-padded", "bslongformer-uni",
+        "local-decode", "bigbird-chunk"])
+def test_cuda_outputs_and_gradients_match_the_reference(kind, params, kv_heads, causal, padded, q_len, dtype,
+                                                        tmp_path):
+    device, n, heads, block = torch.device("cuda"), 1000, 8, 64     # 16 blocks, the last one partial
+    module = BlockSparseAttention(kind, block_size=block, seed=1, store=PatternStore(tmp_path / "s"), **params)
+    q_len = n if q_len is None else q_len
+    torch.manual_seed(0)
+    q = torch.randn(2, q_len, heads, 64, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, n, kv_heads, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    key_padding_mask = (torch.arange(n, device=device).expand(2, n) % 11 == 3) if padded else None
+    out = module(q, k, v, is_causal=causal, key_padding_mask=key_padding_mask)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    pattern = generate(module.spec(n, heads))
+    pairs = allowed_pairs(pattern["kv_num_blocks"], pattern["kv_indices"], n, block,
+                          causal or module.layouts.unidirectional, heads).to(device)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*exact, pairs, key_padding_mask)
+    want = torch.autograd.grad(expected, exact, grad.double())
+    tolerance = CUDA_TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+    for name, a, b in zip("qkv", got, want):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double() / scale, b / scale, rtol=4 * tolerance, atol=4 * tolerance,
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_module_does_not_recompile_at_a_repeated_shape(tmp_path):
+    torch._dynamo.reset()
+    module = BlockSparseAttention("bigbird", block_size=128, num_random_blocks=2, store=PatternStore(tmp_path / "s"))
+    compiled = torch.compile(module, fullgraph=True)
+    x = [torch.randn(1, 4096, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    compiled(*x).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            compiled(*x).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*x), module(*x), rtol=2e-2, atol=2e-2)

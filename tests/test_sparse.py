@@ -198,7 +198,10 @@ def test_module_takes_its_layout_from_the_store_once_per_length(tmp_path):
     assert store.stats()["misses"] == 1 and store.stats()["memory_hits"] == 0
     spec = SparseSpec("bigbird", seq_len=50, block_size=8, num_heads=4, seed=5, num_random_blocks=2,
                       attention="unidirectional")
-    assert store.contains(spec)
+    # causal use: the entry of the capacity (7 blocks -> 8 blocks = 64 tokens), whose first rows serve 50
+    capacity = SparseSpec("bigbird", seq_len=64, block_size=8, num_heads=4, seed=5, num_random_blocks=2,
+                          attention="unidirectional")
+    assert store.contains(capacity) and not store.contains(spec)
     pattern = generate(spec)
     expected = block_sparse_attention(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], 8, causal=True)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -215,7 +218,7 @@ def test_module_defaults_to_the_default_store():
 
     module = BlockSparseAttention("local", block_size=4, num_sliding_window_blocks=5)
     module(*(torch.randn(1, 33, 2, 4) for _ in range(3)))
-    assert default_store().contains(SparseSpec("local", seq_len=33, block_size=4, num_heads=2,
+    assert default_store().contains(SparseSpec("local", seq_len=64, block_size=4, num_heads=2,  # capacity
                                                num_sliding_window_blocks=5))
 
 
@@ -490,12 +493,6 @@ def test_torch_func_grad_inference_mode_and_a_clear_double_backward_error():
 
 
 # ------------------------------------------- generation: decode and capacity
-# Transitional, removed when branch maint (prefix-stable layouts) is merged.
-NEEDS_MAINT = pytest.mark.xfail(not hasattr(SparseSpec, "is_prefix_stable"), strict=True,
-                                reason="SparseSpec.is_prefix_stable comes with branch maint")
-
-
-@NEEDS_MAINT
 @pytest.mark.parametrize("kind,params", [
     ("local", dict(num_sliding_window_blocks=3)),
     ("bigbird", dict(num_random_blocks=2, attention="unidirectional", different_layout_per_head=True)),
@@ -540,7 +537,6 @@ def test_causal_decode_of_a_layout_that_depends_on_the_length_is_refused():
     torch.testing.assert_close(full.double(), reference, rtol=1e-5, atol=1e-5)
 
 
-@NEEDS_MAINT
 def test_store_entries_grow_with_log_of_the_length_not_with_the_number_of_lengths(tmp_path):
     store = PatternStore(tmp_path / "store")
     module = BlockSparseAttention("local", block_size=4, num_sliding_window_blocks=5, store=store)
@@ -637,3 +633,20 @@ def test_dynamic_compile_runs_twenty_lengths_with_one_compile_and_export_takes_a
     for n in (17, 40, 77):
         q, k, v = (torch.randn(1, n, 2, 8) for _ in range(3))
         torch.testing.assert_close(program.module()(q, k, v), module(q, k, v), rtol=0, atol=0)
+
+
+def test_threads_sharing_one_module_at_different_lengths(tmp_path, monkeypatch):
+    """The bounded per-source caches evict under concurrent use (MAX_LAYOUTS
+    2 here) without a wrong layout reaching any call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, attention="unidirectional",
+                                  store=PatternStore(tmp_path / "store"))
+    monkeypatch.setattr(module.layouts, "MAX_LAYOUTS", 2)
+    inputs = {n: tuple(torch.randn(1, n, 2, 4) for _ in range(3)) for n in (9, 17, 30, 41, 64)}
+    expected = {n: module(*x) for n, x in inputs.items()}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: (n, module(*inputs[n])), list(inputs) * 6))
+    for n, out in results:
+        torch.testing.assert_close(out, expected[n], rtol=0, atol=0)
+    assert len(module.layouts._layouts) <= 2

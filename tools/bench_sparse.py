@@ -317,14 +317,14 @@ def first_output(n: int, repeats: int, eager_fit: dict) -> dict:
 
 def compile_contract(n: int, repeats: int, store: PatternStore) -> dict:
     """What the store lookup costs inside forward (the custom operator
-    ``attention::sparse_layout``), and a cold fullgraph compile of the module."""
+    ``patternstore::sparse_layout``), and a cold fullgraph compile of the module."""
     torch._dynamo.reset()
     module = BlockSparseAttention("bigbird", block_size=BLOCK, store=store)
     q, k, v = (torch.randn(1, n, HEADS, DIM) for _ in range(3))
-    source = module._source
+    source = module.layouts
     lookup = {
-        "layout_op": lambda: sparse._layout_op(q, module._source_id, BLOCK, module.per_head),
-        "cached_dict": lambda: source.layout(n, HEADS, q.device),
+        "layout_op": lambda: sparse._layout_op(q, q, module._description, False),
+        "cached_dict": lambda: source.layout(n, HEADS, q.device, False),
     }
     with torch.no_grad():
         start = now()
