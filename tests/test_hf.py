@@ -64,7 +64,8 @@ def loss_and_grads(model, ids) -> tuple[torch.Tensor, torch.Tensor, dict[str, to
 @pytest.mark.parametrize("impl, settings", [
     (hf.DILATED, {"segment_lengths": [64], "dilation_rates": [1]}),
     (hf.SPARSE, {"kind": "dense", "block_size": 8, "attention": "unidirectional"}),
-], ids=["dilated", "sparse-dense"])
+    (hf.SPARSE, {"kind": "dense", "block_size": 8}),  # bidirectional layout, causal model
+], ids=["dilated", "sparse-dense", "sparse-dense-bidirectional"])
 def test_a_dense_pattern_equals_sdpa_in_logits_and_gradients(impl, settings):
     model = tiny_llama("sdpa", settings)
     ids = prompt(45, seed=1)  # not a multiple of the block size
