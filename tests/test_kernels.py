@@ -28,7 +28,7 @@ from attention.kernels import (
     merge_,
 )
 
-CUDA_KERNELS = ("cuda_flash", "cuda_cudnn", "cuda_efficient")
+CUDA_KERNELS = ("cuda_flash", "cuda_cudnn", "cuda_efficient", "cuda_efficient_float32")
 
 
 # ------------------------------------------------------------ reference
@@ -85,8 +85,9 @@ def check_against_dense(q, k, v, causal, key_mask=None, tol=1e-10, backend=None)
         ("cuda", torch.float16, 128, False, kernels.CUDA_HALF_KERNEL),
         ("cuda", torch.bfloat16, 192, False, "cuda_flash"),
         ("cuda", torch.float16, 256, False, "cuda_flash"),
-        ("cuda", torch.bfloat16, 320, False, "cuda_efficient"),
-        ("cuda", torch.bfloat16, 64, True, "cuda_efficient"),
+        ("cuda", torch.bfloat16, 320, False, "cuda_efficient_float32"),
+        ("cuda", torch.bfloat16, 64, True, "cuda_efficient_float32"),
+        ("cuda", torch.float16, 128, True, "cuda_efficient_float32"),
         ("cuda", torch.float32, 64, False, "cuda_efficient"),
         ("cuda", torch.float32, 64, True, "cuda_efficient"),
         ("cuda", torch.float64, 64, False, "matmul"),
@@ -102,7 +103,7 @@ def test_choose_kernel_table(device_type, dtype, head_dim, has_mask, kernel):
 
 def test_cuda_half_kernel_is_a_table_entry():
     assert kernels.CUDA_HALF_KERNEL in CUDA_KERNELS
-    assert {name for name, kernel in kernels.KERNELS.items() if kernel.takes_mask} == {"cpu_flash", "cuda_efficient", "matmul"}
+    assert {name for name, kernel in kernels.KERNELS.items() if kernel.takes_mask} == {"cpu_flash", "cuda_efficient", "cuda_efficient_float32", "matmul"}
     assert kernels.CUDNN_MAX_HEAD_DIM <= kernels.FLASH_MAX_HEAD_DIM
     assert not kernels.KERNELS["cuda_efficient"].native_gqa  # it refuses fewer k/v heads (H100, torch 2.11)
 
@@ -128,6 +129,7 @@ CUDA_BRANCHES = {
     "cuda_cudnn": (torch.bfloat16, 64, False),
     "cuda_flash": (torch.float16, 192, False),
     "cuda_efficient": (torch.float32, 64, True),
+    "cuda_efficient_float32": (torch.bfloat16, 64, True),
 }
 
 
@@ -217,7 +219,9 @@ def emulated_cuda_ops():
 
 
 # Masks only where the table can choose the kernel with one (test_choose_kernel_table).
-KERNEL_MASK_CASES = [(name, False) for name in CUDA_KERNELS + ("matmul",)] + [("cuda_efficient", True), ("matmul", True)]
+KERNEL_MASK_CASES = [(name, False) for name in CUDA_KERNELS + ("matmul",)] + [
+    ("cuda_efficient", True), ("cuda_efficient_float32", True), ("matmul", True)
+]
 
 
 @pytest.mark.parametrize("kernel, masked", KERNEL_MASK_CASES)
