@@ -543,12 +543,16 @@ def dilated_attention(
     _check_plan(plan, q)
     is_causal = check_is_causal(is_causal)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
-    return _fast(q, k, v, plan, is_causal, scale, key_padding_mask)
+    return _fast(q, k, v, _flat(plan), is_causal, scale, key_padding_mask)
 
 
-def _fast(q, k, v, plan, is_causal, scale, key_padding_mask) -> Tensor:
-    flat_plan = [value for g in plan.groups for value in g]
-    out, _ = _DilatedFunction.apply(q, k, v, key_padding_mask, flat_plan, is_causal, scale)
+def _flat(plan: DilatedPlan) -> tuple[int, ...]:
+    """The plan's group rows back to back: the form the custom ops take."""
+    return tuple(value for g in plan.groups for value in g)
+
+
+def _fast(q, k, v, flat_plan: Sequence[int], is_causal, scale, key_padding_mask) -> Tensor:
+    out, _ = _DilatedFunction.apply(q, k, v, key_padding_mask, list(flat_plan), is_causal, scale)
     return out
 
 
@@ -601,7 +605,14 @@ class _DilatedBase(nn.Module):
     # stays dynamic: one compile serves every length, and torch.export takes
     # a Dim on it. No tensor reaches the graph from the store: there are no
     # graph constants, no device copies and no locks in the graph.
+    # The constant is a tuple of ints, not the DilatedPlan: torch 2.11's dynamo
+    # could not iterate the NamedTuples of a constant result
+    # (InternalTorchDynamoError from a HASATTR guard, second device run).
     @torch.compiler.assume_constant_result
+    def _flat_plan(self, num_heads: int) -> tuple[int, ...]:
+        """``_plan(num_heads)`` as the ints the custom ops take."""
+        return _flat(self._plan(num_heads))
+
     def _plan(self, num_heads: int) -> DilatedPlan:
         """The plan for ``num_heads`` query heads: from this module's cache, else the store."""
         plan = self._plans.get(num_heads)
@@ -614,11 +625,12 @@ class _DilatedBase(nn.Module):
                 self._plans.popitem(last=False)
         return plan
 
-    def _prepare(self, q, k, v, is_causal, key_padding_mask) -> tuple[DilatedPlan, float]:
+    def _prepare(self, q, k, v, is_causal, key_padding_mask) -> tuple[tuple[int, ...], float]:
+        """(the flat plan for q's head count, the softmax scale), after the checks."""
         check_attention_inputs(q, k, v, key_padding_mask)
         check_is_causal(is_causal)
-        plan = self._plan(operator.index(q.shape[2]))
-        return plan, default_scale(q, self.softmax_scale)
+        flat_plan = self._flat_plan(operator.index(q.shape[2]))
+        return flat_plan, default_scale(q, self.softmax_scale)
 
     def extra_repr(self) -> str:
         return (
@@ -639,12 +651,12 @@ class DilatedAttention(_DilatedBase):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
-        plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
+        flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         dropout_p = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling() and dropout_p == 0:
             # One opaque op: the graph stays length-free (eager stays autograd-native).
-            flat_plan = [value for g in plan.groups for value in g]
-            return _reference_op(q, k, v, key_padding_mask, flat_plan, is_causal, scale)[0]
+            return _reference_op(q, k, v, key_padding_mask, list(flat_plan), is_causal, scale)[0]
+        plan = DilatedPlan(q.shape[2], tuple(_plan_groups(flat_plan)))
         return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p)
 
 
@@ -657,7 +669,8 @@ class ImprovedDilatedAttention(_DilatedBase):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
-        plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
+        flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         if self.training and self.dropout > 0:
+            plan = DilatedPlan(q.shape[2], tuple(_plan_groups(flat_plan)))
             return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, self.dropout)
-        return _fast(q, k, v, plan, is_causal, scale, key_padding_mask)
+        return _fast(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
