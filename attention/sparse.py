@@ -121,8 +121,9 @@ USE_CPU_FLASH_KERNEL = True
 # - "flex": compiled ``flex_attention`` on a ``BlockMask`` built once per
 #   (layout, length, device) from the stored CSR (patternstore.blockmask.
 #   layout_block_mask), for device types in FLEX_DEVICE_TYPES, square calls
-#   (q_len == kv_len), no dropout and blocks of at least FLEX_MIN_BLOCK
-#   (torch 2.13's CPU flex returns NaN for 8-token blocks; 16 is exact). On CUDA it is the fused kernel that
+#   (q_len == kv_len), no dropout and blocks that are multiples of
+#   FLEX_MIN_BLOCK (torch 2.13's CPU flex returns NaN for 8-token blocks; 16
+#   is exact; the kernel's tiles, ``flex_tiles``, must divide the blocks). On CUDA it is the fused kernel that
 #   skips empty blocks and takes GQA natively, with its own backward.
 # - "gather": the tiles above, for everything else: CPU tensors (flex on the
 #   CPU has no backward, refuses lse, and compiles per length; figures above),
@@ -135,9 +136,27 @@ FLEX_MIN_BLOCK = 16
 
 def attention_path(device_type: str, q_len: int, kv_len: int, dropout_p: float, block_size: int) -> str:
     """"flex" or "gather" (see the note above FLEX_DEVICE_TYPES)."""
-    if device_type in FLEX_DEVICE_TYPES and q_len == kv_len and dropout_p == 0 and block_size >= FLEX_MIN_BLOCK:
+    if device_type in FLEX_DEVICE_TYPES and q_len == kv_len and dropout_p == 0 and block_size % FLEX_MIN_BLOCK == 0:
         return "flex"
     return "gather"
+
+
+# The largest Triton tile flex_attention picks by itself (BLOCK_M of the
+# forward on an H100, torch 2.11).
+FLEX_DEFAULT_TILE = 128
+
+
+def flex_tiles(block_size: int) -> dict[str, int]:
+    """``kernel_options`` of flex_attention whose tiles divide ``block_size``
+    (a multiple of FLEX_MIN_BLOCK): none for blocks that are multiples of
+    FLEX_DEFAULT_TILE, else every forward and backward tile set to the largest
+    power of two dividing the block. Without them, compiled flex on an H100
+    refused 64-token blocks ("Q and KV block size must be divisible by BLOCK_M
+    and BLOCK_N", every 64-block CUDA test of the second device run)."""
+    tile = block_size & -block_size  # the largest power of two dividing it
+    if tile >= FLEX_DEFAULT_TILE:
+        return {}
+    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
 
 
 _compiled_flex = None
@@ -884,6 +903,7 @@ class BlockSparseAttention(nn.Module):
         out = _flex_attention()(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
             scale=default_scale(q, self.softmax_scale), enable_gqa=heads != k.shape[2],
+            kernel_options=flex_tiles(self.block_size) or None,
         )
         return out.transpose(1, 2)
 

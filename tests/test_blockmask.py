@@ -51,11 +51,22 @@ def test_layout_block_masks_split_the_layout_into_partial_and_full_blocks(spec, 
     assert mask.seq_lengths == (spec.seq_len, spec.seq_len)
 
 
+def test_flex_tiles_divide_the_blocks():
+    assert sparse.flex_tiles(128) == {} and sparse.flex_tiles(256) == {}
+    for block in (16, 32, 48, 64, 96, 192):
+        tiles = sparse.flex_tiles(block)
+        assert set(tiles) == {"BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"}
+        assert all(block % tile == 0 and tile >= sparse.FLEX_MIN_BLOCK for tile in tiles.values())
+    assert sparse.flex_tiles(64)["BLOCK_M"] == 64 and sparse.flex_tiles(96)["BLOCK_N"] == 32
+
+
 def test_attention_path_is_flex_for_square_dropout_free_cuda_calls_only():
     assert sparse.attention_path("cuda", 100, 100, 0.0, 16) == "flex"
     assert sparse.attention_path("cuda", 1, 100, 0.0, 16) == "gather"       # decode: rows not block aligned
     assert sparse.attention_path("cuda", 100, 100, 0.1, 16) == "gather"     # flex has no dropout
     assert sparse.attention_path("cuda", 100, 100, 0.0, 8) == "gather"      # blocks below FLEX_MIN_BLOCK
+    assert sparse.attention_path("cuda", 100, 100, 0.0, 24) == "gather"     # no 16-multiple tile divides 24
+    assert sparse.attention_path("cuda", 100, 100, 0.0, 48) == "flex"
     assert sparse.attention_path("cpu", 100, 100, 0.0, 16) == "gather"      # no CPU backward, no CPU lse
     assert sparse.attention_path("meta", 100, 100, 0.0, 16) == "gather"
 
