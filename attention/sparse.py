@@ -228,6 +228,7 @@ class _Problem:
         self.minus_infinity = torch.tensor(float("-inf"), dtype=self.work, device=device)
         self.zero = torch.tensor(0.0, dtype=self.work, device=device)
         self.key_padding_mask = key_padding_mask
+        self.heads_outer = _heads_outer(k)  # the flat order of keys and values (``_flat``)
         if self.shared:  # query head of lane a, slot r: a * G + r
             self.head_of_lane = torch.arange(h, device=device).view(self.lanes, 1, self.per_lane, 1)
 
@@ -253,11 +254,24 @@ class _Problem:
         return (keys[:, :, None] * self.bs + self.slot).flatten(1).clamp(max=self.kv_len - 1)
 
     def key_index(self, rows: Tensor, positions: Tensor) -> Tensor:
-        """Flat indices into ``(b, kv_len * kv_heads)``: ``[A, R, kc * bs]``."""
+        """Flat indices into the keys as ``_flat(k, self.heads_outer)`` lays
+        them out: ``[A, R, kc * bs]``."""
         if self.shared:
-            return positions[None] * self.kv_heads + torch.arange(self.kv_heads, device=rows.device)[:, None, None]
-        group = self.h // self.kv_heads
-        return (positions * self.kv_heads + (rows // self.nb // group)[:, None])[None]
+            heads = torch.arange(self.kv_heads, device=rows.device)[:, None, None]
+            positions = positions[None]
+        else:
+            heads = (rows // self.nb // (self.h // self.kv_heads))[:, None]
+        if self.heads_outer:
+            index = heads * self.kv_len + positions
+        else:
+            index = positions * self.kv_heads + heads
+        return index if self.shared else index[None]
+
+    def unflat_keys(self, x: Tensor) -> Tensor:
+        """A flat ``(b, kv_len * kv_heads, e)`` key gradient as ``(b, kv_len, kv_heads, e)``."""
+        if self.heads_outer:
+            return x.view(self.b, self.kv_heads, self.kv_len, -1).transpose(1, 2)
+        return x.view(self.b, self.kv_len, self.kv_heads, -1)
 
     def gather(self, slot: str, x: Tensor, index: Tensor, rows: int) -> Tensor:
         """``x (b, N, e)`` at flat ``index [A, R, ...]`` as ``[b * A, R, M, e]``,
@@ -318,11 +332,25 @@ class _Problem:
                 yield rows[r0: r0 + step], [chunk[:, k0: k0 + kc] for k0 in range(0, c, kc)]
 
 
-def _flat(x: Tensor) -> Tensor:
-    """``(b, n, heads, e)`` -> ``(b, n * heads, e)``, a view where the strides
-    allow (the last dimension made contiguous first: kernels need it)."""
+def _heads_outer(k: Tensor) -> bool:
+    """Whether keys ``(b, n, heads, e)`` are stored heads-outer, as ``(b,
+    heads, n, e)`` (transformers' projections and KV caches): then ``_flat``
+    keeps heads outer, so gathers read them in place instead of copying the
+    whole cache on every call."""
+    b, n, h, e = k.shape
+    if h == 1 or n == 1 or k.stride(-1) != 1:
+        return False
+    return k.stride(1) != h * k.stride(2) and k.stride(2) == n * k.stride(1)
+
+
+def _flat(x: Tensor, heads_outer: bool = False) -> Tensor:
+    """``(b, n, heads, e)`` -> ``(b, n * heads, e)`` (position-major) or, with
+    ``heads_outer``, ``(b, heads * n, e)``: a view where the strides allow (the
+    last dimension made contiguous first: kernels need it)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if heads_outer:
+        x = x.transpose(1, 2)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -395,7 +423,7 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out (b, q_len, h, d)`` and ``lse (b, h, q_len)`` (work dtype)."""
     pb = _Problem(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
-    q_flat, k_flat, v_flat = _flat(q), _flat(k), _flat(v)
+    q_flat, k_flat, v_flat = _flat(q), _flat(k, pb.heads_outer), _flat(v, pb.heads_outer)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
     done: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (index, valid, out, lse) of every row tile
@@ -455,7 +483,8 @@ def _backward_op(
     # d_out gets one zero row (position q_len): invalid query slots read it,
     # so they add nothing to any gradient.
     d_out = F.pad(grad_out.to(pb.work), (0, 0, 0, 0, 0, 1)).view(b, (q_len + 1) * h, -1)
-    q_flat, k_flat, v_flat, out_flat = _flat(q), _flat(k), _flat(v), _flat(out)
+    q_flat, out_flat = _flat(q), _flat(out)
+    k_flat, v_flat = _flat(k, pb.heads_outer), _flat(v, pb.heads_outer)
     lse = lse.to(pb.work).transpose(1, 2).reshape(b, q_len * h, 1)  # empty rows: EMPTY_LSE, exp(-inf - it) = 0
     dq = q.new_zeros(b, (q_len + 1) * h, q.shape[-1], dtype=pb.work)
     dk = k.new_zeros(b, pb.kv_len * pb.kv_heads, k.shape[-1], dtype=pb.work)
@@ -488,8 +517,8 @@ def _backward_op(
         dq.index_add_(1, target.flatten(), dq_rows.reshape(b, -1, dq_rows.shape[-1]))
     return (
         dq.view(b, q_len + 1, h, -1)[:, :q_len].to(q.dtype).contiguous(),
-        dk.view(k.shape).to(k.dtype),
-        dv.view(v.shape).to(v.dtype),
+        pb.unflat_keys(dk).to(k.dtype),
+        pb.unflat_keys(dv).to(v.dtype),
     )
 
 

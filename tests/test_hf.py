@@ -236,9 +236,6 @@ def test_grouped_query_keys_reach_the_dilated_kernel_as_views_of_the_cache(monke
         assert v.untyped_storage().data_ptr() in cache
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "branch sparse: _flat copies keys laid out (batch, kv_heads, cache, head_dim), as transformers keeps "
-    "them, whole on every call; remove this marker when it gathers from them in place"))
 @torch.no_grad()
 def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monkeypatch):
     import attention.sparse as sparse
@@ -248,7 +245,7 @@ def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monk
     key, value = decode_step(hf.SPARSE, BIGBIRD)
     cache = {key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr()}
     # Blocks are gathered from q and from the cache's keys and values, as views (no whole copy).
-    assert [flat.untyped_storage().data_ptr() in cache for flat, _ in flattened] == [False, True, True]
+    assert [flat.untyped_storage().data_ptr() in cache for flat, *_ in flattened] == [False, True, True]
     assert tiles
     for _, qt, kt, vt, *_ in tiles:
         assert kt.shape[0] == vt.shape[0] == 2 * 2  # batch x kv_heads lanes: keys gathered once per kv head

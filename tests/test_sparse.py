@@ -444,7 +444,8 @@ def test_inputs_strided_in_every_dimension_give_the_contiguous_result(cpu_path):
     base = [torch.randn(4, 74, 8, 16, requires_grad=True) for _ in range(3)]
     strided = [x[::2, ::2, ::2, ::2] for x in base]                       # every dim, head_dim included
     permuted = [torch.randn(2, 8, 37, 4).permute(0, 2, 3, 1).requires_grad_() for _ in range(3)]  # (b, d, n, h)
-    for inputs in (strided, permuted):
+    heads_outer = [torch.randn(2, 4, 37, 8).transpose(1, 2).requires_grad_() for _ in range(3)]  # transformers' (b, h, n, d)
+    for inputs in (strided, permuted, heads_outer):
         dense = [x.detach().contiguous().requires_grad_() for x in inputs]
         out, want = block_sparse_attention(*inputs, *args, causal=True), block_sparse_attention(*dense, *args,
                                                                                                causal=True)
