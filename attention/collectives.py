@@ -1,4 +1,4 @@
-"""torch.distributed pieces of sequence-parallel attention (DESIGN.md section 5).
+"""torch.distributed pieces of sequence-parallel attention (docs/design.md section 6).
 
 - ``all_gather`` / ``reduce_scatter``: the tensor collectives along dim 0,
   under whichever names this torch has.

@@ -1,5 +1,5 @@
-"""LongNet dilated attention (docs/design.md, "Pattern semantics" and
-"Kernels, devices, generation"): functional core and modules.
+"""LongNet dilated attention (docs/design.md sections 2.1, 5 and 7):
+functional core and modules.
 
 Layout, everywhere in this file: ``q`` is ``(batch, q_len, heads, head_dim)``,
 ``k, v`` are ``(batch, kv_len, kv_heads, head_dim)`` with ``q_len <= kv_len``
@@ -228,7 +228,7 @@ def dilated_attention_reference(
     key_padding_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """docs/design.md "Dilated attention" written out: per branch, a zero
+    """docs/design.md section 2.1 written out: per branch, a zero
     output and a -inf log-sum-exp of full size, filled piece by piece with
     softmax attention; then one softmax over the branches' log-sum-exps
     weights their outputs. Differentiable by autograd. Dropout ``dropout_p``
@@ -596,7 +596,7 @@ class _DilatedBase(nn.Module):
             f"and Python control flow); use torch.compile(module) instead"
         )
 
-    # Compile contract (docs/design.md "Compile contract"). The lookup runs in
+    # Compile contract (docs/design.md section 4). The lookup runs in
     # eager Python even inside torch.compile(fullgraph=True): dynamo calls a
     # function marked assume_constant_result at trace time and bakes its
     # result (a few dozen ints) into the graph. The plan depends only on the

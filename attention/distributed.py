@@ -1,5 +1,5 @@
 """Sequence-parallel LongNet dilated attention over torch.distributed
-(DESIGN.md section 5, LongNet section 3).
+(docs/design.md section 6, LongNet section 3).
 
 Each of the ``P`` ranks of the process group holds a contiguous chunk of
 ``c = n / P`` positions: ``q, k, v`` of shape (batch, c, heads, head_dim), rank

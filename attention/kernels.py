@@ -1,5 +1,5 @@
-"""The kernel layer every attention module shares (docs/design.md, "Kernels,
-devices, generation").
+"""The kernel layer every attention module shares (docs/design.md
+section 5).
 
 Guarantees:
 - ``check_attention_inputs``, ``check_softmax_scale``, ``check_dropout`` and

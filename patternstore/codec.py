@@ -1,5 +1,5 @@
 """The stored value, format 2: a small header, then the raw arrays, aligned
-(docs/design.md, section 3).
+(docs/design.md section 3.2).
 
     offset  size  field
     0       4     magic        b"PSV\\x00"

@@ -1,6 +1,6 @@
 """Operations on a CSR block layout, the stored form of a sparse pattern.
 
-A layout (docs/design.md, block-sparse attention) is ``kv_num_blocks``
+A layout (docs/design.md section 2.2) is ``kv_num_blocks``
 int32 ``[H, nb]`` (active key blocks of each query block) and ``kv_indices``
 int32 ``[nnz]`` (the rows back to back, head-major, each row sorted ascending). Row ``r = h * nb + i``
 starts at ``offsets[r] = cumsum(counts)[r] - counts[r]``.

@@ -220,7 +220,7 @@ class DiskTier:
             if not (self.directory / diskcache.core.DBNAME).is_file():
                 raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
             # A store someone else wrote, which this process cannot write:
-            # read it as it is (docs/design.md, section 3).
+            # read it as it is (docs/design.md section 3.3).
             self.read_only, self.writable, self.write_error = True, False, error
             try:
                 self._opened = self._open(size_limit)

@@ -14,7 +14,7 @@ sorted CSR layout and applies the unidirectional rule (key block <= query
 block). Generators are vectorized torch code: Python loops run over
 parameter lists, never over blocks.
 
-Causal prefix property (docs/design.md, generation semantics): with
+Causal prefix property (docs/design.md section 7): with
 ``attention="unidirectional"`` every kind's layout at a length is exactly the
 first rows of its layout at any longer length, so a capacity layout serves
 every shorter length (``patternstore.csr.prefix_rows``). ``prefix_stable``

@@ -12,7 +12,7 @@ Arrays by spec kind:
     group selects, in every segment ``[t*s, min((t+1)*s, n))`` with
     ``s = min(segment, n)``, the positions ``t*s + offset + rate*m``; the
     attention code derives those numbers at call time.
-- ``SparseSpec`` (a CSR block layout, DESIGN.md section 2):
+- ``SparseSpec`` (a CSR block layout, docs/design.md section 2.2):
     ``kv_num_blocks`` int32 ``[H, nb]``: active key blocks of each query block;
     ``kv_indices``    int32 ``[sum(kv_num_blocks)]``: the rows back to back,
     head-major, each sorted ascending. ``H`` is ``spec.layout_heads`` (1 when

@@ -2,7 +2,7 @@
 
 A spec names everything that decides a pattern's arrays and nothing else.
 Every spec carries ``.key``, a content address computed once at construction
-(docs/design.md, key format):
+(docs/design.md section 3.1):
 
     key = f"{kind}-v{format_version}-{sha256(canonical msgpack)[:40]}"
 
@@ -112,7 +112,7 @@ class DilatedSpec(_SpecBase):
     head, offsets by head group) or "grouped" (branch i on head group i only).
     The pattern does not depend on the length: what a length n makes of a
     branch (s = min(w, n), full segments, tail) is derived at call time
-    (docs/design.md, dilated attention)."""
+    (docs/design.md section 2.1)."""
 
     __slots__ = ("segment_lengths", "dilation_rates", "num_heads", "scheme", "key")
     kind = "dilated"

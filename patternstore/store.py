@@ -480,7 +480,7 @@ def store_for(directory: str | os.PathLike | None = None, **options) -> PatternS
     (whatever its options) or a new ``PatternStore(directory, **options)``.
     ``store_for(None)`` is ``default_store()``. Unpickled stores come from here
     (``PatternStore.__reduce__``), so a module pickled with its store finds
-    the same directory in any process (docs/design.md, section 3)."""
+    the same directory in any process (docs/design.md section 4)."""
     if directory is None:
         return default_store()
     key = _registry_key(Path(directory).expanduser().absolute())

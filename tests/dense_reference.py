@@ -1,10 +1,10 @@
-"""Naive dense dilated attention, written from DESIGN.md section 2 alone.
+"""Naive dense dilated attention, written from docs/design.md section 2.1 alone.
 
 Key k counts for query p as many times as there are branches selecting the
 pair, so the result is ``softmax(S + log m) @ v`` with multiplicity ``m`` and
 ``log 0 = -inf``; a query with no key at all outputs 0. Everything here is
 O(n^2) and float64: for tests only. Head groups and offsets are derived again
-from the rules in DESIGN.md, not taken from the generator.
+from the rules in docs/design.md, not taken from the generator.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compile contract (docs/design.md "Compile contract") for the four dilated
+"""Compile contract (docs/design.md section 4) for the four dilated
 modules: ``torch.compile(module, fullgraph=True)`` works from a cold start
 (the plan lookup runs inside the compiled forward), five more calls at the
 same shape do not recompile, and compiled equals eager, gradients included.

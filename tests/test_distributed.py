@@ -164,7 +164,7 @@ def _bytes_bound(rank: int, world: int) -> None:
     module(x, x, x)
     per_rank = 2 * (chunk // rate) * heads * dim * 8
     assert module.bytes_received == (world - 1) * per_rank, module.bytes_received
-    # bound of DESIGN.md: grows with segment / rate, not with the sequence
+    # bound of docs/design.md section 6: grows with segment / rate, not with the sequence
     assert module.bytes_received <= 2 * (segment // rate) * heads * dim * 8
 
 

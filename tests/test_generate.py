@@ -1,5 +1,5 @@
 """Generators against independent, loop-based references written from the
-definitions (DESIGN.md section 2, DeepSpeed's sparsity configs), plus
+definitions (docs/design.md section 2.2, DeepSpeed's sparsity configs), plus
 determinism across processes and the layout invariants."""
 
 from __future__ import annotations

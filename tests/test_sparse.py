@@ -1,6 +1,6 @@
 """Block-sparse attention against a dense float64 reference built in the test
 from the layout's CSR arrays (outputs and gradients), the store wiring, the
-multi-head wrapper, bad input, and the compile contract (DESIGN.md section 4)."""
+multi-head wrapper, bad input, and the compile contract (docs/design.md section 4)."""
 
 from __future__ import annotations
 

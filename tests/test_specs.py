@@ -1,4 +1,4 @@
-"""Specs: validation messages and content-addressed keys (DESIGN.md section 3)."""
+"""Specs: validation messages and content-addressed keys (docs/design.md section 3.1)."""
 
 from __future__ import annotations
 
