@@ -727,12 +727,7 @@ class _LayoutSource:
         else:
             pattern = self.store.get(self.spec(kv_len, num_heads), device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
-        self._layouts[key] = hit
-        while len(self._layouts) > self.MAX_LAYOUTS:
-            try:
-                self._layouts.popitem(last=False)
-            except KeyError:
-                break
+        _remember(self._layouts, key, hit, self.MAX_LAYOUTS)
         return hit
 
 
@@ -745,18 +740,25 @@ class _LayoutSource:
         if hit is None:
             layout = self.layout(seq_len, num_heads, device, causal)
             hit = layout_block_mask(*layout, seq_len, self.block_size, causal=causal, padded=padded)
-            self._block_masks[key] = hit
-            while len(self._block_masks) > self.MAX_BLOCK_MASKS:
-                try:
-                    self._block_masks.popitem(last=False)
-                except KeyError:
-                    break
+            _remember(self._block_masks, key, hit, self.MAX_BLOCK_MASKS)
         return hit
 
 
 # Sources by description: a cache, never the only way to a layout (any
 # process rebuilds a source from its description). Strong and bounded, so a
 # program that holds no module (an exported one) keeps its layouts too.
+def _remember(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
+    """Put ``value`` in the LRU ``cache`` and evict the oldest entries past
+    ``limit``. Threads may share the cache without a lock: an entry another
+    thread evicted first is simply gone (the values stay valid)."""
+    cache[key] = value
+    while len(cache) > limit:
+        try:
+            cache.popitem(last=False)
+        except KeyError:
+            break
+
+
 _SOURCES: OrderedDict[str, _LayoutSource] = OrderedDict()
 MAX_SOURCES = 64
 
@@ -765,11 +767,7 @@ def _source(description: str, store: Optional[PatternStore] = None) -> _LayoutSo
     source = _SOURCES.get(description)
     if source is None:
         source = _SOURCES.setdefault(description, _LayoutSource(description, store))
-        while len(_SOURCES) > MAX_SOURCES:
-            try:
-                _SOURCES.popitem(last=False)
-            except KeyError:  # another thread emptied it meanwhile
-                break
+        _remember(_SOURCES, description, source, MAX_SOURCES)
     return source
 
 
