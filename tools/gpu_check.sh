@@ -78,7 +78,7 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
     #    checks that), in xdist workers where there are any, so that a kernel
     #    crashing one worker fails its test instead of ending the run.
     if [ $DRY = 0 ]; then
-        step kernels 60 bash -c "for k in cuda_cudnn cuda_flash cuda_efficient; do $PY tools/cuda_kernels_check.py --kernel \$k; done"
+        step kernels 120 bash -c "for k in cuda_cudnn cuda_flash cuda_efficient cuda_efficient_float32; do $PY tools/cuda_kernels_check.py --kernel \$k; done"
     fi
     PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12 "${XDIST[@]/6/4}")
     "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
