@@ -18,7 +18,8 @@ and mode (static ``dynamic=False``, dynamic ``dynamic=True``):
   call - steady compiled call.
 - compiles over 8 distinct lengths: graphs handed to the backend (a counting
   wrapper around inductor's ``compile_fx``); the recompile limit is raised
-  to 64 for the run so the static mode is counted, not failed.
+  to 64 for the run so the static mode is counted, not failed. Also the
+  count after the first length: graphs made later are recompiles.
 - steady state at 2K, 4K, 8K: static, dynamic and eager calls interleaved
   (A B C A B C ...), medians; each call sits between two fp32 ``torch.mm``
   (1024^3) timings and is also given as call / mean of those mm times, so a
@@ -120,10 +121,13 @@ def run_module(name: str, make: Callable[[], torch.nn.Module], rounds: int, reps
     backends = {"static": CountingBackend(), "dynamic": CountingBackend()}
     compiled = {mode: torch.compile(module, fullgraph=True, dynamic=mode == "dynamic", backend=backends[mode])
                 for mode in backends}
+    graphs_after_first_length: dict[str, int] = {}
     for n in COUNT_LENGTHS:
         args = inputs(n)
         for mode in ("static", "dynamic"):
             timed(compiled[mode], args)
+        if not graphs_after_first_length:
+            graphs_after_first_length = {mode: backend.graphs for mode, backend in backends.items()}
     graphs = {mode: backend.graphs for mode, backend in backends.items()}
 
     a, b = torch.randn(MM_SIZE, MM_SIZE), torch.randn(MM_SIZE, MM_SIZE)
@@ -160,6 +164,7 @@ def run_module(name: str, make: Callable[[], torch.nn.Module], rounds: int, reps
         "compile_s_cold": {"static": first["static"][0] - static_call, "dynamic": first["dynamic"][0] - dynamic_call},
         "compile_s_warm_disk_cache": {"static": first["static"][-1] - static_call,
                                       "dynamic": first["dynamic"][-1] - dynamic_call},
+        "graphs_after_first_length": graphs_after_first_length,
         "graphs_over_8_lengths": graphs,
         "graphs_after_steady_calls": graphs_after_steady,
         "steady": steady,
@@ -202,7 +207,7 @@ def main() -> None:
         print(f"{r['module']}: compile s (first call - steady call at {FIRST_LENGTH}), cold / warm disk cache: "
               f"static {cold['static']:.2f} / {warm['static']:.2f}, dynamic {cold['dynamic']:.2f} / {warm['dynamic']:.2f}; "
               f"graphs over 8 lengths: static {r['graphs_over_8_lengths']['static']}, "
-              f"dynamic {r['graphs_over_8_lengths']['dynamic']} (after steady calls: {r['graphs_after_steady_calls']})")
+              f"dynamic {r['graphs_over_8_lengths']['dynamic']} (after the first length: {r['graphs_after_first_length']}; after steady calls: {r['graphs_after_steady_calls']})")
         for n, row in r["steady"].items():
             print(f"  {n:>5}: static {row['static']['median_ms']:8.2f} ms  dynamic {row['dynamic']['median_ms']:8.2f} ms"
                   f"  eager {row['eager']['median_ms']:8.2f} ms  dynamic/static (mm-normalized) "
