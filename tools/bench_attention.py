@@ -34,17 +34,17 @@ Writes tools/results/attention.json and tools/results/attention.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import hostinfo  # tools/hostinfo.py (a script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
@@ -247,23 +247,7 @@ def worker(n: int, names: list[str]) -> dict:
 
 # ------------------------------------------------------------------ parent
 def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores_visible": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": THREADS,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return hostinfo.machine(THREADS)
 
 
 def run_length(n: int, names: list[str], dapt: Path | None, standin: Path | None) -> dict:

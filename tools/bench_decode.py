@@ -27,16 +27,15 @@ bigbird >= 10x at 256K. Writes tools/results/decode.json (``--output``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+import hostinfo  # tools/hostinfo.py (a script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
@@ -53,17 +52,7 @@ TARGETS = {("dilated", 32 * K): 3.0, ("dilated", 256 * K): 10.0, ("local", 256 *
 
 
 def machine(device: torch.device, threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu": cpu, "cores_visible": os.cpu_count(), "threads": threads, "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    info = hostinfo.machine(threads)
     try:
         import transformers
 
