@@ -45,7 +45,6 @@ attention`` never imports this module.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -68,6 +67,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from patternstore.store import PatternStore
 
 from .dilated import ImprovedDilatedAttention
+from .kernels import check_dropout, check_softmax_scale
 from .sparse import BlockSparseAttention
 
 __all__ = [
@@ -312,18 +312,15 @@ def _attention_module(impl: str, config: Any, scaling: Optional[float], dropout:
                else '{"kind": "bigbird", "block_size": 64, "attention": "unidirectional"}')
             + f"; got {settings!r}"
         )
-    if scaling is not None and not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
-        raise ValueError(f"scaling must be a finite number > 0 or None, got {scaling!r}")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    scaling, dropout = check_softmax_scale(scaling), check_dropout(dropout)  # transformers' scaling is our softmax_scale
     store = _store
-    cache_key = (impl, _frozen(settings), id(store), scaling, float(dropout))
+    cache_key = (impl, _frozen(settings), id(store), scaling, dropout)
     with _modules_lock:
         attention = _modules.get(cache_key)
         if attention is not None:
             _modules.move_to_end(cache_key)
             return attention
-    attention = _build(impl, dict(settings), scaling, float(dropout), store)
+    attention = _build(impl, dict(settings), scaling, dropout, store)
     with _modules_lock:
         attention = _modules.setdefault(cache_key, attention)  # a racing thread's module wins
         while len(_modules) > MAX_MODULES:
