@@ -120,6 +120,11 @@ class DilatedPlan(NamedTuple):
             raise ValueError(f"a dilated plan needs a DilatedSpec pattern, got {spec.kind!r}")
         return cls(spec.num_heads, tuple(Group(*row) for row in pattern["groups"].tolist()))
 
+    @classmethod
+    def from_flat(cls, num_heads: int, flat_plan: Sequence[int]) -> "DilatedPlan":
+        """The plan whose group rows, back to back, are ``flat_plan`` (``_flat``'s inverse)."""
+        return cls(num_heads, tuple(_plan_groups(flat_plan)))
+
 
 class Piece(NamedTuple):
     """One kernel problem of a group at given lengths: ``count`` segments
@@ -299,7 +304,7 @@ def _reference_op(
     ``DilatedAttention`` runs under ``torch.compile``, so that the graph does
     not follow the length through the reference's Python loops. Its backward
     is the fast path's (exact given the final out and lse)."""
-    plan = DilatedPlan(q.shape[2], tuple(_plan_groups(flat_plan)))
+    plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
     return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, 0.0, with_lse=True)
 
 
@@ -656,7 +661,7 @@ class DilatedAttention(_DilatedBase):
         if torch.compiler.is_compiling() and dropout_p == 0:
             # One opaque op: the graph stays length-free (eager stays autograd-native).
             return _reference_op(q, k, v, key_padding_mask, list(flat_plan), is_causal, scale)[0]
-        plan = DilatedPlan(q.shape[2], tuple(_plan_groups(flat_plan)))
+        plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
         return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p)
 
 
@@ -671,6 +676,6 @@ class ImprovedDilatedAttention(_DilatedBase):
     ) -> Tensor:
         flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         if self.training and self.dropout > 0:
-            plan = DilatedPlan(q.shape[2], tuple(_plan_groups(flat_plan)))
+            plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
             return _reference(q, k, v, plan, is_causal, scale, key_padding_mask, self.dropout)
         return _fast(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
