@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -338,34 +338,71 @@ _CHUNK_FRACTION = 8
 _MIN_CHUNK = 1 << 20
 
 
-def _chunks(x: Optional[Tensor], units: int, flat: bool) -> Iterator[Optional[Tensor]]:
-    """Split a piece view (b, count, rows, ...) into views (B', rows, ...) of
-    at most ``units`` (batch, segment) pairs. ``flat``: batch and segment
-    dims merge into one view, so chunks may cross batch rows; otherwise each
-    chunk stays in one batch row. Chunks are always views (written in place)."""
-    if x is None:
-        while True:
-            yield None
-    b, count = x.shape[:2]
-    if flat:
-        merged = x.flatten(0, 1)
-        for i in range(0, b * count, units):
-            yield merged[i : i + units]
-    else:
-        for row in range(b):
-            for i in range(0, count, units):
-                yield x[row, i : i + units]
+class _Rows(NamedTuple):
+    """Where a piece's rows of one tensor ``x`` (b, L, ...) lie in its
+    storage: row ``m`` of segment ``c`` of batch row ``i`` starts at
+    ``offset + i * batch + c * segment + m * row``. A chunk of them in the
+    kernels' layout is then ONE ``as_strided`` (``_Rows.chunk``) instead of
+    the five to eight view ops of ``_view`` plus the transposes: on a GPU
+    each view op is host time the kernels wait for (docs/design.md section 5)."""
+
+    x: Tensor
+    offset: int
+    batch: int
+    segment: int
+    row: int
+
+    @classmethod
+    def of(cls, x: Tensor, piece: Piece, queries: bool) -> "_Rows":
+        start, region, offset = (
+            (piece.q_start, piece.q_region, piece.q_offset) if queries
+            else (piece.k_start, piece.k_region, piece.k_offset)
+        )
+        stride = x.stride()
+        return cls(x, x.storage_offset() + (start + offset) * stride[1], stride[0], region * stride[1],
+                   piece.rate * stride[1])
+
+    def chunk(self, span: "_Span", rows: int, heads: Optional[slice]) -> Tensor:
+        """Rows of ``span``'s units as ``(units, heads, rows, ...)`` (``(units,
+        rows)`` for a 2-D ``x``, which has no heads): what a kernel takes."""
+        x = self.x
+        units_stride = self.segment if span.across_segments else self.batch
+        offset = self.offset + span.batch_row * self.batch + span.segment * self.segment
+        if x.dim() == 2:
+            return x.as_strided((span.units, rows), (units_stride, self.row), offset)
+        head_stride = x.stride(2)
+        offset += heads.start * head_stride
+        size = (span.units, heads.stop - heads.start, rows, *x.shape[3:])
+        return x.as_strided(size, (units_stride, head_stride, self.row, *x.stride()[3:]), offset)
 
 
-def _chunk_layout(piece: Piece, heads: int, q: Tensor, kv_len: int) -> tuple[int, bool]:
-    """(units per chunk, flat) for one piece; the same for every tensor of
-    the call, so their chunks line up. Batch and segments merge into one view
-    when there is one of either, or when the piece tiles every tensor whole."""
-    b, q_len, _, d = q.shape
+class _Span(NamedTuple):
+    """One chunk: ``units`` (batch row, segment) pairs from (``batch_row``,
+    ``segment``), consecutive segments (``across_segments``, possibly running
+    into the next batch row when the strides allow) or consecutive batch rows
+    of a one-segment piece."""
+
+    batch_row: int
+    segment: int
+    units: int
+    across_segments: bool
+
+
+def _spans(piece: Piece, heads: int, q: Tensor, kv_len: int, tensors: Sequence[_Rows]) -> list[_Span]:
+    """The chunks of one piece: at most 1/_CHUNK_FRACTION of the output (or
+    _MIN_CHUNK elements, or one unit) each, the same for every tensor of the
+    call so that their chunks line up. A chunk runs across batch rows where
+    every tensor's batch stride is ``count`` segment strides (or there is one
+    batch row, or one segment)."""
+    b, d, count = q.shape[0], q.shape[-1], piece.count
     unit = max(piece.q_rows, piece.k_rows) * heads * d
-    units = max(1, max(q.numel() // _CHUNK_FRACTION, _MIN_CHUNK) // unit)
-    whole = q_len == kv_len == piece.count * piece.q_region
-    return units, b == 1 or piece.count == 1 or whole
+    per_chunk = max(1, max(q.numel() // _CHUNK_FRACTION, _MIN_CHUNK) // unit)
+    if count == 1:
+        return [_Span(i, 0, min(per_chunk, b - i), False) for i in range(0, b, per_chunk)]
+    if b == 1 or all(t.batch == count * t.segment for t in tensors):
+        total = b * count
+        return [_Span(u // count, u % count, min(per_chunk, total - u), True) for u in range(0, total, per_chunk)]
+    return [_Span(i, c, min(per_chunk, count - c), True) for i in range(b) for c in range(0, count, per_chunk)]
 
 
 def _plan_groups(flat_plan: Sequence[int]) -> list[Group]:
@@ -373,55 +410,82 @@ def _plan_groups(flat_plan: Sequence[int]) -> list[Group]:
     return [Group(*flat_plan[i : i + width]) for i in range(0, len(flat_plan), width)]
 
 
+def _written_once(groups: Sequence[Group]) -> int:
+    """How many leading groups write disjoint (row, head) sets: those of the
+    first branch when their head ranges do not overlap (every plan the store
+    makes). Their results are copied into the fresh output instead of
+    merged: merging into (0, EMPTY_LSE) gives exactly the part itself
+    (weight sigmoid(l - EMPTY_LSE) = 1), so this saves three ops per chunk
+    and changes no bit."""
+    first = 0
+    while first < len(groups) and groups[first].branch == groups[0].branch:
+        first += 1
+    ranges = sorted((g.head_start, g.head_stop) for g in groups[:first])
+    disjoint = all(stop <= start for (_, stop), (start, _) in zip(ranges, ranges[1:]))
+    return first if disjoint else 0
+
+
 def forward_groups(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], groups: Sequence[Group],
-    is_causal: bool, scale: float, out: Tensor, lse: Tensor,
-) -> None:
-    """Fold every group's attention into ``out`` (b, q_len, h, d) and ``lse``
-    (b, q_len, h), in place, chunk by chunk (the forward of the fast path;
-    the sequence-parallel module runs its chunk-local groups through it too)."""
-    q_len, h, n = q.shape[1], q.shape[2], k.shape[1]
-    group_size = h // k.shape[2]
-    for g in groups:
+    is_causal: bool, scale: float, backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """Every group's attention folded into a new ``out`` (b, q_len, h, d) in
+    the accumulate dtype and ``lse`` (b, q_len, h), chunk by chunk (the
+    forward of the fast path; the sequence-parallel module runs its
+    chunk-local groups through it too). Rows no group reaches are 0 with
+    lse EMPTY_LSE. ``backend``: as ``kernels.attend``'s (default: q's device
+    type; "cuda" on meta tensors runs the CUDA control flow)."""
+    b, q_len, h, d = q.shape
+    n, group_size = k.shape[1], h // k.shape[2]
+    out = torch.zeros(b, q_len, h, d, dtype=accumulate_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, q_len, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
+    copied = _written_once(groups)
+    for index, g in enumerate(groups):
         for piece in _pieces(g, q_len, n):
-            qp, op, lp = (_view(x, piece, True) for x in (q, out, lse))
-            kp, vp = (_view(x, piece, False) for x in (k, v))
-            pad = None if key_padding_mask is None else _view(key_padding_mask, piece, False)
+            query_side = [_Rows.of(x, piece, True) for x in (q, out, lse)]
+            key_side = [_Rows.of(x, piece, False) for x in (k, v)]
+            pad = None if key_padding_mask is None else _Rows.of(key_padding_mask, piece, False)
+            every = query_side + key_side + ([] if pad is None else [pad])
             for heads, kv_heads in _head_runs(g, group_size):
-                units, flat = _chunk_layout(piece, heads.stop - heads.start, q, n)
-                views = [qp[:, :, :, heads], kp[:, :, :, kv_heads], vp[:, :, :, kv_heads], op[:, :, :, heads], lp[:, :, :, heads]]
-                for qc, kc, vc, oc, lc, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
-                    o, l = attend(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                  causal=is_causal, scale=scale, key_mask=pc)
-                    merge_(oc, lc, o.transpose(1, 2), l.transpose(1, 2))
+                for span in _spans(piece, heads.stop - heads.start, q, n, every):
+                    qc, oc, lc = (x.chunk(span, piece.q_rows, heads) for x in query_side)
+                    kc, vc = (x.chunk(span, piece.k_rows, kv_heads) for x in key_side)
+                    pc = None if pad is None else pad.chunk(span, piece.k_rows, None)
+                    o, l = attend(qc, kc, vc, causal=is_causal, scale=scale, key_mask=pc, backend=backend)
+                    if index < copied:
+                        oc.copy_(o)
+                        lc.copy_(l)
+                    else:
+                        merge_(oc, lc, o, l)
                     del o, l  # before the next chunk's kernel allocates its own
+    return out, lse
 
 
 def backward_groups(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], groups: Sequence[Group], is_causal: bool, scale: float,
-    dq: Tensor, dk: Tensor, dv: Tensor,
+    dq: Tensor, dk: Tensor, dv: Tensor, backend: Optional[str] = None,
 ) -> None:
     """Add every group's gradients into ``dq, dk, dv``, each kernel backward
-    fed the FINAL ``out`` and ``lse`` at its rows."""
+    fed the FINAL ``out`` and ``lse`` at its rows (``backend`` as in
+    ``forward_groups``)."""
     q_len, h, n = q.shape[1], q.shape[2], k.shape[1]
     group_size = h // k.shape[2]
     for g in groups:
         for piece in _pieces(g, q_len, n):
-            query_side = [_view(x, piece, True) for x in (grad_out, q, out, lse, dq)]
-            key_side = [_view(x, piece, False) for x in (k, v, dk, dv)]
-            pad = None if key_padding_mask is None else _view(key_padding_mask, piece, False)
+            query_side = [_Rows.of(x, piece, True) for x in (grad_out, q, out, lse, dq)]
+            key_side = [_Rows.of(x, piece, False) for x in (k, v, dk, dv)]
+            pad = None if key_padding_mask is None else _Rows.of(key_padding_mask, piece, False)
+            every = query_side + key_side + ([] if pad is None else [pad])
             for heads, kv_heads in _head_runs(g, group_size):
-                units, flat = _chunk_layout(piece, heads.stop - heads.start, q, n)
-                views = [x[:, :, :, heads] for x in query_side] + [x[:, :, :, kv_heads] for x in key_side]
-                for *chunk, pc in zip(*(_chunks(x, units, flat) for x in views), _chunks(pad, units, flat)):
-                    doc, qc, oc, lc, dqc, kc, vc, dkc, dvc = chunk
-                    partial = attend_backward(
-                        *(x.transpose(1, 2) for x in (doc, qc, kc, vc, oc, lc)),
-                        causal=is_causal, scale=scale, key_mask=pc,
-                    )
+                for span in _spans(piece, heads.stop - heads.start, q, n, every):
+                    doc, qc, oc, lc, dqc = (x.chunk(span, piece.q_rows, heads) for x in query_side)
+                    kc, vc, dkc, dvc = (x.chunk(span, piece.k_rows, kv_heads) for x in key_side)
+                    pc = None if pad is None else pad.chunk(span, piece.k_rows, None)
+                    partial = attend_backward(doc, qc, kc, vc, oc, lc, causal=is_causal, scale=scale, key_mask=pc,
+                                              backend=backend)
                     for total, part in zip((dqc, dkc, dvc), partial):
-                        total.add_(part.transpose(1, 2))
+                        total.add_(part)
                     del partial, part
 
 
@@ -437,10 +501,7 @@ def _dilated_forward_op(
 ) -> tuple[Tensor, Tensor]:
     """-> (out (b, q_len, h, d) in q's dtype, lse (b, q_len, h)); ``flat_plan``:
     the plan's group rows back to back (length-free: the same at every length)."""
-    b, m, h, d = q.shape
-    out = torch.zeros(b, m, h, d, dtype=accumulate_dtype(q.dtype), device=q.device)
-    lse = torch.full((b, m, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
-    forward_groups(q, k, v, key_padding_mask, _plan_groups(flat_plan), is_causal, scale, out, lse)
+    out, lse = forward_groups(q, k, v, key_padding_mask, _plan_groups(flat_plan), is_causal, scale)
     return out.to(q.dtype), lse
 
 

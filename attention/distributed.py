@@ -42,14 +42,12 @@ from torch import Tensor, nn
 from .collectives import agree_on_shapes, all_gather, reduce_scatter, require_initialized, segment_group
 from .dilated import DilatedPlan, Group, _DilatedBase, backward_groups, forward_groups
 from .kernels import (
-    EMPTY_LSE,
     accumulate_dtype,
     attend,
     attend_backward,
     check_attention_inputs,
     check_is_causal,
     default_scale,
-    lse_dtype,
     merge_,
 )
 from .multihead import MultiheadDilatedAttention
@@ -123,10 +121,7 @@ class _SequenceParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pad: Optional[Tensor], dplan: DistributedPlan, groups: tuple, is_causal: bool,  # type: ignore[override]
                 scale: float, stats: dict):
-        b, c, h, d = q.shape
-        out = torch.zeros(b, c, h, d, dtype=accumulate_dtype(q.dtype), device=q.device)
-        lse = torch.full((b, c, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
-        forward_groups(q, k, v, pad, dplan.local, is_causal, scale, out, lse)
+        out, lse = forward_groups(q, k, v, pad, dplan.local, is_causal, scale)
         gathered, key_pads = [], []
         for lg, group in zip(dplan.long, groups):
             keys, values = _gather_segment(k, v, lg, group, stats)

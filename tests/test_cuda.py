@@ -180,10 +180,16 @@ def check_module(module: nn.Module, reference, *, dtype, batch, q_len, kv_len, h
     grad_out = device_tensor(*out.shape, dtype=dtype, generator=generator, grad=False)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = torch.autograd.grad(want, (q64, k64, v64), widened(grad_out))
-    # A query whose every key is one position (a one-key row) has dq = dk = 0
-    # exactly, so where every row is such, the error is measured against
-    # 1% of ||dv|| (= ||P^T dO||, never 0) instead of a zero norm.
-    floor = 1e-2 * float(expected[2].norm())
+    # dq and dk are sums of terms dS_it k_t (and dS_it q_i) with |dS_it| <=
+    # P_it |dO_i . v_t - delta_i|, about ||dO_i|| for unit-normal inputs
+    # (scale * ||k_t|| is about 1); the kernels round dS to the input dtype, so
+    # their error is u-relative to those TERMS, which cancel where a row's keys
+    # are alike: a one-key row has dq = dk = 0 exactly, and a row of two or
+    # three keys (segments [1, 2], kv_len 2, bf16) had ||dq|| = 0.35 against
+    # ||dO|| = 11 and an error of 0.012 = u/3 * ||dO|| (float32: 1e-6
+    # relative, so not a wrong gradient). The error is therefore measured
+    # against max(||want||, ||dO||).
+    floor = float(grad_out.detach().double().norm())
     for name, a, b in zip("qkv", got, expected):
         assert_close(a, b, tolerance * GRADIENT_FACTOR, f"grad {name}", floor)
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import attention.dilated as dilated
 import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
+from cuda_emulation import emulated_cuda_ops
 from dense_reference import dense_dilated_attention
 from patternstore import DilatedSpec, PatternStore, generate
 
@@ -145,6 +146,93 @@ def test_matmul_kernel_matches_dense_reference(monkeypatch):
         assert_close(out, expected)
         for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
             assert_close(got, want)
+
+
+# (dtype, head_dim, masked) selecting each CUDA kernel (tests/test_kernels.py CUDA_BRANCHES).
+CUDA_CHOICES = [(torch.bfloat16, 64, False), (torch.float16, 192, False), (torch.float32, 64, True),
+                (torch.bfloat16, 64, True)]
+# (batch, q_len, kv_len, kv_heads, causal): tails and GQA; decode rows; chunks across batch rows.
+CUDA_SHAPES = [(2, 37, 37, 2, True), (1, 5, 70, 1, True), (3, 32, 32, 4, False)]
+
+
+@pytest.mark.parametrize("dtype, head_dim, masked", CUDA_CHOICES)
+@pytest.mark.parametrize("b, q_len, kv_len, h_kv, causal", CUDA_SHAPES)
+def test_fast_path_runs_the_cuda_control_flow_on_meta_tensors(monkeypatch, dtype, head_dim, masked, b, q_len,
+                                                              kv_len, h_kv, causal):
+    """The dilated fast path's chunk views fed to the real fused CUDA ops'
+    meta kernels (backend "cuda" on meta tensors): every call the kernel
+    ``choose_kernel`` names, (B, H, M, d) rows with unit stride, M and N the
+    piece's rows; out, lse and gradients of the right shapes and dtypes."""
+    monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
+    calls = []
+    for name, kernel in list(kernels.KERNELS.items()):
+        def forward(q, k, v, *rest, _name=name, _f=kernel.forward):
+            calls.append((_name, q, k, v))
+            return _f(q, k, v, *rest)
+
+        def backward(do, q, k, v, *rest, _name=name, _b=kernel.backward):
+            calls.append((_name, q, k, v))
+            return _b(do, q, k, v, *rest)
+
+        monkeypatch.setitem(kernels.KERNELS, name, kernel._replace(forward=forward, backward=backward))
+    h = 4
+    plan = DilatedPlan.from_pattern(generate(DilatedSpec((8, 16), (1, 2), h)))
+    q = torch.empty(b, q_len, h, head_dim, dtype=dtype, device="meta")
+    k, v = (torch.empty(b, kv_len, h_kv, head_dim, dtype=dtype, device="meta") for _ in range(2))
+    pad = torch.zeros(b, kv_len, dtype=torch.bool, device="meta") if masked else None
+    out, lse = dilated.forward_groups(q, k, v, pad, plan.groups, causal, 0.125, backend="cuda")
+    assert out.shape == q.shape and out.dtype == kernels.accumulate_dtype(dtype) and out.device.type == "meta"
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    grads_ = [torch.zeros(x.shape, dtype=out.dtype, device="meta") for x in (q, k, v)]
+    dilated.backward_groups(q, q, k, v, q, lse, pad, plan.groups, causal, 0.125, *grads_, backend="cuda")
+    expected = kernels.choose_kernel("cuda", dtype, head_dim, masked)
+    assert calls and {name for name, *_ in calls} == {expected}
+    for _, cq, ck, cv in calls:
+        assert cq.dim() == 4 and all(x.stride(-1) == 1 for x in (cq, ck, cv))
+        assert cq.shape[-1] == head_dim and cq.shape[2] <= 16 and ck.shape[2] <= 16  # a piece's rows
+
+
+@pytest.mark.parametrize("dtype, head_dim, masked", CUDA_CHOICES)
+def test_fast_path_through_each_cuda_kernel_with_cpu_emulations(monkeypatch, dtype, head_dim, masked):
+    """The whole module (forward and backward, causal, GQA, decode rows, key
+    padding) with each CUDA kernel's code, its op replaced by a CPU emulation
+    of the CUDA op's conventions (tests/cuda_emulation.py), against the
+    float64 dense reference of the values it saw. Tolerances: the emulations
+    compute in the input dtype: float32 1e-5; half types round inputs,
+    probabilities and outputs (u = 2^-8 bf16, 2^-11 fp16), 4u relative."""
+    choice = kernels.choose_kernel("cuda", dtype, head_dim, masked)
+    monkeypatch.setattr(kernels, "_ops", emulated_cuda_ops())
+    monkeypatch.setattr(kernels, "choose_kernel", lambda *args: choice)
+    monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
+    u = {torch.float32: None, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    tolerance = 1e-5 if u is None else 4 * u
+    segments, rates, h, h_kv, b, n = (8, 16), (1, 2), 4, 2, 2, 45
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, n, heads, head_dim, generator=generator, dtype=torch.float64).to(dtype)
+               for heads in (h, h_kv, h_kv))
+    pad = torch.zeros(b, n, dtype=torch.bool)
+    if masked:
+        pad[1, 30:] = True
+    module = ImprovedDilatedAttention(segments, rates)
+    for q_len, is_causal in ((n, True), (n, False), (3, True)):
+        rows = q[:, n - q_len :].detach().requires_grad_()
+        keys, values = k.detach().requires_grad_(), v.detach().requires_grad_()
+        out = module(rows, keys, values, is_causal=is_causal, key_padding_mask=pad if masked else None)
+        wide = [x.detach().double().requires_grad_() for x in (q, keys, values)]
+        repeat = [x.repeat_interleave(h // h_kv, dim=2) for x in wide[1:]]
+        full = dense_dilated_attention(wide[0], *repeat, segments, rates, is_causal=is_causal,
+                                       key_padding_mask=pad if masked else None)
+        want = full[:, n - q_len :]
+        assert out.dtype == dtype
+        error = float((out.detach().double() - want.detach()).norm() / want.detach().norm())
+        assert error <= tolerance, f"{choice} output, q_len {q_len}: {error:.1e}"
+        grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+        got = torch.autograd.grad(out, (rows, keys, values), grad_out.to(dtype))
+        expected = torch.autograd.grad(want, wide, grad_out)
+        expected = (expected[0][:, n - q_len :], *expected[1:])
+        for name, a, e in zip("qkv", got, expected):
+            error = float((a.double() - e).norm() / max(float(e.norm()), float(grad_out.norm())))
+            assert error <= 2 * tolerance, f"{choice} grad {name}, q_len {q_len}: {error:.1e}"
 
 
 @pytest.mark.parametrize("min_chunk", [1, 150])

@@ -8,7 +8,6 @@ rows with no key, the merge and the one validation of each concept."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention.kernels as kernels
+from cuda_emulation import emulated_cuda_ops
 from attention.kernels import (
     EMPTY_LSE,
     attend,
@@ -160,62 +160,6 @@ def test_every_cuda_branch_runs_on_meta_tensors(monkeypatch, expected, m, n, h_k
         assert cq.shape[1] == (4 if native else h_kv) and ck.shape[1] == h_kv
     split = causal and 1 < m < n  # bottom-right causal: a non-causal prefix part and a square causal part
     assert len(calls) == 2 * (2 if split else 1) * (1 if native else 4 // h_kv)
-
-
-def emulated_cuda_ops():
-    """CPU emulations of the fused CUDA ops with the conventions measured on
-    an H100 (torch 2.11): unit-stride rows required; the efficient kernel's
-    lse padded to a multiple of 32 (the padding is NaN here, so a missed
-    slice shows); cuDNN's lse (B, H, M, 1); the efficient kernel refuses
-    fewer key/value heads; causal with M != N is not asked of any of them."""
-    aten = torch.ops.aten
-
-    def check(q, k, v, causal, gqa=True):
-        assert all(x.stride(-1) == 1 for x in (q, k, v)), "fused CUDA kernels need unit-stride rows"
-        assert not causal or q.shape[2] == k.shape[2], "the layer must split bottom-right causal problems"
-        assert gqa or q.shape[1] == k.shape[1], "this kernel refuses fewer key/value heads"
-
-    def flash(q, k, v, dropout, causal, debug, *, scale):
-        check(q, k, v, causal)
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, scale=scale)
-        return out, lse, None, None, q.shape[2], k.shape[2], None, None, None
-
-    def flash_backward(do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout, causal, seed, offset, *, scale):
-        check(q, k, v, causal)
-        assert (max_q, max_k) == (q.shape[2], k.shape[2])
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, dropout, causal, scale=scale)
-
-    def cudnn(q, k, v, bias, compute_lse, dropout, causal, debug, *, scale):
-        check(q, k, v, causal)
-        assert bias is None and compute_lse
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, scale=scale)
-        return out, lse.unsqueeze(-1), None, None, q.shape[2], k.shape[2], None, None, None
-
-    def efficient(q, k, v, bias, compute_lse, dropout, causal, *, scale):
-        check(q, k, v, causal, gqa=False)
-        assert compute_lse
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, attn_mask=bias, scale=scale)
-        b, h, m = lse.shape
-        padded = torch.full((b, h, -(-m // 32) * 32), math.nan, dtype=lse.dtype)
-        padded[:, :, :m] = lse
-        return out, padded, None, None
-
-    def efficient_backward(do, q, k, v, bias, out, lse, seed, offset, dropout, grad_input_mask, causal, *, scale):
-        check(q, k, v, causal, gqa=False)
-        m = q.shape[2]
-        assert lse.shape[2] % 32 == 0 and lse.shape[2] >= m
-        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse[:, :, :m], dropout, causal, attn_mask=bias, scale=scale
-        )
-        return (*grads, None)
-
-    return SimpleNamespace(
-        _scaled_dot_product_flash_attention=flash,
-        _scaled_dot_product_flash_attention_backward=flash_backward,
-        _scaled_dot_product_cudnn_attention=cudnn,
-        _scaled_dot_product_efficient_attention=efficient,
-        _scaled_dot_product_efficient_attention_backward=efficient_backward,
-    )
 
 
 # Masks only where the table can choose the kernel with one (test_choose_kernel_table).

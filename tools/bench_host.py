@@ -1,0 +1,142 @@
+"""Host work of one dilated attention call: the ATen ops its fast path
+dispatches (docs/design.md section 5, "Host work").
+
+On a GPU every eager op costs host time that the kernels wait for; at short
+lengths and in decode that time sets the speed. The op count is exact and
+the same on any machine, so it is measured here, without a GPU: the fast
+path's forward and backward (``forward_groups`` / ``backward_groups``) run on
+``meta`` tensors with the CUDA kernel choice (``backend="cuda"``: the real
+fused CUDA ops' meta kernels), under a dispatch mode that counts every op.
+Ops are split into views (metadata only: no kernel on a GPU) and the rest
+(a kernel launch each on a GPU, or an allocation).
+
+With a CUDA device (``--device cuda``), the same calls are also timed on the
+host: no synchronisation inside the timed region, so the wall time is the
+host time that issues the work (medians of interleaved rounds).
+
+Configuration: the GPU benchmark's (tools/bench_gpu.py): segments
+2048/4096/8192/16384, rates 1/2/4/8, 16 heads, head_dim 128, bf16, batch 1;
+prefill at 16K and 64K, and one decode row against a 32K cache (causal).
+
+    python tools/bench_host.py                 # counts: tools/results/host_ops.json
+    python tools/bench_host.py --device cuda   # counts and host times
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import machine  # noqa: E402
+
+from attention import ImprovedDilatedAttention  # noqa: E402
+from attention.dilated import backward_groups, forward_groups  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEGMENTS, RATES, HEADS, HEAD_DIM = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 128
+# (name, q_len, kv_len, causal)
+CASES = [("prefill 16K", 16384, 16384, False), ("prefill 64K", 65536, 65536, False), ("decode 32K", 1, 32768, True)]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen op dispatched inside it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        self.views += bool(func.is_view)
+        return func(*args, **(kwargs or {}))
+
+
+def calls(q_len: int, kv_len: int, causal: bool, device: str, backend: str):
+    """(forward, backward) closures of one case on ``device``, dispatching as ``backend``."""
+    groups = ImprovedDilatedAttention(SEGMENTS, RATES)._plan(HEADS).groups
+    dtype, scale = torch.bfloat16, HEAD_DIM**-0.5
+    q = torch.zeros(1, q_len, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    k, v = (torch.zeros(1, kv_len, HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
+    out, lse = forward_groups(q, k, v, None, groups, causal, scale, backend=backend)
+    out = out.to(dtype)
+
+    def forward() -> None:
+        forward_groups(q, k, v, None, groups, causal, scale, backend=backend)
+
+    def backward() -> None:
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=device) for x in (q, k, v)]
+        backward_groups(out, q, k, v, out, lse, None, groups, causal, scale, *grads, backend=backend)
+
+    return forward, backward
+
+
+def count(fn) -> dict:
+    with OpCounter() as counter:
+        fn()
+    total = sum(counter.ops.values())
+    return {"ops": total, "views": counter.views, "other_ops": total - counter.views,
+            "by_op": dict(counter.ops.most_common())}
+
+
+def host_times(fns: dict, rounds: int) -> dict:
+    """Median host wall time (ms) of each closure, rounds interleaved, no sync inside."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return {name: statistics.median(values[1:]) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="meta", choices=("meta", "cuda"),
+                        help="meta: op counts only (any machine); cuda: also host times")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON path (default tools/results/host_ops.json, host_ops_cuda.json with --device cuda)")
+    args = parser.parse_args()
+    output = args.output or RESULTS / ("host_ops.json" if args.device == "meta" else "host_ops_cuda.json")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    report = {
+        "benchmark": "tools/bench_host.py", "commit": commit, "machine": machine(torch.get_num_threads()),
+        "config": {"segments": SEGMENTS, "rates": RATES, "heads": HEADS, "head_dim": HEAD_DIM,
+                   "dtype": "bfloat16", "batch": 1, "kernels": "CUDA choice (backend='cuda')"},
+        "notes": "ops: every ATen op the fast path dispatches in one call; views: metadata-only ops; "
+                 "other_ops: kernel launches or allocations on a GPU",
+        "cases": [],
+    }
+    for name, q_len, kv_len, causal in CASES:
+        forward, backward = calls(q_len, kv_len, causal, "meta", "cuda")
+        row = {"case": name, "q_len": q_len, "kv_len": kv_len, "causal": causal,
+               "forward": count(forward), "backward": count(backward)}
+        if args.device == "cuda":
+            forward_cuda, backward_cuda = calls(q_len, kv_len, causal, "cuda", "cuda")
+            row["host_ms"] = host_times({"forward": forward_cuda, "backward": backward_cuda}, args.rounds)
+        report["cases"].append(row)
+        print(f"{name:12s} forward {row['forward']['ops']:4d} ops ({row['forward']['other_ops']:3d} not views)   "
+              f"backward {row['backward']['ops']:4d} ops ({row['backward']['other_ops']:3d} not views)"
+              + (f"   host ms fwd {row['host_ms']['forward']:.2f} bwd {row['host_ms']['backward']:.2f}"
+                 if "host_ms" in row else ""))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
