@@ -430,14 +430,15 @@ def forward_groups(
     is_causal: bool, scale: float, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Every group's attention folded into a new ``out`` (b, q_len, h, d) in
-    the accumulate dtype and ``lse`` (b, q_len, h), chunk by chunk (the
+    q's dtype (the rule above ``kernels.accumulate_dtype``) and ``lse`` (b,
+    q_len, h), chunk by chunk (the
     forward of the fast path; the sequence-parallel module runs its
     chunk-local groups through it too). Rows no group reaches are 0 with
     lse EMPTY_LSE. ``backend``: as ``kernels.attend``'s (default: q's device
     type; "cuda" on meta tensors runs the CUDA control flow)."""
     b, q_len, h, d = q.shape
     n, group_size = k.shape[1], h // k.shape[2]
-    out = torch.zeros(b, q_len, h, d, dtype=accumulate_dtype(q.dtype), device=q.device)
+    out = torch.zeros(b, q_len, h, d, dtype=q.dtype, device=q.device)
     lse = torch.full((b, q_len, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
     copied = _written_once(groups)
     for index, g in enumerate(groups):
@@ -501,8 +502,7 @@ def _dilated_forward_op(
 ) -> tuple[Tensor, Tensor]:
     """-> (out (b, q_len, h, d) in q's dtype, lse (b, q_len, h)); ``flat_plan``:
     the plan's group rows back to back (length-free: the same at every length)."""
-    out, lse = forward_groups(q, k, v, key_padding_mask, _plan_groups(flat_plan), is_causal, scale)
-    return out.to(q.dtype), lse
+    return forward_groups(q, k, v, key_padding_mask, _plan_groups(flat_plan), is_causal, scale)
 
 
 @_dilated_forward_op.register_fake
@@ -524,12 +524,12 @@ def _dilated_backward_op(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), each group's kernel backward fed the final ``out`` and
-    ``lse`` at its rows, accumulated in place."""
-    acc = accumulate_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
+    ``lse`` at its rows, summed in place in the inputs' dtype (the rule above
+    ``kernels.accumulate_dtype``)."""
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk, dv = (torch.zeros(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
     backward_groups(grad_out, q, k, v, out, lse, key_padding_mask, _plan_groups(flat_plan), is_causal, scale, dq, dk, dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 @_dilated_backward_op.register_fake

@@ -148,8 +148,19 @@ def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
 
 
 # --------------------------------------------------------------- dtypes
+# Two rules. Explicit arithmetic (the matmul kernel, the block-sparse gather
+# tiles, the plain reference) computes in ``accumulate_dtype``: float32 for
+# half types. Merged outputs and gradient sums that live as long as a whole
+# call (the dilated fast path's output, dq, dk, dv) are held in the INPUT
+# dtype: each fused kernel rounds its part to that dtype anyway, a merge
+# computes its lerp in float32 and rounds once, so k parts cost k roundings
+# instead of one (bf16, 4 branches: about 2x the error of one dense kernel,
+# within tests/test_cuda.py's 2.5u bound), while a float32 output plus the
+# final cast made the forward's peak 3.0x the output (H100 and CPU alike,
+# tools/bench_gpu.py, tools/bench_attention.py; target 1.5x). The
+# log-sum-exps stay float32 (``lse_dtype``).
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Outputs are accumulated (merged) in float32 for half types, else in their own dtype."""
+    """The compute dtype of explicit arithmetic: float32 for half types, else the dtype itself."""
     return torch.float32 if dtype in _HALF else dtype
 
 

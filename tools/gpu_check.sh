@@ -87,11 +87,18 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
     cat "$STATE/cpu.out"
 fi
 
-# 4. Decode latency through transformers (branch hf's tools/bench_decode.py), when present.
+# 4. Host work of the dilated fast path on the device: op counts and host
+#    milliseconds per call (tools/bench_host.py, a few seconds).
+if [ $DRY = 0 ] && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
+    step host 40 "$PY" tools/bench_host.py --device cuda
+    [ -n "${OUT:-}" ] && cp -f tools/results/host_ops_cuda.json "$OUT/" 2>/dev/null
+fi
+
+# 5. Decode latency through transformers (branch hf's tools/bench_decode.py), when present.
 DECODE=0
 [ -f tools/bench_decode.py ] && [ $DRY = 0 ] && [ "${GPU_CHECK_BENCH:-1}" != 0 ] && DECODE=1
 
-# 5. The benchmark, with what is left of the budget (it drops its largest
+# 6. The benchmark, with what is left of the budget (it drops its largest
 #    cases to keep to it; bench_gpu.py writes tools/results/gpu.{json,png}
 #    and, with $OUT set, there too).
 RESERVE=$(( DECODE == 1 ? 60 : 0 ))
