@@ -188,11 +188,14 @@ def _row_groups(kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool,
     heads, nb = kv_num_blocks.shape
     counts = kv_num_blocks.flatten().long()
     offsets = torch.cumsum(counts, 0) - counts
-    live = (torch.arange(nb, device=counts.device) >= first_block).repeat(heads).nonzero().squeeze(1)
+    # The rows of query blocks >= first_block, head by head (no nonzero: one sync fewer on a GPU).
+    live = (torch.arange(heads, device=counts.device)[:, None] * nb
+            + torch.arange(first_block, nb, device=counts.device)).flatten()
     order = live[torch.argsort(counts[live], stable=True)]
     values, lengths = torch.unique_consecutive(counts[order], return_counts=True)
+    values, lengths = torch.stack([values, lengths]).tolist()  # one device-to-host copy, not two
     groups = []
-    for c, rows in zip(values.tolist(), torch.split(order, lengths.tolist())):
+    for c, rows in zip(values, torch.split(order, lengths)):
         if c == 0:
             continue  # rows without key blocks: output 0, lse EMPTY_LSE
         slots = offsets[rows, None] + torch.arange(c, device=rows.device)
@@ -200,33 +203,38 @@ def _row_groups(kv_num_blocks: Tensor, kv_indices: Tensor, causal: bool,
     return groups
 
 
-class _Problem:
+class _TilePlan:
     """Everything one call needs: the gather indices of a tile (module
     docstring: queries ``[b * A, R, G * bs, d]``, keys ``[b * A, R, kc * bs,
     d]``), its mask, and buffers reused from tile to tile."""
 
     def __init__(self, q: Tensor, k: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-                 key_padding_mask: Optional[Tensor], block_size: int, causal: bool, dropout_p: float) -> None:
+                 key_padding_mask: Optional[Tensor], block_size: int, causal: bool, dropout_p: float,
+                 trusted_layout: bool, validate: bool) -> None:
         b, q_len, h, d = q.shape
         kv_len, kv_heads = k.shape[1], k.shape[2]
         self.b, self.q_len, self.h, self.kv_len, self.kv_heads = b, q_len, h, kv_len, kv_heads
         self.bs, self.causal = block_size, causal
         self.nb = nb = -(-kv_len // block_size)
-        check_layout(kv_num_blocks, kv_indices, nb)
+        if validate and not trusted_layout:  # reads values: several device-to-host syncs on a GPU
+            check_layout(kv_num_blocks, kv_indices, nb)
         self.shared = kv_num_blocks.shape[0] == 1
         self.lanes = kv_heads if self.shared else 1                   # A
         self.per_lane = h // kv_heads if self.shared else 1          # G
         self.offset = kv_len - q_len                                  # position of query row 0
         self.work = accumulate_dtype(q.dtype)
-        self.groups = _row_groups(kv_num_blocks, kv_indices, causal, self.offset // block_size)
+        # A trusted causal layout holds no future block already (_LayoutSource.layout).
+        self.groups = _row_groups(kv_num_blocks, kv_indices, causal and not trusted_layout,
+                                  self.offset // block_size)
         self.fused = USE_CPU_FLASH_KERNEL and q.device.type == "cpu" and dropout_p == 0
         self._buffers: dict[str, Tensor] = {}
         device = q.device
         self.slot = torch.arange(block_size, device=device)
         self.future = self.slot[None, :] > self.slot[:, None]           # [bs, bs] key offset > query offset
         self.beyond = self.slot >= kv_len - (nb - 1) * block_size if kv_len % block_size else None
-        self.minus_infinity = torch.tensor(float("-inf"), dtype=self.work, device=device)
-        self.zero = torch.tensor(0.0, dtype=self.work, device=device)
+        # Filled on the device: torch.tensor(value, device=...) would copy from the host.
+        self.minus_infinity = torch.full((), float("-inf"), dtype=self.work, device=device)
+        self.zero = torch.zeros((), dtype=self.work, device=device)
         self.key_padding_mask = key_padding_mask
         self.heads_outer = _heads_outer(k)  # the flat order of keys and values (``_flat``)
         if self.shared:  # query head of lane a, slot r: a * G + r
@@ -419,27 +427,33 @@ def _tile_backward(d_out, qt, kt, vt, out, lse, mask, scale: float, keep: Option
 def _forward_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
-    block_size: int, causal: bool, scale: float, dropout_p: float,
+    block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``out (b, q_len, h, d)`` and ``lse (b, h, q_len)`` (work dtype)."""
-    pb = _Problem(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
-    q_flat, k_flat, v_flat = _flat(q), _flat(k, pb.heads_outer), _flat(v, pb.heads_outer)
+    """Returns ``out (b, q_len, h, d)`` and ``lse (b, h, q_len)`` (work dtype).
+    ``trusted_layout``: the layout is a module's (``_LayoutSource.layout``):
+    valid by construction (generated here, checksummed on disk) and, when
+    causal, without future blocks; so neither ``check_layout`` nor
+    ``drop_future_blocks`` runs, each of which costs device-to-host syncs on
+    a GPU at every decode step. Otherwise (the functional API) both do."""
+    plan = _TilePlan(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p,
+                     trusted_layout, validate=True)
+    q_flat, k_flat, v_flat = _flat(q), _flat(k, plan.heads_outer), _flat(v, plan.heads_outer)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
     done: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (index, valid, out, lse) of every row tile
-    for rows, key_tiles in pb.tiles(q.shape[-1]):
-        index, valid = pb.query_index(rows)
-        qt = pb.gather("q", q_flat, index, rows.numel())
+    for rows, key_tiles in plan.tiles(q.shape[-1]):
+        index, valid = plan.query_index(rows)
+        qt = plan.gather("q", q_flat, index, rows.numel())
         acc = acc_lse = None
         for keys in key_tiles:
-            positions = pb.key_positions(keys)
-            key_index = pb.key_index(rows, positions)
-            mask, empty = pb.mask(rows, keys, positions)
+            positions = plan.key_positions(keys)
+            key_index = plan.key_index(rows, positions)
+            mask, empty = plan.mask(rows, keys, positions)
             keep = None
             if dropout_p > 0:
                 keep = _dropout_keep(qt, positions.shape[1], dropout_p, seed, tile)
-            o, l = _tile_forward(qt, pb.gather("k", k_flat, key_index, rows.numel()),
-                                 pb.gather("v", v_flat, key_index, rows.numel()), mask, scale, keep, pb.fused)
+            o, l = _tile_forward(qt, plan.gather("k", k_flat, key_index, rows.numel()),
+                                 plan.gather("v", v_flat, key_index, rows.numel()), mask, scale, keep, plan.fused)
             if empty is not None:
                 l = l.masked_fill(empty, EMPTY_LSE)  # the fused kernel reports 0 for empty rows
             if acc is None:
@@ -449,9 +463,9 @@ def _forward_op(
             tile += 1
         done.append((index, valid, acc, acc_lse))
     # Invalid query slots write to one extra row (position q_len), sliced off.
-    b, q_len, h = pb.b, pb.q_len, pb.h
-    out = q.new_zeros(b, (q_len + 1) * h, v.shape[-1], dtype=pb.work)
-    lse = q.new_full((b, (q_len + 1) * h), EMPTY_LSE, dtype=pb.work)
+    b, q_len, h = plan.b, plan.q_len, plan.h
+    out = q.new_zeros(b, (q_len + 1) * h, v.shape[-1], dtype=plan.work)
+    lse = q.new_full((b, (q_len + 1) * h), EMPTY_LSE, dtype=plan.work)
     if done:
         # One scatter at the end rather than one per tile: on a shared machine
         # every small parallel op risks a stall of milliseconds.
@@ -465,7 +479,7 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-      block_size, causal, scale, dropout_p):
+      block_size, causal, scale, dropout_p, trusted_layout):
     b, q_len, h, _ = q.shape
     return q.new_empty(b, q_len, h, v.shape[-1]), q.new_empty(b, h, q_len, dtype=accumulate_dtype(q.dtype))
 
@@ -475,40 +489,42 @@ def _backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor,
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
-    block_size: int, causal: bool, scale: float, dropout_p: float,
+    block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_forward_op``'s ``out`` with respect to ``q, k, v``."""
-    pb = _Problem(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p)
-    b, q_len, h = pb.b, pb.q_len, pb.h
+    # The forward checked these very arrays (when they were not trusted).
+    plan = _TilePlan(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p,
+                     trusted_layout, validate=False)
+    b, q_len, h = plan.b, plan.q_len, plan.h
     # d_out gets one zero row (position q_len): invalid query slots read it,
     # so they add nothing to any gradient.
-    d_out = F.pad(grad_out.to(pb.work), (0, 0, 0, 0, 0, 1)).view(b, (q_len + 1) * h, -1)
+    d_out = F.pad(grad_out.to(plan.work), (0, 0, 0, 0, 0, 1)).view(b, (q_len + 1) * h, -1)
     q_flat, out_flat = _flat(q), _flat(out)
-    k_flat, v_flat = _flat(k, pb.heads_outer), _flat(v, pb.heads_outer)
-    lse = lse.to(pb.work).transpose(1, 2).reshape(b, q_len * h, 1)  # empty rows: EMPTY_LSE, exp(-inf - it) = 0
-    dq = q.new_zeros(b, (q_len + 1) * h, q.shape[-1], dtype=pb.work)
-    dk = k.new_zeros(b, pb.kv_len * pb.kv_heads, k.shape[-1], dtype=pb.work)
-    dv = v.new_zeros(b, pb.kv_len * pb.kv_heads, v.shape[-1], dtype=pb.work)
+    k_flat, v_flat = _flat(k, plan.heads_outer), _flat(v, plan.heads_outer)
+    lse = lse.to(plan.work).transpose(1, 2).reshape(b, q_len * h, 1)  # empty rows: EMPTY_LSE, exp(-inf - it) = 0
+    dq = q.new_zeros(b, (q_len + 1) * h, q.shape[-1], dtype=plan.work)
+    dk = k.new_zeros(b, plan.kv_len * plan.kv_heads, k.shape[-1], dtype=plan.work)
+    dv = v.new_zeros(b, plan.kv_len * plan.kv_heads, v.shape[-1], dtype=plan.work)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
-    for rows, key_tiles in pb.tiles(q.shape[-1]):
-        index, valid = pb.query_index(rows)
+    for rows, key_tiles in plan.tiles(q.shape[-1]):
+        index, valid = plan.query_index(rows)
         count = rows.numel()
         target = index.masked_fill(~valid, q_len * h)
-        qt, ot = pb.gather("q", q_flat, index, count), pb.gather("out", out_flat, index, count)
-        dt = pb.gather("d_out", d_out, target, count)
-        lt = pb.gather("lse", lse, index, count).squeeze(-1)
+        qt, ot = plan.gather("q", q_flat, index, count), plan.gather("out", out_flat, index, count)
+        dt = plan.gather("d_out", d_out, target, count)
+        lt = plan.gather("lse", lse, index, count).squeeze(-1)
         dq_rows = None
         for keys in key_tiles:
-            positions = pb.key_positions(keys)
-            key_index = pb.key_index(rows, positions)
-            mask, _ = pb.mask(rows, keys, positions)
+            positions = plan.key_positions(keys)
+            key_index = plan.key_index(rows, positions)
+            mask, _ = plan.mask(rows, keys, positions)
             keep = None
             if dropout_p > 0:
                 keep = _dropout_keep(qt, positions.shape[1], dropout_p, seed, tile)
-            gq, gk, gv = _tile_backward(dt, qt, pb.gather("k", k_flat, key_index, count),
-                                        pb.gather("v", v_flat, key_index, count), ot, lt, mask, scale, keep,
-                                        pb.fused)
+            gq, gk, gv = _tile_backward(dt, qt, plan.gather("k", k_flat, key_index, count),
+                                        plan.gather("v", v_flat, key_index, count), ot, lt, mask, scale, keep,
+                                        plan.fused)
             dq_rows = gq if dq_rows is None else dq_rows.add_(gq)
             flat = key_index.flatten()
             dk.index_add_(1, flat, gk.reshape(b, flat.numel(), -1))
@@ -517,14 +533,14 @@ def _backward_op(
         dq.index_add_(1, target.flatten(), dq_rows.reshape(b, -1, dq_rows.shape[-1]))
     return (
         dq.view(b, q_len + 1, h, -1)[:, :q_len].to(q.dtype).contiguous(),
-        pb.unflat_keys(dk).to(k.dtype),
-        pb.unflat_keys(dv).to(v.dtype),
+        plan.unflat_keys(dk).to(k.dtype),
+        plan.unflat_keys(dv).to(v.dtype),
     )
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-      block_size, causal, scale, dropout_p):
+      block_size, causal, scale, dropout_p, trusted_layout):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -536,9 +552,9 @@ class _BlockSparseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-                block_size, causal, scale, dropout_p):
+                block_size, causal, scale, dropout_p, trusted_layout):
         return _forward_op(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-                           block_size, causal, scale, dropout_p)
+                           block_size, causal, scale, dropout_p, trusted_layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -553,7 +569,7 @@ class _BlockSparseFunction(torch.autograd.Function):
         dq, dk, dv = _BlockSparseBackwardFunction.apply(
             grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *ctx.args,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 class _BlockSparseBackwardFunction(torch.autograd.Function):
@@ -562,9 +578,9 @@ class _BlockSparseBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-                block_size, causal, scale, dropout_p):
+                block_size, causal, scale, dropout_p, trusted_layout):
         return _backward_op(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask,
-                            dropout_seed, block_size, causal, scale, dropout_p)
+                            dropout_seed, block_size, causal, scale, dropout_p, trusted_layout)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -621,12 +637,20 @@ def block_sparse_attention(
         )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
+    return _attention(q, k, v, kv_num_blocks, kv_indices, block_size, check_is_causal(causal), scale, dropout_p,
+                      key_padding_mask, trusted_layout=False)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block_size: int,
+               causal: bool, scale: float, dropout_p: float, key_padding_mask: Optional[Tensor],
+               trusted_layout: bool) -> Tensor:
+    """``block_sparse_attention`` after its checks (the module's path too)."""
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 1 << 62, (), dtype=torch.int64)
     out, _ = _BlockSparseFunction.apply(
         q, k, v, kv_num_blocks, kv_indices, key_padding_mask, seed,
-        block_size, check_is_causal(causal), float(scale), dropout_p,
+        block_size, causal, float(scale), dropout_p, trusted_layout,
     )
     return out
 
@@ -727,6 +751,8 @@ class _LayoutSource:
         else:
             pattern = self.store.get(self.spec(kv_len, num_heads), device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
+            if causal:  # once here, not at every call (the attention op trusts it: _forward_op)
+                hit = drop_future_blocks(*hit)
         _remember(self._layouts, key, hit, self.MAX_LAYOUTS)
         return hit
 
@@ -906,13 +932,8 @@ class BlockSparseAttention(nn.Module):
         # requires grad would route it through an autograd.Function without
         # setup_context, which torch.func transforms refuse.
         kv_num_blocks, kv_indices = _layout_op(q.detach(), k.detach(), self._description, causal)
-        return block_sparse_attention(
-            q, k, v, kv_num_blocks, kv_indices, self.block_size,
-            causal=causal,
-            softmax_scale=self.softmax_scale,
-            dropout_p=dropout_p,
-            key_padding_mask=key_padding_mask,
-        )
+        return _attention(q, k, v, kv_num_blocks, kv_indices, self.block_size, causal,
+                          default_scale(q, self.softmax_scale), dropout_p, key_padding_mask, trusted_layout=True)
 
     def _flex_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                       key_padding_mask: Optional[Tensor]) -> Tensor:

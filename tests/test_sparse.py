@@ -124,6 +124,27 @@ def test_is_causal_on_a_bidirectional_layout_padding_and_scale(cpu_path):
     check_against_reference(spec, causal=True, key_padding_mask=key_padding_mask, scale=0.3)
 
 
+def test_module_is_causal_on_a_bidirectional_layout(tmp_path, cpu_path):
+    """The module's path trusts its layouts (no value check, no dropping of
+    future blocks in the op: _forward_op's trusted_layout): its causal layout
+    of a bidirectional kind must come without future blocks, so the result
+    equals the functional API's (which drops them itself, checked against the
+    dense reference above), forward and backward, with padding."""
+    store = PatternStore(tmp_path)
+    module = BlockSparseAttention("bigbird", block_size=4, seed=1, num_random_blocks=2, store=store)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 37, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.rand(2, 37, generator=g) < 0.3
+    pattern = store.get(module.spec(37, 3))
+    out = module(q, k, v, is_causal=True, key_padding_mask=pad)
+    want = block_sparse_attention(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], 4, causal=True,
+                                  key_padding_mask=pad)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch, cpu_path):
     # 256 gathered key elements per tile with 2 * 4 batch rows, block 4 and
     # head_dim 8: two key blocks per tile, so a global row (all 12 blocks)
@@ -174,7 +195,7 @@ def test_dropout_gradients_are_exact_and_eval_disables_it():
 
     def dropped(q, k, v):
         return sparse._BlockSparseFunction.apply(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"],
-                                  None, seed, 4, False, 0.5, 0.4)[0]
+                                  None, seed, 4, False, 0.5, 0.4, False)[0]
 
     assert torch.autograd.gradcheck(dropped, inputs)
     plain = block_sparse_attention(*inputs, pattern["kv_num_blocks"], pattern["kv_indices"], 4,
@@ -417,13 +438,13 @@ def test_a_decode_step_gathers_only_the_key_blocks_of_its_row(monkeypatch):
     64 blocks of a 3-block window gathers 3 key blocks per key/value head,
     and grouped query heads share them (no key repeated per query head)."""
     gathered: dict[str, int] = {}
-    real = sparse._Problem.gather
+    real = sparse._TilePlan.gather
 
     def counting(self, slot, x, index, rows):
         gathered[slot] = gathered.get(slot, 0) + index.numel()
         return real(self, slot, x, index, rows)
 
-    monkeypatch.setattr(sparse._Problem, "gather", counting)
+    monkeypatch.setattr(sparse._TilePlan, "gather", counting)
     spec = SparseSpec("local", seq_len=512, block_size=8, num_heads=8, num_sliding_window_blocks=5)
     pattern = generate(spec)
     q = torch.randn(1, 1, 8, 16)
