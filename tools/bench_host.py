@@ -18,6 +18,14 @@ Configuration: the GPU benchmark's (tools/bench_gpu.py): segments
 2048/4096/8192/16384, rates 1/2/4/8, 16 heads, head_dim 128, bf16, batch 1;
 prefill at 16K and 64K, and one decode row against a 32K cache (causal).
 
+Block-sparse decode (the gather path, which a GPU takes for queries shorter
+than keys): one row against a 32K cache, bigbird and local, block 64,
+unidirectional, 8 heads, head_dim 64 (tools/bench_decode.py's layouts). Its
+op reads layout values, so it is counted on CPU float32 tensors, with the
+explicit tile path a GPU takes (``USE_CPU_FLASH_KERNEL`` off). "syncs" counts
+the ops that make a GPU wait for its queue (value reads, ``nonzero``,
+``unique``); a ``.tolist()`` after one of them is not seen by the counter.
+
     python tools/bench_host.py                 # counts: tools/results/host_ops.json
     python tools/bench_host.py --device cuda   # counts and host times
 """
@@ -39,13 +47,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import machine  # noqa: E402
 
-from attention import ImprovedDilatedAttention  # noqa: E402
+import attention.sparse as sparse  # noqa: E402
+from attention import BlockSparseAttention, ImprovedDilatedAttention  # noqa: E402
 from attention.dilated import backward_groups, forward_groups  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEGMENTS, RATES, HEADS, HEAD_DIM = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 128
 # (name, q_len, kv_len, causal)
 CASES = [("prefill 16K", 16384, 16384, False), ("prefill 64K", 65536, 65536, False), ("decode 32K", 1, 32768, True)]
+SPARSE_KINDS, SPARSE_BLOCK, SPARSE_HEADS, SPARSE_HEAD_DIM, SPARSE_CACHE = ("bigbird", "local"), 64, 8, 64, 32768
+# Ops after which the host waits for the device: a value read or an output sized by values.
+SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.unique_consecutive.default",
+            "aten._unique2.default", "aten.masked_select.default", "aten.repeat_interleave.Tensor"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -55,10 +68,15 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops: Counter[str] = Counter()
         self.views = 0
+        self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func)] += 1
         self.views += bool(func.is_view)
+        # repeat_interleave syncs only when it must read its repeats to size the output.
+        if str(func) in SYNC_OPS and not (func is torch.ops.aten.repeat_interleave.Tensor
+                                          and (kwargs or {}).get("output_size") is not None):
+            self.syncs += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -81,11 +99,26 @@ def calls(q_len: int, kv_len: int, causal: bool, device: str, backend: str):
     return forward, backward
 
 
+def sparse_decode_call(kind: str, device: str):
+    """One decode row of the block-sparse op on ``device`` (float32): its forward closure."""
+    module = BlockSparseAttention(kind, block_size=SPARSE_BLOCK, attention="unidirectional")
+    q = torch.randn(1, 1, SPARSE_HEADS, SPARSE_HEAD_DIM, device=device)
+    k, v = (torch.randn(1, SPARSE_CACHE, SPARSE_HEADS, SPARSE_HEAD_DIM, device=device) for _ in range(2))
+    counts, indices = module.layouts.layout(SPARSE_CACHE, SPARSE_HEADS, q.device, True)
+    scale = SPARSE_HEAD_DIM**-0.5
+
+    def forward() -> None:
+        sparse.sparse_forward(q, k, v, counts, indices, None, None, SPARSE_BLOCK, True, scale, 0.0, True)
+
+    forward()  # the store lookup and first-call work stay outside what is counted
+    return forward
+
+
 def count(fn) -> dict:
     with OpCounter() as counter:
         fn()
     total = sum(counter.ops.values())
-    return {"ops": total, "views": counter.views, "other_ops": total - counter.views,
+    return {"ops": total, "views": counter.views, "other_ops": total - counter.views, "syncs": counter.syncs,
             "by_op": dict(counter.ops.most_common())}
 
 
@@ -133,6 +166,18 @@ def main() -> None:
               f"backward {row['backward']['ops']:4d} ops ({row['backward']['other_ops']:3d} not views)"
               + (f"   host ms fwd {row['host_ms']['forward']:.2f} bwd {row['host_ms']['backward']:.2f}"
                  if "host_ms" in row else ""))
+    for kind in SPARSE_KINDS:
+        fused, sparse.USE_CPU_FLASH_KERNEL = sparse.USE_CPU_FLASH_KERNEL, False  # the GPU's tile path
+        try:
+            row = {"case": f"sparse {kind} decode 32K", "q_len": 1, "kv_len": SPARSE_CACHE, "causal": True,
+                   "forward": count(sparse_decode_call(kind, "cpu"))}
+        finally:
+            sparse.USE_CPU_FLASH_KERNEL = fused
+        if args.device == "cuda":
+            row["host_ms"] = host_times({"forward": sparse_decode_call(kind, "cuda")}, args.rounds)
+        report["cases"].append(row)
+        print(f"{row['case']:24s} forward {row['forward']['ops']:4d} ops ({row['forward']['syncs']} syncs)"
+              + (f"   host ms {row['host_ms']['forward']:.2f}" if "host_ms" in row else ""))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {output}")
