@@ -105,23 +105,6 @@ def reps_for(n: int, name: str) -> int:
 
 
 # ------------------------------------------------------------------ worker
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(n: int, names: list[str]) -> dict:
     import torch
     import torch.nn.functional as F
@@ -181,13 +164,13 @@ def worker(n: int, names: list[str]) -> dict:
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             q.grad = k.grad = v.grad = None
             return elapsed, cpu, None
-        before = _status_bytes("VmRSS")
-        measured = _reset_peak()
+        before = hostinfo.status_bytes("VmRSS")
+        measured = hostinfo.reset_peak_rss()
         with torch.no_grad():
             start, cpu = time.perf_counter(), time.process_time()
             out = fn(q, k, v)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        peak = _status_bytes("VmHWM") - before if measured else None
+        peak = hostinfo.status_bytes("VmHWM") - before if measured else None
         del out
         return elapsed, cpu, peak
 

@@ -64,7 +64,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"

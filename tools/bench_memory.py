@@ -28,17 +28,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostinfo  # tools/hostinfo.py (a script's own folder is on sys.path)
+
 TOOLS = Path(__file__).resolve().parent
 RESULTS = TOOLS / "results"
 SEGMENTS, RATES, HEADS, HEAD_DIM = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 64
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def worker(n: int, dtype_name: str, device: str) -> dict:
@@ -61,15 +55,14 @@ def worker(n: int, dtype_name: str, device: str) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _rss("VmRSS")
+        hostinfo.reset_peak_rss()
+        return hostinfo.status_bytes("VmRSS")
 
     def peak(before: int) -> int:
         if cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - before
-        return _rss("VmHWM") - before
+        return hostinfo.status_bytes("VmHWM") - before
 
     before = reset()
     out = module(q, k, v)
@@ -95,9 +88,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(int(args.worker[0]), args.worker[1], args.device)))
         return
-    sys.path.insert(0, str(TOOLS))
-    from hostinfo import machine
-
     output = args.output or RESULTS / ("memory.json" if args.device == "cpu" else "memory_cuda.json")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TOOLS.parent), env.get("PYTHONPATH", "")) if p)
@@ -110,7 +100,7 @@ def main() -> None:
             rows.append(row)
             print(f"n={n:7d} {dtype_name:9s} forward {row['forward_peak_over_output']:.2f}x output, "
                   f"backward {row['backward_peak_over_output']:.2f}x output")
-    report = {"benchmark": "tools/bench_memory.py", "machine": machine(0), "device": args.device,
+    report = {"benchmark": "tools/bench_memory.py", "machine": hostinfo.machine(0), "device": args.device,
               "config": {"segments": SEGMENTS, "rates": RATES, "heads": HEADS, "head_dim": HEAD_DIM, "batch": 1,
                          "causal": False},
               "target": "forward peak above inputs <= 1.5x the output", "rows": rows,
