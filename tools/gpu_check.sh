@@ -11,8 +11,9 @@
 #   tools/gpu_check.sh --dry    # anywhere: CUDA tests must skip, bench --quick on the CPU
 #
 # Every step is bounded by `timeout`; a failing step does not stop the next.
-# Logs, tools/results/gpu.json and gpu.png also go to $OUT when it is set
-# (the device tool's folder that comes back); a summary is printed last.
+# With $OUT set (the device tool's folder that comes back, 8 files at most),
+# these go there: gpu.json, gpu.png, decode_gpu.json, host_ops_cuda.json and
+# one gpu_check_logs.txt holding every step's full log; a summary is printed last.
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 420),
 # GPU_CHECK_TESTS=0 (benchmarks only: a second run gets the whole budget),
 # GPU_CHECK_BENCH=0 (tests only).
@@ -24,10 +25,10 @@ TOTAL=${GPU_CHECK_SECONDS:-420}
 DRY=0
 STATUS=0
 [ "${1:-}" = "--dry" ] && DRY=1
-STATE=$(mktemp -d /tmp/gpu_check.XXXXXX)  # step verdicts (not in $OUT: it brings back 8 files at most)
+STATE=$(mktemp -d /tmp/gpu_check.XXXXXX)  # step verdicts and logs (not in $OUT: it brings back 8 files at most)
 : >"$STATE/summary"
-LOGS=${OUT:-$STATE}
-mkdir -p "$LOGS" tools/results
+LOGS=$STATE
+mkdir -p tools/results ${OUT:+"$OUT"}
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 
@@ -131,4 +132,7 @@ fi
 [ -f "$LOGS/bench.log" ] && sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 70
 [ -f "$LOGS/decode.log" ] && tail -n 8 "$LOGS/decode.log"
 [ -f "$LOGS/kernels.log" ] && grep -E "worst|ERROR" "$LOGS/kernels.log" | sed 's/^/  kernels: /'
+if [ -n "${OUT:-}" ]; then  # every step's full log in one file (the 8-file limit)
+    for f in "$LOGS"/*.log; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done >"$OUT/gpu_check_logs.txt"
+fi
 exit $STATUS
