@@ -932,10 +932,18 @@ class BlockSparseAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if attention_path(q.device.type, q.shape[1], k.shape[1], dropout_p, self.block_size) == "flex":
             return self._flex_forward(q, k, v, causal, key_padding_mask)
-        # Detached: the lookup reads shapes only, and an operator input that
-        # requires grad would route it through an autograd.Function without
-        # setup_context, which torch.func transforms refuse.
-        kv_num_blocks, kv_indices = _layout_op(q.detach(), k.detach(), self._description, causal)
+        if q.device.type == "meta":
+            # Shape inference on meta tensors: the lookup op's fake gives the
+            # entry count a data-dependent size, which meta tensors cannot
+            # carry, so the layout is looked up for the CPU and its shapes
+            # taken to the meta device (values are never read there).
+            kv_num_blocks, kv_indices = (x.to(q.device) for x in self.layouts.layout(
+                k.shape[1], q.shape[2], torch.device("cpu"), causal))
+        else:
+            # Detached: the lookup reads shapes only, and an operator input that
+            # requires grad would route it through an autograd.Function without
+            # setup_context, which torch.func transforms refuse.
+            kv_num_blocks, kv_indices = _layout_op(q.detach(), k.detach(), self._description, causal)
         return _attention(q, k, v, kv_num_blocks, kv_indices, self.block_size, causal,
                           default_scale(q, self.softmax_scale), dropout_p, key_padding_mask, trusted_layout=True)
 

@@ -14,7 +14,8 @@ modules; threads sharing one module at several lengths; a read-only store
 directory holding a precomputed store; ``torch.func.grad`` / ``vjp`` on a
 cold store; double backward and ``torch.jit.script`` (clear errors) for the
 modules tests/test_dilated.py and tests/test_sparse.py do not already cover;
-``DistributedDilatedAttention`` at world size 1 (gloo), copied and pickled.
+``DistributedDilatedAttention`` at world size 1 (gloo), copied and pickled;
+shape inference on the ``meta`` device (shapes and dtypes only).
 
 The reference of a module is the same module class with the same parameters
 in float64 whose attention is the dense float64 definition:
@@ -215,6 +216,31 @@ def check(case: Case, module: nn.Module, xs, *, dtype: torch.dtype = torch.float
         for i, (a, b) in enumerate(zip(got, want)):
             assert_close(a, b, dtype, f"gradient {i}", scale)
     return out
+
+
+@all_cases
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_meta_tensors_give_the_shapes_and_dtypes(case, dtype, tmp_path):
+    """Shape inference on the meta device (a module built under
+    ``torch.device("meta")``, meta inputs): the output and every gradient
+    have the shapes and dtypes of the real call, with no value read (the
+    block-sparse lookup's entry count is data-dependent: the layout's shapes
+    come from its CPU copy). Compared with the same call on real tensors."""
+    store = PatternStore(tmp_path)
+    real = [x.to(dtype).requires_grad_() for x in inputs(case)]
+    real_module = case.build(store).to(dtype)
+    want = call(case, real_module, real)
+    want.sum().backward()
+    with torch.device("meta"):
+        module = case.build(store).to(dtype)
+    leaves = [torch.empty_like(x, device="meta").requires_grad_() for x in real]
+    out = call(case, module, leaves)
+    assert (out.shape, out.dtype, out.device.type) == (want.shape, want.dtype, "meta")
+    out.sum().backward()
+    got, expected = leaves + parameters(module), real + parameters(real_module)
+    assert len(got) == len(expected)
+    for leaf, x in zip(got, expected):
+        assert (leaf.grad.shape, leaf.grad.dtype, leaf.grad.device.type) == (x.grad.shape, x.grad.dtype, "meta")
 
 
 @pytest.fixture
