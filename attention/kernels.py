@@ -456,13 +456,15 @@ def _kernel_for(q: Tensor, key_mask: Optional[Tensor], backend: Optional[str]) -
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[float],
     key_mask: Optional[Tensor] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``(B, H, M, d)`` queries over ``(B, H_kv, N, d)`` keys and
     values -> ``(out, lse (B, H, M))`` (see the module docstring).
-    ``key_mask``: None or ``(B, N)`` bool, True = padding. ``backend``: the
-    device type to dispatch for (default: q's), e.g. "cuda" on meta tensors."""
+    ``scale``: the softmax scale, None for ``1 / sqrt(d)``. ``key_mask``: None
+    or ``(B, N)`` bool, True = padding. ``backend``: the device type to
+    dispatch for (default: q's), e.g. "cuda" on meta tensors."""
+    scale = default_scale(q, scale)
     kernel = _kernel_for(q, key_mask, backend)
     q, k, v = (_unit_stride_rows(x) for x in (q, k, v))
     out = lse = None
@@ -478,11 +480,13 @@ def attend(
 
 
 def attend_backward(
-    d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, causal: bool, scale: float,
-    key_mask: Optional[Tensor] = None, backend: Optional[str] = None,
+    d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, causal: bool,
+    scale: Optional[float], key_mask: Optional[Tensor] = None, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of ``attend``'s rows given their FINAL
-    ``out`` and ``lse`` (shapes as ``attend``; out and d_out in q's dtype)."""
+    ``out`` and ``lse`` (shapes and ``scale`` as ``attend``; out and d_out in
+    q's dtype)."""
+    scale = default_scale(q, scale)
     kernel = _kernel_for(q, key_mask, backend)
     d_out, q, k, v, out = (_unit_stride_rows(x) for x in (d_out, q, k, v, out))
     parts = _parts(q, k, causal)

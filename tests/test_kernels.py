@@ -282,6 +282,22 @@ def test_a_nan_in_a_future_key_leaves_earlier_queries_finite():
     assert out[:, :, 30:].isnan().all()
 
 
+@pytest.mark.parametrize("kernel", ["cpu_flash", "matmul"])
+def test_scale_none_is_one_over_sqrt_head_dim(monkeypatch, kernel):
+    """``scale=None`` in attend and attend_backward means 1/sqrt(d), as in SDPA."""
+    monkeypatch.setattr(kernels, "choose_kernel", lambda *args: kernel)
+    q, k, v = make(2, 4, 9, 16, seed=1), make(2, 2, 9, 16, seed=2), make(2, 2, 9, 16, seed=3)
+    out, lse = attend(q, k, v, causal=True, scale=None)
+    want_out, want_lse = attend(q, k, v, causal=True, scale=0.25)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    grad_out = make(2, 4, 9, 16, seed=4)
+    got = attend_backward(grad_out, q, k, v, out, lse, causal=True, scale=None)
+    want = attend_backward(grad_out, q, k, v, out, lse, causal=True, scale=0.25)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------ merge
 def test_merge_of_two_key_halves_is_attention_over_all_keys():
     q, k, v = make(2, 3, 7, 8), make(2, 3, 20, 8, seed=1), make(2, 3, 20, 8, seed=2)
