@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -341,7 +341,9 @@ _MIN_CHUNK = 1 << 20
 class _Rows(NamedTuple):
     """Where a piece's rows of one tensor ``x`` (b, L, ...) lie in its
     storage: row ``m`` of segment ``c`` of batch row ``i`` starts at
-    ``offset + i * batch + c * segment + m * row``. A chunk of them in the
+    ``offset + i * batch + c * segment + m * row``; the units of a chunk lie
+    ``unit`` apart (consecutive segments, or for a one-segment piece
+    consecutive batch rows). A chunk of them in the
     kernels' layout is then ONE ``as_strided`` (``_Rows.chunk``) instead of
     the five to eight view ops of ``_view`` plus the transposes: on a GPU
     each view op is host time the kernels wait for (docs/design.md section 5)."""
@@ -351,6 +353,7 @@ class _Rows(NamedTuple):
     batch: int
     segment: int
     row: int
+    unit: int
 
     @classmethod
     def of(cls, x: Tensor, piece: Piece, queries: bool) -> "_Rows":
@@ -359,36 +362,35 @@ class _Rows(NamedTuple):
             else (piece.k_start, piece.k_region, piece.k_offset)
         )
         stride = x.stride()
-        return cls(x, x.storage_offset() + (start + offset) * stride[1], stride[0], region * stride[1],
-                   piece.rate * stride[1])
+        segment = region * stride[1]
+        return cls(x, x.storage_offset() + (start + offset) * stride[1], stride[0], segment,
+                   piece.rate * stride[1], segment if piece.count > 1 else stride[0])
 
     def chunk(self, span: "_Span", rows: int, heads: Optional[slice]) -> Tensor:
         """Rows of ``span``'s units as ``(units, heads, rows, ...)`` (``(units,
         rows)`` for a 2-D ``x``, which has no heads): what a kernel takes."""
         x = self.x
-        units_stride = self.segment if span.across_segments else self.batch
         offset = self.offset + span.batch_row * self.batch + span.segment * self.segment
         if x.dim() == 2:
-            return x.as_strided((span.units, rows), (units_stride, self.row), offset)
+            return x.as_strided((span.units, rows), (self.unit, self.row), offset)
         head_stride = x.stride(2)
         offset += heads.start * head_stride
         size = (span.units, heads.stop - heads.start, rows, *x.shape[3:])
-        return x.as_strided(size, (units_stride, head_stride, self.row, *x.stride()[3:]), offset)
+        return x.as_strided(size, (self.unit, head_stride, self.row, *x.stride()[3:]), offset)
 
 
 class _Span(NamedTuple):
     """One chunk: ``units`` (batch row, segment) pairs from (``batch_row``,
-    ``segment``), consecutive segments (``across_segments``, possibly running
-    into the next batch row when the strides allow) or consecutive batch rows
-    of a one-segment piece."""
+    ``segment``): consecutive segments (possibly running into the next batch
+    row when the strides allow), or consecutive batch rows of a one-segment
+    piece."""
 
     batch_row: int
     segment: int
     units: int
-    across_segments: bool
 
 
-def _spans(piece: Piece, heads: int, q: Tensor, kv_len: int, tensors: Sequence[_Rows]) -> list[_Span]:
+def _spans(piece: Piece, heads: int, q: Tensor, tensors: Sequence[_Rows]) -> list[_Span]:
     """The chunks of one piece: at most 1/_CHUNK_FRACTION of the output (or
     _MIN_CHUNK elements, or one unit) each, the same for every tensor of the
     call so that their chunks line up. A chunk runs across batch rows where
@@ -398,11 +400,11 @@ def _spans(piece: Piece, heads: int, q: Tensor, kv_len: int, tensors: Sequence[_
     unit = max(piece.q_rows, piece.k_rows) * heads * d
     per_chunk = max(1, max(q.numel() // _CHUNK_FRACTION, _MIN_CHUNK) // unit)
     if count == 1:
-        return [_Span(i, 0, min(per_chunk, b - i), False) for i in range(0, b, per_chunk)]
+        return [_Span(i, 0, min(per_chunk, b - i)) for i in range(0, b, per_chunk)]
     if b == 1 or all(t.batch == count * t.segment for t in tensors):
         total = b * count
-        return [_Span(u // count, u % count, min(per_chunk, total - u), True) for u in range(0, total, per_chunk)]
-    return [_Span(i, c, min(per_chunk, count - c), True) for i in range(b) for c in range(0, count, per_chunk)]
+        return [_Span(u // count, u % count, min(per_chunk, total - u)) for u in range(0, total, per_chunk)]
+    return [_Span(i, c, min(per_chunk, count - c)) for i in range(b) for c in range(0, count, per_chunk)]
 
 
 def _plan_groups(flat_plan: Sequence[int]) -> list[Group]:
@@ -425,40 +427,52 @@ def _written_once(groups: Sequence[Group]) -> int:
     return first if disjoint else 0
 
 
+def _chunk_views(
+    groups: Sequence[Group], q: Tensor, k: Tensor, query_side: Sequence[Tensor], key_side: Sequence[Tensor],
+    key_padding_mask: Optional[Tensor],
+) -> Iterator[tuple[int, list[Tensor], list[Tensor], Optional[Tensor]]]:
+    """Every kernel call of the fast path, in order: ``(group index, chunks of
+    the query_side tensors (b, q_len, h, ...), chunks of the key_side tensors
+    (b, kv_len, h_kv, ...), the key mask's chunk or None)``, each chunk in the
+    kernels' layout (``_Rows.chunk``); the forward and the backward walk the
+    same chunks."""
+    q_len, h, n = q.shape[1], q.shape[2], k.shape[1]
+    group_size = h // k.shape[2]
+    for index, g in enumerate(groups):
+        for piece in _pieces(g, q_len, n):
+            query_rows = [_Rows.of(x, piece, True) for x in query_side]
+            key_rows = [_Rows.of(x, piece, False) for x in key_side]
+            pad = None if key_padding_mask is None else _Rows.of(key_padding_mask, piece, False)
+            every = query_rows + key_rows + ([] if pad is None else [pad])
+            for heads, kv_heads in _head_runs(g, group_size):
+                for span in _spans(piece, heads.stop - heads.start, q, every):
+                    yield (index, [x.chunk(span, piece.q_rows, heads) for x in query_rows],
+                           [x.chunk(span, piece.k_rows, kv_heads) for x in key_rows],
+                           None if pad is None else pad.chunk(span, piece.k_rows, None))
+
+
 def forward_groups(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], groups: Sequence[Group],
     is_causal: bool, scale: float, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Every group's attention folded into a new ``out`` (b, q_len, h, d) in
     q's dtype (the rule above ``kernels.accumulate_dtype``) and ``lse`` (b,
-    q_len, h), chunk by chunk (the
-    forward of the fast path; the sequence-parallel module runs its
-    chunk-local groups through it too). Rows no group reaches are 0 with
-    lse EMPTY_LSE. ``backend``: as ``kernels.attend``'s (default: q's device
-    type; "cuda" on meta tensors runs the CUDA control flow)."""
-    b, q_len, h, d = q.shape
-    n, group_size = k.shape[1], h // k.shape[2]
-    out = torch.zeros(b, q_len, h, d, dtype=q.dtype, device=q.device)
-    lse = torch.full((b, q_len, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
+    q_len, h), chunk by chunk (the forward of the fast path; the
+    sequence-parallel module runs its chunk-local groups through it too).
+    Rows no group reaches are 0 with lse EMPTY_LSE. ``backend``: as
+    ``kernels.attend``'s (default: q's device type; "cuda" on meta tensors
+    runs the CUDA control flow)."""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full(q.shape[:3], EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
     copied = _written_once(groups)
-    for index, g in enumerate(groups):
-        for piece in _pieces(g, q_len, n):
-            query_side = [_Rows.of(x, piece, True) for x in (q, out, lse)]
-            key_side = [_Rows.of(x, piece, False) for x in (k, v)]
-            pad = None if key_padding_mask is None else _Rows.of(key_padding_mask, piece, False)
-            every = query_side + key_side + ([] if pad is None else [pad])
-            for heads, kv_heads in _head_runs(g, group_size):
-                for span in _spans(piece, heads.stop - heads.start, q, n, every):
-                    qc, oc, lc = (x.chunk(span, piece.q_rows, heads) for x in query_side)
-                    kc, vc = (x.chunk(span, piece.k_rows, kv_heads) for x in key_side)
-                    pc = None if pad is None else pad.chunk(span, piece.k_rows, None)
-                    o, l = attend(qc, kc, vc, causal=is_causal, scale=scale, key_mask=pc, backend=backend)
-                    if index < copied:
-                        oc.copy_(o)
-                        lc.copy_(l)
-                    else:
-                        merge_(oc, lc, o, l)
-                    del o, l  # before the next chunk's kernel allocates its own
+    for index, (qc, oc, lc), (kc, vc), pc in _chunk_views(groups, q, k, (q, out, lse), (k, v), key_padding_mask):
+        o, l = attend(qc, kc, vc, causal=is_causal, scale=scale, key_mask=pc, backend=backend)
+        if index < copied:
+            oc.copy_(o)
+            lc.copy_(l)
+        else:
+            merge_(oc, lc, o, l)
+        del o, l  # before the next chunk's kernel allocates its own
     return out, lse
 
 
@@ -470,24 +484,13 @@ def backward_groups(
     """Add every group's gradients into ``dq, dk, dv``, each kernel backward
     fed the FINAL ``out`` and ``lse`` at its rows (``backend`` as in
     ``forward_groups``)."""
-    q_len, h, n = q.shape[1], q.shape[2], k.shape[1]
-    group_size = h // k.shape[2]
-    for g in groups:
-        for piece in _pieces(g, q_len, n):
-            query_side = [_Rows.of(x, piece, True) for x in (grad_out, q, out, lse, dq)]
-            key_side = [_Rows.of(x, piece, False) for x in (k, v, dk, dv)]
-            pad = None if key_padding_mask is None else _Rows.of(key_padding_mask, piece, False)
-            every = query_side + key_side + ([] if pad is None else [pad])
-            for heads, kv_heads in _head_runs(g, group_size):
-                for span in _spans(piece, heads.stop - heads.start, q, n, every):
-                    doc, qc, oc, lc, dqc = (x.chunk(span, piece.q_rows, heads) for x in query_side)
-                    kc, vc, dkc, dvc = (x.chunk(span, piece.k_rows, kv_heads) for x in key_side)
-                    pc = None if pad is None else pad.chunk(span, piece.k_rows, None)
-                    partial = attend_backward(doc, qc, kc, vc, oc, lc, causal=is_causal, scale=scale, key_mask=pc,
-                                              backend=backend)
-                    for total, part in zip((dqc, dkc, dvc), partial):
-                        total.add_(part)
-                    del partial, part
+    views = _chunk_views(groups, q, k, (grad_out, q, out, lse, dq), (k, v, dk, dv), key_padding_mask)
+    for _, (doc, qc, oc, lc, dqc), (kc, vc, dkc, dvc), pc in views:
+        partial = attend_backward(doc, qc, kc, vc, oc, lc, causal=is_causal, scale=scale, key_mask=pc,
+                                  backend=backend)
+        for total, part in zip((dqc, dkc, dvc), partial):
+            total.add_(part)
+        del partial, part
 
 
 @torch.library.custom_op("patternstore::dilated_attention", mutates_args=())
