@@ -210,14 +210,12 @@ class _TilePlan:
 
     def __init__(self, q: Tensor, k: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                  key_padding_mask: Optional[Tensor], block_size: int, causal: bool, dropout_p: float,
-                 trusted_layout: bool, validate: bool) -> None:
+                 trusted_layout: bool) -> None:
         b, q_len, h, d = q.shape
         kv_len, kv_heads = k.shape[1], k.shape[2]
         self.b, self.q_len, self.h, self.kv_len, self.kv_heads = b, q_len, h, kv_len, kv_heads
         self.bs, self.causal = block_size, causal
         self.nb = nb = -(-kv_len // block_size)
-        if validate and not trusted_layout:  # reads values: several device-to-host syncs on a GPU
-            check_layout(kv_num_blocks, kv_indices, nb)
         self.shared = kv_num_blocks.shape[0] == 1
         self.lanes = kv_heads if self.shared else 1                   # A
         self.per_lane = h // kv_heads if self.shared else 1          # G
@@ -434,8 +432,10 @@ def sparse_forward(
     causal, without future blocks; so neither ``check_layout`` nor
     ``drop_future_blocks`` runs, each of which costs device-to-host syncs on
     a GPU at every decode step. Otherwise (the functional API) both do."""
+    if not trusted_layout:  # reads values: several device-to-host syncs on a GPU
+        check_layout(kv_num_blocks, kv_indices, -(-k.shape[1] // block_size))
     plan = _TilePlan(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p,
-                     trusted_layout, validate=True)
+                     trusted_layout)
     q_flat, k_flat, v_flat = _flat(q), _flat(k, plan.heads_outer), _flat(v, plan.heads_outer)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
@@ -496,9 +496,9 @@ def _backward_op(
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``_forward_op``'s ``out`` with respect to ``q, k, v``."""
-    # The forward checked these very arrays (when they were not trusted).
+    # No check_layout: the forward checked these very arrays (when they were not trusted).
     plan = _TilePlan(q, k, kv_num_blocks, kv_indices, key_padding_mask, block_size, causal, dropout_p,
-                     trusted_layout, validate=False)
+                     trusted_layout)
     b, q_len, h = plan.b, plan.q_len, plan.h
     # d_out gets one zero row (position q_len): invalid query slots read it,
     # so they add nothing to any gradient.
@@ -755,11 +755,10 @@ class _LayoutSource:
         else:
             pattern = self.store.get(self.spec(kv_len, num_heads), device)
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
-            if causal:  # once here, not at every call (the attention op trusts it: _forward_op)
+            if causal:  # once here, not at every call (the attention op trusts it: sparse_forward)
                 hit = drop_future_blocks(*hit)
         _remember(self._layouts, key, hit, self.MAX_LAYOUTS)
         return hit
-
 
     def block_mask(self, seq_len: int, num_heads: int, device: torch.device, causal: bool, padded: bool):
         """The ``BlockMask`` of ``layout(seq_len, ...)`` (``padded``: every
@@ -774,9 +773,6 @@ class _LayoutSource:
         return hit
 
 
-# Sources by description: a cache, never the only way to a layout (any
-# process rebuilds a source from its description). Strong and bounded, so a
-# program that holds no module (an exported one) keeps its layouts too.
 def _remember(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
     """Put ``value`` in the LRU ``cache`` and evict the oldest entries past
     ``limit``. Threads may share the cache without a lock: an entry another
@@ -789,6 +785,9 @@ def _remember(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
             break
 
 
+# Sources by description: a cache, never the only way to a layout (any
+# process rebuilds a source from its description). Strong and bounded, so a
+# program that holds no module (an exported one) keeps its layouts too.
 _SOURCES: OrderedDict[str, _LayoutSource] = OrderedDict()
 MAX_SOURCES = 64
 
