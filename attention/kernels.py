@@ -156,8 +156,8 @@ def default_scale(q: Tensor, softmax_scale: Optional[float]) -> float:
 # computes its lerp in float32 and rounds once, so k parts cost k roundings
 # instead of one (bf16, 4 branches: about 2x the error of one dense kernel,
 # within tests/test_cuda.py's 2.5u bound), while a float32 output plus the
-# final cast made the forward's peak 3.0x the output (H100 and CPU alike,
-# tools/bench_gpu.py, tools/bench_attention.py; target 1.5x). The
+# final cast made the forward's peak 3.0x the output (H100 and CPU alike:
+# tools/bench_gpu.py, tools/bench_memory.py; target 1.5x). The
 # log-sum-exps stay float32 (``lse_dtype``).
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The compute dtype of explicit arithmetic: float32 for half types, else the dtype itself."""

@@ -1,6 +1,7 @@
-"""CPU emulations of the fused CUDA attention ops, for tests that run the
-kernel layer's CUDA control flow numerically on the CPU (issue 12 section 5):
-substitute them for ``attention.kernels._ops`` and force a CUDA kernel choice."""
+"""Test helpers for the kernel layer's CUDA control flow on the CPU (issue 12
+section 5): CPU emulations of the fused CUDA attention ops, to substitute for
+``attention.kernels._ops`` with a forced CUDA kernel choice; and a recorder of
+the calls every kernel of the table receives."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from types import SimpleNamespace
 
 import torch
+
+import attention.kernels as kernels
 
 
 def emulated_cuda_ops():
@@ -64,3 +67,19 @@ def emulated_cuda_ops():
         _scaled_dot_product_efficient_attention=efficient,
         _scaled_dot_product_efficient_attention_backward=efficient_backward,
     )
+
+
+def recording(monkeypatch):
+    """Wrap every kernel of the table; return the list of (name, inputs) calls."""
+    calls = []
+    for name, kernel in list(kernels.KERNELS.items()):
+        def forward(q, k, v, *rest, _name=name, _f=kernel.forward):
+            calls.append((_name, "forward", q, k, v))
+            return _f(q, k, v, *rest)
+
+        def backward(do, q, k, v, *rest, _name=name, _b=kernel.backward):
+            calls.append((_name, "backward", q, k, v))
+            return _b(do, q, k, v, *rest)
+
+        monkeypatch.setitem(kernels.KERNELS, name, kernel._replace(forward=forward, backward=backward))
+    return calls

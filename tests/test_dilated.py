@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import attention.dilated as dilated
 import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
-from cuda_emulation import emulated_cuda_ops
+from cuda_emulation import emulated_cuda_ops, recording
 from dense_reference import dense_dilated_attention
 from patternstore import DilatedSpec, PatternStore, generate
 
@@ -164,17 +164,7 @@ def test_fast_path_runs_the_cuda_control_flow_on_meta_tensors(monkeypatch, dtype
     ``choose_kernel`` names, (B, H, M, d) rows with unit stride, M and N the
     piece's rows; out, lse and gradients of the right shapes and dtypes."""
     monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
-    calls = []
-    for name, kernel in list(kernels.KERNELS.items()):
-        def forward(q, k, v, *rest, _name=name, _f=kernel.forward):
-            calls.append((_name, q, k, v))
-            return _f(q, k, v, *rest)
-
-        def backward(do, q, k, v, *rest, _name=name, _b=kernel.backward):
-            calls.append((_name, q, k, v))
-            return _b(do, q, k, v, *rest)
-
-        monkeypatch.setitem(kernels.KERNELS, name, kernel._replace(forward=forward, backward=backward))
+    calls = recording(monkeypatch)
     h = 4
     plan = DilatedPlan.from_pattern(generate(DilatedSpec((8, 16), (1, 2), h)))
     q = torch.empty(b, q_len, h, head_dim, dtype=dtype, device="meta")
@@ -187,7 +177,7 @@ def test_fast_path_runs_the_cuda_control_flow_on_meta_tensors(monkeypatch, dtype
     dilated.backward_groups(q, q, k, v, q, lse, pad, plan.groups, causal, 0.125, *grads_, backend="cuda")
     expected = kernels.choose_kernel("cuda", dtype, head_dim, masked)
     assert calls and {name for name, *_ in calls} == {expected}
-    for _, cq, ck, cv in calls:
+    for _, _, cq, ck, cv in calls:
         assert cq.dim() == 4 and all(x.stride(-1) == 1 for x in (cq, ck, cv))
         assert cq.shape[-1] == head_dim and cq.shape[2] <= 16 and ck.shape[2] <= 16  # a piece's rows
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention.kernels as kernels
-from cuda_emulation import emulated_cuda_ops
+from cuda_emulation import emulated_cuda_ops, recording
 from attention.kernels import (
     EMPTY_LSE,
     attend,
@@ -106,22 +106,6 @@ def test_cuda_half_kernel_is_a_table_entry():
     assert {name for name, kernel in kernels.KERNELS.items() if kernel.takes_mask} == {"cpu_flash", "cuda_efficient", "cuda_efficient_float32", "matmul"}
     assert kernels.CUDNN_MAX_HEAD_DIM <= kernels.FLASH_MAX_HEAD_DIM
     assert not kernels.KERNELS["cuda_efficient"].native_gqa  # it refuses fewer k/v heads (H100, torch 2.11)
-
-
-def recording(monkeypatch):
-    """Wrap every kernel of the table; return the list of (name, inputs) calls."""
-    calls = []
-    for name, kernel in list(kernels.KERNELS.items()):
-        def forward(q, k, v, *rest, _name=name, _f=kernel.forward):
-            calls.append((_name, "forward", q, k, v))
-            return _f(q, k, v, *rest)
-
-        def backward(do, q, k, v, *rest, _name=name, _b=kernel.backward):
-            calls.append((_name, "backward", q, k, v))
-            return _b(do, q, k, v, *rest)
-
-        monkeypatch.setitem(kernels.KERNELS, name, kernel._replace(forward=forward, backward=backward))
-    return calls
 
 
 # One case per CUDA kernel branch: (dtype, head_dim, masked) that selects it.

@@ -48,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import machine  # noqa: E402
 
 import attention.sparse as sparse  # noqa: E402
-from attention import BlockSparseAttention, ImprovedDilatedAttention  # noqa: E402
+from attention import BlockSparseAttention, DilatedPlan  # noqa: E402
 from attention.dilated import backward_groups, forward_groups  # noqa: E402
+from patternstore import DilatedSpec, generate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEGMENTS, RATES, HEADS, HEAD_DIM = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 128
@@ -82,7 +83,7 @@ class OpCounter(TorchDispatchMode):
 
 def calls(q_len: int, kv_len: int, causal: bool, device: str, backend: str):
     """(forward, backward) closures of one case on ``device``, dispatching as ``backend``."""
-    groups = ImprovedDilatedAttention(SEGMENTS, RATES)._plan(HEADS).groups
+    groups = DilatedPlan.from_pattern(generate(DilatedSpec(SEGMENTS, RATES, HEADS))).groups
     dtype, scale = torch.bfloat16, HEAD_DIM**-0.5
     q = torch.zeros(1, q_len, HEADS, HEAD_DIM, dtype=dtype, device=device)
     k, v = (torch.zeros(1, kv_len, HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
