@@ -1,17 +1,24 @@
-"""Naive dense dilated attention, written from docs/design.md section 2.1 alone.
+"""The one dense attention reference of the tests and tools, in float64.
 
-Key k counts for query p as many times as there are branches selecting the
-pair, so the result is ``softmax(S + log m) @ v`` with multiplicity ``m`` and
-``log 0 = -inf``; a query with no key at all outputs 0. Everything here is
-O(n^2) and float64: for tests only. Head groups and offsets are derived again
-from the rules in docs/design.md, not taken from the generator.
+``dense_attention`` is softmax attention written from its definition:
+``softmax(S + log W) @ V`` with ``log 0 = -inf``, where ``W`` is a bool
+"may attend" mask or an integer multiplicity (how many branches select a pair,
+docs/design.md section 2.1). Masked keys are *removed*, never added as a bias,
+so a NaN or Inf in a masked key changes nothing; a row with no key outputs 0.
+Everything here is O(n^2): for tests and tools only.
+
+``multiplicity`` derives the dilated pattern from the rules in docs/design.md
+alone (head groups and offsets again, not taken from the generator), and
+``block_pairs`` the block-sparse one from a layout's CSR arrays.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 
 def head_offsets(num_heads: int, segment_lengths, dilation_rates, scheme: str) -> list[list[int | None]]:
@@ -47,16 +54,66 @@ def multiplicity(seq_len, num_heads, segment_lengths, dilation_rates, scheme, is
     return m
 
 
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, weight: Optional[Tensor] = None, is_causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None, return_lse: bool = False,
+):
+    """q ``(b, m, h, d)``, k ``(b, n, h_kv, d)``, v ``(b, n, h_kv, d_v)`` -> ``(b, m, h, d_v)`` float64.
+
+    Query head j reads key head ``j // (h / h_kv)``. The m queries are the
+    last m of the n positions (decode rows), so ``is_causal`` is bottom-right.
+    ``weight``: bool or counts, ``(h, n, n)`` or ``(b, h, n, n)`` over all n
+    positions. ``key_padding_mask``: ``(b, n)``, True = padded. With
+    ``return_lse`` also the ``(b, h, m)`` log-sum-exp, ``-inf`` for empty rows.
+    """
+    b, m, h, _ = q.shape
+    n, group = k.shape[1], h // k.shape[2]
+    q, k, v = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    allowed = torch.ones(1, 1, m, n, dtype=torch.bool)
+    log_w = torch.zeros(1, 1, m, n, dtype=torch.float64)
+    if weight is not None:
+        w = weight[..., n - m:, :].double()
+        w = w if w.dim() == 4 else w[None]
+        allowed, log_w = allowed & (w > 0), torch.where(w > 0, w, 1.0).log()
+    if is_causal:
+        allowed = allowed & torch.ones(m, n, dtype=torch.bool).tril(n - m)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    allowed = allowed.expand(b, h, m, n)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale + log_w
+    scores = scores.masked_fill(~allowed, -math.inf)
+    live = allowed.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~live, 0.0), dim=-1) * live
+    if torch.isfinite(v).all():
+        out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    else:  # a non-finite value counts only where its key is allowed: 0 * NaN must not leak in
+        picked = torch.where(allowed[..., None], v.permute(0, 2, 1, 3)[:, :, None], 0.0)
+        out = (probs[..., None] * picked).sum(-2).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~live.squeeze(-1), -math.inf)
+    return out, lse
+
+
+def block_pairs(kv_num_blocks: Tensor, kv_indices: Tensor, n: int, block_size: int) -> Tensor:
+    """bool ``(layout_heads, n, n)``: key t is in an active block of query i's
+    block row, read from the CSR arrays one row at a time (no causal rule)."""
+    layout_heads, nb = kv_num_blocks.shape
+    blocks = torch.zeros(layout_heads, nb, nb, dtype=torch.bool)
+    start = 0
+    for hh in range(layout_heads):
+        for i in range(nb):
+            count = int(kv_num_blocks[hh, i])
+            blocks[hh, i, kv_indices[start: start + count].long()] = True
+            start += count
+    position = torch.arange(n)
+    return blocks[:, position[:, None] // block_size, position[None, :] // block_size]
+
+
 def dense_dilated_attention(
     q, k, v, segment_lengths, dilation_rates, *, scheme="longnet", is_causal=False, key_padding_mask=None, scale=None
-) -> torch.Tensor:
-    """(b, n, h, d) float64 in and out; differentiable (no NaN for dead rows)."""
-    b, n, h, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    m = multiplicity(n, h, segment_lengths, dilation_rates, scheme, is_causal)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + m.log()
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
-    live = (scores > -math.inf).any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~live, 0.0), dim=-1) * live
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+) -> Tensor:
+    """(b, n, h, d) in, (b, n, h, d) float64 out; differentiable (no NaN for dead rows)."""
+    m = multiplicity(q.shape[1], q.shape[2], segment_lengths, dilation_rates, scheme, is_causal)
+    return dense_attention(q, k, v, weight=m, key_padding_mask=key_padding_mask, scale=scale)
