@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import textwrap
+import tomllib
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -33,10 +34,6 @@ from .spectext import (
 )
 from .store import PatternStore
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
-    tomllib = None
 
 PROG = "patternstore"
 
@@ -72,7 +69,7 @@ def _grammar_help() -> str:
 GRAMMAR = _grammar_help()
 
 CONFIG_HELP = """\
---config FILE (TOML, Python 3.11+):
+--config FILE (TOML):
   presets = ["default"]
   specs = ["local:seq_len=8192:block_size=128",
            {kind = "dilated", segment_lengths = [2048, 4096],
@@ -149,8 +146,6 @@ def _short(key: str) -> str:
 
 # ---------------------------------------------------------------- precompute
 def _config_specs(path: Path) -> list[Spec]:
-    if tomllib is None:
-        raise UsageError(f"--config {path}: TOML config needs Python 3.11+ (tomllib); pass --spec instead")
     try:
         with open(path, "rb") as file:
             config = tomllib.load(file)

@@ -91,14 +91,6 @@ def _view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The elements of ``tensor`` in C order, little-endian, as bytes (how a
-    payload holds an array)."""
-    with real_tensors():
-        fresh = tensor.detach().to("cpu").contiguous()
-        return ctypes.string_at(fresh.data_ptr(), fresh.numel() * fresh.element_size())
-
-
 def encode(pattern: Pattern) -> bytes:
     """Format-2 bytes of ``pattern`` (its arrays must be int32; any device)."""
     table, offset = [], 0

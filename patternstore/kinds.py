@@ -141,9 +141,6 @@ class SparseKind:
     per_head: Callable[[Mapping[str, Any]], bool] = lambda params: bool(params.get("different_layout_per_head"))
     prefix_stable: Callable[[Mapping[str, Any]], bool] = lambda params: True
 
-    def field(self, name: str) -> Field:
-        return next(f for f in self.params if f.name == name)
-
 
 # ---------------------------------------------------------------- shared parameters and rules
 def _attention(default: str = "bidirectional") -> Field:
