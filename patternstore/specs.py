@@ -30,7 +30,6 @@ from typing import Any, Mapping, Union
 import msgpack
 
 from .fields import (  # noqa: F401  (check_* are re-exported: the modules validate with them)
-    INT32_MAX,
     Field,
     check_bool,
     check_branches,
