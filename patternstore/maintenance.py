@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -61,7 +62,9 @@ def open_store(directory: str | os.PathLike | None = None, *, writable: bool = F
     reads every entry once). ``writable``: raise ``StoreUnavailable`` unless
     the directory can be written (it is created when missing); otherwise the
     store is opened read-only and must exist."""
-    store = PatternStore(directory, max_entries=0, read_only=not writable)
+    with warnings.catch_warnings(record=True) as caught:  # said once: by the error, or again below
+        warnings.simplefilter("always")
+        store = PatternStore(directory, max_entries=0, read_only=not writable)
     if store.disk is None:
         reason = str(store.disk_error)
         raise StoreUnavailable(reason if not writable else f"{reason} (the store directory must be a writable directory)")
@@ -69,6 +72,8 @@ def open_store(directory: str | os.PathLike | None = None, *, writable: bool = F
         raise StoreUnavailable(
             f"{store.directory} cannot be written ({store.disk_error}); this command needs a writable store directory"
         )
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return store
 
 

@@ -9,6 +9,7 @@ import random
 import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import diskcache
@@ -161,9 +162,10 @@ def test_read_only_directory_serves_every_read_only_operation(seeded, tmp_path, 
         assert maintenance.store_stats(store).entries == 3
         assert maintenance.verify(store, full=True).ok
         assert maintenance.export(store, tmp_path / "ro.bundle").exported == 3
-        with pytest.warns(Warning, match="read-only"), \
-                pytest.raises(maintenance.StoreUnavailable, match="needs a writable store directory"):
-            maintenance.open_store(seeded, writable=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the error says it all: no warning besides
+            with pytest.raises(maintenance.StoreUnavailable, match="needs a writable store directory"):
+                maintenance.open_store(seeded, writable=True)
 
         for args, status in ((["ls"], 0), (["stats"], 0), (["info", SPECS[0].key[:20]], 0), (["verify"], 0),
                              (["export", str(tmp_path / "cli.bundle")], 0), (["verify", "--repair"], 2),
@@ -226,3 +228,30 @@ def test_repair_racing_a_clear_never_raises(tmp_path):
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive() and errors == []
+
+
+def test_read_only_open_of_a_missing_store_is_refused_and_creates_nothing(tmp_path):
+    with pytest.raises(maintenance.StoreUnavailable, match="no pattern store in .*: no such directory"):
+        maintenance.open_store(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_import_regenerates_every_entry_unless_trusted(seeded, tmp_path):
+    from patternstore.bundle import BundleError, read_bundle, write_bundle
+
+    store = maintenance.open_store(seeded)
+    values = [(e.key, e.value) for e in maintenance.entries(store)]
+    wrong = {name: t.clone() for name, t in generate(SPECS[1]).arrays.items()}
+    wrong["kv_indices"][-1] -= 1
+    doctored = [(key, encode(Pattern(SPECS[1], wrong)) if key == SPECS[1].key else value) for key, value in values]
+    bundle = tmp_path / "doctored.bundle"
+    write_bundle(bundle, doctored)
+    position = [key for key, _ in doctored].index(SPECS[1].key)
+    with pytest.raises(BundleError, match=rf"entry {position} \({SPECS[1].key}\) differs from a fresh generation"):
+        read_bundle(bundle)
+    target = maintenance.open_store(tmp_path / "target", writable=True)
+    with pytest.raises(BundleError):
+        maintenance.import_bundle(target, bundle)
+    assert target.stored_keys() == []  # all or nothing
+    assert read_bundle(bundle, trust=True) == doctored
+    assert maintenance.import_bundle(target, bundle, trust=True).imported == len(SPECS)
