@@ -285,7 +285,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if ":" in args.key:  # a SPEC: bad input is reported before anything is opened
+        try:
+            parse_spec(args.key)
+        except SpecError as error:
+            raise UsageError(str(error)) from None
     from . import maintenance
+
     store = _open_store(args)
     try:
         key = maintenance.resolve_key(store, args.key)

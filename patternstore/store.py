@@ -8,7 +8,7 @@
         encode_packed (one copy), write, keep that buffer
 
 Guarantees (each kept by the code next to it):
-- Never a wrong pattern: a disk value is used only when ``codec.decode``
+- Never a wrong pattern: a disk value is used only when ``codec.decode_packed``
   accepts it (checksum, format version, key); anything else is counted in
   ``corrupt``, dropped and regenerated. Cached arrays that a caller changed in
   place are detected on the next hit and rebuilt (``MemoryTier``).
@@ -32,7 +32,8 @@ Guarantees (each kept by the code next to it):
 - A directory that cannot be written is still read (``read_only``); misses
   are then generated and kept in memory only, with one warning.
   ``read_only=True`` asks for that: nothing in the directory is created or
-  changed, and a directory without a store is refused (memory only).
+  changed, and a directory without a store is not created (the store then
+  serves from memory, with one warning).
 - Opening never rewrites the directory's persisted size limit unless
   ``disk_size_limit`` is given.
 

@@ -462,6 +462,7 @@ ARGUMENT_ERRORS = [
     ["precompute", "--spec", "local:seq_len=18446744073709551616:block_size=128"],
     ["precompute", "--spec", "bigbird:seq_len=256:block_size=16:num_random_blocks=99"],
     ["precompute", "--config", "{tmp}/broken.toml"], ["precompute", "--jobs", "0", "--spec", GOOD],
+    ["info", "dilated:num_heads=0"],
 ]
 
 
