@@ -140,7 +140,8 @@ class DiskTier:
 
     def _open_existing(self) -> ReadOnlyCache:
         if not self.directory.is_dir():
-            raise DiskUnavailable(f"no pattern store in {self.directory}: no such directory")
+            why = "not a directory" if self.directory.exists() else "no such directory"
+            raise DiskUnavailable(f"no pattern store in {self.directory}: {why}")
         if not (self.directory / diskcache.core.DBNAME).is_file():
             raise DiskUnavailable(f"no pattern store in {self.directory}: it holds no {diskcache.core.DBNAME}")
         try:
