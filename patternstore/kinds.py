@@ -23,9 +23,10 @@ entry's ``departures`` lists its own):
   <= query block) is applied to the whole layout, also where DeepSpeed's own
   layout holds a future block;
 - every kind: a window or global count wider than the row is clipped to the
-  row (DeepSpeed raises for sliding windows and for bigbird's global blocks);
-- every kind: ``num_random_blocks`` above the row's blocks raises, as in
-  DeepSpeed (a row draws distinct blocks).
+  row (DeepSpeed raises for sliding windows and for bigbird's global blocks).
+
+As in DeepSpeed, ``num_random_blocks`` above the blocks of a row raises (a
+row draws distinct blocks), so a layout's generation is bounded by its size.
 
 Causal prefix property (docs/design.md section 7): with
 ``attention="unidirectional"`` every kind's layout at a length is exactly the
