@@ -18,7 +18,8 @@ entry's ``departures`` lists its own):
   partial last block (DeepSpeed raises);
 - every kind: random blocks come from a counter-based hash of
   ``(seed, head, row, draw)``, not from Python's ``random``: same
-  distribution, other draws; every deterministic layout is DeepSpeed's;
+  distribution, other draws (every deterministic layout is DeepSpeed's but
+  for the departures listed here);
 - every kind with ``attention="unidirectional"``: the causal rule (key block
   <= query block) is applied to the whole layout, also where DeepSpeed's own
   layout holds a future block;
