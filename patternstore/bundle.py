@@ -6,13 +6,25 @@
         "entries": [[key, value bytes], ...],   # values exactly as stored (codec.py, format 2)
     }
 
+A bundle comes from outside: it is untrusted input. Its checksums are
+unkeyed (xxh3), so anyone can edit an entry and reseal it; only
+regenerating the entry from its spec tells a true pattern from another one.
+
 Guarantees kept here:
 - No pickle anywhere: reading builds maps, lists, strings and bytes only
   (msgpack extension types are refused), then every envelope goes through
   ``codec.decode``, which checks its checksum, version and key.
-- ``read_bundle`` returns only when *every* entry decodes; otherwise it raises
+- Unless ``trust=True``, every entry is then regenerated from its spec and
+  compared byte for byte with what the bundle holds (``encode`` is pure:
+  the true pattern has exactly one value).
+- ``read_bundle`` returns only when *every* entry passes; otherwise it raises
   ``BundleError`` naming the first bad entry, so an importer that writes after
   reading is all-or-nothing.
+- ``trust=True`` skips the regeneration only: the bundle's format, every
+  checksum and every key are still checked. It trusts whoever wrote the
+  bundle and the way it came to be that each entry's arrays are what
+  ``generate`` makes of its spec (a bundle you exported yourself, moved
+  over a channel you control).
 - ``write_bundle`` writes a temporary file beside ``path`` and renames it
   over ``path``: a reader never sees half a bundle.
 """
@@ -26,7 +38,8 @@ from typing import Iterable
 
 import msgpack
 
-from .codec import CorruptValue, decode, unpack_plain
+from .codec import CorruptValue, decode, encode, unpack_plain
+from .generate import generate
 
 BUNDLE_FORMAT = "patternstore-bundle"
 BUNDLE_VERSION = 1
@@ -54,9 +67,10 @@ def write_bundle(path: Path, entries: Iterable[tuple[str, bytes]]) -> int:
     return len(body)
 
 
-def read_bundle(path: Path) -> list[tuple[str, bytes]]:
+def read_bundle(path: Path, *, trust: bool = False) -> list[tuple[str, bytes]]:
     """The (key, envelope bytes) entries of the bundle at ``path``, every one
-    decoded and verified; ``BundleError`` (or ``OSError``) otherwise."""
+    decoded and (unless ``trust``) regenerated from its spec and compared
+    byte for byte; ``BundleError`` (or ``OSError``) otherwise."""
     data = Path(path).read_bytes()
     try:
         bundle = unpack_plain(data)
@@ -75,8 +89,11 @@ def read_bundle(path: Path) -> list[tuple[str, bytes]]:
             raise BundleError(f"entry {position} is not a [key, envelope bytes] pair")
         key, value = entry
         try:
-            decode(value, key)
+            pattern = decode(value, key)
         except CorruptValue as error:
             raise BundleError(f"entry {position} ({key}) fails verification: {error}") from None
+        if not trust and encode(generate(pattern.spec)) != value:
+            raise BundleError(f"entry {position} ({key}) differs from a fresh generation of its spec "
+                              "(edited, or made by another generator); only trust=True (--trust) imports it")
         checked.append((key, value))
     return checked

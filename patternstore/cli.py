@@ -7,6 +7,10 @@ problems, a pattern that could not be stored, a key not in the store);
 2 bad input (usage, SPEC, config, bundle or directory), reported as one line
 on stderr before anything is written. Data goes to stdout (``--json`` makes it
 machine-readable); progress and notes go to stderr (``-q`` silences them).
+
+Start-up: parsing, ``--help`` and argument errors (a bad SPEC, config or
+option) import no torch (the spec registries are torch-free); a command
+imports the store and maintenance code (and so torch) when it runs.
 """
 
 from __future__ import annotations
@@ -16,27 +20,24 @@ import json
 import os
 import sys
 import textwrap
+import tomllib
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import maintenance
-from .bundle import BundleError, read_bundle
 from .fields import Field
 from .kinds import SPARSE_KINDS
-from .maintenance import format_size
 from .presets import PRESETS
+from .sizes import format_size
 from .specs import SPARSE_BASE_FIELDS, Spec
 from .spectext import (
     EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_value, kind_schema, parse_spec, spec_from_fields,
 )
-from .store import PatternStore
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
-    tomllib = None
+if TYPE_CHECKING:
+    from .store import PatternStore
+
 
 PROG = "patternstore"
 
@@ -54,11 +55,21 @@ def _grammar_help() -> str:
         optional = [optional(f) for f in schema if not f.required]
         return " ".join(required + ([f"[{' '.join(optional)}]"] if optional else []))
 
+    declared = [(kind, f.name, (f.check.minimum, f.check.maximum))
+                for kind in KINDS for f in kind_schema(kind) if hasattr(f.check, "maximum")]
+    shared = {name for name in {n for _, n, _ in declared}
+              if len({bounds for _, n, bounds in declared if n == name}) > 1}
+    ranges: dict[tuple[int, int], set[str]] = {}
+    for kind, name, bounds in declared:  # a name with several ranges is shown with its kind
+        ranges.setdefault(bounds, set()).add(f"{name} ({kind})" if name in shared else name)
     lines = [
         "SPEC grammar:  KIND:FIELD=VALUE:FIELD=VALUE...",
         "  VALUE  an integer, true/false, or a string. List fields take items separated by",
         *textwrap.wrap(f"commas (one item is a list of one): {', '.join(sorted(LIST_FIELDS))}", 80,
                        initial_indent="         ", subsequent_indent="         "),
+        "  integer ranges (each list item too):",
+        *(line for (low, high), names in sorted(ranges.items()) for line in textwrap.wrap(
+            f"[{low}, {high}]: {', '.join(sorted(names))}", 80, initial_indent="    ", subsequent_indent="      ")),
         "  KINDs and their FIELDs (optional ones in brackets, with their defaults):",
         f"    dilated          {fields(kind_schema('dilated'))}  (one pattern for every length)",
         f"    every sparse kind: {fields(SPARSE_BASE_FIELDS)}, and",
@@ -72,7 +83,7 @@ def _grammar_help() -> str:
 GRAMMAR = _grammar_help()
 
 CONFIG_HELP = """\
---config FILE (TOML, Python 3.11+):
+--config FILE (TOML):
   presets = ["default"]
   specs = ["local:seq_len=8192:block_size=128",
            {kind = "dilated", segment_lengths = [2048, 4096],
@@ -111,6 +122,7 @@ def _progress(
 ) -> Callable[[Any], None] | None:
     """A bar on a terminal; elsewhere one plain ``[i/n] label`` line per item
     when ``lines`` (nothing with -q)."""
+    from . import maintenance
     if args.quiet:
         return None
     if sys.stderr.isatty():
@@ -130,7 +142,9 @@ def _progress(
 def _open_store(args: argparse.Namespace, *, writable: bool = False) -> PatternStore:
     """The store in ``--dir`` (else the default directory); a directory that
     cannot hold a store, or cannot be written by a command that writes, is
-    bad input. Read-only commands read a directory they cannot write."""
+    bad input. Read-only commands open it read-only: they create and change
+    nothing, so a directory without a store is bad input too."""
+    from . import maintenance
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -149,8 +163,6 @@ def _short(key: str) -> str:
 
 # ---------------------------------------------------------------- precompute
 def _config_specs(path: Path) -> list[Spec]:
-    if tomllib is None:
-        raise UsageError(f"--config {path}: TOML config needs Python 3.11+ (tomllib); pass --spec instead")
     try:
         with open(path, "rb") as file:
             config = tomllib.load(file)
@@ -208,6 +220,8 @@ def _requested_specs(args: argparse.Namespace) -> list[Spec]:
 def _list_presets(args: argparse.Namespace) -> int:
     for name in args.preset:
         _preset_specs(name)  # an unknown name is bad input
+    from . import maintenance
+
     rows = maintenance.preset_sizes(args.preset)
     text = "\n".join(f"{r.name:<14} {r.specs:>4} specs {format_size(r.bytes):>10}  {r.description}" for r in rows)
     _emit(args, [r.to_json() for r in rows], text)
@@ -217,10 +231,12 @@ def _list_presets(args: argparse.Namespace) -> int:
 def cmd_precompute(args: argparse.Namespace) -> int:
     if args.list_presets:
         return _list_presets(args)
-    specs = _requested_specs(args)
+    specs = _requested_specs(args)  # every SPEC and config checked before torch is imported
     if not specs:
         raise UsageError("nothing to precompute: give --preset NAME, --spec SPEC or --config FILE "
                          f"(presets: {', '.join(PRESETS)})")
+    from . import maintenance
+
     store = _open_store(args, writable=True)
     progress = _progress(args, len(specs), maintenance.describe, lines=True)
     result = maintenance.precompute(store, specs, jobs=args.jobs, progress=progress)
@@ -235,6 +251,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- ls / stats / info
 def cmd_ls(args: argparse.Namespace) -> int:
+    from . import maintenance
     store = _open_store(args)
     rows = [entry.to_json(arrays=False) for entry in maintenance.list_entries(store)]
     if args.json:
@@ -253,6 +270,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from . import maintenance
     data = maintenance.store_stats(_open_store(args)).to_json()
     versions = data["spec_format_versions"]
     _emit(args, data, "\n".join([
@@ -267,6 +285,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if ":" in args.key:  # a SPEC: bad input is reported before anything is opened
+        try:
+            parse_spec(args.key)
+        except SpecError as error:
+            raise UsageError(str(error)) from None
+    from . import maintenance
+
     store = _open_store(args)
     try:
         key = maintenance.resolve_key(store, args.key)
@@ -293,6 +318,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
+    from . import maintenance
     store = _open_store(args, writable=args.repair)
     total = len(store.stored_keys())
     result = maintenance.verify(store, full=args.full, sample=args.sample, repair=args.repair,
@@ -314,6 +340,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- clear / export / import
 def cmd_clear(args: argparse.Namespace) -> int:
+    from . import maintenance
     store = _open_store(args, writable=True)
     count = len(store.stored_keys())
     if not args.yes:
@@ -329,6 +356,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from . import maintenance
     if not args.file.parent.is_dir():
         raise UsageError(f"export: {args.file.parent} is not a directory")
     store = _open_store(args)
@@ -343,8 +371,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from . import maintenance
+    from .bundle import BundleError, read_bundle
     try:
-        entries = read_bundle(args.file)  # every entry verified before the store is opened
+        entries = read_bundle(args.file, trust=args.trust)  # every entry verified before the store is opened
     except FileNotFoundError:
         raise UsageError(f"import: {args.file}: no such file") from None
     except OSError as error:
@@ -360,6 +390,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- argument parsing
+def _directory(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("'' names no directory (it would be the current directory); "
+                                         "give the store directory")
+    return Path(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
@@ -373,7 +410,7 @@ def _global_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | 
     def default(name: str) -> Any:
         return argparse.SUPPRESS if defaults is None else defaults[name]
 
-    parser.add_argument("--dir", type=Path, default=default("dir"), metavar="DIR",
+    parser.add_argument("--dir", type=_directory, default=default("dir"), metavar="DIR",
                         help="store directory (default: $PATTERNSTORE_DIR, else the user cache dir)")
     parser.add_argument("-q", "--quiet", action="store_true", default=default("quiet"),
                         help="no progress or notes on stderr")
@@ -427,8 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = command("export", cmd_export, "write every valid entry into one portable bundle file")
     export.add_argument("file", type=Path, metavar="FILE")
-    import_ = command("import", cmd_import, "verify every entry of a bundle, then store them all (or none)")
+    import_ = command("import", cmd_import, "verify every entry of a bundle (regenerated from its spec and "
+                      "compared byte for byte), then store them all (or none)")
     import_.add_argument("file", type=Path, metavar="FILE")
+    import_.add_argument("--trust", action="store_true",
+                         help="skip the regeneration (format, checksums and keys are still checked): trusts that "
+                              "each entry's arrays are what its spec generates, i.e. whoever wrote the bundle "
+                              "and the way it came (checksums are unkeyed: anyone can reseal an edited entry)")
     return parser
 
 

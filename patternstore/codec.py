@@ -29,7 +29,10 @@ not keyed, so it adds nothing against someone who can write the directory
 (the key check and never unpickling do).
 
 Guarantees kept here:
-- ``encode`` is a pure function of the pattern: equal patterns give equal bytes.
+- ``encode`` and ``encode_packed`` are pure functions of the pattern: equal
+  patterns give equal bytes. ``encode_packed`` copies each array once, into
+  the buffer the memory tier then holds and the disk tier writes from (a
+  miss costs one copy, as a disk hit does).
 - ``decode`` never executes anything it reads: msgpack only builds maps,
   lists, strings, ints and bytes (no ext types are accepted); arrays are never
   parsed, only viewed where the header says they are, after every check.
@@ -91,36 +94,41 @@ def _view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The elements of ``tensor`` in C order, little-endian, as bytes (how a
-    payload holds an array)."""
-    with real_tensors():
-        fresh = tensor.detach().to("cpu").contiguous()
-        return ctypes.string_at(fresh.data_ptr(), fresh.numel() * fresh.element_size())
-
-
-def encode(pattern: Pattern) -> bytes:
-    """Format-2 bytes of ``pattern`` (its arrays must be int32; any device)."""
-    table, offset = [], 0
+def encode_packed(pattern: Pattern) -> tuple[PackedPattern, memoryview]:
+    """``pattern`` as its format-2 value, built in one fresh aligned buffer
+    into which every array is copied once: ``(packed, value)``, where
+    ``packed`` views the payload (what the memory tier holds, as a disk hit's
+    ``decode_packed`` gives it) and ``value`` the whole value (what the disk
+    tier writes). ``value`` is valid while ``packed`` lives. The arrays must
+    be int32; any device."""
+    shapes = {}
     for name, tensor in pattern.arrays.items():
         if tensor.dtype not in _NAMES:
             raise TypeError(f"array {name!r} must be int32 to be stored, got {tensor.dtype}")
-        table.append([name, _NAMES[tensor.dtype], list(tensor.shape), offset])
-        offset += _align(tensor.numel() * tensor.element_size())
+        shapes[name] = (tensor.dtype, tuple(tensor.shape))
+    slots, payload_size = PackedPattern.layout(shapes)
+    table = [[name, _NAMES[dtype], list(shape), offset] for name, dtype, shape, offset, _ in slots]
     header = msgpack.packb({"key": pattern.key, "spec": pattern.spec.to_dict(), "arrays": table}, use_bin_type=True)
     data_start = _align(_PREFIX.size + len(header))
-    value = bytearray(data_start + offset)  # zeroed: the padding is part of the checksum
-    value[_PREFIX.size : _PREFIX.size + len(header)] = header
     with real_tensors():
-        for (_, _, _, start), tensor in zip(table, pattern.arrays.values()):
-            source = tensor.detach().to("cpu").contiguous()
-            size = source.numel() * source.element_size()
+        buffer = torch.empty(data_start + payload_size, dtype=torch.uint8)
+        value = _view(buffer)
+        value[_PREFIX.size : _PREFIX.size + len(header)] = header
+        value[_PREFIX.size + len(header) : data_start] = bytes(data_start - _PREFIX.size - len(header))
+        for (_, _, _, offset, size), tensor in zip(slots, pattern.arrays.values()):
+            start, end = data_start + offset, data_start + _align(size) + offset
             if size:
-                ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(value, data_start + start)),
-                               source.data_ptr(), size)
-    struct.pack_into("<II", value, _CHECKED_FROM, ENVELOPE_VERSION, len(header))
-    checksum = xxhash.xxh3_64_intdigest(memoryview(value)[_CHECKED_FROM:])
-    struct.pack_into("<4sQ", value, 0, MAGIC, checksum)
+                source = tensor.detach().to("cpu").contiguous()
+                ctypes.memmove(buffer.data_ptr() + start, source.data_ptr(), size)
+            value[start + size : end] = bytes(end - start - size)  # the padding is part of the checksum
+        struct.pack_into("<II", value, _CHECKED_FROM, ENVELOPE_VERSION, len(header))
+        struct.pack_into("<4sQ", value, 0, MAGIC, xxhash.xxh3_64_intdigest(value[_CHECKED_FROM:]))
+        return PackedPattern.over(pattern.spec, buffer[data_start:], shapes), value
+
+
+def encode(pattern: Pattern) -> bytes:
+    """Format-2 bytes of ``pattern`` (``encode_packed``'s value, copied out)."""
+    packed, value = encode_packed(pattern)  # packed holds the memory value views
     return bytes(value)
 
 

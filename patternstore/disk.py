@@ -1,17 +1,15 @@
 """``DiskTier``: the process-shared directory of pattern envelopes.
 
 A ``diskcache.Cache`` whose keys are ``spec.key`` strings and whose values are
-``codec.encode`` bytes (format 2: a header and the raw arrays). A value over
-32 KiB is a file, which ``source`` hands over open and unbuffered, so the
-reader reads it once straight into its own buffer. Guarantees (each kept by the code next to it):
+``codec`` values (format 2: a header and the raw arrays). The read protocol
+lives in one place, ``read_packed``: a value under 32 KiB comes from its
+SQLite row, a larger one is a file that ``source`` hands over open and
+unbuffered, and either is read once straight into the aligned buffer the
+memory tier then holds (``codec.decode_packed``). Guarantees (each kept by
+the code next to it):
 
-- Nothing read from the directory is ever unpickled. diskcache stores a
-  ``bytes`` value raw (in SQLite below 32 KiB, else in a file) and pickles
-  every other type; anyone who can write the directory can plant a pickle
-  that runs code when loaded. ``_RawOnlyDisk.fetch`` returns only raw bytes
-  and refuses every other storage mode with ``CorruptValue`` before touching
-  the data; ``_RawOnlyDisk.get`` never unpickles a key either. ``codec.decode``
-  then checks the bytes themselves.
+- Nothing read from the directory is ever unpickled (``rawdisk.RawOnlyDisk``);
+  ``codec.decode_packed`` then checks the bytes themselves.
 - A value is written whole or not at all: diskcache writes the value file
   first and then inserts its row in one SQLite transaction, so a process
   killed mid-write leaves at most an orphan file, never a row pointing at
@@ -21,12 +19,19 @@ reader reads it once straight into its own buffer. Guarantees (each kept by the 
   envelope checksum.)
 - Reads never write (eviction policy below), so readers in many processes
   never contend for SQLite's write lock.
+- Opened with ``read_only=True``, the tier creates and changes nothing in
+  the directory, not even SQLite's side files (``rawdisk.ReadOnlyCache``); a
+  directory without a store is then ``DiskUnavailable``, never created.
+- Opening never rewrites a persisted setting unless asked: without a
+  ``size_limit`` an existing directory keeps its own limit (a new one gets
+  ``DEFAULT_SIZE_LIMIT``).
 - Failures degrade, never raise: a directory that cannot be created or
   opened raises ``DiskUnavailable`` from the constructor (the store goes on in
   memory); a store directory that cannot be written (read-only mount, full
   disk, another user's files) is opened read-only (``read_only``): it is
-  read as it is, with one warning, and nothing is written; a failed write (full disk, read-only directory, SQLite error)
-  returns False, warns once, and stops further writes; a failed read is a miss.
+  read as it is, with one warning, and nothing is written; a failed write
+  (full disk, read-only directory, SQLite error) returns False, warns once,
+  and stops further writes; a failed read is a miss.
 - Never hangs: SQLite waits at most ``timeout`` seconds for another writer,
   then the operation fails as above.
 - The directory is created with mode 0700; a directory on a network
@@ -38,17 +43,18 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import threading
 import time
-import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import BinaryIO
 
 import diskcache
-from diskcache.core import MODE_BINARY, MODE_RAW
 
-from .codec import CorruptValue
+from .codec import CorruptValue, decode_packed
+from .pattern import PackedPattern
+from .rawdisk import RawOnlyDisk, ReadOnlyCache
+
+DEFAULT_SIZE_LIMIT = 8 << 30  # bytes; the limit a new directory gets
 
 # Filesystems on which SQLite's file locking is not to be trusted.
 NETWORK_FILESYSTEMS = frozenset({
@@ -74,35 +80,6 @@ class DiskUnavailable(RuntimeError):
     """The directory cannot be used at all; the store keeps patterns in memory."""
 
 
-class _RawOnlyDisk(diskcache.Disk):
-    """diskcache's serializer, narrowed to raw ``bytes`` values and ``str`` keys."""
-
-    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple:
-        if type(value) is not bytes:
-            raise TypeError(f"the disk tier stores bytes only, got {type(value).__name__}")
-        return super().store(value, read, key=key)
-
-    def get(self, key: Any, raw: bool) -> Any:
-        # A non-raw key is a pickle; hand back its bytes uninterpreted (the
-        # tier's ``keys`` keeps str keys only).
-        return super().get(key, raw) if raw else bytes(key)
-
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        if mode == MODE_RAW and isinstance(value, (bytes, memoryview)):
-            return bytes(value)  # a blob under 32 KiB, inside the database row
-        if mode == MODE_BINARY and filename and not os.path.isabs(filename) and ".." not in filename:
-            # A missing file raises OSError, which Cache.get turns into a miss.
-            # Unbuffered: a reader's readinto goes straight into its buffer.
-            handle = open(os.path.join(self._directory, filename), "rb", buffering=0)
-            if read:
-                return handle
-            with handle:
-                return handle.read()
-        # MODE_PICKLE, MODE_TEXT, numbers, or a filename pointing elsewhere:
-        # not something this tier wrote. Refused without reading it.
-        raise CorruptValue(f"stored with diskcache mode {mode}, not as raw bytes; refused unread")
-
-
 def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
     """The fstype of the mount holding ``path``, or None where unknown
     (no /proc/mounts: not Linux)."""
@@ -124,72 +101,6 @@ def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None
     return fstype
 
 
-class _ReadOnlyCache:
-    """The reads ``DiskTier`` makes, on a database SQLite opens read-only
-    (``mode=ro``; ``immutable=1`` where even that needs a file it cannot
-    create, i.e. a WAL database without its ``-shm`` file in a read-only
-    directory). For a directory this process cannot write: a read-only mount,
-    a shared cache of another user, a full disk that refused diskcache's
-    setup writes. Same rows, same raw-only fetch as the writable tier."""
-
-    def __init__(self, directory: Path, timeout: float) -> None:
-        self._directory, self._timeout = directory, timeout
-        self._disk = _RawOnlyDisk(str(directory))
-        self._local = threading.local()
-        self._uri_mode = "mode=ro"
-        try:
-            self._sql("SELECT 1 FROM Cache LIMIT 1").fetchall()
-        except sqlite3.OperationalError:
-            self.close()
-            self._uri_mode = "immutable=1"
-            self._sql("SELECT 1 FROM Cache LIMIT 1").fetchall()
-        rows = dict(self._sql("SELECT key, value FROM Settings").fetchall())
-        self.size_limit = int(rows.get("size_limit", 0))
-        self._page_size = int(self._sql("PRAGMA page_size").fetchone()[0])
-        self._stored_size = int(rows.get("size", 0))
-
-    def _sql(self, statement: str, parameters: tuple = ()) -> sqlite3.Cursor:
-        if getattr(self._local, "pid", None) != os.getpid():
-            self._local.pid, self._local.connection = os.getpid(), None
-        if self._local.connection is None:
-            path = urllib.parse.quote(str(self._directory / diskcache.core.DBNAME))
-            self._local.connection = sqlite3.connect(
-                f"file:{path}?{self._uri_mode}", uri=True, timeout=self._timeout, isolation_level=None,
-            )
-        return self._local.connection.execute(statement, parameters)
-
-    def get(self, key: str, default: Any = None, read: bool = False, tag: bool = False) -> Any:
-        rows = self._sql(
-            "SELECT tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
-            " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time()),
-        ).fetchall()
-        found: Any = default
-        stored_tag = None
-        if rows:
-            ((stored_tag, mode, filename, value),) = rows
-            try:
-                found = self._disk.fetch(mode, filename, value, read)
-            except OSError:
-                found, stored_tag = default, None  # deleted meanwhile
-        return (found, stored_tag) if tag else found
-
-    def __contains__(self, key: str) -> bool:
-        query = "SELECT 1 FROM Cache WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
-        return bool(self._sql(query, (key, time.time())).fetchall())
-
-    def iterkeys(self) -> Iterator[Any]:
-        return iter([key for (key,) in self._sql("SELECT key FROM Cache WHERE raw = 1 ORDER BY key").fetchall()])
-
-    def volume(self) -> int:
-        return self._page_size * int(self._sql("PRAGMA page_count").fetchone()[0]) + self._stored_size
-
-    def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None and getattr(self._local, "pid", None) == os.getpid():
-            connection.close()
-        self._local.connection = None
-
-
 class DiskTier:
     """Pattern envelopes in ``directory``, shared by every process that opens it."""
 
@@ -200,16 +111,47 @@ class DiskTier:
     # tier only needs a bound, and dropping the oldest write is a fine one.
     EVICTION_POLICY = "least-recently-stored"
 
-    def __init__(self, directory: str | os.PathLike, size_limit: int = 8 << 30, timeout: float = 60.0) -> None:
-        """``timeout``: seconds SQLite waits for another writer before the
-        operation fails (diskcache's retry loops are never used: they could
-        wait forever on a stuck lock)."""
+    def __init__(self, directory: str | os.PathLike, size_limit: int | None = None, timeout: float = 60.0,
+                 *, read_only: bool = False) -> None:
+        """``size_limit``: bytes the directory may take (None: what the
+        directory has, ``DEFAULT_SIZE_LIMIT`` for a new one). ``timeout``:
+        seconds SQLite waits for another writer before the operation fails
+        (diskcache's retry loops are never used: they could wait forever on
+        a stuck lock). ``read_only``: open an existing store without writing
+        anything."""
         self.directory = Path(directory).expanduser().absolute()
         self.timeout = timeout
-        self.writable = True
-        self.read_only = False  # opened read-only: the directory could not be written
+        self.writable = not read_only
+        self.read_only = read_only  # opened read-only: asked for, or the directory could not be written
         self.write_error: BaseException | None = None  # why writes stopped, if they did
         self._warned: set[str] = set()
+        if read_only:
+            self._opened = self._open_existing()
+        else:
+            self._open_writable(size_limit)
+        self._pid = os.getpid()
+        fstype = filesystem_type(self.directory)
+        if fstype in NETWORK_FILESYSTEMS:
+            self._warn_once(
+                "network",
+                f"pattern store directory {self.directory} is on a network filesystem ({fstype}); "
+                "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
+            )
+
+    def _open_existing(self) -> ReadOnlyCache:
+        if not self.directory.is_dir():
+            why = "not a directory" if self.directory.exists() else "no such directory"
+            raise DiskUnavailable(f"no pattern store in {self.directory}: {why}")
+        if not (self.directory / diskcache.core.DBNAME).is_file():
+            raise DiskUnavailable(f"no pattern store in {self.directory}: it holds no {diskcache.core.DBNAME}")
+        try:
+            return ReadOnlyCache(self.directory, self.timeout)
+        except DISK_ERRORS as error:
+            raise DiskUnavailable(f"cannot read pattern store {self.directory}: {error}") from error
+
+    def _open_writable(self, size_limit: int | None) -> None:
+        if size_limit is None and not (self.directory / diskcache.core.DBNAME).is_file():
+            size_limit = DEFAULT_SIZE_LIMIT
         try:
             if not self.directory.is_dir():
                 self.directory.mkdir(mode=0o700, parents=True)
@@ -231,25 +173,18 @@ class DiskTier:
                 f"cannot write pattern store {self.directory} ({error}); reading it read-only, "
                 "patterns it lacks are kept in memory only",
             )
-        self._pid = os.getpid()
-        fstype = filesystem_type(self.directory)
-        if fstype in NETWORK_FILESYSTEMS:
-            self._warn_once(
-                "network",
-                f"pattern store directory {self.directory} is on a network filesystem ({fstype}); "
-                "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
-            )
 
-    def _open(self, size_limit: int) -> diskcache.Cache | _ReadOnlyCache:
+    def _open(self, size_limit: int | None) -> diskcache.Cache | ReadOnlyCache:
         if self.read_only:
-            return _ReadOnlyCache(self.directory, self.timeout)
+            return ReadOnlyCache(self.directory, self.timeout)
+        asked = {} if size_limit is None else {"size_limit": size_limit}  # else the directory's own
         return diskcache.Cache(
             str(self.directory),
             timeout=self.timeout,
-            disk=_RawOnlyDisk,
-            size_limit=size_limit,
+            disk=RawOnlyDisk,
             eviction_policy=self.EVICTION_POLICY,
             statistics=False,  # hit counting would make reads write, too
+            **asked,
         )
 
     @property
@@ -280,6 +215,26 @@ class DiskTier:
             self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
             return None
 
+    def read_packed(self, key: str) -> tuple[PackedPattern | None, CorruptValue | None]:
+        """(the value of ``key`` decoded, or None; the refusal of a stored
+        value, or None). The value is read once, into the buffer the memory
+        tier then holds as it is (``codec.decode_packed``); a file that
+        vanishes or fails mid-read is a miss (one warning)."""
+        try:
+            source = self.source(key)
+            if source is None:
+                return None, None
+            try:
+                return decode_packed(source, key), None
+            finally:
+                if hasattr(source, "close"):
+                    source.close()
+        except CorruptValue as refusal:
+            return None, refusal
+        except OSError as error:
+            self.read_failed(error)
+            return None, None
+
     def source(self, key: str) -> bytes | BinaryIO | None:
         """The stored value of ``key`` for ``codec.decode``: ``bytes`` when
         SQLite holds it (values under 32 KiB), else the value file opened
@@ -296,8 +251,9 @@ class DiskTier:
         warning; the caller treats the value as missing."""
         self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
 
-    def write(self, key: str, value: bytes) -> bool:
-        """Store ``value`` under ``key`` (the write time becomes its tag).
+    def write(self, key: str, value: bytes | memoryview) -> bool:
+        """Store ``value`` under ``key`` (the write time becomes its tag); a
+        ``memoryview`` (``codec.encode_packed``'s) is written from where it is.
         False when the disk refused it; after the first failure (warned once)
         no further write is tried."""
         if not self.writable:

@@ -9,6 +9,12 @@ same declarations, so a field is described in exactly one place.
 Guarantees: bad input raises before anything is built, ``TypeError`` for a
 wrong type (a ``bool`` where an int is meant included) and ``ValueError`` for
 a wrong value, each message naming the field and what is allowed.
+
+Ranges: every int field of a spec has one, declared with its field
+(``int_range``, ``int_tuple_range``) and checked at construction, so no
+value reaches the key's msgpack (which holds 64 bits) or an array unchecked.
+Counts, sizes and block indices lie in ``[minimum, INT32_MAX]``: the layouts
+and group tables that hold them are int32. A ``seed`` lies in ``[0, 2**63 - 1]``.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
-    "REQUIRED", "Field", "validate_fields", "check_int", "check_nonneg_int", "check_int_tuple",
-    "check_nonneg_int_tuple", "check_optional_nonneg_int_tuple", "check_bool", "check_choice", "choice",
-    "check_branches",
+    "REQUIRED", "INT32_MAX", "Field", "validate_fields", "check_int", "check_int_tuple", "int_range",
+    "int_tuple_range", "optional_int_tuple_range", "check_bool", "check_choice", "choice", "check_branches",
 ]
+
+INT32_MAX = 2**31 - 1  # the largest count, size or block index: layouts and group tables are int32
 
 
 class _Required:
@@ -66,32 +73,59 @@ def validate_fields(owner: str, schema: Sequence[Field], values: Mapping[str, An
 
 
 # ---------------------------------------------------------------- checks
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
+def _allowed(minimum: int, maximum: int | None) -> str:
+    return f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+
+
+def _shown(value: int) -> str:
+    # Python refuses to print ints of over 4300 digits; the size says enough.
+    return str(value) if value.bit_length() <= 128 else f"an int of {value.bit_length()} bits"
+
+
+def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise TypeError(f"{name} must be an int {_allowed(minimum, maximum)}, got {type(value).__name__} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {_allowed(minimum, maximum)}, got {_shown(value)}")
     return int(value)
 
 
-def check_nonneg_int(name: str, value: Any) -> int:
-    return check_int(name, value, minimum=0)
-
-
-def check_int_tuple(name: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
+def check_int_tuple(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple of ints >= {minimum}, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a list or tuple of ints {_allowed(minimum, maximum)}, "
+                        f"got {type(value).__name__}")
     if len(value) == 0:
         raise ValueError(f"{name} must not be empty")
-    return tuple(check_int(f"{name}[{i}]", item, minimum) for i, item in enumerate(value))
+    return tuple(check_int(f"{name}[{i}]", item, minimum, maximum) for i, item in enumerate(value))
 
 
-def check_nonneg_int_tuple(name: str, value: Any) -> tuple[int, ...]:
-    return check_int_tuple(name, value, minimum=0)
+def int_range(minimum: int = 1, maximum: int = INT32_MAX) -> Callable[[str, Any], int]:
+    """The check of an int field in ``[minimum, maximum]`` (both on the check, for help texts)."""
+    def check(name: str, value: Any) -> int:
+        return check_int(name, value, minimum, maximum)
+
+    check.minimum, check.maximum = minimum, maximum  # type: ignore[attr-defined]
+    return check
 
 
-def check_optional_nonneg_int_tuple(name: str, value: Any) -> tuple[int, ...] | None:
-    return None if value is None else check_int_tuple(name, value, minimum=0)
+def int_tuple_range(minimum: int = 1, maximum: int = INT32_MAX) -> Callable[[str, Any], tuple[int, ...]]:
+    """The check of a non-empty list field of ints in ``[minimum, maximum]``."""
+    def check(name: str, value: Any) -> tuple[int, ...]:
+        return check_int_tuple(name, value, minimum, maximum)
+
+    check.minimum, check.maximum = minimum, maximum  # type: ignore[attr-defined]
+    return check
+
+
+def optional_int_tuple_range(minimum: int = 0, maximum: int = INT32_MAX) -> Callable[[str, Any], tuple[int, ...] | None]:
+    """``int_tuple_range``, or None (the field is unset)."""
+    inner = int_tuple_range(minimum, maximum)
+
+    def check(name: str, value: Any) -> tuple[int, ...] | None:
+        return None if value is None else inner(name, value)
+
+    check.minimum, check.maximum = minimum, maximum  # type: ignore[attr-defined]
+    return check
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -119,8 +153,8 @@ def check_branches(
     segment_lengths: Any, dilation_rates: Any, unit: str = ""
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Validate LongNet branches (w_i, r_i): same count, r_i <= w_i."""
-    segments = check_int_tuple("segment_lengths", segment_lengths)
-    rates = check_int_tuple("dilation_rates", dilation_rates)
+    segments = check_int_tuple("segment_lengths", segment_lengths, 1, INT32_MAX)
+    rates = check_int_tuple("dilation_rates", dilation_rates, 1, INT32_MAX)
     if len(segments) != len(rates):
         raise ValueError(
             f"segment_lengths and dilation_rates must have the same length, "

@@ -1,51 +1,54 @@
-"""Store maintenance as library functions: precompute, verify (and repair),
-export, import, list, stats. Each returns a result object (a dataclass with
+"""Store maintenance as library functions: read each disk entry
+(``read_entry``, ``entries``, ``orphans``), verify (and repair), export,
+import, list, stats, precompute (``patternstore.precompute``, re-exported
+here). Each operation returns a result object (a dataclass with
 ``to_json()``, the form ``patternstore --json`` prints); the command line
 (``patternstore.cli``) only parses arguments and renders these.
 
 Guarantees:
-- Only the store's public API is used (``PatternStore.get/put/evict/clear``
-  and its maintenance block: ``entries``, ``read_entry``, ``stored_keys``,
-  ``stored``, ``orphans``, ``remove_orphans``).
+- Only the store's public API is used (``PatternStore.get/put/evict/clear/
+  stored_keys/stored`` and its ``disk`` tier's reads).
 - Read-only operations (``list_entries``, ``entry_info``, ``store_stats``,
-  ``verify`` without repair, ``export``) never write the store directory, so
-  they work on a directory this process cannot write (``open_store(...,
-  writable=False)``).
+  ``verify`` without repair, ``export``) never write the store directory:
+  ``open_store(..., writable=False)`` opens it read-only, so nothing in it
+  is created or changed (not a setting, not SQLite's side files), and a
+  directory without a store is ``StoreUnavailable``, never created.
 - Entries and files that vanish while an operation runs (another process
   clearing or repairing the directory) are treated as already gone, never as
   an error.
 - Bad input (a directory that cannot hold a store, a store that must be
-  written but cannot be) raises ``StoreUnavailable`` before anything is done.
+  written but cannot be, a bundle that fails verification) raises before
+  anything is written.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
-import sys
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import warnings
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TextIO
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from .bundle import read_bundle, write_bundle
-from .codec import ENVELOPE_VERSION, decode, stored_spec
+from .codec import ENVELOPE_VERSION, CorruptValue, decode, decode_packed, stored_spec
 from .generate import generate
-from .presets import PRESETS
+from .pattern import Pattern
+from .precompute import (
+    PrecomputeItem, PrecomputeResult, PresetSize, describe, precompute, preset_sizes, progress_bar,
+)
+from .sizes import format_size
 from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec
 from .spectext import format_spec, parse_spec
 from .store import PatternStore
 
 __all__ = [
-    "StoreUnavailable", "open_store", "kind_of",
-    "EntryInfo", "list_entries", "entry_info", "resolve_key",
+    "StoreUnavailable", "open_store", "kind_of", "StoredEntry", "read_entry", "entries", "orphans",
+    "remove_orphans", "EntryInfo", "list_entries", "entry_info", "resolve_key", "AmbiguousKey",
     "StoreStats", "store_stats",
-    "PrecomputeItem", "PrecomputeResult", "precompute", "progress_bar", "PresetSize", "preset_sizes",
+    "PrecomputeItem", "PrecomputeResult", "precompute", "describe", "progress_bar", "PresetSize", "preset_sizes",
     "VerifyProblem", "OrphanFile", "VerifyResult", "verify",
-    "ExportResult", "export", "ImportResult", "import_bundle", "import_entries", "clear", "format_size", "AmbiguousKey", "describe",
+    "ExportResult", "export", "ImportResult", "import_bundle", "import_entries", "clear", "format_size",
 ]
 
 
@@ -57,15 +60,81 @@ class StoreUnavailable(ValueError):
 def open_store(directory: str | os.PathLike | None = None, *, writable: bool = False) -> PatternStore:
     """A store on ``directory`` that keeps nothing in memory (maintenance
     reads every entry once). ``writable``: raise ``StoreUnavailable`` unless
-    the directory can be written; otherwise a read-only directory is fine."""
-    store = PatternStore(directory, max_entries=0)
+    the directory can be written (it is created when missing); otherwise the
+    store is opened read-only and must exist."""
+    with warnings.catch_warnings(record=True) as caught:  # said once: by the error, or again below
+        warnings.simplefilter("always")
+        store = PatternStore(directory, max_entries=0, read_only=not writable)
     if store.disk is None:
-        raise StoreUnavailable(f"{store.disk_error} (the store directory must be a writable directory)")
+        reason = str(store.disk_error)
+        raise StoreUnavailable(reason if not writable else f"{reason} (the store directory must be a writable directory)")
     if writable and store.read_only:
         raise StoreUnavailable(
             f"{store.directory} cannot be written ({store.disk_error}); this command needs a writable store directory"
         )
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return store
+
+
+# ---------------------------------------------------------------- one entry as read
+class StoredEntry(NamedTuple):
+    """One entry as read from disk: ``value`` (the stored bytes; None
+    when it vanished or was refused unread), ``pattern`` (None unless the
+    value decoded under its key), ``problem`` (why not; None when fine or
+    vanished), ``stored_at`` (unix time of its write, None if unknown)."""
+
+    key: str
+    value: bytes | None
+    pattern: Pattern | None
+    problem: str | None
+    stored_at: float | None
+
+
+def read_entry(store: PatternStore, key: str) -> StoredEntry:
+    """The disk entry of ``key``, decoded and checked (checksum, format,
+    key) exactly as a get would; never generates, never kept in memory. An
+    entry that vanished meanwhile (another process clearing the directory)
+    reads as gone, never as an error."""
+    disk = store.disk
+    if disk is None:
+        return StoredEntry(key, None, None, None, None)
+    stored_at = disk.stored_at(key)
+    try:
+        value = disk.read(key)
+    except CorruptValue as error:  # not stored as raw bytes: refused unread
+        return StoredEntry(key, None, None, str(error), stored_at)
+    if value is None:
+        return StoredEntry(key, None, None, None, stored_at)
+    try:
+        return StoredEntry(key, value, decode_packed(value, key).unpack(), None, stored_at)
+    except CorruptValue as error:
+        return StoredEntry(key, value, None, str(error), stored_at)
+
+
+def entries(store: PatternStore) -> Iterator[StoredEntry]:
+    """Every disk entry, checked (``read_entry``), in key order."""
+    for key in sorted(store.stored_keys()):
+        yield read_entry(store, key)
+
+
+def orphans(store: PatternStore, min_age: float = 3600.0) -> list[Path]:
+    """Value files no entry refers to, last written over ``min_age`` s ago
+    (a writer killed between its file and its row)."""
+    if store.disk is None:
+        return []
+    try:
+        return store.disk.orphans(min_age)
+    except FileNotFoundError:  # a directory removed while it was listed: cleared meanwhile
+        return []
+
+
+def remove_orphans(store: PatternStore, paths: list[Path]) -> list[Path]:
+    """Delete orphan files (``orphans``); those that could not be deleted.
+    A file already gone counts as deleted."""
+    if store.disk is None or store.read_only:
+        return list(paths)
+    return store.disk.remove(paths)
 
 
 def kind_of(key: str) -> str:
@@ -99,7 +168,7 @@ class EntryInfo:
         return row
 
 
-def _info(entry: PatternStore.StoredEntry) -> EntryInfo:
+def _info(entry: StoredEntry) -> EntryInfo:
     if entry.pattern is None:
         problem = f"corrupt: {entry.problem}" if entry.problem else "vanished while listing"
         return EntryInfo(entry.key, kind_of(entry.key), entry.stored_at, problem=problem)
@@ -113,14 +182,14 @@ def _info(entry: PatternStore.StoredEntry) -> EntryInfo:
 
 def list_entries(store: PatternStore) -> list[EntryInfo]:
     """Every stored entry, by key."""
-    return [_info(entry) for entry in store.entries()]
+    return [_info(entry) for entry in entries(store)]
 
 
 def entry_info(store: PatternStore, key: str) -> EntryInfo | None:
     """The entry of ``key``; None when the store does not hold it."""
     if not store.stored(key):
         return None
-    return _info(store.read_entry(key))
+    return _info(read_entry(store, key))
 
 
 class AmbiguousKey(ValueError):
@@ -168,181 +237,6 @@ def store_stats(store: PatternStore) -> StoreStats:
         spec_format_versions={"dilated": DILATED_FORMAT_VERSION, "sparse": SPARSE_FORMAT_VERSION},
         kinds=dict(sorted(kinds.items())),
     )
-
-
-# ---------------------------------------------------------------- precompute
-@dataclass(frozen=True)
-class PrecomputeItem:
-    """What became of one spec: generated here, or present (stored before or
-    by another process meanwhile); ``stored``: on disk now; ``error``: why it failed."""
-
-    spec: Spec
-    generated: bool = False
-    nbytes: int = 0
-    stored: bool = False
-    error: str | None = None
-
-    @property
-    def failure(self) -> str | None:
-        if self.error is not None:
-            return f"{self.spec.key}: {self.error}"
-        if not self.stored:
-            return f"{self.spec.key}: generated but not written to the store directory"
-        return None
-
-
-@dataclass(frozen=True)
-class PrecomputeResult:
-    items: tuple[PrecomputeItem, ...]
-    seconds: float
-    directory: str
-
-    @property
-    def generated(self) -> int:
-        return sum(item.generated and item.error is None for item in self.items)
-
-    @property
-    def present(self) -> int:
-        return sum(not item.generated and item.error is None for item in self.items)
-
-    @property
-    def failed(self) -> list[str]:
-        return [item.failure for item in self.items if item.failure is not None]
-
-    @property
-    def bytes(self) -> int:
-        """Array bytes generated (what was present is not counted)."""
-        return sum(item.nbytes for item in self.items if item.generated and item.error is None)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"specs": len(self.items), "generated": self.generated, "present": self.present,
-                "failed": len(self.failed), "bytes": self.bytes, "seconds": round(self.seconds, 3),
-                "directory": self.directory}
-
-
-def _precompute_one(store: PatternStore, spec: Spec) -> tuple[bool, int, bool]:
-    """``(generated here, array bytes, now on disk)`` after ``store.get(spec)``.
-    The store's single flight makes exactly one process generate a key; the
-    others read what it wrote."""
-    before = store.stats()["generations"]
-    pattern = store.get(spec)
-    generated = store.stats()["generations"] > before
-    return generated, pattern.nbytes, store.stored(spec.key)
-
-
-# A worker process keeps one store open for all the specs it is given.
-_worker_store: PatternStore | None = None
-
-
-def _worker_start(directory: str, threads: int) -> None:
-    import torch
-
-    global _worker_store
-    torch.set_num_threads(threads)
-    _worker_store = PatternStore(directory, max_entries=0)
-
-
-def _worker_precompute(spec: Spec) -> tuple[bool, int, bool]:
-    assert _worker_store is not None
-    return _precompute_one(_worker_store, spec)
-
-
-def precompute(
-    store: PatternStore, specs: Iterable[Spec], *, jobs: int = 1,
-    progress: Callable[[PrecomputeItem], None] | None = None,
-) -> PrecomputeResult:
-    """Make every spec's pattern present in ``store`` (each key once).
-    What is absent is generated in ``jobs`` spawned processes when there are
-    several; what is on disk is read here, through ``store.get``, so a stored
-    value that fails to decode is regenerated rather than counted as present.
-    A failure is recorded in its item and the other specs go on.
-    ``progress`` is called with each item as it completes (``progress_bar``)."""
-    specs = list({spec.key: spec for spec in specs}.values())
-    start = time.perf_counter()
-    absent = [spec for spec in specs if not store.contains(spec)]
-    pooled = absent if jobs > 1 and len(absent) > 1 else []
-    pooled_keys = {spec.key for spec in pooled}
-    items: list[PrecomputeItem] = []
-
-    def record(spec: Spec, outcome: tuple[bool, int, bool] | BaseException) -> None:
-        if isinstance(outcome, BaseException):
-            item = PrecomputeItem(spec, error=f"{type(outcome).__name__}: {outcome}")
-        else:
-            item = PrecomputeItem(spec, *outcome)
-        items.append(item)
-        if progress is not None:
-            progress(item)
-
-    for spec in specs:
-        if spec.key not in pooled_keys:
-            try:
-                record(spec, _precompute_one(store, spec))
-            except Exception as error:  # recorded; the other specs go on
-                record(spec, error)
-    if pooled:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(
-            max_workers=min(jobs, len(pooled)), mp_context=get_context("spawn"),
-            initializer=_worker_start, initargs=(str(store.directory), threads),
-        ) as pool:
-            futures = {pool.submit(_worker_precompute, spec): spec for spec in pooled}
-            for future in as_completed(futures):
-                error = future.exception()
-                record(futures[future], error if error is not None else future.result())
-    return PrecomputeResult(tuple(items), time.perf_counter() - start, str(store.directory))
-
-
-def describe(item: PrecomputeItem) -> str:
-    """One progress line of ``item``: what happened, the spec, its size."""
-    label = format_spec(item.spec, defaults=False)
-    if item.error is not None:
-        return f"FAILED {label}: {item.error}"
-    return f"{'generated' if item.generated else 'present'} {label} ({format_size(item.nbytes)})"
-
-
-def progress_bar(
-    total: int, stream: TextIO | None = None, label: Callable[[Any], str] = describe
-) -> Callable[[Any], None]:
-    """A terminal progress bar (``tqdm``) for ``precompute(progress=...)``
-    (and ``verify``'s, with ``label=str``): ``[#####     ] done/total`` and
-    ``label`` of the last item; it closes when ``total`` items are done."""
-    from tqdm import tqdm  # a terminal-only dependency: imported when a bar is drawn
-
-    # A terminal that reports no size (a fresh pseudo-terminal) gets shutil's
-    # 80x24: tqdm would draw a zero-width bar and hide it below a zero-row screen.
-    columns, rows = shutil.get_terminal_size()
-    bar = tqdm(total=total, file=stream or sys.stderr, bar_format="[{bar:20}] {n_fmt}/{total_fmt} {desc}",
-               ascii=" #", mininterval=0, leave=True, ncols=max(columns, 40) - 1, nrows=max(rows, 1))
-
-    def step(item: Any) -> None:
-        bar.set_description_str(label(item), refresh=False)
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-
-    return step
-
-
-@dataclass(frozen=True)
-class PresetSize:
-    name: str
-    specs: int
-    bytes: int
-    description: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def preset_sizes(names: Sequence[str] | None = None) -> list[PresetSize]:
-    """Each preset (``names``, else all) with its exact array bytes: its
-    patterns are generated, not stored, so this takes seconds."""
-    rows = []
-    for name in names or PRESETS:
-        specs = PRESETS[name].specs
-        rows.append(PresetSize(name, len(specs), sum(generate(spec).nbytes for spec in specs),
-                               PRESETS[name].description))
-    return rows
 
 
 # ---------------------------------------------------------------- verify
@@ -407,7 +301,7 @@ def verify(
     compare = set(keys) if full else set(chooser.sample(keys, min(sample, len(keys))))
     found: list[tuple[VerifyProblem, Spec | None]] = []
     for key in keys:
-        entry = store.read_entry(key)
+        entry = read_entry(store, key)
         if progress is not None:
             progress(key)
         if entry.problem is not None:
@@ -430,14 +324,14 @@ def verify(
                 problem.repair = "regenerated" if ok else "dropped; regenerating did not write"
                 unrepaired += not ok
     # Value files no entry refers to (a writer killed between file and row).
-    paths = store.orphans()
-    orphans = [OrphanFile(path, _file_size(path)) for path in paths]
+    paths = orphans(store)
+    files = [OrphanFile(path, _file_size(path)) for path in paths]
     if repair and paths:
-        left = set(store.remove_orphans(paths))
-        for orphan in orphans:
+        left = set(remove_orphans(store, paths))
+        for orphan in files:
             orphan.repair = "could not delete" if orphan.path in left else "removed"
         unrepaired += len(left)
-    return VerifyResult(len(keys), len(compare), [p for p, _ in found], orphans, repair, unrepaired)
+    return VerifyResult(len(keys), len(compare), [p for p, _ in found], files, repair, unrepaired)
 
 
 # ---------------------------------------------------------------- clear / export / import
@@ -462,14 +356,14 @@ class ExportResult:
 def export(store: PatternStore, path: str | os.PathLike) -> ExportResult:
     """Write every valid entry into one bundle file (``patternstore.bundle``),
     as stored. Reads the store only. Raises ``OSError`` if ``path`` cannot be written."""
-    entries, skipped = [], []
-    for entry in store.entries():
+    kept, skipped = [], []
+    for entry in entries(store):
         if entry.problem is not None:
             skipped.append(f"{entry.key}: {entry.problem}")
         elif entry.pattern is not None:
-            entries.append((entry.key, entry.value))
-    size = write_bundle(Path(path), entries)
-    return ExportResult(len(entries), skipped, size, str(path))
+            kept.append((entry.key, entry.value))
+    size = write_bundle(Path(path), kept)
+    return ExportResult(len(kept), skipped, size, str(path))
 
 
 @dataclass(frozen=True)
@@ -484,21 +378,23 @@ class ImportResult:
                 "directory": self.directory}
 
 
-def import_bundle(store: PatternStore, path: str | os.PathLike) -> ImportResult:
+def import_bundle(store: PatternStore, path: str | os.PathLike, *, trust: bool = False) -> ImportResult:
     """Store every entry of a bundle. Every entry is verified before any is
-    written (``read_bundle`` raises ``BundleError`` or ``OSError`` first), so
-    a bad bundle imports nothing."""
-    return import_entries(store, read_bundle(Path(path)))
+    written (``read_bundle`` raises ``BundleError`` or ``OSError`` first):
+    decoded, and regenerated from its spec and compared byte for byte unless
+    ``trust`` (``bundle.read_bundle`` says what that trusts), so a bad or
+    doctored bundle imports nothing."""
+    return import_entries(store, read_bundle(Path(path), trust=trust))
 
 
-def import_entries(store: PatternStore, entries: Sequence[tuple[str, bytes]]) -> ImportResult:
+def import_entries(store: PatternStore, checked: Sequence[tuple[str, bytes]]) -> ImportResult:
     """Store ``(key, value)`` entries that ``bundle.read_bundle`` verified. An
     entry already stored with the same bytes counts as present (encoding is
     pure: equal bytes, equal pattern)."""
     imported = present = 0
     failed = []
-    for key, value in entries:
-        if store.read_entry(key).value == value:
+    for key, value in checked:
+        if read_entry(store, key).value == value:
             present += 1
             continue
         store.put(decode(value, key))  # read_bundle decoded every entry already: this one cannot fail
@@ -507,16 +403,3 @@ def import_entries(store: PatternStore, entries: Sequence[tuple[str, bytes]]) ->
         else:
             failed.append(key)
     return ImportResult(imported, present, failed, str(store.directory))
-
-
-def format_size(n: int) -> str:
-    """``n`` bytes for people: B, KiB, MiB, GiB."""
-    if n < 1024:
-        return f"{n} B"
-    value, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f} {unit}"
-

@@ -37,6 +37,8 @@ from .fields import (  # noqa: F401  (check_* are re-exported: the modules valid
     check_int,
     check_int_tuple,
     choice,
+    int_range,
+    int_tuple_range,
     validate_fields,
 )
 from .kinds import SPARSE_KINDS
@@ -97,9 +99,9 @@ class _SpecBase:
 
 # ---------------------------------------------------------------- dilated
 DILATED_FIELDS: tuple[Field, ...] = (
-    Field("segment_lengths", check_int_tuple, help="segment length w_i of each branch", is_list=True),
-    Field("dilation_rates", check_int_tuple, help="dilation rate r_i <= w_i of each branch", is_list=True),
-    Field("num_heads", check_int, help="attention heads"),
+    Field("segment_lengths", int_tuple_range(1), help="segment length w_i of each branch", is_list=True),
+    Field("dilation_rates", int_tuple_range(1), help="dilation rate r_i <= w_i of each branch", is_list=True),
+    Field("num_heads", int_range(1), help="attention heads"),
     Field("scheme", choice(*SCHEMES), "longnet",
           help="longnet: every branch on every head; grouped: branch i on head group i"),
 )
@@ -146,26 +148,26 @@ class DilatedSpec(_SpecBase):
 
 
 # ---------------------------------------------------------------- sparse
+MAX_BLOCK_SIZE = 1 << 30  # the largest power of two <= INT32_MAX
+SEED_MAX = 2**63 - 1  # a seed is hashed as an int64
+
+
 def _check_block_size(name: str, value: Any) -> int:
-    value = check_int(name, value)
+    value = check_int(name, value, 1, MAX_BLOCK_SIZE)
     if value & (value - 1):
-        raise ValueError(f"{name} must be a power of two (1, 2, 4, ..., 128, ...), got {value}")
+        raise ValueError(f"{name} must be a power of two (1, 2, 4, ..., 128, ..., 2**30), got {value}")
     return value
 
 
-def _check_seed(name: str, value: Any) -> int:
-    value = check_int(name, value, minimum=0)
-    if value >= 2**63:
-        raise ValueError(f"{name} must be < 2**63, got {value}")
-    return value
+_check_block_size.minimum, _check_block_size.maximum = 1, MAX_BLOCK_SIZE  # type: ignore[attr-defined]
 
 
 # The fields every sparse kind has, before its own parameters.
 SPARSE_BASE_FIELDS: tuple[Field, ...] = (
-    Field("seq_len", check_int, help="sequence length"),
+    Field("seq_len", int_range(1), help="sequence length"),
     Field("block_size", _check_block_size, help="positions per block, a power of two"),
-    Field("num_heads", check_int, 1, help="attention heads"),
-    Field("seed", _check_seed, 0, help="seed of the random blocks"),
+    Field("num_heads", int_range(1), 1, help="attention heads"),
+    Field("seed", int_range(0, SEED_MAX), 0, help="seed of the random blocks"),
 )
 
 

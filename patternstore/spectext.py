@@ -90,8 +90,10 @@ def spec_from_fields(kind: str, fields: Mapping[str, Any]) -> Spec:
         raise SpecError(str(error)) from None
 
 
-def _value(text: str) -> int | bool | str:
+def _value(name: str, text: str) -> int | bool | str:
     if _INTEGER.fullmatch(text):
+        if len(text) > 40:  # past every field's range (2**63 has 19 digits); int() refuses 4300+
+            raise SpecError(f"{name} has an integer of {len(text)} digits; every integer field is < 2**63")
         return int(text)
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -100,31 +102,32 @@ def _value(text: str) -> int | bool | str:
 
 def parse_spec(text: str) -> Spec:
     """The spec written as ``text`` in the SPEC grammar (module docstring)."""
+    shown = repr(text) if len(text) <= 200 else f"{text[:100]!r}...({len(text)} characters)"
     kind, *pairs = text.split(":")
     if not kind or not pairs:
-        raise SpecError(f"malformed SPEC {text!r}: expected KIND:FIELD=VALUE:..., e.g. {EXAMPLES[0]}")
+        raise SpecError(f"malformed SPEC {shown}: expected KIND:FIELD=VALUE:..., e.g. {EXAMPLES[0]}")
     if kind not in KINDS:  # say so before complaining about its fields
-        raise SpecError(f"bad SPEC {text!r}: unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+        raise SpecError(f"bad SPEC {shown}: unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
     fields: dict[str, Any] = {}
     for pair in pairs:
         name, equals, value = pair.partition("=")
         if not equals or not name:
-            raise SpecError(f"malformed SPEC {text!r}: {pair!r} is not FIELD=VALUE")
+            raise SpecError(f"malformed SPEC {shown}: {pair!r} is not FIELD=VALUE")
         if name in fields:
-            raise SpecError(f"malformed SPEC {text!r}: field {name!r} given twice")
+            raise SpecError(f"malformed SPEC {shown}: field {name!r} given twice")
         if value == "":
-            raise SpecError(f"malformed SPEC {text!r}: field {name!r} has no value")
-        if name in LIST_FIELDS:
-            items = value.split(",")
-            if "" in items:
-                raise SpecError(f"malformed SPEC {text!r}: empty item in {name}={value!r}; items are separated by single commas")
-            fields[name] = tuple(_value(item) for item in items)
-        else:
-            fields[name] = _value(value)
+            raise SpecError(f"malformed SPEC {shown}: field {name!r} has no value")
+        items = value.split(",")
+        if name in LIST_FIELDS and "" in items:
+            raise SpecError(f"malformed SPEC {shown}: empty item in {name}={value!r}; items are separated by single commas")
+        try:
+            fields[name] = tuple(_value(name, item) for item in items) if name in LIST_FIELDS else _value(name, value)
+        except SpecError as error:
+            raise SpecError(f"bad SPEC {shown}: {error}") from None
     try:
         return spec_from_fields(kind, fields)
     except SpecError as error:
-        raise SpecError(f"bad SPEC {text!r}: {error}") from None
+        raise SpecError(f"bad SPEC {shown}: {error}") from None
 
 
 def format_value(value: Any) -> str:

@@ -2,12 +2,13 @@
 
     get(spec, device)
       memory tier (dict lookup under one lock) ---------------- hit -> Pattern
-      disk tier (raw bytes -> codec.decode) ---------------------- hit -> keep in memory
-      single flight: per-key thread lock, then per-key file lock,
-        look in memory and on disk again, generate(spec), encode, write, keep
+      disk tier (DiskTier.read_packed: one read into the buffer kept) -- hit -> keep in memory
+      single flight (patternstore.flight): per-key thread lock, then per-key
+        file lock, look in memory and on disk again, generate(spec),
+        encode_packed (one copy), write, keep that buffer
 
 Guarantees (each kept by the code next to it):
-- Never a wrong pattern: a disk value is used only when ``codec.decode``
+- Never a wrong pattern: a disk value is used only when ``codec.decode_packed``
   accepts it (checksum, format version, key); anything else is counted in
   ``corrupt``, dropped and regenerated. Cached arrays that a caller changed in
   place are detected on the next hit and rebuilt (``MemoryTier``).
@@ -30,6 +31,21 @@ Guarantees (each kept by the code next to it):
   (``store_for``): no lock or tensor is pickled.
 - A directory that cannot be written is still read (``read_only``); misses
   are then generated and kept in memory only, with one warning.
+  ``read_only=True`` asks for that: nothing in the directory is created or
+  changed, and a directory without a store is not created (the store then
+  serves from memory, with one warning).
+- Opening never rewrites the directory's persisted size limit unless
+  ``disk_size_limit`` is given.
+
+What protects a shared directory: its file modes, nothing else. The store
+creates its directory ``0700``, so only its owner (and root) can read or
+write it. A directory shared on purpose (made group-writable by its owners)
+trusts everyone who can write it: the checksum is unkeyed and catches
+accidents only, so a writer of the directory can store another valid
+pattern under a key (never code: nothing is unpickled, every value's key
+and spec are checked). ``patternstore verify --full`` compares every entry
+with a fresh generation; a bundle from elsewhere is verified that way on
+import (``patternstore import``).
 """
 
 from __future__ import annotations
@@ -37,21 +53,18 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 import warnings
 import weakref
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple
 
-import filelock
 import platformdirs
 
-from .codec import CorruptValue, OutdatedValue, decode_packed, encode
+from .codec import CorruptValue, OutdatedValue, encode_packed
 from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
+from .flight import KeyLocks, remove_idle_locks, single_flight
 from .generate import generate
 from .memory import MemoryTier, exact_device
-from .pattern import PackedPattern, Pattern, real_tensors
+from .pattern import Pattern, real_tensors
 from .specs import DilatedSpec, SparseSpec, Spec, check_int
 
 __all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory", "store_for"]
@@ -65,32 +78,6 @@ def default_directory() -> Path:
     if configured:
         return Path(configured).expanduser()
     return Path(platformdirs.user_cache_dir("patternstore", appauthor=False))
-
-
-class _KeyLocks:
-    """One ``threading.Lock`` per key while anyone wants it (refcounted, so
-    the table holds only keys being generated right now)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._slots: dict[str, list] = {}  # key -> [Lock, number of holders and waiters]
-
-    @contextmanager
-    def hold(self, key: str, timeout: float) -> Iterator[bool]:
-        """Yields True with the key's lock held, False after ``timeout`` seconds."""
-        with self._lock:
-            slot = self._slots.setdefault(key, [threading.Lock(), 0])
-            slot[1] += 1
-        acquired = slot[0].acquire(timeout=timeout)
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                slot[0].release()
-            with self._lock:
-                slot[1] -= 1
-                if slot[1] == 0:
-                    del self._slots[key]
 
 
 _live_stores: "weakref.WeakSet[PatternStore]" = weakref.WeakSet()
@@ -116,8 +103,10 @@ class PatternStore:
     ``path``: the directory (None: ``default_directory()``). ``max_entries``
     and ``max_bytes`` bound the memory tier (array bytes, device copies
     included); ``disk_size_limit`` bounds the directory (diskcache culls the
-    oldest writes past it); ``lock_timeout`` bounds every wait for another
-    thread or process generating the same key.
+    oldest writes past it; None: the directory's own limit, 8 GiB for a new
+    one); ``lock_timeout`` bounds every wait for another thread or process
+    generating the same key; ``read_only``: read an existing store without
+    writing anything to its directory.
     """
 
     def __init__(
@@ -126,22 +115,26 @@ class PatternStore:
         *,
         max_entries: int = 256,
         max_bytes: int = 1 << 30,
-        disk_size_limit: int = 8 << 30,
+        disk_size_limit: int | None = None,
         lock_timeout: float = 60.0,
+        read_only: bool = False,
     ) -> None:
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
             raise TypeError(f"lock_timeout must be a number of seconds > 0, got {type(lock_timeout).__name__}")
         if not (lock_timeout > 0 and math.isfinite(lock_timeout)):
             raise ValueError(f"lock_timeout must be a finite number of seconds > 0, got {lock_timeout}")
-        check_int("disk_size_limit", disk_size_limit)
+        if disk_size_limit is not None:
+            check_int("disk_size_limit", disk_size_limit)
+        if not isinstance(read_only, bool):
+            raise TypeError(f"read_only must be True or False, got {type(read_only).__name__}")
         self.lock_timeout = float(lock_timeout)
         # What pickling records (``__reduce__``): the directory as asked for
         # (None: this process's default) and the options.
         self._path = None if path is None else Path(path).expanduser().absolute()
-        self._options = {"max_entries": max_entries, "max_bytes": max_bytes,
-                         "disk_size_limit": disk_size_limit, "lock_timeout": self.lock_timeout}
+        self._options = {"max_entries": max_entries, "max_bytes": max_bytes, "disk_size_limit": disk_size_limit,
+                         "lock_timeout": self.lock_timeout, "read_only": read_only}
         self._memory = MemoryTier(max_entries, max_bytes)
-        self._flights = _KeyLocks()
+        self._flights = KeyLocks()
         self._lock = threading.Lock()  # guards the counters below
         self._disk_hits = self._misses = self._generations = self._corrupt = self._outdated = 0
         self._lock_timeouts = 0
@@ -149,7 +142,7 @@ class PatternStore:
         directory = default_directory() if path is None else Path(path)
         self._disk_unavailable: DiskUnavailable | None = None
         try:
-            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit, timeout=self.lock_timeout)
+            self.disk: DiskTier | None = DiskTier(directory, disk_size_limit, self.lock_timeout, read_only=read_only)
         except DiskUnavailable as error:
             self.disk, self._disk_unavailable = None, error
             warnings.warn(f"{error}; patterns are kept in memory only", PatternStoreWarning, stacklevel=2)
@@ -179,7 +172,7 @@ class PatternStore:
 
     def _reset_locks(self) -> None:
         self._lock = threading.Lock()
-        self._flights = _KeyLocks()
+        self._flights = KeyLocks()
         self._memory.reset_lock()
 
     @property
@@ -216,84 +209,35 @@ class PatternStore:
             return self._fetch_real(spec, device)
 
     def _fetch_real(self, spec: Spec, device) -> Pattern:
-        key = spec.key
-        pattern, refused = self._read(key)
-        if pattern is None:
-            with self._single_flight(key) as held:
+        key, disk = spec.key, self.disk
+        packed, refused = disk.read_packed(key) if disk is not None else (None, None)
+        if packed is None:
+            with single_flight(self._flights, disk, key, self.lock_timeout) as held:
                 if held:
                     # Whoever held the lock before us may have made it.
                     pattern = self._memory.get(key, device)
                     if pattern is not None:
                         self._count_refused(refused)
                         return pattern
-                    pattern, refused_again = self._read(key)
-                    refused = refused or refused_again
-                    if refused_again is not None and self.disk is not None:
-                        self.disk.delete(key)  # under the lock: nobody is rewriting it
-                if pattern is None:
-                    pattern = generate(spec)
+                    if disk is not None:
+                        packed, refused_again = disk.read_packed(key)
+                        refused = refused or refused_again
+                        if refused_again is not None:
+                            disk.delete(key)  # under the lock: nobody is rewriting it
+                if packed is None:
+                    packed, value = encode_packed(generate(spec))  # the one copy of the arrays
                     self._count(misses=1, generations=1, lock_timeouts=not held)
                     self._count_refused(refused)
-                    if self.disk is not None:
-                        self.disk.write(key, encode(pattern))
-                    return self._memory.put(pattern, device)
+                    if disk is not None:
+                        disk.write(key, value)
+                    return self._memory.put(packed, device)
         self._count(disk_hits=1)
         self._count_refused(refused)
-        return self._memory.put(pattern, device)
-
-    def _read(self, key: str) -> tuple[PackedPattern | None, CorruptValue | None]:
-        """(decoded disk value or None, the refusal of a stored value or None).
-        The value is read once into the buffer the memory tier then holds as
-        it is (``codec.decode_packed``)."""
-        if self.disk is None:
-            return None, None
-        try:
-            source = self.disk.source(key)
-            if source is None:
-                return None, None
-            try:
-                return decode_packed(source, key), None
-            finally:
-                if hasattr(source, "close"):
-                    source.close()
-        except CorruptValue as refusal:
-            return None, refusal
-        except OSError as error:  # the value file vanished or failed mid-read
-            self.disk.read_failed(error)
-            return None, None
+        return self._memory.put(packed, device)
 
     def _count_refused(self, refusal: CorruptValue | None) -> None:
         if refusal is not None:
             self._count(**{"outdated" if isinstance(refusal, OutdatedValue) else "corrupt": 1})
-
-    @contextmanager
-    def _single_flight(self, key: str) -> Iterator[bool]:
-        """Hold ``key`` against other threads, then other processes. Yields
-        False when either wait passed ``lock_timeout`` (the caller then
-        generates without the lock); never waits longer than that in all.
-        A store that does not write its disk tier (read-only) takes no file
-        lock: no other process could read what it generates, and a lock file
-        would be a write to a directory it must leave untouched."""
-        deadline = time.monotonic() + self.lock_timeout
-        with self._flights.hold(key, self.lock_timeout) as held:
-            if not held or self.disk is None or not self.disk.writable:
-                yield held
-                return
-            lock = filelock.FileLock(self.disk.lock_path(key), timeout=max(0.0, deadline - time.monotonic()))
-            try:
-                lock.acquire()
-            except filelock.Timeout:
-                yield False
-                return
-            except OSError:
-                # No lock file possible (e.g. read-only locks directory): the
-                # thread lock still holds; other processes may duplicate work.
-                yield True
-                return
-            try:
-                yield True
-            finally:
-                lock.release()
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
@@ -302,16 +246,15 @@ class PatternStore:
 
     # ------------------------------------------------------------ changes
     def put(self, pattern: Pattern) -> None:
-        """Store ``pattern`` in both tiers. Its arrays are copied, so the
+        """Store ``pattern`` in both tiers. Its arrays are copied (once), so the
         caller may keep using them. The store trusts that they are the spec's
         pattern (as ``generate`` made them, here or on another machine)."""
         if not isinstance(pattern, Pattern):
             raise TypeError(f"put takes a Pattern, got {type(pattern).__name__}")
-        with real_tensors():
-            value = encode(pattern)  # checks the arrays are storable before anything is kept
-        self._memory.put(pattern)
+        packed, value = encode_packed(pattern)  # the one copy; checks the arrays are storable first
         if self.disk is not None:
             self.disk.write(pattern.key, value)
+        self._memory.put(packed)
 
     def contains(self, spec_or_key: Spec | str) -> bool:
         key = _key_of(spec_or_key)
@@ -328,21 +271,9 @@ class PatternStore:
         """Remove every pattern from both tiers (counters are kept), and the
         lock files that no process holds."""
         self._memory.clear()
-        if self.disk is not None:
+        if self.disk is not None and self.disk.writable:
             self.disk.clear()
-            self._remove_idle_locks()
-
-    def _remove_idle_locks(self) -> None:
-        """Delete each lock file that can be taken at once, while holding it.
-        A process that was already waiting on one then holds the lock of a
-        deleted file while a newcomer creates a fresh one, so both may
-        generate that key: duplicated work, never a wrong value."""
-        for path in self.disk.lock_paths():
-            try:
-                with filelock.FileLock(path, timeout=0):
-                    path.unlink(missing_ok=True)
-            except (filelock.Timeout, OSError):
-                continue  # held by someone, or not ours to delete
+            remove_idle_locks(self.disk)
 
     def stats(self) -> dict[str, int | float]:
         """Counters since construction, and what the memory tier holds now.
@@ -377,24 +308,7 @@ class PatternStore:
         where = self.directory if self.directory is not None else "memory only"
         return f"PatternStore({where}, entries={len(self._memory)}, bytes={self._memory.nbytes})"
 
-    # ================================================================ maintenance
-    # What ``patternstore.maintenance`` (and so the command line) needs of the
-    # disk tier, as store API. Nothing here touches the memory tier or
-    # generates; a file that vanishes meanwhile (another process clearing or
-    # repairing the directory) reads as gone, never as an error. Nothing here
-    # writes except ``remove_orphans``.
-    class StoredEntry(NamedTuple):
-        """One entry as read from disk: ``value`` (the stored bytes; None
-        when it vanished or was refused unread), ``pattern`` (None unless the
-        value decoded under its key), ``problem`` (why not; None when fine or
-        vanished), ``stored_at`` (unix time of its write, None if unknown)."""
-
-        key: str
-        value: bytes | None
-        pattern: Pattern | None
-        problem: str | None
-        stored_at: float | None
-
+    # ------------------------------------------------------------ the disk tier's keys
     def stored_keys(self) -> list[str]:
         """Keys on disk, oldest write first (none without a disk tier)."""
         return [] if self.disk is None else self.disk.keys()
@@ -402,45 +316,6 @@ class PatternStore:
     def stored(self, key: str) -> bool:
         """Whether the disk holds ``key`` (the memory tier is not asked)."""
         return self.disk is not None and self.disk.contains(key)
-
-    def entries(self) -> Iterator["PatternStore.StoredEntry"]:
-        """Every disk entry, checked (``read_entry``), in key order."""
-        for key in sorted(self.stored_keys()):
-            yield self.read_entry(key)
-
-    def read_entry(self, key: str) -> "PatternStore.StoredEntry":
-        """The disk entry of ``key``, decoded and checked (checksum, format,
-        key) exactly as a get would; never generates, never kept in memory."""
-        if self.disk is None:
-            return self.StoredEntry(key, None, None, None, None)
-        stored_at = self.disk.stored_at(key)
-        try:
-            value = self.disk.read(key)
-        except CorruptValue as error:  # not stored as raw bytes: refused unread
-            return self.StoredEntry(key, None, None, str(error), stored_at)
-        if value is None:
-            return self.StoredEntry(key, None, None, None, stored_at)
-        try:
-            return self.StoredEntry(key, value, decode_packed(value, key).unpack(), None, stored_at)
-        except CorruptValue as error:
-            return self.StoredEntry(key, value, None, str(error), stored_at)
-
-    def orphans(self, min_age: float = 3600.0) -> list[Path]:
-        """Value files no entry refers to, last written over ``min_age`` s ago
-        (a writer killed between its file and its row)."""
-        if self.disk is None:
-            return []
-        try:
-            return self.disk.orphans(min_age)
-        except FileNotFoundError:  # a directory removed while it was listed: cleared meanwhile
-            return []
-
-    def remove_orphans(self, paths: list[Path]) -> list[Path]:
-        """Delete orphan files (``orphans``); those that could not be deleted.
-        A file already gone counts as deleted."""
-        if self.disk is None or self.read_only:
-            return list(paths)
-        return self.disk.remove(paths)
 
 
 def _key_of(spec_or_key: Spec | str) -> str:

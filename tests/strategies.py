@@ -29,7 +29,7 @@ def sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
     if "different_layout_per_head" in names:
         params["different_layout_per_head"] = draw(st.booleans())
     if "num_random_blocks" in names:
-        params["num_random_blocks"] = draw(st.integers(0, 4))
+        params["num_random_blocks"] = draw(st.integers(0, min(4, num_blocks)))  # a row draws distinct blocks
     if "num_sliding_window_blocks" in names:
         params["num_sliding_window_blocks"] = draw(st.integers(1, 9))
     if kind == "fixed":

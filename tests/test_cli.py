@@ -22,6 +22,7 @@ from pathlib import Path
 import diskcache
 import msgpack
 import pytest
+import torch
 from hypothesis import given, settings
 
 from patternstore.cli import main
@@ -347,7 +348,13 @@ BAD_INPUT = {
     "unknown kind": (["precompute", "--spec", "sliding:seq_len=8"], "unknown kind 'sliding'; allowed kinds: dilated, dense"),
     "unknown field": (["precompute", "--spec", GOOD + ":window=3"],
                       "unknown field 'window' for kind 'dilated'; allowed fields: segment_lengths, dilation_rates"),
-    "bad value": (["precompute", "--spec", "local:seq_len=lots:block_size=128"], "seq_len must be an int >= 1, got str 'lots'"),
+    "bad value": (["precompute", "--spec", "local:seq_len=lots:block_size=128"], "seq_len must be an int in [1, 2147483647], got str 'lots'"),
+    "int past msgpack": (["precompute", "--spec", "local:seq_len=18446744073709551616:block_size=128"],
+                         "seq_len must be an int in [1, 2147483647], got 18446744073709551616"),
+    "seed past int64": (["precompute", "--spec", "bigbird:seq_len=1024:block_size=64:seed=9223372036854775808"],
+                        "seed must be an int in [0, 9223372036854775807]"),
+    "random past the row": (["precompute", "--spec", "bigbird:seq_len=1024:block_size=64:num_random_blocks=1000000"],
+                            "num_random_blocks must be <= the number of blocks (16)"),
     "bad choice": (["precompute", "--spec", "local:seq_len=64:block_size=8:attention=both"],
                    "attention must be one of 'bidirectional', 'unidirectional'"),
     "missing field": (["precompute", "--spec", "dilated:segment_lengths=8:dilation_rates=1"],
@@ -437,3 +444,115 @@ def test_list_fields_are_tuples_even_with_one_item():
     sparse = parse_spec("bslongformer:seq_len=1024:block_size=64:global_block_indices=3:global_block_end_indices=5")
     assert sparse.params["global_block_indices"] == (3,) and sparse.params["global_block_end_indices"] == (5,)
     assert parse_spec("fixed:seq_len=512:block_size=64:different_layout_per_head=TRUE").params["different_layout_per_head"]
+
+
+# ---------------------------------------------------------------- start-up without torch
+NO_TORCH_SCRIPT = """
+import json, runpy, sys
+sys.argv = ["patternstore", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("patternstore", run_name="__main__")
+except SystemExit as done:
+    code = done.code
+print("RESULT", json.dumps([code, "torch" in sys.modules]), file=sys.stderr)
+"""
+ARGUMENT_ERRORS = [
+    ["--help"], ["precompute", "--help"], ["import", "--help"], [], ["compact"], ["--dir", "", "ls"],
+    ["precompute"], ["precompute", "--spec", "dilated"], ["precompute", "--preset", "gpt5"],
+    ["precompute", "--spec", "local:seq_len=18446744073709551616:block_size=128"],
+    ["precompute", "--spec", "bigbird:seq_len=256:block_size=16:num_random_blocks=99"],
+    ["precompute", "--config", "{tmp}/broken.toml"], ["precompute", "--jobs", "0", "--spec", GOOD],
+    ["info", "dilated:num_heads=0"],
+]
+
+
+@pytest.mark.parametrize("args", ARGUMENT_ERRORS, ids=lambda args: " ".join(args) or "no arguments")
+def test_help_and_argument_errors_never_import_torch(args, bad_files):
+    args = [a.replace("{tmp}", str(bad_files)) for a in args]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, json.dumps(args)], env=_env(bad_files / "store"),
+                          capture_output=True, text=True, timeout=120)
+    code, imported_torch = json.loads(done.stderr.rsplit("RESULT ", 1)[1])
+    assert code == (0 if "--help" in args else 2) and not imported_torch
+    assert "Traceback" not in done.stderr and not (bad_files / "store").exists()
+
+
+# ---------------------------------------------------------------- read-only commands write nothing
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` and ``root`` itself: its bytes and size
+    (files), its mtime (all), so a created, removed or rewritten file shows."""
+    tree = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        info = path.stat()
+        content = path.read_bytes() if path.is_file() else None
+        tree[str(path.relative_to(root))] = (content, info.st_size if content is not None else None, info.st_mtime_ns)
+    return tree
+
+
+READ_ONLY = {
+    "ls": ["ls"], "info": ["info", "{key}"], "stats": ["--json", "stats"], "verify": ["verify", "--full"],
+    "export": ["export", "{out}/all.bundle"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(READ_ONLY))
+def test_read_only_commands_on_a_missing_directory_are_an_error_and_create_nothing(command, tmp_path, capsys,
+                                                                                    monkeypatch):
+    args = [a.format(key=ALL_SPECS[0].key, out=tmp_path) for a in READ_ONLY[command]]
+    missing = tmp_path / "typo" / "store"
+    code, out, err = in_process(capsys, "--dir", str(missing), *args)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"no pattern store in {missing}: no such directory" in err and not (tmp_path / "typo").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = in_process(capsys, "--dir", str(empty), *args)
+    assert code == 2 and f"no pattern store in {empty}: it holds no cache.db" in err and not any(empty.iterdir())
+    monkeypatch.chdir(empty)  # --dir '' would have made the current directory a store
+    code, _, err = in_process(capsys, "--dir", "", *args)
+    assert code == 2 and "argument --dir: '' names no directory" in err and not any(empty.iterdir())
+
+
+@pytest.mark.parametrize("command", sorted(READ_ONLY))
+def test_read_only_commands_on_a_store_change_no_byte_and_no_mtime(command, seeded, tmp_path, capsys):
+    directory = copy_of(seeded, tmp_path)
+    owner = PatternStore(directory, max_entries=0, disk_size_limit=3 << 20)  # the owner's limit, not the default
+    owner.disk.close()
+    del owner
+    before = _tree(directory)
+    args = [a.format(key=ALL_SPECS[0].key, out=tmp_path) for a in READ_ONLY[command]]
+    code, out, err = in_process(capsys, "--dir", str(directory), *args)
+    assert code == 0, err
+    if command == "stats":
+        assert json.loads(out)["disk_size_limit"] == 3 << 20
+    assert _tree(directory) == before
+
+
+def test_opening_a_store_keeps_its_size_limit_unless_asked(tmp_path):
+    PatternStore(tmp_path, disk_size_limit=5 << 20).disk.close()
+    assert PatternStore(tmp_path).disk.size_limit == 5 << 20
+    assert PatternStore(tmp_path, disk_size_limit=6 << 20).disk.size_limit == 6 << 20
+    assert PatternStore(tmp_path / "new").disk.size_limit == 8 << 30
+
+
+# ---------------------------------------------------------------- import verifies
+def test_import_refuses_a_resealed_doctored_entry_unless_trusted(seeded, tmp_path, capsys):
+    bundle = tmp_path / "all.bundle"
+    assert cli(seeded[0], "export", str(bundle)).returncode == 0
+    data = msgpack.unpackb(bundle.read_bytes(), raw=False)
+    position = next(i for i, (key, _) in enumerate(data["entries"]) if key == ALL_SPECS[2].key)
+    key, value = data["entries"][position]
+    wrong = {name: t.clone() for name, t in generate(ALL_SPECS[2]).arrays.items()}
+    wrong["kv_indices"][0] += 1  # another layout under the same key, sealed with a valid checksum
+    data["entries"][position] = [key, encode(Pattern(ALL_SPECS[2], wrong))]
+    doctored = tmp_path / "doctored.bundle"
+    doctored.write_bytes(msgpack.packb(data, use_bin_type=True))
+
+    target = tmp_path / "target"
+    code, out, err = in_process(capsys, "--dir", str(target), "import", str(doctored))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"entry {position} ({key}) differs from a fresh generation of its spec" in err and "nothing imported" in err
+    assert not target.exists()  # refused before the store was opened: nothing written
+
+    code, out, err = in_process(capsys, "--dir", str(target), "--json", "import", "--trust", str(doctored))
+    assert code == 0 and json.loads(out)["imported"] == len(ALL_SPECS)  # trusted: taken as it is
+    store = PatternStore(target, max_entries=0)
+    assert torch.equal(store.get(ALL_SPECS[2])["kv_indices"], wrong["kv_indices"])

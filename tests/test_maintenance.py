@@ -9,6 +9,7 @@ import random
 import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import diskcache
@@ -78,7 +79,7 @@ def _plant_orphan(directory: Path) -> Path:
 def test_verify_finds_and_repair_fixes(seeded):
     store = maintenance.open_store(seeded, writable=True)
     dilated, bigbird, local = (s.key for s in SPECS)
-    value = bytearray(store.read_entry(dilated).value)
+    value = bytearray(maintenance.read_entry(store, dilated).value)
     value[-1] ^= 0xFF  # inside the arrays: checksum mismatch, header (spec) still readable
     store.disk.write(dilated, bytes(value))
     store.disk.write(bigbird, b"not a value")  # nothing to regenerate from
@@ -102,7 +103,7 @@ def test_verify_finds_and_repair_fixes(seeded):
     assert [o.repair for o in fixed.orphans] == ["removed"] and not orphan.exists()
     clean = maintenance.verify(store, full=True)
     assert clean.ok and clean.entries == 2 and clean.problems == [] and clean.orphans == []
-    assert store.read_entry(local).pattern.equals(generate(SPECS[2]))
+    assert maintenance.read_entry(store, local).pattern.equals(generate(SPECS[2]))
 
 
 def test_verify_samples_with_the_given_random_generator(seeded):
@@ -123,7 +124,7 @@ def test_export_then_import_into_an_empty_store(seeded, tmp_path):
     imported = maintenance.import_bundle(other, bundle)
     assert (imported.imported, imported.present, imported.failed) == (2, 0, [])
     for spec in SPECS[1:]:
-        assert other.read_entry(spec.key).value == store.read_entry(spec.key).value
+        assert maintenance.read_entry(other, spec.key).value == maintenance.read_entry(store, spec.key).value
     assert maintenance.import_bundle(other, bundle).present == 2
 
 
@@ -154,17 +155,17 @@ def test_read_only_directory_serves_every_read_only_operation(seeded, tmp_path, 
     before = _snapshot(seeded)
     _refuse_writes(seeded, monkeypatch)
     try:
-        with pytest.warns(Warning, match="read-only"):
-            store = maintenance.open_store(seeded)
+        store = maintenance.open_store(seeded)  # read-only on purpose: nothing tried, nothing to warn of
         assert store.read_only
         assert [e.key for e in maintenance.list_entries(store)] == sorted(s.key for s in SPECS)
         assert maintenance.entry_info(store, SPECS[1].key).problem is None
         assert maintenance.store_stats(store).entries == 3
         assert maintenance.verify(store, full=True).ok
         assert maintenance.export(store, tmp_path / "ro.bundle").exported == 3
-        with pytest.warns(Warning, match="read-only"), \
-                pytest.raises(maintenance.StoreUnavailable, match="needs a writable store directory"):
-            maintenance.open_store(seeded, writable=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the error says it all: no warning besides
+            with pytest.raises(maintenance.StoreUnavailable, match="needs a writable store directory"):
+                maintenance.open_store(seeded, writable=True)
 
         for args, status in ((["ls"], 0), (["stats"], 0), (["info", SPECS[0].key[:20]], 0), (["verify"], 0),
                              (["export", str(tmp_path / "cli.bundle")], 0), (["verify", "--repair"], 2),
@@ -182,7 +183,7 @@ def test_vanished_entries_and_files_read_as_gone(seeded, monkeypatch):
     gone = SPECS[0].key
     store.evict(gone)
     monkeypatch.setattr(store.disk, "keys", lambda: [s.key for s in SPECS])  # listed before a clear removed it
-    entry = store.read_entry(gone)
+    entry = maintenance.read_entry(store, gone)
     assert entry.value is None and entry.pattern is None and entry.problem is None
     assert {e.key: e.problem for e in maintenance.list_entries(store)}[gone] == "vanished while listing"
     result = maintenance.verify(store, full=True, repair=True)
@@ -192,9 +193,9 @@ def test_vanished_entries_and_files_read_as_gone(seeded, monkeypatch):
         raise FileNotFoundError(2, "No such file or directory", str(seeded / "ab"))
 
     monkeypatch.setattr(store.disk, "orphans", cleared_meanwhile)
-    assert store.orphans() == [] and maintenance.verify(store, repair=True).ok
+    assert maintenance.orphans(store) == [] and maintenance.verify(store, repair=True).ok
     missing = seeded / "never" / "there.val"
-    assert store.remove_orphans([missing]) == []  # already gone counts as removed
+    assert maintenance.remove_orphans(store, [missing]) == []  # already gone counts as removed
 
 
 def test_repair_racing_a_clear_never_raises(tmp_path):
@@ -227,3 +228,30 @@ def test_repair_racing_a_clear_never_raises(tmp_path):
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive() and errors == []
+
+
+def test_read_only_open_of_a_missing_store_is_refused_and_creates_nothing(tmp_path):
+    with pytest.raises(maintenance.StoreUnavailable, match="no pattern store in .*: no such directory"):
+        maintenance.open_store(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_import_regenerates_every_entry_unless_trusted(seeded, tmp_path):
+    from patternstore.bundle import BundleError, read_bundle, write_bundle
+
+    store = maintenance.open_store(seeded)
+    values = [(e.key, e.value) for e in maintenance.entries(store)]
+    wrong = {name: t.clone() for name, t in generate(SPECS[1]).arrays.items()}
+    wrong["kv_indices"][-1] -= 1
+    doctored = [(key, encode(Pattern(SPECS[1], wrong)) if key == SPECS[1].key else value) for key, value in values]
+    bundle = tmp_path / "doctored.bundle"
+    write_bundle(bundle, doctored)
+    position = [key for key, _ in doctored].index(SPECS[1].key)
+    with pytest.raises(BundleError, match=rf"entry {position} \({SPECS[1].key}\) differs from a fresh generation"):
+        read_bundle(bundle)
+    target = maintenance.open_store(tmp_path / "target", writable=True)
+    with pytest.raises(BundleError):
+        maintenance.import_bundle(target, bundle)
+    assert target.stored_keys() == []  # all or nothing
+    assert read_bundle(bundle, trust=True) == doctored
+    assert maintenance.import_bundle(target, bundle, trust=True).imported == len(SPECS)

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from patternstore.specs import DilatedSpec, SparseSpec, canonical_key, spec_from_dict
+from patternstore import generate
+from patternstore.kinds import SPARSE_KINDS
+from patternstore.specs import SPARSE_BASE_FIELDS, DilatedSpec, SparseSpec, canonical_key, spec_from_dict
 from strategies import any_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +174,10 @@ BAD_SPARSE = [
     (("bigbird",), dict(block_size=True), TypeError, "block_size"),
     (("bigbird",), dict(num_heads=-1), ValueError, "num_heads"),
     (("bigbird",), dict(seed=-1), ValueError, "seed"),
-    (("bigbird",), dict(seed=2**63), ValueError, "seed"),
+    (("bigbird",), dict(seed=2**63), ValueError, "seed must be an int in [0, 9223372036854775807]"),
+    (("bigbird",), dict(seq_len=2**64), ValueError, "seq_len must be an int in [1, 2147483647], got 18446744073709551616"),
+    (("bigbird",), dict(num_heads=10**5000), ValueError, "num_heads must be an int in [1, 2147483647], got an int of 16610 bits"),
+    (("bigbird",), dict(num_random_blocks=17), ValueError, "num_random_blocks must be <= the number of blocks (16)"),
     (("bigbird",), dict(num_random_blocks=True), TypeError, "num_random_blocks"),
     (("bigbird",), dict(num_random_blocks=-1), ValueError, "num_random_blocks"),
     (("bigbird",), dict(window=3), ValueError, "unknown parameter(s) window for kind 'bigbird'; valid parameters: attention, different_layout_per_head"),
@@ -228,3 +234,103 @@ def test_every_consumer_reads_the_kind_registry():
         assert dict(spec.params) == {f.name: f.default for f in kind.params}
         assert parse_spec(format_spec(spec, defaults=False)) == spec
         assert generate(spec)["kv_num_blocks"].shape == (spec.layout_heads, 16)
+    from patternstore.layouts import LAYOUT_BUILDERS
+
+    assert LAYOUT_BUILDERS.keys() == SPARSE_KINDS.keys()  # one builder per kind, same names
+
+
+# ------------------------------------------------------------------ ranges
+INT32_MAX = 2**31 - 1
+# Every int field of every kind, at its upper bound + 1 and at 2**64 (which
+# msgpack cannot pack): refused at construction, naming the field.
+INT_FIELDS = [("dilated", name) for name in ("num_heads", "segment_lengths", "dilation_rates")] + [
+    (kind, f.name) for kind in sorted(SPARSE_KINDS)
+    for f in (*SPARSE_BASE_FIELDS, *SPARSE_KINDS[kind].params)
+    if hasattr(f.check, "maximum")
+]
+
+
+def _with(kind: str, name: str, value: int):
+    if kind == "dilated":
+        fields = {**DILATED_OK, name: (value, value) if name != "num_heads" else value}
+        return DilatedSpec(**fields)
+    is_list = name in ("global_block_indices", "global_block_end_indices", "local_window_blocks",
+                       "segment_lengths", "dilation_rates")
+    return SparseSpec(kind, **{"seq_len": 1024, "block_size": 64, name: (value,) if is_list else value})
+
+
+@pytest.mark.parametrize("kind, name", INT_FIELDS)
+def test_every_int_field_has_a_range_checked_at_construction(kind, name):
+    maximum = 2**63 - 1 if name == "seed" else (1 << 30 if name == "block_size" else INT32_MAX)
+    for value in (maximum + 1, 2**64, 10**40):
+        with pytest.raises(ValueError, match=rf"{name}(\[\d\])? must be an int in \[\d, {maximum}\]"):
+            _with(kind, name, value)
+
+
+def test_the_largest_seed_and_sizes_build_keys():
+    assert SparseSpec("bigbird", INT32_MAX, 1 << 30, seed=2**63 - 1).key.startswith("bigbird-v2-")
+    assert DilatedSpec((INT32_MAX,), (INT32_MAX,), INT32_MAX).key.startswith("dilated-v2-")
+
+
+@pytest.mark.parametrize("kind", ["bigbird", "variable"])
+def test_random_blocks_beyond_the_row_are_refused_and_a_full_row_is_not(kind):
+    with pytest.raises(ValueError, match=r"num_random_blocks must be <= the number of blocks \(16\)"):
+        SparseSpec(kind, 256, 16, num_random_blocks=17)
+    pattern = generate(SparseSpec(kind, 256, 16, num_random_blocks=16))
+    assert pattern["kv_num_blocks"].tolist() == [[16] * 16]  # every block of every row
+
+
+HUGE = 10**9
+CLIPPED = [  # a count far wider than the 16-block row: the layout of the row-wide count, at its cost
+    ("local", dict(num_sliding_window_blocks=HUGE), dict(num_sliding_window_blocks=33)),
+    ("bigbird", dict(num_sliding_window_blocks=HUGE, num_global_blocks=HUGE), dict(num_sliding_window_blocks=33,
+                                                                                   num_global_blocks=16)),
+    ("fixed", dict(num_local_blocks=HUGE, num_global_blocks=HUGE), dict(num_local_blocks=16, num_global_blocks=16)),
+    ("variable", dict(local_window_blocks=(HUGE,)), dict(local_window_blocks=(16,))),
+]
+
+
+@pytest.mark.parametrize("kind, huge, row_wide", CLIPPED, ids=[c[0] for c in CLIPPED])
+def test_counts_wider_than_the_row_cost_what_the_row_costs(kind, huge, row_wide):
+    for attention in ("bidirectional", "unidirectional"):
+        big = generate(SparseSpec(kind, 256, 16, 2, attention=attention, **huge))  # seconds if unbounded: hours
+        fits = generate(SparseSpec(kind, 256, 16, 2, attention=attention, **row_wide))
+        assert all(torch.equal(big[n], fits[n]) for n in ("kv_num_blocks", "kv_indices"))
+
+
+# ------------------------------------------------------------------ DeepSpeed drop-in
+# DeepSpeed 0.x's sparsity configs and the keyword arguments each takes
+# (deepspeed/ops/sparse_attention/sparsity_config.py), beside num_heads and block.
+DEEPSPEED = {
+    "DenseSparsityConfig": {"different_layout_per_head": True},
+    "FixedSparsityConfig": {"different_layout_per_head": True, "num_local_blocks": 4, "num_global_blocks": 2,
+                            "attention": "unidirectional", "horizontal_global_attention": False,
+                            "num_different_global_patterns": 2},
+    "VariableSparsityConfig": {"different_layout_per_head": True, "num_random_blocks": 1,
+                               "local_window_blocks": (4, 2), "global_block_indices": (0, 5),
+                               "global_block_end_indices": (2, 6), "attention": "bidirectional",
+                               "horizontal_global_attention": True},
+    "BigBirdSparsityConfig": {"different_layout_per_head": True, "num_random_blocks": 1,
+                              "num_sliding_window_blocks": 3, "num_global_blocks": 1, "attention": "unidirectional"},
+    "BSLongformerSparsityConfig": {"different_layout_per_head": True, "num_sliding_window_blocks": 3,
+                                   "global_block_indices": (0,), "global_block_end_indices": (2,),
+                                   "attention": "bidirectional"},
+    "LocalSlidingWindowSparsityConfig": {"num_sliding_window_blocks": 5, "attention": "bidirectional"},
+}
+
+
+@pytest.mark.parametrize("config", sorted(DEEPSPEED))
+def test_every_deepspeed_parameter_is_accepted_by_its_kind(config):
+    (kind,) = [k for k in SPARSE_KINDS.values() if k.deepspeed == config]
+    spec = SparseSpec(kind.name, 1024, 64, 4, **DEEPSPEED[config])
+    assert {name: spec.params[name] for name in DEEPSPEED[config]} == DEEPSPEED[config]
+    assert all(len(line.splitlines()) == 1 for line in kind.departures)
+
+
+@pytest.mark.parametrize("kind", ["dense", "bslongformer"])
+def test_different_layout_per_head_has_no_effect_where_heads_never_differ(kind):
+    per_head = SparseSpec(kind, 1024, 64, 4, different_layout_per_head=True)
+    shared = SparseSpec(kind, 1024, 64, 4)
+    assert per_head.layout_heads == shared.layout_heads == 1
+    assert per_head.key != shared.key  # a parameter of the spec all the same
+    assert all(torch.equal(generate(per_head)[n], generate(shared)[n]) for n in ("kv_num_blocks", "kv_indices"))

@@ -603,3 +603,28 @@ def test_the_spec_of_a_damaged_value_is_recovered_only_for_its_own_key():
     assert stored_spec(bytes(value), SMALL.key) is None  # another key: not that spec's value
     for garbage in (b"", b"not a value", format_1_value(generate(SMALL)), bytes(value[:25]), 12):
         assert stored_spec(garbage, SMALL.key) is None
+
+
+def test_a_miss_and_a_put_copy_the_arrays_once_into_the_buffer_the_disk_value_was_written_from(tmp_path, monkeypatch):
+    """encode_packed builds the stored value in one buffer; the memory tier
+    adopts it (its storage is the whole value, header included), and nothing
+    copies the arrays a second time (PackedPattern.copy_of is never called)."""
+    from patternstore.pattern import PackedPattern
+
+    def second_copy(pattern):
+        raise AssertionError("the arrays were copied a second time")
+
+    monkeypatch.setattr(PackedPattern, "copy_of", second_copy)
+    store = PatternStore(tmp_path)
+    for spec in (SMALL, LARGE):
+        got = store.get(spec)  # a miss: generate, encode_packed, write, keep
+        assert got.equals(generate(spec)) and store.stats()["misses"] >= 1
+        value = store.disk.read(spec.key)
+        for array in got.arrays.values():
+            assert array.untyped_storage().nbytes() == len(value)
+        assert bytes(array.untyped_storage()) == value  # the very bytes on disk
+    other = SparseSpec("local", 4096, 16, 2)
+    store.put(generate(other))
+    held = store.get(other)
+    assert store.stats()["memory_hits"] == 1 and held.equals(generate(other))
+    assert held["kv_indices"].untyped_storage().nbytes() == len(store.disk.read(other.key))
