@@ -81,8 +81,8 @@ def check_against_dense(q, k, v, causal, key_mask=None, tol=1e-10, backend=None)
         ("cpu", torch.float32, 64, True, "cpu_flash"),
         ("cpu", torch.bfloat16, 512, False, "cpu_flash"),
         ("cpu", torch.float16, 3, True, "cpu_flash"),
-        ("cuda", torch.bfloat16, 64, False, kernels.CUDA_HALF_KERNEL),
-        ("cuda", torch.float16, 128, False, kernels.CUDA_HALF_KERNEL),
+        ("cuda", torch.bfloat16, 64, False, "cuda_cudnn"),
+        ("cuda", torch.float16, 128, False, "cuda_cudnn"),
         ("cuda", torch.bfloat16, 192, False, "cuda_flash"),
         ("cuda", torch.float16, 256, False, "cuda_flash"),
         ("cuda", torch.bfloat16, 320, False, "cuda_efficient_float32"),
@@ -102,8 +102,8 @@ def test_choose_kernel_table(device_type, dtype, head_dim, has_mask, kernel):
 
 
 def test_cuda_half_kernel_is_a_table_entry():
-    assert kernels.CUDA_HALF_KERNEL in CUDA_KERNELS
-    assert {name for name, kernel in kernels.KERNELS.items() if kernel.takes_mask} == {"cpu_flash", "cuda_efficient", "cuda_efficient_float32", "matmul"}
+    assert "cuda_cudnn" in CUDA_KERNELS
+    assert {name for name, kernel in kernels.KERNELS.items() if kernel.takes_mask} == {"cpu_flash", "cuda_efficient", "cuda_efficient_float32", "flex", "matmul"}
     assert kernels.CUDNN_MAX_HEAD_DIM <= kernels.FLASH_MAX_HEAD_DIM
     assert not kernels.KERNELS["cuda_efficient"].native_gqa  # it refuses fewer k/v heads (H100, torch 2.11)
 
@@ -123,7 +123,6 @@ def test_every_cuda_branch_runs_on_meta_tensors(monkeypatch, expected, m, n, h_k
     """The CUDA control flow with the real fused ops' meta kernels: the
     chosen kernel, unit-stride rows, key/value heads as the kernel takes
     them, lse exactly (B, H, M) float32, gradients of the inputs' shapes."""
-    monkeypatch.setattr(kernels, "CUDA_HALF_KERNEL", "cuda_cudnn")
     dtype, d, masked = CUDA_BRANCHES[expected]
     calls = recording(monkeypatch)
 
