@@ -112,8 +112,10 @@ def flex_attend(
         out, aux = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                            return_aux=AuxRequest(lse=True))
         lse = aux.lse.float()
-    empty = torch.isneginf(lse)
-    return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, EMPTY_LSE)
+    # flex's own out is 0 on a row with no key; no op follows it inside this
+    # function, because torch 2.13's CPU flex template refuses a fused
+    # epilogue ("Unsupported for `epilogue_nodes` in CppFlexAttentionTemplate").
+    return out, lse.masked_fill(torch.isneginf(lse), EMPTY_LSE)
 
 
 def flex_attend_backward(
@@ -128,7 +130,8 @@ def flex_attend_backward(
     with torch.enable_grad():
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         o, l = part(*inputs, key_mask, causal=causal, scale=scale)
-        weight = (l.float() - lse.float()).exp()
-        d_o = (weight[..., None] * d_out.float()).to(o.dtype)
-        d_l = weight * (d_out.float() * (o.float() - out.float())).sum(-1)
+        wide = torch.promote_types(l.dtype, accumulate_dtype(q.dtype))
+        weight = (l.to(wide) - lse.to(wide)).exp()
+        d_o = (weight[..., None] * d_out.to(wide)).to(o.dtype)
+        d_l = weight * (d_out.to(wide) * (o.to(wide) - out.to(wide))).sum(-1)
         return torch.autograd.grad((o, l), inputs, (d_o, d_l.to(l.dtype)))

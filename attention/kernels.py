@@ -117,6 +117,7 @@ class Kernel(NamedTuple):
     value_head_dim: bool               # takes d_v != d
     dropout: bool                      # takes a keep mask
     bottom_right_causal: bool          # takes causal with M < N in one call
+    zero_empty_rows: bool              # returns out 0, lse EMPTY_LSE for rows with no key itself
 
     def takes(self, device_type: str, dtype: torch.dtype, head_dim: int, value_head_dim: int, has_mask: bool,
               structural_mask: bool, dropout: bool, backward: bool) -> bool:
@@ -244,10 +245,10 @@ FLASH_MAX_HEAD_DIM = 256
 
 def _entry(name, forward, backward, devices, *, backward_devices=None, dtypes=(), head_dims=_ALL_HEAD_DIMS,
            native_gqa=False, takes_mask=False, takes_structural_mask=False, fills_mask=True,
-           value_head_dim=False, dropout=False, bottom_right_causal=False) -> Kernel:
+           value_head_dim=False, dropout=False, bottom_right_causal=False, zero_empty_rows=False) -> Kernel:
     return Kernel(name, forward, backward, devices, devices if backward_devices is None else backward_devices,
                   dtypes, head_dims, native_gqa, takes_mask, takes_structural_mask, fills_mask, value_head_dim,
-                  dropout, bottom_right_causal)
+                  dropout, bottom_right_causal, zero_empty_rows)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -291,9 +292,10 @@ KERNELS: dict[str, Kernel] = {
     # so it runs when named (backend="flex") or called (flex_attend).
     "flex": _entry("flex", _flex_forward, _flex_backward, ("cpu", "cuda"), backward_devices=("cuda",),
                    dtypes=(torch.float32, torch.bfloat16, torch.float16), head_dims=(16, 256, 1), native_gqa=True,
-                   takes_mask=True, value_head_dim=True, bottom_right_causal=True),
+                   takes_mask=True, value_head_dim=True, bottom_right_causal=True, zero_empty_rows=True),
     "matmul": _entry("matmul", matmul_forward, matmul_backward, (_ANY,), takes_mask=True,
-                     takes_structural_mask=True, value_head_dim=True, dropout=True, bottom_right_causal=True),
+                     takes_structural_mask=True, value_head_dim=True, dropout=True, bottom_right_causal=True,
+                     zero_empty_rows=True),
 }
 
 # Each device type's kernels, best first; ``matmul`` (takes everything) ends
@@ -394,7 +396,7 @@ def _forward_heads(kernel: Kernel, q, k, v, causal, scale, masked, factors) -> t
             out[:, r::rep] = o
             lse[:, r::rep] = l
     lse = lse.to(lse_dtype(q.dtype))
-    dead = dead_rows(masked, q.shape[2], k.shape[2], causal)
+    dead = None if kernel.zero_empty_rows else dead_rows(masked, q.shape[2], k.shape[2], causal)
     if dead is not None:
         lse = lse.masked_fill(dead, EMPTY_LSE)
         out = out.masked_fill(dead.unsqueeze(-1), 0.0)
