@@ -24,14 +24,16 @@ __all__ = [
 ]
 
 
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> None:
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, *,
+                           value_head_dim: bool = True) -> None:
     """ValueError naming the field unless q is ``(batch, q_len, heads,
     head_dim)``, k ``(batch, kv_len, kv_heads, head_dim)`` and v ``(batch,
     kv_len, kv_heads, value_head_dim)`` (the value head_dim may differ from
-    q/k's, as in multi-head latent attention) with ``kv_len >= q_len`` and
-    ``heads % kv_heads == 0``, all floating, one dtype and device, nothing
-    empty; ``key_padding_mask`` None or ``(batch, kv_len)`` bool (True =
-    padding) on that device."""
+    q/k's, as in multi-head latent attention, unless ``value_head_dim`` is
+    False: for an entry point that does not compute that) with ``kv_len >=
+    q_len`` and ``heads % kv_heads == 0``, all floating, one dtype and
+    device, nothing empty; ``key_padding_mask`` None or ``(batch, kv_len)``
+    bool (True = padding) on that device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -43,6 +45,11 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
         raise ValueError(
             f"k and v must have one shape (batch, kv_len, kv_heads) before their head_dims (which may differ); "
             f"got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not value_head_dim and k.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"k and v must have one shape (batch, kv_len, kv_heads, head_dim) here: this attention takes no value "
+            f"head_dim of its own; got {tuple(k.shape)}, {tuple(v.shape)}"
         )
     b, q_len, h, d = q.shape
     kb, kv_len, h_kv, kd = k.shape

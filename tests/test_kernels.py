@@ -661,6 +661,14 @@ def test_check_attention_inputs(shapes, message):
             check_attention_inputs(q, k, v)
 
 
+def test_an_entry_point_without_a_value_head_dim_of_its_own_refuses_one():
+    q, k, v = torch.zeros(1, 8, 4, 6), torch.zeros(1, 9, 2, 6), torch.zeros(1, 9, 2, 3)
+    check_attention_inputs(q, k, v)
+    with pytest.raises(ValueError, match="takes no value head_dim of its own"):
+        check_attention_inputs(q, k, v, value_head_dim=False)
+    check_attention_inputs(q, k, k, value_head_dim=False)
+
+
 def test_key_padding_mask_is_over_the_keys():
     q, k = torch.zeros(2, 3, 2, 4), torch.zeros(2, 7, 2, 4)
     with pytest.raises(ValueError, match=r"\(batch, kv_len\) = \(2, 7\)"):
