@@ -4,9 +4,9 @@ exclusion, their restriction to a key range or a GQA head residue, the rows
 they leave without a key, and the zeroing of masked keys' k and v rows.
 
 Guarantees: ``check_call`` raises ValueError naming the argument before any
-work and reads shapes only (no device sync); every tensor it returns is a
-view or a broadcastable small tensor, never a materialized (B, H, M, N)
-expansion of a smaller mask.
+work and reads shapes only (no device sync); masks stay in their own
+broadcastable shapes (views), except that ``combined_mask`` materializes the
+broadcast of ``mask`` with the ``(B, 1, 1, N)`` key mask when both are given.
 """
 
 from __future__ import annotations

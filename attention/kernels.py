@@ -319,6 +319,8 @@ def choose_kernel(device_type: str, dtype: torch.dtype, head_dim: int, has_mask:
     ``has_mask`` a key mask, ``value_head_dim`` v's head_dim (None: q's),
     ``structural_mask`` a ``mask``, ``dropout`` a keep mask, ``backward``
     its backward."""
+    if prefer is not None and prefer not in KERNELS:
+        raise ValueError(f"prefer must be None or one of {sorted(KERNELS)}; got {prefer!r}")
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
     order = ((prefer,) if prefer is not None else ()) + PREFERENCES.get(device_type, ()) + ("matmul",)
     for name in order:

@@ -161,6 +161,8 @@ def test_a_preferred_kernel_is_chosen_where_it_takes_the_call():
     assert choose_kernel("cpu", torch.float32, 32, True, 16, backward=True, prefer="flex") == "matmul"
     assert choose_kernel("cpu", torch.float32, 16, True, backward=True, prefer="flex") == "cpu_flash"
     assert choose_kernel("cuda", torch.bfloat16, 8, False, prefer="flex") == "cuda_cudnn"  # flex: head_dim >= 16
+    with pytest.raises(ValueError, match="prefer must be None or one of"):
+        choose_kernel("cuda", torch.bfloat16, 64, False, prefer="cudnn")
 
 
 def test_the_table_is_consistent():
