@@ -15,10 +15,15 @@ Guarantees and limits:
 - Outside a compiled region flex runs compiled (a process-wide
   ``torch.compile(flex_attention, fullgraph=True)``: eager flex materializes
   the scores); inside one, dynamo traces it into the caller's graph.
-- On the CPU, torch 2.13's compiled flex computes no lse and has no
-  backward, so the lse there is one explicit log-sum-exp over the masked
-  scores (a (B, H, M, N) matrix: a check of exactness, not a fast path) and
-  ``block_mask``/``score_mod`` are taken only where no lse is asked.
+- On the CPU, torch 2.13's compiled flex computes no lse ("torch.compile on
+  CPU only supports inference and `return_lse` is not supported yet") and
+  has no backward, so the lse there is one explicit log-sum-exp over the
+  masked scores (a (B, H, M, N) matrix: a check of exactness, not a fast
+  path) and ``block_mask``/``score_mod`` are taken only with
+  ``return_lse=False``.
+- Without a ``block_mask``, one is built per call by ``create_block_mask``,
+  which evaluates the mask_mod at M * N points: callers with a stored
+  layout pass their own.
 - ``flex_attend_backward`` is exact given the FINAL out and lse of the rows
   (several parts merged by lse): it recomputes this part's (o, l) under
   autograd and pulls back ``dO`` through the merge's weights (one extra flex
@@ -81,18 +86,21 @@ def _explicit_lse(q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor]
 
 def flex_attend(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None, *, causal: bool = False,
-    scale: Optional[float] = None, block_mask=None, score_mod: Optional[Callable] = None,
-) -> tuple[Tensor, Tensor]:
+    scale: Optional[float] = None, block_mask=None, score_mod: Optional[Callable] = None, return_lse: bool = True,
+) -> tuple[Tensor, Optional[Tensor]]:
     """Attention through one flex_attention call -> ``(out, lse)`` (see the
     module docstring). ``block_mask``: a caller's own BlockMask of (M, N),
     which then carries every exclusion (``key_mask`` and ``causal`` must be
-    unset); ``score_mod``: flex's, applied to the scaled scores."""
+    unset); ``score_mod``: flex's, applied to the scaled scores;
+    ``return_lse=False``: lse None (on the CPU the only way to take a
+    block_mask or score_mod)."""
     m, n = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if block_mask is not None and (key_mask is not None or causal):
         raise ValueError("flex_attend: give key_mask/causal or a block_mask that carries them, not both")
-    if q.device.type == "cpu" and (block_mask is not None or score_mod is not None):
-        raise ValueError("flex_attend: on the CPU the lse is explicit and takes no block_mask or score_mod")
+    if q.device.type == "cpu" and return_lse and (block_mask is not None or score_mod is not None):
+        raise ValueError("flex_attend: on the CPU the lse is explicit: with a block_mask or score_mod pass "
+                         "return_lse=False")
     if key_mask is not None:
         k = k.masked_fill(key_mask[:, None, :, None], 0.0)
         v = v.masked_fill(key_mask[:, None, :, None], 0.0)
@@ -103,8 +111,10 @@ def flex_attend(
 
             block_mask = create_block_mask(mask_mod, q.shape[0], None, m, n, device=q.device)
     gqa = q.shape[1] != k.shape[1]
-    if q.device.type == "cpu":
-        out = _flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if q.device.type == "cpu" or not return_lse:
+        out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        if not return_lse:
+            return out, None
         lse = _explicit_lse(q, k, scale, key_mask, causal)
     else:
         from torch.nn.attention.flex_attention import AuxRequest

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention.kernels as kernels
-from attention.flex_kernel import flex_attend_backward
+from attention.flex_kernel import flex_attend, flex_attend_backward
 from attention.kernels import (
     EMPTY_LSE,
     KERNELS,
@@ -542,21 +542,33 @@ def test_bad_masks_are_refused_before_any_work(kwargs, message):
 def test_flex_entry_forward_compiled_on_the_cpu(monkeypatch):
     """The flex backend through attend under torch.compile (one compile):
     GQA through enable_gqa, bottom-right causal with M < N, a value head_dim
-    of its own, NaN and Inf in masked keys and values, a row with no key."""
+    of its own, NaN and Inf in masked keys and values, a row with no key;
+    and flex_attend with a score_mod (multiplicity 2 on even keys)."""
     key_mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(5)) < 0.3
     key_mask[1, :33] = True  # batch 1: query 0 (position 32) sees only masked keys
     q, k, v = (x.float() for x in poisoned(2, 4, 2, 5, 37, 32, 16, key_mask, seed=3))
     calls = recording(monkeypatch)
 
-    def run(q, k, v, key_mask):
-        return attend(q, k, v, causal=True, scale=0.3, key_mask=key_mask, backend="flex")
+    def twice(score, b, h, q_idx, kv_idx):  # even keys count twice: softmax(S + log W), W = 2 there
+        return torch.where(kv_idx % 2 == 0, score + math.log(2.0), score)
 
-    out, lse = torch.compile(run, fullgraph=True)(q, k, v, key_mask)
+    def run(q, k, v, key_mask):
+        out, lse = attend(q, k, v, causal=True, scale=0.3, key_mask=key_mask, backend="flex")
+        weighted, none = flex_attend(q, k, v, key_mask, causal=True, scale=0.3, score_mod=twice, return_lse=False)
+        return out, lse, weighted, none
+
+    out, lse, weighted, none = torch.compile(run, fullgraph=True)(q, k, v, key_mask)
     want, want_lse = reference(q, k, v, True, 0.3, key_mask)
     torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-6, atol=2e-6)
     assert (out[1, :, 0] == 0).all() and (lse[1, :, 0] == EMPTY_LSE).all()
     assert {name for name, *_ in calls} == {"flex"}
+    counts = torch.ones(4, 37, 37, dtype=torch.float64)
+    counts[:, :, ::2] = 2.0
+    want = dense_attention(*(x.transpose(1, 2) for x in (q, k, v)), weight=counts, is_causal=True,
+                           key_padding_mask=key_mask, scale=0.3).transpose(1, 2)
+    assert none is None
+    torch.testing.assert_close(weighted.double(), want, rtol=2e-6, atol=2e-6)
 
 
 def test_flex_backward_wiring_from_the_final_out_and_lse():
