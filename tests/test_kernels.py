@@ -291,7 +291,7 @@ def poisoned(b, h, h_kv, m, n, d, d_v, key_mask, seed=0):
     return q, k, v
 
 
-def test_the_reported_padded_nan_case_on_every_cpu_kernel():
+def test_a_nan_in_a_padded_key_on_every_cpu_kernel():
     """q, k, v (1, 16, 2, 8) in (batch, seq, heads, dim), the last 3 keys
     padded, k[:, -1] = NaN: the output is the unpadded keys' attention."""
     x = torch.randn(3, 1, 16, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
