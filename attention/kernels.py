@@ -338,7 +338,9 @@ def _kernel_for(q: Tensor, v: Tensor, call: AttendCall, backend: Optional[str], 
         devices = KERNELS[backend].devices
         prefer = backend
         if _ANY not in devices and device_type not in devices:
-            device_type = devices[0]  # e.g. a CUDA kernel's name on meta tensors
+            if device_type != "meta":
+                raise ValueError(f"backend {backend!r} runs on {devices} tensors; q is on {device_type}")
+            device_type = devices[0]  # a CUDA kernel's name on meta tensors: the CUDA walk
     elif backend is not None:
         try:
             device_type = torch.device(backend).type

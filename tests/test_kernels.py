@@ -190,6 +190,12 @@ def test_an_unknown_backend_is_refused(backend):
         attend(q, q, q, causal=False, scale=None, backend=backend)
 
 
+def test_a_kernel_name_for_another_device_is_refused():
+    q = make(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"backend 'cuda_flash' runs on \('cuda',\) tensors; q is on cpu"):
+        attend(q, q, q, causal=False, scale=None, backend="cuda_flash")
+
+
 def test_a_kernel_is_picked_by_name_through_attend(monkeypatch):
     calls = recording(monkeypatch)
     q = torch.empty(1, 4, 16, 64, dtype=torch.bfloat16, device="meta")
