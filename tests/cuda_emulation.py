@@ -1,5 +1,5 @@
-"""Test helpers for the kernel layer's CUDA control flow on the CPU (issue 12
-section 5): CPU emulations of the fused CUDA attention ops, to substitute for
+"""Test helpers for the kernel layer's CUDA control flow on the CPU: CPU
+emulations of the fused CUDA attention ops, to substitute for
 ``attention.kernels._ops`` with a forced CUDA kernel choice; and a recorder of
 the calls every kernel of the table receives."""
 
@@ -18,7 +18,10 @@ def emulated_cuda_ops():
     an H100 (torch 2.11): unit-stride rows required; the efficient kernel's
     lse padded to a multiple of 32 (the padding is NaN here, so a missed
     slice shows); cuDNN's lse (B, H, M, 1); the efficient kernel refuses
-    fewer key/value heads; causal with M != N is not asked of any of them."""
+    fewer key/value heads and takes a value head_dim of its own (emulated by
+    zero-padding the narrower of q/k and v to one head_dim, which changes no
+    score and no output column); causal with M != N is not asked of any of
+    them."""
     aten = torch.ops.aten
 
     def check(q, k, v, causal, gqa=True):
@@ -42,10 +45,17 @@ def emulated_cuda_ops():
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, scale=scale)
         return out, lse.unsqueeze(-1), None, None, q.shape[2], k.shape[2], None, None, None
 
+    def pad(x, width):
+        return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
     def efficient(q, k, v, bias, compute_lse, dropout, causal, *, scale):
         check(q, k, v, causal, gqa=False)
         assert compute_lse
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout, causal, attn_mask=bias, scale=scale)
+        d, width = v.shape[-1], max(q.shape[-1], v.shape[-1])
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            pad(q, width), pad(k, width), pad(v, width), dropout, causal, attn_mask=bias, scale=scale
+        )
+        out = out[..., :d]
         b, h, m = lse.shape
         padded = torch.full((b, h, -(-m // 32) * 32), math.nan, dtype=lse.dtype)
         padded[:, :, :m] = lse
@@ -55,10 +65,12 @@ def emulated_cuda_ops():
         check(q, k, v, causal, gqa=False)
         m = q.shape[2]
         assert lse.shape[2] % 32 == 0 and lse.shape[2] >= m
-        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, lse[:, :, :m], dropout, causal, attn_mask=bias, scale=scale
+        width = max(q.shape[-1], v.shape[-1])
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            pad(do, width), pad(q, width), pad(k, width), pad(v, width), pad(out, width), lse[:, :, :m], dropout,
+            causal, attn_mask=bias, scale=scale,
         )
-        return (*grads, None)
+        return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]], None
 
     return SimpleNamespace(
         _scaled_dot_product_flash_attention=flash,

@@ -1,7 +1,8 @@
 """Check every fused CUDA kernel of ``attention.kernels.KERNELS`` on its own,
 forward and backward, against float64 attention on the CPU: the shapes the
 dilated and block-sparse modules hand them (strided views of a longer
-sequence, GQA, key masks, queries shorter than keys, causal, odd lengths).
+sequence, GQA, key masks, queries shorter than keys, causal, odd lengths, a
+value head_dim of its own for the kernels whose entry takes one).
 
     python tools/cuda_kernels_check.py --kernel cuda_cudnn
 
@@ -21,9 +22,10 @@ import sys
 import torch
 
 from attention.kernels import KERNELS
+from tests.dense_reference import dense_attention
 
-# (name, batch, heads, kv_heads, q_len, kv_len, head_dim, causal, masked, strided)
-CASES = [
+# (name, batch, heads, kv_heads, q_len, kv_len, head_dim, causal, masked, strided, value_head_dim)
+CASES = [(*case, case[6]) for case in [
     ("square", 2, 4, 4, 128, 128, 64, False, False, False),
     ("square-causal", 2, 4, 4, 128, 128, 64, True, False, False),
     ("odd-length", 1, 4, 4, 77, 77, 64, False, False, False),
@@ -37,21 +39,20 @@ CASES = [
     ("short-queries-masked", 2, 4, 4, 7, 531, 64, False, True, True),
     ("many-segments", 40, 4, 4, 257, 257, 64, False, False, True),
     ("d128", 1, 4, 4, 513, 513, 128, True, False, True),
+]] + [
+    ("mla-qk192-v128", 2, 4, 4, 77, 77, 192, True, False, False, 128),   # DeepSeek's multi-head latent attention
+    ("mla-masked", 2, 4, 4, 7, 531, 192, False, True, True, 128),
 ]
 
 
-def reference(q, k, v, do, causal: bool, scale: float, bias):
-    """float64 CPU out, lse, dq, dk, dv; top-left causal as the fused kernels' flag."""
+def reference(q, k, v, do, causal: bool, scale: float, pad):
+    """float64 CPU out, lse, dq, dk, dv from tests/dense_reference.py (the
+    cases are square when causal, so its bottom-right causality is the fused
+    kernels' top-left flag)."""
     q, k, v, do = (x.detach().double().cpu().requires_grad_(True) for x in (q, k, v, do))
-    rep = q.shape[1] // k.shape[1]
-    kr, vr = (x.repeat_interleave(rep, dim=1) for x in (k, v))
-    s = (q @ kr.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
-    if bias is not None:
-        s = s + bias.double().cpu()
-    lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1).nan_to_num(0.0) @ vr
+    out, lse = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                               key_padding_mask=None if pad is None else pad.cpu(), scale=scale, return_lse=True)
+    out = out.transpose(1, 2)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.detach())
     return out.detach(), lse.detach(), dq, dk, dv
 
@@ -69,30 +70,31 @@ def rel(a, b) -> float:
 
 
 def run_case(kernel, case, dtype, device: str) -> str:
-    name, b, h, hkv, m, n, d, causal, masked, strided = case
+    name, b, h, hkv, m, n, d, causal, masked, strided, d_v = case
     g = torch.Generator(device=device).manual_seed(0)
 
-    def make(heads, rows):
-        if strided:  # every other row of a (b, 2 * rows, heads, d) sequence, as the dilated views
-            x = torch.randn(b, 2 * rows, heads, d, device=device, dtype=dtype, generator=g)[:, ::2]
+    def make(heads, rows, width):
+        if strided:  # every other row of a (b, 2 * rows, heads, width) sequence, as the dilated views
+            x = torch.randn(b, 2 * rows, heads, width, device=device, dtype=dtype, generator=g)[:, ::2]
         else:
-            x = torch.randn(b, rows, heads, d, device=device, dtype=dtype, generator=g)
+            x = torch.randn(b, rows, heads, width, device=device, dtype=dtype, generator=g)
         return x.transpose(1, 2)
 
-    q, k, v = make(h, m), make(hkv, n), make(hkv, n)
-    do = torch.randn(b, h, m, d, device=device, dtype=dtype, generator=g)
+    q, k, v = make(h, m, d), make(hkv, n, d), make(hkv, n, d_v)
+    do = torch.randn(b, h, m, d_v, device=device, dtype=dtype, generator=g)
     scale = d ** -0.5
-    bias = None
-    if masked:
+    pad = masked_keys = None
+    if masked:  # the kernel table's convention: bool (B, 1, 1, N), True = excluded
         pad = torch.zeros(b, n, dtype=torch.bool, device=device)
         pad[:, n // 2 :] = True
-        bias = torch.zeros(b, n, device=device, dtype=dtype).masked_fill_(pad, -math.inf)[:, None, None, :]
-    out_ref, lse_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, do, causal, scale, bias)
-    out, lse = kernel.forward(q, k, v, causal, scale, bias)
+        masked_keys = pad[:, None, None, :]
+    out_ref, lse_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, do, causal, scale, pad)
+    out, lse = kernel.forward(q, k, v, causal, scale, masked_keys, None)
     lse = lse.reshape(b, h, -1)[:, :, :m]
     synchronize(device)
     errors = [rel(out, out_ref), rel(lse.float(), lse_ref)]
-    grads = kernel.backward(do, q, k, v, out_ref.to(dtype).to(device), lse_ref.float().to(device), causal, scale, bias)
+    grads = kernel.backward(do, q, k, v, out_ref.to(dtype).to(device), lse_ref.float().to(device), causal, scale,
+                            masked_keys, None)
     synchronize(device)
     errors += [rel(x, y) for x, y in zip(grads, (dq_ref, dk_ref, dv_ref))]
     return " ".join(f"{e:.1e}" for e in errors)
@@ -111,6 +113,8 @@ def main() -> int:
         if case[2] != case[3] and not kernel.native_gqa:
             continue
         if case[8] and not kernel.takes_mask:
+            continue
+        if case[10] != case[6] and not kernel.value_head_dim:
             continue
         for dtype in dtypes:
             label = f"  {case[0]:<22} {str(dtype)[6:]:<9}"
