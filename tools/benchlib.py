@@ -153,6 +153,25 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, Optional[int]]:
+    """(fn(), peak bytes above everything allocated before the call). CUDA:
+    ``max_memory_allocated`` after ``reset_peak_memory_stats``; CPU: the RSS
+    high-water mark after resetting it, minus the RSS before (needs
+    MALLOC_MMAP_THRESHOLD_ set low in a fresh process to be meaningful;
+    None where /proc/self/clear_refs is not writable)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    before = status_bytes("VmRSS")
+    measured = reset_peak_rss()
+    result = fn()
+    return result, status_bytes("VmHWM") - before if measured else None
+
+
 class Interleaved:
     """Times of interleaved rounds: ``times[name]`` (seconds, one per round)
     and ``failures[name]`` for candidates dropped at warm-up."""
@@ -177,12 +196,14 @@ class Interleaved:
 
 
 def interleave(candidates: dict[str, Callable[[], Any]], *, timed: Callable[[Callable[[], Any]], float],
-               rounds: Optional[int] = None, seconds: float = 1.0, warmup: int = 1,
+               rounds: Optional[int | dict[str, int]] = None, seconds: float = 1.0, warmup: int = 1,
                reference: Optional[Callable[[], Any]] = None) -> Interleaved:
-    """``warmup`` untimed calls of each candidate, then rounds of one timed call
-    each (A B C A B C ...). ``rounds`` None: as many as fit ``seconds`` per
-    candidate by the warm-up's estimate, 3 to 20. ``reference``: a matmul
-    timed as one more candidate, "matmul", for ``Interleaved.units``."""
+    """``warmup`` calls of each candidate (the last one timed, as the estimate),
+    then rounds of one timed call each (A B C A B C ...). ``rounds`` None: as
+    many as fit ``seconds`` per candidate by the estimate, 3 to 20; a dict:
+    per candidate, which sits out the rounds past its count (slow ones).
+    ``reference``: a matmul timed as one more candidate, "matmul", every
+    round, for ``Interleaved.units``."""
     alive = dict(candidates)
     if reference is not None:
         alive["matmul"] = reference
@@ -199,10 +220,13 @@ def interleave(candidates: dict[str, Callable[[], Any]], *, timed: Callable[[Cal
             free_memory()
     if rounds is None:
         rounds = max(3, min(20, int(seconds * len(alive) / max(estimate, 1e-9))))
+    counts = rounds if isinstance(rounds, dict) else dict.fromkeys(alive, rounds)
+    counts["matmul"] = max(counts.values(), default=0)
     times: dict[str, list[float]] = {name: [] for name in alive}
-    for _ in range(rounds):
+    for i in range(max(counts.values(), default=0)):
         for name, fn in alive.items():
-            times[name].append(timed(fn))
+            if i < counts.get(name, 0):
+                times[name].append(timed(fn))
     return Interleaved(times, failures)
 
 
@@ -261,6 +285,16 @@ class Report:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(text)
             tmp.replace(path)
+
+
+def dilated_module(implementation: str, segments, rates, **options: Any) -> torch.nn.Module:
+    """A dilated attention module with the "fast" or the "reference" implementation."""
+    # MERGE: becomes DilatedAttention(segments, rates, implementation=implementation, **options)
+    from attention import DilatedAttention, ImprovedDilatedAttention
+
+    if implementation not in ("fast", "reference"):
+        raise ValueError(f"implementation must be 'fast' or 'reference', got {implementation!r}")
+    return (ImprovedDilatedAttention if implementation == "fast" else DilatedAttention)(segments, rates, **options)
 
 
 def add_arguments(parser, *, dtype: str = "float32") -> None:
