@@ -297,10 +297,11 @@ def dilated_module(implementation: str, segments, rates, **options: Any) -> torc
     return (ImprovedDilatedAttention if implementation == "fast" else DilatedAttention)(segments, rates, **options)
 
 
-def add_arguments(parser, *, dtype: str = "float32") -> None:
-    """The options every device-aware benchmark takes: --device, --dtype, --budget-s, --out, --resume."""
+def add_arguments(parser, *, dtype: str | list[str] = "float32") -> None:
+    """The options every device-aware benchmark takes: --device, --dtype (several
+    when the default is a list), --budget-s, --out, --resume."""
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default=dtype, choices=DTYPES)
+    parser.add_argument("--dtype", default=dtype, choices=DTYPES, nargs="+" if isinstance(dtype, list) else None)
     parser.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default in tools/results)")
     parser.add_argument("--resume", type=Path, default=None,
