@@ -297,6 +297,12 @@ def dilated_module(implementation: str, segments, rates, **options: Any) -> torc
     return (ImprovedDilatedAttention if implementation == "fast" else DilatedAttention)(segments, rates, **options)
 
 
+def block_mask(pattern: Any) -> Any:
+    """flex_attention's BlockMask of a stored block-sparse layout."""
+    # MERGE: becomes the attention package's block_mask_from_csr(...) of this layout
+    return pattern.to_block_mask()
+
+
 def add_arguments(parser, *, dtype: str | list[str] = "float32") -> None:
     """The options every device-aware benchmark takes: --device, --dtype (several
     when the default is a list), --budget-s, --out, --resume."""
