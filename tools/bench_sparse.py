@@ -287,16 +287,20 @@ def main() -> None:
              if not (kind == "fixed" and n > cfg["small"])]
     if cfg["sparse_90_length"]:
         cases.append(("sparse_90", SPARSE_90[0], SPARSE_90[1], cfg["sparse_90_length"], "forward"))
+    walls: dict[tuple[str, str], tuple[int, float]] = {}  # (kind, mode) -> (length, seconds) of its last case
     for section, kind, params, n, mode in cases:
         case = {"section": section, "kind": kind, "length": n, "mode": mode}
-        if report.has(**case) or not budget.allows(case):
+        last_n, last_s = walls.get((kind, mode), (n, 0.0))
+        if report.has(**case) or not budget.allows(case, last_s * n / last_n):  # compiles and calls: ~linear in n
             continue
+        started = time.monotonic()
         try:
             row = run_case(cfg, args.device, dtype, kind, params, n, mode, store)
         except Exception as error:  # noqa: BLE001 - an OOM or a failure at one case; the others go on
             report.fail(case, error)
             benchlib.free_memory()
             continue
+        walls[(kind, mode)] = (n, time.monotonic() - started)
         report.add(**case, **{k: v for k, v in row.items() if k not in case})
         print(f"{section} {kind:12s} n={n:>7} {mode:16s} active {row['active_block_fraction']:.3f} "
               + " ".join(f"{name} {c['median_s'] * 1e3:.2f}ms" for name, c in row["candidates"].items())

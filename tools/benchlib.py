@@ -60,8 +60,11 @@ def cpu_name() -> str:
 
 
 def commit(repo: Path = REPO) -> str:
-    """The checked-out commit of ``repo`` (full hash), "" outside a git checkout."""
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo)
+    """The checked-out commit of ``repo`` (full hash), "" outside a git checkout or without git."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo)
+    except OSError:
+        return ""
     return done.stdout.strip()
 
 
@@ -135,6 +138,13 @@ def matmul(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = t
     """A ``size``^3 matmul as a candidate (2 * size^3 FLOP per call)."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     return lambda: torch.mm(a, b)
+
+
+def matmul_gflops(size: int = 1024, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  calls: int = 10) -> float:
+    """GFLOP/s of a ``size``^3 matmul, median of ``calls`` after one untimed (the machine's state, for a report)."""
+    runs = interleave({}, timed=timer(device), rounds=calls, reference=matmul(size, device, dtype))
+    return 2 * size**3 / runs.median("matmul") / 1e9
 
 
 def is_oom(error: BaseException) -> bool:
@@ -220,7 +230,7 @@ def interleave(candidates: dict[str, Callable[[], Any]], *, timed: Callable[[Cal
             free_memory()
     if rounds is None:
         rounds = max(3, min(20, int(seconds * len(alive) / max(estimate, 1e-9))))
-    counts = rounds if isinstance(rounds, dict) else dict.fromkeys(alive, rounds)
+    counts = dict(rounds) if isinstance(rounds, dict) else dict.fromkeys(alive, rounds)
     counts["matmul"] = max(counts.values(), default=0)
     times: dict[str, list[float]] = {name: [] for name in alive}
     for i in range(max(counts.values(), default=0)):

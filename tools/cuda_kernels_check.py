@@ -20,7 +20,9 @@ import sys
 
 import torch
 
+import benchlib  # noqa: F401 - puts the repository root on sys.path for tests.dense_reference
 from attention.kernels import KERNELS
+from tests.dense_reference import dense_attention
 
 # (name, batch, heads, kv_heads, q_len, kv_len, head_dim, causal, masked, strided)
 CASES = [
@@ -40,20 +42,14 @@ CASES = [
 ]
 
 
-def reference(q, k, v, do, causal: bool, scale: float, bias):
-    """float64 CPU out, lse, dq, dk, dv; top-left causal as the fused kernels' flag."""
-    q, k, v, do = (x.detach().double().cpu().requires_grad_(True) for x in (q, k, v, do))
-    rep = q.shape[1] // k.shape[1]
-    kr, vr = (x.repeat_interleave(rep, dim=1) for x in (k, v))
-    s = (q @ kr.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
-    if bias is not None:
-        s = s + bias.double().cpu()
-    lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1).nan_to_num(0.0) @ vr
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.detach())
-    return out.detach(), lse.detach(), dq, dk, dv
+def reference(q, k, v, do, causal: bool, scale: float, pad):
+    """float64 CPU out, lse, dq, dk, dv of (B, H, M, d) inputs (tests/dense_reference.py;
+    its causal rule is bottom-right, the kernels' top-left: the causal cases are square)."""
+    q, k, v, do = (x.detach().double().cpu().transpose(1, 2).requires_grad_(True) for x in (q, k, v, do))
+    out, lse = dense_attention(q, k, v, is_causal=causal, key_padding_mask=None if pad is None else pad.cpu(),
+                               scale=scale, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), do.detach())
+    return (out.detach().transpose(1, 2), lse.detach(), *(g.transpose(1, 2) for g in grads))
 
 
 def synchronize(device: str) -> None:
@@ -82,12 +78,12 @@ def run_case(kernel, case, dtype, device: str) -> str:
     q, k, v = make(h, m), make(hkv, n), make(hkv, n)
     do = torch.randn(b, h, m, d, device=device, dtype=dtype, generator=g)
     scale = d ** -0.5
-    bias = None
+    bias = pad = None
     if masked:
         pad = torch.zeros(b, n, dtype=torch.bool, device=device)
         pad[:, n // 2 :] = True
         bias = torch.zeros(b, n, device=device, dtype=dtype).masked_fill_(pad, -math.inf)[:, None, None, :]
-    out_ref, lse_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, do, causal, scale, bias)
+    out_ref, lse_ref, dq_ref, dk_ref, dv_ref = reference(q, k, v, do, causal, scale, pad)
     out, lse = kernel.forward(q, k, v, causal, scale, bias)
     lse = lse.reshape(b, h, -1)[:, :, :m]
     synchronize(device)
