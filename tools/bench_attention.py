@@ -215,6 +215,11 @@ def measure_length(n: int, head_dim: int, names: list[str], cfg: dict, device: s
             continue
         calls[name] = backward(fn) if name.endswith(":fb") else forward(fn)
     del warm
+    checks = {}
+    if "gather-flash" in calls and "fast" in calls:  # the peer must compute the same function
+        ours, peer = (calls[name]().float() for name in ("fast", "gather-flash"))
+        checks["gather_flash_vs_fast_relative_difference"] = float((peer - ours).norm() / ours.norm())
+        del ours, peer
     on_cpu = torch.device(device).type == "cpu"
     runs = benchlib.interleave(
         calls, timed=benchlib.timer(device), warmup=0 if on_cpu else 2, seconds=cfg["seconds"],
@@ -243,7 +248,8 @@ def measure_length(n: int, head_dim: int, names: list[str], cfg: dict, device: s
                          "peak_bytes_above_inputs": peak, "output_bytes": size, "peak_over_output": peak / size})
         del out
     ratios = {f"{a}/{b}": runs.ratio(a, b) for a, b in PAIRS if a in runs.times and b in runs.times}
-    return {"rows": rows, "ratios": ratios, "failures": failures, "matmul_tflops": matmul_rate / 1e12}
+    return {"rows": rows, "ratios": ratios, "failures": failures, "matmul_tflops": matmul_rate / 1e12,
+            "checks": checks}
 
 
 def cpu_worker(n, head_dim, names, cfg, args, dapt, standin) -> dict:
@@ -383,6 +389,7 @@ def main() -> None:
                     benchlib.free_memory()
                     continue
                 report.data["ratios"][f"d{head_dim}/{n}"] = result["ratios"]
+                report.data.setdefault("checks", {})[f"d{head_dim}/{n}"] = result["checks"]
                 report.data["failures"] += [{**case, "candidate": c, **f} for c, f in result["failures"].items()]
                 for row in result["rows"]:
                     report.add(**row)

@@ -49,6 +49,7 @@ SECTIONS = (
 )
 QUICK_MEMORY = ["--lengths", "2048"]
 KILL_AFTER_S = 30.0
+MIN_SECTION_S = 20.0
 
 
 def cuda_tests(log: Path) -> dict | None:
@@ -144,17 +145,22 @@ def main() -> None:
                 resume = tmp / f"{name}-earlier.json"
                 resume.write_text(json.dumps(earlier["sections"][name]))
             left = deadline - time.monotonic()
-            budget_s = max(left * share / sum(s for _, _, s, _ in SECTIONS[i:]), 10.0)
+            if left < MIN_SECTION_S:  # not worth a process start: the earlier run's section, if any, stays
+                report.data["sections"][name] = {**earlier["sections"][name]} if resume else {}
+                report.data["sections"][name]["process"] = {"ended": f"not started: {left:.0f} s of budget left"}
+                continue
+            budget_s = left * share / sum(s for _, _, s, _ in SECTIONS[i:])
             arguments = ["--device", args.device, *(QUICK_MEMORY if args.quick and name == "memory" else extra)]
             arguments += ["--dtype", dtype] + (["--quick"] if args.quick and name != "memory" else [])
-            # The process start (imports, CUDA context: ~10 s) comes out of its
-            # share; the last case may overrun, but never the whole run's budget by more than KILL_AFTER_S.
+            # The process start (imports, CUDA context: ~10 s) comes out of its share; the last
+            # case may overrun, but never the whole run's budget by more than KILL_AFTER_S.
             kill_s = min(budget_s + KILL_AFTER_S, deadline + KILL_AFTER_S - time.monotonic())
             report.data["sections"][name] = run_section(script, arguments, tmp / f"{name}.json", resume,
                                                         max(budget_s - 10.0, 1.0), kill_s)
             report.write()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    report.write()
     try:
         plot(report.data["sections"], [p.with_suffix(".png") for p in paths],
              f"{report.data['device_name']}, torch {report.data['torch']}, {dtype}")
