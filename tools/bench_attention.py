@@ -277,7 +277,7 @@ def estimate_s(report: benchlib.Report, head_dim: int, n: int) -> float:
 
 
 def evaluate(rows: list[dict], report_ratios: dict, preset: str) -> dict:
-    """The targets, each with the figures it was judged on (CPU: issue 5; GPU: issue 18)."""
+    """The targets, each with the figures it was judged on (the gpu preset adds TFLOP/s against dense)."""
     def pick(candidate, mode, d=None):
         return {r["length"]: r for r in rows if r["candidate"] == candidate and r["mode"] == mode
                 and (d is None or r["head_dim"] == d)}

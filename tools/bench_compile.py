@@ -1,5 +1,5 @@
 """Benchmark: what ``torch.compile(..., fullgraph=True, dynamic=True)`` of the
-attention modules costs against the static-shape compile (issue 11 item 4).
+attention modules costs against the static-shape compile.
 
     PYTHONPATH=. python tools/bench_compile.py [--quick]
 

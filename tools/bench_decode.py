@@ -1,5 +1,5 @@
 """Benchmark: per-token decode latency of attention.hf against dense SDPA over
-the same KV cache (issue 13 section 1, docs/design.md section 7).
+the same KV cache (docs/design.md section 7).
 
     python tools/bench_decode.py [--contexts 32768,262144] [--reps N]
                                  [--device cuda --dtype bfloat16] [--threads 2]
@@ -21,7 +21,7 @@ candidate; latency is also reported in units of that matmul
 Reported: medians; the speed-up is median(dense) / median(candidate) from
 the same interleaved run.
 
-Targets (issue 13): dilated >= 3x dense at 32K and >= 10x at 256K; local and
+Targets: dilated >= 3x dense at 32K and >= 10x at 256K; local and
 bigbird >= 10x at 256K. Writes tools/results/decode.json (``--output``).
 """
 

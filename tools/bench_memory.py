@@ -1,5 +1,5 @@
 """Peak memory of the dilated fast path above its inputs, as a multiple of
-the output (issue 12's target: at most 1.5x), forward and backward, on the
+the output (target: at most 1.5x), forward and backward, on the
 CPU or a CUDA device.
 
 Each case runs in a fresh process. CPU: the process runs with
