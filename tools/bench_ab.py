@@ -60,11 +60,11 @@ def child(case: str, n: int, calls: int) -> dict:
     return {"attention": attention.__file__, **runs.row(case), "matmul_s": runs.median("matmul")}
 
 
-def run_child(worktree: Path, store: Path, case: str, n: int, calls: int) -> dict:
+def run_child(worktree: Path, store: Path, case: str, n: int, calls: int, timeout_s: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(worktree), PATTERNSTORE_DIR=str(store), OMP_NUM_THREADS=str(THREADS))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--length", str(n),
                "--calls", str(calls)]
-    done = subprocess.run(command, env=env, cwd=worktree, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=worktree, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"{worktree.name}: {case} at {n} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--pairs", type=int, default=3, help="A B rounds, one fresh process each")
     parser.add_argument("--calls", type=int, default=7, help="timed calls per process (median)")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="limit of one process")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "ab.json")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,7 +107,8 @@ def main() -> None:
         processes: dict[str, list[dict]] = {"A": [], "B": []}
         for pair in range(args.pairs):
             for label in ("A", "B"):
-                result = run_child(trees[label], tmp / f"store-{label}", args.case, args.length, args.calls)
+                result = run_child(trees[label], tmp / f"store-{label}", args.case, args.length, args.calls,
+                                   args.timeout_s)
                 processes[label].append(result)
                 print(f"pair {pair + 1} {label} ({revisions[label][0]}): {result['median_s'] * 1e3:9.2f} ms, "
                       f"matmul {result['matmul_s'] * 1e3:7.2f} ms, {result['matmul_units']:.3f} matmul units",

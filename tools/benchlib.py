@@ -210,7 +210,8 @@ def interleave(candidates: dict[str, Callable[[], Any]], *, timed: Callable[[Cal
                reference: Optional[Callable[[], Any]] = None) -> Interleaved:
     """``warmup`` calls of each candidate (the last one timed, as the estimate),
     then rounds of one timed call each (A B C A B C ...). ``rounds`` None: as
-    many as fit ``seconds`` per candidate by the estimate, 3 to 20; a dict:
+    many as fit ``seconds`` per candidate by the estimate, 3 to 20 (20 with
+    ``warmup`` 0: no estimate); a dict:
     per candidate, which sits out the rounds past its count (slow ones).
     ``reference``: a matmul timed as one more candidate, "matmul", every
     round, for ``Interleaved.units``."""
@@ -275,6 +276,7 @@ class Report:
             if earlier.get("machine", {}).get("commit") == self.data["machine"]["commit"]:
                 self.data["rows"] = earlier.get("rows", [])
                 self.data["resumed_rows"] = len(self.data["rows"])
+        self.write()  # a run killed before its first row still hands back what it resumed
 
     def has(self, **case: Any) -> bool:
         """Whether a row matching every key of ``case`` is already in (a resumed run skips it)."""
