@@ -56,7 +56,8 @@ def cuda_tests(log: Path) -> dict | None:
     """{"passed", "failed", "skipped"} from pytest's last summary line (errors counted as failed)."""
     if not log.is_file():
         return None
-    lines = [line for line in log.read_text(errors="replace").splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if re.search(r"\d+ (passed|failed|skipped|error)", line)]
     if not lines:
         return None
     counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", lines[-1])}

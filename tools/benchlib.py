@@ -183,14 +183,20 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, 
 
 
 class Interleaved:
-    """Times of interleaved rounds: ``times[name]`` (seconds, one per round)
-    and ``failures[name]`` for candidates dropped at warm-up."""
+    """Times of interleaved rounds: ``times[name]`` (seconds, one per round),
+    ``cpu_times[name]`` (this process's CPU seconds over the same calls: on a
+    shared machine they do not count the time another process held the
+    cores) and ``failures[name]`` for candidates dropped at warm-up."""
 
-    def __init__(self, times: dict[str, list[float]], failures: dict[str, dict]) -> None:
-        self.times, self.failures = times, failures
+    def __init__(self, times: dict[str, list[float]], cpu_times: dict[str, list[float]],
+                 failures: dict[str, dict]) -> None:
+        self.times, self.cpu_times, self.failures = times, cpu_times, failures
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
+
+    def cpu_median(self, name: str) -> float:
+        return statistics.median(self.cpu_times[name])
 
     def units(self, name: str) -> Optional[float]:
         """Median time in matmul units (None without a "matmul" candidate)."""
@@ -234,11 +240,14 @@ def interleave(candidates: dict[str, Callable[[], Any]], *, timed: Callable[[Cal
     counts = dict(rounds) if isinstance(rounds, dict) else dict.fromkeys(alive, rounds)
     counts["matmul"] = max(counts.values(), default=0)
     times: dict[str, list[float]] = {name: [] for name in alive}
+    cpu_times: dict[str, list[float]] = {name: [] for name in alive}
     for i in range(max(counts.values(), default=0)):
         for name, fn in alive.items():
             if i < counts.get(name, 0):
+                cpu = time.process_time()
                 times[name].append(timed(fn))
-    return Interleaved(times, failures)
+                cpu_times[name].append(time.process_time() - cpu)
+    return Interleaved(times, cpu_times, failures)
 
 
 # ----------------------------------------------------------------- budget
