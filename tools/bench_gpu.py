@@ -133,10 +133,15 @@ def main() -> None:
     same_commit = earlier.get("commit") == machine["commit"]
     report = benchlib.Report(paths, "tools/bench_gpu.py", {"budget_s": args.budget_s, "quick": args.quick,
                              "dtype": dtype}, device=args.device)
+    for key in ("rows", "failures", "skipped"):  # the sections hold these
+        del report.data[key]
+    # The earlier run's sections stay until they are rerun: a run killed mid-way loses none of them.
     report.data.update(device_name=machine.get("device_name", machine["cpu"]), date=machine["date"],
-                       torch=machine["torch"], commit=machine["commit"], sections={})
+                       torch=machine["torch"], commit=machine["commit"],
+                       sections=dict(earlier.get("sections", {})) if same_commit else {})
     tests = cuda_tests(args.cuda_tests) if args.cuda_tests else None
     report.data["cuda_tests"] = tests or (earlier.get("cuda_tests") if same_commit else None)
+    report.write()
     deadline = time.monotonic() + args.budget_s
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
