@@ -269,10 +269,15 @@ def cpu_worker(n, head_dim, names, cfg, args, dapt, standin) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def estimate_s(report: benchlib.Report, head_dim: int, n: int) -> float:
-    """Seconds length n will take from the shorter lengths' medians: dilated
-    grows linearly, dense quadratically; ~6 calls each (warm-up, rounds, memory)."""
-    rows = [r for r in report.data["rows"] if r["head_dim"] == head_dim and r["length"] < n and "median_s" in r]
+def estimate_s(report: benchlib.Report, head_dim: int, n: int, names: list[str]) -> float:
+    """Seconds length n will take from the longest shorter length's medians of the
+    candidates that run at n: dilated grows linearly, dense quadratically; ~6
+    calls each (warm-up, rounds, memory)."""
+    def runs_at_n(row: dict) -> bool:
+        return row["candidate"] + (":fb" if row["mode"] == "forward+backward" else "") in names
+
+    rows = [r for r in report.data["rows"] if r["head_dim"] == head_dim and r["length"] < n and "median_s" in r
+            and runs_at_n(r)]
     longest = max((r["length"] for r in rows), default=None)
     if longest is None:
         return 0.0
@@ -392,7 +397,7 @@ def main() -> None:
                 names = [c for c, (_, run) in cfg["candidates"].items()
                          if (args.quick or n in run) and (dapt or not c.startswith("dapt"))]
                 case = {"head_dim": head_dim, "length": n}
-                if report.has(**case) or not budget.allows(case, estimate_s(report, head_dim, n)):
+                if report.has(**case) or not budget.allows(case, estimate_s(report, head_dim, n, names)):
                     continue
                 try:
                     if args.device == "cpu":
