@@ -137,7 +137,8 @@ def run_case(cfg, device, dtype, kind, params, n, mode, store) -> dict:
     grad_out = torch.randn_like(q)
     with torch.no_grad():
         module(q, k, v)  # the layout lookup, outside the timings
-    torch._dynamo.reset()  # every case compiles afresh: first-call figures include the compile
+    if device == "cpu":  # every case compiles afresh: first-call figures include the compile
+        torch._dynamo.reset()  # (not on CUDA: ~15 s a compile would take most of the budget)
     row["stored_block_mask_s"] = timed_once(lambda: benchlib.block_mask(store.get(spec)))
     if n <= cfg["small"] and mode == "forward":
         row["create_block_mask_eager_s"] = timed_once(lambda: make_cbm(table, block, n, device, causal, False))
