@@ -138,7 +138,7 @@ def run_case(cfg, device, dtype, kind, params, n, mode, store) -> dict:
     with torch.no_grad():
         module(q, k, v)  # the layout lookup, outside the timings
     if device == "cpu":  # every case compiles afresh: first-call figures include the compile
-        torch._dynamo.reset()  # (not on CUDA: ~15 s a compile would take most of the budget)
+        torch._dynamo.reset()  # (not on CUDA: a compile per case would take most of its budget)
     row["stored_block_mask_s"] = timed_once(lambda: benchlib.block_mask(store.get(spec)))
     if n <= cfg["small"] and mode == "forward":
         row["create_block_mask_eager_s"] = timed_once(lambda: make_cbm(table, block, n, device, causal, False))
