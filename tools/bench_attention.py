@@ -17,7 +17,10 @@ Presets (``--preset``, default by device):
   branch's dilated rows with ``index_select``, FlashAttention per segment,
   scatter back, merge by log-sum-exp weights computed without gradient);
   ``sdpa``, ``sdpa-flash``, ``sdpa-cudnn`` (dense SDPA: default dispatch,
-  FlashAttention forced, cuDNN forced) where dense is affordable.
+  FlashAttention forced, cuDNN forced) where dense is affordable, and
+  ``kernel-cuda_cudnn`` / ``kernel-cuda_flash``: ``attention.kernels.attend``
+  on the same dense problem with that backend (forward; the measurement
+  behind the kernel layer's default half kernel).
 
 Method (tools/benchlib.py): candidates interleaved (A B C A B C ...) with a
 square matmul of the same run (CPU fp32 3072^3, CUDA 8192^3 in the dtype);
@@ -74,7 +77,8 @@ PRESETS = {
             "candidates": {"fast": ("longnet", ALL), "gather-flash": ("longnet", ALL), "sdpa": ("dense", ALL[:5]),
                            "sdpa-flash": ("dense", ALL[:5]), "sdpa-cudnn": ("dense", ALL[:5]),
                            "fast:fb": ("longnet", ALL), "gather-flash:fb": ("longnet", ALL),
-                           "sdpa-flash:fb": ("dense", ALL[:4]), "sdpa-cudnn:fb": ("dense", ALL[:4])}},
+                           "sdpa-flash:fb": ("dense", ALL[:4]), "sdpa-cudnn:fb": ("dense", ALL[:4]),
+                           "kernel-cuda_cudnn": ("dense", ALL[:5]), "kernel-cuda_flash": ("dense", ALL[:5])}},
 }
 QUICK = {"heads": 2, "segments": (64, 128), "rates": (1, 2), "lengths": (256, 512), "matmul": 256}
 # (slow, fast) candidates whose same-round time ratio is reported
@@ -171,6 +175,15 @@ def function(name: str, cfg: dict):
         return DaptAttention(segments, rates)
     if name == "gather-flash":
         return lambda q, k, v: gather_flash(q, k, v, segments, rates)
+    if name.startswith("kernel-"):  # one kernel of the kernel layer, chosen by its public backend name
+        # MERGE: needs attend's backend= to take a kernel name (before, it takes a device type and
+        # "cuda_cudnn" silently falls back to the matmul kernel).
+        from attention.kernels import attend
+
+        def kernel(q, k, v, backend=name.split("-", 1)[1]):
+            args = [x.transpose(1, 2) for x in (q, k, v)]
+            return attend(*args, causal=False, scale=None, backend=backend)[0].transpose(1, 2)
+        return kernel
     if name.startswith("sdpa"):
         from torch.nn.attention import SDPBackend
 
