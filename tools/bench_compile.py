@@ -1,5 +1,5 @@
 """Benchmark: what ``torch.compile(..., fullgraph=True, dynamic=True)`` of the
-attention modules costs against the static-shape compile (issue 11 item 4).
+attention modules costs against the static-shape compile.
 
     PYTHONPATH=. python tools/bench_compile.py [--quick]
 
@@ -21,9 +21,10 @@ and mode (static ``dynamic=False``, dynamic ``dynamic=True``):
   to 64 for the run so the static mode is counted, not failed. Also the
   count after the first length: graphs made later are recompiles.
 - steady state at 2K, 4K, 8K: static, dynamic and eager calls interleaved
-  (A B C A B C ...), medians; each call sits between two fp32 ``torch.mm``
-  (1024^3) timings and is also given as call / mean of those mm times, so a
-  load change on the machine moves both.
+  (A B C A B C ...) with an fp32 1024^3 ``torch.mm`` as one more candidate
+  (tools/benchlib.py), medians, also in units of that matmul, so a load
+  change on the machine moves both; dynamic/static is the median of
+  same-round ratios.
 
 Writes tools/results/compile.json and prints a table.
 """
@@ -31,21 +32,12 @@ Writes tools/results/compile.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-RESULTS = REPO / "tools" / "results"
-
-import tempfile  # noqa: E402
 
 # an empty inductor cache: the first compile of each mode builds its kernels
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_compile_inductor_")
@@ -53,7 +45,8 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_compile_i
 import torch  # noqa: E402
 from torch._inductor.compile_fx import compile_fx  # noqa: E402
 
-from attention import BlockSparseAttention, ImprovedDilatedAttention  # noqa: E402
+import benchlib  # noqa: E402
+from attention import BlockSparseAttention  # noqa: E402
 
 THREADS = 2  # as tools/bench_attention.py
 HEADS, HEAD_DIM, K = 8, 64, 1024
@@ -67,7 +60,7 @@ MM_SIZE = 1024
 
 def modules() -> dict[str, Callable[[], torch.nn.Module]]:
     return {
-        "ImprovedDilatedAttention": lambda: ImprovedDilatedAttention(SEGMENTS, RATES),
+        "ImprovedDilatedAttention": lambda: benchlib.dilated_module("fast", SEGMENTS, RATES),
         "BlockSparseAttention": lambda: BlockSparseAttention("bigbird", block_size=128, num_random_blocks=1),
     }
 
@@ -108,12 +101,6 @@ def first_calls(make: Callable[[], torch.nn.Module], rounds: int) -> dict[str, l
     return out
 
 
-def mm_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
-    start = time.perf_counter()
-    torch.mm(a, b)
-    return time.perf_counter() - start
-
-
 def run_module(name: str, make: Callable[[], torch.nn.Module], rounds: int, reps: int) -> dict:
     first = first_calls(make, rounds)
     torch._dynamo.reset()
@@ -130,31 +117,16 @@ def run_module(name: str, make: Callable[[], torch.nn.Module], rounds: int, reps
             graphs_after_first_length = {mode: backend.graphs for mode, backend in backends.items()}
     graphs = {mode: backend.graphs for mode, backend in backends.items()}
 
-    a, b = torch.randn(MM_SIZE, MM_SIZE), torch.randn(MM_SIZE, MM_SIZE)
     candidates = {"static": compiled["static"], "dynamic": compiled["dynamic"], "eager": module}
     steady: dict[str, dict[str, Any]] = {}
     for n in STEADY_LENGTHS:
         args = inputs(n)
-        for fn in candidates.values():  # one untimed call each at this length
-            timed(fn, args)
-        times: dict[str, list[float]] = {c: [] for c in candidates}
-        normalized: dict[str, list[float]] = {c: [] for c in candidates}
-        before = mm_seconds(a, b)
-        for _ in range(reps):
-            for c, fn in candidates.items():
-                elapsed = timed(fn, args)
-                after = mm_seconds(a, b)
-                times[c].append(elapsed)
-                normalized[c].append(elapsed / ((before + after) / 2))
-                before = after
+        runs = benchlib.interleave({c: lambda fn=fn: timed(fn, args) for c, fn in candidates.items()},
+                                   timed=benchlib.timer("cpu"), rounds=reps, reference=benchlib.matmul(MM_SIZE))
         # graphs are counted after the steady calls too: they must not have recompiled
-        steady[str(n)] = {
-            c: {"median_ms": 1e3 * statistics.median(times[c]), "times_ms": [1e3 * t for t in times[c]],
-                "median_over_mm": statistics.median(normalized[c])}
-            for c in candidates
-        }
-        steady[str(n)]["dynamic_over_static"] = (steady[str(n)]["dynamic"]["median_over_mm"]
-                                                 / steady[str(n)]["static"]["median_over_mm"])
+        steady[str(n)] = {c: {"median_ms": 1e3 * runs.median(c), "times_ms": [1e3 * t for t in runs.times[c]],
+                              "median_over_mm": runs.units(c)} for c in candidates}
+        steady[str(n)]["dynamic_over_static"] = runs.ratio("dynamic", "static")
     graphs_after_steady = {mode: backend.graphs for mode, backend in backends.items()}
     static_call = steady[str(FIRST_LENGTH)]["static"]["median_ms"] / 1e3
     dynamic_call = steady[str(FIRST_LENGTH)]["dynamic"]["median_ms"] / 1e3
@@ -174,7 +146,7 @@ def run_module(name: str, make: Callable[[], torch.nn.Module], rounds: int, reps
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one first-call round, 3 reps (smoke run)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "compile.json")
+    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "compile.json")
     args = parser.parse_args()
     rounds, reps = (1, 3) if args.quick else (2, 7)
 
@@ -190,11 +162,8 @@ def main() -> None:
     results = [run_module(name, make, rounds, reps) for name, make in modules().items()]
     report = {
         "benchmark": "compile",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "torch": torch.__version__,
-        "threads": THREADS,
+        "machine": {**benchlib.machine("cpu", THREADS), "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg()},
         "settings": {"heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32", "batch": 1, "causal": True,
                      "first_length": FIRST_LENGTH, "count_lengths": COUNT_LENGTHS, "steady_lengths": STEADY_LENGTHS,
                      "first_call_rounds": rounds, "reps": reps, "mm_size": MM_SIZE, "fx_graph_cache": False},

@@ -1,5 +1,5 @@
 """Benchmark: per-token decode latency of attention.hf against dense SDPA over
-the same KV cache (issue 13 section 1, docs/design.md section 7).
+the same KV cache (docs/design.md section 7).
 
     python tools/bench_decode.py [--contexts 32768,262144] [--reps N]
                                  [--device cuda --dtype bfloat16] [--threads 2]
@@ -12,15 +12,16 @@ for dense), exactly as a Llama layer calls them inside ``generate``.
 Candidates: dilated (segments 2048/4096/8192, rates 1/2/4), ``local`` and
 ``bigbird`` block-sparse, unidirectional (block 64, the kinds' defaults).
 
-Method: per context, every candidate is called once untimed (the pattern is
-fetched from the store, kernels load), then the candidates run interleaved
-(dense, dilated, local, bigbird, dense, ...) ``reps`` times; each timed call
-is followed by a ``torch.mm`` of ``MM_SIZE``^3 timed in the same run, and the
-call's latency is also reported in units of that matmul (``normalized``) so
-figures from differently loaded machines compare. Reported: medians; the
-speed-up is median(dense) / median(candidate) from the same interleaved run.
+Method (tools/benchlib.py): per context, every candidate is called once
+untimed (the pattern is fetched from the store, kernels load), then the
+candidates run interleaved (dense, dilated, local, bigbird, matmul, dense,
+...) ``reps`` times with a ``torch.mm`` of ``MM_SIZE``^3 as the last
+candidate; latency is also reported in units of that matmul
+(``normalized``) so figures from differently loaded machines compare.
+Reported: medians; the speed-up is median(dense) / median(candidate) from
+the same interleaved run.
 
-Targets (issue 13): dilated >= 3x dense at 32K and >= 10x at 256K; local and
+Targets: dilated >= 3x dense at 32K and >= 10x at 256K; local and
 bigbird >= 10x at 256K. Writes tools/results/decode.json (``--output``).
 """
 
@@ -28,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-import hostinfo  # tools/hostinfo.py (a script's own folder is on sys.path)
+import benchlib
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
@@ -52,15 +51,13 @@ TARGETS = {("dilated", 32 * K): 3.0, ("dilated", 256 * K): 10.0, ("local", 256 *
 
 
 def machine(device: torch.device, threads: int) -> dict:
-    info = hostinfo.machine(threads)
+    info = benchlib.machine(str(device), threads)
     try:
         import transformers
 
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
@@ -76,12 +73,7 @@ def run_context(context: int, reps: int, device: torch.device, dtype: torch.dtyp
     key = torch.randn(1, KV_HEADS, context, HEAD_DIM, **factory)
     value = torch.randn(1, KV_HEADS, context, HEAD_DIM, **factory)
     query = torch.randn(1, HEADS, 1, HEAD_DIM, **factory)
-    a, b = torch.randn(MM_SIZE, MM_SIZE, **factory), torch.randn(MM_SIZE, MM_SIZE, **factory)
     scaling = HEAD_DIM ** -0.5
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     functions = {"dense": lambda: sdpa_attention_forward(
         SimpleNamespace(is_causal=True, num_key_value_groups=HEADS // KV_HEADS), query, key, value, None,
@@ -92,42 +84,15 @@ def run_context(context: int, reps: int, device: torch.device, dtype: torch.dtyp
         forward = hf.dilated_attention_forward if impl == hf.DILATED else hf.sparse_attention_forward
         functions[name] = lambda forward=forward, layer=layer: forward(layer, query, key, value, None,
                                                                        scaling=scaling)
-
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-
-    warm, refused = {}, {}
-    with torch.no_grad():
-        for name, fn in list(functions.items()):  # store fetch, kernel load
-            try:
-                warm[name] = timed(fn)
-            except ValueError as error:  # a layout that refuses decoding says why; the others go on
-                refused[name] = str(error)
-                del functions[name]
-        times = {name: [] for name in functions}
-        normalized = {name: [] for name in functions}
-        for _ in range(reps):
-            for name, fn in functions.items():
-                elapsed = timed(fn)
-                reference = timed(lambda: torch.mm(a, b))
-                times[name].append(elapsed)
-                normalized[name].append(elapsed / reference)
-    dense = statistics.median(times["dense"])
-    rows = {}
-    for name in functions:
-        median = statistics.median(times[name])
-        rows[name] = {
-            "median_ms": median * 1e3,
-            "times_ms": [t * 1e3 for t in times[name]],
-            "median_normalized": statistics.median(normalized[name]),
-            "first_call_ms": warm[name] * 1e3,
-            "speedup_vs_dense": dense / median,
-        }
-    return {"context": context, "reps": reps, "candidates": rows, "refused": refused}
+    with torch.no_grad():  # a layout that refuses decoding fails its warm-up and says why; the others go on
+        runs = benchlib.interleave(functions, timed=benchlib.timer(device), rounds=reps,
+                                   reference=benchlib.matmul(MM_SIZE, device, dtype))
+    dense = runs.median("dense")
+    rows = {name: {"median_ms": runs.median(name) * 1e3, "times_ms": [t * 1e3 for t in runs.times[name]],
+                   "median_normalized": runs.units(name), "speedup_vs_dense": dense / runs.median(name),
+                   "speedup_vs_dense_same_round": runs.ratio("dense", name)}
+            for name in functions if name in runs.times}
+    return {"context": context, "reps": reps, "candidates": rows, "refused": runs.failures}
 
 
 def evaluate(runs: list[dict]) -> dict:

@@ -17,10 +17,8 @@ Writes tools/results/distributed.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -31,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import benchlib
 
 # LongNet-style branches (longer segments, sparser). Per head, branch i costs
 # about n * s_i / r_i**2 query-key pairs (a head selects n / r_i queries, each
@@ -46,15 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _matmul_gflops() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
 def _byte_bound(n: int, world: int) -> int:
@@ -82,12 +73,12 @@ def _measure(module, chunk: torch.Tensor, backward: bool, calls: int) -> list[fl
 def _rank(rank: int, world: int, port: int, n: int, backward: bool, calls: int, out_file: str, store_dir: str) -> None:
     os.environ["PATTERNSTORE_DIR"] = store_dir
     torch.set_num_threads(max(1, 2 // world))
-    from attention import DistributedDilatedAttention, ImprovedDilatedAttention
+    from attention import DistributedDilatedAttention
 
     generator = torch.Generator().manual_seed(rank)
     chunk = torch.randn(BATCH, n // world, HEADS, HEAD_DIM, generator=generator)
     if world == 1:
-        times = _measure(ImprovedDilatedAttention(SEGMENTS, RATES), chunk, backward, calls)
+        times = _measure(benchlib.dilated_module("fast", SEGMENTS, RATES), chunk, backward, calls)
         received = 0
     else:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -122,14 +113,14 @@ def main() -> None:
     cases += [(65536, world, True) for world in (1, 2, 4)]
     samples: dict[tuple, list[float]] = {case: [] for case in cases}
     received: dict[tuple, int] = {}
-    gflops_before = _matmul_gflops()
+    gflops_before = benchlib.matmul_gflops()
     with tempfile.TemporaryDirectory() as store_dir:
         for _ in range(rounds):
             for n, world, backward in cases:
                 result = _run(world, n, backward, calls=2, store_dir=store_dir)
                 samples[(n, world, backward)] += result["times"]
                 received[(n, world, backward)] = result["bytes_received_per_forward"]
-    gflops_after = _matmul_gflops()
+    gflops_after = benchlib.matmul_gflops()
 
     rows = []
     print(f"{'tokens':>8} {'ranks':>5} {'pass':>8} {'seconds':>9} {'vs 1 rank':>9} {'MiB recv/rank':>14} {'bound MiB':>10}")
@@ -150,9 +141,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "benchmark": "distributed",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
-        "torch": torch.__version__, "backend": "gloo", "device": "cpu",
+        "machine": benchlib.machine("cpu", 2), "backend": "gloo",
         "threads_per_rank": {str(w): max(1, 2 // w) for w in (1, 2, 4)},
         "config": {"segment_lengths": SEGMENTS, "dilation_rates": RATES, "batch": BATCH, "heads": HEADS,
                    "head_dim": HEAD_DIM, "dtype": "float32", "causal": True},

@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,15 +41,34 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostinfo import machine  # noqa: E402
+import benchlib
+from attention import BlockSparseAttention
+from patternstore import DilatedSpec, generate
 
-import attention.sparse as sparse  # noqa: E402
-from attention import BlockSparseAttention, DilatedPlan  # noqa: E402
-from attention.dilated import backward_groups, forward_groups  # noqa: E402
-from patternstore import DilatedSpec, generate  # noqa: E402
+# MERGE: the internal entry points this tool counts, in one place. No public
+# argument runs the fast path's per-group forward/backward with the CUDA
+# kernel choice on meta tensors, or the block-sparse op with the tile path a
+# GPU takes while on the CPU (today a module global): the lead points these
+# at the reworked modules (dilated plan geometry, kernels' ``backend=``).
+import attention.sparse as sparse
+from attention import DilatedPlan
+from attention.dilated import backward_groups, forward_groups
 
-RESULTS = Path(__file__).resolve().parent / "results"
+
+def plan_groups(spec: DilatedSpec):
+    """The dilated plan's head groups of a spec."""
+    return DilatedPlan.from_pattern(generate(spec)).groups
+
+
+def gpu_tile_path(fn):
+    """fn() with the block-sparse op on the explicit tiles a GPU takes (not the fused CPU kernel)."""
+    fused, sparse.USE_CPU_FLASH_KERNEL = sparse.USE_CPU_FLASH_KERNEL, False
+    try:
+        return fn()
+    finally:
+        sparse.USE_CPU_FLASH_KERNEL = fused
+
+RESULTS = benchlib.RESULTS
 SEGMENTS, RATES, HEADS, HEAD_DIM = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 128
 # (name, q_len, kv_len, causal)
 CASES = [("prefill 16K", 16384, 16384, False), ("prefill 64K", 65536, 65536, False), ("decode 32K", 1, 32768, True)]
@@ -83,7 +99,7 @@ class OpCounter(TorchDispatchMode):
 
 def calls(q_len: int, kv_len: int, causal: bool, device: str, backend: str):
     """(forward, backward) closures of one case on ``device``, dispatching as ``backend``."""
-    groups = DilatedPlan.from_pattern(generate(DilatedSpec(SEGMENTS, RATES, HEADS))).groups
+    groups = plan_groups(DilatedSpec(SEGMENTS, RATES, HEADS))
     dtype, scale = torch.bfloat16, HEAD_DIM**-0.5
     q = torch.zeros(1, q_len, HEADS, HEAD_DIM, dtype=dtype, device=device)
     k, v = (torch.zeros(1, kv_len, HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(2))
@@ -123,17 +139,19 @@ def count(fn) -> dict:
             "by_op": dict(counter.ops.most_common())}
 
 
-def host_times(fns: dict, rounds: int) -> dict:
-    """Median host wall time (ms) of each closure, rounds interleaved, no sync inside."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+def host_seconds(fn) -> float:
+    """Host wall time of one call: synchronised before, not inside (the host time that issues the work)."""
     torch.cuda.synchronize()
-    return {name: statistics.median(values[1:]) for name, values in samples.items()}
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def host_times(fns: dict, rounds: int) -> dict:
+    """Median host milliseconds of each closure, rounds interleaved."""
+    runs = benchlib.interleave(fns, timed=host_seconds, rounds=rounds)
+    torch.cuda.synchronize()
+    return {name: runs.median(name) * 1e3 for name in fns}
 
 
 def main() -> None:
@@ -145,10 +163,8 @@ def main() -> None:
                         help="JSON path (default tools/results/host_ops.json, host_ops_cuda.json with --device cuda)")
     args = parser.parse_args()
     output = args.output or RESULTS / ("host_ops.json" if args.device == "meta" else "host_ops_cuda.json")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
     report = {
-        "benchmark": "tools/bench_host.py", "commit": commit, "machine": machine(torch.get_num_threads()),
+        "benchmark": "tools/bench_host.py", "machine": benchlib.machine(args.device if args.device == "cuda" else "cpu"),
         "config": {"segments": SEGMENTS, "rates": RATES, "heads": HEADS, "head_dim": HEAD_DIM,
                    "dtype": "bfloat16", "batch": 1, "kernels": "CUDA choice (backend='cuda')"},
         "notes": "ops: every ATen op the fast path dispatches in one call; views: metadata-only ops; "
@@ -168,12 +184,8 @@ def main() -> None:
               + (f"   host ms fwd {row['host_ms']['forward']:.2f} bwd {row['host_ms']['backward']:.2f}"
                  if "host_ms" in row else ""))
     for kind in SPARSE_KINDS:
-        fused, sparse.USE_CPU_FLASH_KERNEL = sparse.USE_CPU_FLASH_KERNEL, False  # the GPU's tile path
-        try:
-            row = {"case": f"sparse {kind} decode 32K", "q_len": 1, "kv_len": SPARSE_CACHE, "causal": True,
-                   "forward": count(sparse_decode_call(kind, "cpu"))}
-        finally:
-            sparse.USE_CPU_FLASH_KERNEL = fused
+        row = {"case": f"sparse {kind} decode 32K", "q_len": 1, "kv_len": SPARSE_CACHE, "causal": True,
+               "forward": gpu_tile_path(lambda: count(sparse_decode_call(kind, "cpu")))}
         if args.device == "cuda":
             row["host_ms"] = host_times({"forward": sparse_decode_call(kind, "cuda")}, args.rounds)
         report["cases"].append(row)

@@ -27,11 +27,9 @@ and nearest-rank p99 (with few samples, p99 is the maximum).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,11 +41,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from patternstore import PatternStore, generate  # noqa: E402
-from patternstore.codec import encode  # noqa: E402
+import benchlib
+from patternstore import PatternStore, generate
+from patternstore.codec import encode
 
 SPECS_SOURCE = """
 from patternstore import DilatedSpec, SparseSpec
@@ -78,7 +74,7 @@ def summary(samples_ns: list[float]) -> dict:
 
 
 def child_env() -> dict:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(benchlib.REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
 
 
@@ -210,22 +206,11 @@ def processes_on_one_cold_key(directory: Path, processes: int) -> dict:
     }
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        torch.mm(a, b)
-        times.append(time.perf_counter_ns() - start)
-    return 2 * size**3 / percentile(times, 0.5)  # flop per ns = GFLOP/s
-
-
 # ------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    parser.add_argument("--out", default=str(REPO / "tools" / "results" / "store.json"))
+    parser.add_argument("--out", default=str(benchlib.RESULTS / "store.json"))
     args = parser.parse_args()
     batches, calls = (30, 2_000) if args.quick else (300, 10_000)
     rounds = {"dilated-8k": 10 if args.quick else 100, "bigbird-1M": 3 if args.quick else 15}
@@ -235,7 +220,7 @@ def main() -> None:
     rows, extra = [], {}
     try:
         load_before = os.getloadavg()  # other programs' share of the cores, recorded beside the figures
-        gflops_before = matmul_gflops()
+        gflops_before = benchlib.matmul_gflops(calls=20)
         for name, spec in SPECS.items():
             store = PatternStore(work / f"memory-{name}")
             ours, on_device, floor = memory_hits(store, spec, batches, calls)
@@ -266,7 +251,7 @@ def main() -> None:
             extra[name]["fresh_generate_over_fresh_process_hit_p50"] = (
                 p50["generation (fresh process, first call)"] / first_get)
         concurrent = processes_on_one_cold_key(work / "concurrent" / "store", 8)
-        gflops_after = matmul_gflops()
+        gflops_after = benchlib.matmul_gflops(calls=20)
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -287,11 +272,7 @@ def main() -> None:
     }
     result = {
         "benchmark": "store",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "machine": benchlib.machine("cpu"),
         "fp32_mm_1024_gflops": {"before": gflops_before, "after": gflops_after},
         "load_average_1_5_15_min": {"before": load_before, "after": load_after},
         "settings": {"batches": batches, "calls_per_batch": calls, "rounds": rounds, "fresh_rounds": fresh_rounds},

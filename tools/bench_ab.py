@@ -1,0 +1,139 @@
+"""A/B of two commits on one CPU case, in matmul units.
+
+    python tools/bench_ab.py 69d2baf HEAD --case dilated --length 16384 [--pairs 3] [--calls 7]
+
+Each revision is checked out into a temporary ``git worktree`` (removed at
+the end). For ``--pairs`` rounds, A then B, one fresh process per revision
+runs with PYTHONPATH set to that worktree (the case code is this file's, the
+library is the revision's), 2 threads, float32, under ``torch.no_grad()``
+(69d2baf fails under ``inference_mode``). Each process makes the module,
+calls it once untimed (its store, a fresh directory per revision, generates
+the plan), then interleaves ``--calls`` calls of the case with a 2048^3
+matmul and reports the median of each: the case in matmul units is what
+compares across processes and load. Printed and written: per process, the
+medians; per revision, the median over its processes; the ratio B / A of the
+matmul units.
+
+Cases, built only from names both 69d2baf and today export
+(``ImprovedDilatedAttention``, ``BlockSparseAttention``): batch 1, 8 heads,
+head_dim 64; ``dilated``: segments 2048/4096/8192, rates 1/2/4 (the CPU
+benchmark's); ``sparse``: bigbird, block 128 (DeepSpeed's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import benchlib
+
+THREADS, HEADS, HEAD_DIM, MM_SIZE = 2, 8, 64, 2048
+SEGMENTS, RATES = (2048, 4096, 8192), (1, 2, 4)
+SPARSE_KIND, SPARSE_BLOCK = "bigbird", 128
+CASES = ("dilated", "sparse")
+
+
+def child(case: str, n: int, calls: int) -> dict:
+    """In the revision's process: medians of the case and of the matmul, interleaved."""
+    import torch
+
+    import attention
+    from attention import BlockSparseAttention, ImprovedDilatedAttention
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    module = ImprovedDilatedAttention(SEGMENTS, RATES) if case == "dilated" else \
+        BlockSparseAttention(SPARSE_KIND, block_size=SPARSE_BLOCK)
+    q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM) for _ in range(3))
+    with torch.no_grad():
+        runs = benchlib.interleave({case: lambda: module(q, k, v)}, timed=benchlib.timer("cpu"), rounds=calls,
+                                   reference=benchlib.matmul(MM_SIZE))
+    if runs.failures:
+        raise RuntimeError(f"{case} failed: {runs.failures}")
+    return {"attention": attention.__file__, **runs.row(case), "matmul_s": runs.median("matmul")}
+
+
+def run_child(worktree: Path, store: Path, case: str, n: int, calls: int, timeout_s: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(worktree), PATTERNSTORE_DIR=str(store), OMP_NUM_THREADS=str(THREADS))
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--length", str(n),
+               "--calls", str(calls)]
+    done = subprocess.run(command, env=env, cwd=worktree, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"{worktree.name}: {case} at {n} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", nargs="?", help="revision A (e.g. 69d2baf)")
+    parser.add_argument("b", nargs="?", help="revision B (e.g. HEAD)")
+    parser.add_argument("--case", default="dilated", choices=CASES)
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--pairs", type=int, default=3, help="A B rounds, one fresh process each")
+    parser.add_argument("--calls", type=int, default=7, help="timed calls per process (median)")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="limit of one process")
+    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "ab.json")
+    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.length < 1 or args.pairs < 1 or args.calls < 1:
+        parser.error(f"--length, --pairs and --calls must be >= 1, got {args.length}, {args.pairs}, {args.calls}")
+    if args.child:
+        print(json.dumps(child(args.child, args.length, args.calls)))
+        return
+    if not (args.a and args.b):
+        parser.error("give two revisions, A and B")
+    revisions = {}
+    for label, rev in (("A", args.a), ("B", args.b)):
+        done = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True,
+                              cwd=benchlib.REPO)
+        if done.returncode != 0:
+            parser.error(f"revision {label}: {rev!r} is not a commit of {benchlib.REPO}")
+        revisions[label] = (rev, done.stdout.strip())
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
+    trees: dict[str, Path] = {}
+    try:
+        for label, (_, full) in revisions.items():
+            trees[label] = tmp / label
+            subprocess.run(["git", "worktree", "add", "--detach", str(trees[label]), full], cwd=benchlib.REPO,
+                           check=True, capture_output=True)
+        processes: dict[str, list[dict]] = {"A": [], "B": []}
+        for pair in range(args.pairs):
+            for label in ("A", "B"):
+                result = run_child(trees[label], tmp / f"store-{label}", args.case, args.length, args.calls,
+                                   args.timeout_s)
+                processes[label].append(result)
+                print(f"pair {pair + 1} {label} ({revisions[label][0]}): {result['median_s'] * 1e3:9.2f} ms, "
+                      f"matmul {result['matmul_s'] * 1e3:7.2f} ms, {result['matmul_units']:.3f} matmul units",
+                      flush=True)
+    finally:
+        for tree in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=benchlib.REPO,
+                           capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    medians = {label: {"revision": rev, "commit": full,
+                       "matmul_units": statistics.median(p["matmul_units"] for p in processes[label]),
+                       "median_s": statistics.median(p["median_s"] for p in processes[label])}
+               for label, (rev, full) in revisions.items()}
+    ratio = medians["B"]["matmul_units"] / medians["A"]["matmul_units"]
+    report = {"benchmark": "tools/bench_ab.py", "machine": benchlib.machine("cpu", THREADS),
+              "config": {"case": args.case, "length": args.length, "pairs": args.pairs, "calls": args.calls,
+                         "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
+                         "matmul": MM_SIZE, "no_grad": True},
+              "processes": processes, "medians": medians, "ratio_b_over_a_matmul_units": ratio}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"A {args.a}: {medians['A']['matmul_units']:.3f}, B {args.b}: {medians['B']['matmul_units']:.3f} "
+          f"matmul units (median of {args.pairs}); B/A {ratio:.3f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
