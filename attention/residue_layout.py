@@ -1,0 +1,171 @@
+"""The block layout of a dilated plan in residue order, in O(active blocks).
+
+``residue_layout(plan, seq_len, block_size, is_causal)`` is the block
+reduction of the ``M > 0`` mask (docs/design.md section 2.1; with
+``is_causal`` also ``key <= query`` on the ORIGINAL positions) after both
+axes are put in residue order (``attention.residue``): block pair ``(i, j)``
+of head ``h`` is active iff some query of index block ``i`` and some key of
+block ``j`` are a pair some branch selects on ``h``. It never evaluates the
+``n x n`` mask: a group (branch, head range, offset) selects in each segment
+a set of residue classes, each one run of indices; the runs are cut at block
+edges into pieces, and the block pairs are the pieces' products per segment,
+kept where causality leaves a pair (a piece's positions grow with its
+indices, so that is one comparison of its first key position with its last
+query position). Heads with the same groups share the work.
+
+``full`` marks blocks in which every pair attends: flex then skips their
+mask_mod. A block is marked full when one product of whole-block pieces
+covers it (and, causal, its last key is at most its first query): exact when
+every block lies inside one run (``R`` divides every segment ``s = min(w,
+n)``, the block divides ``s / R`` and ``n / R``), conservative otherwise (a
+block covered only by the union of several products stays partial, which is
+correct, only slower).
+
+Cost: the pieces' products per segment, one sort of them per distinct head
+signature. Kept per process (``functools.lru_cache``, ``LAYOUTS_KEPT``
+entries), not in the pattern store: the layout is a function of a few dozen
+ints, built in about the time reading its CSR from disk would take, and the
+flex BlockMask built from it lives on a device in one process anyway
+(figures: tools/results/residue.json).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .dilated import DilatedPlan
+from .residue import residue_modulus
+
+__all__ = ["ResidueLayout", "residue_layout", "check_plan", "LAYOUTS_KEPT"]
+
+# Layouts kept per process: one per (plan, length, block, causal) a model
+# runs; at 1M tokens one is about 25 MB (benchmark spec, 16 heads, block 128).
+LAYOUTS_KEPT = 16
+
+
+class ResidueLayout(NamedTuple):
+    """CSR of the active blocks, rows back to back (head-major), each row ascending.
+
+    ``kv_num_blocks``: int32 ``(heads, nb)``, ``nb = ceil(seq_len / block_size)``;
+    ``kv_indices``: int32 ``(nnz,)``; ``full``: bool ``(nnz,)``, True where every
+    pair of the block attends."""
+
+    seq_len: int
+    block_size: int
+    is_causal: bool
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    full: Tensor
+
+
+def check_plan(plan: DilatedPlan) -> DilatedPlan:
+    """ValueError naming the field unless ``plan`` is a DilatedPlan whose
+    groups have ``segment >= 1``, ``rate >= 1``, ``0 <= offset < rate`` and a
+    head range inside ``[0, num_heads)``."""
+    if not isinstance(plan, DilatedPlan):
+        raise ValueError(f"plan must be a DilatedPlan, got {type(plan).__name__}")
+    if not plan.groups:
+        raise ValueError("plan.groups must not be empty")
+    for g in plan.groups:
+        if g.segment < 1 or g.rate < 1:
+            raise ValueError(f"plan group {g}: segment and rate must be >= 1")
+        if not 0 <= g.offset < g.rate:
+            raise ValueError(f"plan group {g}: offset must be in [0, rate)")
+        if not 0 <= g.head_start < g.head_stop <= plan.num_heads:
+            raise ValueError(f"plan group {g}: heads must lie in [0, num_heads={plan.num_heads})")
+    return plan
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def residue_layout(plan: DilatedPlan, seq_len: int, block_size: int, is_causal: bool) -> ResidueLayout:
+    """The block layout of ``plan`` at ``seq_len`` in residue order (module
+    docstring), from this process's cache when it was built before."""
+    check_plan(plan)
+    _check_int("seq_len", seq_len, 1)
+    _check_int("block_size", block_size, 1)
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
+    return _layout(plan, seq_len, block_size, is_causal)
+
+
+def _ceil_div(a: Tensor, b: int) -> Tensor:
+    return -((-a) // b)
+
+
+def _group_pairs(g, n: int, block: int, causal: bool, modulus: int) -> tuple[Tensor, Tensor]:
+    """(codes ``q_block * nb + k_block``, full flags) of one group's block
+    pairs (repeats possible where two of its pieces share a block)."""
+    nb = -(-n // block)
+    per_class, longer = divmod(n, modulus)
+    classes = torch.arange(modulus)
+    starts = classes * per_class + classes.clamp(max=longer)
+    s = min(g.segment, n)
+    seg = torch.arange(-(-n // s))[:, None]  # (T, 1) segments x (1, R) classes
+    lo = _ceil_div(seg * s - classes, modulus)  # first step m of the class inside the segment
+    hi = _ceil_div((seg * s + s).clamp(max=n) - classes, modulus)
+    keep = ((classes - g.offset - seg * s) % g.rate == 0) & (hi > lo)
+    run_seg = seg.expand_as(keep)[keep]
+    run_class = classes.expand_as(keep)[keep]
+    run_lo = (starts + lo)[keep]  # indices [run_lo, run_hi) of a selected run
+    run_hi = (starts + hi)[keep]
+    first = run_lo // block
+    cuts = (run_hi - 1) // block - first + 1  # pieces of each run
+    run = torch.repeat_interleave(torch.arange(run_lo.numel()), cuts)
+    blk = first[run] + torch.arange(run.numel()) - torch.repeat_interleave(cuts.cumsum(0) - cuts, cuts)
+    p_lo = torch.maximum(run_lo[run], blk * block)
+    p_hi = torch.minimum(run_hi[run], blk * block + block)
+    base = run_class[run] - modulus * starts[run_class[run]]
+    first_pos, last_pos = base + modulus * p_lo, base + modulus * (p_hi - 1)
+    whole = (p_lo == blk * block) & (p_hi == (blk * block + block).clamp(max=n))
+    piece_seg = run_seg[run]
+    # every piece of a segment with every piece of the same segment
+    per_seg = torch.bincount(piece_seg, minlength=int(seg.shape[0]))
+    size = per_seg[piece_seg]
+    i = torch.repeat_interleave(torch.arange(piece_seg.numel()), size)
+    seg_first = per_seg.cumsum(0) - per_seg
+    j = seg_first[piece_seg[i]] + torch.arange(i.numel()) - torch.repeat_interleave(size.cumsum(0) - size, size)
+    full = whole[i] & whole[j]
+    if causal:
+        live = first_pos[j] <= last_pos[i]
+        full &= last_pos[j] <= first_pos[i]
+        i, j, full = i[live], j[live], full[live]
+    return blk[i] * nb + blk[j], full
+
+
+@functools.lru_cache(maxsize=LAYOUTS_KEPT)
+def _layout(plan: DilatedPlan, n: int, block: int, causal: bool) -> ResidueLayout:
+    modulus = residue_modulus(g.rate for g in plan.groups)
+    nb = -(-n // block)
+    heads = plan.num_heads
+    signature = [tuple(i for i, g in enumerate(plan.groups) if g.head_start <= h < g.head_stop) for h in range(heads)]
+    signatures = sorted(set(signature))
+    pairs = {i: _group_pairs(g, n, block, causal, modulus) for i, g in enumerate(plan.groups)}
+    keys = []
+    for number, groups in enumerate(signatures):
+        for i in groups:
+            codes, full = pairs[i]
+            keys.append(((number * nb * nb + codes) << 1) | (~full).long())
+    key = torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.long)
+    code = key >> 1
+    first = torch.ones_like(code, dtype=torch.bool)
+    first[1:] = code[1:] != code[:-1]  # the full entry of a code sorts first
+    code, full = code[first], (key[first] & 1) == 0
+    row = code // nb  # signature * nb + query block
+    counts = torch.bincount(row, minlength=len(signatures) * nb).view(len(signatures), nb)
+    ends = counts.sum(1).cumsum(0)
+    starts = ends - counts.sum(1)
+    which = [signatures.index(sig) for sig in signature]
+    take = [torch.arange(int(starts[w]), int(ends[w])) for w in which]
+    take = torch.cat(take) if take else torch.zeros(0, dtype=torch.long)
+    return ResidueLayout(
+        n, block, causal, counts[which].to(torch.int32), (code[take] % nb).to(torch.int32), full[take]
+    )
