@@ -61,14 +61,14 @@ def _check_length(seq_len: int, modulus: int) -> None:
 
 def residue_index(position: Tensor, seq_len: int, modulus: int) -> Tensor:
     """The index in residue order of each position (int tensor in [0, n))."""
-    per_class, longer = divmod(seq_len, modulus)  # classes < longer hold per_class + 1
+    per_class, longer = seq_len // modulus, seq_len % modulus  # classes < longer hold per_class + 1
     residue = position % modulus
     return residue * per_class + residue.clamp(max=longer) + position // modulus
 
 
 def residue_position(index: Tensor, seq_len: int, modulus: int) -> Tensor:
     """The position at each index of the residue order (``residue_index``'s inverse)."""
-    per_class, longer = divmod(seq_len, modulus)
+    per_class, longer = seq_len // modulus, seq_len % modulus
     long_part = longer * (per_class + 1)  # indices of the classes that hold one more
     rest = index - long_part
     short = max(per_class, 1)  # no index reaches the short classes when per_class == 0
