@@ -138,42 +138,41 @@ def _padded(rows: Tensor, cols: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     ``cols`` at sorted ``rows``; width the longest row (at least 1)."""
     counts = torch.bincount(rows, minlength=num_rows)
     width = max(int(counts.max()) if rows.numel() else 0, 1)
-    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    slot = torch.arange(rows.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     dense = torch.zeros(num_rows, width, dtype=torch.int32)
     dense[rows, slot] = cols.to(torch.int32)
     return counts.to(torch.int32), dense
 
 
-def _both_sides(heads: int, nb: int, row: Tensor, col: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """kv-side and q-side padded arrays (1, heads, nb[, width]) of the blocks
-    (``row`` = head * nb + query block, ``col`` = key block), rows sorted."""
-    kv_num, kv_idx = _padded(row, col, heads * nb)
-    head = row // nb
-    transposed = torch.sort((head * nb + col) * nb + row % nb).values  # (head, key block, query block)
-    q_num, q_idx = _padded(transposed // nb, transposed % nb, heads * nb)
-    shape = (1, heads, nb)
-    return kv_num.view(shape), kv_idx.view(*shape, -1), q_num.view(shape), q_idx.view(*shape, -1)
-
-
-def block_mask_from_layout(layout: ResidueLayout, *, with_full: bool, device: torch.device) -> BlockMask:
-    """The flex BlockMask (mask_mod: none; ``fused_forward`` attaches its own)
-    of a layout: its partial blocks, and with ``with_full`` its full blocks
-    apart (flex skips their mask_mod); without, every block is partial (a
-    padding mask must reach every block). Index arrays are as wide as the
-    longest row, not nb: at 1M tokens nb wide would be 4 GiB."""
+def _sides(layout: ResidueLayout, with_full: bool) -> list[tuple[Tensor, Tensor]]:
+    """(counts (1, H, nb), indices (1, H, nb, width)) of a layout's partial
+    blocks and, with ``with_full``, of its full blocks apart (else all partial)."""
     heads, nb = layout.kv_num_blocks.shape
     row = torch.repeat_interleave(torch.arange(heads * nb), layout.kv_num_blocks.flatten().long())
-    col = layout.kv_indices.long()
-    if with_full:
-        partial = _both_sides(heads, nb, row[~layout.full], col[~layout.full])
-        full = _both_sides(heads, nb, row[layout.full], col[layout.full])
-    else:
-        partial, full = _both_sides(heads, nb, row, col), (None,) * 4
-    partial, full = [x.to(device) for x in partial], [None if x is None else x.to(device) for x in full]
-    return BlockMask(
-        (layout.seq_len, layout.seq_len), partial[0], partial[1], full[0], full[1], partial[2], partial[3],
-        full[2], full[3], BLOCK_SIZE=(layout.block_size, layout.block_size),
-    )
+    col = layout.kv_indices
+    picks = [~layout.full, layout.full] if with_full else [slice(None)]
+    out = []
+    for pick in picks:
+        counts, indices = _padded(row[pick], col[pick], heads * nb)
+        out.append((counts.view(1, heads, nb), indices.view(1, heads, nb, -1)))
+    return out
+
+
+def block_mask_from_layout(
+    layout: ResidueLayout, transposed: ResidueLayout, *, with_full: bool, device: torch.device
+) -> BlockMask:
+    """The flex BlockMask (mask_mod: none; ``fused_forward`` attaches its own)
+    of a layout and its transpose (flex's q-side arrays, which its backward
+    reads): the partial blocks, and with ``with_full`` the full blocks apart
+    (flex skips their mask_mod); without, every block is partial (a padding
+    mask must reach every block). Index arrays are as wide as the longest
+    row, not nb: at 1M tokens nb wide would be 4 GiB. This is the one
+    function that turns CSR into a BlockMask here."""
+    kv, q = _sides(layout, with_full), _sides(transposed, with_full)
+    if not with_full:
+        kv, q = kv + [(None, None)], q + [(None, None)]
+    arrays = [None if x is None else x.to(device) for pair in (kv[0], kv[1], q[0], q[1]) for x in pair]
+    return BlockMask((layout.seq_len, layout.seq_len), *arrays, BLOCK_SIZE=(layout.block_size, layout.block_size))
 
 
 @functools.lru_cache(maxsize=_MASKS_KEPT)
@@ -182,7 +181,8 @@ def residue_block_mask(
 ) -> BlockMask:
     """``block_mask_from_layout`` of ``residue_layout(...)``, kept per process (bounded)."""
     layout = residue_layout(plan, seq_len, block_size, is_causal)
-    return block_mask_from_layout(layout, with_full=with_full, device=device)
+    transposed = residue_layout(plan, seq_len, block_size, is_causal, transposed=True)
+    return block_mask_from_layout(layout, transposed, with_full=with_full, device=device)
 
 
 # ----------------------------------------------------------- the forward

@@ -32,6 +32,7 @@ flex BlockMask built from it lives on a device in one process anyway
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 from .dilated import DilatedPlan
 from .residue import residue_modulus
 
-__all__ = ["ResidueLayout", "residue_layout", "check_plan", "LAYOUTS_KEPT"]
+__all__ = ["ResidueLayout", "residue_layout", "check_plan", "clear_layouts", "LAYOUTS_KEPT"]
 
 # Layouts kept per process: one per (plan, length, block, causal) a model
 # runs; at 1M tokens one is about 25 MB (benchmark spec, 16 heads, block 128).
@@ -86,24 +87,31 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def residue_layout(plan: DilatedPlan, seq_len: int, block_size: int, is_causal: bool) -> ResidueLayout:
+def residue_layout(
+    plan: DilatedPlan, seq_len: int, block_size: int, is_causal: bool, *, transposed: bool = False
+) -> ResidueLayout:
     """The block layout of ``plan`` at ``seq_len`` in residue order (module
-    docstring), from this process's cache when it was built before."""
+    docstring), from this process's cache when it was built before (do not
+    modify its tensors). ``transposed``: rows are key blocks and columns
+    query blocks (flex's q-side arrays), the same as the layout unless causal."""
     check_plan(plan)
     _check_int("seq_len", seq_len, 1)
     _check_int("block_size", block_size, 1)
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
-    return _layout(plan, seq_len, block_size, is_causal)
+    if not isinstance(transposed, bool):
+        raise ValueError(f"transposed must be True or False, got {transposed!r}")
+    return _layout(plan, seq_len, block_size, is_causal, transposed and is_causal)
 
 
 def _ceil_div(a: Tensor, b: int) -> Tensor:
     return -((-a) // b)
 
 
-def _group_pairs(g, n: int, block: int, causal: bool, modulus: int) -> tuple[Tensor, Tensor]:
-    """(codes ``q_block * nb + k_block``, full flags) of one group's block
-    pairs (repeats possible where two of its pieces share a block)."""
+def _group_pairs(g, n: int, block: int, causal: bool, transposed: bool, modulus: int) -> tuple[Tensor, Tensor]:
+    """(codes ``row_block * nb + column_block``, full flags) of one group's
+    block pairs, rows the query blocks (``transposed``: the key blocks);
+    repeats possible where two of its pieces share a block."""
     nb = -(-n // block)
     per_class, longer = divmod(n, modulus)
     classes = torch.arange(modulus)
@@ -134,21 +142,60 @@ def _group_pairs(g, n: int, block: int, causal: bool, modulus: int) -> tuple[Ten
     seg_first = per_seg.cumsum(0) - per_seg
     j = seg_first[piece_seg[i]] + torch.arange(i.numel()) - torch.repeat_interleave(size.cumsum(0) - size, size)
     full = whole[i] & whole[j]
-    if causal:
-        live = first_pos[j] <= last_pos[i]
-        full &= last_pos[j] <= first_pos[i]
+    if causal:  # piece i is the row's (query, or key when transposed), j the column's
+        q, k = (j, i) if transposed else (i, j)
+        live = first_pos[k] <= last_pos[q]
+        full &= last_pos[k] <= first_pos[q]
         i, j, full = i[live], j[live], full[live]
     return blk[i] * nb + blk[j], full
 
 
+def _period(plan: DilatedPlan, n: int, block: int, modulus: int) -> int:
+    """A length L < n whose layout repeats along the diagonal to give n's,
+    else 0. With L the lcm of the segments and R, n a multiple of L and
+    L / R a multiple of the block, every block lies inside one class and the
+    rows of class c, block-steps ``[k P, (k + 1) P)`` (P = L / (R block)) are
+    the rows of the first P shifted by ``k P`` in every class: segments,
+    selections and causality are all invariant under shifting positions by L."""
+    period = math.lcm(modulus, *(g.segment for g in plan.groups))
+    if period < n and n % period == 0 and (period // modulus) % block == 0:
+        return period
+    return 0
+
+
+def _repeated(base: ResidueLayout, n: int, modulus: int) -> ResidueLayout:
+    """The layout at ``n`` from the layout ``base`` at its period (``_period``):
+    per (head, class), the class's rows of ``base`` repeated ``n / L`` times,
+    their key blocks shifted along in every class."""
+    heads, base_nb = base.kv_num_blocks.shape
+    steps = base_nb // modulus  # block-steps of a class at the period
+    copies = n // base.seq_len
+    nb_steps = steps * copies  # block-steps of a class at n
+    counts = base.kv_num_blocks.view(heads, modulus, 1, steps).expand(heads, modulus, copies, steps)
+    shift = (torch.arange(copies, dtype=torch.int32) * steps)[:, None]
+    cls, step = base.kv_indices // steps, base.kv_indices % steps
+    moved = cls * nb_steps + step  # the key block at n, first copy
+    ends = base.kv_num_blocks.view(heads * modulus, steps).sum(1).cumsum(0).tolist()
+    indices = torch.empty(base.kv_indices.numel() * copies, dtype=torch.int32)
+    full = torch.empty(indices.numel(), dtype=torch.bool)
+    for start, stop in zip([0] + ends[:-1], ends):  # one (head, class) at a time, written in place
+        rows = slice(start * copies, stop * copies)
+        torch.add(moved[start:stop][None, :], shift, out=indices[rows].view(copies, stop - start))
+        full[rows].view(copies, stop - start).copy_(base.full[start:stop][None, :].expand(copies, -1))
+    return ResidueLayout(n, base.block_size, base.is_causal, counts.reshape(heads, -1).contiguous(), indices, full)
+
+
 @functools.lru_cache(maxsize=LAYOUTS_KEPT)
-def _layout(plan: DilatedPlan, n: int, block: int, causal: bool) -> ResidueLayout:
+def _layout(plan: DilatedPlan, n: int, block: int, causal: bool, transposed: bool) -> ResidueLayout:
     modulus = residue_modulus(g.rate for g in plan.groups)
+    period = _period(plan, n, block, modulus)
+    if period:
+        return _repeated(_layout(plan, period, block, causal, transposed), n, modulus)
     nb = -(-n // block)
     heads = plan.num_heads
     signature = [tuple(i for i, g in enumerate(plan.groups) if g.head_start <= h < g.head_stop) for h in range(heads)]
     signatures = sorted(set(signature))
-    pairs = {i: _group_pairs(g, n, block, causal, modulus) for i, g in enumerate(plan.groups)}
+    pairs = {i: _group_pairs(g, n, block, causal, transposed, modulus) for i, g in enumerate(plan.groups)}
     keys = []
     for number, groups in enumerate(signatures):
         for i in groups:
@@ -169,3 +216,8 @@ def _layout(plan: DilatedPlan, n: int, block: int, causal: bool) -> ResidueLayou
     return ResidueLayout(
         n, block, causal, counts[which].to(torch.int32), (code[take] % nb).to(torch.int32), full[take]
     )
+
+
+def clear_layouts() -> None:
+    """Forget the layouts this process keeps (to measure the cold path)."""
+    _layout.cache_clear()

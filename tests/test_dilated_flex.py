@@ -301,9 +301,38 @@ def test_fused_path_refuses_what_it_does_not_serve():
         dilated_flex_attention(q, k, v[:, :8], plan)
 
 
-def test_block_mask_splits_full_blocks_only_without_padding():
-    layout = residue_layout(plan_of((8, 16), (1, 2), 2), 64, 16, False)
-    with_full = block_mask_from_layout(layout, with_full=True, device=torch.device("cpu"))
-    without = block_mask_from_layout(layout, with_full=False, device=torch.device("cpu"))
-    assert int(with_full.kv_num_blocks.sum() + with_full.full_kv_num_blocks.sum()) == layout.kv_indices.numel()
-    assert without.full_kv_num_blocks is None and int(without.kv_num_blocks.sum()) == layout.kv_indices.numel()
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_mask_holds_the_layout_and_its_transpose(causal):
+    plan, n, block = plan_of((8, 16), (1, 3), 2), 70, 16
+    layout = residue_layout(plan, n, block, causal)
+    transposed = residue_layout(plan, n, block, causal, transposed=True)
+    nb = -(-n // block)
+    (active, full), (t_active, t_full) = dense_blocks(layout, 2, nb), dense_blocks(transposed, 2, nb)
+    assert torch.equal(t_active, active.transpose(1, 2)) and torch.equal(t_full, full.transpose(1, 2))
+
+    def grid(num, indices):
+        out = torch.zeros(2, nb, nb, dtype=torch.bool)
+        for h in range(2):
+            for i in range(nb):
+                out[h, i, indices[0, h, i, : int(num[0, h, i])].long()] = True
+        return out
+
+    mask = block_mask_from_layout(layout, transposed, with_full=True, device=torch.device("cpu"))
+    assert torch.equal(grid(mask.kv_num_blocks, mask.kv_indices), active & ~full)
+    assert torch.equal(grid(mask.full_kv_num_blocks, mask.full_kv_indices), full)
+    assert torch.equal(grid(mask.q_num_blocks, mask.q_indices), (active & ~full).transpose(1, 2))
+    assert torch.equal(grid(mask.full_q_num_blocks, mask.full_q_indices), full.transpose(1, 2))
+    padded = block_mask_from_layout(layout, transposed, with_full=False, device=torch.device("cpu"))
+    assert padded.full_kv_num_blocks is None and padded.full_q_indices is None
+    assert torch.equal(grid(padded.kv_num_blocks, padded.kv_indices), active)
+    assert torch.equal(grid(padded.q_num_blocks, padded.q_indices), active.transpose(1, 2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layout_repeated_from_its_period_equals_the_dense_mask(causal):
+    # lcm(R = 6, segments) = 24 divides n = 240 and 24 / 6 is a multiple of the block.
+    segments, rates, heads, n, block = (8, 24), (2, 3), 5, 240, 4
+    layout = residue_layout(plan_of(segments, rates, heads), n, block, causal)
+    active, full = dense_blocks(layout, heads, n // block)
+    any_pair, every_pair = reduced_mask(segments, rates, heads, "longnet", n, block, causal)
+    assert torch.equal(active, any_pair) and torch.equal(full, every_pair & any_pair)
