@@ -47,7 +47,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .dilated import DilatedPlan
 from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
 from .residue import residue_index, residue_modulus, residue_position
-from .residue_layout import ResidueLayout, check_plan, residue_layout
+from .residue_layout import ResidueLayout, check_plan, layout_period, residue_layout
 from .sparse import FLEX_MIN_BLOCK, flex_tiles
 
 __all__ = [
@@ -133,28 +133,36 @@ def residue_mods(
 
 
 # ------------------------------------------------------------- block masks
-def _padded(rows: Tensor, cols: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
-    """(counts (num_rows,), indices (num_rows, width)) int32 of entries
-    ``cols`` at sorted ``rows``; width the longest row (at least 1)."""
-    counts = torch.bincount(rows, minlength=num_rows)
-    width = max(int(counts.max()) if rows.numel() else 0, 1)
-    slot = torch.arange(rows.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    dense = torch.zeros(num_rows, width, dtype=torch.int32)
-    dense[rows, slot] = cols.to(torch.int32)
+def _padded(counts: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """(counts, indices (rows, width)) int32 of CSR rows: each row's entries
+    then zeros, width the longest row (at least 1); one masked scatter."""
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    dense = torch.zeros(counts.numel(), width, dtype=torch.int32)
+    dense.masked_scatter_(torch.arange(width) < counts[:, None], cols.to(torch.int32))
     return counts.to(torch.int32), dense
+
+
+def _row_sums(flags: Tensor, counts: Tensor) -> Tensor:
+    """Per CSR row (``counts`` entries each), how many of its ``flags`` are set."""
+    running = torch.zeros(flags.numel() + 1, dtype=torch.long)
+    running[1:] = flags.cumsum(0)
+    ends = counts.cumsum(0)
+    return running[ends] - running[ends - counts]
 
 
 def _sides(layout: ResidueLayout, with_full: bool) -> list[tuple[Tensor, Tensor]]:
     """(counts (1, H, nb), indices (1, H, nb, width)) of a layout's partial
     blocks and, with ``with_full``, of its full blocks apart (else all partial)."""
     heads, nb = layout.kv_num_blocks.shape
-    row = torch.repeat_interleave(torch.arange(heads * nb), layout.kv_num_blocks.flatten().long())
-    col = layout.kv_indices
-    picks = [~layout.full, layout.full] if with_full else [slice(None)]
+    counts = layout.kv_num_blocks.flatten().long()
+    if with_full:
+        parts = [(_row_sums(pick, counts), layout.kv_indices[pick]) for pick in (~layout.full, layout.full)]
+    else:
+        parts = [(counts, layout.kv_indices)]
     out = []
-    for pick in picks:
-        counts, indices = _padded(row[pick], col[pick], heads * nb)
-        out.append((counts.view(1, heads, nb), indices.view(1, heads, nb, -1)))
+    for part_counts, cols in parts:
+        num, indices = _padded(part_counts, cols)
+        out.append((num.view(1, heads, nb), indices.view(1, heads, nb, -1)))
     return out
 
 
@@ -175,14 +183,48 @@ def block_mask_from_layout(
     return BlockMask((layout.seq_len, layout.seq_len), *arrays, BLOCK_SIZE=(layout.block_size, layout.block_size))
 
 
+def _repeat(base: BlockMask, seq_len: int, modulus: int) -> BlockMask:
+    """The BlockMask at ``seq_len`` from the one at its layout period
+    (``attention.residue_layout.layout_period``): every class's rows repeated
+    along the diagonal, their block indices shifted in every class. Padding
+    slots (zeros past a row's count) stay valid indices and are never read."""
+    heads, base_nb = base.kv_num_blocks.shape[1:]
+    steps = base_nb // modulus
+    copies = seq_len // base.seq_lengths[0]
+
+    def counts(x: Optional[Tensor]) -> Optional[Tensor]:
+        if x is None:
+            return None
+        return x.view(1, heads, modulus, 1, steps).expand(1, heads, modulus, copies, steps).reshape(1, heads, -1)
+
+    def indices(x: Optional[Tensor]) -> Optional[Tensor]:
+        if x is None:
+            return None
+        shift = (torch.arange(copies, dtype=x.dtype, device=x.device) * steps).view(copies, 1, 1)
+        moved = (x // steps * (steps * copies) + x % steps).view(1, heads, modulus, 1, steps, -1)
+        return (moved + shift).reshape(1, heads, modulus * copies * steps, -1)
+
+    arrays = [base.kv_num_blocks, base.kv_indices, base.full_kv_num_blocks, base.full_kv_indices,
+              base.q_num_blocks, base.q_indices, base.full_q_num_blocks, base.full_q_indices]
+    arrays = [counts(x) if i % 2 == 0 else indices(x) for i, x in enumerate(arrays)]
+    return BlockMask((seq_len, seq_len), *arrays, BLOCK_SIZE=base.BLOCK_SIZE)
+
+
 @functools.lru_cache(maxsize=_MASKS_KEPT)
 def residue_block_mask(
     plan: DilatedPlan, seq_len: int, block_size: int, is_causal: bool, with_full: bool, device: torch.device
 ) -> BlockMask:
-    """``block_mask_from_layout`` of ``residue_layout(...)``, kept per process (bounded)."""
-    layout = residue_layout(plan, seq_len, block_size, is_causal)
-    transposed = residue_layout(plan, seq_len, block_size, is_causal, transposed=True)
-    return block_mask_from_layout(layout, transposed, with_full=with_full, device=device)
+    """``block_mask_from_layout`` of ``residue_layout(...)`` on ``device``,
+    kept per process (bounded). Where the layout repeats with a period, the
+    BlockMask of one period is built and repeated on the device (measured
+    at 1M tokens: the layout's CSR and the BlockMask from it cost about 10x
+    the repeat; tools/results/residue.json)."""
+    period = layout_period(plan, seq_len, block_size)
+    length = period or seq_len
+    layout = residue_layout(plan, length, block_size, is_causal)
+    transposed = residue_layout(plan, length, block_size, is_causal, transposed=True)
+    mask = block_mask_from_layout(layout, transposed, with_full=with_full, device=device)
+    return _repeat(mask, seq_len, residue_modulus(g.rate for g in plan.groups)) if period else mask
 
 
 # ----------------------------------------------------------- the forward
@@ -216,8 +258,12 @@ def fused_forward(
 @functools.cache
 def _compiled() -> Callable:
     """``fused_forward`` compiled once per process (its graphs are keyed by
-    dynamo's guards on the plan's ints, flags and shapes)."""
-    return torch.compile(fused_forward, fullgraph=True, dynamic=False)
+    dynamo's guards on the plan's ints, flags and shapes). torch's default
+    for shapes: static at first, one dynamic graph once a second length
+    comes. flex takes a dynamic length: with ``dynamic=True`` one CPU compile
+    served lengths 40, 56, 72 and 88 (exact to 4e-7; guards remain on which
+    segments are shorter than n)."""
+    return torch.compile(fused_forward, fullgraph=True)
 
 
 def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:

@@ -41,7 +41,7 @@ from torch import Tensor
 from .dilated import DilatedPlan
 from .residue import residue_modulus
 
-__all__ = ["ResidueLayout", "residue_layout", "check_plan", "clear_layouts", "LAYOUTS_KEPT"]
+__all__ = ["ResidueLayout", "residue_layout", "layout_period", "check_plan", "clear_layouts", "LAYOUTS_KEPT"]
 
 # Layouts kept per process: one per (plan, length, block, causal) a model
 # runs; at 1M tokens one is about 25 MB (benchmark spec, 16 heads, block 128).
@@ -161,6 +161,12 @@ def _period(plan: DilatedPlan, n: int, block: int, modulus: int) -> int:
     if period < n and n % period == 0 and (period // modulus) % block == 0:
         return period
     return 0
+
+
+def layout_period(plan: DilatedPlan, seq_len: int, block_size: int) -> int:
+    """The period ``L < seq_len`` along whose diagonal the layout repeats
+    (``_period``), or 0 when it does not."""
+    return _period(check_plan(plan), seq_len, block_size, residue_modulus(g.rate for g in plan.groups))
 
 
 def _repeated(base: ResidueLayout, n: int, modulus: int) -> ResidueLayout:

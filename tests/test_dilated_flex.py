@@ -32,7 +32,7 @@ from attention.residue import (
     residue_order,
     to_residue_order,
 )
-from attention.residue_layout import residue_layout
+from attention.residue_layout import layout_period, residue_layout
 from dense_reference import dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, generate
 
@@ -326,6 +326,25 @@ def test_block_mask_holds_the_layout_and_its_transpose(causal):
     assert padded.full_kv_num_blocks is None and padded.full_q_indices is None
     assert torch.equal(grid(padded.kv_num_blocks, padded.kv_indices), active)
     assert torch.equal(grid(padded.q_num_blocks, padded.q_indices), active.transpose(1, 2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_full", [False, True])
+def test_block_mask_repeated_from_its_period_equals_the_direct_one(causal, with_full):
+    plan, n, block = plan_of((8, 24), (2, 3), 5), 240, 4
+    assert layout_period(plan, n, block) == 24
+    direct = block_mask_from_layout(residue_layout(plan, n, block, causal),
+                                    residue_layout(plan, n, block, causal, transposed=True),
+                                    with_full=with_full, device=torch.device("cpu"))
+    repeated = residue_block_mask(plan, n, block, causal, with_full, torch.device("cpu"))
+    for side in ("kv", "full_kv", "q", "full_q"):
+        num, idx = getattr(direct, f"{side}_num_blocks"), getattr(direct, f"{side}_indices")
+        if num is None:
+            assert getattr(repeated, f"{side}_num_blocks") is None
+            continue
+        assert torch.equal(getattr(repeated, f"{side}_num_blocks"), num)
+        used = torch.arange(idx.shape[-1]) < num[..., None]  # slots past a row's count are never read
+        assert torch.equal(getattr(repeated, f"{side}_indices")[used], idx[used])
 
 
 @pytest.mark.parametrize("causal", [False, True])
