@@ -209,7 +209,7 @@ def test_emulated_fused_forward_equals_the_reference(spec, n, causal, padded):
 
 @pytest.mark.parametrize(
     "n, causal, kv_heads, d_v, padded, ordered",
-    [(45, True, 2, 8, True, False), (40, False, 4, 6, False, False), (33, True, 4, 8, False, True)],
+    [(45, True, 2, 8, True, False), (40, False, 4, 6, False, False), (33, True, 4, 8, True, True)],
 )
 def test_gradients_through_gathers_and_mods(n, causal, kv_heads, d_v, padded, ordered):
     segments, rates, heads = (8, 16, 12), (1, 2, 3), 4
@@ -221,7 +221,8 @@ def test_gradients_through_gathers_and_mods(n, causal, kv_heads, d_v, padded, or
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         if fused and ordered:
             xo = [to_residue_order(t, modulus) for t in x]
-            out = from_residue_order(emulated(*xo, plan, is_causal=causal, ordered=True), modulus)
+            pad_o = None if pad is None else to_residue_order(pad, modulus)
+            out = from_residue_order(emulated(*xo, plan, is_causal=causal, key_padding_mask=pad_o, ordered=True), modulus)
         elif fused:
             out = emulated(*x, plan, is_causal=causal, key_padding_mask=pad)
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -69,7 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tools/results/residue.json")
     parser.add_argument("--max-log2", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared host)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     plan = DilatedPlan.from_pattern(generate(DilatedSpec(SEGMENTS, RATES, HEADS)))
     modulus = residue_modulus(RATES)
     rows = []
@@ -106,7 +109,8 @@ def main() -> None:
         "spec": {"segment_lengths": SEGMENTS, "dilation_rates": RATES, "num_heads": HEADS, "block_size": BLOCK},
         "host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "note": "cold, one run each, on a shared 2-core host: times are upper bounds",
+        "load_average": os.getloadavg(),
+        "note": "cold, best of three; on a shared host the times are upper bounds",
         "rows": rows,
     }
     with open(args.out, "w") as f:
