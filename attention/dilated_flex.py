@@ -268,8 +268,13 @@ def _compiled() -> Callable:
 
 def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:
     check_attention_inputs(q, k, k, key_padding_mask)  # v apart: its head_dim may differ
-    if not isinstance(v, Tensor) or v.dim() != 4 or v.shape[:3] != k.shape[:3] or v.dtype != k.dtype or v.device != k.device:
-        raise ValueError(f"v must be (batch, kv_len, kv_heads, head_dim_v) with k's dtype and device; got {tuple(v.shape)}")
+    if not isinstance(v, Tensor):
+        raise ValueError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3] or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(
+            f"v must be (batch, kv_len, kv_heads, head_dim_v) with k's dtype and device; got {tuple(v.shape)} "
+            f"{v.dtype} on {v.device}, k {tuple(k.shape)} {k.dtype} on {k.device}"
+        )
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"the fused dilated path needs q_len == kv_len, got q_len={q.shape[1]}, kv_len={k.shape[1]}; "

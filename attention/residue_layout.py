@@ -21,8 +21,11 @@ n)``, the block divides ``s / R`` and ``n / R``), conservative otherwise (a
 block covered only by the union of several products stays partial, which is
 correct, only slower).
 
-Cost: the pieces' products per segment, one sort of them per distinct head
-signature. Kept per process (``functools.lru_cache``, ``LAYOUTS_KEPT``
+Cost: the pieces' products per segment and one sort of them per distinct
+head signature, at the layout's period when it has one (``layout_period``:
+``L = lcm(R, segments)`` divides n and ``L / R`` is a multiple of the block;
+positions shifted by L keep their segments, classes and causality, so n's
+layout is L's repeated along the diagonal: copies only). Kept per process (``functools.lru_cache``, ``LAYOUTS_KEPT``
 entries), not in the pattern store: the layout is a function of a few dozen
 ints, built in about the time reading its CSR from disk would take, and the
 flex BlockMask built from it lives on a device in one process anyway
