@@ -1,0 +1,328 @@
+"""Dilated attention as ONE ``flex_attention`` call over the residue-ordered sequence.
+
+The function is docs/design.md section 2.1's ``softmax(S + log M) @ V``. In
+residue order (``attention.residue``) the ``M > 0`` mask is block-sparse
+(``attention.residue_layout``), so one compiled flex call computes it:
+
+- gather q, k, v into residue order (one ``index_select`` each, the index
+  computed by arithmetic inside the compiled region, no permutation tensor);
+- ``flex_attention`` with the BlockMask of the layout; ``mask_mod`` keeps
+  ``M > 0`` (plus ``key <= query`` on the ORIGINAL positions when causal, and
+  not-padded keys), ``score_mod`` adds ``log M``. Both recount M from the
+  plan's ints (compile-time constants): per branch a segment compare and a
+  residue compare, no tensor beyond the caller's padding mask;
+- gather the output back to natural order.
+
+Grouped-query attention goes through flex's ``enable_gqa`` (k, v are never
+repeated). ``ordered=True`` takes q, k, v, the padding mask and returns the
+output already in residue order (no gathers): a model that keeps its
+activations in that order pays for the permutation once, not per layer, and
+gives RoPE the ids ``attention.residue.residue_order(n, R)``.
+
+Limits, each a clear ValueError before any work: ``q_len == kv_len`` (decode
+and chunked prefill belong to the per-branch path
+``attention.dilated.dilated_attention``, whose strided views cost a query row
+exactly the keys it attends, with no n-dependent reordering of the cache);
+``block_size`` a multiple of ``attention.sparse.FLEX_MIN_BLOCK``; on the CPU,
+flex compiles the forward only and for float32 and half types, so a CPU call
+that needs gradients is refused (the per-branch path serves it). Dropout is
+not offered (flex has none).
+
+Compile: ``torch.compile(fullgraph=True)`` of the gather, flex and the output
+gather, one graph per (plan, causal, padded, ordered, GQA) and shape; the
+BlockMask is built eagerly from the per-process layout cache and kept per
+(plan, length, block, causal, padded, device) in a bounded cache, so no
+store, lock or device copy happens in the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .dilated import DilatedPlan
+from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
+from .residue import residue_index, residue_modulus, residue_position
+from .residue_layout import ResidueLayout, check_plan, layout_period, residue_layout
+from .sparse import FLEX_MIN_BLOCK, flex_tiles
+
+__all__ = [
+    "FUSED_BLOCK",
+    "Branches",
+    "dilated_flex_attention",
+    "flex_forward",
+    "plan_branches",
+    "residue_block_mask",
+    "block_mask_from_layout",
+    "fused_forward",
+    "residue_mods",
+]
+
+# Block of the layout and of flex's tiles by default: flex's own largest tile
+# (FLEX_DEFAULT_TILE in attention.sparse).
+FUSED_BLOCK = 128
+# BlockMasks kept per process: at 1M tokens (benchmark spec, 16 heads, block
+# 128) one holds about 40 MB of index arrays.
+_MASKS_KEPT = 8
+
+# One branch as the mods use it: (segment w, rate r, ((head_start, head_stop, offset), ...)).
+Branches = tuple[tuple[int, int, tuple[tuple[int, int, int], ...]], ...]
+
+
+def plan_branches(plan: DilatedPlan) -> Branches:
+    """The plan's groups regrouped by branch: what the mods unroll."""
+    out: dict[int, list] = {}
+    for g in plan.groups:
+        out.setdefault(g.branch, [g.segment, g.rate, []])[2].append((g.head_start, g.head_stop, g.offset))
+    return tuple((w, r, tuple(heads)) for w, r, heads in out.values())
+
+
+def _multiplicity(branches: Branches, seq_len: int, h: Tensor, pq: Tensor, pk: Tensor) -> Tensor:
+    """M: how many branches select (query position ``pq``, key position
+    ``pk``) on head ``h``. A selected position has ``p mod s = offset (mod
+    rate)``, and the offset is below the rate, so two positions of one
+    segment are a pair of the branch iff their in-segment residues agree and
+    equal the head's offset."""
+    count = None
+    for w, r, heads in branches:
+        s = min(w, seq_len)
+        offset = h * 0 - 1  # the head's offset in this branch, -1 where the branch skips it
+        for start, stop, o in heads:
+            offset = torch.where((h >= start) & (h < stop), o, offset)
+        if s >= seq_len:  # one segment: no segment compare
+            rq, rk, same = pq % r, pk % r, None
+        else:
+            rq, rk = pq % s % r, pk % s % r
+            same = pq // s == pk // s
+        hit = (rq == offset) & (rk == rq) if r > 1 else (offset == 0) & (pk >= 0)
+        if same is not None:
+            hit = hit & same
+        count = hit.to(torch.int32) if count is None else count + hit.to(torch.int32)
+    return count
+
+
+def residue_mods(
+    branches: Branches, seq_len: int, modulus: int, is_causal: bool, key_padding_mask: Optional[Tensor],
+    ordered: bool,
+) -> tuple[Callable, Callable]:
+    """(score_mod, mask_mod) of flex over the residue-ordered sequence: indices
+    are residue-order indices, turned into positions by arithmetic.
+    ``key_padding_mask``: (batch, n) bool, in residue order when ``ordered``."""
+
+    def positions(q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, Tensor]:
+        return residue_position(q_idx, seq_len, modulus), residue_position(kv_idx, seq_len, modulus)
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        pq, pk = positions(q_idx, kv_idx)
+        return score + _multiplicity(branches, seq_len, h, pq, pk).to(score.dtype).log()
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        pq, pk = positions(q_idx, kv_idx)
+        keep = _multiplicity(branches, seq_len, h, pq, pk) > 0
+        if is_causal:
+            keep = keep & (pk <= pq)
+        if key_padding_mask is not None:
+            keep = keep & ~key_padding_mask[b, kv_idx if ordered else pk]
+        return keep
+
+    return score_mod, mask_mod
+
+
+# ------------------------------------------------------------- block masks
+def _padded(counts: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """(counts, indices (rows, width)) int32 of CSR rows: each row's entries
+    then zeros, width the longest row (at least 1); one masked scatter."""
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    dense = torch.zeros(counts.numel(), width, dtype=torch.int32)
+    dense.masked_scatter_(torch.arange(width) < counts[:, None], cols.to(torch.int32))
+    return counts.to(torch.int32), dense
+
+
+def _row_sums(flags: Tensor, counts: Tensor) -> Tensor:
+    """Per CSR row (``counts`` entries each), how many of its ``flags`` are set."""
+    running = torch.zeros(flags.numel() + 1, dtype=torch.long)
+    running[1:] = flags.cumsum(0)
+    ends = counts.cumsum(0)
+    return running[ends] - running[ends - counts]
+
+
+def _sides(layout: ResidueLayout, with_full: bool) -> list[tuple[Tensor, Tensor]]:
+    """(counts (1, H, nb), indices (1, H, nb, width)) of a layout's partial
+    blocks and, with ``with_full``, of its full blocks apart (else all partial)."""
+    heads, nb = layout.kv_num_blocks.shape
+    counts = layout.kv_num_blocks.flatten().long()
+    if with_full:
+        parts = [(_row_sums(pick, counts), layout.kv_indices[pick]) for pick in (~layout.full, layout.full)]
+    else:
+        parts = [(counts, layout.kv_indices)]
+    out = []
+    for part_counts, cols in parts:
+        num, indices = _padded(part_counts, cols)
+        out.append((num.view(1, heads, nb), indices.view(1, heads, nb, -1)))
+    return out
+
+
+def block_mask_from_layout(
+    layout: ResidueLayout, transposed: ResidueLayout, *, with_full: bool, device: torch.device
+) -> BlockMask:
+    """The flex BlockMask (mask_mod: none; ``fused_forward`` attaches its own)
+    of a layout and its transpose (flex's q-side arrays, which its backward
+    reads): the partial blocks, and with ``with_full`` the full blocks apart
+    (flex skips their mask_mod); without, every block is partial (a padding
+    mask must reach every block). Index arrays are as wide as the longest
+    row, not nb: at 1M tokens nb wide would be 4 GiB. This is the one
+    function that turns CSR into a BlockMask here."""
+    kv, q = _sides(layout, with_full), _sides(transposed, with_full)
+    if not with_full:
+        kv, q = kv + [(None, None)], q + [(None, None)]
+    arrays = [None if x is None else x.to(device) for pair in (kv[0], kv[1], q[0], q[1]) for x in pair]
+    return BlockMask((layout.seq_len, layout.seq_len), *arrays, BLOCK_SIZE=(layout.block_size, layout.block_size))
+
+
+def _repeat(base: BlockMask, seq_len: int, modulus: int) -> BlockMask:
+    """The BlockMask at ``seq_len`` from the one at its layout period
+    (``attention.residue_layout.layout_period``): every class's rows repeated
+    along the diagonal, their block indices shifted in every class. Padding
+    slots (zeros past a row's count) stay valid indices and are never read."""
+    heads, base_nb = base.kv_num_blocks.shape[1:]
+    steps = base_nb // modulus
+    copies = seq_len // base.seq_lengths[0]
+
+    def counts(x: Optional[Tensor]) -> Optional[Tensor]:
+        if x is None:
+            return None
+        return x.view(1, heads, modulus, 1, steps).expand(1, heads, modulus, copies, steps).reshape(1, heads, -1)
+
+    def indices(x: Optional[Tensor]) -> Optional[Tensor]:
+        if x is None:
+            return None
+        shift = (torch.arange(copies, dtype=x.dtype, device=x.device) * steps).view(copies, 1, 1)
+        moved = (x // steps * (steps * copies) + x % steps).view(1, heads, modulus, 1, steps, -1)
+        return (moved + shift).reshape(1, heads, modulus * copies * steps, -1)
+
+    arrays = [base.kv_num_blocks, base.kv_indices, base.full_kv_num_blocks, base.full_kv_indices,
+              base.q_num_blocks, base.q_indices, base.full_q_num_blocks, base.full_q_indices]
+    arrays = [counts(x) if i % 2 == 0 else indices(x) for i, x in enumerate(arrays)]
+    return BlockMask((seq_len, seq_len), *arrays, BLOCK_SIZE=base.BLOCK_SIZE)
+
+
+@functools.lru_cache(maxsize=_MASKS_KEPT)
+def residue_block_mask(
+    plan: DilatedPlan, seq_len: int, block_size: int, is_causal: bool, with_full: bool, device: torch.device
+) -> BlockMask:
+    """``block_mask_from_layout`` of ``residue_layout(...)`` on ``device``,
+    kept per process (bounded). Where the layout repeats with a period, the
+    BlockMask of one period is built and repeated on the device (measured
+    at 1M tokens: the layout's CSR and the BlockMask from it cost about 10x
+    the repeat; tools/results/residue.json)."""
+    period = layout_period(plan, seq_len, block_size)
+    length = period or seq_len
+    layout = residue_layout(plan, length, block_size, is_causal)
+    transposed = residue_layout(plan, length, block_size, is_causal, transposed=True)
+    mask = block_mask_from_layout(layout, transposed, with_full=with_full, device=device)
+    return _repeat(mask, seq_len, residue_modulus(g.rate for g in plan.groups)) if period else mask
+
+
+# ----------------------------------------------------------- the forward
+def fused_forward(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, key_padding_mask: Optional[Tensor],
+    branches: Branches, modulus: int, is_causal: bool, scale: float, ordered: bool,
+    attend: Callable = flex_attention, kernel_options: Optional[dict] = None,
+) -> Tensor:
+    """The fused path after the checks, what is compiled: gathers, one
+    ``attend`` (flex_attention's signature) call, gather back. q ``(B, n, H,
+    d)``, k ``(B, n, H_kv, d)``, v ``(B, n, H_kv, d_v)`` -> ``(B, n, H, d_v)``."""
+    n = q.shape[1]
+    if not ordered:
+        order = residue_position(torch.arange(n, device=q.device), n, modulus)
+        q, k, v = (x.index_select(1, order) for x in (q, k, v))
+    score_mod, mask_mod = residue_mods(branches, n, modulus, is_causal, key_padding_mask, ordered)
+    mask = BlockMask(
+        block_mask.seq_lengths, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
+        block_mask.full_q_indices, BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=mask_mod,
+    )
+    out = attend(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=mask,
+        scale=scale, enable_gqa=q.shape[2] != k.shape[2], kernel_options=kernel_options,
+    ).transpose(1, 2)  # (B, n, H, d_v) in residue order
+    if not ordered:
+        out = out.index_select(1, residue_index(torch.arange(n, device=q.device), n, modulus))
+    return out
+
+
+@functools.cache
+def _compiled() -> Callable:
+    """``fused_forward`` compiled once per process (its graphs are keyed by
+    dynamo's guards on the plan's ints, flags and shapes). torch's default
+    for shapes: static at first, one dynamic graph once a second length
+    comes. flex takes a dynamic length: with ``dynamic=True`` one CPU compile
+    served lengths 40, 56, 72 and 88 (exact to 4e-7; guards remain on which
+    segments are shorter than n)."""
+    return torch.compile(fused_forward, fullgraph=True)
+
+
+def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:
+    check_attention_inputs(q, k, k, key_padding_mask)  # v apart: its head_dim may differ
+    if not isinstance(v, Tensor):
+        raise ValueError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3] or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(
+            f"v must be (batch, kv_len, kv_heads, head_dim_v) with k's dtype and device; got {tuple(v.shape)} "
+            f"{v.dtype} on {v.device}, k {tuple(k.shape)} {k.dtype} on {k.device}"
+        )
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"the fused dilated path needs q_len == kv_len, got q_len={q.shape[1]}, kv_len={k.shape[1]}; "
+            "decode and chunked prefill take the per-branch path (attention.dilated.dilated_attention), "
+            "which costs a query row the keys it attends"
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size % FLEX_MIN_BLOCK:
+        raise ValueError(f"block_size must be a positive multiple of {FLEX_MIN_BLOCK}, got {block_size!r}")
+    if q.device.type == "cpu":
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"on the CPU flex_attention takes float32, float16 or bfloat16, got dtype {q.dtype}")
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise ValueError(
+                "flex_attention has no CPU backward: for gradients on the CPU use the per-branch path "
+                "(attention.dilated.dilated_attention), or run under torch.no_grad()"
+            )
+
+
+def dilated_flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, *, is_causal: bool = False, scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None, ordered: bool = False, block_size: int = FUSED_BLOCK,
+) -> Tensor:
+    """Dilated attention (the function of ``attention.dilated.dilated_attention``)
+    as one compiled flex call. q ``(B, n, H, d)``, k ``(B, n, H_kv, d)``, v
+    ``(B, n, H_kv, d_v)``, ``key_padding_mask`` ``(B, n)`` bool (True =
+    padding) -> ``(B, n, H, d_v)``. ``ordered``: every (B, n, ...) tensor in and
+    out is in residue order (``attention.residue.to_residue_order`` with
+    ``residue_modulus`` of the plan's rates)."""
+    _check_fused_inputs(q, k, v, key_padding_mask, block_size)
+    check_plan(plan)
+    if plan.num_heads != q.shape[2]:
+        raise ValueError(f"plan is for num_heads={plan.num_heads}; q has num_heads={q.shape[2]}")
+    is_causal = check_is_causal(is_causal)
+    if not isinstance(ordered, bool):
+        raise ValueError(f"ordered must be True or False, got {ordered!r}")
+    scale = default_scale(q, check_softmax_scale(scale))
+    n = q.shape[1]
+    mask = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device)
+    modulus = residue_modulus(g.rate for g in plan.groups)
+    return _compiled()(
+        q, k, v, mask, key_padding_mask, plan_branches(plan), modulus, is_causal, scale, ordered,
+        kernel_options=flex_tiles(block_size) or None,
+    )
+
+
+def flex_forward(
+    q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, *, is_causal: bool, scale: Optional[float],
+    key_padding_mask: Optional[Tensor],
+) -> Tensor:
+    """``dilated_flex_attention`` in the implementation registry's shape."""
+    return dilated_flex_attention(q, k, v, plan, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
