@@ -556,3 +556,14 @@ def test_import_refuses_a_resealed_doctored_entry_unless_trusted(seeded, tmp_pat
     assert code == 0 and json.loads(out)["imported"] == len(ALL_SPECS)  # trusted: taken as it is
     store = PatternStore(target, max_entries=0)
     assert torch.equal(store.get(ALL_SPECS[2])["kv_indices"], wrong["kv_indices"])
+
+
+def test_deepspeed_flags_on_kinds_whose_heads_never_differ_through_the_cli(tmp_path, capsys):
+    texts = [f"{kind}:seq_len=256:block_size=16:num_heads=4:different_layout_per_head=true"
+             for kind in ("dense", "bslongformer")]
+    code, out, err = in_process(capsys, "--dir", str(tmp_path), "--json", "precompute",
+                                *[a for t in texts for a in ("--spec", t)])
+    assert code == 0 and json.loads(out)["generated"] == 2, err
+    for text in texts:
+        code, out, _ = in_process(capsys, "--dir", str(tmp_path), "--json", "info", text)
+        assert code == 0 and json.loads(out)["arrays"]["kv_num_blocks"]["shape"] == [1, 16]  # one shared layout
