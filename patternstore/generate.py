@@ -43,7 +43,8 @@ def dilated_head_groups(spec: DilatedSpec) -> list[tuple[int, int, int, int]]:
     if spec.scheme == "longnet":
         for branch, rate in enumerate(spec.dilation_rates):
             g = -(-h // rate)
-            groups += [(branch, o, o * g, min(o * g + g, h)) for o in range(rate) if o * g < h]
+            # o * g < h with g >= 1 implies o < h: bounded by the heads, not the rate (up to 2^31 - 1)
+            groups += [(branch, o, o * g, min(o * g + g, h)) for o in range(min(rate, h)) if o * g < h]
     else:
         sizes = [h // k + (1 if i < h % k else 0) for i in range(k)]
         start = 0
