@@ -315,13 +315,17 @@ def _attend_backward_op(
     grad: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
     module_key: str, is_causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact gradients by running the eager forward again under autograd
-    (the op's forward keeps nothing): one more forward per backward."""
-    inputs = [x.detach().requires_grad_() for x in (query, key, value)]
-    with torch.enable_grad():
-        out = attend_padded(_op_module(module_key), *inputs, attention_mask, is_causal)
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(inputs, grads))
+    """Exact gradients by running the eager forward again under
+    ``torch.func.vjp`` (the op's forward keeps nothing): one more forward per
+    backward. (Plain autograd records nothing inside an op's implementation,
+    which runs below the autograd dispatch key; torch.func pushes its own.)"""
+    attention = _op_module(module_key)
+
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attend_padded(attention, q, k, v, attention_mask, is_causal)
+
+    _, vjp = torch.func.vjp(forward, query, key, value)
+    return tuple(g.contiguous() for g in vjp(grad))
 
 
 @_attend_backward_op.register_fake
