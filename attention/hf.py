@@ -73,7 +73,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from patternstore.store import PatternStore
 
 from .dilated import ImprovedDilatedAttention
-from .hf_padding import attend_padded, check_mask, padding_mask
+from .hf_padding import attend_padded, check_config, check_mask, padding_mask
 from .kernels import check_dropout, check_softmax_scale
 from .sparse import BlockSparseAttention
 
@@ -188,30 +188,6 @@ def _warning_when_settings_unused(mask_function: Callable) -> Callable:
 
     setattr(checked, _WRAPPED, True)
     return checked
-
-
-# Config attributes that switch a layer to sliding-window attention:
-# Mistral's ``sliding_window`` (4096 by default), Qwen2's (kept only with
-# ``use_sliding_window``), Gemma2/3's alternating layers.
-_SLIDING = ("sliding_window", "sliding_window_size", "attention_window")
-
-
-def check_config(config: Any) -> None:
-    """ValueError naming sliding-window attention when the config asks for it."""
-    for name in _SLIDING:
-        window = getattr(config, name, None)
-        if window is not None and window is not False:
-            raise ValueError(
-                f"patternstore attention does not support sliding-window attention: config.{name}={window!r} "
-                "(a sliding-window model such as Mistral, Qwen2 with use_sliding_window or Gemma2/3); use a "
-                f"config with {name}=None or another attn_implementation"
-            )
-    layer_types = getattr(config, "layer_types", None) or ()
-    if any("sliding" in str(kind) for kind in layer_types):
-        raise ValueError(
-            "patternstore attention does not support sliding-window attention: config.layer_types has "
-            "sliding-attention layers"
-        )
 
 
 # ------------------------------------------------------- attention functions

@@ -1,6 +1,7 @@
 """Padding for the Hugging Face integration (``attention.hf``): the mask
-function registered with ``transformers.AttentionMaskInterface`` and the
-core that runs an attention module over a padded batch.
+function registered with ``transformers.AttentionMaskInterface``, the
+checks of what a model asks for (sliding window, mask forms) and the core
+that runs an attention module over a padded batch.
 
 The mask never is a ``q_len x kv_len`` tensor. It has two forms:
 - eager: ``(batch, 1, 1, filled)`` bool, True = a real token, where
@@ -32,7 +33,27 @@ from torch import Tensor, nn
 
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
-__all__ = ["RowLayout", "padding_mask", "attend_padded"]
+__all__ = ["RowLayout", "padding_mask", "attend_padded", "check_config", "check_mask"]
+
+def check_config(config: Any) -> None:
+    """ValueError naming sliding-window attention when the config asks for
+    it: a non-None ``sliding_window`` (Mistral's default 4096, Qwen2's when
+    ``use_sliding_window``, Gemma2/3) or sliding ``layer_types``. Runs first
+    in the mask function, before transformers' sliding mask function would
+    be refused for another reason."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None:
+        raise ValueError(
+            f"patternstore attention does not support sliding-window attention: config.sliding_window={window!r} "
+            "(a sliding-window model such as Mistral, Qwen2 with use_sliding_window or Gemma2/3); use a "
+            "config with sliding_window=None or another attn_implementation"
+        )
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any("sliding" in str(kind) for kind in layer_types):
+        raise ValueError(
+            "patternstore attention does not support sliding-window attention: config.layer_types has "
+            "sliding-attention layers"
+        )
 
 
 class RowLayout(NamedTuple):
@@ -74,6 +95,7 @@ def padding_mask(
     module docstring gives its two forms). Older transformers pass
     ``cache_position`` instead of ``q_length`` and ``q_offset``; both are
     understood."""
+    check_config(kwargs.get("config"))
     if cache_position is not None:
         q_length, q_offset = cache_position.shape[-1], cache_position[..., 0]
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
