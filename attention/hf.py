@@ -135,9 +135,10 @@ def register(store: Optional[PatternStore] = None) -> None:
     AttentionInterface.register(SPARSE, sparse_attention_forward)
     AttentionMaskInterface.register(DILATED, padding_mask)
     AttentionMaskInterface.register(SPARSE, padding_mask)
-    for name, mask_function in list(AttentionMaskInterface._global_mapping.items()):
-        if name not in (DILATED, SPARSE) and not hasattr(mask_function, _WRAPPED):
-            AttentionMaskInterface.register(name, _warning_when_settings_unused(mask_function))
+    masks = AttentionMaskInterface()
+    for name in masks.valid_keys():
+        if name not in (DILATED, SPARSE) and not hasattr(masks[name], _WRAPPED):
+            AttentionMaskInterface.register(name, _warning_when_settings_unused(masks[name]))
 
 
 # ------------------------------------------------- persistence and checks
@@ -146,9 +147,11 @@ def register(store: Optional[PatternStore] = None) -> None:
 # ``attn_implementation`` is restored by a plain ``from_pretrained``: the
 # config's __init__ takes it as the ``attn_implementation`` argument. So the
 # first eager call of a layer records it as that instance attribute, which
-# ``save_pretrained`` writes. Limit: a model saved before any forward, or
-# switched with ``set_attn_implementation`` after one, carries what it last
-# ran through this module (the warning below covers the first case).
+# ``save_pretrained`` writes. Limits: a model saved before its first eager
+# forward (built, or loaded, and saved at once; or run only compiled) does
+# not carry it, and the warning below names the argument on reload; one
+# switched with ``set_attn_implementation`` after a forward carries what it
+# last ran through this module.
 _WRAPPED = "_patternstore_wrapped"
 _warned: set[int] = set()
 
@@ -233,7 +236,8 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
                 f"attn_implementation={impl!r} under torch.compile runs without attention dropout; "
                 f"got dropout={dropout} (set the config's attention_dropout to 0 or train eagerly)"
             )
-        module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout)
+        heads = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1])
+        module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal)
         return torch.ops.patternstore_hf.attend(query, key, value, attention_mask, module_key, is_causal)
     _remember_implementation(config, impl)
     attention = _attention_module(impl, settings, scaling, dropout)
@@ -253,11 +257,21 @@ _op_modules: dict[str, nn.Module] = {}
 
 
 @torch.compiler.assume_constant_result
-def _traced_module_key(impl: str, frozen_settings: tuple, scaling: Optional[float], dropout: float) -> str:
-    """The op's key for these settings, with the module built and kept."""
+def _traced_module_key(
+    impl: str, frozen_settings: tuple, scaling: Optional[float], dropout: float,
+    heads: tuple[int, int, int, int], is_causal: bool,
+) -> str:
+    """The op's key for these settings, with the module built and kept and
+    its pattern looked up for ``heads`` = (heads, kv_heads, head_dim,
+    v_head_dim): one call on meta tensors (no compute), so the op's first
+    run finds the plan in the module's cache instead of the store."""
     key = json.dumps([impl, frozen_settings, scaling, dropout])
-    if key not in _op_modules:
-        _op_modules[key] = _attention_module(impl, dict(frozen_settings), scaling, dropout)
+    attention = _op_modules.get(key)
+    if attention is None:
+        attention = _op_modules[key] = _attention_module(impl, dict(frozen_settings), scaling, dropout)
+    count, kv_count, head_dim, v_head_dim = heads
+    q = torch.empty(1, 1, count, head_dim, device="meta")
+    attention(q, q.new_empty(1, 1, kv_count, head_dim), q.new_empty(1, 1, kv_count, v_head_dim), is_causal=is_causal)
     return key
 
 
