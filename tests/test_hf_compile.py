@@ -3,8 +3,10 @@ transformers Llama with each patternstore implementation: a padded prefill
 into a static cache and a decode step equal the eager model, and a new
 padding pattern at the same shapes runs without a recompile (the padded
 row still gets what it gets alone); a compiled training step with padding
-has the eager gradients. Each test compiles a prefill and a decode graph
-(about 20 s each with inductor on a quiet CPU), so there are few."""
+has the eager gradients; an exported program with dynamic batch and length
+runs other shapes and paddings as eager. A compile test compiles a prefill
+and a decode graph (about 20 s each with inductor on a quiet CPU), so there
+are few."""
 
 from __future__ import annotations
 
@@ -113,3 +115,25 @@ def test_a_compiled_training_step_with_padding_has_the_eager_gradients(fresh_dyn
     got = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+@torch.no_grad()
+def test_export_with_dynamic_batch_and_length_runs_other_shapes_and_paddings_as_eager(fresh_dynamo):
+    wrapped = Logits(tiny_llama(*PATTERNS["dilated"], layers=1))
+    ids, mask = left_padded([0, 4], seed=9)
+    batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("length", min=2, max=64)
+    program = torch.export.export(wrapped, (ids, mask), dynamic_shapes=({0: batch, 1: length},) * 2).module()
+    hf.register()  # the exported op finds its module again after the cache is emptied
+    ids, mask = left_padded([2, 0, 7], seed=10)
+    ids, mask = ids[:, :11], mask[:, :11]
+    real = mask.bool()
+    torch.testing.assert_close(program(ids, mask)[real], wrapped(ids, mask)[real], rtol=0, atol=1e-5)
