@@ -26,12 +26,15 @@ Guarantees:
   mask.
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
   one opaque custom op (``patternstore_hf::attend``, with a backward that
-  recomputes the forward). Modules are built, and patterns looked up, at
-  trace time; the graph holds no lock, store lookup or module construction,
-  and depends on shapes only, so a new padding pattern or static-cache step
-  does not recompile. Limits: the op syncs with the host once per layer
-  when it is given a mask (the row layout), so it cannot be captured in a
-  CUDA graph; attention dropout is refused under compile.
+  recomputes the forward). Modules are built at trace time, and a dilated
+  plan (length-free) is looked up then too; the graph holds no lock, store
+  lookup or module construction, and depends on shapes only, so a new
+  padding pattern or static-cache step does not recompile. Limits: a sparse
+  layout depends on the length, so the module looks up each new length on
+  the op's first run at it (then from its cache), as in eager use; the op
+  syncs with the host once per layer when it is given a mask (the row
+  layout), so it cannot be captured in a CUDA graph; attention dropout is
+  refused under compile.
 - Saved models keep their attention: the first eager forward records
   ``config.attn_implementation``, which ``save_pretrained`` writes and a plain
   ``from_pretrained`` restores (after ``register()``). A config that carries
