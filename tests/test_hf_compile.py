@@ -101,6 +101,24 @@ def test_fullgraph_compile_of_the_model_equals_eager_and_padding_never_recompile
         torch.testing.assert_close(got_step[row], alone_step[0], rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_the_traced_graph_holds_one_opaque_op_per_layer_and_no_other_patternstore_call(fresh_dynamo):
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = tiny_llama(*PATTERNS["dilated"], layers=2)
+    hf.register()  # cold: the modules are built while tracing, outside the graph
+    ids, mask = left_padded([0, 4], seed=11)
+    torch.compile(model, fullgraph=True, backend=recording_backend)(input_ids=ids, attention_mask=mask, use_cache=False)
+    (graph,) = graphs
+    ours = [str(node.target) for node in graph.graph.nodes if "patternstore" in str(node.target)]
+    assert ours == ["patternstore_hf.attend"] * 2, ours  # one per layer: the modules run inside it
+    assert not [node for node in graph.graph.nodes if node.op == "call_module"]
+
+
 def test_a_compiled_training_step_with_padding_has_the_eager_gradients(fresh_dynamo):
     model = tiny_llama(*PATTERNS["dilated"], layers=1).train()
     ids, mask = left_padded([0, 3], seed=8)
