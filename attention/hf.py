@@ -15,23 +15,33 @@ Guarantees:
   ``kv_heads`` dividing ``heads`` (grouped-query attention), the whole cache.
   They reach the attention modules as ``.transpose(1, 2)`` views and slices
   of the cache: no transposing copy, no repeated keys. The result is
-  ``(batch, q_len, heads, head_dim)``.
+  ``(batch, q_len, heads, head_dim_v)``; the value head_dim may differ from
+  the query/key one (multi-head latent attention) where the module takes it.
 - Queries may be fewer than keys (a decode step, chunked prefill): query row
   ``i`` is position ``kv_len - q_len + i`` (bottom-right aligned), so a cached
   step computes exactly the rows of the full-sequence forward.
-- The mask function never builds a ``q_len x kv_len`` mask. It returns a
-  ``(batch, 1, 1, filled)`` bool tensor, True = a real token, where ``filled``
-  is how many cache rows hold tokens (a static cache is longer). As a 4-D
-  tensor it passes through ``create_causal_mask`` and ``generate``'s mask
-  preparation unchanged.
-- Padding from the 2-D ``attention_mask``. Each batch row's pattern starts at
-  its first real token (left padding, as ``generate`` pads), so a padded
-  batch gives each sequence exactly what it gets alone. Cost: one module call
-  per run of consecutive batch rows with the same amount of left padding
-  (one call for an unpadded batch), each on views of its rows; padding after
-  a row's first real token is passed on as ``key_padding_mask``.
+- Padding from the 2-D ``attention_mask`` (``attention.hf_padding``): each
+  batch row's pattern starts at its first real token, so a padded batch
+  gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
+  mask.
+- ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
+  one opaque custom op (``patternstore_hf::attend``, with a backward that
+  recomputes the forward). Modules are built at trace time, and a dilated
+  plan (length-free) is looked up then too; the graph holds no lock, store
+  lookup or module construction, and depends on shapes only, so a new
+  padding pattern or static-cache step does not recompile. Limits: a sparse
+  layout depends on the length, so the module looks up each new length on
+  the op's first run at it (then from its cache), as in eager use; the op
+  syncs with the host once per layer when it is given a mask (the row
+  layout), so it cannot be captured in a CUDA graph; attention dropout is
+  refused under compile.
+- Saved models keep their attention: the first eager forward records
+  ``config.attn_implementation``, which ``save_pretrained`` writes and a plain
+  ``from_pretrained`` restores (after ``register()``). A config that carries
+  ``patternstore_attention`` but runs another implementation warns once.
 - Unsupported arguments raise ``ValueError`` instead of being ignored:
   packed sequences (a mask function other than causal or bidirectional),
+  sliding-window configs (``sliding_window`` set, sliding ``layer_types``),
   sliding-window or chunked caches, ``sliding_window``, ``softcap``,
   attention sinks, ``position_bias``, ``output_attentions=True``, a 4-D mask
   of another shape, additive float masks.
@@ -45,20 +55,19 @@ attention`` never imports this module.
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
+import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 try:
     from transformers import AttentionInterface
-    from transformers.masking_utils import (
-        AttentionMaskInterface,
-        bidirectional_mask_function,
-        causal_mask_function,
-    )
+    from transformers.masking_utils import AttentionMaskInterface
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "attention.hf needs transformers >= 5 (pip install 'patternstore[hf]')"
@@ -67,6 +76,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from patternstore.store import PatternStore
 
 from .dilated import ImprovedDilatedAttention
+from .hf_padding import attend_padded, check_config, check_mask, padding_mask
 from .kernels import check_dropout, check_softmax_scale
 from .sparse import BlockSparseAttention
 
@@ -78,6 +88,8 @@ __all__ = [
     "dilated_attention_forward",
     "sparse_attention_forward",
     "padding_mask",
+    "check_config",
+    "implementation_for",
 ]
 
 DILATED = "patternstore_dilated"
@@ -109,124 +121,79 @@ def register(store: Optional[PatternStore] = None) -> None:
     """Register ``"patternstore_dilated"`` and ``"patternstore_sparse"``
     (attention and mask functions) with transformers. Patterns come from
     ``store`` (None: ``patternstore.default_store()``). Calling it again
-    replaces the store; modules built for the old one are dropped."""
+    replaces the store; modules built for the old one are dropped.
+
+    It also wraps the mask functions of the implementations registered
+    before it (sdpa, eager, flash, flex) so that a model whose config carries
+    ``patternstore_attention`` but runs one of them warns once, at its first
+    forward, naming the ``attn_implementation`` that restores its attention."""
     global _store
     if store is not None and not isinstance(store, PatternStore):
         raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
     with _modules_lock:
         _store = store
         _modules.clear()
+        _op_modules.clear()
     AttentionInterface.register(DILATED, dilated_attention_forward)
     AttentionInterface.register(SPARSE, sparse_attention_forward)
     AttentionMaskInterface.register(DILATED, padding_mask)
     AttentionMaskInterface.register(SPARSE, padding_mask)
+    masks = AttentionMaskInterface()
+    for name in masks.valid_keys():
+        if name not in (DILATED, SPARSE) and not hasattr(masks[name], _WRAPPED):
+            AttentionMaskInterface.register(name, _warning_when_settings_unused(masks[name]))
 
 
-# ------------------------------------------------------------- mask function
-class RowLayout(NamedTuple):
-    """Where each batch row's tokens are: ``filled`` cache rows hold tokens;
-    row b's first real token is at ``starts[b]`` (``filled`` if none), and
-    ``holes[b]`` says whether padding follows it."""
-
-    filled: int
-    starts: tuple[int, ...]
-    holes: tuple[bool, ...]
-
-
-_LAYOUT_ATTRIBUTE = "_patternstore_row_layout"
-
-
-def _row_layout_of(real: Tensor) -> RowLayout:
-    """``real`` (batch, filled) bool, True = token: one host sync."""
-    filled = real.shape[-1]
-    count = real.sum(-1)
-    first = torch.where(count > 0, real.to(torch.uint8).argmax(-1), filled)
-    holes = count < filled - first
-    starts, gaps = torch.stack((first, holes.to(first.dtype))).tolist()
-    return RowLayout(filled, tuple(starts), tuple(bool(g) for g in gaps))
+# ------------------------------------------------- persistence and checks
+# transformers does not save the attention implementation (config.to_dict
+# drops ``_attn_implementation_internal``), but a config.json key
+# ``attn_implementation`` is restored by a plain ``from_pretrained``: the
+# config's __init__ takes it as the ``attn_implementation`` argument. So the
+# first eager call of a layer records it as that instance attribute, which
+# ``save_pretrained`` writes. Limits: a model saved before its first eager
+# forward (built, or loaded, and saved at once; or run only compiled) does
+# not carry it, and the warning below names the argument on reload; one
+# switched with ``set_attn_implementation`` after a forward carries what it
+# last ran through this module.
+_WRAPPED = "_patternstore_wrapped"
+_warned: set[int] = set()
 
 
-def padding_mask(
-    batch_size: int,
-    q_length: Optional[int] = None,
-    kv_length: Optional[int] = None,
-    q_offset: Any = 0,
-    kv_offset: int = 0,
-    mask_function: Callable = causal_mask_function,
-    attention_mask: Optional[Tensor] = None,
-    device: Any = "cpu",
-    cache_position: Optional[Tensor] = None,
-    **kwargs: Any,
-) -> Tensor:
-    """The ``AttentionMaskInterface`` function of both implementations:
-    ``(batch, 1, 1, filled)`` bool, True = real token, ``filled = q_offset +
-    q_length``. Older transformers pass ``cache_position`` instead of
-    ``q_length`` and ``q_offset``; both are understood."""
-    if cache_position is not None:
-        q_length, q_offset = cache_position.shape[-1], cache_position[..., 0]
-    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
-        raise ValueError(
-            "patternstore attention supports plain causal or bidirectional masks with padding only; "
-            "this model asked for another mask (packed sequences with restarting position_ids, "
-            "block_sequence_ids, or an or/and mask function)"
-        )
-    if kv_offset:
-        raise ValueError(
-            f"patternstore attention needs the whole cache (kv_offset 0); got kv_offset={kv_offset} "
-            "(a sliding-window or chunked cache)"
-        )
-    filled = int(q_offset) + int(q_length)  # a static cache's offset is a tensor: one sync
-    if kv_length is not None and filled > kv_length:
-        raise ValueError(f"q_offset + q_length = {filled} exceeds kv_length = {kv_length}")
-    if attention_mask is None:
-        real = torch.ones(batch_size, filled, dtype=torch.bool, device=device)
-    else:
-        real = _real_tokens(attention_mask, filled)
-    mask = real[:, None, None, :]
-    # Computed once per forward here instead of once per layer in the attention
-    # function (which recomputes it if a copy of the mask lost the attribute).
-    setattr(mask, _LAYOUT_ATTRIBUTE, _row_layout_of(real))
-    return mask
+def _remember_implementation(config: Any, impl: str) -> None:
+    if config is not None and getattr(config, "__dict__", {}).get("attn_implementation") != impl:
+        config.attn_implementation = impl
 
 
-def _real_tokens(attention_mask: Tensor, filled: int) -> Tensor:
-    """A 2-D mask (1 / True = token) as (batch, filled) bool; columns past its
-    end are the new tokens (real)."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be 2-D (batch, kv_len), got shape {tuple(attention_mask.shape)}")
-    if attention_mask.dtype.is_floating_point:
-        raise ValueError("attention_mask must be a 0/1 or bool padding mask, not an additive float mask")
-    real = attention_mask[:, :filled].to(torch.bool)
-    if real.shape[-1] < filled:
-        real = torch.nn.functional.pad(real, (0, filled - real.shape[-1]), value=True)
-    return real
+def implementation_for(settings: Any) -> Optional[str]:
+    """The implementation ``patternstore_attention`` settings are written for
+    (dilated settings name segment lengths, sparse ones a kind), or None."""
+    if isinstance(settings, Mapping):
+        if "segment_lengths" in settings:
+            return DILATED
+        if "kind" in settings:
+            return SPARSE
+    return None
 
 
-def _row_layout(attention_mask: Optional[Tensor], batch: int, kv_len: int) -> tuple[RowLayout, Optional[Tensor]]:
-    """(layout, real tokens (batch, filled) or None) from what the model passed."""
-    if attention_mask is None:
-        return RowLayout(kv_len, (0,) * batch, (False,) * batch), None
-    if not isinstance(attention_mask, Tensor):
-        raise ValueError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
-    if attention_mask.dim() == 4:
-        if attention_mask.shape[1:3] != (1, 1) or attention_mask.dtype != torch.bool:
-            raise ValueError(
-                "patternstore attention takes padding from a 2-D attention_mask (register() installs the mask "
-                f"function that passes it on); got a 4-D {attention_mask.dtype} mask of shape "
-                f"{tuple(attention_mask.shape)}, which it cannot honour"
-            )
-        real = attention_mask[:, 0, 0, :]
-    else:
-        real = _real_tokens(attention_mask, attention_mask.shape[-1])
-    if real.shape[0] not in (1, batch):
-        raise ValueError(f"attention_mask has batch {real.shape[0]}, the query has batch {batch}")
-    if real.shape[-1] > kv_len:
-        raise ValueError(f"attention_mask covers {real.shape[-1]} keys, the cache holds {kv_len}")
-    layout = getattr(attention_mask, _LAYOUT_ATTRIBUTE, None) or _row_layout_of(real)
-    if len(layout.starts) != batch:  # a (1, ...) mask shared by the batch
-        layout = RowLayout(layout.filled, layout.starts * batch, layout.holes * batch)
-        real = real.expand(batch, -1)
-    return layout, real
+def _warning_when_settings_unused(mask_function: Callable) -> Callable:
+    @functools.wraps(mask_function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("config")
+        if config is not None and not torch.compiler.is_compiling() and id(config) not in _warned:
+            wanted = implementation_for(getattr(config, CONFIG_ATTRIBUTE, None))
+            if wanted is not None and getattr(config, "_attn_implementation", None) not in (DILATED, SPARSE):
+                _warned.add(id(config))
+                warnings.warn(
+                    f"this model's config carries {CONFIG_ATTRIBUTE} but runs "
+                    f"attn_implementation={config._attn_implementation!r}, not patternstore attention; "
+                    f"load it with from_pretrained(..., attn_implementation={wanted!r}) (after "
+                    f"attention.hf.register()) to restore it",
+                    UserWarning, stacklevel=2,
+                )
+        return mask_function(*args, **kwargs)
+
+    setattr(checked, _WRAPPED, True)
+    return checked
 
 
 # ------------------------------------------------------- attention functions
@@ -255,55 +222,126 @@ def _check_arguments(kwargs: Mapping[str, Any]) -> None:
 
 
 def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, kwargs) -> Tensor:
+    config = getattr(module, "config", None)
     _check_arguments(kwargs)
+    check_config(config)
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {getattr(x, 'shape', x)}")
-    attention = _attention_module(impl, getattr(module, "config", None), scaling, dropout)
+    check_mask(attention_mask)
+    settings = _settings(impl, config)
+    scaling, dropout = check_softmax_scale(scaling), check_dropout(dropout)  # transformers' scaling is our softmax_scale
     is_causal = kwargs.get("is_causal")
     is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    batch, _, q_len, _ = query.shape
-    layout, real = _row_layout(attention_mask, batch, key.shape[2])
-    if layout.filled < q_len:
-        raise ValueError(f"the mask covers {layout.filled} keys, fewer than the {q_len} queries")
-    # (batch, seq, heads, head_dim) views: the cache's filled rows, untouched.
-    q = query.transpose(1, 2)
-    k = key[:, :, : layout.filled].transpose(1, 2)
-    v = value[:, :, : layout.filled].transpose(1, 2)
-    if not any(layout.starts) and not any(layout.holes):
-        return attention(q, k, v, is_causal=is_causal)
-    return _per_padding(attention, q, k, v, layout, real, is_causal)
-
-
-def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal: bool) -> Tensor:
-    """Padded batches: each run of rows with one left-padding amount ``s``
-    attends on its own, over keys ``s:`` and the queries at positions >= s, so
-    its pattern starts at its first token. Padded query rows output 0."""
-    batch, q_len, heads, _ = q.shape
-    filled = layout.filled
-    out = q.new_zeros(batch, q_len, heads, v.shape[-1])
-    row = 0
-    while row < batch:
-        start, holes = layout.starts[row], layout.holes[row]
-        end = row + 1
-        # Rows with padding after their first token carry their own key mask; others run together.
-        while not holes and end < batch and layout.starts[end] == start and not layout.holes[end]:
-            end += 1
-        first_query = max(0, start - (filled - q_len))
-        if first_query < q_len:
-            rows = slice(row, end)
-            key_padding_mask = ~real[rows, start:] if holes else None
-            out[rows, first_query:] = attention(
-                q[rows, first_query:], k[rows, start:], v[rows, start:],
-                is_causal=is_causal, key_padding_mask=key_padding_mask,
+    if torch.compiler.is_compiling():
+        if dropout > 0:
+            raise ValueError(
+                f"attn_implementation={impl!r} under torch.compile runs without attention dropout; "
+                f"got dropout={dropout} (set the config's attention_dropout to 0 or train eagerly)"
             )
-        row = end
-    return out
+        heads = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1])
+        module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal)
+        return torch.ops.patternstore_hf.attend(query, key, value, attention_mask, module_key, is_causal)
+    _remember_implementation(config, impl)
+    attention = _attention_module(impl, settings, scaling, dropout)
+    return attend_padded(attention, query, key, value, attention_mask, is_causal)
+
+
+# ------------------------------------------------------- the traced region
+# Under torch.compile / torch.export a layer is one opaque custom op. Its
+# module is found at trace time (``_traced_module_key`` runs eagerly, marked
+# assume_constant_result: building, validation and the store lookup happen
+# there and only the key string reaches the graph); at run time the op reads
+# the module from a plain dict and runs the eager code, so the row layout,
+# the static cache's fill level and the per-padding calls are data, not
+# graph structure: one graph serves every padding pattern. The key is
+# portable (an exported program rebuilds the module in another process).
+_op_modules: dict[str, nn.Module] = {}
+
+
+@torch.compiler.assume_constant_result
+def _traced_module_key(
+    impl: str, frozen_settings: tuple, scaling: Optional[float], dropout: float,
+    heads: tuple[int, int, int, int], is_causal: bool,
+) -> str:
+    """The op's key for these settings, with the module built and kept and
+    its pattern looked up for ``heads`` = (heads, kv_heads, head_dim,
+    v_head_dim): one call on meta tensors (no compute), so the op's first
+    run finds the plan in the module's cache instead of the store."""
+    key = json.dumps([impl, frozen_settings, scaling, dropout])
+    attention = _op_modules.get(key)
+    if attention is None:
+        attention = _op_modules[key] = _attention_module(impl, dict(frozen_settings), scaling, dropout)
+    count, kv_count, head_dim, v_head_dim = heads
+    q = torch.empty(1, 1, count, head_dim, device="meta")
+    attention(q, q.new_empty(1, 1, kv_count, head_dim), q.new_empty(1, 1, kv_count, v_head_dim), is_causal=is_causal)
+    return key
+
+
+def _op_module(key: str) -> nn.Module:
+    attention = _op_modules.get(key)  # no lock: one dict read
+    if attention is None:  # register() dropped it, or an exported program runs in a new process
+        impl, frozen_settings, scaling, dropout = json.loads(key)
+        attention = _op_modules[key] = _attention_module(
+            impl, {name: value for name, value in frozen_settings}, scaling, dropout
+        )
+    return attention
+
+
+@torch.library.custom_op("patternstore_hf::attend", mutates_args=())
+def _attend_op(
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+) -> Tensor:
+    with torch.no_grad():
+        out = attend_padded(_op_module(module_key), query, key, value, attention_mask, is_causal)
+    return out.contiguous()
+
+
+@_attend_op.register_fake
+def _(query, key, value, attention_mask, module_key, is_causal):
+    batch, heads, q_len, _ = query.shape
+    return query.new_empty(batch, q_len, heads, value.shape[-1])
+
+
+@torch.library.custom_op("patternstore_hf::attend_backward", mutates_args=())
+def _attend_backward_op(
+    grad: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+    module_key: str, is_causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact gradients by running the eager forward again under
+    ``torch.func.vjp`` (the op's forward keeps nothing): one more forward per
+    backward. (Plain autograd records nothing inside an op's implementation,
+    which runs below the autograd dispatch key; torch.func pushes its own.)"""
+    attention = _op_module(module_key)
+
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attend_padded(attention, q, k, v, attention_mask, is_causal)
+
+    _, vjp = torch.func.vjp(forward, query, key, value)
+    return tuple(g.contiguous() for g in vjp(grad))
+
+
+@_attend_backward_op.register_fake
+def _(grad, query, key, value, attention_mask, module_key, is_causal):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _attend_setup(ctx, inputs, output) -> None:
+    query, key, value, attention_mask, ctx.module_key, ctx.is_causal = inputs
+    ctx.save_for_backward(query, key, value, attention_mask)
+
+
+def _attend_backward(ctx, grad):
+    query, key, value, attention_mask = ctx.saved_tensors
+    grads = _attend_backward_op(grad, query, key, value, attention_mask, ctx.module_key, ctx.is_causal)
+    return *grads, None, None, None
+
+
+_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 # ------------------------------------------------------------------ settings
-def _attention_module(impl: str, config: Any, scaling: Optional[float], dropout: float) -> nn.Module:
-    """The attention module for these settings, built on first use."""
+def _settings(impl: str, config: Any) -> Mapping:
     settings = getattr(config, CONFIG_ATTRIBUTE, None)
     if not isinstance(settings, Mapping):
         raise ValueError(
@@ -312,7 +350,11 @@ def _attention_module(impl: str, config: Any, scaling: Optional[float], dropout:
                else '{"kind": "bigbird", "block_size": 64, "attention": "unidirectional"}')
             + f"; got {settings!r}"
         )
-    scaling, dropout = check_softmax_scale(scaling), check_dropout(dropout)  # transformers' scaling is our softmax_scale
+    return settings
+
+
+def _attention_module(impl: str, settings: Mapping, scaling: Optional[float], dropout: float) -> nn.Module:
+    """The attention module for these settings, built on first use."""
     store = _store
     cache_key = (impl, _frozen(settings), id(store), scaling, dropout)
     with _modules_lock:

@@ -66,6 +66,7 @@ def loss_and_grads(model, ids) -> tuple[torch.Tensor, torch.Tensor, dict[str, to
     (hf.SPARSE, {"kind": "dense", "block_size": 8, "attention": "unidirectional"}),
     (hf.SPARSE, {"kind": "dense", "block_size": 8}),  # bidirectional layout, causal model
 ], ids=["dilated", "sparse-dense", "sparse-dense-bidirectional"])
+@pytest.mark.filterwarnings("ignore:this model's config carries patternstore_attention")  # sdpa on purpose
 def test_a_dense_pattern_equals_sdpa_in_logits_and_gradients(impl, settings):
     model = tiny_llama("sdpa", settings)
     ids = prompt(45, seed=1)  # not a multiple of the block size

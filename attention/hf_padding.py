@@ -1,0 +1,236 @@
+"""Padding for the Hugging Face integration (``attention.hf``): the mask
+function registered with ``transformers.AttentionMaskInterface``, the
+checks of what a model asks for (sliding window, mask forms) and the core
+that runs an attention module over a padded batch.
+
+The mask never is a ``q_len x kv_len`` tensor. It has two forms:
+- eager: ``(batch, 1, 1, filled)`` bool, True = a real token, where
+  ``filled`` is how many cache rows hold tokens (a static cache is longer).
+  The row layout (one host sync) is computed once per forward here and kept
+  as an attribute of the mask, so the layers do not recompute it.
+- traced (inside ``torch.compile`` / ``torch.export``): ``(batch, 2, 1,
+  kv_len)`` bool over the whole cache: ``[:, 0]`` = real token, ``[:, 1]`` =
+  the cache row holds a token (dim 1 is 2, where a head-broadcast mask has 1). Built from tensors only (no host sync, no shape that
+  depends on the data), so one graph serves every padding pattern and every
+  static-cache step; ``attend_padded`` reads ``filled`` from ``[:, 1]``.
+As 4-D tensors both pass through ``create_causal_mask`` and ``generate``'s
+mask preparation unchanged.
+
+Each batch row's pattern starts at its first real token (left padding, as
+``generate`` pads), so a padded batch gives each sequence exactly what it
+gets alone. Cost: one module call per run of consecutive batch rows with the
+same amount of left padding (one call for an unpadded batch), on views of
+their rows; padding after a row's first real token is passed on as
+``key_padding_mask``. Padded query rows output 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+__all__ = ["RowLayout", "padding_mask", "attend_padded", "check_config", "check_mask"]
+
+def check_config(config: Any) -> None:
+    """ValueError naming sliding-window attention when the config asks for
+    it: a non-None ``sliding_window`` (Mistral's default 4096, Qwen2's when
+    ``use_sliding_window``, Gemma2/3) or sliding ``layer_types``. Runs first
+    in the mask function, before transformers' sliding mask function would
+    be refused for another reason."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None:
+        raise ValueError(
+            f"patternstore attention does not support sliding-window attention: config.sliding_window={window!r} "
+            "(a sliding-window model such as Mistral, Qwen2 with use_sliding_window or Gemma2/3); use a "
+            "config with sliding_window=None or another attn_implementation"
+        )
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any("sliding" in str(kind) for kind in layer_types):
+        raise ValueError(
+            "patternstore attention does not support sliding-window attention: config.layer_types has "
+            "sliding-attention layers"
+        )
+
+
+class RowLayout(NamedTuple):
+    """Where each batch row's tokens are: ``filled`` cache rows hold tokens;
+    row b's first real token is at ``starts[b]`` (``filled`` if none), and
+    ``holes[b]`` says whether padding follows it."""
+
+    filled: int
+    starts: tuple[int, ...]
+    holes: tuple[bool, ...]
+
+
+_LAYOUT_ATTRIBUTE = "_patternstore_row_layout"
+
+
+def _row_layout_of(real: Tensor) -> RowLayout:
+    """``real`` (batch, filled) bool, True = token: one host sync."""
+    filled = real.shape[-1]
+    count = real.sum(-1)
+    first = torch.where(count > 0, real.to(torch.uint8).argmax(-1), filled)
+    holes = count < filled - first
+    starts, gaps = torch.stack((first, holes.to(first.dtype))).tolist()
+    return RowLayout(filled, tuple(starts), tuple(bool(g) for g in gaps))
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: Optional[Tensor] = None,
+    device: Any = "cpu",
+    cache_position: Optional[Tensor] = None,
+    **kwargs: Any,
+) -> Tensor:
+    """The ``AttentionMaskInterface`` function of both implementations (the
+    module docstring gives its two forms). Older transformers pass
+    ``cache_position`` instead of ``q_length`` and ``q_offset``; both are
+    understood."""
+    check_config(kwargs.get("config"))
+    if cache_position is not None:
+        q_length, q_offset = cache_position.shape[-1], cache_position[..., 0]
+    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+        raise ValueError(
+            "patternstore attention supports plain causal or bidirectional masks with padding only; "
+            "this model asked for another mask (packed sequences with restarting position_ids, "
+            "block_sequence_ids, or an or/and mask function)"
+        )
+    if kv_offset:
+        raise ValueError(
+            f"patternstore attention needs the whole cache (kv_offset 0); got kv_offset={kv_offset} "
+            "(a sliding-window or chunked cache)"
+        )
+    if torch.compiler.is_compiling():
+        return _traced_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device)
+    filled = int(q_offset) + int(q_length)  # a static cache's offset is a tensor: one sync
+    if kv_length is not None and filled > kv_length:
+        raise ValueError(f"q_offset + q_length = {filled} exceeds kv_length = {kv_length}")
+    if attention_mask is None:
+        real = torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+    else:
+        real = _real_tokens(attention_mask, filled)
+    mask = real[:, None, None, :]
+    setattr(mask, _LAYOUT_ATTRIBUTE, _row_layout_of(real))
+    return mask
+
+
+def _traced_mask(batch: int, q_length: int, kv_length: Optional[int], q_offset: Any,
+                 attention_mask: Optional[Tensor], device: Any) -> Tensor:
+    """The traced form, ``(batch, 2, 1, kv_length)``: no host sync, so the
+    graph depends on shapes only (``q_offset`` may be a tensor)."""
+    kv_length = int(q_length) if kv_length is None else kv_length
+    held = torch.arange(kv_length, device=device) < q_offset + q_length
+    if attention_mask is None:
+        real = held.expand(batch, -1)
+    else:
+        real = _real_tokens(attention_mask, kv_length) & held
+    return torch.stack((real, held.expand(batch, -1)), dim=1)[:, :, None]
+
+
+def _real_tokens(attention_mask: Tensor, length: int) -> Tensor:
+    """A 2-D mask (1 / True = token) as (batch, length) bool; columns past its
+    end are the new tokens (real)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D (batch, kv_len), got shape {tuple(attention_mask.shape)}")
+    if attention_mask.dtype.is_floating_point:
+        raise ValueError("attention_mask must be a 0/1 or bool padding mask, not an additive float mask")
+    real = attention_mask[:, :length].to(torch.bool)
+    if real.shape[-1] < length:
+        real = torch.nn.functional.pad(real, (0, length - real.shape[-1]), value=True)
+    return real
+
+
+def check_mask(attention_mask: Any) -> None:
+    """ValueError unless the mask is None, 2-D, or one of the two 4-D forms:
+    shape and dtype only, so it runs in a traced region too."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.dim() == 4 and (
+        attention_mask.shape[1:3] not in ((1, 1), (2, 1)) or attention_mask.dtype != torch.bool
+    ):
+        raise ValueError(
+            "patternstore attention takes padding from a 2-D attention_mask (register() installs the mask "
+            f"function that passes it on); got a 4-D {attention_mask.dtype} mask of shape "
+            f"{tuple(attention_mask.shape)}, which it cannot honour"
+        )
+    if attention_mask.dim() not in (2, 4):
+        raise ValueError(f"attention_mask must be 2-D (batch, kv_len), got shape {tuple(attention_mask.shape)}")
+
+
+def _row_layout(attention_mask: Optional[Tensor], batch: int, kv_len: int) -> tuple[RowLayout, Optional[Tensor]]:
+    """(layout, real tokens (batch, filled) or None) from what the model passed."""
+    check_mask(attention_mask)
+    if attention_mask is None:
+        return RowLayout(kv_len, (0,) * batch, (False,) * batch), None
+    if attention_mask.dim() == 4 and attention_mask.shape[1] == 2:  # traced form: one host sync for filled
+        filled = int(attention_mask[0, 1, 0].sum())
+        real = attention_mask[:, 0, 0, :filled]
+    elif attention_mask.dim() == 4:
+        real = attention_mask[:, 0, 0, :]
+    else:
+        real = _real_tokens(attention_mask, attention_mask.shape[-1])
+    if real.shape[0] not in (1, batch):
+        raise ValueError(f"attention_mask has batch {real.shape[0]}, the query has batch {batch}")
+    if real.shape[-1] > kv_len:
+        raise ValueError(f"attention_mask covers {real.shape[-1]} keys, the cache holds {kv_len}")
+    layout = getattr(attention_mask, _LAYOUT_ATTRIBUTE, None) or _row_layout_of(real)
+    if len(layout.starts) != batch:  # a (1, ...) mask shared by the batch
+        layout = RowLayout(layout.filled, layout.starts * batch, layout.holes * batch)
+        real = real.expand(batch, -1)
+    return layout, real
+
+
+def attend_padded(
+    attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], is_causal: bool,
+) -> Tensor:
+    """``attention`` over transformers' layouts: query ``(batch, heads, q_len,
+    head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim_k / _v)``,
+    the mask in any form above; returns ``(batch, q_len, heads, head_dim_v)``."""
+    batch, _, q_len, _ = query.shape
+    layout, real = _row_layout(attention_mask, batch, key.shape[2])
+    if layout.filled < q_len:
+        raise ValueError(f"the mask covers {layout.filled} keys, fewer than the {q_len} queries")
+    # (batch, seq, heads, head_dim) views: the cache's filled rows, untouched.
+    q = query.transpose(1, 2)
+    k = key[:, :, : layout.filled].transpose(1, 2)
+    v = value[:, :, : layout.filled].transpose(1, 2)
+    if not any(layout.starts) and not any(layout.holes):
+        return attention(q, k, v, is_causal=is_causal)
+    return _per_padding(attention, q, k, v, layout, real, is_causal)
+
+
+def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal: bool) -> Tensor:
+    """Padded batches: each run of rows with one left-padding amount ``s``
+    attends on its own, over keys ``s:`` and the queries at positions >= s, so
+    its pattern starts at its first token. Padded query rows output 0."""
+    batch, q_len, heads, _ = q.shape
+    filled = layout.filled
+    out = q.new_zeros(batch, q_len, heads, v.shape[-1])
+    row = 0
+    while row < batch:
+        start, holes = layout.starts[row], layout.holes[row]
+        end = row + 1
+        # Rows with padding after their first token carry their own key mask; others run together.
+        while not holes and end < batch and layout.starts[end] == start and not layout.holes[end]:
+            end += 1
+        first_query = max(0, start - (filled - q_len))
+        if first_query < q_len:
+            rows = slice(row, end)
+            key_padding_mask = ~real[rows, start:] if holes else None
+            out[rows, first_query:] = attention(
+                q[rows, first_query:], k[rows, start:], v[rows, start:],
+                is_causal=is_causal, key_padding_mask=key_padding_mask,
+            )
+        row = end
+    return out
