@@ -25,7 +25,7 @@ Guarantees:
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
   mask.
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
-  one opaque custom op (``patternstore_hf::attend``, with a backward that
+  one opaque custom op (``attention::hf_attend``, with a backward that
   recomputes the forward). Modules are built at trace time, and a dilated
   plan (length-free) is looked up then too; the graph holds no lock, store
   lookup or module construction, and depends on shapes only, so a new
@@ -241,7 +241,7 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
             )
         heads = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1])
         module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal)
-        return torch.ops.patternstore_hf.attend(query, key, value, attention_mask, module_key, is_causal)
+        return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
     _remember_implementation(config, impl)
     attention = _attention_module(impl, settings, scaling, dropout)
     return attend_padded(attention, query, key, value, attention_mask, is_causal)
@@ -288,7 +288,7 @@ def _op_module(key: str) -> nn.Module:
     return attention
 
 
-@torch.library.custom_op("patternstore_hf::attend", mutates_args=())
+@torch.library.custom_op("attention::hf_attend", mutates_args=())
 def _attend_op(
     query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
 ) -> Tensor:
@@ -303,7 +303,7 @@ def _(query, key, value, attention_mask, module_key, is_causal):
     return query.new_empty(batch, q_len, heads, value.shape[-1])
 
 
-@torch.library.custom_op("patternstore_hf::attend_backward", mutates_args=())
+@torch.library.custom_op("attention::hf_attend_backward", mutates_args=())
 def _attend_backward_op(
     grad: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
     module_key: str, is_causal: bool,
