@@ -55,6 +55,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore
@@ -93,7 +94,10 @@ def attention_path(device_type: str, q_len: int, kv_len: int, dropout_p: float, 
 
 
 def _symbolic(*sizes: Any) -> bool:
-    return any(isinstance(s, torch.SymInt) for s in sizes)
+    """Whether a size has no value at trace time (``has_static_value`` is
+    the test dynamo and export both answer; ``isinstance(n, SymInt)`` is
+    False under dynamo)."""
+    return not all(has_static_value(s) for s in sizes)
 
 
 class BlockSparseAttention(nn.Module):

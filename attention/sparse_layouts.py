@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from patternstore.csr import drop_future_blocks, prefix_rows
+from patternstore.pattern import real_tensors
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, store_for
 
@@ -151,6 +152,12 @@ class LayoutSource:
         hit = _recall(self._layouts, key)
         if hit is not None:
             return hit
+        with real_tensors():  # whatever mode traces the caller (export, vmap): cached tensors are real
+            hit = self._fetch(kv_len, num_heads, device, causal)
+        _remember(self._layouts, key, hit, self.MAX_LAYOUTS)
+        return hit
+
+    def _fetch(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
         if causal and self.prefix_stable:
             pattern = self.store.get(self.spec(self.capacity(kv_len), num_heads), device)
             # Bidirectional rows also hold later blocks: the causal rule drops
@@ -162,7 +169,6 @@ class LayoutSource:
             hit = (pattern["kv_num_blocks"], pattern["kv_indices"])
             if causal:  # once here, not at every call (the tiles trust it)
                 hit = drop_future_blocks(*hit)
-        _remember(self._layouts, key, hit, self.MAX_LAYOUTS)
         return hit
 
     def plan(self, kv_len: int, num_heads: int, device: torch.device, causal: bool, first_block: int) -> LayoutPlan:
@@ -172,7 +178,8 @@ class LayoutSource:
         hit = _recall(self._plans, key)
         if hit is None:
             layout = self.layout(kv_len, num_heads, device, causal)
-            hit = LayoutPlan(*layout, row_groups(*layout, False, first_block))
+            with real_tensors():
+                hit = LayoutPlan(*layout, row_groups(*layout, False, first_block))
             _remember(self._plans, key, hit, self.MAX_LAYOUTS)
         return hit
 
@@ -184,8 +191,9 @@ class LayoutSource:
         hit = _recall(self._block_masks, key)
         if hit is None:
             layout = self.layout(seq_len, num_heads, device, causal)
-            hit = block_mask_from_csr(*layout, block_size=self.block_size, q_len=seq_len, kv_len=seq_len,
-                                      causal=causal, padded=padded)
+            with real_tensors():
+                    hit = block_mask_from_csr(*layout, block_size=self.block_size, q_len=seq_len, kv_len=seq_len,
+                                          causal=causal, padded=padded)
             _remember(self._block_masks, key, hit, self.MAX_BLOCK_MASKS)
         return hit
 

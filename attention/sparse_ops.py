@@ -193,7 +193,9 @@ def _unfold(x: Tensor, size: int) -> Tensor:
 
 
 def _refuse_batched_layout(in_dims: tuple) -> None:
-    if any(d is not None for d in in_dims[:2]) or any(d is not None for d in (in_dims[2] or ()) + (in_dims[3] or ())):
+    """in_dims of kv_num_blocks, kv_indices, group_rows, group_keys (lists: a list of dims or None)."""
+    flat = [d for dims in in_dims for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(d is not None for d in flat):
         raise ValueError("block-sparse attention under vmap takes one layout for the whole vmapped batch; "
                          "kv_num_blocks and kv_indices must not be vmapped")
 
@@ -201,35 +203,43 @@ def _refuse_batched_layout(in_dims: tuple) -> None:
 class SparseFunction(torch.autograd.Function):
     """``attention::sparse_forward`` under autograd (``setup_context``: the
     form ``torch.func`` accepts); its backward feeds the FINAL ``out`` and
-    ``lse`` to ``attention::sparse_backward``."""
+    ``lse`` to ``attention::sparse_backward``. Its arguments are the
+    operator's, each named: dynamo binds an autograd.Function's arguments by
+    its signature, and a ``*args`` there made it pass the context as one."""
 
     @staticmethod
-    def forward(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed, *args):
+    def forward(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed,
+                block_size, causal, scale, dropout_p, trusted_layout, backend):
         return forward_op(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
-                          dropout_seed, *args)
+                          dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed, *args = inputs
+        q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed, *options = inputs
+        # Every tensor through save_for_backward (dynamo traces no tensor kept as a ctx attribute).
         ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices, key_padding_mask,
-                              dropout_seed)
-        ctx.groups, ctx.args = (group_rows, group_keys), args
+                              dropout_seed, *group_rows, *group_keys)
+        ctx.groups, ctx.options = len(group_rows), options
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
-        q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
-        dq, dk, dv = SparseBackwardFunction.apply(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
-                                                  *ctx.groups, key_padding_mask, dropout_seed, *ctx.args)
-        return (dq, dk, dv) + (None,) * (6 + len(ctx.args))
+        q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *groups = ctx.saved_tensors
+        rows, keys = list(groups[:ctx.groups]), list(groups[ctx.groups:])
+        block_size, causal, scale, dropout_p, trusted_layout, backend = ctx.options
+        dq, dk, dv = SparseBackwardFunction.apply(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, rows, keys,
+                                                  key_padding_mask, dropout_seed, block_size, causal, scale,
+                                                  dropout_p, trusted_layout, backend)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
-             dropout_seed, *args):
+             dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
         _refuse_batched_layout(in_dims[3:7])
         size = info.batch_size
         q_, k_, v_ = (_fold(x, d, size) for x, d in zip((q, k, v), in_dims[:3]))
         out, lse = SparseFunction.apply(q_, k_, v_, kv_num_blocks, kv_indices, group_rows, group_keys,
-                                        _fold(key_padding_mask, in_dims[7], size), dropout_seed, *args)
+                                        _fold(key_padding_mask, in_dims[7], size), dropout_seed, block_size,
+                                        causal, scale, dropout_p, trusted_layout, backend)
         return (_unfold(out, size), _unfold(lse, size)), (0, 0)
 
 
@@ -239,8 +249,11 @@ class SparseBackwardFunction(torch.autograd.Function):
     zero; vmapped like ``SparseFunction``."""
 
     @staticmethod
-    def forward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys, *args):
-        return backward_op(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys, *args)
+    def forward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
+                dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
+        return backward_op(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys,
+                           key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p, trusted_layout,
+                           backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -256,12 +269,13 @@ class SparseBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys,
-             key_padding_mask, *args):
+             key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
         _refuse_batched_layout(in_dims[6:10])
         size = info.batch_size
         folded = [_fold(x, d, size) for x, d in zip((grad_out, q, k, v, out, lse), in_dims[:6])]
         grads = SparseBackwardFunction.apply(*folded, kv_num_blocks, kv_indices, group_rows, group_keys,
-                                             _fold(key_padding_mask, in_dims[10], size), *args)
+                                             _fold(key_padding_mask, in_dims[10], size), dropout_seed, block_size,
+                                             causal, scale, dropout_p, trusted_layout, backend)
         return tuple(_unfold(g, size) for g in grads), (0, 0, 0)
 
 
