@@ -1,5 +1,5 @@
-"""The flex path of the block-sparse modules (issue 12 section 3) on the CPU:
-``patternstore.blockmask.layout_block_mask`` against dense block matrices,
+"""The flex path of the block-sparse modules on the CPU:
+``attention.flex.block_mask_from_csr`` against dense block matrices,
 the dispatch rule, and FlexAttention on those masks (CPU flex runs compiled,
 inference only) against the float64 dense reference of tests/test_sparse.py."""
 
@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attention.flex as flex
 import attention.sparse as sparse
 from attention import BlockSparseAttention
 from patternstore import PatternStore, generate
-from patternstore.blockmask import layout_block_mask, with_key_padding
 from patternstore.csr import drop_future_blocks
 from strategies import tiny_sparse_specs
 from test_layouts import dense_blocks
@@ -28,7 +28,8 @@ def test_layout_block_masks_split_the_layout_into_partial_and_full_blocks(spec, 
     pattern = generate(spec)
     counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
     causal = causal or spec.params["attention"] == "unidirectional"
-    mask = layout_block_mask(counts, indices, spec.seq_len, spec.block_size, causal=causal, padded=padded)
+    mask = flex.block_mask_from_csr(counts, indices, block_size=spec.block_size, q_len=spec.seq_len,
+                                    kv_len=spec.seq_len, causal=causal, padded=padded)
     nb = spec.num_blocks
     want = dense_blocks(*(drop_future_blocks(counts, indices) if causal else (counts, indices)))
 
@@ -52,12 +53,12 @@ def test_layout_block_masks_split_the_layout_into_partial_and_full_blocks(spec, 
 
 
 def test_flex_tiles_divide_the_blocks():
-    assert sparse.flex_tiles(128) == {} and sparse.flex_tiles(256) == {}
+    assert flex.flex_tiles(128) == {} and flex.flex_tiles(256) == {}
     for block in (16, 32, 48, 64, 96, 192):
-        tiles = sparse.flex_tiles(block)
+        tiles = flex.flex_tiles(block)
         assert set(tiles) == {"BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"}
         assert all(block % tile == 0 and tile >= sparse.FLEX_MIN_BLOCK for tile in tiles.values())
-    assert sparse.flex_tiles(64)["BLOCK_M"] == 64 and sparse.flex_tiles(96)["BLOCK_N"] == 32
+    assert flex.flex_tiles(64)["BLOCK_M"] == 64 and flex.flex_tiles(96)["BLOCK_N"] == 32
 
 
 def test_attention_path_is_flex_for_square_dropout_free_cuda_calls_only():
@@ -79,7 +80,7 @@ def flex_on_cpu(monkeypatch):
 @pytest.mark.slow
 def test_the_flex_path_equals_the_reference(tmp_path, flex_on_cpu):
     """Eager (the kept BlockMask) and compiled (its arrays through the
-    patternstore::sparse_block_mask operator): causal diagonal blocks, the
+    trace-time constant arrays): causal diagonal blocks, the
     padded tail (n = 90, block 16), a key_padding_mask, grouped heads."""
     torch._dynamo.reset()
     store = PatternStore(tmp_path / "store")
@@ -101,7 +102,7 @@ def test_the_flex_path_equals_the_reference(tmp_path, flex_on_cpu):
     assert len(source._block_masks) == 2                  # one per (causal, padded) asked for: kept, not rebuilt
     mask = source.block_mask(n, 4, q.device, True, True)
     assert mask is source.block_mask(n, 4, q.device, True, True)
-    assert with_key_padding(mask, key_padding_mask).kv_indices is mask.kv_indices
+    assert flex.with_key_padding(mask, key_padding_mask).kv_indices is mask.kv_indices
 
 
 # ------------------------------------------------------------ on a GPU
