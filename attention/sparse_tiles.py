@@ -267,8 +267,9 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _fused(q: Tensor, k: Tensor, mask: Optional[Tensor], keep: Optional[Tensor], backend: Optional[str]) -> bool:
-    if backend is not None or q.device.type != "cpu" or keep is not None:
+def _fused(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], keep: Optional[Tensor],
+           backend: Optional[str]) -> bool:
+    if backend is not None or q.device.type != "cpu" or keep is not None or v.shape[-1] != q.shape[-1]:
         return False
     return mask is None or bool(torch.isfinite(k.sum()))
 
@@ -281,7 +282,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, key_m
            mask: Optional[Tensor] = None, dropout_p: float = 0.0, keep: Optional[Tensor] = None,
            backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     assert not causal and key_mask is None  # MERGE adapter: the tiles never pass them
-    if _fused(q, k, mask, keep, backend):
+    if _fused(q, k, v, mask, keep, backend):
         out, lse = _FLASH(q, k, v, attn_mask=_bias(mask, q.dtype), scale=scale)[:2]
     else:
         s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
@@ -307,7 +308,7 @@ def attend_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                     dropout_p: float = 0.0, keep: Optional[Tensor] = None,
                     backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     assert not causal and key_mask is None  # MERGE adapter: the tiles never pass them
-    if _fused(q, k, mask, keep, backend):
+    if _fused(q, k, v, mask, keep, backend):
         return _FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, False, attn_mask=_bias(mask, q.dtype), scale=scale)
     delta = (d_out * out).sum(-1)  # sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
