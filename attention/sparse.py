@@ -152,6 +152,8 @@ class BlockSparseAttention(nn.Module):
         self.max_seq_len = max_seq_len
         self._description = describe_layouts(kind, block_size, seed, self.params, store, max_seq_len)
         self._source: Optional[LayoutSource] = source(self._description, store)
+        # Read by forward as plain attributes: a compiled forward never builds a source.
+        self._unidirectional, self._prefix_stable = self._source.unidirectional, self._source.prefix_stable
 
     @property
     def layouts(self) -> LayoutSource:
@@ -171,13 +173,17 @@ class BlockSparseAttention(nn.Module):
         state["_source"] = None  # process-local: rebuilt from _description where it is unpickled
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_unidirectional" not in state:  # a state saved without the flags: derive them from the description
+            self._unidirectional, self._prefix_stable = self.layouts.unidirectional, self.layouts.prefix_stable
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         check_sparse_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
-        source = self.layouts
-        causal = check_is_causal(is_causal) or source.unidirectional
+        causal = check_is_causal(is_causal) or self._unidirectional
         q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
-        if causal and q_len != kv_len and not source.prefix_stable:
+        if causal and q_len != kv_len and not self._prefix_stable:
             raise ValueError(
                 f"causal attention with fewer queries than keys (q_len={q_len}, kv_len={kv_len}: a "
                 f"decode step) needs a prefix-stable layout, whose rows do not depend on the length; "

@@ -31,7 +31,7 @@ with a message; it has the same vmap rule, so ``vmap(grad(...))`` and
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -28,7 +28,6 @@ limit (tools/gpu_check.sh) loses the fewest checks.
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import pytest
