@@ -41,9 +41,9 @@ constant (no lock, store lookup or module construction in the graph; the
 same ValueError at trace time); with a symbolic length (``dynamic=True``,
 an export ``Dim``), the lookup operator ``attention::sparse_layout`` at run
 time, where that ValueError surfaces from inside the operator. An export
-with a ``Dim`` on the length needs ``min >= block_size + 1``: the block
-count ``ceil(n / block_size)`` must be at least 2 for every allowed length,
-since dynamo specializes sizes 0 and 1.
+with a ``Dim`` on the length takes any ``min >= 2`` (dynamo specializes
+sizes 0 and 1), shorter than a block included: the lookup's block count is
+an unbacked size, not ``ceil(n / block_size)``, so no guard ties it to n.
 
 Pickling: a module's state is its layout description and its store's
 directory; lookups are rebuilt lazily in whatever process runs it.

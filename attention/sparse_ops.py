@@ -140,9 +140,12 @@ def _layout(q: Tensor, k: Tensor, description: str, causal: bool) -> tuple[Tenso
 
 
 def _layout_fake(q: Tensor, k: Tensor, description: str) -> tuple[Tensor, Tensor]:
+    """Both sizes unbacked: a block count written as ``ceil(n / block_size)``
+    of a symbolic length would make export guard it >= 2 (sizes 0 and 1 are
+    specialized), raising the floor of a ``Dim`` to ``block_size + 1``."""
     layouts = source(description)
-    nnz = torch.library.get_ctx().new_dynamic_size()
-    nb = (k.shape[1] + layouts.block_size - 1) // layouts.block_size
+    ctx = torch.library.get_ctx()
+    nb, nnz = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     return (q.new_empty(q.shape[2] if layouts.per_head else 1, nb, dtype=torch.int32),
             q.new_empty(nnz, dtype=torch.int32))
 

@@ -203,14 +203,15 @@ def test_fullgraph_compile_holds_the_layout_as_constants_and_never_reads_the_sto
 
 
 @pytest.mark.slow
-def test_an_export_with_a_dim_on_the_length_works_exactly_at_its_floor(tmp_path):
-    """The floor is ``min=block_size + 1`` (attention/sparse.py): two blocks at the shortest length."""
+def test_an_export_with_a_dim_on_the_length_takes_lengths_down_to_two(tmp_path):
+    """The floor of a Dim is 2 (attention/sparse.py), not block_size + 1:
+    lengths inside the first block, at the block and one past it."""
     module = BlockSparseAttention("local", block_size=8, num_sliding_window_blocks=2,
                                   store=PatternStore(tmp_path / "s"))
-    sequence = torch.export.Dim("sequence", min=9, max=64)
+    sequence = torch.export.Dim("sequence", min=2, max=64)
     example = tuple(randn(1, 20, 2, 4) for _ in range(3))
     program = torch.export.export(module, example, dynamic_shapes=({1: sequence},) * 3)
-    for n in (9, 40):
+    for n in (2, 8, 9, 40):
         x = tuple(randn(1, n, 2, 4) for _ in range(3))
         torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=0)
 
