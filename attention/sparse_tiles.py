@@ -108,7 +108,7 @@ class TilePlan:
 
     def __init__(self, q: Tensor, k: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                  groups: Groups, key_padding_mask: Optional[Tensor], block_size: int, causal: bool,
-                 trusted_layout: bool, backend: Optional[str]) -> None:
+                 trusted_layout: bool) -> None:
         b, q_len, h, d = q.shape
         kv_len, kv_heads = k.shape[1], k.shape[2]
         self.b, self.q_len, self.h, self.kv_len, self.kv_heads = b, q_len, h, kv_len, kv_heads
@@ -129,7 +129,6 @@ class TilePlan:
         self.future = self.slot[None, :] > self.slot[:, None]           # [bs, bs] key offset > query offset
         self.beyond = self.slot >= kv_len - (nb - 1) * block_size if kv_len % block_size else None
         self.key_padding_mask = key_padding_mask
-        self.backend = backend
         self.heads_outer = heads_outer(k)  # the flat order of keys and values (``flat``)
         if self.shared:  # query head of lane a, slot r: a * G + r
             self.head_of_lane = torch.arange(h, device=device).view(self.lanes, 1, self.per_lane, 1)
@@ -344,8 +343,7 @@ def sparse_forward(
     if not trusted_layout:  # reads values: several device-to-host syncs on a GPU
         check_layout(kv_num_blocks, kv_indices, -(-k.shape[1] // block_size))
     backend = tile_backend(q.device.type, dropout_p) if backend is None else backend
-    plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal,
-                    trusted_layout, backend)
+    plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal, trusted_layout)
     q_flat, k_flat, v_flat = flat(q), flat(k, plan.heads_outer), flat(v, plan.heads_outer)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
@@ -392,8 +390,7 @@ def sparse_backward(
     """Gradients of ``sparse_forward``'s ``out`` with respect to ``q, k, v``
     (no check_layout: the forward checked these very arrays)."""
     backend = tile_backend(q.device.type, dropout_p) if backend is None else backend
-    plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal,
-                    trusted_layout, backend)
+    plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal, trusted_layout)
     b, q_len, h = plan.b, plan.q_len, plan.h
     # d_out gets one zero row (position q_len): invalid query slots read it,
     # so they add nothing to any gradient.
