@@ -15,6 +15,7 @@ import attention.sparse as sparse
 from attention import BlockSparseAttention
 from patternstore import PatternStore, generate
 from patternstore.csr import drop_future_blocks
+from dense_reference import block_pairs
 from strategies import tiny_sparse_specs
 from test_layouts import dense_blocks
 from test_sparse import allowed_pairs, reference_attention
@@ -50,6 +51,36 @@ def test_layout_block_masks_split_the_layout_into_partial_and_full_blocks(spec, 
         masked[:, -1] = True
     assert torch.equal(partial, want & masked)
     assert mask.seq_lengths == (spec.seq_len, spec.seq_len)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tiny_sparse_specs(max_blocks=8), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_a_mask_from_csr_selects_exactly_the_module_s_pairs(spec, causal, full_blocks, seed):
+    """Every (batch, head, query, key) the BlockMask lets through (its
+    blocks, the mask_mod on partial ones) equals the dense rule: the
+    layout's block pairs, causal, key < kv_len, key not padded."""
+    pattern = generate(spec)
+    counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
+    n, bs, heads = spec.seq_len, spec.block_size, spec.layout_heads
+    pad = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) < 0.3
+    mask = flex.block_mask_from_csr(counts, indices, block_size=bs, q_len=n, kv_len=n, causal=causal,
+                                    key_padding_mask=pad, full_blocks=full_blocks)
+    nb = spec.num_blocks
+    position = torch.arange(nb * bs)
+    b, h, q, kv = torch.meshgrid(torch.arange(2), torch.arange(heads), position, position, indexing="ij")
+    cut = mask.mask_mod(b, h, q, kv.clamp(max=n - 1)) & (kv < n)          # the mask_mod, on real keys only
+    got = torch.zeros(2, heads, nb * bs, nb * bs, dtype=torch.bool)
+    for counts_name, rows_name, is_full in (("kv_num_blocks", "kv_indices", False),
+                                            ("full_kv_num_blocks", "full_kv_indices", True)):
+        if getattr(mask, counts_name) is None:
+            continue
+        blocks = dense_blocks(getattr(mask, counts_name)[0], getattr(mask, rows_name)[0])  # [H, nb, nb]
+        selected = blocks[:, position[:, None] // bs, position[None, :] // bs][None]
+        got |= selected & (True if is_full else cut)
+    want = block_pairs(counts, indices, n, bs)[None].expand(2, heads, n, n) & ~pad[:, None, None, :]
+    if causal:
+        want = want & torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(got[:, :, :n, :n], want)
 
 
 def test_flex_tiles_divide_the_blocks():

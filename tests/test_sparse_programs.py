@@ -179,7 +179,8 @@ def test_a_decode_step_groups_no_rows_inside_the_operator_and_runs_on_meta(monke
 def test_fullgraph_compile_holds_the_layout_as_constants_and_never_reads_the_store(monkeypatch, tmp_path):
     torch._dynamo.reset()
     store = PatternStore(tmp_path / "cold")
-    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, store=store)
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, attention="unidirectional",
+                                  store=store)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -190,6 +191,9 @@ def test_fullgraph_compile_holds_the_layout_as_constants_and_never_reads_the_sto
     q, k, v = (torch.randn(1, 22, 2, 4) for _ in range(3))
     out = compiled(q, k, v, is_causal=True)
     torch.testing.assert_close(out, module(q, k, v, is_causal=True), rtol=0, atol=0)
+    step = compiled(q[:, -1:], k, v, is_causal=True)                 # a decode step: its own graph
+    torch.testing.assert_close(step, module(q[:, -1:], k, v, is_causal=True), rtol=0, atol=0)
+    assert len(graphs) == 2
     targets = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     assert any("sparse_forward" in t for t in targets)
     assert not any("sparse_layout" in t or "block_mask" in t for t in targets)
@@ -200,6 +204,7 @@ def test_fullgraph_compile_holds_the_layout_as_constants_and_never_reads_the_sto
     monkeypatch.setattr(store, "get", refuse)
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(compiled(q, k, v, is_causal=True), out, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(q[:, -1:], k, v, is_causal=True), step, rtol=0, atol=0)
 
 
 @pytest.mark.slow
