@@ -9,7 +9,8 @@ from .dilated import (
 )
 from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
 from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, MultiheadWrapper
-from .sparse import BlockSparseAttention, block_sparse_attention
+from .sparse import BlockSparseAttention
+from .sparse_ops import block_sparse_attention
 from .sparse_multihead import MultiheadBlockSparseAttention
 
 __all__ = [

@@ -98,12 +98,6 @@ class Pattern:
         device = torch.device(device)
         return Pattern(self.spec, {name: t.to(device, copy=True) for name, t in self.arrays.items()})
 
-    def to_block_mask(self, *, causal: bool | None = None, width: int | None = None):
-        """This sparse layout as a FlexAttention ``BlockMask`` (``patternstore.blockmask``)."""
-        from .blockmask import to_block_mask
-
-        return to_block_mask(self, causal=causal, width=width)
-
     def equals(self, other: "Pattern") -> bool:
         """Same key and bit-identical arrays."""
         return (

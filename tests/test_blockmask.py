@@ -1,5 +1,5 @@
-"""The flex path of the block-sparse modules (issue 12 section 3) on the CPU:
-``patternstore.blockmask.layout_block_mask`` against dense block matrices,
+"""The flex path of the block-sparse modules on the CPU:
+``attention.flex.block_mask_from_csr`` against dense block matrices,
 the dispatch rule, and FlexAttention on those masks (CPU flex runs compiled,
 inference only) against the float64 dense reference of tests/test_sparse.py."""
 
@@ -10,11 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attention.flex as flex
 import attention.sparse as sparse
 from attention import BlockSparseAttention
 from patternstore import PatternStore, generate
-from patternstore.blockmask import layout_block_mask, with_key_padding
 from patternstore.csr import drop_future_blocks
+from dense_reference import block_pairs
 from strategies import tiny_sparse_specs
 from test_layouts import dense_blocks
 from test_sparse import allowed_pairs, reference_attention
@@ -28,7 +29,8 @@ def test_layout_block_masks_split_the_layout_into_partial_and_full_blocks(spec, 
     pattern = generate(spec)
     counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
     causal = causal or spec.params["attention"] == "unidirectional"
-    mask = layout_block_mask(counts, indices, spec.seq_len, spec.block_size, causal=causal, padded=padded)
+    mask = flex.block_mask_from_csr(counts, indices, block_size=spec.block_size, q_len=spec.seq_len,
+                                    kv_len=spec.seq_len, causal=causal, padded=padded)
     nb = spec.num_blocks
     want = dense_blocks(*(drop_future_blocks(counts, indices) if causal else (counts, indices)))
 
@@ -51,13 +53,43 @@ def test_layout_block_masks_split_the_layout_into_partial_and_full_blocks(spec, 
     assert mask.seq_lengths == (spec.seq_len, spec.seq_len)
 
 
+@settings(max_examples=100, deadline=None)
+@given(tiny_sparse_specs(max_blocks=8), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_a_mask_from_csr_selects_exactly_the_module_s_pairs(spec, causal, full_blocks, seed):
+    """Every (batch, head, query, key) the BlockMask lets through (its
+    blocks, the mask_mod on partial ones) equals the dense rule: the
+    layout's block pairs, causal, key < kv_len, key not padded."""
+    pattern = generate(spec)
+    counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
+    n, bs, heads = spec.seq_len, spec.block_size, spec.layout_heads
+    pad = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) < 0.3
+    mask = flex.block_mask_from_csr(counts, indices, block_size=bs, q_len=n, kv_len=n, causal=causal,
+                                    key_padding_mask=pad, full_blocks=full_blocks)
+    nb = spec.num_blocks
+    position = torch.arange(nb * bs)
+    b, h, q, kv = torch.meshgrid(torch.arange(2), torch.arange(heads), position, position, indexing="ij")
+    cut = mask.mask_mod(b, h, q, kv.clamp(max=n - 1)) & (kv < n)          # the mask_mod, on real keys only
+    got = torch.zeros(2, heads, nb * bs, nb * bs, dtype=torch.bool)
+    for counts_name, rows_name, is_full in (("kv_num_blocks", "kv_indices", False),
+                                            ("full_kv_num_blocks", "full_kv_indices", True)):
+        if getattr(mask, counts_name) is None:
+            continue
+        blocks = dense_blocks(getattr(mask, counts_name)[0], getattr(mask, rows_name)[0])  # [H, nb, nb]
+        selected = blocks[:, position[:, None] // bs, position[None, :] // bs][None]
+        got |= selected & (True if is_full else cut)
+    want = block_pairs(counts, indices, n, bs)[None].expand(2, heads, n, n) & ~pad[:, None, None, :]
+    if causal:
+        want = want & torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(got[:, :, :n, :n], want)
+
+
 def test_flex_tiles_divide_the_blocks():
-    assert sparse.flex_tiles(128) == {} and sparse.flex_tiles(256) == {}
+    assert flex.flex_tiles(128) == {} and flex.flex_tiles(256) == {}
     for block in (16, 32, 48, 64, 96, 192):
-        tiles = sparse.flex_tiles(block)
+        tiles = flex.flex_tiles(block)
         assert set(tiles) == {"BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"}
         assert all(block % tile == 0 and tile >= sparse.FLEX_MIN_BLOCK for tile in tiles.values())
-    assert sparse.flex_tiles(64)["BLOCK_M"] == 64 and sparse.flex_tiles(96)["BLOCK_N"] == 32
+    assert flex.flex_tiles(64)["BLOCK_M"] == 64 and flex.flex_tiles(96)["BLOCK_N"] == 32
 
 
 def test_attention_path_is_flex_for_square_dropout_free_cuda_calls_only():
@@ -79,7 +111,7 @@ def flex_on_cpu(monkeypatch):
 @pytest.mark.slow
 def test_the_flex_path_equals_the_reference(tmp_path, flex_on_cpu):
     """Eager (the kept BlockMask) and compiled (its arrays through the
-    patternstore::sparse_block_mask operator): causal diagonal blocks, the
+    trace-time constant arrays): causal diagonal blocks, the
     padded tail (n = 90, block 16), a key_padding_mask, grouped heads."""
     torch._dynamo.reset()
     store = PatternStore(tmp_path / "store")
@@ -101,7 +133,7 @@ def test_the_flex_path_equals_the_reference(tmp_path, flex_on_cpu):
     assert len(source._block_masks) == 2                  # one per (causal, padded) asked for: kept, not rebuilt
     mask = source.block_mask(n, 4, q.device, True, True)
     assert mask is source.block_mask(n, 4, q.device, True, True)
-    assert with_key_padding(mask, key_padding_mask).kv_indices is mask.kv_indices
+    assert flex.with_key_padding(mask, key_padding_mask).kv_indices is mask.kv_indices
 
 
 # ------------------------------------------------------------ on a GPU

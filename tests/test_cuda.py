@@ -28,7 +28,6 @@ limit (tools/gpu_check.sh) loses the fewest checks.
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import pytest
@@ -46,7 +45,7 @@ from attention import (
     MultiheadDilatedAttention,
 )
 from attention import kernels
-from dense_reference import dense_dilated_attention
+from dense_reference import block_pairs, dense_attention, dense_dilated_attention
 from patternstore import SparseSpec, generate
 
 DEVICE = torch.device(os.environ.get("PATTERNSTORE_TEST_DEVICE", "cuda"))
@@ -138,28 +137,11 @@ def dilated_reference(q, k, v, *, causal, pad, segments=SEGMENTS, rates=RATES) -
 
 
 def sparse_reference(q, k, v, spec: SparseSpec, *, causal, pad) -> Tensor:
-    """One softmax per query row over the keys of its active blocks (and,
-    with ``causal``, at or before its position), written from the CSR."""
+    """``dense_attention`` over the layout's ``block_pairs`` (the CSR read
+    back), with ``causal``; decode rows are the last rows."""
     pattern = generate(spec)
-    counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
-    layout_heads, nb = counts.shape
-    blocks = torch.zeros(layout_heads, nb, nb, dtype=torch.bool)
-    rows = torch.repeat_interleave(torch.arange(layout_heads * nb), counts.flatten().long())
-    blocks.view(-1, nb)[rows, indices.long()] = True
-    kv_len, q_len, h = k.shape[1], q.shape[1], q.shape[2]
-    position = torch.arange(kv_len)
-    allowed = blocks[:, position[:, None] // spec.block_size, position[None, :] // spec.block_size]
-    if causal:
-        allowed = allowed & (position[None, :] <= position[:, None])
-    allowed = allowed.expand(h, kv_len, kv_len)[None]
-    if pad is not None:
-        allowed = allowed & ~pad[:, None, None, :]
-    qf, kf, vf = with_decode_rows(q, kv_len), repeat_kv(k, h), repeat_kv(v, h)
-    scores = torch.einsum("bihd,bjhd->bhij", qf, kf) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed, -math.inf)
-    live = allowed.any(-1, keepdim=True)
-    weights = torch.softmax(scores.masked_fill(~live, 0.0), dim=-1) * live
-    return torch.einsum("bhij,bjhd->bihd", weights, vf)[:, kv_len - q_len:]
+    pairs = block_pairs(pattern["kv_num_blocks"], pattern["kv_indices"], k.shape[1], spec.block_size)
+    return dense_attention(q, k, v, weight=pairs, is_causal=causal, key_padding_mask=pad)
 
 
 def check_module(module: nn.Module, reference, *, dtype, batch, q_len, kv_len, heads, kv_heads, causal,

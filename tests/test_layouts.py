@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from attention import BlockSparseAttention
 from patternstore import SparseSpec, generate
-from patternstore.blockmask import to_block_mask
+from attention.flex import to_block_mask
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, transpose_layout
 from strategies import tiny_sparse_specs
 
@@ -98,12 +98,12 @@ def test_block_masks_hold_exactly_the_layout(spec, force_causal):
 def test_block_mask_width_is_the_longest_row_when_asked():
     pattern = generate(SparseSpec("bigbird", seq_len=64 * 16, block_size=16, num_heads=2))
     longest = int(pattern["kv_num_blocks"].max())          # the global row: all 64 blocks
-    mask = pattern.to_block_mask(causal=True, width=longest)
+    mask = to_block_mask(pattern, causal=True, width=longest)
     assert mask.kv_indices.shape[-1] == longest
     with pytest.raises(ValueError, match="longest row"):
-        pattern.to_block_mask(width=3)
+        to_block_mask(pattern, width=3)
     with pytest.raises(ValueError, match="width"):
-        pattern.to_block_mask(width=65)
+        to_block_mask(pattern, width=65)
     with pytest.raises(ValueError, match="SparseSpec"):
         to_block_mask(generate(__import__("patternstore").DilatedSpec((16,), (2,), 2)))
 
@@ -118,7 +118,7 @@ def test_flex_attention_with_the_block_mask_equals_the_module():
                                   different_layout_per_head=True, attention="unidirectional")
     q, k, v = (torch.randn(2, 100, 4, 16) for _ in range(3))   # 7 blocks, the last one partial
     expected = module(q, k, v)
-    mask = generate(module.spec(100, 4)).to_block_mask()
+    mask = to_block_mask(generate(module.spec(100, 4)))
     flex = torch.compile(flex_attention, fullgraph=True)
     out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -9,9 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention.sparse as sparse
+import attention.sparse_layouts as sparse_layouts
+import attention.sparse_ops as sparse_ops
+import attention.sparse_tiles as sparse_tiles
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
 from patternstore import PatternStore, SparseSpec, generate
+from dense_reference import block_pairs, dense_attention
 from strategies import tiny_sparse_specs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,47 +24,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def cpu_path(request, monkeypatch):
     """Run a test through the fused CPU flash kernel and through the explicit
     (matmul) path that other devices and dropout use."""
-    monkeypatch.setattr(sparse, "USE_CPU_FLASH_KERNEL", request.param == "fused")
+    monkeypatch.setattr(sparse_tiles, "USE_CPU_FLASH_KERNEL", request.param == "fused")
     return request.param
 
 
 # ---------------------------------------------------------------- reference
 def allowed_pairs(kv_num_blocks, kv_indices, n, block_size, causal, heads) -> torch.Tensor:
-    """bool ``[heads, n, n]``: query i may attend key t. Written from the
-    definition: (i // bs, t // bs) is an active block pair of the head's row,
-    and with ``causal`` t <= i. Positions >= n do not exist here at all."""
-    layout_heads, nb = kv_num_blocks.shape
-    blocks = torch.zeros(layout_heads, nb, nb, dtype=torch.bool)
-    start = 0
-    for h in range(layout_heads):
-        for i in range(nb):
-            count = int(kv_num_blocks[h, i])
-            blocks[h, i, kv_indices[start: start + count].long()] = True
-            start += count
-    position = torch.arange(n)
-    pairs = blocks[:, position[:, None] // block_size, position[None, :] // block_size]
+    """bool ``[heads, n, n]``: query i may attend key t (``block_pairs`` of
+    the CSR, and with ``causal`` t <= i)."""
+    pairs = block_pairs(kv_num_blocks, kv_indices, n, block_size)
     if causal:
-        pairs &= position[None, :] <= position[:, None]
+        pairs = pairs & torch.ones(n, n, dtype=torch.bool).tril()
     return pairs.expand(heads, n, n)
 
 
 def reference_attention(q, k, v, pairs, key_padding_mask=None, scale=None):
-    """One softmax per query row over its allowed keys, in float64; an
-    empty row gives 0. ``q`` may hold only the last rows (``pairs`` are over
-    the full length) and ``k, v`` fewer heads (query head j reads key head
-    j // (h / h_kv)): written the plain way, keys repeated, rows sliced."""
-    group = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
-    pairs = pairs[:, pairs.shape[1] - q.shape[1]:]
-    q, k, v = q.double(), k.double(), v.double()
-    allowed = pairs[None].expand(q.shape[0], -1, -1, -1)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask[:, None, None, :]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhij,bjhd->bihd", weights, v)
+    """``dense_attention`` over ``pairs`` (over the full length: ``q`` may hold
+    only the last rows), float64."""
+    return dense_attention(q, k, v, weight=pairs, key_padding_mask=key_padding_mask, scale=scale)
 
 
 def check_against_reference(spec: SparseSpec, *, batch=2, dim=8, causal=None, key_padding_mask=None,
@@ -149,7 +129,7 @@ def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch, cpu_path
     # 256 gathered key elements per tile with 2 * 4 batch rows, block 4 and
     # head_dim 8: two key blocks per tile, so a global row (all 12 blocks)
     # runs as six key tiles merged by their log-sum-exps.
-    monkeypatch.setattr(sparse, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(sparse_tiles, "TILE_ELEMENTS", 256)
     for attention in ("bidirectional", "unidirectional"):
         spec = SparseSpec("bslongformer", seq_len=46, block_size=4, num_heads=4, attention=attention,
                           global_block_indices=(0, 5))
@@ -157,7 +137,7 @@ def test_tiles_split_rows_and_global_rows_across_key_tiles(monkeypatch, cpu_path
 
 
 def test_a_query_without_any_allowed_key_outputs_zero_with_zero_gradient(monkeypatch, cpu_path):
-    monkeypatch.setattr(sparse, "TILE_ELEMENTS", 256)  # empty rows in every key tile
+    monkeypatch.setattr(sparse_tiles, "TILE_ELEMENTS", 256)  # empty rows in every key tile
     spec = SparseSpec("local", seq_len=20, block_size=4, num_heads=2, attention="bidirectional")
     key_padding_mask = torch.zeros(2, 20, dtype=torch.bool)
     key_padding_mask[1] = True                       # batch 1 ignores every key
@@ -180,11 +160,11 @@ def test_low_precision_is_computed_in_float32():
 @given(tiny_sparse_specs(), st.booleans())
 def test_random_layouts_match_the_dense_reference(spec, is_causal):
     for fused in (True, False):
-        sparse.USE_CPU_FLASH_KERNEL = fused
+        sparse_tiles.USE_CPU_FLASH_KERNEL = fused
         try:
             check_against_reference(spec, batch=1, dim=4, causal=is_causal or None)
         finally:
-            sparse.USE_CPU_FLASH_KERNEL = True
+            sparse_tiles.USE_CPU_FLASH_KERNEL = True
 
 
 def test_dropout_gradients_are_exact_and_eval_disables_it():
@@ -194,8 +174,8 @@ def test_dropout_gradients_are_exact_and_eval_disables_it():
     inputs = [torch.randn(1, 12, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
 
     def dropped(q, k, v):
-        return sparse._BlockSparseFunction.apply(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"],
-                                  None, seed, 4, False, 0.5, 0.4, False)[0]
+        return sparse_ops.SparseFunction.apply(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], [], [],
+                                               None, seed, 4, False, 0.5, 0.4, False, None)[0]
 
     assert torch.autograd.gradcheck(dropped, inputs)
     plain = block_sparse_attention(*inputs, pattern["kv_num_blocks"], pattern["kv_indices"], 4,
@@ -426,11 +406,11 @@ def test_random_layouts_short_queries_and_grouped_heads(spec, is_causal, data):
     kv_heads = data.draw(st.sampled_from([d for d in range(1, spec.num_heads + 1) if spec.num_heads % d == 0]),
                          label="kv_heads")
     for fused in (True, False):
-        sparse.USE_CPU_FLASH_KERNEL = fused
+        sparse_tiles.USE_CPU_FLASH_KERNEL = fused
         try:
             check_rows(spec, q_len, kv_heads, causal=is_causal or None, batch=1, dim=4)
         finally:
-            sparse.USE_CPU_FLASH_KERNEL = True
+            sparse_tiles.USE_CPU_FLASH_KERNEL = True
 
 
 def test_a_decode_step_gathers_only_the_key_blocks_of_its_row(monkeypatch):
@@ -438,13 +418,13 @@ def test_a_decode_step_gathers_only_the_key_blocks_of_its_row(monkeypatch):
     64 blocks of a 3-block window gathers 3 key blocks per key/value head,
     and grouped query heads share them (no key repeated per query head)."""
     gathered: dict[str, int] = {}
-    real = sparse._TilePlan.gather
+    real = sparse_tiles.TilePlan.gather
 
     def counting(self, slot, x, index, rows):
         gathered[slot] = gathered.get(slot, 0) + index.numel()
         return real(self, slot, x, index, rows)
 
-    monkeypatch.setattr(sparse._TilePlan, "gather", counting)
+    monkeypatch.setattr(sparse_tiles.TilePlan, "gather", counting)
     spec = SparseSpec("local", seq_len=512, block_size=8, num_heads=8, num_sliding_window_blocks=5)
     pattern = generate(spec)
     q = torch.randn(1, 1, 8, 16)
@@ -589,7 +569,7 @@ def test_copies_and_pickles_find_their_layouts_again(tmp_path):
     expected = module(q, k, v)
     for twin in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
         torch.testing.assert_close(twin(q, k, v), expected, rtol=0, atol=0)
-    sparse._SOURCES.clear()                               # as in a process that never built the module
+    sparse_layouts.SOURCES.clear()                               # as in a process that never built the module
     torch.testing.assert_close(pickle.loads(pickle.dumps(module))(q, k, v), expected, rtol=0, atol=0)
 
 
@@ -648,7 +628,7 @@ def test_dynamic_compile_runs_twenty_lengths_with_one_compile_and_export_takes_a
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
             torch.testing.assert_close(compiled_mha(x)[0], mha(x)[0], rtol=1e-6, atol=1e-6)
 
-    # min: dynamo specializes sizes 0 and 1, so a dynamic block count starts at 2 blocks
+    # min: dynamo specializes sizes 0 and 1 (a length inside one block is fine: test_sparse_programs.py)
     sequence = torch.export.Dim("sequence", min=5, max=4096)
     inputs = tuple(torch.randn(1, 40, 2, 8) for _ in range(3))
     program = torch.export.export(module, inputs, dynamic_shapes=({1: sequence},) * 3)

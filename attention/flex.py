@@ -1,0 +1,187 @@
+"""The FlexAttention bridge: a stored CSR block layout as a ``BlockMask``.
+
+ONE builder, ``block_mask_from_csr``, gives the mask of ``flex_attention``
+that computes exactly ``attention.BlockSparseAttention`` over the same layout
+(``kv_num_blocks [H, nb]``, ``kv_indices [nnz]``, ``patternstore.csr``):
+the layout's blocks, keys ``< kv_len``, with ``causal`` the rule ``kv_idx <=
+q_idx``, and with a ``key_padding_mask (batch, kv_len)`` (True = padding) the
+rule "key not padded". No ``n x n`` mask is built; the arrays are
+``[1, H, nb]`` counts and ``[1, H, nb, width]`` rows (``width = nb`` unless
+asked), so under ``torch.compile(dynamic=True)`` their shapes depend on the
+length only.
+
+Block rule: a block the mask_mod can cut is PARTIAL (``kv_*``: the mask_mod
+runs there): the causal diagonal blocks (after future blocks are dropped,
+the only ones causality cuts), the last key block when ``kv_len`` is not a
+multiple of the block (its keys past ``kv_len``), and with a key padding
+mask every block. With ``full_blocks`` (the default) every other block is
+FULL (``full_kv_*``: the mask_mod is skipped); without it they stay in
+``kv_*`` and no ``full_*`` arrays exist. The q-side arrays (``q_*``, needed
+by the backward) are the CSR transpose (``csr.transpose_layout``), not the
+dense ``[nb, nb]`` matrix ``BlockMask.from_kv_blocks`` goes through.
+
+CPU: torch 2.13's CPU FlexAttention lowering (``_inductor/kernel/flex/
+flex_cpu.py``) asserts ``width * block_size >= seq_len``, hence ``nb``-wide
+rows there. ``BlockMask.to_dense()`` assumes that ``nb``-wide form; flex
+reads only the first ``kv_num_blocks`` entries of each row.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from patternstore.csr import drop_future_blocks, entry_rows, padded_rows, select_entries, transpose_layout
+from patternstore.pattern import Pattern
+from patternstore.specs import SparseSpec, check_bool
+
+__all__ = ["BLOCK_MASK_FIELDS", "block_mask_from_csr", "block_mask_of", "with_key_padding", "to_block_mask",
+           "flex_tiles", "layout_mask_mod", "compiled_flex_attention"]
+
+# The tensor fields of a BlockMask this bridge fills, in BlockMask's own order
+# (``BlockMask._TENSOR_ATTRS`` without the optional dq-ordering arrays).
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def layout_mask_mod(kv_len: int, causal: bool, key_padding_mask: Optional[Tensor] = None) -> MaskMod:
+    """The mask_mod of every partial block: key inside ``kv_len``, causal
+    (``kv_idx <= q_idx``) when asked, and not padded."""
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        keep = kv_idx < kv_len
+        if causal:
+            keep = keep & (kv_idx <= q_idx)
+        if key_padding_mask is not None:
+            keep = keep & ~key_padding_mask[b, kv_idx]
+        return keep
+    return mask_mod
+
+
+def _rows(counts: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``[1, H, nb]`` counts and ``[1, H, nb, width]`` padded rows."""
+    return counts[None].contiguous(), padded_rows(counts, indices, width)[None].contiguous()
+
+
+def block_mask_from_csr(
+    kv_num_blocks: Tensor, kv_indices: Tensor, *, block_size: int, q_len: int, kv_len: int, causal: bool,
+    key_padding_mask: Optional[Tensor] = None, padded: bool = False, full_blocks: bool = True,
+    width: Optional[int] = None,
+):
+    """``BlockMask`` of the layout ``kv_num_blocks [H, nb]``, ``kv_indices``
+    (any device; the mask lives there) for ``q_len == kv_len`` positions
+    (module docstring for the rules). ``padded``: every block partial without
+    a padding mask yet (``with_key_padding`` adds it later, sharing the
+    arrays). ``width``: the rows' width, ``nb`` by default; a shorter one
+    must hold the longest row (read on the host: one sync)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if q_len != kv_len:
+        raise ValueError(f"q_len must equal kv_len (flex's blocks are top-left aligned); got {q_len}, {kv_len}")
+    nb = -(-kv_len // block_size)
+    if kv_num_blocks.dim() != 2 or kv_num_blocks.shape[1] != nb:
+        raise ValueError(f"kv_num_blocks must be [H, ceil(kv_len / block_size) = {nb}], "
+                         f"got {list(kv_num_blocks.shape)}")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= nb):
+        raise ValueError(f"width must be an int in [1, num_blocks={nb}] or None, got {width!r}")
+    padded = padded or key_padding_mask is not None
+    if causal:
+        kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)
+    column = kv_indices.long()
+    partial = torch.full_like(column, padded or not full_blocks, dtype=torch.bool)
+    if causal:
+        partial |= column == entry_rows(kv_num_blocks) % nb
+    if kv_len % block_size:
+        partial |= column == nb - 1
+    sides = [(kv_num_blocks, kv_indices)] if not full_blocks else [
+        select_entries(kv_num_blocks, kv_indices, partial), select_entries(kv_num_blocks, kv_indices, ~partial)]
+    if width is not None:
+        longest = max(int(counts.max()) for layout in sides for counts, _ in (layout, transpose_layout(*layout)))
+        if width < longest:
+            raise ValueError(f"width={width} is shorter than the longest row of the layout ({longest})")
+    size = nb if width is None else width
+    kv = [array for layout in sides for array in _rows(*layout, size)]
+    q = [array for layout in sides for array in _rows(*transpose_layout(*layout), size)]
+    if not full_blocks:
+        kv, q = kv + [None, None], q + [None, None]
+    arrays = dict(zip(BLOCK_MASK_FIELDS, kv + q))
+    return BlockMask(seq_lengths=(q_len, kv_len), BLOCK_SIZE=(block_size, block_size),
+                     mask_mod=layout_mask_mod(kv_len, causal, key_padding_mask), **arrays)
+
+
+def with_key_padding(mask, key_padding_mask: Tensor):
+    """``mask`` (built with ``padded=True``: every block partial, since a full
+    block skips the mask_mod) whose mask_mod also drops the keys
+    ``key_padding_mask (batch, kv_len)`` marks; the index arrays are shared."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    inner = mask.mask_mod
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return inner(b, h, q_idx, kv_idx) & ~key_padding_mask[b, kv_idx]
+
+    return BlockMask(seq_lengths=mask.seq_lengths, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod,
+                     **{name: getattr(mask, name) for name in BLOCK_MASK_FIELDS})
+
+
+def block_mask_of(arrays: list[Tensor], seq_len: int, block_size: int, causal: bool):
+    """A ``BlockMask`` over ``BLOCK_MASK_FIELDS`` arrays (as built by
+    ``block_mask_from_csr``, e.g. baked into a compiled graph)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return BlockMask(seq_lengths=(seq_len, seq_len), BLOCK_SIZE=(block_size, block_size),
+                     mask_mod=layout_mask_mod(seq_len, causal), **dict(zip(BLOCK_MASK_FIELDS, arrays)))
+
+
+def to_block_mask(pattern: Pattern, *, causal: Optional[bool] = None, width: Optional[int] = None):
+    """The ``BlockMask`` of a stored sparse ``pattern`` at its own length.
+    ``causal`` defaults to the layout's direction (``attention=
+    "unidirectional"``). Uncut blocks are full only when causal (a
+    bidirectional mask keeps every block in ``kv_*``). ``width`` defaults to
+    ``nb`` on the CPU, else the longest row."""
+    spec = pattern.spec
+    if not isinstance(spec, SparseSpec):
+        raise ValueError(f"to_block_mask needs a sparse pattern (a SparseSpec), got {type(spec).__name__}")
+    causal = spec.params["attention"] == "unidirectional" if causal is None else check_bool("causal", causal)
+    counts, indices = pattern["kv_num_blocks"], pattern["kv_indices"]
+    if width is None and counts.device.type != "cpu":
+        sides = drop_future_blocks(counts, indices) if causal else (counts, indices)
+        width = max(1, int(sides[0].max()), int(transpose_layout(*sides)[0].max()))
+    return block_mask_from_csr(counts, indices, block_size=spec.block_size, q_len=spec.seq_len,
+                               kv_len=spec.seq_len, causal=causal, full_blocks=causal, width=width)
+
+
+# The largest Triton tile flex_attention picks by itself (BLOCK_M of the
+# forward on an H100, torch 2.11).
+FLEX_DEFAULT_TILE = 128
+
+
+def flex_tiles(block_size: int) -> dict[str, int]:
+    """``kernel_options`` of flex_attention whose tiles divide ``block_size``
+    (a multiple of 16): none for blocks that are multiples of
+    FLEX_DEFAULT_TILE, else every forward and backward tile set to the largest
+    power of two dividing the block. Without them, compiled flex on an H100
+    refused 64-token blocks ("Q and KV block size must be divisible by BLOCK_M
+    and BLOCK_N")."""
+    tile = block_size & -block_size  # the largest power of two dividing it
+    if tile >= FLEX_DEFAULT_TILE:
+        return {}
+    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+
+_compiled_flex = None
+
+
+def compiled_flex_attention():
+    """``flex_attention`` compiled once per process (it runs only compiled:
+    eager flex materializes the scores). Inside a caller's compiled region
+    dynamo traces through it."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, fullgraph=True)
+    return _compiled_flex
