@@ -61,9 +61,9 @@ from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore
 
 from .flex import block_mask_of, compiled_flex_attention, flex_tiles, with_key_padding
-from .kernels import check_dropout, check_is_causal, check_softmax_scale, default_scale
+from .kernels import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from .sparse_layouts import LayoutPlan, LayoutSource, baked_block_mask, baked_plan, describe_layouts, source, unflatten_plan
-from .sparse_ops import block_mask_op, check_sparse_inputs, layout_op, sparse_attention
+from .sparse_ops import block_mask_op, layout_op, sparse_attention
 
 __all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES", "FLEX_MIN_BLOCK"]
 
@@ -180,7 +180,7 @@ class BlockSparseAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        check_sparse_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
+        check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
         causal = check_is_causal(is_causal) or self._unidirectional
         q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
         if causal and q_len != kv_len and not self._prefix_stable:

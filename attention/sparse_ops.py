@@ -36,11 +36,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulate_dtype, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from .kernels import accumulate_dtype, check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from .sparse_layouts import source
 from .sparse_tiles import sparse_backward, sparse_forward
 
-__all__ = ["block_sparse_attention", "sparse_attention", "check_sparse_inputs", "layout_op", "block_mask_op",
+__all__ = ["block_sparse_attention", "sparse_attention", "layout_op", "block_mask_op",
            "BLOCK_MASK_ARRAYS"]
 
 
@@ -296,25 +296,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_
 
 
 # ------------------------------------------------------ functional core
-def check_sparse_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> None:
-    """``kernels.check_attention_inputs``, with v's head_dim free (MLA: the
-    output takes v's last dimension)."""
-    from .kernels import check_attention_inputs
-
-    check_attention_inputs(q, k, k, key_padding_mask)
-    # MERGE: kernels.check_attention_inputs takes v_dim != head_dim (issue 20
-    # item 4); until then v is checked here against k's other dimensions.
-    if not isinstance(v, Tensor) or v.dim() != 4 or not v.dtype.is_floating_point:
-        raise ValueError(f"v must be a floating-point tensor (batch, kv_len, kv_heads, v_dim), got "
-                         f"{getattr(v, 'shape', type(v).__name__)}")
-    if v.shape[:3] != k.shape[:3] or v.numel() == 0:
-        raise ValueError(f"k and v must have one shape (batch, kv_len, kv_heads) and a head_dim >= 1 each; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if v.dtype != q.dtype or v.device != q.device:
-        raise ValueError(f"q, k and v must have one dtype and device, got v {v.dtype} on {v.device}, "
-                         f"q {q.dtype} on {q.device}")
-
-
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block_size: int, *,
     causal: bool = False, softmax_scale: float | None = None, dropout_p: float = 0.0,
@@ -332,7 +313,7 @@ def block_sparse_attention(
     bool ``(b, kv_len)``, True where a key must be ignored. Float16/bfloat16
     inputs are computed in float32 and returned in their dtype.
     """
-    check_sparse_inputs(q, k, v, key_padding_mask)
+    check_attention_inputs(q, k, v, key_padding_mask)
     b, q_len, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")

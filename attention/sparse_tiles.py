@@ -43,7 +43,7 @@ from torch import Tensor
 
 from patternstore.csr import check_layout, drop_future_blocks
 
-from .kernels import EMPTY_LSE, accumulate_dtype, merge_
+from .kernels import EMPTY_LSE, accumulate_dtype, attend, attend_backward, merge_
 
 __all__ = ["TILE_ELEMENTS", "USE_CPU_FLASH_KERNEL", "Groups", "row_groups", "TilePlan", "tile_backend",
            "sparse_forward", "sparse_backward"]
@@ -257,73 +257,6 @@ def dropout_keep(like: Tensor, keys: int, p: float, seed: int, tile: int) -> Ten
 
 
 
-# MERGE: replace with kernels.attend / kernels.attend_backward, which take
-# ``mask=`` and ``keep=`` (the kernel layer's fixed signature); until then
-# this adapter gives their contract for the tiles' calls (non-causal, no
-# key_mask): the fused CPU kernel when no masked key is non-finite (it ADDS
-# its mask), else explicit matmuls that fill.
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _fused(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], keep: Optional[Tensor],
-           backend: Optional[str]) -> bool:
-    if backend is not None or q.device.type != "cpu" or keep is not None or v.shape[-1] != q.shape[-1]:
-        return False
-    return mask is None or bool(torch.isfinite(k.sum()))
-
-
-def _bias(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if mask is None else torch.zeros((), dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, key_mask: Optional[Tensor] = None,
-           mask: Optional[Tensor] = None, dropout_p: float = 0.0, keep: Optional[Tensor] = None,
-           backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    assert not causal and key_mask is None  # MERGE adapter: the tiles never pass them
-    if _fused(q, k, v, mask, keep, backend):
-        out, lse = _FLASH(q, k, v, attn_mask=_bias(mask, q.dtype), scale=scale)[:2]
-    else:
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-        if mask is not None:
-            s = s.masked_fill(mask, float("-inf"))
-        top = s.amax(-1, keepdim=True)
-        shift = top.masked_fill(torch.isneginf(top), 0.0)
-        p = s.sub_(shift).exp_()
-        total = p.sum(-1, keepdim=True)
-        if keep is not None:
-            p = p.mul_(keep).div_(1 - dropout_p)
-        out = torch.matmul(p, v).div_(total.clamp_min(torch.finfo(total.dtype).tiny))
-        lse = (shift + total.log()).squeeze(-1)
-    if mask is not None:
-        empty = mask.all(-1).expand(lse.shape)
-        lse = lse.masked_fill(empty, EMPTY_LSE)
-        out = out.masked_fill(empty[..., None], 0.0)
-    return out, lse
-
-
-def attend_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, causal: bool,
-                    scale: float, key_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                    dropout_p: float = 0.0, keep: Optional[Tensor] = None,
-                    backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
-    assert not causal and key_mask is None  # MERGE adapter: the tiles never pass them
-    if _fused(q, k, v, mask, keep, backend):
-        return _FLASH_BACKWARD(d_out, q, k, v, out, lse, 0.0, False, attn_mask=_bias(mask, q.dtype), scale=scale)
-    delta = (d_out * out).sum(-1)  # sum_t P_it dP_it = dO_i . O_i (with dropout, O is the dropped output)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if mask is not None:
-        s = s.masked_fill(mask, float("-inf"))
-    p = s.sub_(lse.unsqueeze(-1)).exp_()
-    dp = torch.matmul(d_out, v.transpose(-1, -2))
-    if keep is not None:
-        scaled = keep.to(p.dtype).div_(1 - dropout_p)
-        dv = torch.matmul((p * scaled).transpose(-1, -2), d_out)
-        dp.mul_(scaled)
-    else:
-        dv = torch.matmul(p.transpose(-1, -2), d_out)
-    ds = dp.sub_(delta.unsqueeze(-1)).mul_(p).mul_(scale)
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
-# MERGE: end of the adapter.
 
 
 def sparse_forward(
