@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .kinds import SPARSE_KINDS, LayoutContext
-from .pattern import GROUP_COLUMNS, Pattern
+from .dilated_groups import GROUP_COLUMNS
+from .pattern import Pattern
 from .specs import DilatedSpec, SparseSpec, Spec
 
 __all__ = ["generate", "dilated_head_groups"]

@@ -12,6 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention.dilated as dilated
+import attention.dilated_kernels as dilated_kernels
+import attention.dilated_plan as dilated_plan
+import attention.dilated_reference as dilated_reference
 import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
 from cuda_emulation import emulated_cuda_ops, recording
@@ -163,18 +166,18 @@ def test_fast_path_runs_the_cuda_control_flow_on_meta_tensors(monkeypatch, dtype
     meta kernels (backend "cuda" on meta tensors): every call the kernel
     ``choose_kernel`` names, (B, H, M, d) rows with unit stride, M and N the
     piece's rows; out, lse and gradients of the right shapes and dtypes."""
-    monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
+    monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", 64)  # several chunks per piece
     calls = recording(monkeypatch)
     h = 4
     plan = DilatedPlan.from_pattern(generate(DilatedSpec((8, 16), (1, 2), h)))
     q = torch.empty(b, q_len, h, head_dim, dtype=dtype, device="meta")
     k, v = (torch.empty(b, kv_len, h_kv, head_dim, dtype=dtype, device="meta") for _ in range(2))
     pad = torch.zeros(b, kv_len, dtype=torch.bool, device="meta") if masked else None
-    out, lse = dilated.forward_groups(q, k, v, pad, plan.groups, causal, 0.125, backend="cuda")
+    out, lse = dilated_kernels.forward_groups(q, k, v, pad, plan.groups, causal, 0.125, backend="cuda")
     assert out.shape == q.shape and out.dtype == dtype and out.device.type == "meta"
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     grads_ = [torch.zeros(x.shape, dtype=out.dtype, device="meta") for x in (q, k, v)]
-    dilated.backward_groups(q, q, k, v, q, lse, pad, plan.groups, causal, 0.125, *grads_, backend="cuda")
+    dilated_kernels.backward_groups(q, q, k, v, q, lse, pad, plan.groups, causal, 0.125, *grads_, backend="cuda")
     expected = kernels.choose_kernel("cuda", dtype, head_dim, masked)
     assert calls and {name for name, *_ in calls} == {expected}
     for _, _, cq, ck, cv in calls:
@@ -193,7 +196,7 @@ def test_fast_path_through_each_cuda_kernel_with_cpu_emulations(monkeypatch, dty
     choice = kernels.choose_kernel("cuda", dtype, head_dim, masked)
     monkeypatch.setattr(kernels, "_ops", emulated_cuda_ops())
     monkeypatch.setattr(kernels, "choose_kernel", lambda *args: choice)
-    monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
+    monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", 64)  # several chunks per piece
     u = {torch.float32: None, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     tolerance = 1e-5 if u is None else 4 * u
     segments, rates, h, h_kv, b, n = (8, 16), (1, 2), 4, 2, 2, 45
@@ -231,9 +234,9 @@ def test_chunked_paths_match_dense_reference(monkeypatch, b, n, min_chunk):
     """Tiny chunks (one, or a few (batch, segment) pairs): chunks within a
     batch row (tail present), across batch rows (no tail), and the reference
     scores a segment at a time."""
-    monkeypatch.setattr(dilated, "_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(dilated, "_CHUNK_FRACTION", 1 << 30)
-    monkeypatch.setattr(dilated, "_REFERENCE_SCORES", 1)
+    monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(dilated_kernels, "_CHUNK_FRACTION", 1 << 30)
+    monkeypatch.setattr(dilated_reference, "_REFERENCE_SCORES", 1)
     segments, rates = (4, 8, 16), (1, 2, 4)
     q, k, v = qkv(b, n, 4, 3, requires_grad=True)
     expected = dense_dilated_attention(q, k, v, segments, rates, is_causal=True)
@@ -304,9 +307,9 @@ def test_pieces_select_exactly_the_rule_positions(scheme):
                 s = min(g.segment, n)
                 selected = selected_positions(g, n)
                 queries = []
-                for piece in dilated._pieces(g, m, n):
-                    qv = dilated._view(pos[:, n - m :], piece, True)[0]
-                    kv = dilated._view(pos, piece, False)[0]
+                for piece in dilated_plan.pieces(g, m, n):
+                    qv = dilated_plan.view(pos[:, n - m :], piece, True)[0]
+                    kv = dilated_plan.view(pos, piece, False)[0]
                     for q_row, k_row in zip(qv.tolist(), kv.tolist()):
                         segment = {p for p in selected if p // s == q_row[0] // s}
                         assert k_row == sorted(segment) and q_row == k_row[len(k_row) - len(q_row):]
@@ -430,13 +433,13 @@ def test_a_decode_step_reads_only_the_keys_its_row_attends(monkeypatch):
     """Cost proportional to the keys a row attends: every kernel call of a
     one-row step gets at most w_i / r_i keys, never the cache."""
     shapes = []
-    real_attend = dilated.attend
+    real_attend = dilated_kernels.attend
 
     def counting(q, k, v, **kwargs):
         shapes.append((q.shape[-2], k.shape[-2]))
         return real_attend(q, k, v, **kwargs)
 
-    monkeypatch.setattr(dilated, "attend", counting)
+    monkeypatch.setattr(dilated_kernels, "attend", counting)
     segments, rates, n = (64, 128, 256), (1, 2, 4), 1000
     q, k, v = qkv(1, n, 4, 8)
     ImprovedDilatedAttention(segments, rates)(q[:, -1:], k, v, is_causal=True)

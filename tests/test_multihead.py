@@ -30,7 +30,7 @@ def make(cls, embed_dim=24, heads=4, **kwargs):
 
 def projections(module):
     """(weight, bias) of q, k, v, whichever way the module stores them."""
-    return [(w, b) for w, b, _ in module._input_weights()]
+    return [(w, b) for w, b, _ in module.input_projections()]
 
 
 def by_hand(module, query, key, value, key_padding_mask=None, is_causal=False):
