@@ -58,7 +58,7 @@ def _describe(ranks: tuple[int, ...], timeout: timedelta) -> str:
 def _run(name: str, group: TimedGroup, function, *args) -> None:
     try:
         function(*args, group=group.group)
-    except RuntimeError as error:  # gloo and NCCL report timeouts as (subclasses of) RuntimeError
+    except RuntimeError as error:  # gloo's timeouts are plain RuntimeErrors, NCCL's DistBackendErrors
         raise CollectiveError(f"{name} in {group.describe()} failed: {error}") from error
 
 
@@ -67,9 +67,29 @@ def all_gather(out: torch.Tensor, mine: torch.Tensor, group: TimedGroup) -> None
     _run("all_gather", group, _all_gather, out, mine)
 
 
-def reduce_scatter(mine: torch.Tensor, full: torch.Tensor, group: TimedGroup) -> None:
-    """``mine`` [m, ...] gets this rank's block of the sum over ranks of ``full`` [w*m, ...]."""
+def reduce_scatter(full: torch.Tensor, group: TimedGroup) -> torch.Tensor:
+    """This rank's block [m, ...] of the sum over ranks of ``full`` [w*m, ...].
+
+    Out of place, as a custom op: inside a ``torch.func`` transform a
+    backward's tensors are the transform's wrappers, and c10d's in-place
+    collective into one raises ("would mutate a captured Tensor"); the op
+    runs on the plain tensors beneath. No gradient flows through it (a
+    backward's own gradient is not supported)."""
+    with torch.no_grad():
+        return torch.ops.attention.reduce_scatter_rows(full, list(group.ranks), group.timeout.total_seconds())
+
+
+@torch.library.custom_op("attention::reduce_scatter_rows", mutates_args=())
+def _reduce_scatter_rows(full: torch.Tensor, ranks: list[int], timeout_seconds: float) -> torch.Tensor:
+    group = timed_group(tuple(ranks), timedelta(seconds=timeout_seconds))
+    mine = full.new_empty(full.shape[0] // len(ranks), *full.shape[1:])
     _run("reduce_scatter", group, _reduce_scatter, mine, full)
+    return mine
+
+
+@_reduce_scatter_rows.register_fake
+def _(full, ranks, timeout_seconds):
+    return full.new_empty(full.shape[0] // len(ranks), *full.shape[1:])
 
 
 def require_initialized(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -101,7 +121,7 @@ def timed_group(global_ranks: tuple[int, ...], timeout: timedelta) -> TimedGroup
     if found is None:
         try:
             group = dist.new_group(list(global_ranks), timeout=timeout, use_local_synchronization=True)
-        except RuntimeError as error:
+        except RuntimeError as error:  # the store's wait timing out
             raise CollectiveError(f"creating {_describe(global_ranks, timeout)} failed: {error}") from error
         found = groups[(global_ranks, timeout)] = TimedGroup(group, global_ranks, timeout)
     return found

@@ -225,8 +225,7 @@ def _scatter_segment(dkeys: Tensor, dvalues: Tensor, lg: LongGroup, group) -> tu
     b, hg, _, d = dkeys.shape
     full = dkeys.new_zeros(len(lg.ranks) * lg.padded, 2, b, hg, d)
     full.index_copy_(0, lg.received_rows(dkeys.device), torch.stack([dkeys, dvalues]).permute(3, 0, 1, 2, 4))
-    mine = full.new_empty(lg.padded, 2, b, hg, d)
-    reduce_scatter(mine, full, group)
+    mine = reduce_scatter(full, group)
     count = lg.counts[lg.index]
     return mine[:count, 0].transpose(0, 1), mine[:count, 1].transpose(0, 1)
 
