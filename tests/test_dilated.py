@@ -18,7 +18,7 @@ import attention.dilated_reference as dilated_reference
 import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
 from cuda_emulation import emulated_cuda_ops, recording
-from dense_reference import dense_dilated_attention
+from dense_reference import dense_attention, dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, PatternStore, generate
 
 MODULES = [DilatedAttention, ImprovedDilatedAttention]
@@ -569,3 +569,108 @@ def test_is_causal_must_be_a_bool(value):
     for module_class in MODULES:
         with pytest.raises(ValueError, match="is_causal must be True or False"):
             module_class((4,), (1,))(q, k, v, is_causal=value)
+
+
+# --------------------------------------------------- torch.func transforms
+def _dense(segments, rates, is_causal):
+    return lambda q, k, v, pad=None: dense_dilated_attention(q, k, v, segments, rates, is_causal=is_causal,
+                                                             key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_vmap_equals_the_reference_per_sample(module_class):
+    """``vmap`` over a leading dim of q, k, v and the padding mask (the ops'
+    rule folds it into the batch), and over q alone (k, v shared)."""
+    segments, rates = (4, 8), (1, 2)
+    module = module_class(segments, rates)
+    q, k, v = (torch.randn(3, 2, 13, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    pad = torch.zeros(3, 2, 13, dtype=torch.bool)
+    pad[1, 0, -4:] = True
+    pad[2, 1, :3] = True
+    dense = _dense(segments, rates, True)
+    got = torch.func.vmap(lambda q, k, v, p: module(q, k, v, is_causal=True, key_padding_mask=p))(q, k, v, pad)
+    assert_close(got, torch.stack([dense(*xs) for xs in zip(q, k, v, pad)]))
+    got = torch.func.vmap(lambda q: module(q, k[0], v[0], is_causal=True))(q)
+    assert_close(got, torch.stack([dense(x, k[0], v[0]) for x in q]))
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_per_sample_gradients_with_vmap_of_grad(module_class):
+    """``vmap(grad)``: each sample's gradients of its own loss, q, k and v,
+    equal the dense reference's, sample by sample."""
+    segments, rates = (4, 8), (1, 2)
+    module = module_class(segments, rates)
+    q, k, v, weight = (torch.randn(4, 11, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+                       for i in range(4))
+
+    def loss(q, k, v, w, attend):  # one sample: (n, h, d)
+        return (attend(q[None], k[None], v[None])[0] * w).sum()
+
+    fast = torch.func.vmap(torch.func.grad(
+        lambda *xs: loss(*xs, lambda q, k, v: module(q, k, v, is_causal=True)), argnums=(0, 1, 2)))(q, k, v, weight)
+    for i in range(4):
+        leaves = [x[i].clone().requires_grad_() for x in (q, k, v)]
+        want = torch.autograd.grad(loss(*leaves, weight[i], _dense(segments, rates, True)), leaves)
+        for got, expected in zip(fast, want):
+            assert_close(got[i], expected)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_jacrev_equals_the_reference_jacobian(module_class):
+    segments, rates = (4,), (2,)
+    module = module_class(segments, rates)
+    q, k, v = qkv(1, 6, 2, 2)
+    for argnum in (0, 2):
+        got = torch.func.jacrev(lambda *xs: module(*xs, is_causal=True), argnums=argnum)(q, k, v)
+        want = torch.autograd.functional.jacobian(lambda *xs: _dense(segments, rates, True)(*xs), (q, k, v))[argnum]
+        assert_close(got, want)
+
+
+def test_vmap_of_grad_through_the_multihead_layers():
+    """Per-sample parameter gradients (``functional_call``) of both multi-head presets equal
+    a loop of autograd over the samples."""
+    from attention import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+
+    for cls in (MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention):
+        torch.manual_seed(0)
+        layer = cls(8, 2, (4, 8), (1, 2), dtype=torch.float64)
+        params = {name: p.detach() for name, p in layer.named_parameters()}
+        x = torch.randn(3, 10, 8, dtype=torch.float64)
+
+        def loss(params, sample):
+            out, _ = torch.func.functional_call(layer, params, (sample[None],), {"is_causal": True})
+            return out.square().sum()
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        for i in range(3):
+            layer.zero_grad()
+            layer(x[i : i + 1], is_causal=True)[0].square().sum().backward()
+            for name, p in layer.named_parameters():
+                assert_close(per_sample[name][i], p.grad)
+
+
+# --------------------------------------------------- value head_dim (MLA)
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_value_head_dim_differs_from_the_query_key_head_dim(module_class, is_causal):
+    """Multi-head latent attention's shapes (DeepSeek-V2: qk 192, v 128, here
+    6 and 4) with GQA, padding and decode rows: outputs (b, q_len, h, d_v) and
+    gradients equal the dense reference's."""
+    segments, rates, n = (4, 8, 16), (1, 2, 4), 29
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, n, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, n, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, n, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(2, n, dtype=torch.bool)
+    pad[1, -6:] = True
+    module = module_class(segments, rates)
+    for q_len in (n, 3):
+        rows = q[:, n - q_len :]
+        out = module(rows, k, v, is_causal=is_causal, key_padding_mask=pad)
+        m = multiplicity(n, 4, segments, rates, "longnet", is_causal)
+        expected = dense_attention(rows, k, v, weight=m, is_causal=is_causal, key_padding_mask=pad)
+        assert out.shape == (2, q_len, 4, 4)
+        assert_close(out, expected)
+        for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+            assert_close(got, want)
