@@ -674,3 +674,22 @@ def test_value_head_dim_differs_from_the_query_key_head_dim(module_class, is_cau
         assert_close(out, expected)
         for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
             assert_close(got, want)
+
+
+# --------------------------------------------------- public geometry
+@pytest.mark.parametrize("scheme", ["longnet", "grouped"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-r{c[1]}-h{c[2]}-n{c[3]}")
+def test_computed_pairs_count_the_rule_pairs_of_the_last_rows(scheme, case):
+    """``computed_pairs`` (what tools count as useful work) is the number of
+    (head, query, key) pairs the design's rule selects, summed over branches,
+    for the last q_len rows; the module's public ``plan`` is the one it runs."""
+    segments, rates, h, n = case
+    if scheme == "grouped" and len(segments) > h:
+        pytest.skip("grouped needs a head per branch")
+    module = ImprovedDilatedAttention(segments, rates, scheme=scheme)
+    plan = module.plan(h)
+    assert plan == DilatedPlan.from_pattern(generate(DilatedSpec(segments, rates, h, scheme)))
+    m = multiplicity(n, h, segments, rates, scheme, is_causal=False)
+    for q_len in (n, 1, n // 3):
+        assert dilated_plan.computed_pairs(plan, q_len, n) == int(m[:, n - q_len :].sum())
+        assert len(plan.pieces(q_len, n)) == sum(len(dilated_plan.pieces(g, q_len, n)) for g in plan.groups)
