@@ -56,6 +56,7 @@ from .kernels import check_attention_inputs, check_dropout, check_is_causal, che
 __all__ = [
     "DilatedAttention",
     "ImprovedDilatedAttention",
+    "dilated_module",
     "DilatedPlan",
     "Group",
     "dilated_attention",
@@ -181,3 +182,13 @@ class ImprovedDilatedAttention(DilatedAttention):
 
     def __init__(self, segment_lengths, dilation_rates, **options) -> None:
         super().__init__(segment_lengths, dilation_rates, implementation="fast", **options)
+
+
+def dilated_module(segment_lengths, dilation_rates, *, implementation: str = "reference", **options) -> DilatedAttention:
+    """``DilatedAttention(segment_lengths, dilation_rates,
+    implementation=implementation, **options)``, as its preset where one
+    names these options (``ImprovedDilatedAttention`` for "fast"), so that
+    the layers built on it print and pickle as they always have."""
+    if implementation == "fast":
+        return ImprovedDilatedAttention(segment_lengths, dilation_rates, **options)
+    return DilatedAttention(segment_lengths, dilation_rates, implementation=implementation, **options)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from patternstore.store import PatternStore
 
-from .dilated import DilatedAttention
+from .dilated import dilated_module
 
 __all__ = ["MultiheadWrapper", "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"]
 
@@ -170,8 +170,8 @@ class MultiheadDilatedAttention(MultiheadWrapper):
         store: Optional[PatternStore] = None,
         **projection_options,
     ) -> None:
-        attention = DilatedAttention(segment_lengths, dilation_rates, implementation=implementation, scheme=scheme,
-                                     dropout=dropout, store=store)
+        attention = dilated_module(segment_lengths, dilation_rates, implementation=implementation, scheme=scheme,
+                                   dropout=dropout, store=store)
         super().__init__(embed_dim, num_heads, attention, **projection_options)
 
 

@@ -693,3 +693,15 @@ def test_computed_pairs_count_the_rule_pairs_of_the_last_rows(scheme, case):
     for q_len in (n, 1, n // 3):
         assert dilated_plan.computed_pairs(plan, q_len, n) == int(m[:, n - q_len :].sum())
         assert len(plan.pieces(q_len, n)) == sum(len(dilated_plan.pieces(g, q_len, n)) for g in plan.groups)
+
+
+def test_implementation_is_an_option_and_the_improved_class_its_preset():
+    q, k, v = qkv(2, 19, 2, 3)
+    fast = DilatedAttention((4, 8), (1, 2), implementation="fast")
+    preset = ImprovedDilatedAttention((4, 8), (1, 2))
+    assert fast.implementation == preset.implementation == "fast"
+    assert DilatedAttention((4, 8), (1, 2)).implementation == "reference"
+    assert_close(fast(q, k, v, is_causal=True), preset(q, k, v, is_causal=True), tol=0)
+    assert repr(fast).endswith("implementation='fast')") and "implementation" not in repr(preset)
+    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast'; got 'flex'"):
+        DilatedAttention((4,), (1,), implementation="flex")
