@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from .collectives import TimedGroup, agree_on_shapes, all_gather, reduce_scatter, require_initialized, timed_group
 from .dilated import DilatedAttention
