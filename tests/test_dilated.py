@@ -705,3 +705,22 @@ def test_implementation_is_an_option_and_the_improved_class_its_preset():
     assert repr(fast).endswith("implementation='fast')") and "implementation" not in repr(preset)
     with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast'; got 'flex'"):
         DilatedAttention((4,), (1,), implementation="flex")
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_a_nan_or_inf_in_a_padded_key_or_value_changes_nothing(module_class, is_causal):
+    """Padded keys are removed, not added as a bias: NaN and Inf in their
+    keys and values leave every output and gradient what the dense reference
+    gives without them (q, k, v (1, 16, 2, 8), the last 3 keys padded)."""
+    q, k, v = qkv(1, 16, 2, 8)
+    pad = torch.zeros(1, 16, dtype=torch.bool)
+    pad[:, -3:] = True
+    k[:, -1], k[:, -2], v[:, -1], v[:, -3] = float("nan"), float("inf"), float("nan"), float("-inf")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = module_class((8, 16), (1, 2))(*leaves, is_causal=is_causal, key_padding_mask=pad)
+    clean = [q.clone().requires_grad_()] + [x.masked_fill(pad[..., None, None], 0.0).requires_grad_() for x in (k, v)]
+    expected = dense_dilated_attention(*clean, (8, 16), (1, 2), is_causal=is_causal, key_padding_mask=pad)
+    assert_close(out, expected)
+    for got, want in zip(grads(out, leaves), grads(expected, clean)):
+        assert_close(got, want)
