@@ -26,6 +26,12 @@ All branches' outputs merge locally by log-sum-exp, in place, as in
 output and log-sum-exp (which is the exact gradient of the combined softmax)
 and reduce-scatters the gathered keys' and values' gradients back to their
 ranks.
+
+Waiting: one ``timeout`` per module bounds every collective it joins and the
+creation of their groups (``collectives``). Transforms: ``torch.func.grad``
+and ``vjp`` (the autograd Function has ``setup_context``); ``vmap`` is refused
+by torch (no vmap rule: a batched collective would need every rank to vmap
+alike).
 """
 
 from __future__ import annotations
