@@ -1,12 +1,9 @@
 """attention: LongNet dilated, block-sparse and sequence-parallel attention over patternstore plans."""
 
-from .dilated import (
-    DilatedAttention,
-    DilatedPlan,
-    ImprovedDilatedAttention,
-    dilated_attention,
-    dilated_attention_reference,
-)
+from .dilated import DilatedAttention, ImprovedDilatedAttention
+from .dilated_ops import dilated_attention
+from .dilated_plan import DilatedPlan
+from .dilated_reference import dilated_attention_reference
 from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
 from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, MultiheadWrapper
 from .sparse import BlockSparseAttention

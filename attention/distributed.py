@@ -26,6 +26,12 @@ All branches' outputs merge locally by log-sum-exp, in place, as in
 output and log-sum-exp (which is the exact gradient of the combined softmax)
 and reduce-scatters the gathered keys' and values' gradients back to their
 ranks.
+
+Waiting: one ``timeout`` per module bounds every collective it joins and the
+creation of their groups (``collectives``). Transforms: ``torch.func.grad``
+and ``vjp`` (the autograd Function has ``setup_context``); ``vmap`` is refused
+by torch (no vmap rule: a batched collective would need every rank to vmap
+alike).
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-
-from .collectives import agree_on_shapes, all_gather, reduce_scatter, require_initialized, segment_group
-from .dilated import DilatedPlan, Group, _DilatedBase, backward_groups, forward_groups
+from .collectives import TimedGroup, agree_on_shapes, all_gather, reduce_scatter, require_initialized, timed_group
+from .dilated import DilatedAttention
+from .dilated_kernels import backward_groups, forward_groups
+from .dilated_plan import DilatedPlan, Group
 from .kernels import (
     accumulate_dtype,
     attend,
@@ -50,7 +57,7 @@ from .kernels import (
     default_scale,
     merge_,
 )
-from .multihead import MultiheadDilatedAttention
+from .multihead import MultiheadWrapper
 
 __all__ = ["DistributedDilatedAttention", "DistributedMultiheadDilatedAttention"]
 
@@ -118,37 +125,48 @@ def _selected_rows(chunk: int, start: int, offset: int, rate: int) -> int:
 
 
 class _SequenceParallel(torch.autograd.Function):
+    """The module's forward and backward with ``setup_context``, so
+    ``torch.func`` (``grad``, ``vjp``) takes it. Outputs: ``(out, lse, the
+    gathered keys and values of each long group, then its gathered key
+    padding if any)``; all but ``out`` are non-differentiable, returned only
+    to be saved (setup_context sees inputs and outputs, nothing else)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, pad: Optional[Tensor], dplan: DistributedPlan, groups: tuple, is_causal: bool,  # type: ignore[override]
+    def forward(q, k, v, pad: Optional[Tensor], dplan: DistributedPlan, groups: tuple, is_causal: bool,  # type: ignore[override]
                 scale: float, stats: dict):
         out, lse = forward_groups(q, k, v, pad, dplan.local, is_causal, scale)
-        gathered, key_pads = [], []
+        saved = []
         for lg, group in zip(dplan.long, groups):
             keys, values = _gather_segment(k, v, lg, group, stats)
             key_pad = None if pad is None else _gather_padding(pad, lg, group, stats)
-            gathered += [keys, values]
-            key_pads.append(key_pad)
+            saved += [keys, values] + ([] if key_pad is None else [key_pad])
             queries = q[lg.rows].transpose(1, 2)
             for key_rows, causal in _key_ranges(lg, is_causal):
                 o, l = attend(queries, keys[:, :, key_rows], values[:, :, key_rows], causal=causal, scale=scale,
                               key_mask=None if key_pad is None else key_pad[:, key_rows])
                 merge_(out[lg.rows], lse[lg.rows], o.transpose(1, 2), l.transpose(1, 2))
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, pad, *gathered)
-        ctx.key_pads = key_pads  # made here, needing no gradient: kept as they are
-        ctx.dplan, ctx.groups, ctx.is_causal, ctx.scale = dplan, groups, is_causal, scale
-        return out
+        return (out.to(q.dtype), lse, *saved)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, out, lse, pad, *gathered = ctx.saved_tensors
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, pad, dplan, groups, is_causal, scale, _ = inputs
+        out, lse, *saved = output
+        ctx.mark_non_differentiable(lse, *saved)
+        ctx.save_for_backward(q, k, v, out, lse, pad, *saved)
+        ctx.dplan, ctx.groups, ctx.is_causal, ctx.scale = dplan, groups, is_causal, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):  # type: ignore[override]
+        q, k, v, out, lse, pad, *saved = ctx.saved_tensors
         dplan, is_causal, scale = ctx.dplan, ctx.is_causal, ctx.scale
         acc = accumulate_dtype(q.dtype)
         grads = [torch.zeros(q.shape, dtype=acc, device=q.device) for _ in range(3)]
         backward_groups(grad_out, q, k, v, out, lse, pad, dplan.local, is_causal, scale, *grads)
         dq, dk, dv = grads
-        for i, (lg, group, key_pad) in enumerate(zip(dplan.long, ctx.groups, ctx.key_pads)):
-            keys, values = gathered[2 * i], gathered[2 * i + 1]
+        per_group = 2 if pad is None else 3
+        for i, (lg, group) in enumerate(zip(dplan.long, ctx.groups)):
+            keys, values, *key_pads = saved[per_group * i : per_group * (i + 1)]
+            key_pad = key_pads[0] if key_pads else None
             rows = lg.rows
             queries = q[rows].transpose(1, 2)
             dkeys, dvalues = torch.zeros_like(keys, dtype=acc), torch.zeros_like(values, dtype=acc)
@@ -189,7 +207,7 @@ def _gather_segment(k: Tensor, v: Tensor, lg: LongGroup, group, stats: dict) -> 
     send[:mine, 0] = k[lg.rows].transpose(0, 1)
     send[:mine, 1] = v[lg.rows].transpose(0, 1)
     received = send.new_empty(len(lg.ranks) * lg.padded, 2, b, hg, d)
-    all_gather(received, send, group=group)
+    all_gather(received, send, group)
     stats["bytes_received"] += (len(lg.ranks) - 1) * send.numel() * send.element_size()
     both = received.index_select(0, lg.received_rows(k.device)).permute(1, 2, 3, 0, 4)  # (2, b, hg, M, d)
     return both[0], both[1]
@@ -202,7 +220,7 @@ def _gather_padding(pad: Tensor, lg: LongGroup, group, stats: dict) -> Tensor:
     mine = lg.counts[lg.index]
     send[:mine] = pad[:, lg.first :: lg.rate].t()
     received = send.new_empty(len(lg.ranks) * lg.padded, pad.shape[0])
-    all_gather(received, send, group=group)
+    all_gather(received, send, group)
     stats["bytes_received"] += (len(lg.ranks) - 1) * send.numel()
     return received.index_select(0, lg.received_rows(pad.device)).t().bool()
 
@@ -213,15 +231,14 @@ def _scatter_segment(dkeys: Tensor, dvalues: Tensor, lg: LongGroup, group) -> tu
     b, hg, _, d = dkeys.shape
     full = dkeys.new_zeros(len(lg.ranks) * lg.padded, 2, b, hg, d)
     full.index_copy_(0, lg.received_rows(dkeys.device), torch.stack([dkeys, dvalues]).permute(3, 0, 1, 2, 4))
-    mine = full.new_empty(lg.padded, 2, b, hg, d)
-    reduce_scatter(mine, full, group=group)
+    mine = reduce_scatter(full, group)
     count = lg.counts[lg.index]
     return mine[:count, 0].transpose(0, 1), mine[:count, 1].transpose(0, 1)
 
 
-class DistributedDilatedAttention(_DilatedBase):
+class DistributedDilatedAttention(DilatedAttention):
     """``DilatedAttention`` over a sequence split across the ranks of
-    ``process_group`` (default: the whole world).
+    ``process_group`` (default: the whole world), on the fast kernels.
 
     ``forward(q, k, v, is_causal=False, key_padding_mask=None)``: this rank's
     contiguous chunk (batch, seq_len // world_size, heads, head_dim) -> this
@@ -231,9 +248,13 @@ class DistributedDilatedAttention(_DilatedBase):
     of one shape, and pass a mask or not; a mismatch raises the same
     ``ValueError`` on every rank, and an invalid input on one rank raises its
     own ``ValueError`` there and one naming that rank on the others.
-    Collectives run in groups with a timeout of ``timeout`` (a rank that
-    never arrives fails the others after it, never hangs them). ``bytes_received`` counts the bytes this
-    rank received from all-gathers since construction.
+
+    ``timeout`` bounds everything the module waits on: the shape agreement,
+    the all-gathers and reduce-scatters, and the creation of their groups
+    all run in groups made with it. A rank that never calls makes the others
+    raise ``collectives.CollectiveError`` after about ``timeout``, naming the
+    collective and the group. ``bytes_received`` counts the bytes this rank
+    received from all-gathers since construction.
     """
 
     def __init__(
@@ -248,15 +269,18 @@ class DistributedDilatedAttention(_DilatedBase):
         store=None,
         timeout: timedelta = timedelta(minutes=5),
     ) -> None:
-        super().__init__(segment_lengths, dilation_rates, scheme=scheme, softmax_scale=softmax_scale,
-                         dropout=dropout, store=store)
+        super().__init__(segment_lengths, dilation_rates, implementation="fast", scheme=scheme,
+                         softmax_scale=softmax_scale, dropout=dropout, store=store)
         if dropout:
             raise ValueError("dropout must be 0.0 for DistributedDilatedAttention (the fused kernels run without it)")
+        if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+            raise ValueError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
         self.process_group = process_group
         self.timeout = timeout
         self._stats = {"bytes_received": 0}
-        # process group -> {(chunk, heads): (plan, segment groups)}; weakly
-        # keyed, so a destroyed group's subgroups are not kept (or reused).
+        # process group -> {"agree": its timed copy, (chunk, heads): (plan,
+        # segment groups)}; weakly keyed, so a destroyed group's subgroups are
+        # not kept (or reused).
         self._distributed_plans: weakref.WeakKeyDictionary[dist.ProcessGroup, dict] = weakref.WeakKeyDictionary()
 
     def __getstate__(self) -> dict:
@@ -284,10 +308,10 @@ class DistributedDilatedAttention(_DilatedBase):
         try:
             check_attention_inputs(q, k, v, key_padding_mask)
             check_is_causal(is_causal)
-            if q.shape != k.shape:
+            if q.shape != k.shape or q.shape != v.shape:
                 raise ValueError(
                     f"DistributedDilatedAttention needs q, k and v of one shape (each rank's chunk of one "
-                    f"sequence, all heads); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+                    f"sequence, all heads); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
                 )
             local_error = None
         except ValueError as error:
@@ -302,7 +326,7 @@ class DistributedDilatedAttention(_DilatedBase):
             description = [-1] * 7 + [1]
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         try:
-            agree_on_shapes(description, group, device,
+            agree_on_shapes(description, self._agreement_group(group), device,
                             "chunks of one shape (batch, seq_len // world_size, heads, head_dim), one dtype, "
                             "one is_causal and a key_padding_mask on all or none (batch, chunk, heads, "
                             "head_dim, dtype, causal, masked, invalid; a rank with invalid inputs shows "
@@ -314,24 +338,33 @@ class DistributedDilatedAttention(_DilatedBase):
         if local_error is not None:  # every rank's inputs were invalid in the same way
             raise local_error
         dplan, groups = self._distributed_plan(c, h, group)
-        return _SequenceParallel.apply(q, k, v, key_padding_mask, dplan, groups, bool(is_causal),
-                                       default_scale(q, self.softmax_scale), self._stats)
+        out, *_ = _SequenceParallel.apply(q, k, v, key_padding_mask, dplan, groups, bool(is_causal),
+                                          default_scale(q, self.softmax_scale), self._stats)
+        return out
 
-    def _distributed_plan(self, chunk: int, heads: int, group) -> tuple[DistributedPlan, tuple]:
+    def _agreement_group(self, group: dist.ProcessGroup) -> TimedGroup:
+        """``group``'s ranks in a group with this module's timeout."""
+        plans = self._distributed_plans.setdefault(group, {})
+        if "agree" not in plans:
+            world = dist.get_world_size(group)
+            plans["agree"] = timed_group(tuple(dist.get_global_rank(group, r) for r in range(world)), self.timeout)
+        return plans["agree"]
+
+    def _distributed_plan(self, chunk: int, heads: int, group) -> tuple[DistributedPlan, tuple[TimedGroup, ...]]:
         plans = self._distributed_plans.setdefault(group, {})
         cached = plans.get((chunk, heads))
         if cached is None:
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             global_ranks = tuple(dist.get_global_rank(group, r) for r in range(world))
-            plan = self._plan(heads)
-            dplan = distributed_plan(plan, chunk, rank, global_ranks)
-            groups = tuple(segment_group(lg.ranks, self.timeout) for lg in dplan.long)
+            dplan = distributed_plan(self.plan(heads), chunk, rank, global_ranks)
+            groups = tuple(timed_group(lg.ranks, self.timeout) for lg in dplan.long)
             cached = plans[(chunk, heads)] = (dplan, groups)
         return cached
 
 
-class DistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
-    """``MultiheadDilatedAttention`` on ``DistributedDilatedAttention``:
+class DistributedMultiheadDilatedAttention(MultiheadWrapper):
+    """``MultiheadWrapper`` around ``DistributedDilatedAttention(segment_lengths,
+    dilation_rates, process_group=, timeout=, scheme=, dropout=, store=)``:
     ``query, key, value`` are this rank's chunk (batch, seq_len // world_size,
     embed_dim), the output is this rank's chunk. Projections are per position,
     so they run locally; only the attention communicates. Parameters must be
@@ -346,10 +379,11 @@ class DistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
         *,
         process_group: Optional[dist.ProcessGroup] = None,
         timeout: timedelta = timedelta(minutes=5),
-        **options,
+        dropout: float = 0.0,
+        scheme: str = "longnet",
+        store=None,
+        **projection_options,
     ) -> None:
-        self._group_options = {"process_group": process_group, "timeout": timeout}
-        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **options)
-
-    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
-        return DistributedDilatedAttention(segment_lengths, dilation_rates, **self._group_options, **options)
+        attention = DistributedDilatedAttention(segment_lengths, dilation_rates, process_group=process_group,
+                                                timeout=timeout, scheme=scheme, dropout=dropout, store=store)
+        super().__init__(embed_dim, num_heads, attention, **projection_options)

@@ -1,10 +1,12 @@
 """Multi-head attention: projections around an attention module.
 
 ``MultiheadWrapper`` is the layer every multi-head class here is: q/k/v
-projections, the attention module on (batch, seq, heads, head_dim), an
-optional LayerNorm and the output projection. ``MultiheadDilatedAttention``
-and ``ImprovedMultiheadDilatedAttention`` put ``attention.dilated`` inside
-(``sparse_multihead`` and ``distributed`` put theirs).
+projections (three, or one fused ``in_proj`` with ``fused_qkv=True``), the
+attention module on (batch, seq, heads, head_dim), an optional LayerNorm and
+the output projection. ``MultiheadDilatedAttention`` puts
+``DilatedAttention(implementation=...)`` inside; ``ImprovedMultiheadDilatedAttention``
+is its preset ``implementation="fast", fused_qkv=True`` (``sparse_multihead``
+and ``distributed`` put theirs).
 
 Batch first: ``query, key, value`` are (batch, seq, embed_dim); key and value
 default to query (self-attention), and all three have one sequence length
@@ -12,7 +14,10 @@ default to query (self-attention), and all three have one sequence length
 by position). Following
 MAGNETO (arXiv 2210.06423), a LayerNorm sits before the output projection
 (``layer_norm=True``), and the value and output projections start
-Xavier-normal with gain ``gamma_init`` (query and key with gain 1).
+Xavier-normal with gain ``gamma_init`` (query and key with gain 1). The fused
+projection is one matmul for self-attention and its three row blocks for
+distinct key or value; its state_dict key is ``in_proj`` (``q_proj``,
+``k_proj``, ``v_proj`` unfused).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import Tensor, nn
 
 from patternstore.store import PatternStore
 
-from .dilated import DilatedAttention, ImprovedDilatedAttention
+from .dilated import dilated_module
 
 __all__ = ["MultiheadWrapper", "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"]
 
@@ -48,6 +53,7 @@ class MultiheadWrapper(nn.Module):
         num_heads: int,
         attention: nn.Module,
         *,
+        fused_qkv: bool = False,
         bias: bool = True,
         layer_norm: bool = True,
         layer_norm_eps: float = 1e-5,
@@ -65,32 +71,47 @@ class MultiheadWrapper(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.gamma_init = float(gamma_init)
         factory = {"device": device, "dtype": dtype}
+        if not isinstance(fused_qkv, bool):
+            raise ValueError(f"fused_qkv must be a bool, got {fused_qkv!r}")
+        self.fused_qkv = fused_qkv
         self.attention = attention
-        self._make_input_projections(bias, factory)
+        if fused_qkv:
+            self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        else:
+            self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+            self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+            self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
 
-    # ---- projections (the Improved variant fuses them)
-    def _make_input_projections(self, bias: bool, factory: dict) -> None:
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
+    def __setstate__(self, state: dict) -> None:
+        # A layer pickled before ``fused_qkv`` existed: its projections say it.
+        state.setdefault("fused_qkv", "in_proj" in state.get("_modules", {}))
+        super().__setstate__(state)
 
-    def _input_weights(self) -> list[tuple[Tensor, Optional[Tensor], float]]:
-        """(weight, bias, gain) of the q, k, v projections."""
+    def input_projections(self) -> list[tuple[Tensor, Optional[Tensor], float]]:
+        """(weight, bias, initial gain) of the q, k and v projections (row
+        blocks of ``in_proj`` when fused)."""
+        gains = (1.0, 1.0, self.gamma_init)
+        if not self.fused_qkv:
+            return [(p.weight, p.bias, gain) for p, gain in zip((self.q_proj, self.k_proj, self.v_proj), gains)]
+        e, bias = self.embed_dim, self.in_proj.bias
         return [
-            (self.q_proj.weight, self.q_proj.bias, 1.0),
-            (self.k_proj.weight, self.k_proj.bias, 1.0),
-            (self.v_proj.weight, self.v_proj.bias, self.gamma_init),
+            (self.in_proj.weight[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e], gain)
+            for i, gain in enumerate(gains)
         ]
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if not self.fused_qkv:
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if key is query and value is query:
+            return self.in_proj(query).chunk(3, dim=-1)
+        return tuple(F.linear(x, w, b) for x, (w, b, _) in zip((query, key, value), self.input_projections()))
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            for weight, bias, gain in self._input_weights() + [(self.out_proj.weight, self.out_proj.bias, self.gamma_init)]:
+            for weight, bias, gain in self.input_projections() + [(self.out_proj.weight, self.out_proj.bias, self.gamma_init)]:
                 nn.init.xavier_normal_(weight, gain=gain)
                 if bias is not None:
                     bias.zero_()
@@ -133,9 +154,8 @@ class MultiheadWrapper(nn.Module):
 
 class MultiheadDilatedAttention(MultiheadWrapper):
     """``MultiheadWrapper`` around ``DilatedAttention(segment_lengths,
-    dilation_rates, scheme=, dropout=, store=)``."""
-
-    _attention_class = DilatedAttention
+    dilation_rates, implementation=, scheme=, dropout=, store=)``;
+    ``fused_qkv`` and the other projection options as ``MultiheadWrapper``'s."""
 
     def __init__(
         self,
@@ -144,37 +164,22 @@ class MultiheadDilatedAttention(MultiheadWrapper):
         segment_lengths,
         dilation_rates,
         *,
+        implementation: str = "reference",
         dropout: float = 0.0,
         scheme: str = "longnet",
         store: Optional[PatternStore] = None,
         **projection_options,
     ) -> None:
-        attention = self._make_attention(segment_lengths, dilation_rates, scheme=scheme, dropout=dropout, store=store)
+        attention = dilated_module(segment_lengths, dilation_rates, implementation=implementation, scheme=scheme,
+                                   dropout=dropout, store=store)
         super().__init__(embed_dim, num_heads, attention, **projection_options)
-
-    def _make_attention(self, segment_lengths, dilation_rates, **options) -> nn.Module:
-        return self._attention_class(segment_lengths, dilation_rates, **options)
 
 
 class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
-    """``MultiheadDilatedAttention`` on ``ImprovedDilatedAttention``, with one
-    fused (3 * embed_dim, embed_dim) input projection ``in_proj``: one matmul
-    for self-attention, its three row blocks for distinct key or value."""
+    """Preset: ``MultiheadDilatedAttention(..., implementation="fast",
+    fused_qkv=True)``: the fast kernels and one fused (3 * embed_dim,
+    embed_dim) input projection ``in_proj``."""
 
-    _attention_class = ImprovedDilatedAttention
-
-    def _make_input_projections(self, bias: bool, factory: dict) -> None:
-        self.in_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=bias, **factory)
-
-    def _input_weights(self) -> list[tuple[Tensor, Optional[Tensor], float]]:
-        e, bias = self.embed_dim, self.in_proj.bias
-        gains = (1.0, 1.0, self.gamma_init)
-        return [
-            (self.in_proj.weight[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e], gain)
-            for i, gain in enumerate(gains)
-        ]
-
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if key is query and value is query:
-            return self.in_proj(query).chunk(3, dim=-1)
-        return tuple(F.linear(x, w, b) for x, (w, b, _) in zip((query, key, value), self._input_weights()))
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, **options) -> None:
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, implementation="fast",
+                         fused_qkv=True, **options)

@@ -38,7 +38,11 @@ def main() -> None:
     chunk = args.seq_len // world
 
     # LongNet-style branches with a constant s / r = 512 keys per segment.
-    attention = DistributedDilatedAttention([2048, 8192, 32768, 131072], [4, 16, 64, 256])
+    # ``timeout`` bounds everything the module waits on (shape agreement,
+    # all-gathers, reduce-scatters): a rank that never calls makes the others
+    # raise CollectiveError after it, naming the collective and the group.
+    attention = DistributedDilatedAttention([2048, 8192, 32768, 131072], [4, 16, 64, 256],
+                                            timeout=timedelta(minutes=1))
     generator = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(1, chunk, args.heads, args.head_dim, generator=generator).to(device) for _ in range(3))
 

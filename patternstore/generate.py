@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .dilated_groups import GROUP_COLUMNS
 from .layouts import sparse_layout
-from .pattern import GROUP_COLUMNS, Pattern
+from .pattern import Pattern
 from .specs import DilatedSpec, SparseSpec, Spec
 
 __all__ = ["generate", "dilated_head_groups"]

@@ -8,10 +8,9 @@ Arrays by spec kind:
 
 - ``DilatedSpec`` (one row per (branch, head group), independent of the
   sequence length):
-    ``groups``    int32 ``[G, 6]``, columns ``GROUP_COLUMNS``. At length n a
-    group selects, in every segment ``[t*s, min((t+1)*s, n))`` with
-    ``s = min(segment, n)``, the positions ``t*s + offset + rate*m``; the
-    attention code derives those numbers at call time.
+    ``groups``    int32 ``[G, 6]``: ``patternstore.dilated_groups``' schema
+    (its columns ``GROUP_COLUMNS``); the attention code derives the
+    length-dependent numbers from it at call time.
 - ``SparseSpec`` (a CSR block layout, docs/design.md section 2.2):
     ``kv_num_blocks`` int32 ``[H, nb]``: active key blocks of each query block;
     ``kv_indices``    int32 ``[sum(kv_num_blocks)]``: the rows back to back,
@@ -31,6 +30,7 @@ import torch
 from torch._ops import _len_torch_dispatch_stack_pre_dispatch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .dilated_groups import GROUP_COLUMNS  # noqa: F401  (also importable from here, where its users read it)
 from .specs import Spec
 
 PACK_ALIGN = 16  # bytes; every packed array starts at a multiple, so any dtype can view it
@@ -59,16 +59,6 @@ def _outside_modes() -> Iterator[None]:
 
 # One array's place in a packed buffer: (name, dtype, shape, byte offset, nbytes).
 Slot = tuple[str, torch.dtype, tuple[int, ...], int, int]
-
-# Columns of a dilated plan's ``groups`` table.
-GROUP_COLUMNS = (
-    "branch",        # index i of the branch (w_i, r_i)
-    "segment",       # w_i, not clipped to any length
-    "rate",          # r_i
-    "offset",        # o < r_i: first selected position inside each segment
-    "head_start",    # heads [head_start, head_stop) use this offset
-    "head_stop",
-)
 
 
 @dataclass(frozen=True, eq=False)

@@ -145,12 +145,13 @@ def sparse_reference(q, k, v, spec: SparseSpec, *, causal, pad) -> Tensor:
 
 
 def check_module(module: nn.Module, reference, *, dtype, batch, q_len, kv_len, heads, kv_heads, causal,
-                 padded, seed, factor: float = 1.0) -> None:
+                 padded, seed, factor: float = 1.0, head_dim: int = HEAD_DIM, v_head_dim: int = HEAD_DIM) -> None:
     """module(q, k, v) on DEVICE in ``dtype`` against ``reference`` (float64
     CPU): output, dead rows exactly 0, and the gradients of q, k and v."""
     generator = torch.Generator().manual_seed(seed)
-    q = device_tensor(batch, q_len, heads, HEAD_DIM, dtype=dtype, generator=generator)
-    k, v = (device_tensor(batch, kv_len, kv_heads, HEAD_DIM, dtype=dtype, generator=generator) for _ in range(2))
+    q = device_tensor(batch, q_len, heads, head_dim, dtype=dtype, generator=generator)
+    k = device_tensor(batch, kv_len, kv_heads, head_dim, dtype=dtype, generator=generator)
+    v = device_tensor(batch, kv_len, kv_heads, v_head_dim, dtype=dtype, generator=generator)
     pad = padding_mask(batch, kv_len) if padded else None
     out = module(q, k, v, is_causal=causal, key_padding_mask=None if pad is None else pad.to(DEVICE))
     assert out.dtype == dtype and out.device.type == DEVICE.type
@@ -207,6 +208,18 @@ def test_dilated_attention_matches_reference(case, dtype):
     batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
     check_module(DilatedAttention(SEGMENTS, RATES), dilated_reference, dtype=dtype, batch=batch, q_len=q_len,
                  kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal, padded=padded, seed=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("implementation", ["fast", "reference"])
+@pytest.mark.parametrize("case", ["tail-gqa-causal", "decode-rows-causal-padded"])
+def test_dilated_value_head_dim_differs_from_query_key(case, implementation, dtype):
+    """Multi-head latent attention's shapes (DeepSeek-V2: qk 192, v 128; here
+    96 and 64, the same ratio) through both implementations."""
+    batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
+    check_module(DilatedAttention(SEGMENTS, RATES, implementation=implementation), dilated_reference, dtype=dtype,
+                 batch=batch, q_len=q_len, kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal,
+                 padded=padded, seed=6, head_dim=96, v_head_dim=64)
 
 
 @settings(max_examples=25, deadline=None)

@@ -12,10 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention.dilated as dilated
+import attention.dilated_kernels as dilated_kernels
+import attention.dilated_plan as dilated_plan
+import attention.dilated_reference as dilated_reference
 import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
 from cuda_emulation import emulated_cuda_ops, recording
-from dense_reference import dense_dilated_attention
+from dense_reference import dense_attention, dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, PatternStore, generate
 
 MODULES = [DilatedAttention, ImprovedDilatedAttention]
@@ -163,18 +166,18 @@ def test_fast_path_runs_the_cuda_control_flow_on_meta_tensors(monkeypatch, dtype
     meta kernels (backend "cuda" on meta tensors): every call the kernel
     ``choose_kernel`` names, (B, H, M, d) rows with unit stride, M and N the
     piece's rows; out, lse and gradients of the right shapes and dtypes."""
-    monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
+    monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", 64)  # several chunks per piece
     calls = recording(monkeypatch)
     h = 4
     plan = DilatedPlan.from_pattern(generate(DilatedSpec((8, 16), (1, 2), h)))
     q = torch.empty(b, q_len, h, head_dim, dtype=dtype, device="meta")
     k, v = (torch.empty(b, kv_len, h_kv, head_dim, dtype=dtype, device="meta") for _ in range(2))
     pad = torch.zeros(b, kv_len, dtype=torch.bool, device="meta") if masked else None
-    out, lse = dilated.forward_groups(q, k, v, pad, plan.groups, causal, 0.125, backend="cuda")
+    out, lse = dilated_kernels.forward_groups(q, k, v, pad, plan.groups, causal, 0.125, backend="cuda")
     assert out.shape == q.shape and out.dtype == dtype and out.device.type == "meta"
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     grads_ = [torch.zeros(x.shape, dtype=out.dtype, device="meta") for x in (q, k, v)]
-    dilated.backward_groups(q, q, k, v, q, lse, pad, plan.groups, causal, 0.125, *grads_, backend="cuda")
+    dilated_kernels.backward_groups(q, q, k, v, q, lse, pad, plan.groups, causal, 0.125, *grads_, backend="cuda")
     expected = kernels.choose_kernel("cuda", dtype, head_dim, masked)
     assert calls and {name for name, *_ in calls} == {expected}
     for _, _, cq, ck, cv in calls:
@@ -193,7 +196,7 @@ def test_fast_path_through_each_cuda_kernel_with_cpu_emulations(monkeypatch, dty
     choice = kernels.choose_kernel("cuda", dtype, head_dim, masked)
     monkeypatch.setattr(kernels, "_ops", emulated_cuda_ops())
     monkeypatch.setattr(kernels, "choose_kernel", lambda *args: choice)
-    monkeypatch.setattr(dilated, "_MIN_CHUNK", 64)  # several chunks per piece
+    monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", 64)  # several chunks per piece
     u = {torch.float32: None, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     tolerance = 1e-5 if u is None else 4 * u
     segments, rates, h, h_kv, b, n = (8, 16), (1, 2), 4, 2, 2, 45
@@ -231,9 +234,9 @@ def test_chunked_paths_match_dense_reference(monkeypatch, b, n, min_chunk):
     """Tiny chunks (one, or a few (batch, segment) pairs): chunks within a
     batch row (tail present), across batch rows (no tail), and the reference
     scores a segment at a time."""
-    monkeypatch.setattr(dilated, "_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(dilated, "_CHUNK_FRACTION", 1 << 30)
-    monkeypatch.setattr(dilated, "_REFERENCE_SCORES", 1)
+    monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(dilated_kernels, "_CHUNK_FRACTION", 1 << 30)
+    monkeypatch.setattr(dilated_reference, "_REFERENCE_SCORES", 1)
     segments, rates = (4, 8, 16), (1, 2, 4)
     q, k, v = qkv(b, n, 4, 3, requires_grad=True)
     expected = dense_dilated_attention(q, k, v, segments, rates, is_causal=True)
@@ -304,9 +307,9 @@ def test_pieces_select_exactly_the_rule_positions(scheme):
                 s = min(g.segment, n)
                 selected = selected_positions(g, n)
                 queries = []
-                for piece in dilated._pieces(g, m, n):
-                    qv = dilated._view(pos[:, n - m :], piece, True)[0]
-                    kv = dilated._view(pos, piece, False)[0]
+                for piece in dilated_plan.pieces(g, m, n):
+                    qv = dilated_plan.view(pos[:, n - m :], piece, True)[0]
+                    kv = dilated_plan.view(pos, piece, False)[0]
                     for q_row, k_row in zip(qv.tolist(), kv.tolist()):
                         segment = {p for p in selected if p // s == q_row[0] // s}
                         assert k_row == sorted(segment) and q_row == k_row[len(k_row) - len(q_row):]
@@ -430,13 +433,13 @@ def test_a_decode_step_reads_only_the_keys_its_row_attends(monkeypatch):
     """Cost proportional to the keys a row attends: every kernel call of a
     one-row step gets at most w_i / r_i keys, never the cache."""
     shapes = []
-    real_attend = dilated.attend
+    real_attend = dilated_kernels.attend
 
     def counting(q, k, v, **kwargs):
         shapes.append((q.shape[-2], k.shape[-2]))
         return real_attend(q, k, v, **kwargs)
 
-    monkeypatch.setattr(dilated, "attend", counting)
+    monkeypatch.setattr(dilated_kernels, "attend", counting)
     segments, rates, n = (64, 128, 256), (1, 2, 4), 1000
     q, k, v = qkv(1, n, 4, 8)
     ImprovedDilatedAttention(segments, rates)(q[:, -1:], k, v, is_causal=True)
@@ -566,3 +569,158 @@ def test_is_causal_must_be_a_bool(value):
     for module_class in MODULES:
         with pytest.raises(ValueError, match="is_causal must be True or False"):
             module_class((4,), (1,))(q, k, v, is_causal=value)
+
+
+# --------------------------------------------------- torch.func transforms
+def _dense(segments, rates, is_causal):
+    return lambda q, k, v, pad=None: dense_dilated_attention(q, k, v, segments, rates, is_causal=is_causal,
+                                                             key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_vmap_equals_the_reference_per_sample(module_class):
+    """``vmap`` over a leading dim of q, k, v and the padding mask (the ops'
+    rule folds it into the batch), and over q alone (k, v shared)."""
+    segments, rates = (4, 8), (1, 2)
+    module = module_class(segments, rates)
+    q, k, v = (torch.randn(3, 2, 13, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    pad = torch.zeros(3, 2, 13, dtype=torch.bool)
+    pad[1, 0, -4:] = True
+    pad[2, 1, :3] = True
+    dense = _dense(segments, rates, True)
+    got = torch.func.vmap(lambda q, k, v, p: module(q, k, v, is_causal=True, key_padding_mask=p))(q, k, v, pad)
+    assert_close(got, torch.stack([dense(*xs) for xs in zip(q, k, v, pad)]))
+    got = torch.func.vmap(lambda q: module(q, k[0], v[0], is_causal=True))(q)
+    assert_close(got, torch.stack([dense(x, k[0], v[0]) for x in q]))
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_per_sample_gradients_with_vmap_of_grad(module_class):
+    """``vmap(grad)``: each sample's gradients of its own loss, q, k and v,
+    equal the dense reference's, sample by sample."""
+    segments, rates = (4, 8), (1, 2)
+    module = module_class(segments, rates)
+    q, k, v, weight = (torch.randn(4, 11, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+                       for i in range(4))
+
+    def loss(q, k, v, w, attend):  # one sample: (n, h, d)
+        return (attend(q[None], k[None], v[None])[0] * w).sum()
+
+    fast = torch.func.vmap(torch.func.grad(
+        lambda *xs: loss(*xs, lambda q, k, v: module(q, k, v, is_causal=True)), argnums=(0, 1, 2)))(q, k, v, weight)
+    for i in range(4):
+        leaves = [x[i].clone().requires_grad_() for x in (q, k, v)]
+        want = torch.autograd.grad(loss(*leaves, weight[i], _dense(segments, rates, True)), leaves)
+        for got, expected in zip(fast, want):
+            assert_close(got[i], expected)
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+def test_jacrev_equals_the_reference_jacobian(module_class):
+    segments, rates = (4,), (2,)
+    module = module_class(segments, rates)
+    q, k, v = qkv(1, 6, 2, 2)
+    for argnum in (0, 2):
+        got = torch.func.jacrev(lambda *xs: module(*xs, is_causal=True), argnums=argnum)(q, k, v)
+        want = torch.autograd.functional.jacobian(lambda *xs: _dense(segments, rates, True)(*xs), (q, k, v))[argnum]
+        assert_close(got, want)
+
+
+def test_vmap_of_grad_through_the_multihead_layers():
+    """Per-sample parameter gradients (``functional_call``) of both multi-head presets equal
+    a loop of autograd over the samples."""
+    from attention import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+
+    for cls in (MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention):
+        torch.manual_seed(0)
+        layer = cls(8, 2, (4, 8), (1, 2), dtype=torch.float64)
+        params = {name: p.detach() for name, p in layer.named_parameters()}
+        x = torch.randn(3, 10, 8, dtype=torch.float64)
+
+        def loss(params, sample):
+            out, _ = torch.func.functional_call(layer, params, (sample[None],), {"is_causal": True})
+            return out.square().sum()
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        for i in range(3):
+            layer.zero_grad()
+            layer(x[i : i + 1], is_causal=True)[0].square().sum().backward()
+            for name, p in layer.named_parameters():
+                assert_close(per_sample[name][i], p.grad)
+
+
+# --------------------------------------------------- value head_dim (MLA)
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_value_head_dim_differs_from_the_query_key_head_dim(module_class, is_causal):
+    """Multi-head latent attention's shapes (DeepSeek-V2: qk 192, v 128, here
+    6 and 4) with GQA, padding and decode rows: outputs (b, q_len, h, d_v) and
+    gradients equal the dense reference's."""
+    segments, rates, n = (4, 8, 16), (1, 2, 4), 29
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, n, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, n, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, n, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(2, n, dtype=torch.bool)
+    pad[1, -6:] = True
+    module = module_class(segments, rates)
+    for q_len in (n, 3):
+        rows = q[:, n - q_len :]
+        out = module(rows, k, v, is_causal=is_causal, key_padding_mask=pad)
+        m = multiplicity(n, 4, segments, rates, "longnet", is_causal)
+        expected = dense_attention(rows, k, v, weight=m, is_causal=is_causal, key_padding_mask=pad)
+        assert out.shape == (2, q_len, 4, 4)
+        assert_close(out, expected)
+        for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+            assert_close(got, want)
+
+
+# --------------------------------------------------- public geometry
+@pytest.mark.parametrize("scheme", ["longnet", "grouped"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-r{c[1]}-h{c[2]}-n{c[3]}")
+def test_computed_pairs_count_the_rule_pairs_of_the_last_rows(scheme, case):
+    """``computed_pairs`` (what tools count as useful work) is the number of
+    (head, query, key) pairs the design's rule selects, summed over branches,
+    for the last q_len rows; the module's public ``plan`` is the one it runs."""
+    segments, rates, h, n = case
+    if scheme == "grouped" and len(segments) > h:
+        pytest.skip("grouped needs a head per branch")
+    module = ImprovedDilatedAttention(segments, rates, scheme=scheme)
+    plan = module.plan(h)
+    assert plan == DilatedPlan.from_pattern(generate(DilatedSpec(segments, rates, h, scheme)))
+    m = multiplicity(n, h, segments, rates, scheme, is_causal=False)
+    for q_len in (n, 1, n // 3):
+        assert dilated_plan.computed_pairs(plan, q_len, n) == int(m[:, n - q_len :].sum())
+        assert len(plan.pieces(q_len, n)) == sum(len(dilated_plan.pieces(g, q_len, n)) for g in plan.groups)
+
+
+def test_implementation_is_an_option_and_the_improved_class_its_preset():
+    q, k, v = qkv(2, 19, 2, 3)
+    fast = DilatedAttention((4, 8), (1, 2), implementation="fast")
+    preset = ImprovedDilatedAttention((4, 8), (1, 2))
+    assert fast.implementation == preset.implementation == "fast"
+    assert DilatedAttention((4, 8), (1, 2)).implementation == "reference"
+    assert_close(fast(q, k, v, is_causal=True), preset(q, k, v, is_causal=True), tol=0)
+    assert repr(fast).endswith("implementation='fast')") and "implementation" not in repr(preset)
+    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast'; got 'flex'"):
+        DilatedAttention((4,), (1,), implementation="flex")
+
+
+@pytest.mark.parametrize("module_class", MODULES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_a_nan_or_inf_in_a_padded_key_or_value_changes_nothing(module_class, is_causal):
+    """Padded keys are removed, not added as a bias: NaN and Inf in their
+    keys and values leave every output and gradient what the dense reference
+    gives without them (q, k, v (1, 16, 2, 8), the last 3 keys padded)."""
+    q, k, v = qkv(1, 16, 2, 8)
+    pad = torch.zeros(1, 16, dtype=torch.bool)
+    pad[:, -3:] = True
+    k[:, -1], k[:, -2], v[:, -1], v[:, -3] = float("nan"), float("inf"), float("nan"), float("-inf")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = module_class((8, 16), (1, 2))(*leaves, is_causal=is_causal, key_padding_mask=pad)
+    clean = [q.clone().requires_grad_()] + [x.masked_fill(pad[..., None, None], 0.0).requires_grad_() for x in (k, v)]
+    expected = dense_dilated_attention(*clean, (8, 16), (1, 2), is_causal=is_causal, key_padding_mask=pad)
+    assert_close(out, expected)
+    for got, want in zip(grads(out, leaves), grads(expected, clean)):
+        assert_close(got, want)

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 import weakref
 from datetime import timedelta
 from itertools import product
@@ -27,6 +28,7 @@ from attention import (
     DistributedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
 )
+from attention.collectives import CollectiveError
 from patternstore import PatternStore
 
 pytestmark = pytest.mark.slow
@@ -201,7 +203,7 @@ def _reinitialized(rank: int, world: int, rendezvous_file: str) -> None:
     x = torch.randn(1, 8, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     before = module(x, x, x)
     (plans,) = module._distributed_plans.values()
-    released = [weakref.ref(group) for group in plans[(8, 2)][1]]
+    released = [weakref.ref(timed.group) for timed in (*plans[(8, 2)][1], plans["agree"])]
     del plans
     dist.destroy_process_group()
     gc.collect()
@@ -225,3 +227,64 @@ def test_uninitialized_process_group_is_a_clear_error():
     x = torch.randn(1, 8, 2, 4)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         module(x, x, x)
+
+
+def _torch_func(rank: int, world: int) -> None:
+    """``torch.func.grad`` and ``vjp`` through the sequence-parallel Function
+    (long segments: all-gathers forward, reduce-scatters backward; padded
+    keys) equal ``torch.autograd`` on the same module, which
+    ``test_outputs_and_gradients_equal_the_single_process_module`` holds to
+    the single-process module."""
+    n = CHUNK * world
+    chunk = slice(rank * CHUNK, (rank + 1) * CHUNK)
+    q, k, v, grad_out = (t[:, chunk] for t in _inputs(n, seed=3))
+    pad = _padding(n)[:, chunk]
+    module = DistributedDilatedAttention(*BRANCHES[0])
+
+    def loss(q, k, v):
+        return (module(q, k, v, is_causal=True, key_padding_mask=pad) * grad_out).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    out, pullback = torch.func.vjp(lambda q, k, v: module(q, k, v, is_causal=True, key_padding_mask=pad), q, k, v)
+    torch.testing.assert_close(out, module(q, k, v, is_causal=True, key_padding_mask=pad), rtol=0, atol=0)
+    for name, a, b, c in zip("qkv", got, pullback(grad_out), want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=f"grad d{name}, rank {rank}")
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12, msg=f"vjp d{name}, rank {rank}")
+
+
+def test_torch_func_grad_and_vjp_on_two_ranks():
+    _spawn(2, _torch_func)
+
+
+TIMEOUT = timedelta(seconds=2)
+
+
+def _one_rank_never_calls(rank: int, world: int) -> None:
+    """Rank 1 skips a call: rank 0 fails within 2 x ``timeout`` (not the
+    default group's 60 s here), naming what it waited on and the group; once
+    on a cold module (the groups' creation waits) and once on a warm one (the
+    shape agreement's all-gather waits)."""
+    x = torch.randn(1, CHUNK, 2, 4)
+    cold = DistributedDilatedAttention([2 * CHUNK], [2], timeout=TIMEOUT)
+    warm = DistributedDilatedAttention([2 * CHUNK], [2], timeout=TIMEOUT)
+    dist.barrier()
+    if rank == 0:
+        start = time.perf_counter()
+        with pytest.raises(CollectiveError, match=r"creating the process group of global ranks \[0, 1\] \(timeout 2 s\)"):
+            cold(x, x, x)
+        assert time.perf_counter() - start < 2 * TIMEOUT.total_seconds()
+    dist.barrier()
+    warm(x, x, x)  # both ranks: the groups exist
+    if rank == 0:
+        start = time.perf_counter()
+        with pytest.raises(CollectiveError, match=r"all_gather in the process group of global ranks \[0, 1\] "
+                                                  r"\(timeout 2 s\) failed: .*[Tt]imed out"):
+            warm(x, x, x)
+        assert time.perf_counter() - start < 2 * TIMEOUT.total_seconds()
+    dist.barrier()
+
+
+def test_a_rank_that_never_calls_fails_the_others_within_the_timeout():
+    _spawn(2, _one_rank_never_calls)

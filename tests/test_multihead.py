@@ -30,7 +30,7 @@ def make(cls, embed_dim=24, heads=4, **kwargs):
 
 def projections(module):
     """(weight, bias) of q, k, v, whichever way the module stores them."""
-    return [(w, b) for w, b, _ in module._input_weights()]
+    return [(w, b) for w, b, _ in module.input_projections()]
 
 
 def by_hand(module, query, key, value, key_padding_mask=None, is_causal=False):
@@ -183,3 +183,24 @@ def test_the_wrapper_serves_any_attention_module_and_the_layers_are_not_each_oth
     sparse = MultiheadBlockSparseAttention(16, 2, "local", block_size=4)
     assert isinstance(sparse, MultiheadWrapper) and not isinstance(sparse, MultiheadDilatedAttention)
     assert isinstance(make(ImprovedMultiheadDilatedAttention), MultiheadWrapper)
+
+
+def test_the_presets_are_the_options():
+    """``ImprovedMultiheadDilatedAttention`` is ``MultiheadDilatedAttention(
+    implementation="fast", fused_qkv=True)``: same parameters, same state_dict
+    keys, same outputs; and ``fused_qkv`` alone changes only the projection's
+    storage (``in_proj`` instead of ``q_proj``/``k_proj``/``v_proj``)."""
+    preset = make(ImprovedMultiheadDilatedAttention)
+    options = make(MultiheadDilatedAttention, implementation="fast", fused_qkv=True)
+    assert list(preset.state_dict()) == list(options.state_dict())
+    options.load_state_dict(preset.state_dict())
+    x, _, _ = inputs()
+    torch.testing.assert_close(options(x, is_causal=True)[0], preset(x, is_causal=True)[0], rtol=0, atol=0)
+    assert options.attention.implementation == preset.attention.implementation == "fast"
+    fused_reference = make(MultiheadDilatedAttention, fused_qkv=True)
+    assert "in_proj.weight" in fused_reference.state_dict() and fused_reference.attention.implementation == "reference"
+    torch.testing.assert_close(fused_reference(x)[0], by_hand(fused_reference, x, x, x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast'"):
+        make(MultiheadDilatedAttention, implementation="flash")
+    with pytest.raises(ValueError, match="fused_qkv must be a bool"):
+        make(MultiheadDilatedAttention, fused_qkv=1)
