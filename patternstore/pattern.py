@@ -30,7 +30,6 @@ import torch
 from torch._ops import _len_torch_dispatch_stack_pre_dispatch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .dilated_groups import GROUP_COLUMNS  # noqa: F401  (also importable from here, where its users read it)
 from .specs import Spec
 
 PACK_ALIGN = 16  # bytes; every packed array starts at a multiple, so any dtype can view it

@@ -18,7 +18,7 @@ from patternstore import DilatedSpec, SparseSpec, generate
 from patternstore.codec import encode
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, prefix_rows
 from patternstore.kinds import SPARSE_KINDS
-from patternstore.pattern import GROUP_COLUMNS
+from patternstore.dilated_groups import GROUP_COLUMNS
 from strategies import dilated_specs, sparse_params, sparse_specs
 
 REPO = Path(__file__).resolve().parents[1]
