@@ -44,17 +44,17 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .dilated import DilatedPlan
+from .dilated_plan import DilatedPlan
+from .flex import flex_tiles
 from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
 from .residue import residue_index, residue_modulus, residue_position
 from .residue_layout import ResidueLayout, check_plan, layout_period, residue_layout
-from .sparse import FLEX_MIN_BLOCK, flex_tiles
+from .sparse import FLEX_MIN_BLOCK
 
 __all__ = [
     "FUSED_BLOCK",
     "Branches",
     "dilated_flex_attention",
-    "flex_forward",
     "plan_branches",
     "residue_block_mask",
     "block_mask_from_layout",
@@ -241,11 +241,8 @@ def fused_forward(
         order = residue_position(torch.arange(n, device=q.device), n, modulus)
         q, k, v = (x.index_select(1, order) for x in (q, k, v))
     score_mod, mask_mod = residue_mods(branches, n, modulus, is_causal, key_padding_mask, ordered)
-    mask = BlockMask(
-        block_mask.seq_lengths, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-        block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
-        block_mask.full_q_indices, BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=mask_mod,
-    )
+    mask = BlockMask(block_mask.seq_lengths, *_mask_arrays(block_mask), BLOCK_SIZE=block_mask.BLOCK_SIZE,
+                     mask_mod=mask_mod)
     out = attend(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=mask,
         scale=scale, enable_gqa=q.shape[2] != k.shape[2], kernel_options=kernel_options,
@@ -253,6 +250,24 @@ def fused_forward(
     if not ordered:
         out = out.index_select(1, residue_index(torch.arange(n, device=q.device), n, modulus))
     return out
+
+
+def _mask_arrays(mask: BlockMask) -> tuple[Optional[Tensor], ...]:
+    """The eight index arrays of a BlockMask, in its constructor's order."""
+    return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+
+
+@torch.compiler.assume_constant_result
+def _baked_mask_arrays(num_heads: int, flat_plan: tuple[int, ...], seq_len: int, block_size: int, is_causal: bool,
+                       with_full: bool, device: str) -> tuple[Optional[Tensor], ...]:
+    """``residue_block_mask``'s arrays, called by dynamo at trace time when a
+    caller compiles a model around this path: the graph holds them as
+    constants, so no cache, lock or layout build runs in it (as the
+    block-sparse modules' ``baked_block_mask``). The plan comes as its flat
+    ints: dynamo passes plain ints to such a function, not nested tuples."""
+    plan = DilatedPlan.from_flat(num_heads, flat_plan)
+    return _mask_arrays(residue_block_mask(plan, seq_len, block_size, is_causal, with_full, torch.device(device)))
 
 
 @functools.cache
@@ -312,17 +327,18 @@ def dilated_flex_attention(
         raise ValueError(f"ordered must be True or False, got {ordered!r}")
     scale = default_scale(q, check_softmax_scale(scale))
     n = q.shape[1]
-    mask = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device)
+    if n < FLEX_MIN_BLOCK:
+        raise ValueError(f"the fused dilated path needs at least {FLEX_MIN_BLOCK} tokens, got {n}; shorter "
+                         "sequences take the per-branch path (attention.dilated.dilated_attention)")
+    # A sequence shorter than one block: flex (CPU, torch 2.13) computes wrong rows (measured: n 40, block
+    # 48 or 64, errors of 1.0 against the reference; n 40, block 32 exact), so the block shrinks to fit.
+    block_size = min(block_size, n // FLEX_MIN_BLOCK * FLEX_MIN_BLOCK)
     modulus = residue_modulus(g.rate for g in plan.groups)
-    return _compiled()(
-        q, k, v, mask, key_padding_mask, plan_branches(plan), modulus, is_causal, scale, ordered,
-        kernel_options=flex_tiles(block_size) or None,
-    )
-
-
-def flex_forward(
-    q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, *, is_causal: bool, scale: Optional[float],
-    key_padding_mask: Optional[Tensor],
-) -> Tensor:
-    """``dilated_flex_attention`` in the implementation registry's shape."""
-    return dilated_flex_attention(q, k, v, plan, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+    if torch.compiler.is_compiling():  # inside a caller's graph: the mask is a trace-time constant
+        arrays = _baked_mask_arrays(plan.num_heads, tuple(plan.flat), n, block_size, is_causal,
+                                    key_padding_mask is None, str(q.device))
+        mask, run = BlockMask((n, n), *arrays, BLOCK_SIZE=(block_size, block_size)), fused_forward
+    else:
+        mask, run = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device), _compiled()
+    return run(q, k, v, mask, key_padding_mask, plan_branches(plan), modulus, is_causal, scale, ordered,
+               kernel_options=flex_tiles(block_size) or None)

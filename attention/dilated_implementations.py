@@ -9,6 +9,11 @@ inputs, each entry a way to compute it:
   by chunking (``dilated_kernels``); a decode step costs the keys its row
   attends. Without dropout of its own: with dropout in training, the
   reference runs.
+- ``"flex"``: one compiled FlexAttention call over the residue-ordered
+  sequence (``dilated_flex``), for prefill (``q_len == kv_len``); decode and
+  chunked prefill rows (and sequences shorter than one flex block) take
+  ``"fast"``, whose views cost a row exactly its keys. FlexAttention compiles a backward on CUDA only: on the CPU it serves
+  forwards without gradients (a call that needs them is refused).
 
 An entry's ``forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask,
 dropout_p) -> out`` takes checked inputs and the flat plan
@@ -23,6 +28,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .dilated_flex import dilated_flex_attention
+from .sparse import FLEX_MIN_BLOCK
 from .dilated_ops import dilated_reference, fast_attention
 from .dilated_plan import DilatedPlan
 from .dilated_reference import reference_attention
@@ -51,9 +58,18 @@ def _fast_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: flo
     return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
 
 
+def _flex_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: float,
+                  key_padding_mask: Optional[Tensor], dropout_p: float) -> Tensor:
+    if q.shape[1] != k.shape[1] or q.shape[1] < FLEX_MIN_BLOCK:
+        return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
+    plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
+    return dilated_flex_attention(q, k, v, plan, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(_reference_forward, dropout=True, double_backward=True, value_head_dim=True),
     "fast": Implementation(_fast_forward, dropout=False, double_backward=False, value_head_dim=True),
+    "flex": Implementation(_flex_forward, dropout=False, double_backward=False, value_head_dim=True),
 }
 
 

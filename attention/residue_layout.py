@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .dilated import DilatedPlan
+from .dilated_plan import DilatedPlan
 from .residue import residue_modulus
 
 __all__ = ["ResidueLayout", "residue_layout", "layout_period", "check_plan", "clear_layouts", "LAYOUTS_KEPT"]

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention.dilated import DilatedPlan
+from attention.dilated_plan import DilatedPlan
 from attention.dilated_flex import (
     block_mask_from_layout,
     dilated_flex_attention,
@@ -356,3 +356,20 @@ def test_layout_repeated_from_its_period_equals_the_dense_mask(causal):
     active, full = dense_blocks(layout, heads, n // block)
     any_pair, every_pair = reduced_mask(segments, rates, heads, "longnet", n, block, causal)
     assert torch.equal(active, any_pair) and torch.equal(full, every_pair & any_pair)
+
+
+# ------------------------------------------- the module option (CPU forward)
+def test_the_flex_implementation_of_the_module_equals_the_reference_eager_compiled_and_decoding():
+    from attention import DilatedAttention
+
+    segments, rates, heads, n = (8, 16, 24), (1, 2, 3), 4, 40
+    module = DilatedAttention(segments, rates, implementation="flex")
+    q, k, v, pad = inputs(n, heads, 2, d_v=8, padded=True, dtype=torch.float32)
+    want = reference(q, k, v, segments, rates, "longnet", True, pad)
+    with torch.no_grad():
+        eager = module(q, k, v, is_causal=True, key_padding_mask=pad)
+        compiled = torch.compile(module, fullgraph=True)(q, k, v, is_causal=True, key_padding_mask=pad)
+        decode = module(q[:, -3:], k, v, is_causal=True, key_padding_mask=pad)  # rows < keys: the per-branch path
+    torch.testing.assert_close(eager.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(compiled.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(decode.double(), want[:, -3:], rtol=0, atol=2e-6)

@@ -176,8 +176,6 @@ def function(name: str, cfg: dict):
     if name == "gather-flash":
         return lambda q, k, v: gather_flash(q, k, v, segments, rates)
     if name.startswith("kernel-"):  # one kernel of the kernel layer, chosen by its public backend name
-        # MERGE: needs attend's backend= to take a kernel name (before, it takes a device type and
-        # "cuda_cudnn" silently falls back to the matmul kernel).
         from attention.kernels import attend
 
         def kernel(q, k, v, backend=name.split("-", 1)[1]):

@@ -22,7 +22,8 @@ Block-sparse decode (the gather path, which a GPU takes for queries shorter
 than keys): one row against a 32K cache, bigbird and local, block 64,
 unidirectional, 8 heads, head_dim 64 (tools/bench_decode.py's layouts). Its
 op reads layout values, so it is counted on CPU float32 tensors, with the
-explicit tile path a GPU takes (``USE_CPU_FLASH_KERNEL`` off). "syncs" counts
+explicit tile path a GPU takes (``sparse_forward(..., backend="matmul")``) and
+the module's precomputed row groups. "syncs" counts
 the ops that make a GPU wait for its queue (value reads, ``nonzero``,
 ``unique``); a ``.tolist()`` after one of them is not seen by the counter.
 
@@ -45,28 +46,15 @@ import benchlib
 from attention import BlockSparseAttention
 from patternstore import DilatedSpec, generate
 
-# MERGE: the internal entry points this tool counts, in one place. No public
-# argument runs the fast path's per-group forward/backward with the CUDA
-# kernel choice on meta tensors, or the block-sparse op with the tile path a
-# GPU takes while on the CPU (today a module global): the lead points these
-# at the reworked modules (dilated plan geometry, kernels' ``backend=``).
-import attention.sparse as sparse
-from attention import DilatedPlan
-from attention.dilated import backward_groups, forward_groups
+from attention.dilated_kernels import backward_groups, forward_groups
+from attention.dilated_plan import DilatedPlan
+from attention.sparse_tiles import sparse_forward
 
 
 def plan_groups(spec: DilatedSpec):
     """The dilated plan's head groups of a spec."""
     return DilatedPlan.from_pattern(generate(spec)).groups
 
-
-def gpu_tile_path(fn):
-    """fn() with the block-sparse op on the explicit tiles a GPU takes (not the fused CPU kernel)."""
-    fused, sparse.USE_CPU_FLASH_KERNEL = sparse.USE_CPU_FLASH_KERNEL, False
-    try:
-        return fn()
-    finally:
-        sparse.USE_CPU_FLASH_KERNEL = fused
 
 RESULTS = benchlib.RESULTS
 SEGMENTS, RATES, HEADS, HEAD_DIM = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 128
@@ -121,11 +109,13 @@ def sparse_decode_call(kind: str, device: str):
     module = BlockSparseAttention(kind, block_size=SPARSE_BLOCK, attention="unidirectional")
     q = torch.randn(1, 1, SPARSE_HEADS, SPARSE_HEAD_DIM, device=device)
     k, v = (torch.randn(1, SPARSE_CACHE, SPARSE_HEADS, SPARSE_HEAD_DIM, device=device) for _ in range(2))
-    counts, indices = module.layouts.layout(SPARSE_CACHE, SPARSE_HEADS, q.device, True)
+    first_block = (SPARSE_CACHE - 1) // SPARSE_BLOCK
+    plan = module.layouts.plan(SPARSE_CACHE, SPARSE_HEADS, q.device, True, first_block)
     scale = SPARSE_HEAD_DIM**-0.5
 
-    def forward() -> None:
-        sparse.sparse_forward(q, k, v, counts, indices, None, None, SPARSE_BLOCK, True, scale, 0.0, True)
+    def forward() -> None:  # the "matmul" tiles a GPU takes (the CPU would take its fused kernel)
+        sparse_forward(q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.groups, None, None, SPARSE_BLOCK, True,
+                       scale, 0.0, True, backend="matmul")
 
     forward()  # the store lookup and first-call work stay outside what is counted
     return forward
@@ -185,7 +175,7 @@ def main() -> None:
                  if "host_ms" in row else ""))
     for kind in SPARSE_KINDS:
         row = {"case": f"sparse {kind} decode 32K", "q_len": 1, "kv_len": SPARSE_CACHE, "causal": True,
-               "forward": gpu_tile_path(lambda: count(sparse_decode_call(kind, "cpu")))}
+               "forward": count(sparse_decode_call(kind, "cpu"))}
         if args.device == "cuda":
             row["host_ms"] = host_times({"forward": sparse_decode_call(kind, "cuda")}, args.rounds)
         report["cases"].append(row)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from attention.dilated import DilatedPlan
+from attention.dilated_plan import DilatedPlan
 from attention.dilated_flex import residue_block_mask
 from attention.residue import residue_modulus, residue_position
 from attention.residue_layout import clear_layouts, residue_layout

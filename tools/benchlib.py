@@ -310,18 +310,16 @@ class Report:
 
 def dilated_module(implementation: str, segments, rates, **options: Any) -> torch.nn.Module:
     """A dilated attention module with the "fast" or the "reference" implementation."""
-    # MERGE: becomes DilatedAttention(segments, rates, implementation=implementation, **options)
-    from attention import DilatedAttention, ImprovedDilatedAttention
+    from attention import DilatedAttention
 
-    if implementation not in ("fast", "reference"):
-        raise ValueError(f"implementation must be 'fast' or 'reference', got {implementation!r}")
-    return (ImprovedDilatedAttention if implementation == "fast" else DilatedAttention)(segments, rates, **options)
+    return DilatedAttention(segments, rates, implementation=implementation, **options)
 
 
 def block_mask(pattern: Any) -> Any:
     """flex_attention's BlockMask of a stored block-sparse layout."""
-    # MERGE: becomes the attention package's block_mask_from_csr(...) of this layout
-    return pattern.to_block_mask()
+    from attention.flex import to_block_mask
+
+    return to_block_mask(pattern)
 
 
 def add_arguments(parser, *, dtype: str | list[str] = "float32") -> None:
