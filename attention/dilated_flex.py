@@ -271,14 +271,15 @@ def _baked_mask_arrays(num_heads: int, flat_plan: tuple[int, ...], seq_len: int,
 
 
 @functools.cache
-def _compiled() -> Callable:
-    """``fused_forward`` compiled once per process (its graphs are keyed by
-    dynamo's guards on the plan's ints, flags and shapes). torch's default
-    for shapes: static at first, one dynamic graph once a second length
-    comes. flex takes a dynamic length: with ``dynamic=True`` one CPU compile
-    served lengths 40, 56, 72 and 88 (exact to 4e-7; guards remain on which
-    segments are shorter than n)."""
-    return torch.compile(fused_forward, fullgraph=True)
+def _compiled(device_type: str) -> Callable:
+    """``fused_forward`` compiled once per process and device type (its graphs
+    are keyed by dynamo's guards on the plan's ints, flags and shapes). On
+    CUDA torch's default for shapes: static at first, one dynamic graph once a
+    second length comes. On the CPU static shapes, a graph per length: with a
+    dynamic length torch 2.13's C++ flex kernel fails to build for some plans
+    (undeclared ``cur_kvSplitSize4`` with rates 1, 2, 3 after lengths 37 and
+    40), while a static graph builds (exact to 3e-7)."""
+    return torch.compile(fused_forward, fullgraph=True, dynamic=False if device_type == "cpu" else None)
 
 
 def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:
@@ -339,6 +340,7 @@ def dilated_flex_attention(
                                     key_padding_mask is None, str(q.device))
         mask, run = BlockMask((n, n), *arrays, BLOCK_SIZE=(block_size, block_size)), fused_forward
     else:
-        mask, run = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device), _compiled()
+        mask, run = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device), _compiled(
+            q.device.type)
     return run(q, k, v, mask, key_padding_mask, plan_branches(plan), modulus, is_causal, scale, ordered,
                kernel_options=flex_tiles(block_size) or None)

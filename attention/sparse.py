@@ -207,11 +207,6 @@ class BlockSparseAttention(nn.Module):
         first_block = (kv_len - q_len) // self.block_size
         if torch.compiler.is_compiling():
             return unflatten_plan(baked_plan(self._description, kv_len, heads, str(q.device), causal, first_block))
-        if q.device.type == "meta":
-            # Shape inference on meta tensors: looked up for the CPU, moved to meta (values are never read there).
-            plan = self.layouts.plan(kv_len, heads, torch.device("cpu"), causal, first_block)
-            return LayoutPlan(plan.kv_num_blocks.to(q.device), plan.kv_indices.to(q.device),
-                              [(rows.to(q.device), keys.to(q.device)) for rows, keys in plan.groups])
         return self.layouts.plan(kv_len, heads, q.device, causal, first_block)
 
     def _flex_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,

@@ -174,6 +174,12 @@ class LayoutSource:
     def plan(self, kv_len: int, num_heads: int, device: torch.device, causal: bool, first_block: int) -> LayoutPlan:
         """``layout(...)`` and its row groups from query block ``first_block``
         (``kv_len - q_len`` over the block size), grouped once and kept."""
+        if device.type == "meta":
+            # Shape inference (a model built on meta, a trace-time warm-up): grouped on the CPU, moved to meta,
+            # whose values are never read.
+            plan = self.plan(kv_len, num_heads, torch.device("cpu"), causal, first_block)
+            return LayoutPlan(plan.kv_num_blocks.to(device), plan.kv_indices.to(device),
+                              [(rows.to(device), keys.to(device)) for rows, keys in plan.groups])
         key = (kv_len, num_heads, device, causal, first_block)
         hit = _recall(self._plans, key)
         if hit is None:

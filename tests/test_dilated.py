@@ -703,8 +703,8 @@ def test_implementation_is_an_option_and_the_improved_class_its_preset():
     assert DilatedAttention((4, 8), (1, 2)).implementation == "reference"
     assert_close(fast(q, k, v, is_causal=True), preset(q, k, v, is_causal=True), tol=0)
     assert repr(fast).endswith("implementation='fast')") and "implementation" not in repr(preset)
-    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast'; got 'flex'"):
-        DilatedAttention((4,), (1,), implementation="flex")
+    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast', 'flex'; got 'fused'"):
+        DilatedAttention((4,), (1,), implementation="fused")
 
 
 @pytest.mark.parametrize("module_class", MODULES)

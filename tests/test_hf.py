@@ -239,10 +239,10 @@ def test_grouped_query_keys_reach_the_dilated_kernel_as_views_of_the_cache(monke
 
 @torch.no_grad()
 def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monkeypatch):
-    import attention.sparse as sparse
+    import attention.sparse_tiles as sparse_tiles
 
-    flattened = spy(monkeypatch, sparse, "_flat")
-    tiles = spy(monkeypatch, sparse, "_tile_forward")
+    flattened = spy(monkeypatch, sparse_tiles, "flat")
+    tiles = spy(monkeypatch, sparse_tiles, "attend")
     key, value = decode_step(hf.SPARSE, BIGBIRD)
     cache = {key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr()}
     # Blocks are gathered from q and from the cache's keys and values, as views (no whole copy).
