@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from hostinfo import machine  # noqa: E402
+from benchlib import machine  # noqa: E402
 
 CASES = {
     "dilated": "from attention import ImprovedDilatedAttention as M; module = M([512, 1024, 2048], [1, 2, 4])",
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    results: dict = {"machine": machine(2), "rounds": args.rounds, "cases": {}}
+    results: dict = {"machine": machine("cpu", threads=2), "rounds": args.rounds, "cases": {}}
     for case in CASES:
         runs: dict[str, list[dict]] = {"cold": [], "warm": []}
         for _ in range(args.rounds):
