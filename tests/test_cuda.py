@@ -222,6 +222,22 @@ def test_dilated_value_head_dim_differs_from_query_key(case, implementation, dty
                  padded=padded, seed=6, head_dim=96, v_head_dim=64)
 
 
+@needs_cuda
+@pytest.mark.parametrize("case, dtype", [
+    ("tail-gqa-causal", torch.bfloat16), ("mqa-causal-padded", torch.bfloat16), ("short-padded", torch.float16),
+    ("long", torch.float32), ("decode-rows-causal-padded", torch.bfloat16),
+], ids=str)
+def test_flex_dilated_attention_matches_reference(case, dtype):
+    """The fused FlexAttention path (one compiled flex call over the residue
+    order; decode rows take the per-branch path), outputs and gradients,
+    within check_module's tolerances for the dtype. Flex compiles a backward
+    on CUDA only, so this runs on a device."""
+    batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
+    check_module(DilatedAttention(SEGMENTS, RATES, implementation="flex"), dilated_reference, dtype=dtype,
+                 batch=batch, q_len=q_len, kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal,
+                 padded=padded, seed=7)
+
+
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_dilated_attention_property(data):
@@ -266,12 +282,12 @@ def test_large_segments_and_head_dim_128():
     ids=["bf16-d64", "fp16-d128", "bf16-d256", "fp32", "bf16-masked"],
 )
 def test_dispatch_runs_the_kernel_it_chooses(monkeypatch, dtype, head_dim, padded):
-    """Half types without a mask take the fused half kernel (cuDNN up to
-    CUDNN_MAX_HEAD_DIM, flash above), float32 and masks take the efficient
-    kernel, and a dilated module's forward and backward call that kernel and
-    no other."""
-    expected = ("cuda_efficient" if dtype == torch.float32 or padded
-                else kernels.CUDA_HALF_KERNEL if head_dim <= kernels.CUDNN_MAX_HEAD_DIM else "cuda_flash")
+    """Half types without a mask take the preferred half kernel (cuDNN up to
+    CUDNN_MAX_HEAD_DIM, flash above), float32 the efficient kernel, masked
+    half types the efficient kernel on float32 copies, and a dilated module's
+    forward and backward call that kernel and no other."""
+    expected = ("cuda_efficient" if dtype == torch.float32 else "cuda_efficient_float32" if padded
+                else kernels.PREFERENCES["cuda"][0] if head_dim <= kernels.CUDNN_MAX_HEAD_DIM else "cuda_flash")
     assert kernels.choose_kernel("cuda", dtype, head_dim, padded) == expected
     calls = []
     for name, kernel in list(kernels.KERNELS.items()):
@@ -299,7 +315,8 @@ def test_both_fused_half_kernels_match_reference(monkeypatch, half_kernel, case)
     """The default half kernel was chosen by speed; both must be exact, so a
     device where the other wins can switch (bf16; GQA; decode rows; no
     padding: a mask takes the efficient kernel)."""
-    monkeypatch.setattr(kernels, "CUDA_HALF_KERNEL", half_kernel)
+    order = kernels.PREFERENCES["cuda"]
+    monkeypatch.setitem(kernels.PREFERENCES, "cuda", (half_kernel, *(name for name in order if name != half_kernel)))
     batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
     check_module(ImprovedDilatedAttention(SEGMENTS, RATES), dilated_reference, dtype=torch.bfloat16, batch=batch,
                  q_len=q_len, kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal, padded=False, seed=9)
