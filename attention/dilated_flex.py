@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .dilated_plan import DilatedPlan
-from .flex import flex_tiles
+from .flex import BLOCK_MASK_FIELDS, flex_tiles
 from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
 from .residue import residue_index, residue_modulus, residue_position
 from .residue_layout import ResidueLayout, check_plan, layout_period, residue_layout
@@ -204,9 +204,7 @@ def _repeat(base: BlockMask, seq_len: int, modulus: int) -> BlockMask:
         moved = (x // steps * (steps * copies) + x % steps).view(1, heads, modulus, 1, steps, -1)
         return (moved + shift).reshape(1, heads, modulus * copies * steps, -1)
 
-    arrays = [base.kv_num_blocks, base.kv_indices, base.full_kv_num_blocks, base.full_kv_indices,
-              base.q_num_blocks, base.q_indices, base.full_q_num_blocks, base.full_q_indices]
-    arrays = [counts(x) if i % 2 == 0 else indices(x) for i, x in enumerate(arrays)]
+    arrays = [counts(x) if i % 2 == 0 else indices(x) for i, x in enumerate(_mask_arrays(base))]
     return BlockMask((seq_len, seq_len), *arrays, BLOCK_SIZE=base.BLOCK_SIZE)
 
 
@@ -253,9 +251,8 @@ def fused_forward(
 
 
 def _mask_arrays(mask: BlockMask) -> tuple[Optional[Tensor], ...]:
-    """The eight index arrays of a BlockMask, in its constructor's order."""
-    return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
-            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+    """The eight index arrays of a BlockMask, in its constructor's order (the bridge's one list)."""
+    return tuple(getattr(mask, name) for name in BLOCK_MASK_FIELDS)
 
 
 @torch.compiler.assume_constant_result
