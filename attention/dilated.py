@@ -4,8 +4,10 @@
 "reference", scheme=, softmax_scale=, dropout=, store=)`` is the one module;
 ``implementation`` names an entry of ``dilated_implementations.IMPLEMENTATIONS``
 ("reference": plain, autograd-native, the one to read; "fast": fused kernels,
-memory-bounded). ``ImprovedDilatedAttention`` is a preset: the same module
-with ``implementation="fast"``.
+memory-bounded; "flex": one FlexAttention call over the residue order) or
+"auto" (the measured choice between "fast" and "flex"); ``ordered=True``
+takes and returns sequences in residue order. ``ImprovedDilatedAttention``
+is a preset: the same module with ``implementation="fast"``.
 
 Layout: ``q`` is ``(batch, q_len, heads, head_dim)``, ``k`` ``(batch,
 kv_len, kv_heads, head_dim)`` and ``v`` ``(batch, kv_len, kv_heads,
@@ -46,12 +48,13 @@ from torch import Tensor, nn
 from patternstore.specs import DilatedSpec, SCHEMES, check_branches, check_choice
 from patternstore.store import PatternStore, default_store
 
-from .dilated_implementations import IMPLEMENTATIONS, run_implementation
+from .dilated_implementations import IMPLEMENTATION_NAMES, run_implementation
 from .dilated_kernels import backward_groups, forward_groups
 from .dilated_ops import dilated_attention
 from .dilated_plan import DilatedPlan, Group
 from .dilated_reference import dilated_attention_reference
 from .kernels import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from .residue import residue_modulus
 
 __all__ = [
     "DilatedAttention",
@@ -75,11 +78,15 @@ class DilatedAttention(nn.Module):
 
     ``forward(q, k, v, is_causal=False, key_padding_mask=None)``: shapes in
     the module docstring, any length. ``implementation``: "reference"
-    (default) or "fast" (``dilated_implementations``); with dropout in
-    training an implementation without dropout of its own runs the
-    reference. Pickled state: the configuration and ``store`` (a
-    PatternStore, which pickles as its directory, or None for the default
-    store); plans are rebuilt lazily in any process."""
+    (default), "fast", "flex" or "auto" (``dilated_implementations``); with
+    dropout in training an implementation without dropout of its own runs
+    the reference. ``ordered=True``: q, k, v, ``key_padding_mask`` and the
+    output are in residue order (``attention.residue.to_residue_order`` with
+    ``self.residue_modulus``), ``q_len == kv_len``; "flex" then runs without
+    gathers, the others gather to natural order and back. Pickled state: the
+    configuration and ``store`` (a PatternStore, which pickles as its
+    directory, or None for the default store); plans are rebuilt lazily in
+    any process."""
 
     def __init__(
         self,
@@ -91,10 +98,14 @@ class DilatedAttention(nn.Module):
         softmax_scale: Optional[float] = None,
         dropout: float = 0.0,
         store: Optional[PatternStore] = None,
+        ordered: bool = False,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_branches(segment_lengths, dilation_rates)
-        self.implementation = check_choice("implementation", implementation, tuple(IMPLEMENTATIONS))
+        self.implementation = check_choice("implementation", implementation, IMPLEMENTATION_NAMES)
+        if not isinstance(ordered, bool):
+            raise ValueError(f"ordered must be True or False, got {ordered!r}")
+        self.ordered = ordered
         self.scheme = check_choice("scheme", scheme, SCHEMES)
         if store is not None and not isinstance(store, PatternStore):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
@@ -109,7 +120,13 @@ class DilatedAttention(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # A module pickled before ``implementation`` existed: its class said it.
         state.setdefault("implementation", "reference" if type(self) is DilatedAttention else "fast")
+        state.setdefault("ordered", False)
         super().__setstate__(state)
+
+    @property
+    def residue_modulus(self) -> int:
+        """R, the lcm of the rates: ordered mode's order is ``attention.residue.residue_order(n, R)``."""
+        return residue_modulus(self.dilation_rates)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -153,6 +170,10 @@ class DilatedAttention(nn.Module):
         """(the flat plan for q's head count, the softmax scale), after the checks."""
         check_attention_inputs(q, k, v, key_padding_mask)
         check_is_causal(is_causal)
+        if self.ordered and q.shape[1] != k.shape[1]:
+            raise ValueError(f"ordered=True takes a whole sequence in residue order (q_len == kv_len); got q_len "
+                             f"{q.shape[1]} and kv_len {k.shape[1]}: decode steps and chunked prefill take "
+                             f"natural order (a module with ordered=False)")
         flat_plan = self._flat_plan(operator.index(q.shape[2]))
         return flat_plan, default_scale(q, self.softmax_scale)
 
@@ -162,7 +183,7 @@ class DilatedAttention(nn.Module):
         flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         dropout_p = self.dropout if self.training else 0.0
         return run_implementation(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
-                                  dropout_p)
+                                  dropout_p, self.ordered)
 
     def extra_repr(self) -> str:
         text = (
@@ -171,6 +192,8 @@ class DilatedAttention(nn.Module):
         )
         if type(self) is DilatedAttention and self.implementation != "reference":
             text += f", implementation={self.implementation!r}"
+        if self.ordered:
+            text += ", ordered=True"
         return text
 
 

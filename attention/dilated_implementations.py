@@ -19,6 +19,15 @@ An entry's ``forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask,
 dropout_p) -> out`` takes checked inputs and the flat plan
 (``DilatedPlan.flat``); its capabilities say what the modules may ask of it.
 A new implementation (another kernel path) is one more entry.
+
+``"auto"`` is not an entry but a choice made per call between ``"fast"`` and
+``"flex"`` (``choose_implementation``), from the measured table
+``FLEX_FASTER`` beside it.
+
+Ordered mode (``ordered=True``): q, k, v, the padding mask and the output
+are in residue order (``attention.residue``). ``"flex"`` takes them as they
+are (no gathers); the others gather to natural order and back, so every
+implementation computes the same function in either order.
 """
 
 from __future__ import annotations
@@ -29,12 +38,14 @@ import torch
 from torch import Tensor
 
 from .dilated_flex import dilated_flex_attention
-from .sparse import FLEX_MIN_BLOCK
 from .dilated_ops import dilated_reference, fast_attention
 from .dilated_plan import DilatedPlan
 from .dilated_reference import reference_attention
+from .residue import from_residue_order, residue_modulus, to_residue_order
+from .sparse import FLEX_MIN_BLOCK
 
-__all__ = ["Implementation", "IMPLEMENTATIONS", "run_implementation"]
+__all__ = ["Implementation", "IMPLEMENTATIONS", "IMPLEMENTATION_NAMES", "FlexFaster", "FLEX_FASTER",
+           "choose_implementation", "run_implementation"]
 
 
 class Implementation(NamedTuple):
@@ -58,12 +69,18 @@ def _fast_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: flo
     return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
 
 
+def _flex_serves(q: Tensor, k: Tensor) -> bool:
+    """Prefill of at least one flex block; decode and chunked-prefill rows take "fast"."""
+    return q.shape[1] == k.shape[1] and q.shape[1] >= FLEX_MIN_BLOCK
+
+
 def _flex_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: float,
-                  key_padding_mask: Optional[Tensor], dropout_p: float) -> Tensor:
-    if q.shape[1] != k.shape[1] or q.shape[1] < FLEX_MIN_BLOCK:
+                  key_padding_mask: Optional[Tensor], dropout_p: float, ordered: bool = False) -> Tensor:
+    if not _flex_serves(q, k):
         return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
     plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
-    return dilated_flex_attention(q, k, v, plan, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+    return dilated_flex_attention(q, k, v, plan, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
+                                  ordered=ordered)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -73,12 +90,68 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 
+IMPLEMENTATION_NAMES: tuple[str, ...] = (*IMPLEMENTATIONS, "auto")
+
+
+class FlexFaster(NamedTuple):
+    """One measured case where the fused flex path beat the per-branch
+    kernels: it covers calls on ``device_type`` in ``dtype`` with a head_dim
+    in ``head_dims`` and ``min_length <= length <= max_length``."""
+    device_type: str
+    dtype: torch.dtype
+    head_dims: tuple[int, ...]
+    min_length: int
+    max_length: int
+    causal: bool
+    training: bool   # gradients flow (forward+backward timed) or not (forward timed)
+
+
+# The cases where "auto" takes "flex", from tools/bench_attention.py's
+# "choice_table" (candidates fast and flex interleaved in one process). Empty
+# until a GPU run measures them, so "auto" is "fast" everywhere today. On the
+# CPU "flex" is never chosen: FlexAttention compiles no CPU backward, and its
+# CPU forward compiles a static graph per length (a checking path).
+FLEX_FASTER: tuple[FlexFaster, ...] = ()
+
+
+def choose_implementation(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float,
+                          table: Sequence[FlexFaster] = FLEX_FASTER) -> str:
+    """"flex" where ``table`` measured it faster for this (device, dtype,
+    head_dim, length, causal, training) and flex serves the call (prefill, no
+    dropout), else "fast"."""
+    if not table or q.device.type == "cpu" or dropout_p > 0 or not _flex_serves(q, k):
+        return "fast"
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    n, d = q.shape[1], q.shape[-1]
+    for case in table:
+        if (case.device_type == q.device.type and case.dtype == q.dtype and d in case.head_dims
+                and case.causal == is_causal and case.training == training
+                and case.min_length <= n <= case.max_length):
+            return "flex"
+    return "fast"
+
+
 def run_implementation(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[int], is_causal: bool,
-                       scale: float, key_padding_mask: Optional[Tensor], dropout_p: float) -> Tensor:
-    """Implementation ``name`` on checked inputs; the reference where it needs dropout it lacks."""
+                       scale: float, key_padding_mask: Optional[Tensor], dropout_p: float,
+                       ordered: bool = False) -> Tensor:
+    """Implementation ``name`` (or "auto"'s choice) on checked inputs; the
+    reference where it needs dropout it lacks. ``ordered``: inputs and output
+    in residue order (the caller checked ``q_len == kv_len``)."""
+    if name == "auto":
+        name = choose_implementation(q, k, v, is_causal, dropout_p)
     implementation = IMPLEMENTATIONS[name]
     if v.shape[-1] != q.shape[-1] and not implementation.value_head_dim:
         raise ValueError(f"implementation {name!r} needs v's head_dim equal to q's ({q.shape[-1]}); got {v.shape[-1]}")
     if dropout_p > 0 and not implementation.dropout:
-        implementation = IMPLEMENTATIONS["reference"]
-    return implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p)
+        name, implementation = "reference", IMPLEMENTATIONS["reference"]
+    if not ordered:
+        return implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p)
+    if name == "flex" and _flex_serves(q, k):
+        return _flex_forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p, ordered=True)
+    # The others work in natural order: one gather of each input, one of the output.
+    modulus = residue_modulus(g.rate for g in DilatedPlan.from_flat(q.shape[2], flat_plan).groups)
+    q, k, v = (from_residue_order(x, modulus) for x in (q, k, v))
+    if key_padding_mask is not None:
+        key_padding_mask = from_residue_order(key_padding_mask, modulus)
+    out = implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p)
+    return to_residue_order(out, modulus)

@@ -154,8 +154,10 @@ class MultiheadWrapper(nn.Module):
 
 class MultiheadDilatedAttention(MultiheadWrapper):
     """``MultiheadWrapper`` around ``DilatedAttention(segment_lengths,
-    dilation_rates, implementation=, scheme=, dropout=, store=)``;
-    ``fused_qkv`` and the other projection options as ``MultiheadWrapper``'s."""
+    dilation_rates, implementation=, scheme=, dropout=, store=, ordered=)``;
+    ``fused_qkv`` and the other projection options as ``MultiheadWrapper``'s.
+    The projections are per position, so with ``ordered=True`` the layer takes
+    and returns ``(batch, n, embed_dim)`` in residue order too."""
 
     def __init__(
         self,
@@ -168,10 +170,11 @@ class MultiheadDilatedAttention(MultiheadWrapper):
         dropout: float = 0.0,
         scheme: str = "longnet",
         store: Optional[PatternStore] = None,
+        ordered: bool = False,
         **projection_options,
     ) -> None:
         attention = dilated_module(segment_lengths, dilation_rates, implementation=implementation, scheme=scheme,
-                                   dropout=dropout, store=store)
+                                   dropout=dropout, store=store, ordered=ordered)
         super().__init__(embed_dim, num_heads, attention, **projection_options)
 
 

@@ -53,7 +53,8 @@ def residue_modulus(rates: Iterable[int]) -> int:
 
 
 def _check_length(seq_len: int, modulus: int) -> None:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    # A SymInt is a length under torch.compile(dynamic=True): the compare becomes a guard.
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, torch.SymInt)) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     if isinstance(modulus, bool) or not isinstance(modulus, int) or modulus < 1:
         raise ValueError(f"modulus must be an int >= 1 (the lcm of the rates), got {modulus!r}")

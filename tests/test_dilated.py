@@ -703,7 +703,7 @@ def test_implementation_is_an_option_and_the_improved_class_its_preset():
     assert DilatedAttention((4, 8), (1, 2)).implementation == "reference"
     assert_close(fast(q, k, v, is_causal=True), preset(q, k, v, is_causal=True), tol=0)
     assert repr(fast).endswith("implementation='fast')") and "implementation" not in repr(preset)
-    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast', 'flex'; got 'fused'"):
+    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fast', 'flex', 'auto'; got 'fused'"):
         DilatedAttention((4,), (1,), implementation="fused")
 
 

@@ -258,27 +258,40 @@ def rope(x, positions):
     return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
 
 
-def test_ordered_two_layer_model_equals_natural_order():
+@pytest.mark.parametrize("implementation", ["flex", "fast"])
+def test_ordered_two_layer_model_equals_natural_order(implementation):
+    """Two layers of modules with ``ordered=True`` on residue-ordered
+    activations (RoPE given the permuted ids) equal the natural-order model;
+    "fast" (which gathers inside) also in training, gradients included."""
+    from attention import DilatedAttention
+
     segments, rates, heads, d, n = (8, 16, 24), (1, 2, 3), 4, 8, 40
-    plan, modulus = plan_of(segments, rates, heads), residue_modulus(rates)
+    modulus = residue_modulus(rates)
     g = torch.Generator().manual_seed(3)
     layers = [[torch.randn(heads * d, heads * d, generator=g) / (heads * d) ** 0.5 for _ in range(6)] for _ in range(2)]
+    natural_attention, ordered_attention = (DilatedAttention(segments, rates, implementation=implementation,
+                                                             ordered=ordered) for ordered in (False, True))
+    assert ordered_attention.residue_modulus == modulus
 
-    def model(x, positions, ordered):
+    def model(x, positions, attention):
         for wq, wk, wv, wo, w1, w2 in layers:
             b = x.shape[0]
             q, k, v = ((x @ w).view(b, n, heads, d) for w in (wq, wk, wv))
             q, k = rope(q, positions), rope(k, positions)
-            a = dilated_flex_attention(q, k, v, plan, is_causal=False, ordered=ordered, block_size=16)
-            x = x + a.reshape(b, n, heads * d) @ wo
+            x = x + attention(q, k, v).reshape(b, n, heads * d) @ wo
             x = x + torch.relu(x @ w1) @ w2  # per position
         return x
 
-    x = torch.randn(2, n, heads * d, generator=g)
-    with torch.no_grad():
-        natural = model(x, torch.arange(n), ordered=False)
-        ordered = model(to_residue_order(x, modulus), residue_order(n, modulus), ordered=True)
-    torch.testing.assert_close(from_residue_order(ordered, modulus), natural, rtol=0, atol=1e-5)
+    x = torch.randn(2, n, heads * d, generator=g, requires_grad=implementation == "fast")
+    with torch.set_grad_enabled(implementation == "fast"):
+        natural = model(x, torch.arange(n), natural_attention)
+        ordered = from_residue_order(model(to_residue_order(x, modulus), residue_order(n, modulus),
+                                           ordered_attention), modulus)
+    torch.testing.assert_close(ordered, natural, rtol=0, atol=1e-5)
+    if implementation == "fast":
+        weights = torch.randn_like(natural)
+        got, want = (torch.autograd.grad(out, x, weights)[0] for out in (ordered, natural))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------- errors
