@@ -12,7 +12,9 @@ Presets (by device):
   than building the mask with ``create_block_mask``.
 - gpu: bf16 (``--dtype``), 16 heads, head_dim 128, block 128; bigbird,
   bslongformer, local at 32K..256K, forward and forward+backward; target:
-  within 5% of flex; first output at the longest length run.
+  within 5% of flex; first output at the longest length run; a profile
+  (``benchlib.profile_calls``: host ops, kernels and the top kernels per
+  call) of ours and flex-cbm at the first kind and length, forward.
 
 Candidates of a case, interleaved with a square matmul (tools/benchlib.py),
 medians: ``ours`` (``BlockSparseAttention``, layout already looked up);
@@ -53,14 +55,15 @@ K = 1024
 PRESETS = {
     "cpu": {"heads": 8, "head_dim": 64, "block": 128, "kinds": ("bigbird", "bslongformer", "local", "fixed"),
             "lengths": (4 * K, 16 * K, 64 * K), "modes": ("forward",), "matmul": 2048, "seconds": 0.0,
-            "rounds": 3, "small": 16 * K, "sparse_90_length": 32 * K, "first_output_length": 256 * K},
+            "rounds": 3, "small": 16 * K, "sparse_90_length": 32 * K, "first_output_length": 256 * K,
+            "profile": False},
     "gpu": {"heads": 16, "head_dim": 128, "block": 128, "kinds": ("bigbird", "bslongformer", "local"),
             "lengths": (32 * K, 64 * K, 128 * K, 256 * K), "modes": ("forward", "forward+backward"),
             "matmul": 8192, "seconds": 0.5, "rounds": None, "small": 64 * K, "sparse_90_length": None,
-            "first_output_length": None},
+            "first_output_length": None, "profile": True},
 }
 QUICK = {"heads": 2, "head_dim": 32, "block": 16, "kinds": ("bigbird", "local"), "lengths": (256, 512),
-         "matmul": 256, "small": 512, "sparse_90_length": 512, "first_output_length": 512}
+         "matmul": 256, "small": 512, "sparse_90_length": 512, "first_output_length": 512, "profile": True}
 # A layout of ~90% block sparsity at 32K (target 1); fixed's global columns
 # grow with n (25% dense, ~40 s a call at 64K): it runs up to "small" only.
 SPARSE_90 = ("bigbird", {"num_sliding_window_blocks": 21, "num_random_blocks": 3, "num_global_blocks": 1})
@@ -177,6 +180,9 @@ def run_case(cfg, device, dtype, kind, params, n, mode, store) -> dict:
                                warmup=1 if device == "cpu" else 2,
                                reference=benchlib.matmul(cfg["matmul"], device, dtype if device == "cuda" else
                                                          torch.float32))
+    if cfg["profile"] and mode == "forward" and (kind, n) == (cfg["kinds"][0], cfg["lengths"][0]):
+        # Where a gap to flex goes: host ops, kernels launched and the top kernels, one case.
+        row["profile"] = benchlib.profile_calls({name: calls[name] for name in ("ours", "flex-cbm")}, device)
     work = 4 * d * allowed_pairs(table, block, heads, causal) * (1 if mode == "forward" else 3)
     matmul_rate = 2 * cfg["matmul"] ** 3 / runs.median("matmul")
     row.update(useful_gflop=work / 1e9, failures=runs.failures,

@@ -134,6 +134,43 @@ def timer(device: torch.device | str) -> Callable[[Callable[[], Any]], float]:
     return timed
 
 
+def profile_calls(calls: dict[str, Callable[[], Any]], device: torch.device | str, *, repeats: int = 5,
+                  top: int = 8) -> dict[str, dict]:
+    """Where each candidate's time goes (torch.profiler, ``repeats`` calls
+    after one warm call): per call, the host ops dispatched and the device
+    kernels launched with their summed time, and the ``top`` kernels (CUDA)
+    or ops (CPU) by self time, in microseconds per call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    result = {}
+    for name, call in calls.items():
+        call()
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                call()
+            synchronize(device)
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        ops = [e for e in events if e.device_type == DeviceType.CPU and e.key.startswith("aten::")]
+
+        def self_us(e: Any) -> float:
+            if e.device_type == DeviceType.CUDA:
+                return getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+            return e.self_cpu_time_total
+        ranked = sorted(kernels if on_cuda else ops, key=self_us, reverse=True)[:top]
+        result[name] = {
+            "host_ops_per_call": sum(e.count for e in ops) / repeats,
+            "kernels_per_call": sum(e.count for e in kernels) / repeats,
+            "kernel_us_per_call": sum(self_us(e) for e in kernels) / repeats,
+            "top": [{"name": e.key[:120], "calls_per_call": e.count / repeats, "us_per_call": self_us(e) / repeats}
+                    for e in ranked]}
+    return result
+
+
 def matmul(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Callable[[], Any]:
     """A ``size``^3 matmul as a candidate (2 * size^3 FLOP per call)."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
