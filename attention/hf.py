@@ -76,6 +76,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from patternstore.store import PatternStore
 
 from .dilated import ImprovedDilatedAttention
+from . import hf_decode
 from .hf_padding import attend_padded, check_config, check_mask, padding_mask
 from .kernels import check_dropout, check_softmax_scale
 from .sparse import BlockSparseAttention
@@ -292,8 +293,11 @@ def _op_module(key: str) -> nn.Module:
 def _attend_op(
     query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
 ) -> Tensor:
+    attention = _op_module(module_key)
     with torch.no_grad():
-        out = attend_padded(_op_module(module_key), query, key, value, attention_mask, is_causal)
+        out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)  # no host sync: capturable
+        if out is None:
+            out = attend_padded(attention, query, key, value, attention_mask, is_causal)
     return out.contiguous()
 
 

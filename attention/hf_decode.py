@@ -1,0 +1,165 @@
+"""A decode step over a static cache without a host sync, so that it can be
+captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``, which
+transformers' ``generate`` uses with a static cache).
+
+The padded path (``attention.hf_padding.attend_padded``) reads how many
+cache rows hold tokens and where each batch row's first token is on the host
+(one sync each), then slices the cache: right for eager calls, fatal inside
+a CUDA-graph capture. Here one query row per batch row (``q_len == 1``)
+reads everything on the device, with shapes fixed by the cache and
+the pattern:
+
+- ``p = filled - 1``, the query's position (the last: dilated attention
+  gives it the same keys causal or not), and ``first``, the row's first
+  real token, come from the traced mask's two rows (``hf_padding``) as
+  device tensors; the pattern is anchored at ``first`` (left padding), as in
+  the padded path;
+- each pattern's keys for the row are a fixed number of candidate positions
+  computed from ``p - first`` by index arithmetic, masked where they fall
+  after the query, outside the branch or block, or on padding: dilated,
+  ``ceil(w / r)`` per branch (a branch contributes only where it selects the
+  query row; a key two branches select appears twice, which is the
+  multiplicity ``M`` of docs/design.md section 2.1); block-sparse, the row
+  block's key blocks from the layout padded to the longest row;
+- one gather of those keys and values (grouped-query heads by index, no
+  repeat), one softmax (float32 for half types), one weighted sum. Cost: the keys the row
+  attends (times the padding of the candidates), never the cache length.
+
+The block-sparse row table is built once per (layout, cache length, heads,
+device), on the first call (the capture's warm-up run); a capture that
+misses it raises instead of syncing. ``step`` returns None for a call it
+does not serve (the caller takes the padded path).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .dilated import DilatedAttention
+from .dilated_flex import plan_branches
+from .kernels import default_scale
+from .softmax_parts import accumulate_dtype
+from .sparse import BlockSparseAttention
+
+__all__ = ["step"]
+
+_TABLES_KEPT = 16  # row tables of block-sparse layouts: (heads, blocks, longest row) int64 each
+_tables: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+
+
+def step(attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+         is_causal: bool) -> Optional[Tensor]:
+    """One causal decode row per batch row over a static cache: query ``(B, H,
+    1, d)``, key/value ``(B, H_kv, L, d / d_v)``, the traced mask ``(B, 2, 1,
+    L)`` -> ``(B, 1, H, d_v)``; None where the padded path serves the call."""
+    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 2:
+        return None
+    if isinstance(attention, DilatedAttention) and type(attention).forward is DilatedAttention.forward:
+        if attention.ordered:  # (the last row's keys are the same causal or not: none follow it)
+            return None
+        plan = attention.plan(query.shape[1])
+        candidates = _dilated_candidates(plan, query.shape[1])
+    elif isinstance(attention, BlockSparseAttention):
+        if not (is_causal or attention.layouts.unidirectional) or not attention.layouts.prefix_stable:
+            return None
+        candidates = _sparse_candidates(attention, query.shape[1], key.shape[2], query.device)
+    else:
+        return None
+    real, held = attention_mask[:, 0, 0], attention_mask[:, 1, 0]         # (B, L) each
+    position = held.sum(-1, keepdim=True) - 1                              # (B, 1): the query's position
+    first = torch.where(real.any(-1, keepdim=True), real.to(torch.uint8).argmax(-1, keepdim=True), position)
+    relative, ok = candidates(position - first)                            # (B, H, K) each
+    scale = default_scale(query.transpose(1, 2), attention.softmax_scale)
+    return _attend(query, key, value, real, relative + first[..., None], ok, scale)
+
+
+def _dilated_candidates(plan, heads: int):
+    branches = plan_branches(plan)
+
+    def candidates(row: Tensor) -> tuple[Tensor, Tensor]:
+        """Positions relative to the row's first token ``(B, H, K)`` and which count."""
+        head = torch.arange(heads, device=row.device)
+        parts, oks = [], []
+        for w, r, groups in branches:
+            offset = head * 0 - 1  # (H,): the head's offset in this branch, -1 where it skips the branch
+            for start, stop, o in groups:
+                offset = torch.where((head >= start) & (head < stop), o, offset)
+            j = torch.arange(-(-w // r), device=row.device)              # (J,)
+            segment = row // w * w                                         # (B, 1): the row's segment start
+            inside = offset[:, None] + r * j                               # (H, J) offsets in the segment
+            parts.append(segment[..., None] + inside)                      # (B, H, J)
+            selects_row = (row - segment) % r == offset                    # (B, H): the branch has the row
+            # (an offset past the segment's end lies after the row, which is inside it: the last term)
+            oks.append((offset >= 0)[:, None] & selects_row[..., None] & (parts[-1] <= row[..., None]))
+        return torch.cat(parts, -1), torch.cat(oks, -1)
+    return candidates
+
+
+def _sparse_candidates(attention: BlockSparseAttention, heads: int, cache_len: int, device: torch.device):
+    counts, table = _row_table(attention, heads, cache_len, device)       # (H_l, nb), (H_l, nb, C)
+    bs = attention.block_size
+
+    def candidates(row: Tensor) -> tuple[Tensor, Tensor]:
+        layout_head = torch.arange(heads, device=row.device) % counts.shape[0]   # (H,): one layout head or H
+        block = row // bs                                                  # (B, 1)
+        blocks = table[layout_head[None, :], block]                        # (B, H, C)
+        count = counts[layout_head[None, :], block]                        # (B, H)
+        slot = torch.arange(table.shape[-1], device=row.device)
+        within = torch.arange(bs, device=row.device)
+        relative = (blocks[..., None] * bs + within).flatten(-2)           # (B, H, C * bs)
+        ok = (slot < count[..., None])[..., None].expand(-1, -1, -1, bs).flatten(-2) & (relative <= row[..., None])
+        return relative, ok
+    return candidates
+
+
+def _row_table(attention: BlockSparseAttention, heads: int, cache_len: int, device: torch.device):
+    """(counts ``(H_l, nb)``, key blocks ``(H_l, nb, longest row)``, padded with
+    block 0) of the causal layout serving ``cache_len``; built once (one sync)."""
+    key = (attention.layouts, cache_len, heads, device)
+    hit = _tables.get(key)
+    if hit is not None:
+        _tables.move_to_end(key)
+        return hit
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("a CUDA-graph capture reached a block-sparse decode step whose row table was not "
+                           "built: run the step once outside the capture (torch.compile's warm-up does)")
+    kv_num_blocks, kv_indices = attention.layouts.layout(cache_len, heads, device, True)
+    counts = kv_num_blocks.long()
+    longest = max(int(counts.max()), 1)
+    offsets = counts.flatten().cumsum(0) - counts.flatten()
+    slot = torch.arange(longest, device=device)
+    entry = (offsets[:, None] + slot).clamp(max=max(kv_indices.numel() - 1, 0))
+    table = torch.where(slot < counts.flatten()[:, None], kv_indices.long()[entry], 0) if kv_indices.numel() else \
+        torch.zeros_like(entry)
+    hit = counts, table.view(*counts.shape, longest)
+    _tables[key] = hit
+    while len(_tables) > _TABLES_KEPT:
+        _tables.popitem(last=False)
+    return hit
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, real: Tensor, position: Tensor, ok: Tensor,
+            scale: float) -> Tensor:
+    """Softmax of one row per (batch, head) over its candidate keys at
+    ``position`` ``(B, H, K)`` where ``ok``: ``(B, 1, H, d_v)``."""
+    batch, heads, _, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    position = position.clamp(0, length - 1)
+    ok = ok & real.gather(1, position.flatten(1)).view_as(position)      # padding after the first token
+    kv_head = torch.arange(heads, device=query.device) // (heads // kv_heads)
+    rows = (torch.arange(batch, device=query.device)[:, None, None] * kv_heads + kv_head[:, None]) * length
+    flat = (rows + position).flatten()
+    keys = key.reshape(-1, d).index_select(0, flat).view(*position.shape, d)                  # (B, H, K, d)
+    values = value.reshape(-1, value.shape[-1]).index_select(0, flat).view(*position.shape, -1)
+    dtype = accumulate_dtype(query.dtype)
+    scores = torch.einsum("bhd,bhkd->bhk", query[:, :, 0].to(dtype), keys.to(dtype)) * scale
+    scores = scores.masked_fill(~ok, float("-inf"))
+    top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(dtype).min)  # a row with no key: 0 out
+    weights = (scores - top).exp()
+    total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    out = torch.einsum("bhk,bhkd->bhd", weights, values.to(dtype)) / total
+    return out.to(value.dtype)[:, None]

@@ -1,0 +1,128 @@
+"""The capture-safe decode step over a static cache (attention.hf_decode):
+for random patterns, cache fills, grouped-query heads and padding (left, and
+holes after the first token) it equals the padded path
+(attention.hf_padding.attend_padded, itself checked against SDPA in
+tests/test_hf.py) and the float64 dense reference, in float64 to 1e-12; it
+dispatches no host sync (no ``aten::_local_scalar_dense``) once a layout's
+row table exists; calls it does not serve return None."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")  # attention.hf_padding imports transformers' mask functions
+
+from attention import BlockSparseAttention, DilatedAttention, ImprovedDilatedAttention  # noqa: E402
+from attention import hf_decode  # noqa: E402
+from attention.hf_padding import attend_padded  # noqa: E402
+from dense_reference import dense_dilated_attention  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cache_inputs(batch, heads, kv_heads, length, filled, pads, holes, seed):
+    """transformers' layouts (q (B, H, 1, d), k/v (B, H_kv, L, d)) and the traced
+    mask (B, 2, 1, L): [:, 0] real tokens, [:, 1] rows holding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, kv_heads, length, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    held = (torch.arange(length) < filled).expand(batch, -1)
+    real = held.clone()
+    for row, (pad, hole) in enumerate(zip(pads, holes)):
+        real[row, :pad] = False
+        if hole is not None and pad < hole < filled - 1:
+            real[row, hole] = False  # padding after the first token (never the query's own row)
+    return q, k, v, torch.stack((real, held), 1)[:, :, None]
+
+
+@st.composite
+def dilated_cases(draw):
+    branches = draw(st.integers(1, 3))
+    segments = draw(st.lists(st.integers(1, 24), min_size=branches, max_size=branches))
+    rates = [draw(st.integers(1, min(w, 5))) for w in segments]
+    scheme = draw(st.sampled_from(["longnet", "grouped"]))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    heads = kv_heads * draw(st.integers(max(1, -(-branches // kv_heads)) if scheme == "grouped" else 1, 3))
+    length = draw(st.integers(2, 60))
+    filled = draw(st.integers(1, length))
+    batch = draw(st.integers(1, 3))
+    pads = [draw(st.integers(0, filled - 1)) for _ in range(batch)]
+    holes = [draw(st.none() | st.integers(0, length)) for _ in range(batch)]
+    return segments, rates, scheme, heads, kv_heads, length, filled, pads, holes
+
+
+@settings(max_examples=60, deadline=None)
+@given(dilated_cases(), st.booleans())
+def test_dilated_step_equals_the_padded_path_and_the_reference(case, causal):
+    segments, rates, scheme, heads, kv_heads, length, filled, pads, holes = case
+    module = DilatedAttention(segments, rates, implementation="fast", scheme=scheme)
+    q, k, v, mask = cache_inputs(len(pads), heads, kv_heads, length, filled, pads, holes, seed=filled)
+    got = hf_decode.step(module, q, k, v, mask, causal)
+    want = attend_padded(module, q, k, v, mask, causal)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for row, pad in enumerate(pads):  # the row alone, its pattern from its first token, against float64
+        real = mask[row, 0, 0, pad:filled]
+        keys, values = (x[row:row + 1, :, pad:filled].transpose(1, 2) for x in (k, v))
+        queries = torch.cat([torch.zeros(1, filled - pad - 1, heads, 8, dtype=q.dtype), q[row:row + 1, :, -1:]
+                             .transpose(1, 2)], 1)  # the reference is square: earlier rows are not compared
+        ref = dense_dilated_attention(queries, keys, values, segments, rates, scheme=scheme, is_causal=True,
+                                      key_padding_mask=~real[None])
+        torch.testing.assert_close(got[row:row + 1], ref[:, -1:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("local", {}),
+    ("bigbird", {"num_random_blocks": 1, "num_global_blocks": 1}),
+    ("bigbird", {"num_random_blocks": 2, "different_layout_per_head": True}),
+    ("bslongformer", {"global_block_indices": (0, 2)}),
+])
+@pytest.mark.parametrize("filled, pads, holes", [(37, [0, 5], [None, 20]), (64, [0, 0], [None, None]),
+                                                 (1, [0, 0], [None, None]), (50, [49, 3], [None, 4])])
+def test_sparse_step_equals_the_padded_path(kind, params, filled, pads, holes):
+    module = BlockSparseAttention(kind, block_size=4, attention="unidirectional", **params)
+    q, k, v, mask = cache_inputs(2, 4, 2, 64, filled, pads, holes, seed=filled)
+    got = hf_decode.step(module, q, k, v, mask, True)
+    torch.testing.assert_close(got, attend_padded(module, q, k, v, mask, True), rtol=0, atol=1e-12)
+
+
+class Syncs(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("module", [
+    ImprovedDilatedAttention([4, 8, 16], [1, 2, 4]),
+    BlockSparseAttention("bigbird", block_size=4, attention="unidirectional", num_random_blocks=1),
+], ids=["dilated", "bigbird"])
+def test_a_step_reads_nothing_on_the_host(module):
+    q, k, v, mask = cache_inputs(2, 4, 2, 64, 40, [0, 6], [None, 11], seed=1)
+    hf_decode.step(module, q, k, v, mask, True)  # the sparse row table: built once, here
+    with Syncs() as syncs:
+        out = hf_decode.step(module, q, k, v, mask, True)
+    assert out is not None and syncs.count == 0
+    with Syncs() as syncs:  # what it replaces: the padded path reads the fill level and the row layout
+        attend_padded(module, q, k, v, mask, True)
+    assert syncs.count > 0
+
+
+def test_calls_it_does_not_serve_take_the_padded_path():
+    module = ImprovedDilatedAttention([4, 8], [1, 2])
+    q, k, v, mask = cache_inputs(1, 2, 2, 16, 9, [0], [None], seed=0)
+    eager_mask = mask[:, :1]  # (B, 1, 1, L): the eager form
+    assert hf_decode.step(module, q, k, v, eager_mask, True) is None
+    assert hf_decode.step(module, q.expand(-1, -1, 2, -1), k, v, mask, True) is None  # two query rows
+    assert hf_decode.step(DilatedAttention([4], [1], ordered=True), q, k, v, mask, True) is None
+    bidirectional = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1)
+    assert hf_decode.step(bidirectional, q, k, v, mask, True) is None  # not prefix-stable
