@@ -295,7 +295,9 @@ def _attend_op(
 ) -> Tensor:
     attention = _op_module(module_key)
     with torch.no_grad():
-        out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)  # no host sync: capturable
+        out = None
+        if query.device.type in hf_decode.DEVICE_TYPES:  # no host sync: capturable in a CUDA graph
+            out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)
         if out is None:
             out = attend_padded(attention, query, key, value, attention_mask, is_causal)
     return out.contiguous()

@@ -126,3 +126,29 @@ def test_calls_it_does_not_serve_take_the_padded_path():
     assert hf_decode.step(DilatedAttention([4], [1], ordered=True), q, k, v, mask, True) is None
     bidirectional = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1)
     assert hf_decode.step(bidirectional, q, k, v, mask, True) is None  # not prefix-stable
+
+
+def test_the_compiled_op_takes_the_step_on_its_device_types(monkeypatch):
+    """The op a compiled layer calls (attention::hf_attend) with the traced mask:
+    the step on DEVICE_TYPES (CUDA; "cpu" added here), the padded path elsewhere,
+    one result."""
+    import attention.hf as hf
+
+    hf.register()
+    q, k, v, mask = cache_inputs(2, 4, 2, 40, 30, [0, 4], [None, 9], seed=2)
+    settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
+    key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (4, 2, 8, 8), True)
+    served = []
+    real_step = hf_decode.step
+
+    def spy(*args):
+        served.append(real_step(*args) is not None)
+        return real_step(*args)
+
+    monkeypatch.setattr(hf_decode, "step", spy)
+    padded = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
+    assert served == []  # the CPU is not a step device
+    monkeypatch.setattr(hf_decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    stepped = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
+    assert served == [True]
+    torch.testing.assert_close(stepped, padded, rtol=0, atol=1e-12)
