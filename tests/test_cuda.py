@@ -225,13 +225,17 @@ def test_dilated_value_head_dim_differs_from_query_key(case, implementation, dty
 @needs_cuda
 @pytest.mark.parametrize("case, dtype", [
     ("tail-gqa-causal", torch.bfloat16), ("mqa-causal-padded", torch.bfloat16), ("short-padded", torch.float16),
-    ("long", torch.float32), ("decode-rows-causal-padded", torch.bfloat16),
+    ("long", torch.float32), ("mqa-causal-padded", torch.float32), ("decode-rows-causal-padded", torch.bfloat16),
 ], ids=str)
 def test_flex_dilated_attention_matches_reference(case, dtype):
     """The fused FlexAttention path (one compiled flex call over the residue
-    order; decode rows take the per-branch path), outputs and gradients,
-    within check_module's tolerances for the dtype. Flex compiles a backward
-    on CUDA only, so this runs on a device."""
+    order; decode rows take the per-branch path), outputs and the gradients
+    of q, k and v (flex's backward) against the float64 reference, within
+    check_module's tolerances: RELATIVE_ERROR[dtype], times GRADIENT_FACTOR
+    for the gradients. Every dtype; causal, padding, GQA and MQA and lengths
+    that are no multiple of a segment or of the flex block in bf16 and fp32
+    (float32's 1e-4 bound also fails a TF32 or a wrong GQA sum of dk, dv).
+    Flex compiles a backward on CUDA only, so this runs on a device."""
     batch, q_len, kv_len, kv_heads, causal, padded = DILATED_CASES[case]
     check_module(DilatedAttention(SEGMENTS, RATES, implementation="flex"), dilated_reference, dtype=dtype,
                  batch=batch, q_len=q_len, kv_len=kv_len, heads=HEADS, kv_heads=kv_heads, causal=causal,
