@@ -3,8 +3,9 @@
 float32, causal and key padding, grouped-query attention, lengths that are
 not multiples of any segment or block, decode rows (fewer queries than
 keys, bottom-right aligned: query row i is position kv_len - q_len + i,
-docs/design.md section 7), the compile contract (docs/design.md section 4)
-and CUDA graphs.
+docs/design.md section 7), the compile contract (docs/design.md section 4),
+and CUDA graphs (mode="reduce-overhead": bare modules, decode steps, and a
+transformer block around each multi-head layer, in inference and training).
 
 Marked ``cuda`` and skipped without a device. ``PATTERNSTORE_TEST_DEVICE=cpu``
 runs the same checks (those that do not need CUDA itself) on the CPU: a dry
@@ -27,6 +28,7 @@ limit (tools/gpu_check.sh) loses the fewest checks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -456,32 +458,68 @@ def test_compiled_transformer_block(kind):
     check_compiled(block, embedded_inputs(320, embed))
 
 
-def check_cuda_graphs(model: nn.Module, make_inputs, training: bool) -> None:
-    """mode="reduce-overhead": no cudagraph skip, and the replays equal eager."""
+@contextlib.contextmanager
+def counted_cuda_graphs():
+    """{"captures": n, "replays": m}: calls of ``torch.cuda.CUDAGraph``'s
+    ``capture_begin`` and ``replay`` (what cudagraph trees record and run)
+    while open. A run with no skip but no replay either used no CUDA graph
+    (cudagraph trees run each new shape eagerly first), so the checks count
+    replays. Captures include the tree manager's one empty graph."""
+    counts = {"captures": 0, "replays": 0}
+    graph = torch.cuda.CUDAGraph
+    capture_begin, replay = graph.capture_begin, graph.replay
+
+    def counted_capture_begin(self, *args, **kwargs):
+        counts["captures"] += 1
+        return capture_begin(self, *args, **kwargs)
+
+    def counted_replay(self, *args, **kwargs):
+        counts["replays"] += 1
+        return replay(self, *args, **kwargs)
+
+    graph.capture_begin, graph.replay = counted_capture_begin, counted_replay
+    try:
+        yield counts
+    finally:
+        graph.capture_begin, graph.replay = capture_begin, replay
+
+
+def check_cuda_graphs(model: nn.Module, make_inputs, training: bool, factor: float = 1.0, **kwargs) -> None:
+    """mode="reduce-overhead", fullgraph=True, four calls (warm-up, record,
+    two replays), each with ``torch.compiler.cudagraph_mark_step_begin()``
+    and its results cloned before the next: every call equals eager (output
+    within RELATIVE_ERROR x ``factor``; in training the input gradients
+    within GRADIENT_FACTOR times that); no cudagraph skip; no recompile after
+    the first call; and the graphs were replayed (at least once per graph in
+    each of the last two calls: forward, and backward in training)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
-    for seed in range(4):  # warm-up, record, then replays
-        inputs = make_inputs(seed)
-        torch.compiler.cudagraph_mark_step_begin()
-        with torch.set_grad_enabled(training):
-            out = compiled(*inputs)
-            out = (out[0] if isinstance(out, tuple) else out)
-            got_out = out.detach().clone()
+    with counted_cuda_graphs() as graphs:
+        for seed in range(4):
+            inputs = make_inputs(seed)
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0), torch.set_grad_enabled(training):
+                torch.compiler.cudagraph_mark_step_begin()
+                out = compiled(*inputs, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                got_out = out.detach().clone()
+                if training:
+                    got_grads = [g.clone() for g in torch.autograd.grad(out.float().square().sum(), inputs)]
+            with torch.set_grad_enabled(training):
+                expected = model(*inputs, **kwargs)
+                expected = expected[0] if isinstance(expected, tuple) else expected
+            tolerance = RELATIVE_ERROR[expected.dtype] * factor
+            assert_close(got_out, expected, tolerance, f"call {seed}: output")
             if training:
-                got_grads = [g.clone() for g in torch.autograd.grad(out.float().square().sum(), inputs)]
-        with torch.set_grad_enabled(training):
-            expected = model(*inputs)
-            expected = expected[0] if isinstance(expected, tuple) else expected
-        assert_close(got_out, expected, RELATIVE_ERROR[expected.dtype], f"call {seed}: output")
-        if training:
-            want = torch.autograd.grad(expected.float().square().sum(), inputs)
-            for a, b in zip(got_grads, want):
-                assert_close(a, b, RELATIVE_ERROR[expected.dtype] * GRADIENT_FACTOR, f"call {seed}: gradient")
+                want = torch.autograd.grad(expected.float().square().sum(), inputs)
+                for a, b in zip(got_grads, want):
+                    assert_close(a, b, tolerance * GRADIENT_FACTOR, f"call {seed}: gradient")
     skips = counters["inductor"]["cudagraph_skips"]
     assert skips == 0, f"CUDA graphs were skipped {skips} time(s) (see the log for the reason)"
+    minimum = 2 * (2 if training else 1)
+    assert graphs["replays"] >= minimum, f"CUDA graphs replayed {graphs['replays']} time(s), expected >= {minimum}"
 
 
 @needs_cuda
@@ -495,6 +533,58 @@ def test_cuda_graphs_block_sparse():
     """Whether flex_attention on a stored BlockMask can be captured (issue 12
     section 4 asks to say which): inference."""
     check_cuda_graphs(BlockSparseAttention("local", block_size=64), head_inputs(640), training=False)
+
+
+def decode_inputs(kv_len: int, kv_heads: int):
+    """One query row (batch 2) against ``kv_len`` keys: a decode step."""
+    def make(seed: int):
+        generator = torch.Generator().manual_seed(300 + seed)
+        q = device_tensor(2, 1, HEADS, HEAD_DIM, dtype=compile_dtype(), generator=generator, grad=False)
+        return [q] + [device_tensor(2, kv_len, kv_heads, HEAD_DIM, dtype=compile_dtype(), generator=generator,
+                                    grad=False) for _ in range(2)]
+    return make
+
+
+DECODE_MODULES = {
+    # The fast path's strided views (GQA); the block-sparse gather path
+    # (q_len < kv_len: the tiles, row groups held by the graph as constants).
+    "dilated": (lambda: ImprovedDilatedAttention(SEGMENTS, RATES), 300, 2),
+    "block-sparse": (lambda: BlockSparseAttention("local", block_size=64, attention="unidirectional"), 640, 4),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", DECODE_MODULES)
+def test_cuda_graphs_decode_step(kind):
+    """A decode step (one query row against a fixed-length cache) is
+    captured and replayed: no host read inside the graph (the dilated plan
+    and the sparse layout with its row groups are trace-time constants)."""
+    make_module, kv_len, kv_heads = DECODE_MODULES[kind]
+    check_cuda_graphs(make_module(), decode_inputs(kv_len, kv_heads), training=False, is_causal=True)
+
+
+BLOCK_ATTENTIONS = {
+    "dilated-fast": lambda embed: ImprovedMultiheadDilatedAttention(embed, HEADS, SEGMENTS, RATES),
+    "dilated-flex": lambda embed: MultiheadDilatedAttention(embed, HEADS, SEGMENTS, RATES, implementation="flex"),
+    "block-sparse": lambda embed: MultiheadBlockSparseAttention(embed, HEADS, "local", block_size=64),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kind", BLOCK_ATTENTIONS)
+def test_cuda_graphs_transformer_block(kind, training):
+    """``Block`` (pre-norm, causal) around each multi-head layer under
+    mode="reduce-overhead": the fast dilated kernels, the fused flex dilated
+    path (one flex call, its BlockMask a trace-time constant; flex has a
+    backward on CUDA) and block-sparse (flex on the stored layout), in
+    inference and training, checked by ``check_cuda_graphs`` within
+    MULTIHEAD_FACTOR of the dtype's bound (LayerNorms, projections and the
+    MLP round around the attention, differently fused compiled and eager)."""
+    embed = HEADS * HEAD_DIM
+    torch.manual_seed(7)
+    block = Block(BLOCK_ATTENTIONS[kind](embed), embed).to(DEVICE, compile_dtype())
+    check_cuda_graphs(block, embedded_inputs(320, embed), training, factor=MULTIHEAD_FACTOR)
 
 
 # --------------------------------------------------------- block-sparse
