@@ -4,8 +4,10 @@ float32, causal and key padding, grouped-query attention, lengths that are
 not multiples of any segment or block, decode rows (fewer queries than
 keys, bottom-right aligned: query row i is position kv_len - q_len + i,
 docs/design.md section 7), the compile contract (docs/design.md section 4),
-and CUDA graphs (mode="reduce-overhead": bare modules, decode steps, and a
-transformer block around each multi-head layer, in inference and training).
+CUDA graphs (mode="reduce-overhead": bare modules, decode steps, and a
+transformer block around each multi-head layer, in inference and training)
+and Hugging Face ``generate`` with a static cache, compiled as transformers
+compiles it.
 
 Marked ``cuda`` and skipped without a device. ``PATTERNSTORE_TEST_DEVICE=cpu``
 runs the same checks (those that do not need CUDA itself) on the CPU: a dry
@@ -585,6 +587,82 @@ def test_cuda_graphs_transformer_block(kind, training):
     torch.manual_seed(7)
     block = Block(BLOCK_ATTENTIONS[kind](embed), embed).to(DEVICE, compile_dtype())
     check_cuda_graphs(block, embedded_inputs(320, embed), training, factor=MULTIHEAD_FACTOR)
+
+
+# ------------------------------------------------ Hugging Face generate
+HF_PATTERNS = {
+    "dilated": ("patternstore_dilated", {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
+    "sparse": ("patternstore_sparse", {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1,
+                                       "num_sliding_window_blocks": 3, "num_global_blocks": 1,
+                                       "attention": "unidirectional"}),
+}
+HF_VOCAB, HF_PROMPT, HF_NEW_TOKENS = 96, 13, 6
+HF_GRAPHS_REPLAYED = (
+    "transformers' compiled decode steps replayed no CUDA graph. Known limits of attention.hf: the eager mask "
+    "(generate builds it outside the compiled forward, attention/hf_padding.py padding_mask) is (batch, 1, 1, "
+    "filled) and grows each step, so the decode graph has a dynamic length and cudagraph trees meet a new size "
+    "(run eagerly) at every step; and attention::hf_attend reads the row layout on the host (a sync no capture "
+    "allows), so it needs torch.Tag.cudagraph_unsafe for inductor to run it between CUDA graphs."
+)
+
+
+@pytest.mark.parametrize("pattern", sorted(HF_PATTERNS))
+def test_hf_generate_with_a_static_cache_compiled_equals_eager(pattern):
+    """transformers' own fast decoding path: ``generate(...,
+    cache_implementation="static")`` compiles the decode steps' forward
+    (``get_compiled_call``) with CompileConfig's defaults (inductor,
+    mode="reduce-overhead"; on the CPU dry run aot_eager, which checks the
+    same trace without code generation) and fullgraph=True. A tiny float32
+    Llama (2 layers, GQA 4/2, a left-padded batch of 2) with each registered
+    implementation: the tokens equal the uncompiled generate's (the same
+    model, ``disable_compile=True``) and every step's logits are within
+    RELATIVE_ERROR[float32]; at most two decode graphs (the first step's, and
+    one with a dynamic length after the mask grows: dynamo's automatic
+    dynamic shapes), no cudagraph skip. CUDA graphs replaying in the decode
+    loop is checked last and, until attention.hf allows it, an expected
+    failure (HF_GRAPHS_REPLAYED)."""
+    pytest.importorskip("transformers")
+    import attention.hf as hf
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+
+    hf.register()
+    impl, settings = HF_PATTERNS[pattern]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        attn_implementation=impl, patternstore_attention=settings,
+    )
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    ids = torch.randint(1, HF_VOCAB, (2, HF_PROMPT), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # row 1 left-padded, as generate pads
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    options = dict(attention_mask=mask, max_new_tokens=HF_NEW_TOKENS, min_new_tokens=HF_NEW_TOKENS,
+                   do_sample=False, cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = model.generate(ids, disable_compile=True, **options)
+    if DEVICE.type == "cuda":
+        compile_config = CompileConfig(fullgraph=True)
+    else:
+        compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+        compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    with counted_cuda_graphs() as graphs, torch.no_grad():
+        got = model.generate(ids, compile_config=compile_config, **options)
+    assert torch.equal(got.sequences, want.sequences), f"{got.sequences.tolist()} != {want.sequences.tolist()}"
+    assert len(got.logits) == len(want.logits) == HF_NEW_TOKENS
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        assert_close(a, b, RELATIVE_ERROR[torch.float32], f"step {step} logits")
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= compiled_graphs <= 2, f"{compiled_graphs} graphs compiled for {HF_NEW_TOKENS - 1} decode steps"
+    skips = counters["inductor"]["cudagraph_skips"]
+    if DEVICE.type == "cuda":
+        assert skips == 0, f"CUDA graphs were skipped {skips} time(s) (see the log for the reason)"
+        if graphs["replays"] == 0:
+            pytest.xfail(HF_GRAPHS_REPLAYED)
 
 
 # --------------------------------------------------------- block-sparse
