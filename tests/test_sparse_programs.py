@@ -1,7 +1,7 @@
 """Block-sparse attention in the programs users write around it: torch.func
 transforms (vmap, per-sample gradients, jacrev), value head_dim different
 from q/k's (MLA), errors raised before any operator runs, padded keys that
-hold NaN/Inf, a decode step without a device sync, whole-graph compile with
+hold NaN/Inf, a decode step without a device sync (no host read at a length seen before), whole-graph compile with
 no lookup in the graph, the export floor, and a program exported by the
 previous version (tests/data/make_sparse_v1.py). References: the float64
 ``dense_attention`` over ``block_pairs`` (tests/dense_reference.py)."""
@@ -14,8 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention  # noqa: F401  (registers the operators an old program names)
+import attention.sparse_layouts as sparse_layouts
 import attention.sparse_ops as sparse_ops
 import attention.sparse_tiles as sparse_tiles
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
@@ -172,6 +174,70 @@ def test_a_decode_step_groups_no_rows_inside_the_operator_and_runs_on_meta(monke
     meta = [x.to("meta") for x in (q, k, v)]
     out = module(*meta)
     assert out.shape == (1, 1, 2, 4) and out.device.type == "meta"
+
+
+# Operators that read a tensor's values on the host, or whose output shape
+# depends on them: each is a device-to-host sync on a GPU, which a CUDA graph
+# capture refuses. Tensor.tolist reads the values without dispatching an
+# operator on the CPU, so it is counted apart.
+HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.argwhere", "aten.unique",
+              "aten._unique", "aten.unique_consecutive", "aten.masked_select", "aten.equal", "aten.is_nonzero")
+
+
+class HostReads(TorchDispatchMode):
+    """The operators dispatched while open: how many, and those of HOST_READS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.reads = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        if str(func).startswith(HOST_READS):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("q_len, kv_heads, padded", [(1, 2, False), (3, 1, True)], ids=["step", "chunk-mqa-padded"])
+def test_a_decode_step_at_a_length_seen_before_reads_no_value_on_the_host(monkeypatch, tmp_path, q_len, kv_heads,
+                                                                          padded):
+    """``LayoutSource.plan`` keeps the layout and its row groups per (kv_len,
+    heads, device, causal, first query block): the first call groups the rows
+    (``row_groups``, whose ``tolist`` is a device-to-host copy on a GPU); a
+    second call at that length groups nothing, calls no ``tolist`` and
+    dispatches no operator of HOST_READS: nothing that would break a CUDA
+    graph capture of a decode step against a fixed-length cache (a cache
+    that grows by a token is a new length, grouped at its first call). The
+    grouping runs outside any dispatch mode (``real_tensors``), so it is
+    seen by its calls, not by the mode."""
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, attention="unidirectional",
+                                  store=PatternStore(tmp_path / "s"))
+    q, k, v = randn(2, q_len, 2, 4), randn(2, 30, kv_heads, 4), randn(2, 30, kv_heads, 4)
+    pad = None
+    if padded:
+        pad = torch.zeros(2, 30, dtype=torch.bool)
+        pad[1, 25:] = True
+    calls = {"row_groups": 0, "tolist": 0}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    for where in (sparse_layouts, sparse_tiles):
+        monkeypatch.setattr(where, "row_groups", counted("row_groups", where.row_groups))
+    monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", torch.Tensor.tolist))
+    want = module(q, k, v, is_causal=True, key_padding_mask=pad)
+    assert calls["row_groups"] >= 1 and calls["tolist"] >= 1, f"the first call groups the rows: {calls}"
+    calls.update(row_groups=0, tolist=0)
+    with HostReads() as mode:
+        got = module(q, k, v, is_causal=True, key_padding_mask=pad)
+    assert mode.count > 0, "the mode saw the call's operators"
+    assert mode.reads == [] and calls == {"row_groups": 0, "tolist": 0}, (mode.reads, calls)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, module_reference(module, q, k, v, causal=True, key_padding_mask=pad),
+                               rtol=1e-10, atol=1e-10)
 
 
 # ------------------------------------------------------------- compile
