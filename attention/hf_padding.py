@@ -5,9 +5,12 @@ that runs an attention module over a padded batch.
 
 The mask never is a ``q_len x kv_len`` tensor. It has two forms:
 - eager: ``(batch, 1, 1, filled)`` bool, True = a real token, where
-  ``filled`` is how many cache rows hold tokens (a static cache is longer).
-  The row layout (one host sync) is computed once per forward here and kept
-  as an attribute of the mask, so the layers do not recompute it.
+  ``filled`` is how many cache rows hold tokens; with a static cache (longer
+  than ``filled``) the traced form below instead, whose shape stays fixed
+  from step to step (``generate`` builds the mask eagerly and passes it to
+  its compiled decode step). The row layout (one host sync) is computed once
+  per forward here and kept as an attribute of the mask, so the layers do not
+  recompute it.
 - traced (inside ``torch.compile`` / ``torch.export``): ``(batch, 2, 1,
   kv_len)`` bool over the whole cache: ``[:, 0]`` = real token, ``[:, 1]`` =
   the cache row holds a token (dim 1 is 2, where a head-broadcast mask has 1). Built from tensors only (no host sync, no shape that
@@ -118,7 +121,13 @@ def padding_mask(
         real = torch.ones(batch_size, filled, dtype=torch.bool, device=device)
     else:
         real = _real_tokens(attention_mask, filled)
-    mask = real[:, None, None, :]
+    if isinstance(q_offset, Tensor) or (kv_length is not None and kv_length > filled):
+        # A static cache (longer than its tokens, or its fill level a tensor): the
+        # fixed-shape form, so that the compiled decode step generate calls with
+        # it keeps one shape at every step (one graph, replayable).
+        mask = _traced_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device)
+    else:
+        mask = real[:, None, None, :]
     setattr(mask, _LAYOUT_ATTRIBUTE, _row_layout_of(real))
     return mask
 

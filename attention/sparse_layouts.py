@@ -147,7 +147,18 @@ class LayoutSource:
         nb = -(-seq_len // self.block_size)
         return max(1 << (nb - 1).bit_length(), self.min_capacity_blocks) * self.block_size
 
+    def _served_length(self, kv_len: int, causal: bool) -> int:
+        """The length whose layout and plan ``kv_len`` shares: in causal use of
+        a prefix-stable layout its block count (rounded up to whole blocks),
+        so a decode loop groups rows once per block, not once per token."""
+        if causal and self.prefix_stable:
+            whole = -(-kv_len // self.block_size) * self.block_size
+            if self.capacity(whole) == self.capacity(kv_len):
+                return whole
+        return kv_len
+
     def layout(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
+        kv_len = self._served_length(kv_len, causal)
         key = (kv_len, num_heads, device, causal)
         hit = _recall(self._layouts, key)
         if hit is not None:
@@ -180,6 +191,7 @@ class LayoutSource:
             plan = self.plan(kv_len, num_heads, torch.device("cpu"), causal, first_block)
             return LayoutPlan(plan.kv_num_blocks.to(device), plan.kv_indices.to(device),
                               [(rows.to(device), keys.to(device)) for rows, keys in plan.groups])
+        kv_len = self._served_length(kv_len, causal)
         key = (kv_len, num_heads, device, causal, first_block)
         hit = _recall(self._plans, key)
         if hit is None:

@@ -201,13 +201,13 @@ class HostReads(TorchDispatchMode):
 @pytest.mark.parametrize("q_len, kv_heads, padded", [(1, 2, False), (3, 1, True)], ids=["step", "chunk-mqa-padded"])
 def test_a_decode_step_at_a_length_seen_before_reads_no_value_on_the_host(monkeypatch, tmp_path, q_len, kv_heads,
                                                                           padded):
-    """``LayoutSource.plan`` keeps the layout and its row groups per (kv_len,
-    heads, device, causal, first query block): the first call groups the rows
+    """``LayoutSource.plan`` keeps the layout and its row groups per (kv_len in
+    whole blocks, heads, device, causal, first query block): the first call groups the rows
     (``row_groups``, whose ``tolist`` is a device-to-host copy on a GPU); a
     second call at that length groups nothing, calls no ``tolist`` and
     dispatches no operator of HOST_READS: nothing that would break a CUDA
-    graph capture of a decode step against a fixed-length cache (a cache
-    that grows by a token is a new length, grouped at its first call). The
+    graph capture of a decode step against a fixed-length cache; a cache
+    grown by a token inside the same key block shares the plan too. The
     grouping runs outside any dispatch mode (``real_tensors``), so it is
     seen by its calls, not by the mode."""
     module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, attention="unidirectional",
@@ -237,6 +237,15 @@ def test_a_decode_step_at_a_length_seen_before_reads_no_value_on_the_host(monkey
     assert mode.reads == [] and calls == {"row_groups": 0, "tolist": 0}, (mode.reads, calls)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got, module_reference(module, q, k, v, causal=True, key_padding_mask=pad),
+                               rtol=1e-10, atol=1e-10)
+    if q_len > 1:
+        return  # a chunk's first query block moves with the cache: its own plan
+    # The cache grown by a token inside the same block (30 -> 31 keys, block 4): the same plan, no grouping.
+    k, v = (torch.cat([x, randn(2, 1, kv_heads, 4)], 1) for x in (k, v))
+    pad = None if pad is None else torch.cat([pad, torch.zeros(2, 1, dtype=torch.bool)], 1)
+    grown = module(q, k, v, is_causal=True, key_padding_mask=pad)
+    assert calls == {"row_groups": 0, "tolist": 0}, calls
+    torch.testing.assert_close(grown, module_reference(module, q, k, v, causal=True, key_padding_mask=pad),
                                rtol=1e-10, atol=1e-10)
 
 
