@@ -242,7 +242,10 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
             )
         heads = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1])
         module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal)
-        return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
+        fixed_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 2
+        if _traced_capturable(module_key, query.device.type, query.shape[2] == 1, fixed_mask, is_causal):
+            return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
+        return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal)
     _remember_implementation(config, impl)
     attention = _attention_module(impl, settings, scaling, dropout)
     return attend_padded(attention, query, key, value, attention_mask, is_causal)
@@ -289,10 +292,21 @@ def _op_module(key: str) -> nn.Module:
     return attention
 
 
-@torch.library.custom_op("attention::hf_attend", mutates_args=())
-def _attend_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
-) -> Tensor:
+@torch.compiler.assume_constant_result
+def _traced_capturable(module_key: str, device_type: str, one_row: bool, fixed_mask: bool, is_causal: bool) -> bool:
+    """Whether the layer's op can run inside a CUDA-graph capture: a decode
+    step ``hf_decode`` serves on one of its devices (decided at trace time)."""
+    probe = torch.empty(1, 2, 1, 1, device="meta") if fixed_mask else None  # serves reads the mask's shape
+    return device_type in hf_decode.DEVICE_TYPES and hf_decode.serves(_op_module(module_key), 1 if one_row else 2,
+                                                                      probe, is_causal)
+
+
+# Tagged: inductor must not capture an op that reads the device on the host.
+_HOST_READS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str,
+            is_causal: bool) -> Tensor:
     attention = _op_module(module_key)
     with torch.no_grad():
         out = None
@@ -303,13 +317,29 @@ def _attend_op(
     return out.contiguous()
 
 
-@_attend_op.register_fake
-def _(query, key, value, attention_mask, module_key, is_causal):
+@torch.library.custom_op("attention::hf_attend", mutates_args=())
+def _attend_op(
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+) -> Tensor:
+    """A layer's attention where the decode step serves it (no host read); any
+    other call (programs traced before the padded op existed) the padded path."""
+    return _attend(query, key, value, attention_mask, module_key, is_causal)
+
+
+@torch.library.custom_op("attention::hf_attend_padded", mutates_args=(), tags=_HOST_READS)
+def _attend_padded_op(
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+) -> Tensor:
+    """A layer's attention through the padded path (host reads: never captured)."""
+    return _attend(query, key, value, attention_mask, module_key, is_causal)
+
+
+def _attend_fake(query, key, value, attention_mask, module_key, is_causal):
     batch, heads, q_len, _ = query.shape
     return query.new_empty(batch, q_len, heads, value.shape[-1])
 
 
-@torch.library.custom_op("attention::hf_attend_backward", mutates_args=())
+@torch.library.custom_op("attention::hf_attend_backward", mutates_args=(), tags=_HOST_READS)
 def _attend_backward_op(
     grad: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
     module_key: str, is_causal: bool,
@@ -343,7 +373,9 @@ def _attend_backward(ctx, grad):
     return *grads, None, None, None
 
 
-_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
+for _op in (_attend_op, _attend_padded_op):
+    _op.register_fake(_attend_fake)
+    _op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 # ------------------------------------------------------------------ settings

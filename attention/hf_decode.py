@@ -45,7 +45,7 @@ from .kernels import default_scale
 from .softmax_parts import accumulate_dtype
 from .sparse import BlockSparseAttention
 
-__all__ = ["DEVICE_TYPES", "step"]
+__all__ = ["DEVICE_TYPES", "serves", "step"]
 
 # Where the compiled op takes this step. CUDA: a capture cannot sync. Not the
 # CPU, where nothing is captured and the padded path's strided views beat
@@ -58,24 +58,31 @@ _TABLES_KEPT = 16  # row tables of block-sparse layouts: (heads, blocks, longest
 _tables: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 
 
+def serves(attention: nn.Module, q_len: int, attention_mask: Optional[Tensor], is_causal: bool) -> bool:
+    """Whether ``step`` computes this call (types and shapes only: it runs at
+    trace time too): one query row, the fixed-shape mask, a plain dilated
+    module (the last row has the same keys causal or not: none follow it)
+    or a causal prefix-stable block-sparse one."""
+    if q_len != 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 2:
+        return False
+    if isinstance(attention, DilatedAttention):
+        return type(attention).forward is DilatedAttention.forward and not attention.ordered
+    if isinstance(attention, BlockSparseAttention):
+        return (is_causal or attention.layouts.unidirectional) and attention.layouts.prefix_stable
+    return False
+
+
 def step(attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
          is_causal: bool) -> Optional[Tensor]:
-    """One causal decode row per batch row over a static cache: query ``(B, H,
-    1, d)``, key/value ``(B, H_kv, L, d / d_v)``, the traced mask ``(B, 2, 1,
-    L)`` -> ``(B, 1, H, d_v)``; None where the padded path serves the call."""
-    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 2:
+    """One decode row per batch row over a static cache: query ``(B, H, 1,
+    d)``, key/value ``(B, H_kv, L, d / d_v)``, the fixed-shape mask ``(B, 2, 1,
+    L)`` -> ``(B, 1, H, d_v)``; None where ``serves`` says no."""
+    if not serves(attention, query.shape[2], attention_mask, is_causal):
         return None
-    if isinstance(attention, DilatedAttention) and type(attention).forward is DilatedAttention.forward:
-        if attention.ordered:  # (the last row's keys are the same causal or not: none follow it)
-            return None
-        plan = attention.plan(query.shape[1])
-        candidates = _dilated_candidates(plan, query.shape[1], key.shape[2])
-    elif isinstance(attention, BlockSparseAttention):
-        if not (is_causal or attention.layouts.unidirectional) or not attention.layouts.prefix_stable:
-            return None
-        candidates = _sparse_candidates(attention, query.shape[1], key.shape[2], query.device)
+    if isinstance(attention, DilatedAttention):
+        candidates = _dilated_candidates(attention.plan(query.shape[1]), query.shape[1], key.shape[2])
     else:
-        return None
+        candidates = _sparse_candidates(attention, query.shape[1], key.shape[2], query.device)
     real, held = attention_mask[:, 0, 0], attention_mask[:, 1, 0]         # (B, L) each
     position = held.sum(-1, keepdim=True) - 1                              # (B, 1): the query's position
     first = torch.where(real.any(-1, keepdim=True), real.to(torch.uint8).argmax(-1, keepdim=True), position)

@@ -115,7 +115,7 @@ def test_the_traced_graph_holds_one_opaque_op_per_layer_and_no_other_patternstor
     torch.compile(model, fullgraph=True, backend=recording_backend)(input_ids=ids, attention_mask=mask, use_cache=False)
     (graph,) = graphs
     ours = [str(node.target) for node in graph.graph.nodes if str(node.target).startswith(("attention.", "patternstore."))]
-    assert ours == ["attention.hf_attend"] * 2, ours  # one per layer: the modules run inside it
+    assert ours == ["attention.hf_attend_padded"] * 2, ours  # one per layer: the modules run inside it
     assert not [node for node in graph.graph.nodes if node.op == "call_module"]
 
 

@@ -152,3 +152,34 @@ def test_the_compiled_op_takes_the_step_on_its_device_types(monkeypatch):
     stepped = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
     assert served == [True]
     torch.testing.assert_close(stepped, padded, rtol=0, atol=1e-12)
+
+
+def test_a_traced_decode_step_calls_the_capturable_op_and_a_prefill_the_tagged_one(monkeypatch):
+    """Which op a compiled layer calls is decided at trace time: the decode
+    step over a static cache (hf_decode serves it, DEVICE_TYPES has the device)
+    ``attention::hf_attend``; a prefill ``attention::hf_attend_padded``, tagged
+    ``cudagraph_unsafe`` so that inductor never captures its host reads."""
+    from test_hf_compile import PATTERNS, left_padded, prefill_and_step, tiny_llama
+
+    import attention.hf as hf
+
+    hf.register()
+    monkeypatch.setattr(hf_decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    ops = []
+
+    def recording(graph_module, example_inputs):
+        ops.append([str(n.target) for n in graph_module.graph.nodes if str(n.target).startswith("attention.")])
+        return graph_module.forward
+
+    model = tiny_llama(*PATTERNS["bigbird"])
+    ids, mask = left_padded([0, 3], seed=5)
+    with torch.no_grad():
+        prefill, step = prefill_and_step(torch.compile(model, fullgraph=True, backend=recording), model, ids, mask)
+        want_prefill, want_step = prefill_and_step(model, model, ids, mask)
+    torch._dynamo.reset()
+    assert ops == [["attention.hf_attend_padded"] * 2, ["attention.hf_attend"] * 2], ops
+    torch.testing.assert_close(prefill, want_prefill, rtol=0, atol=1e-5)
+    torch.testing.assert_close(step, want_step, rtol=0, atol=1e-5)
+    assert torch.Tag.cudagraph_unsafe in torch.ops.attention.hf_attend_padded.default.tags
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.attention.hf_attend.default.tags
