@@ -222,7 +222,21 @@ def residue_block_mask(
     layout = residue_layout(plan, length, block_size, is_causal)
     transposed = residue_layout(plan, length, block_size, is_causal, transposed=True)
     mask = block_mask_from_layout(layout, transposed, with_full=with_full, device=device)
-    return _repeat(mask, seq_len, residue_modulus(g.rate for g in plan.groups)) if period else mask
+    mask = _repeat(mask, seq_len, residue_modulus(g.rate for g in plan.groups)) if period else mask
+    return _as_wide_as_the_sequence(mask, seq_len, block_size) if torch.device(device).type == "cpu" else mask
+
+
+def _as_wide_as_the_sequence(mask: BlockMask, seq_len: int, block_size: int) -> BlockMask:
+    """The index arrays zero-padded to one slot per block. The masks here are
+    as wide as their longest row (at 1M tokens a full-width array would hold
+    16 heads x 8192^2 int32, 4 GiB), which CUDA's kernels take; torch 2.13's
+    CPU flex lowering asserts ``width * block >= seq_len`` (measured: n 2048,
+    segments 256/512/1024, InductorError). Slots past a row's count are
+    never read, so the work is unchanged."""
+    blocks = -(-seq_len // block_size)
+    arrays = [x if x is None or i % 2 == 0 or x.shape[-1] >= blocks else
+              torch.nn.functional.pad(x, (0, blocks - x.shape[-1])) for i, x in enumerate(_mask_arrays(mask))]
+    return BlockMask(mask.seq_lengths, *arrays, BLOCK_SIZE=mask.BLOCK_SIZE)
 
 
 # ----------------------------------------------------------- the forward

@@ -236,7 +236,7 @@ def test_gradients_through_gathers_and_mods(n, causal, kv_heads, d_v, padded, or
 # ------------------------------------------------------ compiled flex (CPU)
 @pytest.mark.parametrize(
     "n, causal, kv_heads, d_v, padded",
-    [(40, False, 4, 8, False), (37, True, 2, 6, True)],
+    [(40, False, 4, 8, False), (197, True, 2, 6, True)],  # 197: rows narrower than its 13 blocks
 )
 def test_compiled_flex_forward_equals_the_reference(n, causal, kv_heads, d_v, padded):
     segments, rates, heads = (8, 16, 24), (1, 2, 3), 4
