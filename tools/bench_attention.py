@@ -414,7 +414,7 @@ def cases_of(cfg: dict, lengths: list[int], args, dapt) -> list[tuple[int, int, 
             if args.device == "cpu":  # flex: no CPU backward; a compile per shape (~20 s): --quick keeps one case
                 names = [c for c in names if not (is_flex(c) and (c.endswith(":fb") or args.quick and (d, n, group)
                                                                  != (*first, "main")))]
-            if names:
+            if names and (group == "main" or any(map(is_flex, names))):  # causal rows exist for the choice only
                 out.append((d, n, group, names))
     return out
 
