@@ -51,8 +51,8 @@ SECTIONS = (
     ("attention", "bench_attention.py", 0.40, ["--preset", "gpu"]),
     ("memory", "bench_memory.py", 0.15, ["--lengths", "1048576", "65536", "262144",
                                          "--implementation", "flex-ordered", "flex", "fast"]),
-    ("first_output", "bench_first_call.py", 0.15, ["--fused"]),
-    ("sparse", "bench_sparse.py", 0.30, []),
+    ("first_output", "bench_first_call.py", 0.20, ["--fused"]),
+    ("sparse", "bench_sparse.py", 0.25, []),
 )
 QUICK_MEMORY = ["--lengths", "2048", "--implementation", "fast", "flex-ordered"]
 KILL_AFTER_S = 30.0
