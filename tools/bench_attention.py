@@ -490,6 +490,7 @@ def main() -> None:
                 print(f"d={head_dim} n={n:>8} permutation cost {mode}: {cost['cost_s'] * 1e3:.2f} ms "
                       f"({cost['cost_share_of_natural']:.1%} of natural flex)", flush=True)
     report.data["skipped"] += budget.skipped
+    notes.append(f"load average at the end (1, 5, 15 min): {os.getloadavg()}")  # a shared machine's state
     report.data["targets"] = evaluate(report.data["rows"], report.data["ratios"], preset)
     report.data["choice_table"] = choice_table(report.data["ratios"], args.device, args.dtype)
     report.write()
