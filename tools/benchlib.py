@@ -315,7 +315,7 @@ class Report:
 
 
 def dilated_module(implementation: str, segments, rates, **options: Any) -> torch.nn.Module:
-    """A dilated attention module with the "fast" or the "reference" implementation."""
+    """A dilated attention module with the "fast", "reference" or "flex" (fused) implementation."""
     from attention import DilatedAttention
 
     return DilatedAttention(segments, rates, implementation=implementation, **options)
