@@ -1,6 +1,6 @@
-"""The GPU benchmark: bench_attention, bench_sparse and bench_memory with
-``--device cuda`` within one time budget, gathered into tools/results/gpu.json
-and gpu.png.
+"""The GPU benchmark: bench_attention, bench_memory, bench_first_call --fused
+and bench_sparse with ``--device cuda`` within one time budget, gathered
+into tools/results/gpu.json and gpu.png.
 
     python tools/bench_gpu.py [--budget-s S] [--device cuda|cpu] [--quick]
                               [--cuda-tests PYTEST_LOG] [--results DIR] [--out-dir DIR]
@@ -11,8 +11,13 @@ leaves unused rolls over to the next. A process still running 30 s past its
 share (or past the whole budget) is killed; the JSON it wrote after each
 case is kept, so the run ends within the budget plus 30 s.
 Shapes and candidates are the benchmarks' ``gpu`` presets (see each
-script): bf16, dilated attention at 16K..1M against dense SDPA and a
-gather-flash peer, block-sparse against FlexAttention, peak memory up to 1M.
+script): bf16, dilated attention at 16K..1M, the per-branch path ("fast")
+and the fused path ("flex", natural and residue order) against dense SDPA
+and a gather-flash peer, with the path-choice table; peak memory at 1M
+(then 64K, 256K) for fast, flex and flex in ordered mode; the fused path's
+first output in a fresh process at 1M against create_block_mask;
+block-sparse against FlexAttention. Sections run in that order (issue 18's
+dilated figures first; block-sparse takes what is left with its share).
 
 gpu.json: ``device_name``, ``date``, ``torch``, ``commit``; ``cuda_tests``
 ``{"passed", "failed", "skipped"}`` read from the pytest log of the CUDA
@@ -43,11 +48,13 @@ import benchlib
 TOOLS = Path(__file__).resolve().parent
 # (section, script, budget share, arguments besides --device/--dtype/--budget-s/--out/--resume)
 SECTIONS = (
-    ("attention", "bench_attention.py", 0.45, ["--preset", "gpu"]),
-    ("sparse", "bench_sparse.py", 0.40, []),
-    ("memory", "bench_memory.py", 0.15, ["--lengths", "65536", "262144", "1048576"]),
+    ("attention", "bench_attention.py", 0.40, ["--preset", "gpu"]),
+    ("memory", "bench_memory.py", 0.15, ["--lengths", "1048576", "65536", "262144",
+                                         "--implementation", "flex-ordered", "flex", "fast"]),
+    ("first_output", "bench_first_call.py", 0.20, ["--fused"]),
+    ("sparse", "bench_sparse.py", 0.25, []),
 )
-QUICK_MEMORY = ["--lengths", "2048"]
+QUICK_MEMORY = ["--lengths", "2048", "--implementation", "fast", "flex-ordered"]
 KILL_AFTER_S = 30.0
 MIN_SECTION_S = 20.0
 
@@ -98,8 +105,9 @@ def plot(sections: dict, paths: list[Path], title: str) -> None:
     for ax, mode in zip(axes[:2], ("forward", "forward+backward")):
         for key in sorted({(r["candidate"], r["head_dim"]) for r in rows if r["mode"] == mode}):
             points = sorted((r["length"], r["useful_tflops"]) for r in rows
-                            if r["mode"] == mode and (r["candidate"], r["head_dim"]) == key)
-            ax.plot(*zip(*points), marker="o", label=f"{key[0]} d={key[1]}")
+                            if r["mode"] == mode and (r["candidate"], r["head_dim"]) == key and not r.get("causal"))
+            if points and points[0][1] > 0:  # residue-permute does no useful work: not on this axis
+                ax.plot(*zip(*points), marker="o", label=f"{key[0]} d={key[1]}")
         ax.set(xscale="log", xlabel="sequence length", ylabel="useful TFLOP/s", title=f"dilated, {mode}")
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
@@ -180,6 +188,9 @@ def main() -> None:
               f"process {section['process']['ended'][:200]}")
         for target, verdict in section.get("targets", {}).items():
             print(f"    target {target}: {'met' if verdict['met'] else 'NOT met'}")
+        for row in section.get("choice_table", []):  # the rows a GPU session copies into the library's table
+            print(f"    choice d={row['head_dim']} n={row['length']} causal={row['causal']} "
+                  f"training={row['training']}: {row['winner']} (fast/flex {row['fast_over_flex']:.2f})")
 
 
 if __name__ == "__main__":
