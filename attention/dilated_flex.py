@@ -346,6 +346,8 @@ def dilated_flex_attention(
     # 48 or 64, errors of 1.0 against the reference; n 40, block 32 exact), so the block shrinks to fit.
     block_size = min(block_size, n // FLEX_MIN_BLOCK * FLEX_MIN_BLOCK)
     modulus = residue_modulus(g.rate for g in plan.groups)
+    if q.device.type == "cpu":  # no gradients here (checked): CPU flex refuses inputs that require grad at all
+        q, k, v = q.detach(), k.detach(), v.detach()
     if torch.compiler.is_compiling():  # inside a caller's graph: the mask is a trace-time constant
         arrays = _baked_mask_arrays(plan.num_heads, tuple(plan.flat), n, block_size, is_causal,
                                     key_padding_mask is None, str(q.device))

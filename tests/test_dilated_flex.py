@@ -235,15 +235,20 @@ def test_gradients_through_gathers_and_mods(n, causal, kv_heads, d_v, padded, or
 
 # ------------------------------------------------------ compiled flex (CPU)
 @pytest.mark.parametrize(
-    "n, causal, kv_heads, d_v, padded",
-    [(40, False, 4, 8, False), (197, True, 2, 6, True)],  # 197: rows narrower than its 13 blocks
+    "n, causal, kv_heads, d_v, padded, ordered",
+    # 197: rows narrower than its 13 blocks; ordered with inputs that require grad (under no_grad)
+    [(40, False, 4, 8, False, False), (197, True, 2, 6, True, True)],
 )
-def test_compiled_flex_forward_equals_the_reference(n, causal, kv_heads, d_v, padded):
+def test_compiled_flex_forward_equals_the_reference(n, causal, kv_heads, d_v, padded, ordered):
     segments, rates, heads = (8, 16, 24), (1, 2, 3), 4
     q, k, v, pad = inputs(n, heads, kv_heads, d_v=d_v, padded=padded, dtype=torch.float32)
+    modulus = residue_modulus(rates)
+    order = (lambda x: to_residue_order(x, modulus)) if ordered else (lambda x: x)
     with torch.no_grad():
-        out = dilated_flex_attention(q, k, v, plan_of(segments, rates, heads), is_causal=causal,
-                                     key_padding_mask=pad, block_size=16)
+        out = dilated_flex_attention(*(order(x).requires_grad_() for x in (q, k, v)), plan_of(segments, rates, heads),
+                                     is_causal=causal, key_padding_mask=None if pad is None else order(pad),
+                                     block_size=16, ordered=ordered)
+    out = from_residue_order(out, modulus) if ordered else out
     assert out.dtype == torch.float32 and out.shape == (2, n, heads, d_v)
     torch.testing.assert_close(out.double(), reference(q, k, v, segments, rates, "longnet", causal, pad),
                                rtol=0, atol=2e-6)

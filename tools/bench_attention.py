@@ -40,8 +40,7 @@ with MALLOC_MMAP_THRESHOLD_=1 MiB on the CPU, max_memory_allocated on CUDA).
 ``choice_table``: per measured (head_dim, length, causal, training) the
 faster of "fast" and "flex" and time(fast) / time(flex), rows for the
 library's path-choice table. Flex's first call per case (compile included)
-is in ``checks``; on the CPU its BlockMasks are widened
-(benchlib.widen_cpu_flex_masks, counts in ``checks``).
+is in ``checks``.
 
 ``--dapt DIR``: a directory where ``dilated_attention_pytorch==0.2.0`` (and
 einops) were installed with ``pip install --no-deps --target DIR``. That
@@ -156,7 +155,6 @@ def measure_length(n: int, head_dim: int, names: list[str], cfg: dict, device: s
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     on_cpu = torch.device(device).type == "cpu"
-    widened = benchlib.widen_cpu_flex_masks() if on_cpu and any(map(is_flex, names)) else None
     if any(map(is_flex, names)):
         benchlib.raise_recompile_limit()
     dtype, heads = getattr(torch, dtype_name), cfg["heads"]
@@ -166,10 +164,8 @@ def measure_length(n: int, head_dim: int, names: list[str], cfg: dict, device: s
     if any(map(is_ordered, names)):  # reordered once, outside every timing
         from attention.residue import residue_modulus, to_residue_order
 
-        # Not requiring grad on the CPU: flex (torch 2.13) refuses a CPU input that requires grad even
-        # under no_grad, and ordered mode hands the inputs to flex as they are (no gather in between).
         modulus = residue_modulus(cfg["rates"])
-        inputs["ordered"] = tuple(to_residue_order(x.detach(), modulus).requires_grad_(not on_cpu) for x in (q, k, v))
+        inputs["ordered"] = tuple(to_residue_order(x.detach(), modulus).requires_grad_() for x in (q, k, v))
     functions = {name: function(base_name(name), cfg) for name in names}
 
     def args_of(name: str) -> tuple:
@@ -240,8 +236,6 @@ def measure_length(n: int, head_dim: int, names: list[str], cfg: dict, device: s
     for b in ("flex", "flex:fb"):
         if (ratio := dense_over(runs, schemes, b)) is not None:
             ratios["dense/flex" if b == "flex" else "dense:fb/flex:fb"] = ratio
-    if widened is not None:
-        checks["cpu_block_masks"] = dict(widened)
     return {"rows": rows, "ratios": ratios, "failures": failures, "matmul_tflops": matmul_rate / 1e12,
             "checks": checks, "permutation": permutation(runs)}
 

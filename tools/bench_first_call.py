@@ -119,7 +119,6 @@ import benchlib
 which, device, dtype, cfg = sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4]), json.loads(sys.argv[5])
 if device == "cpu":
     torch.set_num_threads(2)
-    benchlib.widen_cpu_flex_masks()  # before the names below are imported: the wrapped one is taken
 from attention import DilatedAttention
 from attention.dilated_flex import plan_branches, residue_block_mask, residue_mods
 from attention.residue import residue_modulus

@@ -72,7 +72,6 @@ def worker(n: int, dtype_name: str, device: str, implementation: str) -> dict:
     torch.manual_seed(0)
     flex, on_cpu = implementation.startswith("flex"), torch.device(device).type == "cpu"
     grad = not (flex and on_cpu)  # flex has no CPU backward
-    widened = benchlib.widen_cpu_flex_masks() if flex and on_cpu else None
     attend, arrange = attention_of(implementation)
     q, k, v = (arrange(torch.randn(1, n, HEADS, HEAD_DIM, device=device)).to(getattr(torch, dtype_name))
                .requires_grad_(grad) for _ in range(3))
@@ -95,8 +94,6 @@ def worker(n: int, dtype_name: str, device: str, implementation: str) -> dict:
         grad_out = torch.randn_like(out)
         _, backward = benchlib.peak_bytes(lambda: out.backward(grad_out), device)
         row["backward_peak_over_output"] = backward / output_bytes
-    if widened is not None:
-        row["cpu_block_masks"] = dict(widened)
     return row
 
 

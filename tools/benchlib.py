@@ -18,9 +18,6 @@ Guarantees and limits:
   mid-way keeps what it measured; ``resume`` keeps the rows (and the
   per-case dicts named in ``keep``, e.g. same-round ratios) of an earlier
   JSON only when it was written at the same commit.
-- ``widen_cpu_flex_masks`` works around a torch 2.13 CPU flex limit for the
-  fused dilated path (see there); every benchmark that runs that path on the
-  CPU calls it and records what it widened.
 
 Scripts import this module by name (``import benchlib``): a script's own
 folder is first on ``sys.path``. The repository root is appended to
@@ -356,49 +353,6 @@ def dilated_module(implementation: str, segments, rates, **options: Any) -> torc
     from attention import DilatedAttention
 
     return DilatedAttention(segments, rates, implementation=implementation, **options)
-
-
-def widen_cpu_flex_masks() -> dict[str, int]:
-    """Make the fused dilated path (``attention.dilated_flex``) run on the CPU
-    at benchmark lengths. torch 2.13's CPU flex lowering asserts
-    ``kv_indices.shape[-1] * block >= kv_len`` (flex_cpu.py), while the
-    library's BlockMasks are as wide as their longest row (at 16K with
-    segments 2048/4096/8192: 1 partial and 32 full entries of 128 blocks), so
-    every CPU call past a few blocks fails to compile. This wraps
-    ``attention.dilated_flex.residue_block_mask`` (the name
-    ``dilated_flex_attention`` looks up at each call) so that CPU masks come
-    with their index arrays zero-padded to the block count; padding slots
-    are never read (rows hold their counts), so the kernel's work is
-    unchanged. CUDA masks pass through. Returns the live counts
-    ``{"widened": masks padded, "already_wide": masks left as they were}``
-    for the JSON: once the library pads on the CPU itself, "widened" stays 0."""
-    import functools
-
-    import attention.dilated_flex as dilated_flex
-    from attention.flex import BLOCK_MASK_FIELDS
-    from torch.nn.attention.flex_attention import BlockMask
-
-    original = getattr(dilated_flex.residue_block_mask, "unwidened", dilated_flex.residue_block_mask)
-    counts = getattr(dilated_flex.residue_block_mask, "counts", {"widened": 0, "already_wide": 0})
-
-    @functools.lru_cache(maxsize=8)
-    def residue_block_mask(plan, seq_len, block_size, is_causal, with_full, device):
-        mask = original(plan, seq_len, block_size, is_causal, with_full, device)
-        if torch.device(device).type != "cpu":
-            return mask
-        blocks = -(-seq_len // block_size)
-        arrays = [getattr(mask, name) for name in BLOCK_MASK_FIELDS]
-        if all(x is None or i % 2 == 0 or x.shape[-1] >= blocks for i, x in enumerate(arrays)):
-            counts["already_wide"] += 1
-            return mask
-        counts["widened"] += 1
-        arrays = [x if x is None or i % 2 == 0 or x.shape[-1] >= blocks else
-                  torch.nn.functional.pad(x, (0, blocks - x.shape[-1])) for i, x in enumerate(arrays)]
-        return BlockMask(mask.seq_lengths, *arrays, BLOCK_SIZE=mask.BLOCK_SIZE)
-
-    residue_block_mask.unwidened, residue_block_mask.counts = original, counts
-    dilated_flex.residue_block_mask = residue_block_mask
-    return counts
 
 
 def raise_recompile_limit(limit: int = 64) -> None:
