@@ -107,7 +107,10 @@ class FlexFaster(NamedTuple):
 
 
 # The cases where "auto" takes "flex", from tools/bench_attention.py's
-# "choice_table" (candidates fast and flex interleaved in one process). Empty
+# "choice_table" (candidates fast and flex interleaved in one process): the
+# adjacent measured lengths of one (device type, dtype, head_dim, causal,
+# training) whose winner is "flex" make one row, from the first length to the
+# last. Empty
 # until a GPU run measures them, so "auto" is "fast" everywhere today. On the
 # CPU "flex" is never chosen: FlexAttention compiles no CPU backward, and its
 # CPU forward compiles a static graph per length (a checking path).

@@ -11,8 +11,9 @@
 #
 # Every step is bounded by `timeout`; a failing step does not stop the next.
 # With $OUT set (the device tool's folder that comes back, 8 files at most),
-# these go there: gpu.json, gpu.png, decode_gpu.json, host_ops_cuda.json and
-# one gpu_check_logs.txt holding every step's full log; a summary is printed last.
+# these go there: gpu.json, gpu.png, decode_gpu.json, decode_model_gpu.json (benchmarks-only
+# runs), host_ops_cuda.json and one gpu_check_logs.txt holding every step's full log; a summary is
+# printed last.
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 420),
 # GPU_CHECK_TESTS=0 (benchmarks only: a second run gets the whole budget),
 # GPU_CHECK_BENCH=0 (tests only).
@@ -99,9 +100,13 @@ if [ $DRY = 0 ] && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ -n "${OUT:-}" ] && cp -f tools/results/host_ops_cuda.json "$OUT/" 2>/dev/null
 fi
 
-# 5. Decode latency through transformers (branch hf's tools/bench_decode.py), when present.
+# 5. Decode latency through transformers: one layer's attention function (tools/bench_decode.py);
+#    in a benchmarks-only run (GPU_CHECK_TESTS=0) also a compiled 2-layer Llama over a static cache
+#    with CUDA graphs (--model, issue 18's decode target; one compile per candidate and context).
 DECODE=0
 [ -f tools/bench_decode.py ] && [ $DRY = 0 ] && [ "${GPU_CHECK_BENCH:-1}" != 0 ] && DECODE=1
+MODEL_DECODE=0
+[ $DECODE = 1 ] && [ "${GPU_CHECK_TESTS:-1}" = 0 ] && MODEL_DECODE=1
 
 # 6. The benchmark, with what is left of the budget (it stops starting cases
 #    past it; bench_gpu.py writes tools/results/gpu.{json,png} and, with $OUT
@@ -109,7 +114,7 @@ DECODE=0
 #    Sections in order: dilated attention (fast and the fused flex path, the
 #    path-choice table), peak memory at 1M, the fused path's first output,
 #    block-sparse; all of them inside gpu.json (no extra file in $OUT).
-RESERVE=$(( DECODE == 1 ? 60 : 0 ))
+RESERVE=$(( (DECODE == 1 ? 60 : 0) + (MODEL_DECODE == 1 ? 130 : 0) ))
 BUDGET=$(( TOTAL - (SECONDS - START) - RESERVE - 45 ))  # bench_gpu ends within its budget + 30 s
 if [ "${GPU_CHECK_BENCH:-1}" = 0 ]; then
     echo "== bench: skipped (GPU_CHECK_BENCH=0)"
@@ -131,6 +136,13 @@ if [ $DECODE = 1 ]; then
         --output tools/results/decode_gpu.json
     [ -n "${OUT:-}" ] && cp -f tools/results/decode_gpu.json "$OUT/" 2>/dev/null
 fi
+[ $(( TOTAL - (SECONDS - START) )) -lt 60 ] && MODEL_DECODE=0
+if [ $MODEL_DECODE = 1 ]; then  # results written after each context: a timeout keeps 32K
+    step decode_model $(( TOTAL - (SECONDS - START) - 5 )) "$PY" tools/bench_decode.py --model --device cuda \
+        --dtype bfloat16 --reps 20 --contexts 32768,262144 --candidates dilated,bigbird \
+        --output tools/results/decode_model_gpu.json
+    [ -n "${OUT:-}" ] && cp -f tools/results/decode_model_gpu.json "$OUT/" 2>/dev/null
+fi
 
 echo
 echo "== gpu_check summary ($((SECONDS - START)) s)"
@@ -144,6 +156,7 @@ if [ -f "$LOGS/tests_cuda.log" ]; then
 fi
 [ -f "$LOGS/bench.log" ] && sed -n '/== bench_gpu summary/,$p' "$LOGS/bench.log" | head -n 120
 [ -f "$LOGS/decode.log" ] && tail -n 8 "$LOGS/decode.log"
+[ -f "$LOGS/decode_model.log" ] && tail -n 12 "$LOGS/decode_model.log"
 [ -f "$LOGS/kernels.log" ] && grep -E "worst|ERROR" "$LOGS/kernels.log" | sed 's/^/  kernels: /'
 if [ -n "${OUT:-}" ]; then  # every step's full log in one file (the 8-file limit)
     for f in "$LOGS"/*.log; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; }; done >"$OUT/gpu_check_logs.txt"
