@@ -263,11 +263,13 @@ def rope(x, positions):
     return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
 
 
-@pytest.mark.parametrize("implementation", ["flex", "fast"])
+# "fast" (it gathers inside; training, gradients included): the flex path in
+# ordered mode is checked against the reference in the compiled test above
+# (each compiled CPU flex graph costs ~20 s of the suite).
+@pytest.mark.parametrize("implementation", ["fast"])
 def test_ordered_two_layer_model_equals_natural_order(implementation):
     """Two layers of modules with ``ordered=True`` on residue-ordered
-    activations (RoPE given the permuted ids) equal the natural-order model;
-    "fast" (which gathers inside) also in training, gradients included."""
+    activations (RoPE given the permuted ids) equal the natural-order model."""
     from attention import DilatedAttention
 
     segments, rates, heads, d, n = (8, 16, 24), (1, 2, 3), 4, 8, 40
@@ -363,7 +365,9 @@ def test_block_mask_repeated_from_its_period_equals_the_direct_one(causal, with_
             continue
         assert torch.equal(getattr(repeated, f"{side}_num_blocks"), num)
         used = torch.arange(idx.shape[-1]) < num[..., None]  # slots past a row's count are never read
-        assert torch.equal(getattr(repeated, f"{side}_indices")[used], idx[used])
+        kept = getattr(repeated, f"{side}_indices")
+        assert kept.shape[-1] == n // block  # on the CPU one slot per block (torch's CPU flex asserts it)
+        assert torch.equal(kept[..., :idx.shape[-1]][used], idx[used])
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -55,7 +55,7 @@ def dilated_cases(draw):
     return segments, rates, scheme, heads, kv_heads, length, filled, pads, holes
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(dilated_cases(), st.booleans())
 def test_dilated_step_equals_the_padded_path_and_the_reference(case, causal):
     segments, rates, scheme, heads, kv_heads, length, filled, pads, holes = case
