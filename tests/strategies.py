@@ -21,6 +21,18 @@ def dilated_specs(draw: st.DrawFn) -> DilatedSpec:
     )
 
 
+@st.composite
+def small_dilated_branches(draw: st.DrawFn, max_segment: int = 24, max_rate: int = 6, max_heads: int = 6):
+    """(segments, rates, heads, scheme) at test sizes: rates not powers of two,
+    more branches than heads (longnet), every scheme."""
+    k = draw(st.integers(1, 4))
+    segments = draw(st.lists(st.integers(1, max_segment), min_size=k, max_size=k))
+    rates = [draw(st.integers(1, min(w, max_rate))) for w in segments]
+    scheme = draw(st.sampled_from(["longnet", "grouped"]))
+    heads = draw(st.integers(k if scheme == "grouped" else 1, max(max_heads, k)))
+    return segments, rates, heads, scheme
+
+
 def sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
     params: dict = {}
     names = {f.name for f in SPARSE_KINDS[kind].params}

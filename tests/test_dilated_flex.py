@@ -35,23 +35,13 @@ from attention.residue import (
 from attention.residue_layout import layout_period, residue_layout
 from dense_reference import dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, generate
+from strategies import small_dilated_branches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_of(segments, rates, heads, scheme="longnet") -> DilatedPlan:
     return DilatedPlan.from_pattern(generate(DilatedSpec(segments, rates, heads, scheme)))
-
-
-@st.composite
-def small_specs(draw):
-    """Specs at small sizes: rates not powers of two, more branches than heads."""
-    k = draw(st.integers(1, 4))
-    segments = draw(st.lists(st.integers(1, 24), min_size=k, max_size=k))
-    rates = [draw(st.integers(1, min(w, 6))) for w in segments]
-    scheme = draw(st.sampled_from(["longnet", "grouped"]))
-    heads = draw(st.integers(k if scheme == "grouped" else 1, 6))
-    return segments, rates, heads, scheme
 
 
 # ------------------------------------------------------------------ order
@@ -108,7 +98,7 @@ def reduced_mask(segments, rates, heads, scheme, n, block, causal):
 
 
 @settings(max_examples=150, deadline=None)
-@given(small_specs(), st.integers(1, 60), st.integers(1, 9), st.booleans())
+@given(small_dilated_branches(), st.integers(1, 60), st.integers(1, 9), st.booleans())
 def test_layout_is_the_block_reduction_of_the_dense_mask(spec, n, block, causal):
     segments, rates, heads, scheme = spec
     layout = residue_layout(plan_of(segments, rates, heads, scheme), n, block, causal)
@@ -199,7 +189,7 @@ def reference(q, k, v, segments, rates, scheme, causal, pad):
 
 
 @settings(max_examples=25, deadline=None)
-@given(small_specs(), st.integers(1, 50), st.booleans(), st.booleans())
+@given(small_dilated_branches(), st.integers(1, 50), st.booleans(), st.booleans())
 def test_emulated_fused_forward_equals_the_reference(spec, n, causal, padded):
     segments, rates, heads, scheme = spec
     q, k, v, pad = inputs(n, heads, heads, padded=padded)

@@ -20,6 +20,7 @@ from attention import BlockSparseAttention, DilatedAttention, ImprovedDilatedAtt
 from attention import hf_decode  # noqa: E402
 from attention.hf_padding import attend_padded  # noqa: E402
 from dense_reference import dense_dilated_attention  # noqa: E402
+from strategies import small_dilated_branches  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,12 +42,8 @@ def cache_inputs(batch, heads, kv_heads, length, filled, pads, holes, seed):
 
 @st.composite
 def dilated_cases(draw):
-    branches = draw(st.integers(1, 3))
-    segments = draw(st.lists(st.integers(1, 24), min_size=branches, max_size=branches))
-    rates = [draw(st.integers(1, min(w, 5))) for w in segments]
-    scheme = draw(st.sampled_from(["longnet", "grouped"]))
-    kv_heads = draw(st.sampled_from([1, 2]))
-    heads = kv_heads * draw(st.integers(max(1, -(-branches // kv_heads)) if scheme == "grouped" else 1, 3))
+    segments, rates, heads, scheme = draw(small_dilated_branches(max_rate=5, max_heads=4))
+    kv_heads = draw(st.sampled_from([g for g in (1, 2, heads) if heads % g == 0]))
     length = draw(st.integers(2, 60))
     filled = draw(st.integers(1, length))
     batch = draw(st.integers(1, 3))
