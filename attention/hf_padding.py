@@ -182,8 +182,9 @@ def _row_layout(attention_mask: Optional[Tensor], batch: int, kv_len: int) -> tu
     check_mask(attention_mask)
     if attention_mask is None:
         return RowLayout(kv_len, (0,) * batch, (False,) * batch), None
-    if attention_mask.dim() == 4 and attention_mask.shape[1] == 2:  # traced form: one host sync for filled
-        filled = int(attention_mask[0, 1, 0].sum())
+    kept = getattr(attention_mask, _LAYOUT_ATTRIBUTE, None)  # set by padding_mask in eager calls
+    if attention_mask.dim() == 4 and attention_mask.shape[1] == 2:  # fixed-shape form: filled from the layout
+        filled = kept.filled if kept is not None else int(attention_mask[0, 1, 0].sum())  # or one host sync
         real = attention_mask[:, 0, 0, :filled]
     elif attention_mask.dim() == 4:
         real = attention_mask[:, 0, 0, :]
@@ -193,7 +194,7 @@ def _row_layout(attention_mask: Optional[Tensor], batch: int, kv_len: int) -> tu
         raise ValueError(f"attention_mask has batch {real.shape[0]}, the query has batch {batch}")
     if real.shape[-1] > kv_len:
         raise ValueError(f"attention_mask covers {real.shape[-1]} keys, the cache holds {kv_len}")
-    layout = getattr(attention_mask, _LAYOUT_ATTRIBUTE, None) or _row_layout_of(real)
+    layout = kept or _row_layout_of(real)
     if len(layout.starts) != batch:  # a (1, ...) mask shared by the batch
         layout = RowLayout(layout.filled, layout.starts * batch, layout.holes * batch)
         real = real.expand(batch, -1)

@@ -180,3 +180,21 @@ def test_a_traced_decode_step_calls_the_capturable_op_and_a_prefill_the_tagged_o
     torch.testing.assert_close(step, want_step, rtol=0, atol=1e-5)
     assert torch.Tag.cudagraph_unsafe in torch.ops.attention.hf_attend_padded.default.tags
     assert torch.Tag.cudagraph_unsafe not in torch.ops.attention.hf_attend.default.tags
+
+
+def test_an_eager_static_cache_step_reads_its_fill_level_from_the_mask_layout():
+    """The eager mask of a static cache is the fixed-shape form with the row
+    layout attached (padding_mask): the layers' padded path reads the fill
+    level from it, not from the device, and equals the step."""
+    from attention.hf_padding import padding_mask
+
+    module = ImprovedDilatedAttention([4, 8, 16], [1, 2, 4])
+    q, k, v, _ = cache_inputs(2, 4, 2, 64, 40, [0, 0], [None, None], seed=3)
+    attention_mask = torch.ones(2, 40, dtype=torch.long)
+    attention_mask[1, :6] = 0
+    mask = padding_mask(2, q_length=1, kv_length=64, q_offset=torch.tensor(39), attention_mask=attention_mask)
+    assert mask.shape == (2, 2, 1, 64)
+    with Syncs() as syncs:
+        out = attend_padded(module, q, k, v, mask, True)
+    assert syncs.count == 0
+    torch.testing.assert_close(out, hf_decode.step(module, q, k, v, mask, True), rtol=0, atol=1e-12)
