@@ -15,7 +15,7 @@ import attention.sparse as sparse
 from attention import BlockSparseAttention
 from patternstore import PatternStore, generate
 from patternstore.csr import drop_future_blocks
-from dense_reference import block_pairs
+from attention.dense_reference import block_pairs
 from strategies import tiny_sparse_specs
 from test_layouts import dense_blocks
 from test_sparse import allowed_pairs, reference_attention

@@ -49,7 +49,7 @@ from attention import (
     MultiheadDilatedAttention,
 )
 from attention import kernels
-from dense_reference import block_pairs, dense_attention, dense_dilated_attention
+from attention.dense_reference import block_pairs, dense_attention, dense_dilated_attention
 from patternstore import SparseSpec, generate
 
 DEVICE = torch.device(os.environ.get("PATTERNSTORE_TEST_DEVICE", "cuda"))

@@ -1,5 +1,5 @@
 """DilatedAttention and ImprovedDilatedAttention against the naive dense
-reference (tests/dense_reference.py): outputs and input gradients in float64,
+reference (attention/dense_reference.py): outputs and input gradients in float64,
 both schemes, causal or not, awkward lengths and head counts, padding; the
 fast path's other kernel and its chunking; dtypes; the store wiring; bad input."""
 
@@ -18,7 +18,7 @@ import attention.dilated_reference as dilated_reference
 import attention.kernels as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
 from cuda_emulation import emulated_cuda_ops, recording
-from dense_reference import dense_attention, dense_dilated_attention, multiplicity
+from attention.dense_reference import dense_attention, dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, PatternStore, generate
 
 MODULES = [DilatedAttention, ImprovedDilatedAttention]

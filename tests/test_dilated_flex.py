@@ -1,6 +1,6 @@
 """The fused dilated path (attention.dilated_flex): residue order, block
 layout, compiled flex forward, gradient wiring and ordered mode, each against
-the float64 dense reference (tests/dense_reference.py).
+the float64 dense reference (attention/dense_reference.py).
 
 Compiled flex runs on the CPU for the forward in float32 only; its tolerance
 here is 2e-6 (measured error 3e-7 at these sizes). Gradients are checked by
@@ -33,7 +33,7 @@ from attention.residue import (
     to_residue_order,
 )
 from attention.residue_layout import layout_period, residue_layout
-from dense_reference import dense_dilated_attention, multiplicity
+from attention.dense_reference import dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, generate
 from strategies import small_dilated_branches
 

@@ -16,7 +16,7 @@ import torch
 from attention import DilatedAttention, ImprovedDilatedAttention, MultiheadDilatedAttention
 from attention.dilated_implementations import FlexFaster, choose_implementation
 from attention.residue import from_residue_order, residue_modulus, to_residue_order
-from dense_reference import dense_dilated_attention
+from attention.dense_reference import dense_dilated_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import attention  # noqa: F401  (registers the operators before the programs load)
-from dense_reference import dense_dilated_attention
+from attention.dense_reference import dense_dilated_attention
 
 DATA = Path(__file__).parent / "data"
 SEGMENTS, RATES = (8, 16), (1, 2)

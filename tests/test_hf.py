@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
 import attention.hf as hf  # noqa: E402
-from dense_reference import dense_dilated_attention  # noqa: E402
+from attention.dense_reference import dense_dilated_attention  # noqa: E402
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
@@ -259,7 +259,7 @@ def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monk
 
 # ------------------------------------------------------------- training step
 def dense_dilated_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """float64 dense reference of the dilated pattern (tests/dense_reference.py), keys repeated."""
+    """float64 dense reference of the dilated pattern (attention/dense_reference.py), keys repeated."""
     assert attention_mask is None
     settings = module.config.patternstore_attention
     groups = query.shape[1] // key.shape[1]

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")  # attention.hf_padding imports transformers
 from attention import BlockSparseAttention, DilatedAttention, ImprovedDilatedAttention  # noqa: E402
 from attention import hf_decode  # noqa: E402
 from attention.hf_padding import attend_padded  # noqa: E402
-from dense_reference import dense_dilated_attention  # noqa: E402
+from attention.dense_reference import dense_dilated_attention  # noqa: E402
 from strategies import small_dilated_branches  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
 """attention.kernels against the float64 dense reference
-(tests/dense_reference.py::dense_attention): the capability table and its
+(attention/dense_reference.py::dense_attention): the capability table and its
 dispatch (every branch, preferences, value head_dims, masks, dropout), every
 CUDA branch on meta tensors (shapes, dtypes, lse exactly (B, H, M)) and
 numerically with CPU emulations of the fused CUDA ops' conventions
@@ -36,7 +36,7 @@ from attention.kernels import (
     merge_,
 )
 from cuda_emulation import emulated_cuda_ops, recording
-from dense_reference import dense_attention
+from attention.dense_reference import dense_attention
 
 CUDA_KERNELS = ("cuda_flash", "cuda_cudnn", "cuda_efficient", "cuda_efficient_float32")
 CPU_KERNELS = ("cpu_flash", "matmul")

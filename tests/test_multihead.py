@@ -17,7 +17,7 @@ from attention import (
     MultiheadDilatedAttention,
     MultiheadWrapper,
 )
-from dense_reference import dense_dilated_attention
+from attention.dense_reference import dense_dilated_attention
 
 CLASSES = [MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention]
 SEGMENTS, RATES = (4, 8, 16), (1, 2, 4)

@@ -19,7 +19,7 @@ shape inference on the ``meta`` device (shapes and dtypes only).
 
 The reference of a module is the same module class with the same parameters
 in float64 whose attention is the dense float64 definition:
-``dense_dilated_attention`` (tests/dense_reference.py) for the dilated modules,
+``dense_dilated_attention`` (attention/dense_reference.py) for the dilated modules,
 the dense masked softmax over the layout's block pairs (tests/test_sparse.py's
 ``allowed_pairs`` / ``reference_attention``) for the block-sparse ones.
 """
@@ -56,7 +56,7 @@ from attention import (
     MultiheadDilatedAttention,
     MultiheadWrapper,
 )
-from dense_reference import dense_dilated_attention
+from attention.dense_reference import dense_dilated_attention
 from patternstore import PatternStore, SparseSpec, generate
 from test_maintenance import _refuse_writes, _snapshot
 from test_sparse import allowed_pairs, reference_attention

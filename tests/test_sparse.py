@@ -14,7 +14,7 @@ import attention.sparse_ops as sparse_ops
 import attention.sparse_tiles as sparse_tiles
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
 from patternstore import PatternStore, SparseSpec, generate
-from dense_reference import block_pairs, dense_attention
+from attention.dense_reference import block_pairs, dense_attention
 from strategies import tiny_sparse_specs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ from q/k's (MLA), errors raised before any operator runs, padded keys that
 hold NaN/Inf, a decode step without a device sync (no host read at a length seen before), whole-graph compile with
 no lookup in the graph, the export floor, and a program exported by the
 previous version (tests/data/make_sparse_v1.py). References: the float64
-``dense_attention`` over ``block_pairs`` (tests/dense_reference.py)."""
+``dense_attention`` over ``block_pairs`` (attention/dense_reference.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import attention.sparse_layouts as sparse_layouts
 import attention.sparse_ops as sparse_ops
 import attention.sparse_tiles as sparse_tiles
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
-from dense_reference import block_pairs, dense_attention
+from attention.dense_reference import block_pairs, dense_attention
 from patternstore import PatternStore, SparseSpec, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

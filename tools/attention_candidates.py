@@ -28,7 +28,7 @@ useful work it is credited with. A name is ``base[-causal][:fb]``; ``:fb``
   ``is_causal=True``, for the path-choice table's causal rows.
 
 Useful work (docs/design.md section 8): 4 * head_dim * the query-key pairs
-each branch selects, per head (tests/dense_reference.py's head offsets, not
+each branch selects, per head (attention/dense_reference.py's head offsets, not
 the module's plan; causal: the pairs with key <= query); dense: 4 * d * n^2
 * heads; forward+backward: 3x.
 """
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from tests.dense_reference import head_offsets
+from attention.dense_reference import head_offsets
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Candidates that take (and return) residue-ordered tensors.

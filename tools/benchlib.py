@@ -23,7 +23,7 @@ Scripts import this module by name (``import benchlib``): a script's own
 folder is first on ``sys.path``. The repository root is appended to
 ``sys.path`` (after PYTHONPATH, so a PYTHONPATH pointing at another checkout
 wins), which makes ``attention``, ``patternstore`` and
-``tests.dense_reference`` importable from a plain ``python tools/x.py``.
+``attention.dense_reference`` importable from a plain ``python tools/x.py``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 
 import benchlib  # noqa: F401 - puts the repository root on sys.path for tests.dense_reference
 from attention.kernels import KERNELS
-from tests.dense_reference import dense_attention
+from attention.dense_reference import dense_attention
 
 # (name, batch, heads, kv_heads, q_len, kv_len, head_dim, causal, masked, strided, value_head_dim)
 CASES = [(*case, case[6]) for case in [
@@ -47,7 +47,7 @@ CASES = [(*case, case[6]) for case in [
 
 
 def reference(q, k, v, do, causal: bool, scale: float, pad):
-    """float64 CPU out, lse, dq, dk, dv from tests/dense_reference.py (the
+    """float64 CPU out, lse, dq, dk, dv from attention/dense_reference.py (the
     cases are square when causal, so its bottom-right causality is the fused
     kernels' top-left flag)."""
     q, k, v, do = (x.detach().double().cpu().requires_grad_(True) for x in (q, k, v, do))
