@@ -1,14 +1,25 @@
-"""attention: LongNet dilated, block-sparse and sequence-parallel attention over patternstore plans."""
+"""attention: LongNet dilated, block-sparse and sequence-parallel attention over patternstore plans.
 
-from .dilated import DilatedAttention, ImprovedDilatedAttention
-from .dilated_ops import dilated_attention
-from .dilated_plan import DilatedPlan
-from .dilated_reference import dilated_attention_reference
-from .distributed import DistributedDilatedAttention, DistributedMultiheadDilatedAttention
-from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, MultiheadWrapper
-from .sparse import BlockSparseAttention
-from .sparse_ops import block_sparse_attention
-from .sparse_multihead import MultiheadBlockSparseAttention
+The public names, each imported from the module that defines it (the README's
+architecture section says where each concept lives).
+"""
+
+from attention.block_mask import to_block_mask
+from attention.dilated.distributed import DistributedDilatedAttention
+from attention.dilated.module import DilatedAttention, ImprovedDilatedAttention
+from attention.dilated.ops import dilated_attention
+from attention.dilated.plan import DilatedPlan
+from attention.dilated.reference import dilated_attention_reference
+from attention.multihead import (
+    DistributedMultiheadDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    MultiheadBlockSparseAttention,
+    MultiheadDilatedAttention,
+    MultiheadWrapper,
+)
+from attention.residue import from_residue_order, residue_order, to_residue_order
+from attention.sparse.module import BlockSparseAttention
+from attention.sparse.ops import block_sparse_attention
 
 __all__ = [
     "DilatedAttention",
@@ -24,4 +35,8 @@ __all__ = [
     "dilated_attention",
     "dilated_attention_reference",
     "block_sparse_attention",
+    "to_block_mask",
+    "residue_order",
+    "to_residue_order",
+    "from_residue_order",
 ]

@@ -5,8 +5,10 @@ projections (three, or one fused ``in_proj`` with ``fused_qkv=True``), the
 attention module on (batch, seq, heads, head_dim), an optional LayerNorm and
 the output projection. ``MultiheadDilatedAttention`` puts
 ``DilatedAttention(implementation=...)`` inside; ``ImprovedMultiheadDilatedAttention``
-is its preset ``implementation="fast", fused_qkv=True`` (``sparse_multihead``
-and ``distributed`` put theirs).
+is its preset ``implementation="fast", fused_qkv=True``;
+``MultiheadBlockSparseAttention`` puts ``BlockSparseAttention`` inside and
+``DistributedMultiheadDilatedAttention`` the sequence-parallel
+``DistributedDilatedAttention``.
 
 Batch first: ``query, key, value`` are (batch, seq, embed_dim); key and value
 default to query (self-attention), and all three have one sequence length
@@ -22,17 +24,27 @@ distinct key or value; its state_dict key is ``in_proj`` (``q_proj``,
 
 from __future__ import annotations
 
-from typing import Optional
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patternstore.store import PatternStore
 
-from .dilated import dilated_module
+from attention.dilated.distributed import DistributedDilatedAttention
+from attention.dilated.module import DilatedAttention
+from attention.sparse.module import BlockSparseAttention
 
-__all__ = ["MultiheadWrapper", "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"]
+__all__ = [
+    "MultiheadWrapper",
+    "MultiheadDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "MultiheadBlockSparseAttention",
+    "DistributedMultiheadDilatedAttention",
+]
 
 
 class MultiheadWrapper(nn.Module):
@@ -84,11 +96,6 @@ class MultiheadWrapper(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
-
-    def __setstate__(self, state: dict) -> None:
-        # A layer pickled before ``fused_qkv`` existed: its projections say it.
-        state.setdefault("fused_qkv", "in_proj" in state.get("_modules", {}))
-        super().__setstate__(state)
 
     def input_projections(self) -> list[tuple[Tensor, Optional[Tensor], float]]:
         """(weight, bias, initial gain) of the q, k and v projections (row
@@ -173,8 +180,8 @@ class MultiheadDilatedAttention(MultiheadWrapper):
         ordered: bool = False,
         **projection_options,
     ) -> None:
-        attention = dilated_module(segment_lengths, dilation_rates, implementation=implementation, scheme=scheme,
-                                   dropout=dropout, store=store, ordered=ordered)
+        attention = DilatedAttention(segment_lengths, dilation_rates, implementation=implementation, scheme=scheme,
+                                     dropout=dropout, store=store, ordered=ordered)
         super().__init__(embed_dim, num_heads, attention, **projection_options)
 
 
@@ -186,3 +193,70 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, **options) -> None:
         super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, implementation="fast",
                          fused_qkv=True, **options)
+
+
+class MultiheadBlockSparseAttention(MultiheadWrapper):
+    """``forward(query, key=None, value=None, *, key_padding_mask=None,
+    need_weights=False, is_causal=False) -> (out, None)``, as every
+    ``MultiheadWrapper``; ``kind``, ``block_size``, ``seed``,
+    ``softmax_scale``, ``max_seq_len`` (the capacity of causal layouts) and
+    ``**params`` (DeepSpeed's names) choose the layout, as in
+    ``BlockSparseAttention``. Which key lengths the wrapper accepts is
+    ``MultiheadWrapper``'s rule; the attention itself takes queries shorter
+    than keys (bottom-right aligned)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kind: str,
+        *,
+        block_size: int = 128,
+        seed: int = 0,
+        softmax_scale: Optional[float] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        store: Optional[PatternStore] = None,
+        max_seq_len: Optional[int] = None,
+        device=None,
+        dtype=None,
+        **params: Any,
+    ) -> None:
+        attention = BlockSparseAttention(
+            kind, block_size=block_size, seed=seed, softmax_scale=softmax_scale, dropout=dropout, store=store,
+            max_seq_len=max_seq_len, **params
+        )
+        super().__init__(
+            embed_dim, num_heads, attention, bias=bias, layer_norm=layer_norm, layer_norm_eps=layer_norm_eps,
+            gamma_init=gamma_init, device=device, dtype=dtype,
+        )
+
+
+class DistributedMultiheadDilatedAttention(MultiheadWrapper):
+    """``MultiheadWrapper`` around ``DistributedDilatedAttention(segment_lengths,
+    dilation_rates, process_group=, timeout=, scheme=, dropout=, store=)``:
+    ``query, key, value`` are this rank's chunk (batch, seq_len // world_size,
+    embed_dim), the output is this rank's chunk. Projections are per position,
+    so they run locally; only the attention communicates. Parameters must be
+    equal on every rank (as under DistributedDataParallel)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths,
+        dilation_rates,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        timeout: timedelta = timedelta(minutes=5),
+        dropout: float = 0.0,
+        scheme: str = "longnet",
+        store=None,
+        **projection_options,
+    ) -> None:
+        attention = DistributedDilatedAttention(segment_lengths, dilation_rates, process_group=process_group,
+                                                timeout=timeout, scheme=scheme, dropout=dropout, store=store)
+        super().__init__(embed_dim, num_heads, attention, **projection_options)

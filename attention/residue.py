@@ -16,7 +16,7 @@ r)``; since ``r`` divides ``R`` that is a set of whole residue classes, and a
 class's positions inside one segment are ONE contiguous run of indices. So a
 branch's selected pairs are whole rectangles (run x run) of the reordered
 score matrix, and the ``M > 0`` mask is block-sparse there
-(``attention.residue_layout``).
+(``attention.dilated.residue_layout``).
 
 Ordered mode: every op of a transformer layer other than attention is per
 position, so a model may keep its activations in residue order end to end

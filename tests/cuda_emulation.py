@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-import attention.kernels as kernels
+import attention.kernels.attend as kernels
 
 
 def emulated_cuda_ops():

@@ -1,5 +1,5 @@
 """The flex path of the block-sparse modules on the CPU:
-``attention.flex.block_mask_from_csr`` against dense block matrices,
+``attention.block_mask.block_mask_from_csr`` against dense block matrices,
 the dispatch rule, and FlexAttention on those masks (CPU flex runs compiled,
 inference only) against the float64 dense reference of tests/test_sparse.py."""
 
@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention.flex as flex
-import attention.sparse as sparse
+import attention.block_mask as flex
+import attention.kernels.flex as flex_kernel
+import attention.sparse.module as sparse
 from attention import BlockSparseAttention
 from patternstore import PatternStore, generate
 from patternstore.csr import drop_future_blocks
@@ -84,12 +85,12 @@ def test_a_mask_from_csr_selects_exactly_the_module_s_pairs(spec, causal, full_b
 
 
 def test_flex_tiles_divide_the_blocks():
-    assert flex.flex_tiles(128) == {} and flex.flex_tiles(256) == {}
+    assert flex_kernel.flex_tiles(128) == {} and flex_kernel.flex_tiles(256) == {}
     for block in (16, 32, 48, 64, 96, 192):
-        tiles = flex.flex_tiles(block)
+        tiles = flex_kernel.flex_tiles(block)
         assert set(tiles) == {"BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"}
-        assert all(block % tile == 0 and tile >= sparse.FLEX_MIN_BLOCK for tile in tiles.values())
-    assert flex.flex_tiles(64)["BLOCK_M"] == 64 and flex.flex_tiles(96)["BLOCK_N"] == 32
+        assert all(block % tile == 0 and tile >= flex_kernel.FLEX_MIN_BLOCK for tile in tiles.values())
+    assert flex_kernel.flex_tiles(64)["BLOCK_M"] == 64 and flex_kernel.flex_tiles(96)["BLOCK_N"] == 32
 
 
 def test_attention_path_is_flex_for_square_dropout_free_cuda_calls_only():

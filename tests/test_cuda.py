@@ -48,7 +48,7 @@ from attention import (
     MultiheadBlockSparseAttention,
     MultiheadDilatedAttention,
 )
-from attention import kernels
+from attention.kernels.attend import attend as kernels
 from attention.dense_reference import block_pairs, dense_attention, dense_dilated_attention
 from patternstore import SparseSpec, generate
 
@@ -608,11 +608,11 @@ def test_hf_generate_with_a_static_cache_compiled_equals_eager(pattern):
     implementation: the tokens equal the uncompiled generate's (the same
     model, ``disable_compile=True``) and every step's logits are within
     RELATIVE_ERROR[float32]; one decode graph for every step (a static
-    cache's mask keeps one shape, attention.hf_padding); on CUDA no cudagraph
+    cache's mask keeps one shape, attention.hf.padding); on CUDA no cudagraph
     skip and the decode steps replay CUDA graphs (the op's decode step reads
-    nothing on the host, attention.hf_decode)."""
+    nothing on the host, attention.hf.decode)."""
     pytest.importorskip("transformers")
-    import attention.hf as hf
+    import attention.hf.registration as hf
     from torch._dynamo.utils import counters
     from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention.dilated as dilated
-import attention.dilated_kernels as dilated_kernels
-import attention.dilated_plan as dilated_plan
-import attention.dilated_reference as dilated_reference
-import attention.kernels as kernels
+import attention.dilated.module as dilated
+import attention.dilated.fast as dilated_kernels
+import attention.dilated.plan as dilated_plan
+import attention.dilated.reference as dilated_reference
+import attention.kernels.attend as kernels
 from attention import DilatedAttention, DilatedPlan, ImprovedDilatedAttention, dilated_attention
 from cuda_emulation import emulated_cuda_ops, recording
 from attention.dense_reference import dense_attention, dense_dilated_attention, multiplicity

@@ -1,4 +1,4 @@
-"""The fused dilated path (attention.dilated_flex): residue order, block
+"""The fused dilated path (attention.dilated.flex): residue order, block
 layout, compiled flex forward, gradient wiring and ordered mode, each against
 the float64 dense reference (attention/dense_reference.py).
 
@@ -16,23 +16,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention.dilated_plan import DilatedPlan
-from attention.dilated_flex import (
-    block_mask_from_layout,
-    dilated_flex_attention,
-    fused_forward,
-    plan_branches,
-    residue_block_mask,
-)
-from attention.residue import (
-    from_residue_order,
-    residue_index,
-    residue_inverse,
-    residue_modulus,
-    residue_order,
-    to_residue_order,
-)
-from attention.residue_layout import layout_period, residue_layout
+from attention.dilated.plan import DilatedPlan
+from attention.dilated.flex import block_mask_from_layout, dilated_flex_attention, fused_forward, residue_block_mask
+from attention.dilated.plan import plan_branches
+from attention.residue import from_residue_order, residue_index, residue_inverse, residue_modulus, residue_order, to_residue_order
+from attention.dilated.residue_layout import layout_period, residue_layout
 from attention.dense_reference import dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, generate
 from strategies import small_dilated_branches

@@ -1,5 +1,5 @@
 """The dilated modules' ``ordered`` flag and ``implementation="auto"``
-(attention.dilated_implementations): ordered mode computes the natural-order
+(attention.dilated.implementations): ordered mode computes the natural-order
 function on residue-ordered sequences for every implementation (against the
 float64 dense reference, gradients included); "auto" chooses "flex" exactly
 where its measured table says so, and is "fast" where the table has nothing.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attention import DilatedAttention, ImprovedDilatedAttention, MultiheadDilatedAttention
-from attention.dilated_implementations import FlexFaster, choose_implementation
+from attention.dilated.implementations import FlexFaster, choose_implementation
 from attention.residue import from_residue_order, residue_modulus, to_residue_order
 from attention.dense_reference import dense_dilated_attention
 

@@ -112,6 +112,6 @@ def test_the_ops_give_shapes_on_the_meta_device_with_the_value_head_dim():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for op in (torch.ops.attention.dilated_forward, torch.ops.attention.dilated_reference):
+        for op in (torch.ops.attention.dilated_forward, torch.ops.attention.dilated.reference):
             out, lse = op(q, k, v, None, list(plan.flat), True, 0.5)
             assert out.shape == (2, 21, 4, 5) and lse.shape == (2, 21, 4)

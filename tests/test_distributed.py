@@ -28,7 +28,7 @@ from attention import (
     DistributedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
 )
-from attention.collectives import CollectiveError
+from attention.dilated.collectives import CollectiveError
 from patternstore import PatternStore
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
-import attention.hf as hf  # noqa: E402
-from attention.dense_reference import dense_dilated_attention  # noqa: E402
+import attention.hf.registration as hf  # noqa: E402
+from attention.dense_reference import dense_dilated_attention
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
@@ -204,7 +204,7 @@ def spy(monkeypatch, module, name: str) -> list[tuple]:
 
 def kernel_spy(monkeypatch) -> list[tuple]:
     """The (q, k, v, ...) of every call of attention.kernels.attend, wherever it is imported."""
-    import attention.kernels as kernels
+    import attention.kernels.attend as kernels
 
     calls: list[tuple] = []
     original = kernels.attend
@@ -243,7 +243,7 @@ def test_grouped_query_keys_reach_the_dilated_kernel_as_views_of_the_cache(monke
 
 @torch.no_grad()
 def test_grouped_query_keys_reach_the_sparse_gather_uncopied_and_unrepeated(monkeypatch):
-    import attention.sparse_tiles as sparse_tiles
+    import attention.sparse.tiles as sparse_tiles
 
     flattened = spy(monkeypatch, sparse_tiles, "flat")
     tiles = spy(monkeypatch, sparse_tiles, "attend")

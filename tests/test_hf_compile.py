@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
-import attention.hf as hf  # noqa: E402
+import attention.hf.registration as hf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,7 @@
-"""The capture-safe decode step over a static cache (attention.hf_decode):
+"""The capture-safe decode step over a static cache (attention.hf.decode):
 for random patterns, cache fills, grouped-query heads and padding (left, and
 holes after the first token) it equals the padded path
-(attention.hf_padding.attend_padded, itself checked against SDPA in
+(attention.hf.padding.attend_padded, itself checked against SDPA in
 tests/test_hf.py) and the float64 dense reference, in float64 to 1e-12; it
 dispatches no host sync (no ``aten::_local_scalar_dense``) once a layout's
 row table exists; calls it does not serve return None."""
@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-pytest.importorskip("transformers")  # attention.hf_padding imports transformers' mask functions
+pytest.importorskip("transformers")  # attention.hf.padding imports transformers' mask functions
 
 from attention import BlockSparseAttention, DilatedAttention, ImprovedDilatedAttention  # noqa: E402
-from attention import hf_decode  # noqa: E402
-from attention.hf_padding import attend_padded  # noqa: E402
-from attention.dense_reference import dense_dilated_attention  # noqa: E402
+from attention.hf import decode as hf_decode
+from attention.hf.padding import attend_padded
+from attention.dense_reference import dense_dilated_attention
 from strategies import small_dilated_branches  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +129,7 @@ def test_the_compiled_op_takes_the_step_on_its_device_types(monkeypatch):
     """The op a compiled layer calls (attention::hf_attend) with the traced mask:
     the step on DEVICE_TYPES (CUDA; "cpu" added here), the padded path elsewhere,
     one result."""
-    import attention.hf as hf
+    import attention.hf.registration as hf
 
     hf.register()
     q, k, v, mask = cache_inputs(2, 4, 2, 40, 30, [0, 4], [None, 9], seed=2)
@@ -158,7 +158,7 @@ def test_a_traced_decode_step_calls_the_capturable_op_and_a_prefill_the_tagged_o
     ``cudagraph_unsafe`` so that inductor never captures its host reads."""
     from test_hf_compile import PATTERNS, left_padded, prefill_and_step, tiny_llama
 
-    import attention.hf as hf
+    import attention.hf.registration as hf
 
     hf.register()
     monkeypatch.setattr(hf_decode, "DEVICE_TYPES", ("cuda", "cpu"))
@@ -186,7 +186,7 @@ def test_an_eager_static_cache_step_reads_its_fill_level_from_the_mask_layout():
     """The eager mask of a static cache is the fixed-shape form with the row
     layout attached (padding_mask): the layers' padded path reads the fill
     level from it, not from the device, and equals the step."""
-    from attention.hf_padding import padding_mask
+    from attention.hf.padding import padding_mask
 
     module = ImprovedDilatedAttention([4, 8, 16], [1, 2, 4])
     q, k, v, _ = cache_inputs(2, 4, 2, 64, 40, [0, 0], [None, None], seed=3)

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
-import attention.hf as hf  # noqa: E402
+import attention.hf.registration as hf  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     DeepseekV3Config,

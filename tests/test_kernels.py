@@ -19,22 +19,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention.kernels as kernels
-from attention.flex_kernel import flex_attend, flex_attend_backward
-from attention.kernels import (
-    EMPTY_LSE,
-    KERNELS,
-    PREFERENCES,
-    attend,
-    attend_backward,
-    check_attention_inputs,
-    check_dropout,
-    check_is_causal,
-    check_softmax_scale,
-    choose_kernel,
-    lse_dtype,
-    merge_,
-)
+import attention.kernels.attend as kernels
+from attention.kernels.flex import flex_attend, flex_attend_backward
+from attention.kernels.softmax_parts import EMPTY_LSE, lse_dtype, merge_
+from attention.kernels.attend import KERNELS, PREFERENCES, attend, attend_backward, choose_kernel
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale
 from cuda_emulation import emulated_cuda_ops, recording
 from attention.dense_reference import dense_attention
 

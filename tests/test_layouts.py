@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from attention import BlockSparseAttention
 from patternstore import SparseSpec, generate
-from attention.flex import to_block_mask
+from attention.block_mask import to_block_mask
 from patternstore.csr import check_layout, drop_future_blocks, padded_rows, transpose_layout
 from strategies import tiny_sparse_specs
 

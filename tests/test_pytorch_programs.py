@@ -45,7 +45,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-import attention.sparse_layouts as sparse_layouts
+import attention.sparse.layouts as sparse_layouts
 from attention import (
     BlockSparseAttention,
     DilatedAttention,

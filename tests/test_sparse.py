@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention.sparse_layouts as sparse_layouts
-import attention.sparse_ops as sparse_ops
-import attention.sparse_tiles as sparse_tiles
+import attention.sparse.layouts as sparse_layouts
+import attention.sparse.ops as sparse_ops
+import attention.sparse.tiles as sparse_tiles
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
 from patternstore import PatternStore, SparseSpec, generate
 from attention.dense_reference import block_pairs, dense_attention

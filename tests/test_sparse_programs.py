@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention  # noqa: F401  (registers the operators an old program names)
-import attention.sparse_layouts as sparse_layouts
-import attention.sparse_ops as sparse_ops
-import attention.sparse_tiles as sparse_tiles
+import attention.sparse.layouts as sparse_layouts
+import attention.sparse.ops as sparse_ops
+import attention.sparse.tiles as sparse_tiles
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
 from attention.dense_reference import block_pairs, dense_attention
 from patternstore import PatternStore, SparseSpec, generate
@@ -136,7 +136,7 @@ def test_a_length_the_layout_cannot_serve_raises_before_any_operator(monkeypatch
 def test_nan_and_inf_in_padded_keys_never_reach_an_output(fused, bad, padded):
     """Masked scores are filled, not added. (A non-finite VALUE of a masked
     key still reaches the outputs through 0 * NaN in the value product, as in
-    SDPA: attention/kernels.py.)"""
+    SDPA: attention/kernels/attend.py.)"""
     sparse_tiles.USE_CPU_FLASH_KERNEL = fused
     try:
         module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1)
@@ -284,7 +284,7 @@ def test_fullgraph_compile_holds_the_layout_as_constants_and_never_reads_the_sto
 
 @pytest.mark.slow
 def test_an_export_with_a_dim_on_the_length_takes_lengths_down_to_two(tmp_path):
-    """The floor of a Dim is 2 (attention/sparse.py), not block_size + 1:
+    """The floor of a Dim is 2 (attention/sparse/module.py), not block_size + 1:
     lengths inside the first block, at the block and one past it."""
     module = BlockSparseAttention("local", block_size=8, num_sliding_window_blocks=2,
                                   store=PatternStore(tmp_path / "s"))

@@ -9,7 +9,7 @@ useful work it is credited with. A name is ``base[-causal][:fb]``; ``:fb``
 - ``flex``: ``DilatedAttention(implementation="flex")``, the fused path
   (one compiled FlexAttention call over the residue order, gathers in the
   graph), on natural-order inputs.
-- ``flex-ordered``: ``attention.dilated_flex.dilated_flex_attention(...,
+- ``flex-ordered``: ``attention.dilated.flex.dilated_flex_attention(...,
   ordered=True)`` on inputs already in residue order (``ORDERED``: the
   measuring script reorders them once, outside every timing; the output
   stays in residue order). flex minus flex-ordered is the per-layer
@@ -178,7 +178,7 @@ def function(name: str, cfg: dict) -> Attention:
     if name in ("fast", "reference", "flex"):
         return benchlib.dilated_module(name, segments, rates)
     if name == "flex-ordered":
-        from attention.dilated_flex import dilated_flex_attention
+        from attention.dilated.flex import dilated_flex_attention
 
         plan = benchlib.dilated_module("flex", segments, rates).plan(cfg["heads"])  # the module's plan, from the store
         return lambda q, k, v: dilated_flex_attention(q, k, v, plan, ordered=True)
@@ -193,7 +193,7 @@ def function(name: str, cfg: dict) -> Attention:
     if name == "gather-flash":
         return lambda q, k, v: gather_flash(q, k, v, segments, rates)
     if name.startswith("kernel-"):  # one kernel of the kernel layer, chosen by its public backend name
-        from attention.kernels import attend
+        from attention.kernels.attend import attend
 
         def kernel(q, k, v, backend=name.split("-", 1)[1]):
             args = [x.transpose(1, 2) for x in (q, k, v)]

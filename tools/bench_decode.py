@@ -75,7 +75,7 @@ def machine(device: torch.device, threads: int) -> dict:
 def run_context(context: int, reps: int, device: torch.device, dtype: torch.dtype, names: list[str]) -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    import attention.hf as hf
+    import attention.hf.registration as hf
 
     hf.register()
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def model_step(impl: str, settings: dict | None, context: int, device: torch.dev
 
 
 def run_model_context(context: int, reps: int, device: torch.device, dtype: torch.dtype, names: list[str]) -> dict:
-    import attention.hf as hf
+    import attention.hf.registration as hf
 
     hf.register()
     functions = {"dense": model_step("sdpa", None, context, device, dtype)}

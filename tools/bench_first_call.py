@@ -24,7 +24,7 @@ tokens on CUDA (the GPU benchmark's shape: 16 heads of 128, segments
 branches; ``--quick``: 512 tokens), against building the same BlockMask with
 ``torch.nn.attention.flex_attention.create_block_mask``, compiled as flex's
 documentation advises, on the same mask_mod
-(``attention.dilated_flex.residue_mods``). Each figure is a fresh process,
+(``attention.dilated.flex.residue_mods``). Each figure is a fresh process,
 timed from before the module (or the mask) is made to its output
 (synchronised), after imports and inputs (untimed, the same for both):
 
@@ -106,7 +106,7 @@ FUSED = {  # target length, the create_block_mask lengths below it, and the laye
     "quick": {"heads": 2, "head_dim": 32, "segments": (64, 128), "rates": (1, 2), "length": 512,
               "cbm_lengths": (256,)},
 }
-BLOCK = 128  # attention.dilated_flex.FUSED_BLOCK, the module's default
+BLOCK = 128  # attention.dilated.flex.FUSED_BLOCK, the module's default
 TARGET = 100.0
 PROCESS_S = 15.0  # a fresh process's imports and inputs, outside the timings but inside the budget
 
@@ -120,7 +120,7 @@ which, device, dtype, cfg = sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4]
 if device == "cpu":
     torch.set_num_threads(2)
 from attention import DilatedAttention
-from attention.dilated_flex import plan_branches, residue_block_mask, residue_mods
+from attention.dilated.flex import plan_branches, residue_block_mask, residue_mods
 from attention.residue import residue_modulus
 H, d, segments, rates = cfg["heads"], cfg["head_dim"], cfg["segments"], cfg["rates"]
 imported = time.perf_counter() - start

@@ -46,9 +46,9 @@ import benchlib
 from attention import BlockSparseAttention
 from patternstore import DilatedSpec, generate
 
-from attention.dilated_kernels import backward_groups, forward_groups
-from attention.dilated_plan import DilatedPlan
-from attention.sparse_tiles import sparse_forward
+from attention.dilated.fast import backward_groups, forward_groups
+from attention.dilated.plan import DilatedPlan
+from attention.sparse.tiles import sparse_forward
 
 
 def plan_groups(spec: DilatedSpec):

@@ -7,7 +7,7 @@ Implementations (``--implementation``, several allowed):
 - ``flex``: ``DilatedAttention(implementation="flex")``, the fused path on
   natural-order inputs (it gathers q, k, v into residue order and the output
   back, inside its compiled graph);
-- ``flex-ordered``: ``attention.dilated_flex.dilated_flex_attention(...,
+- ``flex-ordered``: ``attention.dilated.flex.dilated_flex_attention(...,
   ordered=True)`` on inputs already in residue order (reordered before the
   measurement, like a model that keeps its activations in that order).
 
@@ -60,7 +60,7 @@ def attention_of(implementation: str):
     module = benchlib.dilated_module("flex" if implementation.startswith("flex") else "fast", SEGMENTS, RATES)
     if implementation != "flex-ordered":
         return module, lambda x: x
-    from attention.dilated_flex import dilated_flex_attention
+    from attention.dilated.flex import dilated_flex_attention
 
     plan, modulus = module.plan(HEADS), residue_modulus(RATES)
     return (lambda q, k, v: dilated_flex_attention(q, k, v, plan, ordered=True),

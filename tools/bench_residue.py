@@ -1,4 +1,4 @@
-"""CPU figures of the residue-order block layout (attention.residue_layout) at
+"""CPU figures of the residue-order block layout (attention.dilated.residue_layout) at
 the benchmark's spec: segments 2048/4096/8192/16384, rates 1/2/4/8, 16 heads,
 block 128, lengths 64K..1M, causal and not.
 
@@ -25,10 +25,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from attention.dilated_plan import DilatedPlan
-from attention.dilated_flex import residue_block_mask
+from attention.dilated.plan import DilatedPlan
+from attention.dilated.flex import residue_block_mask
 from attention.residue import residue_modulus, residue_position
-from attention.residue_layout import clear_layouts, residue_layout
+from attention.dilated.residue_layout import clear_layouts, residue_layout
 from patternstore import DilatedSpec, generate
 
 SEGMENTS, RATES, HEADS, BLOCK = (2048, 4096, 8192, 16384), (1, 2, 4, 8), 16, 128

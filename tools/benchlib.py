@@ -369,7 +369,7 @@ def raise_recompile_limit(limit: int = 64) -> None:
 
 def block_mask(pattern: Any) -> Any:
     """flex_attention's BlockMask of a stored block-sparse layout."""
-    from attention.flex import to_block_mask
+    from attention.block_mask import to_block_mask
 
     return to_block_mask(pattern)
 

@@ -22,7 +22,7 @@ import sys
 import torch
 
 import benchlib  # noqa: F401 - puts the repository root on sys.path for tests.dense_reference
-from attention.kernels import KERNELS
+from attention.kernels.attend import KERNELS
 from attention.dense_reference import dense_attention
 
 # (name, batch, heads, kv_heads, q_len, kv_len, head_dim, causal, masked, strided, value_head_dim)

@@ -22,8 +22,10 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .dilated_plan import Group, Piece, head_runs, pieces
-from .kernels import EMPTY_LSE, attend, attend_backward, lse_dtype, merge_
+from attention.dilated.plan import Piece, head_runs, pieces
+from patternstore.dilated_groups import Group
+from attention.kernels.softmax_parts import EMPTY_LSE, lse_dtype, merge_
+from attention.kernels.attend import attend, attend_backward
 
 __all__ = ["forward_groups", "backward_groups"]
 

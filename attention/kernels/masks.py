@@ -16,8 +16,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .checks import check_dropout
-from .softmax_parts import accumulate_dtype
+from attention.checks import check_dropout
+from attention.kernels.softmax_parts import accumulate_dtype
 
 __all__ = ["AttendCall", "check_call", "combined_mask", "dead_rows", "head_residue", "key_range", "zero_masked_keys"]
 

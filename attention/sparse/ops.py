@@ -5,14 +5,14 @@ Operators, opaque to dynamo, each with a fake implementation that gives
 shapes (docs/design.md section 4):
 
 - ``attention::sparse_forward`` / ``attention::sparse_backward``: the tiles
-  (attention/sparse_tiles.py). Their ``group_rows`` / ``group_keys`` lists
+  (attention/sparse/tiles.py). Their ``group_rows`` / ``group_keys`` lists
   carry ``row_groups`` precomputed by the caller (a graph holds them as
   constants, so the call makes no device-to-host sync); empty lists: the
   operator groups the rows itself (one sync).
 - ``attention::sparse_layout`` / ``attention::sparse_block_mask``: a store
   lookup by description, for graphs whose length is symbolic only
   (``dynamic=True``, ``torch.export`` with a ``Dim``), which cannot bake a
-  layout at trace time (attention/sparse_layouts.py). After the first call at
+  layout at trace time (attention/sparse/layouts.py). After the first call at
   a length it is a lock-free cache hit; the first call reads the store.
 - Aliases, so that programs exported by earlier versions load and run:
   ``patternstore::block_sparse_forward`` / ``_backward`` (the tiles, grouping
@@ -36,9 +36,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import accumulate_dtype, check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
-from .sparse_layouts import source
-from .sparse_tiles import sparse_backward, sparse_forward
+from attention.kernels.softmax_parts import accumulate_dtype
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from attention.sparse.layouts import source
+from attention.sparse.tiles import sparse_backward, sparse_forward
 
 __all__ = ["block_sparse_attention", "sparse_attention", "layout_op", "block_mask_op",
            "BLOCK_MASK_ARRAYS"]
@@ -161,7 +162,7 @@ BLOCK_MASK_ARRAYS = 8  # len(flex.BLOCK_MASK_FIELDS)
 def _block_mask(q: Tensor, k: Tensor, description: str, causal: bool, padded: bool) -> list[Tensor]:
     """The ``flex.BLOCK_MASK_FIELDS`` arrays of the kept ``BlockMask`` for the
     length, head count and device of ``q`` (copies, as in ``_layout``)."""
-    from .flex import BLOCK_MASK_FIELDS
+    from attention.block_mask import BLOCK_MASK_FIELDS
 
     mask = source(description).block_mask(k.shape[1], q.shape[2], q.device, causal, padded)
     return [getattr(mask, name).clone() for name in BLOCK_MASK_FIELDS]
@@ -303,7 +304,7 @@ def block_sparse_attention(
 ) -> Tensor:
     """Attention of ``q (b, q_len, h, d)`` over ``k (b, kv_len, h_kv, d)``,
     ``v (b, kv_len, h_kv, v_dim)`` restricted to a block layout
-    (attention/sparse.py): returns ``(b, q_len, h, v_dim)``.
+    (attention/sparse/module.py): returns ``(b, q_len, h, v_dim)``.
 
     ``kv_num_blocks`` int32 ``[H, ceil(kv_len / block_size)]`` with ``H`` in
     {1, h}, ``kv_indices`` int32 ``[sum(kv_num_blocks)]``, both on ``q``'s

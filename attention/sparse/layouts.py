@@ -19,7 +19,7 @@ region has no lock, no store I/O and no module construction. That needs the
 length as an int; a symbolic length (``dynamic=True``, ``torch.export`` with
 a ``Dim``) has no trace-time value, so those graphs look the layout up at run
 time through the operator ``attention::sparse_layout`` (a cache hit after the
-first call at a length; see attention/sparse_ops.py).
+first call at a length; see attention/sparse/ops.py).
 
 Capacity (docs/design.md section 7): in causal use of a prefix-stable
 layout the store entry fetched is that of a capacity, ``max_seq_len`` or the
@@ -41,8 +41,8 @@ from patternstore.pattern import real_tensors
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, store_for
 
-from .flex import BLOCK_MASK_FIELDS, block_mask_from_csr
-from .sparse_tiles import Groups, row_groups
+from attention.block_mask import BLOCK_MASK_FIELDS, block_mask_from_csr
+from attention.sparse.tiles import Groups, row_groups
 
 __all__ = ["LayoutPlan", "LayoutSource", "describe_layouts", "source", "baked_plan", "unflatten_plan",
            "baked_block_mask", "SOURCES", "MAX_SOURCES"]

@@ -41,10 +41,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .dilated_plan import DilatedPlan
-from .residue import residue_modulus
+from attention.dilated.plan import DilatedPlan, check_plan
+from attention.residue import residue_modulus
 
-__all__ = ["ResidueLayout", "residue_layout", "layout_period", "check_plan", "clear_layouts", "LAYOUTS_KEPT"]
+__all__ = ["ResidueLayout", "residue_layout", "layout_period", "clear_layouts", "LAYOUTS_KEPT"]
 
 # Layouts kept per process: one per (plan, length, block, causal) a model
 # runs; at 1M tokens one is about 25 MB (benchmark spec, 16 heads, block 128).
@@ -64,24 +64,6 @@ class ResidueLayout(NamedTuple):
     kv_num_blocks: Tensor
     kv_indices: Tensor
     full: Tensor
-
-
-def check_plan(plan: DilatedPlan) -> DilatedPlan:
-    """ValueError naming the field unless ``plan`` is a DilatedPlan whose
-    groups have ``segment >= 1``, ``rate >= 1``, ``0 <= offset < rate`` and a
-    head range inside ``[0, num_heads)``."""
-    if not isinstance(plan, DilatedPlan):
-        raise ValueError(f"plan must be a DilatedPlan, got {type(plan).__name__}")
-    if not plan.groups:
-        raise ValueError("plan.groups must not be empty")
-    for g in plan.groups:
-        if g.segment < 1 or g.rate < 1:
-            raise ValueError(f"plan group {g}: segment and rate must be >= 1")
-        if not 0 <= g.offset < g.rate:
-            raise ValueError(f"plan group {g}: offset must be in [0, rate)")
-        if not 0 <= g.head_start < g.head_stop <= plan.num_heads:
-            raise ValueError(f"plan group {g}: heads must lie in [0, num_heads={plan.num_heads})")
-    return plan
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -12,9 +12,9 @@ Guarantees and limits:
 - Masked keys leave through the mask_mod (their scores are filled, never
   added to), and their k and v rows are zeroed first, so a NaN or Inf in a
   masked key or value changes nothing.
-- Outside a compiled region flex runs compiled (a process-wide
-  ``torch.compile(flex_attention, fullgraph=True)``: eager flex materializes
-  the scores); inside one, dynamo traces it into the caller's graph.
+- Outside a compiled region flex runs compiled (``compiled_flex``, the
+  package's one compiled ``flex_attention``: eager flex materializes the
+  scores); inside one, dynamo traces it into the caller's graph.
 - On the CPU, torch 2.13's compiled flex computes no lse ("torch.compile on
   CPU only supports inference and `return_lse` is not supported yet") and
   has no backward, so the lse there is one explicit log-sum-exp over the
@@ -32,29 +32,59 @@ Guarantees and limits:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .softmax_parts import EMPTY_LSE, accumulate_dtype
+from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype
 
-__all__ = ["flex_attend", "flex_attend_backward"]
+__all__ = ["FLEX_MIN_BLOCK", "FLEX_DEFAULT_TILE", "compiled_flex", "flex_attend", "flex_attend_backward", "flex_tiles"]
 
-_compiled_flex = None
+# The smallest block any flex caller here uses, and what block sizes must be
+# a multiple of: torch 2.13's CPU flex returns NaN for 8-token blocks; 16 is
+# exact (docs/design.md, known torch limits).
+FLEX_MIN_BLOCK = 16
+# The largest Triton tile flex_attention picks by itself (BLOCK_M of the
+# forward on an H100, torch 2.11).
+FLEX_DEFAULT_TILE = 128
 
 
-def _flex() -> Callable:
-    """flex_attention itself inside a compiled region, else compiled once per process."""
-    global _compiled_flex
+def flex_tiles(block_size: int) -> dict[str, int]:
+    """``kernel_options`` of flex_attention whose tiles divide ``block_size``
+    (a multiple of FLEX_MIN_BLOCK): none for blocks that are multiples of
+    FLEX_DEFAULT_TILE, else every forward and backward tile set to the largest
+    power of two dividing the block (compiled flex on an H100 refuses tiles
+    that do not divide the blocks)."""
+    tile = block_size & -block_size  # the largest power of two dividing it
+    if tile >= FLEX_DEFAULT_TILE:
+        return {}
+    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+
+
+@functools.cache
+def _compiled_flex(device_type: str) -> Callable:
+    # The package's ONE compiled flex_attention. Flex runs only compiled
+    # (eager flex materializes the n x n scores). On the CPU the shapes are
+    # static, a graph per length: torch 2.13's C++ flex kernel fails to build
+    # for some dilated plans at a dynamic length (docs/design.md, known torch
+    # limits); elsewhere torch's default (static, then dynamic).
     from torch.nn.attention.flex_attention import flex_attention
 
+    return torch.compile(flex_attention, fullgraph=True, dynamic=False if device_type == "cpu" else None)
+
+
+def compiled_flex(device_type: str) -> Callable:
+    """flex_attention itself inside a caller's compiled region (dynamo traces
+    it into that graph), else the process's one compiled flex_attention for
+    ``device_type``. Every flex call of the package goes through here."""
     if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+
         return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, fullgraph=True)
-    return _compiled_flex
+    return _compiled_flex(device_type)
 
 
 def _mask_mod(key_mask: Optional[Tensor], causal: bool, offset: int) -> Optional[Callable]:
@@ -112,14 +142,14 @@ def flex_attend(
             block_mask = create_block_mask(mask_mod, q.shape[0], None, m, n, device=q.device)
     gqa = q.shape[1] != k.shape[1]
     if q.device.type == "cpu" or not return_lse:
-        out = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        out = compiled_flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         if not return_lse:
             return out, None
         lse = _explicit_lse(q, k, scale, key_mask, causal)
     else:
         from torch.nn.attention.flex_attention import AuxRequest
 
-        out, aux = _flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+        out, aux = compiled_flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                            return_aux=AuxRequest(lse=True))
         lse = aux.lse.float()
     # flex's own out is 0 on a row with no key; no op follows it inside this

@@ -22,17 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dilated_plan import DilatedPlan, check_plan, head_runs, pieces, view
-from .kernels import (
-    EMPTY_LSE,
-    accumulate_dtype,
-    check_attention_inputs,
-    check_dropout,
-    check_is_causal,
-    check_softmax_scale,
-    default_scale,
-    lse_dtype,
-)
+from attention.dilated.plan import DilatedPlan, check_plan, head_runs, pieces, view
+from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, lse_dtype
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 
 __all__ = ["dilated_attention_reference", "reference_attention", "softmax_lse"]
 
@@ -71,7 +63,7 @@ def dilated_attention_reference(
     d_v) -> (b, q_len, h, d_v). Dropout ``dropout_p`` applies to the
     attention probabilities."""
     check_attention_inputs(q, k, v, key_padding_mask)
-    check_plan(plan, q)
+    check_plan(plan, q.shape[2])
     is_causal = check_is_causal(is_causal)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
     return reference_attention(q, k, v, plan, is_causal, scale, key_padding_mask, check_dropout(dropout_p))

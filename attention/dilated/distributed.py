@@ -44,22 +44,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import TimedGroup, agree_on_shapes, all_gather, reduce_scatter, require_initialized, timed_group
-from .dilated import DilatedAttention
-from .dilated_kernels import backward_groups, forward_groups
-from .dilated_plan import DilatedPlan, Group
-from .kernels import (
-    accumulate_dtype,
-    attend,
-    attend_backward,
-    check_attention_inputs,
-    check_is_causal,
-    default_scale,
-    merge_,
-)
-from .multihead import MultiheadWrapper
+from attention.dilated.collectives import TimedGroup, agree_on_shapes, all_gather, reduce_scatter, require_initialized, timed_group
+from attention.dilated.module import DilatedAttention
+from attention.dilated.fast import backward_groups, forward_groups
+from attention.dilated.plan import DilatedPlan
+from patternstore.dilated_groups import Group
+from attention.kernels.softmax_parts import accumulate_dtype, merge_
+from attention.kernels.attend import attend, attend_backward
+from attention.checks import check_attention_inputs, check_is_causal, default_scale
 
-__all__ = ["DistributedDilatedAttention", "DistributedMultiheadDilatedAttention"]
+__all__ = ["DistributedDilatedAttention"]
 
 _DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -360,30 +354,3 @@ class DistributedDilatedAttention(DilatedAttention):
             groups = tuple(timed_group(lg.ranks, self.timeout) for lg in dplan.long)
             cached = plans[(chunk, heads)] = (dplan, groups)
         return cached
-
-
-class DistributedMultiheadDilatedAttention(MultiheadWrapper):
-    """``MultiheadWrapper`` around ``DistributedDilatedAttention(segment_lengths,
-    dilation_rates, process_group=, timeout=, scheme=, dropout=, store=)``:
-    ``query, key, value`` are this rank's chunk (batch, seq_len // world_size,
-    embed_dim), the output is this rank's chunk. Projections are per position,
-    so they run locally; only the attention communicates. Parameters must be
-    equal on every rank (as under DistributedDataParallel)."""
-
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        segment_lengths,
-        dilation_rates,
-        *,
-        process_group: Optional[dist.ProcessGroup] = None,
-        timeout: timedelta = timedelta(minutes=5),
-        dropout: float = 0.0,
-        scheme: str = "longnet",
-        store=None,
-        **projection_options,
-    ) -> None:
-        attention = DistributedDilatedAttention(segment_lengths, dilation_rates, process_group=process_group,
-                                                timeout=timeout, scheme=scheme, dropout=dropout, store=store)
-        super().__init__(embed_dim, num_heads, attention, **projection_options)

@@ -36,10 +36,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .dilated_kernels import backward_groups, forward_groups
-from .dilated_plan import DilatedPlan, check_plan, groups_from_flat
-from .dilated_reference import reference_attention
-from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale, lse_dtype
+from attention.dilated.fast import backward_groups, forward_groups
+from attention.dilated.plan import DilatedPlan, check_plan, groups_from_flat
+from attention.dilated.reference import reference_attention
+from attention.checks import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
+from attention.kernels.softmax_parts import lse_dtype
 
 __all__ = ["dilated_attention", "fast_attention", "dilated_forward", "dilated_backward", "dilated_reference",
            "DilatedFunction", "NoDoubleBackward"]
@@ -196,7 +197,7 @@ def dilated_attention(
     chunking. Exact gradients for q, k, v through ``torch.autograd`` and
     ``torch.func``. v may have its own head_dim: the output has v's."""
     check_attention_inputs(q, k, v, key_padding_mask)
-    check_plan(plan, q)
+    check_plan(plan, q.shape[2])
     is_causal = check_is_causal(is_causal)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
     return fast_attention(q, k, v, plan.flat, is_causal, scale, key_padding_mask)

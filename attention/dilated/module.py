@@ -45,29 +45,20 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from patternstore.specs import DilatedSpec, SCHEMES, check_branches, check_choice
+from patternstore.fields import check_branches, check_choice
+from patternstore.specs import DilatedSpec, SCHEMES
 from patternstore.store import PatternStore, default_store
 
-from .dilated_implementations import IMPLEMENTATION_NAMES, run_implementation
-from .dilated_kernels import backward_groups, forward_groups
-from .dilated_ops import dilated_attention
-from .dilated_plan import DilatedPlan, Group
-from .dilated_reference import dilated_attention_reference
-from .kernels import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
-from .residue import residue_modulus
+from attention.dilated.implementations import IMPLEMENTATION_NAMES, run_implementation
+from attention.dilated.fast import backward_groups, forward_groups
+from attention.dilated.ops import dilated_attention
+from attention.dilated.plan import DilatedPlan
+from patternstore.dilated_groups import Group
+from attention.dilated.reference import dilated_attention_reference
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from attention.residue import residue_modulus
 
-__all__ = [
-    "DilatedAttention",
-    "ImprovedDilatedAttention",
-    "dilated_module",
-    "DilatedPlan",
-    "Group",
-    "dilated_attention",
-    "dilated_attention_reference",
-    "forward_groups",
-    "backward_groups",
-    "check_attention_inputs",
-]
+__all__ = ["DilatedAttention", "ImprovedDilatedAttention", "dilated_module"]
 
 # Plans a module keeps (one per head count it has seen; a model uses one).
 _PLANS_KEPT = 8

@@ -26,13 +26,13 @@ forward. A query with an empty ``K(p)`` outputs 0 and gets zero gradient.
 Gradients are exact (FlashAttention-2's backward from the saved ``lse``).
 Masked keys are filled out of the scores: NaN or inf in them never leaks.
 
-Paths (``attention_path``): "gather", the tiles of attention/sparse_tiles.py
+Paths (``attention_path``): "gather", the tiles of attention/sparse/tiles.py
 (CPU tensors; decode, chunked prefill and dropout on any device; the
 functional ``block_sparse_attention``), and "flex", compiled
 ``flex_attention`` on a ``BlockMask`` kept per layout, length and device
-(attention/flex.py), for square CUDA calls.
+(attention/block_mask.py), for square CUDA calls.
 
-Where the layout comes from (attention/sparse_layouts.py): eager, a Python
+Where the layout comes from (attention/sparse/layouts.py): eager, a Python
 lookup at the top of ``forward``, before any tensor work, so a length the
 layout cannot serve (a global block beyond the block count, ...) raises a
 ValueError naming the field before any operator runs; under
@@ -60,12 +60,13 @@ from torch.fx.experimental.symbolic_shapes import has_static_value
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore
 
-from .flex import block_mask_of, compiled_flex_attention, flex_tiles, with_key_padding
-from .kernels import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
-from .sparse_layouts import LayoutPlan, LayoutSource, baked_block_mask, baked_plan, describe_layouts, source, unflatten_plan
-from .sparse_ops import block_mask_op, layout_op, sparse_attention
+from attention.block_mask import block_mask_of, with_key_padding
+from attention.kernels.flex import FLEX_MIN_BLOCK, compiled_flex, flex_tiles
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from attention.sparse.layouts import LayoutPlan, LayoutSource, baked_block_mask, baked_plan, describe_layouts, source, unflatten_plan
+from attention.sparse.ops import block_mask_op, layout_op, sparse_attention
 
-__all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES", "FLEX_MIN_BLOCK"]
+__all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES"]
 
 # Which path a call takes, decided by ``attention_path``:
 # - "flex": compiled ``flex_attention`` on a ``BlockMask`` built once per
@@ -83,7 +84,6 @@ __all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES", "FLEX_
 #   and dropout (flex has no dropout).
 # Tests add "cpu" to FLEX_DEVICE_TYPES to run the flex path in CPU inference.
 FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-FLEX_MIN_BLOCK = 16
 
 
 def attention_path(device_type: str, q_len: int, kv_len: int, dropout_p: float, block_size: int) -> str:
@@ -226,7 +226,7 @@ class BlockSparseAttention(nn.Module):
             mask = self.layouts.block_mask(n, heads, q.device, causal, padded)
         if padded:
             mask = with_key_padding(mask, key_padding_mask)
-        out = compiled_flex_attention()(
+        out = compiled_flex(q.device.type)(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
             scale=default_scale(q, self.softmax_scale), enable_gqa=heads != k.shape[2],
             kernel_options=flex_tiles(self.block_size) or None,
@@ -235,7 +235,7 @@ class BlockSparseAttention(nn.Module):
 
     def spec(self, seq_len: int, num_heads: int) -> SparseSpec:
         """The spec of the layout at that length (without capacity), e.g. for
-        ``attention.flex.to_block_mask(store.get(module.spec(n, h)))``."""
+        ``attention.block_mask.to_block_mask(store.get(module.spec(n, h)))``."""
         return self.layouts.spec(seq_len, num_heads)
 
     def extra_repr(self) -> str:

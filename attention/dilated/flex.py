@@ -2,7 +2,7 @@
 
 The function is docs/design.md section 2.1's ``softmax(S + log M) @ V``. In
 residue order (``attention.residue``) the ``M > 0`` mask is block-sparse
-(``attention.residue_layout``), so one compiled flex call computes it:
+(``attention.dilated.residue_layout``), so one compiled flex call computes it:
 
 - gather q, k, v into residue order (one ``index_select`` each, the index
   computed by arithmetic inside the compiled region, no permutation tensor);
@@ -23,13 +23,15 @@ Limits, each a clear ValueError before any work: ``q_len == kv_len`` (decode
 and chunked prefill belong to the per-branch path
 ``attention.dilated.dilated_attention``, whose strided views cost a query row
 exactly the keys it attends, with no n-dependent reordering of the cache);
-``block_size`` a multiple of ``attention.sparse.FLEX_MIN_BLOCK``; on the CPU,
+``block_size`` a multiple of ``attention.kernels.flex.FLEX_MIN_BLOCK``; on the CPU,
 flex compiles the forward only and for float32 and half types, so a CPU call
 that needs gradients is refused (the per-branch path serves it). Dropout is
 not offered (flex has none).
 
-Compile: ``torch.compile(fullgraph=True)`` of the gather, flex and the output
-gather, one graph per (plan, causal, padded, ordered, GQA) and shape; the
+Compile: the flex call is the package's one compiled ``flex_attention``
+(``attention.kernels.flex.compiled_flex``), a graph per (plan, causal,
+padded, ordered, GQA) and shape; the two gathers run eagerly around it (on
+the CPU 1.6% of the call, docs/bench.md), or inside a caller's graph. The
 BlockMask is built eagerly from the per-process layout cache and kept per
 (plan, length, block, causal, padded, device) in a bounded cache, so no
 store, lock or device copy happens in the graph.
@@ -44,18 +46,16 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .dilated_plan import DilatedPlan
-from .flex import BLOCK_MASK_FIELDS, flex_tiles
-from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
-from .residue import residue_index, residue_modulus, residue_position
-from .residue_layout import ResidueLayout, check_plan, layout_period, residue_layout
-from .sparse import FLEX_MIN_BLOCK
+from attention.dilated.plan import Branches, DilatedPlan, branch_offsets, check_plan, plan_branches
+from attention.block_mask import BLOCK_MASK_FIELDS, build_block_mask
+from attention.kernels.flex import FLEX_MIN_BLOCK, compiled_flex, flex_tiles
+from attention.checks import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
+from attention.residue import residue_index, residue_modulus, residue_position
+from attention.dilated.residue_layout import ResidueLayout, layout_period, residue_layout
 
 __all__ = [
     "FUSED_BLOCK",
-    "Branches",
     "dilated_flex_attention",
-    "plan_branches",
     "residue_block_mask",
     "block_mask_from_layout",
     "fused_forward",
@@ -63,23 +63,11 @@ __all__ = [
 ]
 
 # Block of the layout and of flex's tiles by default: flex's own largest tile
-# (FLEX_DEFAULT_TILE in attention.sparse).
+# (attention.kernels.flex.FLEX_DEFAULT_TILE).
 FUSED_BLOCK = 128
 # BlockMasks kept per process: at 1M tokens (benchmark spec, 16 heads, block
 # 128) one holds about 40 MB of index arrays.
 _MASKS_KEPT = 8
-
-# One branch as the mods use it: (segment w, rate r, ((head_start, head_stop, offset), ...)).
-Branches = tuple[tuple[int, int, tuple[tuple[int, int, int], ...]], ...]
-
-
-def plan_branches(plan: DilatedPlan) -> Branches:
-    """The plan's groups regrouped by branch: what the mods unroll."""
-    out: dict[int, list] = {}
-    for g in plan.groups:
-        out.setdefault(g.branch, [g.segment, g.rate, []])[2].append((g.head_start, g.head_stop, g.offset))
-    return tuple((w, r, tuple(heads)) for w, r, heads in out.values())
-
 
 def _multiplicity(branches: Branches, seq_len: int, h: Tensor, pq: Tensor, pk: Tensor) -> Tensor:
     """M: how many branches select (query position ``pq``, key position
@@ -90,9 +78,7 @@ def _multiplicity(branches: Branches, seq_len: int, h: Tensor, pq: Tensor, pk: T
     count = None
     for w, r, heads in branches:
         s = min(w, seq_len)
-        offset = h * 0 - 1  # the head's offset in this branch, -1 where the branch skips it
-        for start, stop, o in heads:
-            offset = torch.where((h >= start) & (h < stop), o, offset)
+        offset = branch_offsets(heads, h)  # -1 where the branch skips the head
         if s >= seq_len:  # one segment: no segment compare
             rq, rk, same = pq % r, pk % r, None
         else:
@@ -133,59 +119,25 @@ def residue_mods(
 
 
 # ------------------------------------------------------------- block masks
-def _padded(counts: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """(counts, indices (rows, width)) int32 of CSR rows: each row's entries
-    then zeros, width the longest row (at least 1); one masked scatter."""
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    dense = torch.zeros(counts.numel(), width, dtype=torch.int32)
-    dense.masked_scatter_(torch.arange(width) < counts[:, None], cols.to(torch.int32))
-    return counts.to(torch.int32), dense
-
-
-def _row_sums(flags: Tensor, counts: Tensor) -> Tensor:
-    """Per CSR row (``counts`` entries each), how many of its ``flags`` are set."""
-    running = torch.zeros(flags.numel() + 1, dtype=torch.long)
-    running[1:] = flags.cumsum(0)
-    ends = counts.cumsum(0)
-    return running[ends] - running[ends - counts]
-
-
-def _sides(layout: ResidueLayout, with_full: bool) -> list[tuple[Tensor, Tensor]]:
-    """(counts (1, H, nb), indices (1, H, nb, width)) of a layout's partial
-    blocks and, with ``with_full``, of its full blocks apart (else all partial)."""
-    heads, nb = layout.kv_num_blocks.shape
-    counts = layout.kv_num_blocks.flatten().long()
-    if with_full:
-        parts = [(_row_sums(pick, counts), layout.kv_indices[pick]) for pick in (~layout.full, layout.full)]
-    else:
-        parts = [(counts, layout.kv_indices)]
-    out = []
-    for part_counts, cols in parts:
-        num, indices = _padded(part_counts, cols)
-        out.append((num.view(1, heads, nb), indices.view(1, heads, nb, -1)))
-    return out
-
-
 def block_mask_from_layout(
     layout: ResidueLayout, transposed: ResidueLayout, *, with_full: bool, device: torch.device
 ) -> BlockMask:
-    """The flex BlockMask (mask_mod: none; ``fused_forward`` attaches its own)
-    of a layout and its transpose (flex's q-side arrays, which its backward
-    reads): the partial blocks, and with ``with_full`` the full blocks apart
-    (flex skips their mask_mod); without, every block is partial (a padding
-    mask must reach every block). Index arrays are as wide as the longest
-    row, not nb: at 1M tokens nb wide would be 4 GiB. This is the one
-    function that turns CSR into a BlockMask here."""
-    kv, q = _sides(layout, with_full), _sides(transposed, with_full)
-    if not with_full:
-        kv, q = kv + [(None, None)], q + [(None, None)]
-    arrays = [None if x is None else x.to(device) for pair in (kv[0], kv[1], q[0], q[1]) for x in pair]
-    return BlockMask((layout.seq_len, layout.seq_len), *arrays, BLOCK_SIZE=(layout.block_size, layout.block_size))
+    """The flex BlockMask (no mask_mod: ``fused_forward`` attaches its own) of
+    a residue layout and its transpose: the partial blocks, and with
+    ``with_full`` the full blocks apart (flex skips their mask_mod); without,
+    every block is partial (a padding mask must reach every block). Rows are
+    as wide as the longest row, not nb: at 1M tokens nb wide would be 4 GiB."""
+    return build_block_mask(
+        layout.kv_num_blocks, layout.kv_indices, seq_len=layout.seq_len, block_size=layout.block_size,
+        partial=~layout.full if with_full else None,
+        transposed=(transposed.kv_num_blocks, transposed.kv_indices, ~transposed.full if with_full else None),
+        device=device,
+    )
 
 
 def _repeat(base: BlockMask, seq_len: int, modulus: int) -> BlockMask:
     """The BlockMask at ``seq_len`` from the one at its layout period
-    (``attention.residue_layout.layout_period``): every class's rows repeated
+    (``attention.dilated.residue_layout.layout_period``): every class's rows repeated
     along the diagonal, their block indices shifted in every class. Padding
     slots (zeros past a row's count) stay valid indices and are never read."""
     heads, base_nb = base.kv_num_blocks.shape[1:]
@@ -281,18 +233,6 @@ def _baked_mask_arrays(num_heads: int, flat_plan: tuple[int, ...], seq_len: int,
     return _mask_arrays(residue_block_mask(plan, seq_len, block_size, is_causal, with_full, torch.device(device)))
 
 
-@functools.cache
-def _compiled(device_type: str) -> Callable:
-    """``fused_forward`` compiled once per process and device type (its graphs
-    are keyed by dynamo's guards on the plan's ints, flags and shapes). On
-    CUDA torch's default for shapes: static at first, one dynamic graph once a
-    second length comes. On the CPU static shapes, a graph per length: with a
-    dynamic length torch 2.13's C++ flex kernel fails to build for some plans
-    (undeclared ``cur_kvSplitSize4`` with rates 1, 2, 3 after lengths 37 and
-    40), while a static graph builds (exact to 3e-7)."""
-    return torch.compile(fused_forward, fullgraph=True, dynamic=False if device_type == "cpu" else None)
-
-
 def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:
     check_attention_inputs(q, k, k, key_padding_mask)  # v apart: its head_dim may differ
     if not isinstance(v, Tensor):
@@ -331,9 +271,7 @@ def dilated_flex_attention(
     out is in residue order (``attention.residue.to_residue_order`` with
     ``residue_modulus`` of the plan's rates)."""
     _check_fused_inputs(q, k, v, key_padding_mask, block_size)
-    check_plan(plan)
-    if plan.num_heads != q.shape[2]:
-        raise ValueError(f"plan is for num_heads={plan.num_heads}; q has num_heads={q.shape[2]}")
+    check_plan(plan, q.shape[2])
     is_causal = check_is_causal(is_causal)
     if not isinstance(ordered, bool):
         raise ValueError(f"ordered must be True or False, got {ordered!r}")
@@ -351,9 +289,8 @@ def dilated_flex_attention(
     if torch.compiler.is_compiling():  # inside a caller's graph: the mask is a trace-time constant
         arrays = _baked_mask_arrays(plan.num_heads, tuple(plan.flat), n, block_size, is_causal,
                                     key_padding_mask is None, str(q.device))
-        mask, run = BlockMask((n, n), *arrays, BLOCK_SIZE=(block_size, block_size)), fused_forward
+        mask = BlockMask((n, n), *arrays, BLOCK_SIZE=(block_size, block_size))
     else:
-        mask, run = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device), _compiled(
-            q.device.type)
-    return run(q, k, v, mask, key_padding_mask, plan_branches(plan), modulus, is_causal, scale, ordered,
-               kernel_options=flex_tiles(block_size) or None)
+        mask = residue_block_mask(plan, n, block_size, is_causal, key_padding_mask is None, q.device)
+    return fused_forward(q, k, v, mask, key_padding_mask, plan_branches(plan), modulus, is_causal, scale, ordered,
+                         attend=compiled_flex(q.device.type), kernel_options=flex_tiles(block_size) or None)

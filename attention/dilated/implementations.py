@@ -37,12 +37,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .dilated_flex import dilated_flex_attention
-from .dilated_ops import dilated_reference, fast_attention
-from .dilated_plan import DilatedPlan
-from .dilated_reference import reference_attention
-from .residue import from_residue_order, residue_modulus, to_residue_order
-from .sparse import FLEX_MIN_BLOCK
+from attention.dilated.flex import dilated_flex_attention
+from attention.dilated.ops import dilated_reference, fast_attention
+from attention.dilated.plan import DilatedPlan
+from attention.dilated.reference import reference_attention
+from attention.residue import from_residue_order, residue_modulus, to_residue_order
+from attention.kernels.flex import FLEX_MIN_BLOCK
 
 __all__ = ["Implementation", "IMPLEMENTATIONS", "IMPLEMENTATION_NAMES", "FlexFaster", "FLEX_FASTER",
            "choose_implementation", "run_implementation"]

@@ -2,7 +2,7 @@
 captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``, which
 transformers' ``generate`` uses with a static cache).
 
-The padded path (``attention.hf_padding.attend_padded``) reads how many
+The padded path (``attention.hf.padding.attend_padded``) reads how many
 cache rows hold tokens and where each batch row's first token is on the host
 (one sync each), then slices the cache: right for eager calls, fatal inside
 a CUDA-graph capture. Here one query row per batch row (``q_len == 1``)
@@ -39,11 +39,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .dilated import DilatedAttention
-from .dilated_flex import plan_branches
-from .kernels import default_scale
-from .softmax_parts import accumulate_dtype
-from .sparse import BlockSparseAttention
+from attention.dilated.module import DilatedAttention
+from attention.dilated.plan import branch_offsets, plan_branches
+from attention.checks import default_scale
+from attention.kernels.softmax_parts import accumulate_dtype
+from attention.sparse.module import BlockSparseAttention
 
 __all__ = ["DEVICE_TYPES", "serves", "step"]
 
@@ -99,9 +99,7 @@ def _dilated_candidates(plan, heads: int, cache_len: int):
         head = torch.arange(heads, device=row.device)
         parts, oks = [], []
         for w, r, groups in branches:
-            offset = head * 0 - 1  # (H,): the head's offset in this branch, -1 where it skips the branch
-            for start, stop, o in groups:
-                offset = torch.where((head >= start) & (head < stop), o, offset)
+            offset = branch_offsets(groups, head)                          # (H,): -1 where it skips the branch
             j = torch.arange(-(-min(w, cache_len) // r), device=row.device)  # (J,): no segment outgrows the cache
             segment = row // w * w                                         # (B, 1): the row's segment start
             inside = offset[:, None] + r * j                               # (H, J) offsets in the segment

@@ -20,7 +20,7 @@ Guarantees:
 - Queries may be fewer than keys (a decode step, chunked prefill): query row
   ``i`` is position ``kv_len - q_len + i`` (bottom-right aligned), so a cached
   step computes exactly the rows of the full-sequence forward.
-- Padding from the 2-D ``attention_mask`` (``attention.hf_padding``): each
+- Padding from the 2-D ``attention_mask`` (``attention.hf.padding``): each
   batch row's pattern starts at its first real token, so a padded batch
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
   mask.
@@ -75,11 +75,11 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from patternstore.store import PatternStore
 
-from .dilated import ImprovedDilatedAttention
-from . import hf_decode
-from .hf_padding import attend_padded, check_config, check_mask, padding_mask
-from .kernels import check_dropout, check_softmax_scale
-from .sparse import BlockSparseAttention
+from attention.dilated.module import ImprovedDilatedAttention
+import attention.hf.decode as hf_decode
+from attention.hf.padding import attend_padded, check_config, check_mask, padding_mask
+from attention.checks import check_dropout, check_softmax_scale
+from attention.sparse.module import BlockSparseAttention
 
 __all__ = [
     "DILATED",
@@ -88,8 +88,6 @@ __all__ = [
     "register",
     "dilated_attention_forward",
     "sparse_attention_forward",
-    "padding_mask",
-    "check_config",
     "implementation_for",
 ]
 

@@ -21,8 +21,9 @@ chunked prefill are the bottom-right rows of the full forward):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from patternstore.dilated_groups import GROUP_COLUMNS, Group
@@ -30,8 +31,17 @@ from patternstore.pattern import Pattern
 from patternstore.specs import DilatedSpec
 
 __all__ = [
-    "Group", "GROUP_COLUMNS", "DilatedPlan", "Piece", "pieces", "view", "head_runs", "computed_pairs",
-    "check_plan", "groups_from_flat",
+    "DilatedPlan",
+    "Piece",
+    "pieces",
+    "view",
+    "head_runs",
+    "computed_pairs",
+    "check_plan",
+    "groups_from_flat",
+    "Branches",
+    "plan_branches",
+    "branch_offsets",
 ]
 
 
@@ -153,9 +163,44 @@ def computed_pairs(plan: DilatedPlan, q_len: int, kv_len: int) -> int:
     return sum((g.head_stop - g.head_start) * p.count * p.q_rows * p.k_rows for g, p in plan.pieces(q_len, kv_len))
 
 
-def check_plan(plan: DilatedPlan, q: Tensor) -> None:
-    """``ValueError`` unless ``plan`` is a ``DilatedPlan`` for q's head count."""
+def check_plan(plan: object, num_heads: Optional[int] = None) -> DilatedPlan:
+    """The one check of a plan: ValueError naming the field unless ``plan`` is
+    a ``DilatedPlan`` (for ``num_heads`` heads, when given) whose groups have
+    ``segment >= 1``, ``rate >= 1``, ``0 <= offset < rate`` and a head range
+    inside ``[0, num_heads)``. Returns the plan."""
     if not isinstance(plan, DilatedPlan):
         raise ValueError(f"plan must be a DilatedPlan, got {type(plan).__name__}")
-    if plan.num_heads != q.shape[2]:
-        raise ValueError(f"plan is for num_heads={plan.num_heads}; q has num_heads={q.shape[2]}")
+    if num_heads is not None and plan.num_heads != num_heads:
+        raise ValueError(f"plan is for num_heads={plan.num_heads}; q has num_heads={num_heads}")
+    if not plan.groups:
+        raise ValueError("plan.groups must not be empty")
+    for g in plan.groups:
+        if g.segment < 1 or g.rate < 1:
+            raise ValueError(f"plan group {g}: segment and rate must be >= 1")
+        if not 0 <= g.offset < g.rate:
+            raise ValueError(f"plan group {g}: offset must be in [0, rate)")
+        if not 0 <= g.head_start < g.head_stop <= plan.num_heads:
+            raise ValueError(f"plan group {g}: heads must lie in [0, num_heads={plan.num_heads})")
+    return plan
+
+
+# One branch as the flex mods and the decode step use it: (segment w, rate r,
+# ((head_start, head_stop, offset), ...)).
+Branches = tuple[tuple[int, int, tuple[tuple[int, int, int], ...]], ...]
+
+
+def plan_branches(plan: DilatedPlan) -> Branches:
+    """The plan's groups regrouped by branch."""
+    out: dict[int, list] = {}
+    for g in plan.groups:
+        out.setdefault(g.branch, [g.segment, g.rate, []])[2].append((g.head_start, g.head_stop, g.offset))
+    return tuple((w, r, tuple(heads)) for w, r, heads in out.values())
+
+
+def branch_offsets(heads: tuple[tuple[int, int, int], ...], head: Tensor) -> Tensor:
+    """Each ``head``'s offset in one branch (``heads`` as in ``Branches``),
+    -1 where the branch skips that head; the shape of ``head``."""
+    offset = head * 0 - 1
+    for start, stop, o in heads:
+        offset = torch.where((head >= start) & (head < stop), o, offset)
+    return offset

@@ -5,7 +5,7 @@ bottom-right causal with fewer queries than keys, key and structural masks,
 a dropout keep mask), so ``attention.kernels.choose_kernel`` always has it
 to fall back to.
 
-Arguments (the kernel table's convention, ``attention/kernels.py``): q ``(B,
+Arguments (the kernel table's convention, ``attention/kernels/attend.py``): q ``(B,
 H, M, d)``, k ``(B, H, N, d)``, v ``(B, H, N, d_v)`` (the layer hands equal
 head counts to a kernel without native GQA); ``causal``: query row ``i`` is
 position ``N - M + i``; ``masked``: None or bool broadcastable to ``(B, H,
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .softmax_parts import EMPTY_LSE, accumulate_dtype
+from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype
 
 __all__ = ["matmul_forward", "matmul_backward"]
 

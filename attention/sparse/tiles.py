@@ -2,7 +2,7 @@
 run a layout's rows through the kernel layer (``attend`` /
 ``attend_backward``), forward and backward.
 
-Layout of the tensors (attention/sparse.py states the semantics): ``q``
+Layout of the tensors (attention/sparse/module.py states the semantics): ``q``
 and the output ``(batch, q_len, heads, head_dim)``, ``k`` ``(batch, kv_len,
 kv_heads, head_dim)``, ``v`` ``(batch, kv_len, kv_heads, v_dim)``; the CSR
 layout ``kv_num_blocks [H, nb]``, ``kv_indices [nnz]``.
@@ -43,7 +43,8 @@ from torch import Tensor
 
 from patternstore.csr import check_layout, drop_future_blocks
 
-from .kernels import EMPTY_LSE, accumulate_dtype, attend, attend_backward, merge_
+from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, merge_
+from attention.kernels.attend import attend, attend_backward
 
 __all__ = ["TILE_ELEMENTS", "USE_CPU_FLASH_KERNEL", "Groups", "row_groups", "TilePlan", "tile_backend",
            "sparse_forward", "sparse_backward"]

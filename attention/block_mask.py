@@ -1,7 +1,9 @@
-"""The FlexAttention bridge: a stored CSR block layout as a ``BlockMask``.
+"""The FlexAttention bridge: a CSR block layout as a ``BlockMask``.
 
-ONE builder, ``block_mask_from_csr``, gives the mask of ``flex_attention``
-that computes exactly ``attention.BlockSparseAttention`` over the same layout
+ONE builder, ``build_block_mask``, turns CSR arrays (plain tensors, no
+pattern type) into a BlockMask: the block-sparse modules and the fused
+dilated path both go through it. ``block_mask_from_csr`` gives the mask of
+``flex_attention`` that computes exactly ``attention.BlockSparseAttention`` over the same layout
 (``kv_num_blocks [H, nb]``, ``kv_indices [nnz]``, ``patternstore.csr``):
 the layout's blocks, keys ``< kv_len``, with ``causal`` the rule ``kv_idx <=
 q_idx``, and with a ``key_padding_mask (batch, kv_len)`` (True = padding) the
@@ -35,10 +37,11 @@ from torch import Tensor
 
 from patternstore.csr import drop_future_blocks, entry_rows, padded_rows, select_entries, transpose_layout
 from patternstore.pattern import Pattern
-from patternstore.specs import SparseSpec, check_bool
+from patternstore.fields import check_bool
+from patternstore.specs import SparseSpec
 
-__all__ = ["BLOCK_MASK_FIELDS", "block_mask_from_csr", "block_mask_of", "with_key_padding", "to_block_mask",
-           "flex_tiles", "layout_mask_mod", "compiled_flex_attention"]
+__all__ = ["BLOCK_MASK_FIELDS", "build_block_mask", "block_mask_from_csr", "block_mask_of", "with_key_padding", "to_block_mask",
+           "layout_mask_mod"]
 
 # The tensor fields of a BlockMask this bridge fills, in BlockMask's own order
 # (``BlockMask._TENSOR_ATTRS`` without the optional dq-ordering arrays).
@@ -61,9 +64,47 @@ def layout_mask_mod(kv_len: int, causal: bool, key_padding_mask: Optional[Tensor
     return mask_mod
 
 
-def _rows(counts: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """``[1, H, nb]`` counts and ``[1, H, nb, width]`` padded rows."""
-    return counts[None].contiguous(), padded_rows(counts, indices, width)[None].contiguous()
+def _rows(counts: Tensor, indices: Tensor, width: Optional[int]) -> tuple[Tensor, Tensor]:
+    """``[1, H, nb]`` int32 counts and ``[1, H, nb, width]`` padded rows;
+    ``width`` None: the longest row (at least 1)."""
+    if width is None:
+        width = max(1, int(counts.max()) if counts.numel() else 0)
+    return counts[None].to(torch.int32).contiguous(), padded_rows(counts, indices, width)[None].contiguous()
+
+
+def build_block_mask(
+    kv_num_blocks: Tensor, kv_indices: Tensor, *, seq_len: int, block_size: int, partial: Optional[Tensor],
+    transposed: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None, width: Optional[int] = None,
+    mask_mod: Optional[MaskMod] = None, device: Optional[torch.device] = None,
+):
+    """THE CSR -> ``BlockMask`` builder, on plain arrays: the layout
+    ``kv_num_blocks [H, nb]``, ``kv_indices [nnz]`` over ``seq_len`` positions
+    (queries and keys alike). ``partial [nnz]`` bool: the entries where the
+    mask_mod must run (``kv_*``), the others FULL (``full_kv_*``, mask_mod
+    skipped); None: every block partial and no full arrays. The q-side
+    arrays (flex's backward reads them) are the transpose of each side
+    (``csr.transpose_layout``), or ``transposed = (q_num_blocks, q_indices,
+    q_partial)`` when the caller has it already. ``width``: of every row
+    array (``nb`` where CPU flex needs it), None: each side as wide as its
+    longest row. The arrays move to ``device`` (default: where they are)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def sides(counts: Tensor, indices: Tensor, flags: Optional[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        if flags is None:
+            return [(counts, indices)]
+        return [select_entries(counts, indices, flags), select_entries(counts, indices, ~flags)]
+
+    kv_sides = sides(kv_num_blocks, kv_indices, partial)
+    q_sides = [transpose_layout(*side) for side in kv_sides] if transposed is None else sides(*transposed)
+    kv = [array for side in kv_sides for array in _rows(*side, width)]
+    q = [array for side in q_sides for array in _rows(*side, width)]
+    if partial is None:
+        kv, q = kv + [None, None], q + [None, None]
+    if device is not None:
+        kv, q = ([None if x is None else x.to(device) for x in arrays] for arrays in (kv, q))
+    extra = {} if mask_mod is None else {"mask_mod": mask_mod}
+    return BlockMask(seq_lengths=(seq_len, seq_len), BLOCK_SIZE=(block_size, block_size),
+                     **dict(zip(BLOCK_MASK_FIELDS, kv + q)), **extra)
 
 
 def block_mask_from_csr(
@@ -71,14 +112,13 @@ def block_mask_from_csr(
     key_padding_mask: Optional[Tensor] = None, padded: bool = False, full_blocks: bool = True,
     width: Optional[int] = None,
 ):
-    """``BlockMask`` of the layout ``kv_num_blocks [H, nb]``, ``kv_indices``
-    (any device; the mask lives there) for ``q_len == kv_len`` positions
-    (module docstring for the rules). ``padded``: every block partial without
-    a padding mask yet (``with_key_padding`` adds it later, sharing the
-    arrays). ``width``: the rows' width, ``nb`` by default; a shorter one
-    must hold the longest row (read on the host: one sync)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+    """``BlockMask`` of the block-sparse layout ``kv_num_blocks [H, nb]``,
+    ``kv_indices`` (any device; the mask lives there) for ``q_len == kv_len``
+    positions, with the rules of the module docstring (``build_block_mask``
+    does the building). ``padded``: every block partial without a padding
+    mask yet (``with_key_padding`` adds it later, sharing the arrays).
+    ``width``: the rows' width, ``nb`` by default; a shorter one must hold
+    the longest row (read on the host: one sync)."""
     if q_len != kv_len:
         raise ValueError(f"q_len must equal kv_len (flex's blocks are top-left aligned); got {q_len}, {kv_len}")
     nb = -(-kv_len // block_size)
@@ -96,20 +136,14 @@ def block_mask_from_csr(
         partial |= column == entry_rows(kv_num_blocks) % nb
     if kv_len % block_size:
         partial |= column == nb - 1
-    sides = [(kv_num_blocks, kv_indices)] if not full_blocks else [
-        select_entries(kv_num_blocks, kv_indices, partial), select_entries(kv_num_blocks, kv_indices, ~partial)]
     if width is not None:
+        sides = [select_entries(kv_num_blocks, kv_indices, keep) for keep in (partial, ~partial)]
         longest = max(int(counts.max()) for layout in sides for counts, _ in (layout, transpose_layout(*layout)))
         if width < longest:
             raise ValueError(f"width={width} is shorter than the longest row of the layout ({longest})")
-    size = nb if width is None else width
-    kv = [array for layout in sides for array in _rows(*layout, size)]
-    q = [array for layout in sides for array in _rows(*transpose_layout(*layout), size)]
-    if not full_blocks:
-        kv, q = kv + [None, None], q + [None, None]
-    arrays = dict(zip(BLOCK_MASK_FIELDS, kv + q))
-    return BlockMask(seq_lengths=(q_len, kv_len), BLOCK_SIZE=(block_size, block_size),
-                     mask_mod=layout_mask_mod(kv_len, causal, key_padding_mask), **arrays)
+    return build_block_mask(kv_num_blocks, kv_indices, seq_len=kv_len, block_size=block_size,
+                            partial=partial if full_blocks else None, width=nb if width is None else width,
+                            mask_mod=layout_mask_mod(kv_len, causal, key_padding_mask))
 
 
 def with_key_padding(mask, key_padding_mask: Tensor):
@@ -152,36 +186,3 @@ def to_block_mask(pattern: Pattern, *, causal: Optional[bool] = None, width: Opt
         width = max(1, int(sides[0].max()), int(transpose_layout(*sides)[0].max()))
     return block_mask_from_csr(counts, indices, block_size=spec.block_size, q_len=spec.seq_len,
                                kv_len=spec.seq_len, causal=causal, full_blocks=causal, width=width)
-
-
-# The largest Triton tile flex_attention picks by itself (BLOCK_M of the
-# forward on an H100, torch 2.11).
-FLEX_DEFAULT_TILE = 128
-
-
-def flex_tiles(block_size: int) -> dict[str, int]:
-    """``kernel_options`` of flex_attention whose tiles divide ``block_size``
-    (a multiple of 16): none for blocks that are multiples of
-    FLEX_DEFAULT_TILE, else every forward and backward tile set to the largest
-    power of two dividing the block. Without them, compiled flex on an H100
-    refused 64-token blocks ("Q and KV block size must be divisible by BLOCK_M
-    and BLOCK_N")."""
-    tile = block_size & -block_size  # the largest power of two dividing it
-    if tile >= FLEX_DEFAULT_TILE:
-        return {}
-    return {name: tile for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
-
-
-_compiled_flex = None
-
-
-def compiled_flex_attention():
-    """``flex_attention`` compiled once per process (it runs only compiled:
-    eager flex materializes the scores). Inside a caller's compiled region
-    dynamo traces through it."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _compiled_flex = torch.compile(flex_attention, fullgraph=True)
-    return _compiled_flex

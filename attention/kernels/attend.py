@@ -48,43 +48,13 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .attend_masks import (
-    AttendCall,
-    check_call,
-    combined_mask,
-    dead_rows,
-    head_residue,
-    key_range,
-    zero_masked_keys,
-)
-from .checks import (
-    check_attention_inputs,
-    check_dropout,
-    check_is_causal,
-    check_softmax_scale,
-    default_scale,
-)
-from .flex_kernel import flex_attend, flex_attend_backward
-from .matmul_kernel import matmul_backward, matmul_forward
-from .softmax_parts import EMPTY_LSE, accumulate_dtype, lse_dtype, merge_
+from attention.kernels.masks import AttendCall, check_call, combined_mask, dead_rows, head_residue, key_range, zero_masked_keys
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from attention.kernels.flex import flex_attend, flex_attend_backward
+from attention.kernels.matmul import matmul_backward, matmul_forward
+from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, lse_dtype, merge_
 
-__all__ = [
-    "EMPTY_LSE",
-    "KERNELS",
-    "PREFERENCES",
-    "Kernel",
-    "accumulate_dtype",
-    "attend",
-    "attend_backward",
-    "check_attention_inputs",
-    "check_dropout",
-    "check_is_causal",
-    "check_softmax_scale",
-    "choose_kernel",
-    "default_scale",
-    "lse_dtype",
-    "merge_",
-]
+__all__ = ["KERNELS", "PREFERENCES", "Kernel", "attend", "attend_backward", "choose_kernel"]
 
 _NEG_INF = float("-inf")
 _HALF = (torch.float16, torch.bfloat16)

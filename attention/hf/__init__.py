@@ -1,0 +1,11 @@
+"""The ``transformers`` integration: ``import attention.hf; attention.hf.register()``
+adds ``attn_implementation="patternstore_dilated"`` and ``"patternstore_sparse"``.
+
+- ``registration``: the two attention functions, their settings and ``register``;
+- ``padding``: Hugging Face masks and padding to the modules' ``key_padding_mask``;
+- ``decode``: the static-cache decode step with no host read (CUDA graphs).
+"""
+
+from attention.hf.registration import register
+
+__all__ = ["register"]
