@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 run: $(STAMP)
 	$(VENV)/bin/patternstore precompute --preset default
-	$(PY) tools/main_job.py
+	$(PY) examples/main_job.py
 
 # Two workers (pytest-xdist): many tests wait on subprocesses, compiles and
 # collectives; measured on 2 cores, 4.7 min against 9.4 min on one worker.

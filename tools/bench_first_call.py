@@ -56,11 +56,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+import benchlib
+from benchlib import machine
 
-import benchlib  # noqa: E402
-from benchlib import machine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CASES = {
     "dilated": "from attention import ImprovedDilatedAttention as M; module = M([512, 1024, 2048], [1, 2, 4])",
@@ -113,7 +112,7 @@ PROCESS_S = 15.0  # a fresh process's imports and inputs, outside the timings bu
 FUSED_CHILD = """
 import json, sys, time
 start = time.perf_counter()
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1])  # tools/, for benchlib: a -c child has no script folder on sys.path
 import torch
 import benchlib
 which, device, dtype, cfg = sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4]), json.loads(sys.argv[5])

@@ -196,7 +196,7 @@ def run_case(cfg, device, dtype, kind, params, n, mode, store) -> dict:
 CHILD = """
 import json, sys, time
 import torch
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1])  # tools/ (benchlib, bench_sparse): a -c child has no script folder on sys.path
 import benchlib
 from attention import BlockSparseAttention
 from patternstore import SparseSpec

@@ -20,10 +20,10 @@ Guarantees and limits:
   JSON only when it was written at the same commit.
 
 Scripts import this module by name (``import benchlib``): a script's own
-folder is first on ``sys.path``. The repository root is appended to
-``sys.path`` (after PYTHONPATH, so a PYTHONPATH pointing at another checkout
-wins), which makes ``attention``, ``patternstore`` and
-``attention.dense_reference`` importable from a plain ``python tools/x.py``.
+folder is first on ``sys.path``. ``attention`` and ``patternstore`` come from
+the installed package (``pip install -e .``, which ``make`` does) or from
+PYTHONPATH (``PYTHONPATH=. python tools/x.py``; tools/gpu_check.sh and
+tools/bench_ab.py set it), so nothing here edits ``sys.path``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -44,8 +43,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
 
 DTYPES = ("float32", "bfloat16", "float16")
 

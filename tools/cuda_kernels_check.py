@@ -21,7 +21,6 @@ import sys
 
 import torch
 
-import benchlib  # noqa: F401 - puts the repository root on sys.path for tests.dense_reference
 from attention.kernels.attend import KERNELS
 from attention.dense_reference import dense_attention
 
