@@ -5,6 +5,7 @@ architecture section says where each concept lives).
 """
 
 from attention.block_mask import to_block_mask
+from attention.caches import clear_caches
 from attention.dilated.distributed import DistributedDilatedAttention
 from attention.dilated.module import DilatedAttention, ImprovedDilatedAttention
 from attention.dilated.ops import dilated_attention
@@ -39,4 +40,5 @@ __all__ = [
     "residue_order",
     "to_residue_order",
     "from_residue_order",
+    "clear_caches",
 ]

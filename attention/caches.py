@@ -53,8 +53,12 @@ class BoundedCache(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> V:
         """Store ``value`` unless ``key`` already holds one; return the kept
-        value, and evict the oldest entries past ``limit``."""
+        value (now the most recent), and evict the oldest entries past ``limit``."""
         kept = self._entries.setdefault(key, value)
+        try:
+            self._entries.move_to_end(key)
+        except KeyError:  # another thread evicted it meanwhile
+            pass
         while len(self._entries) > self.limit:
             try:
                 self._entries.popitem(last=False)

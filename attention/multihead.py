@@ -10,10 +10,10 @@ is its preset ``implementation="fast", fused_qkv=True``;
 ``DistributedMultiheadDilatedAttention`` the sequence-parallel
 ``DistributedDilatedAttention``.
 
-Batch first: ``query, key, value`` are (batch, seq, embed_dim); key and value
-default to query (self-attention), and all three have one sequence length
-(dilated segments and square block layouts align queries and keys position
-by position). Following
+Batch first: ``query`` is (batch, q_len, embed_dim) and ``key, value``
+(batch, kv_len, embed_dim) with ``q_len <= kv_len``: the queries are the last
+``q_len`` positions (a decode step, a chunk of a prefill), as at every module
+entry point; key and value default to query (self-attention). Following
 MAGNETO (arXiv 2210.06423), a LayerNorm sits before the output projection
 (``layer_norm=True``), and the value and output projections start
 Xavier-normal with gain ``gamma_init`` (query and key with gain 1). The fused

@@ -6,7 +6,7 @@ int32 ``[nnz]`` (the rows back to back, head-major, each row sorted ascending). 
 starts at ``offsets[r] = cumsum(counts)[r] - counts[r]``.
 
 Pure, vectorized functions: attention (``attention.sparse``) and the
-FlexAttention bridge (``patternstore.blockmask``) both use them, so the one
+FlexAttention bridge (``attention.block_mask``) both use them, so the one
 definition of "causal" and of a row's entries lives here.
 """
 

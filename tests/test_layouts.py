@@ -1,5 +1,5 @@
 """CSR layout operations (``patternstore.csr``) and the FlexAttention bridge
-(``patternstore.blockmask``) against dense block matrices built in the test.
+(``attention.block_mask``) against dense block matrices built in the test.
 
 The generator's own layout properties (in range, sorted, no duplicates, no
 empty row, unidirectional rows without future blocks, counts summing to the

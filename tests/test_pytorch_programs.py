@@ -31,7 +31,6 @@ import os
 import pickle
 import subprocess
 import sys
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import attention.sparse.layouts as sparse_layouts
+from attention.caches import BoundedCache
 from attention import (
     BlockSparseAttention,
     DilatedAttention,
@@ -248,7 +248,7 @@ def fresh_sources(monkeypatch):
     """The block-sparse modules' per-process cache of layout sources, empty,
     as in a process that never built a module on these directories (a source
     keeps the first store given for its description)."""
-    monkeypatch.setattr(sparse_layouts, "SOURCES", OrderedDict())
+    monkeypatch.setattr(sparse_layouts, "SOURCES", BoundedCache(sparse_layouts.MAX_SOURCES))
 
 
 # --------------------------------------------------------- grad modes
@@ -276,7 +276,7 @@ def test_inference_mode_on_a_cold_store_then_training(case, tmp_path, fresh_sour
 def test_inference_mode_on_a_disk_warm_store_then_training(case, tmp_path, monkeypatch):
     directory = tmp_path / "store"
     call(case, case.build(PatternStore(directory)), inputs(case))  # another store instance writes the entries
-    monkeypatch.setattr(sparse_layouts, "SOURCES", OrderedDict())
+    monkeypatch.setattr(sparse_layouts, "SOURCES", BoundedCache(sparse_layouts.MAX_SOURCES))
     store = PatternStore(directory)
     module = case.build(store)
     with torch.inference_mode():
@@ -465,7 +465,7 @@ def test_a_read_only_store_directory_serves_precomputed_patterns_and_writes_noth
     for n in (24, LENGTH):                                          # precompute
         call(case, writer, inputs(case, n=n))
     before = _snapshot(directory)
-    monkeypatch.setattr(sparse_layouts, "SOURCES", OrderedDict())
+    monkeypatch.setattr(sparse_layouts, "SOURCES", BoundedCache(sparse_layouts.MAX_SOURCES))
     _refuse_writes(directory, monkeypatch)
     try:
         with pytest.warns(Warning, match="read-only"):

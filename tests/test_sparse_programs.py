@@ -2,13 +2,11 @@
 transforms (vmap, per-sample gradients, jacrev), value head_dim different
 from q/k's (MLA), errors raised before any operator runs, padded keys that
 hold NaN/Inf, a decode step without a device sync (no host read at a length seen before), whole-graph compile with
-no lookup in the graph, the export floor, and a program exported by the
-previous version (tests/data/make_sparse_v1.py). References: the float64
+no lookup in the graph and the export floor. References: the float64
 ``dense_attention`` over ``block_pairs`` (attention/dense_reference.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import attention  # noqa: F401  (registers the operators an old program names)
 import attention.sparse.layouts as sparse_layouts
 import attention.sparse.ops as sparse_ops
 import attention.sparse.tiles as sparse_tiles
@@ -26,7 +23,6 @@ from patternstore import PatternStore, SparseSpec, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DATA = Path(__file__).parent / "data"
 
 
 def module_reference(module: BlockSparseAttention, q, k, v, *, causal=False, key_padding_mask=None):
@@ -296,16 +292,3 @@ def test_an_export_with_a_dim_on_the_length_takes_lengths_down_to_two(tmp_path):
         torch.testing.assert_close(program.module()(*x), module(*x), rtol=0, atol=0)
 
 
-def test_a_program_exported_by_the_previous_version_loads_and_runs():
-    """tests/data/sparse_v1.pt2 holds the operators ``patternstore::sparse_layout``
-    and ``patternstore::block_sparse_forward`` (commit c61d590), exported with a
-    Dim on the length; the default store serves its layout here."""
-    program = torch.export.load(DATA / "sparse_v1.pt2")
-    names = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert {"patternstore.sparse_layout.default", "patternstore.block_sparse_forward.default"} <= names
-    io = torch.load(DATA / "sparse_v1_io.pt", weights_only=True)
-    pad = io["key_padding_mask"]
-    out = program.module()(io["q"], io["k"], io["v"], is_causal=True, key_padding_mask=pad)
-    torch.testing.assert_close(out, io["out"], rtol=0, atol=0)
-    out = program.module()(io["q13"], io["k13"], io["v13"], is_causal=True, key_padding_mask=pad[:, :13])
-    torch.testing.assert_close(out, io["out13"], rtol=0, atol=0)

@@ -32,7 +32,7 @@ __all__ = ["TimedGroup", "CollectiveError", "all_gather", "reduce_scatter", "tim
 
 # ``all_gather(out [w*m, ...], mine [m, ...], group=)`` and
 # ``reduce_scatter(mine [m, ...], full [w*m, ...], group=)``: torch 2.13 renamed
-# them (the old names warn); older torch (>=2.4 is supported) has only the old.
+# them (the old names warn), 2.11 has only the old (docs/design.md section 10).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 

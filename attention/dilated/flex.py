@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from attention.dilated.plan import Branches, DilatedPlan, branch_offsets, check_plan, plan_branches
+from attention.caches import register_cached_function
 from attention.block_mask import BLOCK_MASK_FIELDS, build_block_mask
 from attention.kernels.flex import FLEX_MIN_BLOCK, compiled_flex, flex_tiles
 from attention.checks import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
@@ -160,6 +161,7 @@ def _repeat(base: BlockMask, seq_len: int, modulus: int) -> BlockMask:
     return BlockMask((seq_len, seq_len), *arrays, BLOCK_SIZE=base.BLOCK_SIZE)
 
 
+@register_cached_function
 @functools.lru_cache(maxsize=_MASKS_KEPT)
 def residue_block_mask(
     plan: DilatedPlan, seq_len: int, block_size: int, is_causal: bool, with_full: bool, device: torch.device

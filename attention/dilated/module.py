@@ -39,7 +39,6 @@ on the fast path; ``torch.jit.script`` raises a clear error.
 from __future__ import annotations
 
 import operator
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -49,6 +48,7 @@ from patternstore.fields import check_branches, check_choice
 from patternstore.specs import DilatedSpec, SCHEMES
 from patternstore.store import PatternStore, default_store
 
+from attention.caches import BoundedCache
 from attention.dilated.implementations import IMPLEMENTATION_NAMES, run_implementation
 from attention.dilated.fast import backward_groups, forward_groups
 from attention.dilated.ops import dilated_attention
@@ -103,16 +103,10 @@ class DilatedAttention(nn.Module):
         self.softmax_scale = check_softmax_scale(softmax_scale)
         self.dropout = check_dropout(dropout)
         self.store = store
-        self._plans: OrderedDict[int, DilatedPlan] = OrderedDict()
+        self._plans: BoundedCache[DilatedPlan] = BoundedCache(_PLANS_KEPT)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_plans": OrderedDict()}
-
-    def __setstate__(self, state: dict) -> None:
-        # A module pickled before ``implementation`` existed: its class said it.
-        state.setdefault("implementation", "reference" if type(self) is DilatedAttention else "fast")
-        state.setdefault("ordered", False)
-        super().__setstate__(state)
+        return {**self.__dict__, "_plans": BoundedCache(_PLANS_KEPT)}
 
     @property
     def residue_modulus(self) -> int:
@@ -150,10 +144,7 @@ class DilatedAttention(nn.Module):
         if plan is None:
             spec = DilatedSpec(self.segment_lengths, self.dilation_rates, num_heads, self.scheme)
             store = self.store if self.store is not None else default_store()
-            plan = DilatedPlan.from_pattern(store.get(spec))
-            self._plans[num_heads] = plan
-            while len(self._plans) > _PLANS_KEPT:
-                self._plans.popitem(last=False)
+            plan = self._plans.put(num_heads, DilatedPlan.from_pattern(store.get(spec)))
         return plan
 
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool,

@@ -1,7 +1,7 @@
 """The dilated custom ops and their autograd, in the ``attention::`` namespace:
 
 - ``attention::dilated_forward(q, k, v, key_padding_mask, flat_plan,
-  is_causal, scale) -> (out, lse)``: the fast path (``dilated_kernels``);
+  is_causal, scale) -> (out, lse)``: the fast path (``attention.dilated.fast``);
 - ``attention::dilated_backward(grad_out, q, k, v, out, lse,
   key_padding_mask, flat_plan, is_causal, scale) -> (dq, dk, dv)``;
 - ``attention::dilated_reference(...)``: the reference path (no dropout) as
@@ -12,11 +12,6 @@
 ``flat_plan`` is ``DilatedPlan.flat`` (the group rows back to back, the same
 at every length), so a graph holding these ops is length-free. Every op is
 opaque to ``torch.compile`` and does no store I/O.
-
-The previous version's names ``patternstore::dilated_attention``,
-``patternstore::dilated_attention_backward`` and
-``patternstore::dilated_attention_reference`` are registered too, with the
-same schemas and implementations, so programs exported by it still load.
 
 Transforms. Each op has a vmap rule that folds the vmapped dimension into the
 batch dimension (the ops treat batch rows independently, so this is exact
@@ -135,10 +130,6 @@ def _define(name: str, function, fake, autograd: bool):
 dilated_backward = _define("attention::dilated_backward", _backward, _backward_fake, autograd=False)
 dilated_forward = _define("attention::dilated_forward", _forward, _forward_fake, autograd=True)
 dilated_reference = _define("attention::dilated_reference", _reference, _forward_fake, autograd=True)
-# The previous version's names (module docstring).
-_define("patternstore::dilated_attention_backward", _backward, _backward_fake, autograd=False)
-_define("patternstore::dilated_attention", _forward, _forward_fake, autograd=True)
-_define("patternstore::dilated_attention_reference", _reference, _forward_fake, autograd=True)
 
 
 # ------------------------------------------------------------ autograd

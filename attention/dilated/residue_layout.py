@@ -41,10 +41,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attention.caches import register_cached_function
 from attention.dilated.plan import DilatedPlan, check_plan
 from attention.residue import residue_modulus
 
-__all__ = ["ResidueLayout", "residue_layout", "layout_period", "clear_layouts", "LAYOUTS_KEPT"]
+__all__ = ["ResidueLayout", "residue_layout", "layout_period", "LAYOUTS_KEPT"]
 
 # Layouts kept per process: one per (plan, length, block, causal) a model
 # runs; at 1M tokens one is about 25 MB (benchmark spec, 16 heads, block 128).
@@ -176,6 +177,7 @@ def _repeated(base: ResidueLayout, n: int, modulus: int) -> ResidueLayout:
     return ResidueLayout(n, base.block_size, base.is_causal, counts.reshape(heads, -1).contiguous(), indices, full)
 
 
+@register_cached_function
 @functools.lru_cache(maxsize=LAYOUTS_KEPT)
 def _layout(plan: DilatedPlan, n: int, block: int, causal: bool, transposed: bool) -> ResidueLayout:
     modulus = residue_modulus(g.rate for g in plan.groups)
@@ -207,8 +209,3 @@ def _layout(plan: DilatedPlan, n: int, block: int, causal: bool, transposed: boo
     return ResidueLayout(
         n, block, causal, counts[which].to(torch.int32), (code[take] % nb).to(torch.int32), full[take]
     )
-
-
-def clear_layouts() -> None:
-    """Forget the layouts this process keeps (to measure the cold path)."""
-    _layout.cache_clear()

@@ -33,12 +33,12 @@ does not serve (the caller takes the padded path).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from attention.caches import BoundedCache, process_cache
 from attention.dilated.module import DilatedAttention
 from attention.dilated.plan import branch_offsets, plan_branches
 from attention.checks import default_scale
@@ -55,7 +55,7 @@ __all__ = ["DEVICE_TYPES", "serves", "step"]
 DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 _TABLES_KEPT = 16  # row tables of block-sparse layouts: (heads, blocks, longest row) int64 each
-_tables: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+_tables: BoundedCache[tuple[Tensor, Tensor]] = process_cache(_TABLES_KEPT)
 
 
 def serves(attention: nn.Module, q_len: int, attention_mask: Optional[Tensor], is_causal: bool) -> bool:
@@ -134,7 +134,6 @@ def _row_table(attention: BlockSparseAttention, heads: int, cache_len: int, devi
     key = (attention.layouts, cache_len, heads, device)
     hit = _tables.get(key)
     if hit is not None:
-        _tables.move_to_end(key)
         return hit
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("a CUDA-graph capture reached a block-sparse decode step whose row table was not "
@@ -147,11 +146,7 @@ def _row_table(attention: BlockSparseAttention, heads: int, cache_len: int, devi
     entry = (offsets[:, None] + slot).clamp(max=max(kv_indices.numel() - 1, 0))
     table = torch.where(slot < counts.flatten()[:, None], kv_indices.long()[entry], 0) if kv_indices.numel() else \
         torch.zeros_like(entry)
-    hit = counts, table.view(*counts.shape, longest)
-    _tables[key] = hit
-    while len(_tables) > _TABLES_KEPT:
-        _tables.popitem(last=False)
-    return hit
+    return _tables.put(key, (counts, table.view(*counts.shape, longest)))
 
 
 def _attend(query: Tensor, key: Tensor, value: Tensor, real: Tensor, position: Tensor, ok: Tensor,

@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 import warnings
-from collections import OrderedDict
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -75,6 +73,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from patternstore.store import PatternStore
 
+from attention.caches import BoundedCache, process_cache
 from attention.dilated.module import ImprovedDilatedAttention
 import attention.hf.decode as hf_decode
 from attention.hf.padding import attend_padded, check_config, check_mask, padding_mask
@@ -111,8 +110,7 @@ _UNSUPPORTED = {
 }
 
 _store: Optional[PatternStore] = None
-_modules: "OrderedDict[tuple, nn.Module]" = OrderedDict()
-_modules_lock = threading.Lock()  # held only for dict operations, never while waiting on anything
+_modules: BoundedCache[nn.Module] = process_cache(MAX_MODULES)
 
 
 # ------------------------------------------------------------------ register
@@ -129,10 +127,9 @@ def register(store: Optional[PatternStore] = None) -> None:
     global _store
     if store is not None and not isinstance(store, PatternStore):
         raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
-    with _modules_lock:
-        _store = store
-        _modules.clear()
-        _op_modules.clear()
+    _store = store
+    _modules.clear()
+    _op_modules.clear()
     AttentionInterface.register(DILATED, dilated_attention_forward)
     AttentionInterface.register(SPARSE, sparse_attention_forward)
     AttentionMaskInterface.register(DILATED, padding_mask)
@@ -258,7 +255,7 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
 # the static cache's fill level and the per-padding calls are data, not
 # graph structure: one graph serves every padding pattern. The key is
 # portable (an exported program rebuilds the module in another process).
-_op_modules: dict[str, nn.Module] = {}
+_op_modules: BoundedCache[nn.Module] = process_cache(MAX_MODULES)
 
 
 @torch.compiler.assume_constant_result
@@ -273,7 +270,7 @@ def _traced_module_key(
     key = json.dumps([impl, frozen_settings, scaling, dropout])
     attention = _op_modules.get(key)
     if attention is None:
-        attention = _op_modules[key] = _attention_module(impl, dict(frozen_settings), scaling, dropout)
+        attention = _op_modules.put(key, _attention_module(impl, dict(frozen_settings), scaling, dropout))
     count, kv_count, head_dim, v_head_dim = heads
     q = torch.empty(1, 1, count, head_dim, device="meta")
     attention(q, q.new_empty(1, 1, kv_count, head_dim), q.new_empty(1, 1, kv_count, v_head_dim), is_causal=is_causal)
@@ -282,11 +279,11 @@ def _traced_module_key(
 
 def _op_module(key: str) -> nn.Module:
     attention = _op_modules.get(key)  # no lock: one dict read
-    if attention is None:  # register() dropped it, or an exported program runs in a new process
+    if attention is None:  # register() or the bound dropped it, or an exported program runs in a new process
         impl, frozen_settings, scaling, dropout = json.loads(key)
-        attention = _op_modules[key] = _attention_module(
+        attention = _op_modules.put(key, _attention_module(
             impl, {name: value for name, value in frozen_settings}, scaling, dropout
-        )
+        ))
     return attention
 
 
@@ -393,16 +390,9 @@ def _attention_module(impl: str, settings: Mapping, scaling: Optional[float], dr
     """The attention module for these settings, built on first use."""
     store = _store
     cache_key = (impl, _frozen(settings), id(store), scaling, dropout)
-    with _modules_lock:
-        attention = _modules.get(cache_key)
-        if attention is not None:
-            _modules.move_to_end(cache_key)
-            return attention
-    attention = _build(impl, dict(settings), scaling, dropout, store)
-    with _modules_lock:
-        attention = _modules.setdefault(cache_key, attention)  # a racing thread's module wins
-        while len(_modules) > MAX_MODULES:
-            _modules.popitem(last=False)
+    attention = _modules.get(cache_key)
+    if attention is None:  # a racing thread's module wins (BoundedCache.put)
+        attention = _modules.put(cache_key, _build(impl, dict(settings), scaling, dropout, store))
     return attention
 
 

@@ -54,7 +54,7 @@ from attention.kernels.flex import flex_attend, flex_attend_backward
 from attention.kernels.matmul import matmul_backward, matmul_forward
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, lse_dtype, merge_
 
-__all__ = ["KERNELS", "PREFERENCES", "Kernel", "attend", "attend_backward", "choose_kernel"]
+__all__ = ["KERNELS", "PREFERENCES", "Kernel", "attend", "attend_backward", "choose_kernel", "resolve_kernel"]
 
 _NEG_INF = float("-inf")
 _HALF = (torch.float16, torch.bfloat16)
@@ -270,11 +270,9 @@ KERNELS: dict[str, Kernel] = {
 
 # Each device type's kernels, best first; ``matmul`` (takes everything) ends
 # every walk. CUDA, half types: cuDNN for head_dim <= CUDNN_MAX_HEAD_DIM, else
-# FlashAttention-2. Measured on one H100 (torch 2.11, cu130), bf16, batch 1,
-# 16 heads, forward / backward ms, flash vs cuDNN: d=64: 4K 0.24/0.67 vs
-# 0.15/0.40, 16K 3.58/9.45 vs 2.23/5.60; d=128: 4K 0.41/1.26 vs 0.22/0.66,
-# 16K 6.10/17.6 vs 3.24/9.91 (causal alike): cuDNN is 1.6-1.9x faster. A
-# caller prefers another entry by naming it (``backend="cuda_flash"``).
+# FlashAttention-2: cuDNN measured 1.6-1.9x faster on an H100 (docs/bench.md,
+# GPU, "Kernel choice"). A caller prefers another entry by naming it
+# (``backend="cuda_flash"``).
 PREFERENCES: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu_flash",),
     "cuda": ("cuda_cudnn", "cuda_flash", "cuda_efficient", "cuda_efficient_float32"),
@@ -319,6 +317,16 @@ def _kernel_for(q: Tensor, v: Tensor, call: AttendCall, backend: Optional[str], 
     name = choose_kernel(device_type, q.dtype, q.shape[-1], call.key_mask is not None, v.shape[-1],
                          call.mask is not None, call.factors is not None, backward, prefer)
     return KERNELS[name]
+
+
+def resolve_kernel(q: Tensor, v: Tensor, key_mask: Optional[Tensor], *, backward: bool,
+                   backend: Optional[str] = None) -> str:
+    """The name of the kernel ``attend`` (``backward``: ``attend_backward``)
+    takes for calls of this kind: q's device, dtype and head_dim, v's
+    head_dim, a key mask or not, no structural mask, no dropout. A caller
+    that makes many such calls (a dilated plan's chunks) chooses once and
+    hands the name down as their ``backend``."""
+    return _kernel_for(q, v, AttendCall(key_mask, None, None), backend, backward).name
 
 
 def _finite_keys_or_matmul(kernel: Kernel, k: Tensor, call: AttendCall) -> Kernel:

@@ -30,7 +30,6 @@ entries then grow with log(max length), not with the number of lengths.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -41,6 +40,7 @@ from patternstore.pattern import real_tensors
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, store_for
 
+from attention.caches import BoundedCache, process_cache
 from attention.block_mask import BLOCK_MASK_FIELDS, block_mask_from_csr
 from attention.sparse.tiles import Groups, row_groups
 
@@ -72,28 +72,6 @@ def describe_layouts(kind: str, block_size: int, seed: int, params: dict[str, An
                        "max_seq_len": max_seq_len, "store": where}, sort_keys=True, separators=(",", ":"))
 
 
-def _remember(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
-    """Put ``value`` in the LRU ``cache`` and evict the oldest entries past
-    ``limit``. Threads may share the cache without a lock: an entry another
-    thread evicted first is simply gone (the values stay valid)."""
-    cache[key] = value
-    while len(cache) > limit:
-        try:
-            cache.popitem(last=False)
-        except KeyError:
-            break
-
-
-def _recall(cache: OrderedDict, key: Any) -> Any:
-    hit = cache.get(key)
-    if hit is not None:
-        try:
-            cache.move_to_end(key)
-        except KeyError:  # another thread evicted it meanwhile; the value is still good
-            pass
-    return hit
-
-
 class LayoutSource:
     """The layouts of one description (``describe_layouts``)."""
 
@@ -108,9 +86,9 @@ class LayoutSource:
         self.params, self.max_seq_len = fields["params"], fields["max_seq_len"]
         self._directory = fields["store"]
         self._store = store
-        self._layouts: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
-        self._plans: OrderedDict[tuple, LayoutPlan] = OrderedDict()
-        self._block_masks: OrderedDict[tuple, Any] = OrderedDict()
+        self._layouts: BoundedCache[tuple[Tensor, Tensor]] = BoundedCache(self.MAX_LAYOUTS)
+        self._plans: BoundedCache[LayoutPlan] = BoundedCache(self.MAX_LAYOUTS)
+        self._block_masks: BoundedCache[Any] = BoundedCache(self.MAX_BLOCK_MASKS)
         probe = self.spec(self.block_size << 20, 2)
         self.per_head = probe.layout_heads == 2
         self.prefix_stable = probe.is_prefix_stable
@@ -160,12 +138,12 @@ class LayoutSource:
     def layout(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
         kv_len = self._served_length(kv_len, causal)
         key = (kv_len, num_heads, device, causal)
-        hit = _recall(self._layouts, key)
+        hit = self._layouts.get(key)
         if hit is not None:
             return hit
         with real_tensors():  # whatever mode traces the caller (export, vmap): cached tensors are real
             hit = self._fetch(kv_len, num_heads, device, causal)
-        _remember(self._layouts, key, hit, self.MAX_LAYOUTS)
+        hit = self._layouts.put(key, hit)
         return hit
 
     def _fetch(self, kv_len: int, num_heads: int, device: torch.device, causal: bool) -> tuple[Tensor, Tensor]:
@@ -193,12 +171,12 @@ class LayoutSource:
                               [(rows.to(device), keys.to(device)) for rows, keys in plan.groups])
         kv_len = self._served_length(kv_len, causal)
         key = (kv_len, num_heads, device, causal, first_block)
-        hit = _recall(self._plans, key)
+        hit = self._plans.get(key)
         if hit is None:
             layout = self.layout(kv_len, num_heads, device, causal)
             with real_tensors():
                 hit = LayoutPlan(*layout, row_groups(*layout, False, first_block))
-            _remember(self._plans, key, hit, self.MAX_LAYOUTS)
+            hit = self._plans.put(key, hit)
         return hit
 
     def block_mask(self, seq_len: int, num_heads: int, device: torch.device, causal: bool, padded: bool):
@@ -206,29 +184,28 @@ class LayoutSource:
         block partial, for a key_padding_mask), built once and kept (the last
         MAX_BLOCK_MASKS used): a steady-state call is this dict lookup."""
         key = (seq_len, num_heads, device, causal, padded)
-        hit = _recall(self._block_masks, key)
+        hit = self._block_masks.get(key)
         if hit is None:
             layout = self.layout(seq_len, num_heads, device, causal)
             with real_tensors():
                     hit = block_mask_from_csr(*layout, block_size=self.block_size, q_len=seq_len, kv_len=seq_len,
                                           causal=causal, padded=padded)
-            _remember(self._block_masks, key, hit, self.MAX_BLOCK_MASKS)
+            hit = self._block_masks.put(key, hit)
         return hit
 
 
 # Sources by description: a cache, never the only way to a layout (any
 # process rebuilds a source from its description). Strong and bounded, so a
 # program that holds no module (an exported one) keeps its layouts too.
-SOURCES: OrderedDict[str, LayoutSource] = OrderedDict()
 MAX_SOURCES = 64
+SOURCES: BoundedCache[LayoutSource] = process_cache(MAX_SOURCES)
 
 
 def source(description: str, store: Optional[PatternStore] = None) -> LayoutSource:
     """The process's ``LayoutSource`` of ``description`` (made on first use)."""
     hit = SOURCES.get(description)
     if hit is None:
-        hit = SOURCES.setdefault(description, LayoutSource(description, store))
-        _remember(SOURCES, description, hit, MAX_SOURCES)
+        hit = SOURCES.put(description, LayoutSource(description, store))
     return hit
 
 

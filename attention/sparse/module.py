@@ -173,11 +173,6 @@ class BlockSparseAttention(nn.Module):
         state["_source"] = None  # process-local: rebuilt from _description where it is unpickled
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "_unidirectional" not in state:  # a state saved without the flags: derive them from the description
-            self._unidirectional, self._prefix_stable = self.layouts.unidirectional, self.layouts.prefix_stable
-
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work

@@ -14,10 +14,6 @@ shapes (docs/design.md section 4):
   (``dynamic=True``, ``torch.export`` with a ``Dim``), which cannot bake a
   layout at trace time (attention/sparse/layouts.py). After the first call at
   a length it is a lock-free cache hit; the first call reads the store.
-- Aliases, so that programs exported by earlier versions load and run:
-  ``patternstore::block_sparse_forward`` / ``_backward`` (the tiles, grouping
-  themselves), ``patternstore::sparse_layout`` and
-  ``patternstore::sparse_block_mask`` (the lookups).
 
 ``torch.func``: the autograd Functions have ``setup_context`` and explicit
 ``vmap`` rules that fold the vmapped dimension into the batch dimension (one
@@ -94,41 +90,6 @@ def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("patternstore::block_sparse_forward", mutates_args=())
-def legacy_forward_op(
-    q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-    key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
-    block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
-) -> tuple[Tensor, Tensor]:
-    """The earlier name and schema of ``attention::sparse_forward`` (saved programs)."""
-    return sparse_forward(q, k, v, kv_num_blocks, kv_indices, [], key_padding_mask, dropout_seed, block_size,
-                          causal, scale, dropout_p, trusted_layout)
-
-
-@legacy_forward_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p,
-      trusted_layout):
-    return _forward_fake(q, v)
-
-
-@torch.library.custom_op("patternstore::block_sparse_backward", mutates_args=())
-def legacy_backward_op(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    kv_num_blocks: Tensor, kv_indices: Tensor,
-    key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
-    block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The earlier name and schema of ``attention::sparse_backward`` (saved programs)."""
-    return sparse_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, [], key_padding_mask,
-                           dropout_seed, block_size, causal, scale, dropout_p, trusted_layout)
-
-
-@legacy_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-      block_size, causal, scale, dropout_p, trusted_layout):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
 # ----------------------------------------------------------- the lookups
 def _layout(q: Tensor, k: Tensor, description: str, causal: bool) -> tuple[Tensor, Tensor]:
     """``(kv_num_blocks, kv_indices)`` of the layouts ``description`` names
@@ -152,9 +113,7 @@ def _layout_fake(q: Tensor, k: Tensor, description: str) -> tuple[Tensor, Tensor
 
 
 layout_op = torch.library.custom_op("attention::sparse_layout", _layout, mutates_args=())
-legacy_layout_op = torch.library.custom_op("patternstore::sparse_layout", _layout, mutates_args=())
-for _op in (layout_op, legacy_layout_op):
-    _op.register_fake(lambda q, k, description, causal: _layout_fake(q, k, description))
+layout_op.register_fake(lambda q, k, description, causal: _layout_fake(q, k, description))
 
 BLOCK_MASK_ARRAYS = 8  # len(flex.BLOCK_MASK_FIELDS)
 
@@ -177,9 +136,7 @@ def _block_mask_fake(q: Tensor, k: Tensor, description: str) -> list[Tensor]:
 
 
 block_mask_op = torch.library.custom_op("attention::sparse_block_mask", _block_mask, mutates_args=())
-legacy_block_mask_op = torch.library.custom_op("patternstore::sparse_block_mask", _block_mask, mutates_args=())
-for _op in (block_mask_op, legacy_block_mask_op):
-    _op.register_fake(lambda q, k, description, causal, padded: _block_mask_fake(q, k, description))
+block_mask_op.register_fake(lambda q, k, description, causal, padded: _block_mask_fake(q, k, description))
 
 
 # --------------------------------------------------------------- autograd

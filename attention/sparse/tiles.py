@@ -60,14 +60,8 @@ TILE_ELEMENTS = 1 << 22
 # On the CPU, without dropout, each tile runs through the kernel layer's
 # choice for the CPU (ATen's fused CPU flash kernel); otherwise (other
 # devices, dropout, or this flag off) through its "matmul" kernel. Tests run
-# both. Chosen by measurement (tools/bench_sparse.py, results/
-# bench_sparse.json: float32, batch 1, 8 heads, head_dim 64, block 128,
-# forward medians, candidates interleaved, 2 shared cores): the fused kernel
-# vs matmuls 0.88x to 1.25x, ahead in 5 of 8 cases (4K and 16K, four kinds);
-# vs compiled flex_attention on a create_block_mask mask, steady state, flex
-# 1.1x to 1.45x faster at 4K and 16K, these tiles 1.06x faster at 32K with
-# 90% block sparsity (4.63 s vs 4.89 s); vs SDPA with the dense boolean
-# mask 1.9x to 21.6x faster (7.3x at 32K, 90% sparse).
+# both. Chosen by measurement: the fused kernel leads in 5 of 8 cases
+# (docs/bench.md, block-sparse, CPU forward).
 USE_CPU_FLASH_KERNEL = True
 
 
