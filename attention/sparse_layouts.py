@@ -115,9 +115,10 @@ class LayoutSource:
         self.per_head = probe.layout_heads == 2
         self.prefix_stable = probe.is_prefix_stable
         self.unidirectional = probe.params["attention"] == "unidirectional"
-        # The fewest blocks (a power of two) at which the spec is valid: a
-        # global block index past a short length exists in causal use only
-        # once the sequence reaches it, but the capacity layout must hold it.
+        # The fewest blocks (a power of two) at which the spec is valid
+        # (num_random_blocks above a short length's block count): a causal
+        # row draws from [0, row], so a short length is served by the first
+        # rows of a capacity layout that is valid.
         self.min_capacity_blocks = next(1 << e for e in range(21) if self._valid(self.block_size << e))
 
     @property

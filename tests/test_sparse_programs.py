@@ -120,12 +120,11 @@ def test_value_head_dim_different_from_the_query_s(fused, monkeypatch, tmp_path)
 
 # ------------------------------------------------------- errors before work
 def test_a_length_the_layout_cannot_serve_raises_before_any_operator(monkeypatch, tmp_path):
-    module = BlockSparseAttention("bslongformer", block_size=4, global_block_indices=(0, 5),
-                                  store=PatternStore(tmp_path / "s"))
+    module = BlockSparseAttention("variable", block_size=4, num_random_blocks=5, store=PatternStore(tmp_path / "s"))
     calls = []
     monkeypatch.setattr(sparse_ops, "forward_op", lambda *args: calls.append(args))
-    x = torch.randn(1, 16, 2, 4)                              # 4 blocks: global block 5 is beyond them
-    with pytest.raises(ValueError, match="global_block_indices"):
+    x = torch.randn(1, 16, 2, 4)                              # 4 blocks: a row cannot draw 5 distinct ones
+    with pytest.raises(ValueError, match="num_random_blocks"):
         module(x, x, x)
     assert calls == []
 
