@@ -32,7 +32,7 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
     q/k's, as in multi-head latent attention, unless ``value_head_dim`` is
     False: for an entry point that does not compute that) with ``kv_len >=
     q_len`` and ``heads % kv_heads == 0``, all floating, one dtype and
-    device, nothing empty; ``key_padding_mask`` None or ``(batch, kv_len)``
+    device, nothing empty but the batch; ``key_padding_mask`` None or ``(batch, kv_len)``
     bool (True = padding) on that device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
@@ -57,9 +57,10 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
         raise ValueError(
             f"q and k must have the same batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+    if 0 in q.shape[1:] or 0 in k.shape[1:] or 0 in v.shape[1:]:
         raise ValueError(
-            f"q, k and v must not be empty, got shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
+            f"q, k and v must not be empty but for the batch (an empty batch gives an empty output), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
         )
     if q_len > kv_len:
         raise ValueError(f"q_len must be <= kv_len (queries are the last q_len positions); got q_len={q_len}, kv_len={kv_len}")

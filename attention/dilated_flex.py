@@ -13,6 +13,9 @@ residue order (``attention.residue``) the ``M > 0`` mask is block-sparse
   residue compare, no tensor beyond the caller's padding mask;
 - gather the output back to natural order.
 
+Padded keys' k and v rows are zeroed first (inside the compiled region): a
+NaN or Inf in a padded key or value never reaches an output.
+
 Grouped-query attention goes through flex's ``enable_gqa`` (k, v are never
 repeated). ``ordered=True`` takes q, k, v, the padding mask and returns the
 output already in residue order (no gathers): a model that keeps its
@@ -249,6 +252,11 @@ def fused_forward(
     ``attend`` (flex_attention's signature) call, gather back. q ``(B, n, H,
     d)``, k ``(B, n, H_kv, d)``, v ``(B, n, H_kv, d_v)`` -> ``(B, n, H, d_v)``."""
     n = q.shape[1]
+    if key_padding_mask is not None:
+        # A padded key's NaN or Inf value would meet its 0 probability in p @ v (0 * NaN): zeroed
+        # (mask, k and v are in one order, natural or residue).
+        rows = key_padding_mask[:, :, None, None]
+        k, v = k.masked_fill(rows, 0.0), v.masked_fill(rows, 0.0)
     if not ordered:
         order = residue_position(torch.arange(n, device=q.device), n, modulus)
         q, k, v = (x.index_select(1, order) for x in (q, k, v))

@@ -24,7 +24,8 @@ kv_len``, are ``<= p`` when ``causal``, and are not marked in
 So the rows of a short ``q`` equal, exactly, the same rows of the full
 forward. A query with an empty ``K(p)`` outputs 0 and gets zero gradient.
 Gradients are exact (FlashAttention-2's backward from the saved ``lse``).
-Masked keys are filled out of the scores: NaN or inf in them never leaks.
+Masked keys are filled out of the scores and padded keys' k and v rows
+zeroed: a NaN or inf in a padded key or value never leaks.
 
 Paths (``attention_path``): "gather", the tiles of attention/sparse_tiles.py
 (CPU tensors; decode, chunked prefill and dropout on any device; the
@@ -226,6 +227,9 @@ class BlockSparseAttention(nn.Module):
             mask = self.layouts.block_mask(n, heads, q.device, causal, padded)
         if padded:
             mask = with_key_padding(mask, key_padding_mask)
+            # A padded key's NaN or Inf VALUE would meet its 0 probability in p @ v (0 * NaN): zeroed.
+            rows = key_padding_mask[:, :, None, None]
+            k, v = k.masked_fill(rows, 0.0), v.masked_fill(rows, 0.0)
         out = compiled_flex_attention()(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
             scale=default_scale(q, self.softmax_scale), enable_gqa=heads != k.shape[2],
