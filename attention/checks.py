@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from patternstore.fields import as_int
+
 __all__ = [
     "check_attention_inputs",
+    "check_count",
     "check_dropout",
     "check_is_causal",
     "check_softmax_scale",
@@ -79,6 +82,16 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+
+
+def check_count(name: str, value: object, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An int (``patternstore.fields.as_int``: numpy's integers too, never a
+    bool) in ``[minimum, maximum]``, as a Python int; ValueError naming it."""
+    number = as_int(value)
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return number
 
 
 def _is_real(x: object) -> bool:

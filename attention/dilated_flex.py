@@ -47,6 +47,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from patternstore.fields import as_int
+
 from .dilated_plan import DilatedPlan
 from .flex import BLOCK_MASK_FIELDS, flex_tiles
 from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale
@@ -301,7 +303,8 @@ def _compiled(device_type: str) -> Callable:
     return torch.compile(fused_forward, fullgraph=True, dynamic=False if device_type == "cpu" else None)
 
 
-def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:
+def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> int:
+    """ValueError naming the argument unless the call suits the fused path; the block size as an int."""
     check_attention_inputs(q, k, k, key_padding_mask)  # v apart: its head_dim may differ
     if not isinstance(v, Tensor):
         raise ValueError(f"v must be a torch.Tensor, got {type(v).__name__}")
@@ -316,7 +319,8 @@ def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
             "decode and chunked prefill take the per-branch path (attention.dilated.dilated_attention), "
             "which costs a query row the keys it attends"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size % FLEX_MIN_BLOCK:
+    size = as_int(block_size)
+    if size is None or size < 1 or size % FLEX_MIN_BLOCK:
         raise ValueError(f"block_size must be a positive multiple of {FLEX_MIN_BLOCK}, got {block_size!r}")
     if q.device.type == "cpu":
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -326,6 +330,7 @@ def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
                 "flex_attention has no CPU backward: for gradients on the CPU use the per-branch path "
                 "(attention.dilated.dilated_attention), or run under torch.no_grad()"
             )
+    return size
 
 
 def dilated_flex_attention(
@@ -338,7 +343,7 @@ def dilated_flex_attention(
     padding) -> ``(B, n, H, d_v)``. ``ordered``: every (B, n, ...) tensor in and
     out is in residue order (``attention.residue.to_residue_order`` with
     ``residue_modulus`` of the plan's rates)."""
-    _check_fused_inputs(q, k, v, key_padding_mask, block_size)
+    block_size = _check_fused_inputs(q, k, v, key_padding_mask, block_size)
     check_plan(plan)
     if plan.num_heads != q.shape[2]:
         raise ValueError(f"plan is for num_heads={plan.num_heads}; q has num_heads={q.shape[2]}")

@@ -37,6 +37,8 @@ from patternstore.csr import drop_future_blocks, entry_rows, padded_rows, select
 from patternstore.pattern import Pattern
 from patternstore.specs import SparseSpec, check_bool
 
+from .checks import check_count
+
 __all__ = ["BLOCK_MASK_FIELDS", "block_mask_from_csr", "block_mask_of", "with_key_padding", "to_block_mask",
            "flex_tiles", "layout_mask_mod", "compiled_flex_attention"]
 
@@ -85,8 +87,8 @@ def block_mask_from_csr(
     if kv_num_blocks.dim() != 2 or kv_num_blocks.shape[1] != nb:
         raise ValueError(f"kv_num_blocks must be [H, ceil(kv_len / block_size) = {nb}], "
                          f"got {list(kv_num_blocks.shape)}")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= nb):
-        raise ValueError(f"width must be an int in [1, num_blocks={nb}] or None, got {width!r}")
+    if width is not None:
+        width = check_count("width", width, 1, nb)  # or None
     padded = padded or key_padding_mask is not None
     if causal:
         kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .checks import check_count
 from .dilated_plan import DilatedPlan
 from .residue import residue_modulus
 
@@ -85,9 +86,7 @@ def check_plan(plan: DilatedPlan) -> DilatedPlan:
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_count(name, value, minimum)
 
 
 def residue_layout(

@@ -58,7 +58,8 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from patternstore.specs import SparseSpec
+from patternstore.fields import as_int
+from patternstore.specs import SparseSpec, sparse_template
 from patternstore.store import PatternStore
 
 from .flex import block_mask_of, compiled_flex_attention, flex_tiles, with_key_padding
@@ -140,15 +141,15 @@ class BlockSparseAttention(nn.Module):
         softmax_scale = check_softmax_scale(softmax_scale)
         if store is not None and not isinstance(store, PatternStore):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                        or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be an int >= 1 or None, got {max_seq_len!r}")
-        # Validate kind and params now with a length no length-dependent rule
-        # rejects; rules that depend on the length (a global block beyond the
-        # sequence) raise at the first call with that length.
-        probe = SparseSpec(kind, seq_len=block_size << 20, block_size=block_size, seed=seed, **params)
+        if max_seq_len is not None:
+            if as_int(max_seq_len) is None or as_int(max_seq_len) < 1:
+                raise ValueError(f"max_seq_len must be an int >= 1 or None, got {max_seq_len!r}")
+            max_seq_len = as_int(max_seq_len)
+        # Kind and params validated now by every rule that holds at any length;
+        # the length's own rule (num_random_blocks <= the blocks of a row)
+        # raises at the first call with that length.
+        block_size, seed, self.params = sparse_template(kind, block_size, seed, **params)
         self.kind, self.block_size, self.seed = kind, block_size, seed
-        self.params = dict(probe.params)
         self.softmax_scale, self.dropout = softmax_scale, float(dropout)
         self.max_seq_len = max_seq_len
         self._description = describe_layouts(kind, block_size, seed, self.params, store, max_seq_len)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from patternstore.csr import drop_future_blocks, prefix_rows
 from patternstore.pattern import real_tensors
+from patternstore.kinds import SPARSE_KINDS
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, store_for
 
@@ -111,10 +112,10 @@ class LayoutSource:
         self._layouts: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
         self._plans: OrderedDict[tuple, LayoutPlan] = OrderedDict()
         self._block_masks: OrderedDict[tuple, Any] = OrderedDict()
-        probe = self.spec(self.block_size << 20, 2)
-        self.per_head = probe.layout_heads == 2
-        self.prefix_stable = probe.is_prefix_stable
-        self.unidirectional = probe.params["attention"] == "unidirectional"
+        kind = SPARSE_KINDS[self.kind]  # what follows holds at every length
+        self.per_head = kind.per_head(self.params)
+        self.prefix_stable = kind.prefix_stable(self.params)
+        self.unidirectional = self.params["attention"] == "unidirectional"
         # The fewest blocks (a power of two) at which the spec is valid
         # (num_random_blocks above a short length's block count): a causal
         # row draws from [0, row], so a short length is served by the first

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .checks import check_count
 from .kernels import accumulate_dtype, check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from .sparse_layouts import source
 from .sparse_tiles import sparse_backward, sparse_forward
@@ -315,8 +316,7 @@ def block_sparse_attention(
     """
     check_attention_inputs(q, k, v, key_padding_mask)
     b, q_len, h, d = q.shape
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    block_size = check_count("block_size", block_size)
     nb = (k.shape[1] + block_size - 1) // block_size
     for name, t, dim in (("kv_num_blocks", kv_num_blocks, 2), ("kv_indices", kv_indices, 1)):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dim:

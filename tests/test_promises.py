@@ -12,6 +12,8 @@ writes it, against the float64 dense reference (tests/dense_reference.py):
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,50 @@ def test_an_empty_batch_through_the_functional_api_and_the_layers(tmp_path):
         assert y.shape == (0, 16, 32)
     with pytest.raises(ValueError, match="must not be empty but for the batch"):
         DilatedAttention((8,), (1,))(torch.randn(1, 0, 2, 8), torch.randn(1, 0, 2, 8), torch.randn(1, 0, 2, 8))
+
+
+# -------------------------------------------------------------- numpy integers
+def test_numpy_integers_are_taken_wherever_an_int_is(tmp_path):
+    """Every int option as a numpy integer: the same spec keys, the same
+    modules (their descriptions hold Python ints), the same outputs as the
+    float64 reference."""
+    i64, i32 = np.int64, np.int32
+    store = PatternStore(tmp_path / "s")
+    assert SparseSpec("bigbird", i64(64), i64(8), i32(2), i64(1), num_random_blocks=i64(1)) == \
+        SparseSpec("bigbird", 64, 8, 2, 1, num_random_blocks=1)
+    assert DilatedSpec([i64(8), i32(16)], [i64(1), i64(2)], i64(2)) == DilatedSpec([8, 16], [1, 2], 2)
+    sparse = BlockSparseAttention("bslongformer", block_size=i64(4), seed=i64(3), max_seq_len=i64(64),
+                                  global_block_indices=[i64(0), i32(5)], store=store)
+    assert sparse.layouts is BlockSparseAttention("bslongformer", block_size=4, seed=3, max_seq_len=64,
+                                                  global_block_indices=[0, 5], store=store).layouts
+    q, k, v = (torch.randn(2, 22, 2, 8, dtype=torch.float64) for _ in range(3))
+    layout = generate(sparse.spec(22, 2))
+    pairs = block_pairs(layout["kv_num_blocks"], layout["kv_indices"], 22, 4).expand(2, 22, 22)
+    torch.testing.assert_close(sparse(q, k, v), dense_attention(q, k, v, weight=pairs), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, layout["kv_num_blocks"], layout["kv_indices"], i64(4)),
+        dense_attention(q, k, v, weight=pairs), rtol=1e-10, atol=1e-10)
+    dilated = DilatedAttention([i64(8), i64(16)], [i64(1), i32(2)], implementation="fast")
+    torch.testing.assert_close(dilated(q, k, v), dense_dilated_attention(q, k, v, (8, 16), (1, 2)),
+                               rtol=1e-10, atol=1e-10)
+    x = torch.randn(2, 16, 32)
+    for layer in (MultiheadDilatedAttention(i64(32), i64(4), [i64(8)], [i64(1)]),
+                  MultiheadBlockSparseAttention(i64(32), i32(4), "bigbird", block_size=i64(4), store=store)):
+        assert layer(x)[0].shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize("block_size", [np.int64(8), 4096, 1 << 30])
+def test_a_module_error_never_names_a_field_the_caller_did_not_pass(block_size):
+    """The constructor validates without a probe length: no seq_len appears
+    in what it raises, and every block size the spec allows is taken."""
+    module = BlockSparseAttention("local", block_size=block_size)
+    assert module.block_size == int(block_size) and type(module.block_size) is int
+    for kwargs, message in [
+        (dict(block_size=np.int64(3)), "block_size must be a power of two"),
+        (dict(block_size=True), "block_size must be an int"),
+        (dict(block_size=block_size, num_sliding_window_blocks=np.float64(3)), "num_sliding_window_blocks must be an int"),
+        (dict(block_size=block_size, max_seq_len=np.bool_(True)), "max_seq_len must be an int"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=message) as error:
+            BlockSparseAttention("local", **kwargs)
+        assert not re.search(r"(?<!max_)seq_len", str(error.value))
