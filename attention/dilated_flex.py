@@ -22,7 +22,8 @@ output already in residue order (no gathers): a model that keeps its
 activations in that order pays for the permutation once, not per layer, and
 gives RoPE the ids ``attention.residue.residue_order(n, R)``.
 
-Limits, each a clear ValueError before any work: ``q_len == kv_len`` (decode
+Limits, each a clear ValueError before any work: no ``torch.export`` (nor
+AOTInductor; ``FLEX_NOT_EXPORTED``); ``q_len == kv_len`` (decode
 and chunked prefill belong to the per-branch path
 ``attention.dilated.dilated_attention``, whose strided views cost a query row
 exactly the keys it attends, with no n-dependent reordering of the cache);
@@ -58,6 +59,7 @@ from .sparse import FLEX_MIN_BLOCK
 
 __all__ = [
     "FUSED_BLOCK",
+    "FLEX_NOT_EXPORTED",
     "Branches",
     "dilated_flex_attention",
     "plan_branches",
@@ -303,8 +305,20 @@ def _compiled(device_type: str) -> Callable:
     return torch.compile(fused_forward, fullgraph=True, dynamic=False if device_type == "cpu" else None)
 
 
+# torch.export (and so AOTInductor) of this path fails inside torch 2.13 (a
+# data-dependent guard on the residue layout at a static length,
+# "unhashable type: non-nested SymInt" with a Dim): refused up front instead.
+FLEX_NOT_EXPORTED = (
+    "implementation='flex' (dilated_flex_attention) cannot be exported: torch.export and AOTInductor trace "
+    "FlexAttention's residue layout as data-dependent; export implementation='fast', the same function "
+    "('auto' exports as 'fast')"
+)
+
+
 def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> int:
     """ValueError naming the argument unless the call suits the fused path; the block size as an int."""
+    if torch.compiler.is_exporting():
+        raise ValueError(FLEX_NOT_EXPORTED)
     check_attention_inputs(q, k, k, key_padding_mask)  # v apart: its head_dim may differ
     if not isinstance(v, Tensor):
         raise ValueError(f"v must be a torch.Tensor, got {type(v).__name__}")
