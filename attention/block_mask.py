@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from attention.checks import check_count
 from patternstore.csr import drop_future_blocks, entry_rows, padded_rows, select_entries, transpose_layout
 from patternstore.pattern import Pattern
 from patternstore.fields import check_bool
@@ -125,8 +126,8 @@ def block_mask_from_csr(
     if kv_num_blocks.dim() != 2 or kv_num_blocks.shape[1] != nb:
         raise ValueError(f"kv_num_blocks must be [H, ceil(kv_len / block_size) = {nb}], "
                          f"got {list(kv_num_blocks.shape)}")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= nb):
-        raise ValueError(f"width must be an int in [1, num_blocks={nb}] or None, got {width!r}")
+    if width is not None:
+        width = check_count("width", width, 1, nb)  # or None
     padded = padded or key_padding_mask is not None
     if causal:
         kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)

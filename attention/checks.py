@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from patternstore.fields import as_int
+
 __all__ = [
     "check_attention_inputs",
+    "check_count",
     "check_dropout",
     "check_is_causal",
     "check_softmax_scale",
@@ -32,7 +35,7 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
     q/k's, as in multi-head latent attention, unless ``value_head_dim`` is
     False: for an entry point that does not compute that) with ``kv_len >=
     q_len`` and ``heads % kv_heads == 0``, all floating, one dtype and
-    device, nothing empty; ``key_padding_mask`` None or ``(batch, kv_len)``
+    device, nothing empty but the batch; ``key_padding_mask`` None or ``(batch, kv_len)``
     bool (True = padding) on that device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
@@ -57,9 +60,10 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
         raise ValueError(
             f"q and k must have the same batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+    if 0 in q.shape[1:] or 0 in k.shape[1:] or 0 in v.shape[1:]:
         raise ValueError(
-            f"q, k and v must not be empty, got shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
+            f"q, k and v must not be empty but for the batch (an empty batch gives an empty output), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
         )
     if q_len > kv_len:
         raise ValueError(f"q_len must be <= kv_len (queries are the last q_len positions); got q_len={q_len}, kv_len={kv_len}")
@@ -78,6 +82,16 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+
+
+def check_count(name: str, value: object, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An int (``patternstore.fields.as_int``: numpy's integers too, never a
+    bool) in ``[minimum, maximum]``, as a Python int; ValueError naming it."""
+    number = as_int(value)
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return number
 
 
 def _is_real(x: object) -> bool:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from patternstore.store import PatternStore
 
+from attention.checks import check_count
 from attention.dilated.distributed import DistributedDilatedAttention
 from attention.dilated.module import DilatedAttention
 from attention.sparse.module import BlockSparseAttention
@@ -74,9 +75,7 @@ class MultiheadWrapper(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        embed_dim, num_heads = check_count("embed_dim", embed_dim), check_count("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.embed_dim, self.num_heads = embed_dim, num_heads

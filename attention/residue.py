@@ -33,6 +33,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from patternstore.fields import as_int
+
 __all__ = [
     "residue_modulus",
     "residue_index",
@@ -47,16 +49,16 @@ __all__ = [
 def residue_modulus(rates: Iterable[int]) -> int:
     """R: the least common multiple of the dilation rates (each an int >= 1)."""
     rates = tuple(rates)
-    if not rates or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
+    if not rates or any(as_int(r) is None or as_int(r) < 1 for r in rates):
         raise ValueError(f"dilation rates must be a non-empty sequence of ints >= 1, got {rates!r}")
-    return math.lcm(*rates)
+    return math.lcm(*(as_int(r) for r in rates))
 
 
 def _check_length(seq_len: int, modulus: int) -> None:
     # A SymInt is a length under torch.compile(dynamic=True): the compare becomes a guard.
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, torch.SymInt)) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    if isinstance(modulus, bool) or not isinstance(modulus, int) or modulus < 1:
+    if as_int(modulus) is None or as_int(modulus) < 1:
         raise ValueError(f"modulus must be an int >= 1 (the lcm of the rates), got {modulus!r}")
 
 
@@ -95,9 +97,9 @@ def residue_inverse(seq_len: int, modulus: int, device: Optional[Union[str, torc
 def _check_dim(x: Tensor, dim: int) -> int:
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if as_int(dim) is None or not -x.dim() <= as_int(dim) < x.dim():
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-d tensor, got {dim!r}")
-    return dim % x.dim()
+    return as_int(dim) % x.dim()
 
 
 def to_residue_order(x: Tensor, modulus: int, dim: int = 1) -> Tensor:

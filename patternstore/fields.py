@@ -8,7 +8,9 @@ same declarations, so a field is described in exactly one place.
 
 Guarantees: bad input raises before anything is built, ``TypeError`` for a
 wrong type (a ``bool`` where an int is meant included) and ``ValueError`` for
-a wrong value, each message naming the field and what is allowed.
+a wrong value, each message naming the field and what is allowed. An int is
+anything with ``__index__`` but a bool (``as_int``: numpy's integers are
+taken), stored as a Python int.
 
 Ranges: every int field of a spec has one, declared with its field
 (``int_range``, ``int_tuple_range``) and checked at construction, so no
@@ -19,11 +21,12 @@ and group tables that hold them are int32. A ``seed`` lies in ``[0, 2**63 - 1]``
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
-    "REQUIRED", "INT32_MAX", "Field", "validate_fields", "check_int", "check_int_tuple", "int_range",
+    "REQUIRED", "INT32_MAX", "Field", "validate_fields", "as_int", "check_int", "check_int_tuple", "int_range",
     "int_tuple_range", "optional_int_tuple_range", "check_bool", "check_choice", "choice", "check_branches",
 ]
 
@@ -82,12 +85,26 @@ def _shown(value: int) -> str:
     return str(value) if value.bit_length() <= 128 else f"an int of {value.bit_length()} bits"
 
 
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer: an ``int`` or anything
+    with ``__index__`` (numpy's integer scalars, a one-element integer
+    tensor); None for anything else, a bool (a flag, not a count) or a
+    bool-typed scalar included. The one rule of what counts as an int."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = as_int(value)
+    if number is None:
         raise TypeError(f"{name} must be an int {_allowed(minimum, maximum)}, got {type(value).__name__} {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be an int {_allowed(minimum, maximum)}, got {_shown(value)}")
-    return int(value)
+    if number < minimum or (maximum is not None and number > maximum):
+        raise ValueError(f"{name} must be an int {_allowed(minimum, maximum)}, got {_shown(number)}")
+    return number
 
 
 def check_int_tuple(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> tuple[int, ...]:

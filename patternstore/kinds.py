@@ -26,6 +26,12 @@ entry's ``departures`` lists its own):
 - every kind: a window or global count wider than the row is clipped to the
   row (DeepSpeed raises for sliding windows and for bigbird's global blocks).
 
+Global ranges (``bslongformer``, ``variable``) are DeepSpeed's at every
+length: an entry of ``global_block_indices`` at or past the block count is
+skipped and an end index past it is clipped (``set_global_layout``), so one
+config serves every length. Only the length-free rules raise: one end per
+start, each end > its start.
+
 As in DeepSpeed, ``num_random_blocks`` above the blocks of a row raises (a
 row draws distinct blocks), so a layout's generation is bounded by its size.
 
@@ -93,12 +99,12 @@ _SAME_EVERY_HEAD = Field("different_layout_per_head", check_bool, False,
 _HORIZONTAL = Field("horizontal_global_attention", check_bool, False,
                     "global blocks also attend every block (bidirectional only)")
 _SLIDING = Field("num_sliding_window_blocks", int_range(1), 3, "blocks of the window centred on the query block")
-_GLOBAL_STARTS = Field("global_block_indices", int_tuple_range(0), (0,), "first block of each global range",
+_GLOBAL_STARTS = Field("global_block_indices", int_tuple_range(0), (0,),
+                       "first block of each global range; one at or past the block count is skipped, as DeepSpeed does",
                        is_list=True)
 _GLOBAL_ENDS = Field("global_block_end_indices", optional_int_tuple_range(0), None,
-                     "end (exclusive) of each global range; default: one block each", is_list=True)
-
-_GLOBAL_RAISES = "a global block index >= the number of blocks raises (DeepSpeed skips it, or clips an end index)"
+                     "end (exclusive) of each global range, clipped to the block count; default: one block each",
+                     is_list=True)
 
 
 def _same_every_head(params: Mapping[str, Any]) -> bool:
@@ -131,11 +137,9 @@ def _check_random(params: Mapping[str, Any], num_blocks: int) -> None:
 
 
 def _check_global_blocks(params: Mapping[str, Any], num_blocks: int) -> None:
+    """The length-free rules of global ranges (DeepSpeed's): an index past
+    the block count is skipped at that length, not refused."""
     starts, ends = params["global_block_indices"], params["global_block_end_indices"]
-    if max(starts) >= num_blocks:
-        raise ValueError(
-            f"global_block_indices must be < the number of blocks ({num_blocks}), got {list(starts)}"
-        )
     if ends is None:
         return
     if len(ends) != len(starts):
@@ -144,11 +148,8 @@ def _check_global_blocks(params: Mapping[str, Any], num_blocks: int) -> None:
             f"({len(starts)}), got {len(ends)}"
         )
     for i, (start, end) in enumerate(zip(starts, ends)):
-        if not start < end <= num_blocks:
-            raise ValueError(
-                f"global_block_end_indices[{i}]={end} must be > global_block_indices[{i}]={start} "
-                f"and <= the number of blocks ({num_blocks})"
-            )
+        if not start < end:
+            raise ValueError(f"global_block_end_indices[{i}]={end} must be > global_block_indices[{i}]={start}")
 
 
 def _check_fixed(params: Mapping[str, Any], num_blocks: int) -> None:
@@ -219,7 +220,6 @@ SPARSE_KINDS: dict[str, SparseKind] = {
             "bslongformer", "sliding window plus global block ranges (block-sparse Longformer)",
             (_SLIDING, _GLOBAL_STARTS, _GLOBAL_ENDS, _attention(), _SAME_EVERY_HEAD),
             check=_check_global_blocks, per_head=_same_every_head, deepspeed="BSLongformerSparsityConfig",
-            departures=(_GLOBAL_RAISES,),
         ),
         SparseKind(
             "variable", "local windows of given sizes, global ranges and random blocks",
@@ -234,8 +234,7 @@ SPARSE_KINDS: dict[str, SparseKind] = {
                 _PER_HEAD,
             ),
             check=_check_variable, prefix_stable=_no_random_or_causal, deepspeed="VariableSparsityConfig",
-            departures=(_GLOBAL_RAISES,
-                        "unidirectional: random blocks are drawn from [0, row] (DeepSpeed draws them from "
+            departures=("unidirectional: random blocks are drawn from [0, row] (DeepSpeed draws them from "
                         "the whole row, future blocks included)",
                         "unidirectional with global ranges: DeepSpeed's global rows also hold the later "
                         "blocks of their range (future blocks); the causal rule drops them"),

@@ -52,10 +52,13 @@ class LayoutContext:
 
     def global_blocks(self) -> torch.Tensor:
         """The blocks ``global_block_indices[i] <= b < global_block_end_indices[i]``
-        (one block each when no end indices are given), each once."""
+        (one block each when no end indices are given), each once; as in
+        DeepSpeed, a range starting at or past the block count is skipped and
+        an end past it clipped (an empty tensor when no range is left)."""
         starts, ends = self.params["global_block_indices"], self.params["global_block_end_indices"]
         ends = ends if ends is not None else [s + 1 for s in starts]
-        return torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)]).unique()
+        nb = self.num_blocks
+        return torch.cat([torch.arange(s, max(s, min(e, nb))) for s, e in zip(starts, ends)]).unique()
 
     def random_blocks(self, count: int) -> torch.Tensor:
         """``count`` distinct uniform key blocks per (head, query block), from

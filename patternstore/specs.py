@@ -30,6 +30,7 @@ from typing import Any, Mapping, Union
 import msgpack
 
 from .fields import (  # noqa: F401  (check_* are re-exported: the modules validate with them)
+    INT32_MAX,
     Field,
     check_bool,
     check_branches,
@@ -233,6 +234,21 @@ class SparseSpec(_SpecBase):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.fields().items())
         return f"SparseSpec(kind={self.kind!r}, {args})"
+
+
+def sparse_template(kind: str, block_size: Any, seed: Any = 0, **params: Any) -> tuple[int, int, dict[str, Any]]:
+    """``(block_size, seed, params)`` validated and normalized (defaults filled
+    in) by every rule of ``SparseSpec`` that holds at every length, for a
+    caller that takes the length and head count from each call (a module):
+    its errors name only fields the caller passed. The length's own rule
+    (``num_random_blocks`` <= the blocks of a row) is checked per length."""
+    check_choice("kind", kind, tuple(SPARSE_KINDS))
+    entry = SPARSE_KINDS[kind]
+    template = [f for f in SPARSE_BASE_FIELDS if f.name in ("block_size", "seed")]
+    base = validate_fields(f"kind {kind!r}", template, {"block_size": block_size, "seed": seed})
+    own = validate_fields(f"kind {kind!r}", entry.params, params)
+    entry.check(own, INT32_MAX)  # as many blocks as a layout holds: no length rule fails
+    return base["block_size"], base["seed"], dict(sorted(own.items()))
 
 
 Spec = Union[DilatedSpec, SparseSpec]

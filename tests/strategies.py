@@ -51,9 +51,11 @@ def sparse_params(draw: st.DrawFn, kind: str, num_blocks: int) -> dict:
     if kind == "bigbird":
         params["num_global_blocks"] = draw(st.integers(0, 3))
     if kind in ("bslongformer", "variable"):
-        params["global_block_indices"] = draw(
-            st.lists(st.integers(0, num_blocks - 1), min_size=1, max_size=3, unique=True)
-        )
+        # Some ranges start or end past the block count: skipped or clipped, as DeepSpeed does.
+        starts = draw(st.lists(st.integers(0, num_blocks + 2), min_size=1, max_size=3, unique=True))
+        params["global_block_indices"] = starts
+        if draw(st.booleans()):
+            params["global_block_end_indices"] = [s + draw(st.integers(1, 3)) for s in starts]
     if kind == "variable":
         params["local_window_blocks"] = draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
     if kind == "dilated_blocks":

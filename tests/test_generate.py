@@ -319,3 +319,27 @@ def test_prefix_rows_of_one_and_several_heads():
     for bad in (4, -1, True, 2.0):
         with pytest.raises(ValueError, match="num_blocks must be an int in"):
             prefix_rows(counts, indices, bad)
+
+
+@pytest.mark.parametrize("kind", ["bslongformer", "variable"])
+@pytest.mark.parametrize("attention", ["bidirectional", "unidirectional"])
+def test_one_deepspeed_config_serves_every_length(kind, attention):
+    """DeepSpeed's set_global_layout: a global range starting at or past the
+    block count is skipped and an end past it is clipped, so a config written
+    for long sequences runs at every length; the layout equals that of the
+    config with those ranges removed or clipped by hand (a spec valid before
+    this rule, whose layout it leaves unchanged) and the kind's definition."""
+    starts, ends = (1, 6, 40), (3, 9, 50)
+    for nb in range(1, 13):
+        kept = [(s, min(e, nb)) for s, e in zip(starts, ends) if s < nb]
+        spec = SparseSpec(kind, seq_len=nb * 4 - 1, block_size=4, num_heads=2, attention=attention,
+                          global_block_indices=starts, global_block_end_indices=ends)
+        dense = dense_of(generate(spec))
+        assert torch.equal(dense, reference_layout(spec)), nb
+        if kept:
+            by_hand = SparseSpec(kind, seq_len=nb * 4 - 1, block_size=4, num_heads=2, attention=attention,
+                                 global_block_indices=[s for s, _ in kept],
+                                 global_block_end_indices=[e for _, e in kept])
+            assert torch.equal(dense, dense_of(generate(by_hand))), nb
+    with pytest.raises(ValueError, match=r"global_block_end_indices\[1\]=6 must be > global_block_indices\[1\]=6"):
+        SparseSpec(kind, seq_len=64, block_size=4, global_block_indices=(1, 6), global_block_end_indices=(3, 6))

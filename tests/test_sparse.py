@@ -262,8 +262,8 @@ def test_bad_input_raises_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="key_padding_mask"):
         module(good, good, good, key_padding_mask=torch.zeros(1, 15, dtype=torch.bool))
     assert store.stats()["misses"] == 0 and not store.disk.keys()
-    with pytest.raises(ValueError, match="global_block_indices"):  # a length the layout does not fit
-        BlockSparseAttention("bslongformer", block_size=8, global_block_indices=(5,), store=store)(good, good, good)
+    with pytest.raises(ValueError, match="num_random_blocks"):  # a length the layout does not fit (2 blocks)
+        BlockSparseAttention("bigbird", block_size=8, num_random_blocks=3, store=store)(good, good, good)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -499,6 +499,9 @@ def test_torch_func_grad_inference_mode_and_a_clear_double_backward_error():
     ("local", dict(num_sliding_window_blocks=3)),
     ("bigbird", dict(num_random_blocks=2, attention="unidirectional", different_layout_per_head=True)),
     ("bslongformer", dict(global_block_indices=(0, 2), attention="unidirectional")),
+    # DeepSpeed's rule: ranges past a length's blocks skipped, ends clipped, at every step.
+    ("bslongformer", dict(global_block_indices=(0, 5, 9), global_block_end_indices=(1, 7, 20),
+                          attention="unidirectional")),
 ])
 def test_module_decode_steps_equal_the_rows_of_the_full_forward(kind, params, tmp_path):
     """A cached decode (one query row against a growing cache, grouped

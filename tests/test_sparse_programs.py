@@ -116,12 +116,11 @@ def test_value_head_dim_different_from_the_query_s(fused, monkeypatch, tmp_path)
 
 # ------------------------------------------------------- errors before work
 def test_a_length_the_layout_cannot_serve_raises_before_any_operator(monkeypatch, tmp_path):
-    module = BlockSparseAttention("bslongformer", block_size=4, global_block_indices=(0, 5),
-                                  store=PatternStore(tmp_path / "s"))
+    module = BlockSparseAttention("variable", block_size=4, num_random_blocks=5, store=PatternStore(tmp_path / "s"))
     calls = []
     monkeypatch.setattr(sparse_ops, "forward_op", lambda *args: calls.append(args))
-    x = torch.randn(1, 16, 2, 4)                              # 4 blocks: global block 5 is beyond them
-    with pytest.raises(ValueError, match="global_block_indices"):
+    x = torch.randn(1, 16, 2, 4)                              # 4 blocks: a row cannot draw 5 distinct ones
+    with pytest.raises(ValueError, match="num_random_blocks"):
         module(x, x, x)
     assert calls == []
 
@@ -130,9 +129,8 @@ def test_a_length_the_layout_cannot_serve_raises_before_any_operator(monkeypatch
 @settings(max_examples=20, deadline=None)
 @given(st.booleans(), st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.integers(1, 7))
 def test_nan_and_inf_in_padded_keys_never_reach_an_output(fused, bad, padded):
-    """Masked scores are filled, not added. (A non-finite VALUE of a masked
-    key still reaches the outputs through 0 * NaN in the value product, as in
-    SDPA: attention/kernels/attend.py.)"""
+    """Masked scores are filled, not added, and padded keys' value rows
+    zeroed: a non-finite key or VALUE of a padded key reaches no output."""
     sparse_tiles.USE_CPU_FLASH_KERNEL = fused
     try:
         module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1)
@@ -141,9 +139,10 @@ def test_nan_and_inf_in_padded_keys_never_reach_an_output(fused, bad, padded):
         pad[0, -padded:] = True
         clean = module(q, k, v, key_padding_mask=pad)
         k[0, -padded:] = bad
+        v[0, -padded:] = bad
         out = module(q, k, v, key_padding_mask=pad)
         assert torch.isfinite(out).all()
-        # The same numbers up to rounding: a non-finite key sends its tiles from the fused kernel to the filling one.
+        # The same numbers: the padded rows are zeroed in the gathered tiles before any kernel.
         torch.testing.assert_close(out, clean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out, module_reference(module, q, k, v, key_padding_mask=pad),
                                    rtol=1e-10, atol=1e-10)

@@ -188,7 +188,6 @@ BAD_SPARSE = [
     (("fixed",), dict(num_different_global_patterns=2), ValueError, "different_layout_per_head=True"),
     (("fixed",), dict(num_different_global_patterns=5, different_layout_per_head=True), ValueError, "num_different_global_patterns must be <= "),
     (("fixed",), dict(horizontal_global_attention=True, attention="unidirectional"), ValueError, "horizontal_global_attention"),
-    (("bslongformer",), dict(global_block_indices=[0, 99]), ValueError, "global_block_indices must be < the number of blocks (16)"),
     (("bslongformer",), dict(global_block_end_indices=[1, 2]), ValueError, "global_block_end_indices must have one entry"),
     (("variable",), dict(global_block_indices=[3], global_block_end_indices=[3]), ValueError, "global_block_end_indices[0]=3 must be > global_block_indices[0]=3"),
     (("variable",), dict(local_window_blocks=[4, 0]), ValueError, "local_window_blocks[1]"),

@@ -1,6 +1,6 @@
 """A/B of two commits on one CPU case, in matmul units.
 
-    python tools/bench_ab.py 69d2baf HEAD --case dilated --length 16384 [--pairs 3] [--calls 7]
+    python tools/bench_ab.py 69d2baf HEAD --case dilated --length 16384 [--pairs 3] [--calls 7] [--padded]
 
 Each revision is checked out into a temporary ``git worktree`` (removed at
 the end). For ``--pairs`` rounds, A then B, one fresh process per revision
@@ -18,6 +18,8 @@ Cases, built only from names both 69d2baf and today export
 (``ImprovedDilatedAttention``, ``BlockSparseAttention``): batch 1, 8 heads,
 head_dim 64; ``dilated``: segments 2048/4096/8192, rates 1/2/4 (the CPU
 benchmark's); ``sparse``: bigbird, block 128 (DeepSpeed's defaults).
+``--padded``: batch 2, the second sequence's last eighth of keys padded
+(a ``key_padding_mask``), for what the padded path costs.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ SPARSE_KIND, SPARSE_BLOCK = "bigbird", 128
 CASES = ("dilated", "sparse")
 
 
-def child(case: str, n: int, calls: int) -> dict:
+def child(case: str, n: int, calls: int, padded: bool) -> dict:
     """In the revision's process: medians of the case and of the matmul, interleaved."""
     import torch
 
@@ -51,19 +53,24 @@ def child(case: str, n: int, calls: int) -> dict:
     torch.manual_seed(0)
     module = ImprovedDilatedAttention(SEGMENTS, RATES) if case == "dilated" else \
         BlockSparseAttention(SPARSE_KIND, block_size=SPARSE_BLOCK)
-    q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM) for _ in range(3))
+    batch = 2 if padded else 1
+    q, k, v = (torch.randn(batch, n, HEADS, HEAD_DIM) for _ in range(3))
+    pad = None
+    if padded:
+        pad = torch.zeros(batch, n, dtype=torch.bool)
+        pad[1, n - n // 8:] = True
     with torch.no_grad():
-        runs = benchlib.interleave({case: lambda: module(q, k, v)}, timed=benchlib.timer("cpu"), rounds=calls,
+        runs = benchlib.interleave({case: lambda: module(q, k, v, key_padding_mask=pad)}, timed=benchlib.timer("cpu"), rounds=calls,
                                    reference=benchlib.matmul(MM_SIZE))
     if runs.failures:
         raise RuntimeError(f"{case} failed: {runs.failures}")
     return {"attention": attention.__file__, **runs.row(case), "matmul_s": runs.median("matmul")}
 
 
-def run_child(worktree: Path, store: Path, case: str, n: int, calls: int, timeout_s: float) -> dict:
+def run_child(worktree: Path, store: Path, case: str, n: int, calls: int, padded: bool, timeout_s: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(worktree), PATTERNSTORE_DIR=str(store), OMP_NUM_THREADS=str(THREADS))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--length", str(n),
-               "--calls", str(calls)]
+               "--calls", str(calls)] + (["--padded"] if padded else [])
     done = subprocess.run(command, env=env, cwd=worktree, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"{worktree.name}: {case} at {n} failed:\n{done.stderr[-3000:]}")
@@ -78,6 +85,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--pairs", type=int, default=3, help="A B rounds, one fresh process each")
     parser.add_argument("--calls", type=int, default=7, help="timed calls per process (median)")
+    parser.add_argument("--padded", action="store_true", help="batch 2 with a key_padding_mask")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="limit of one process")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "ab.json")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
@@ -85,7 +93,7 @@ def main() -> None:
     if args.length < 1 or args.pairs < 1 or args.calls < 1:
         parser.error(f"--length, --pairs and --calls must be >= 1, got {args.length}, {args.pairs}, {args.calls}")
     if args.child:
-        print(json.dumps(child(args.child, args.length, args.calls)))
+        print(json.dumps(child(args.child, args.length, args.calls, args.padded)))
         return
     if not (args.a and args.b):
         parser.error("give two revisions, A and B")
@@ -108,7 +116,7 @@ def main() -> None:
         for pair in range(args.pairs):
             for label in ("A", "B"):
                 result = run_child(trees[label], tmp / f"store-{label}", args.case, args.length, args.calls,
-                                   args.timeout_s)
+                                   args.padded, args.timeout_s)
                 processes[label].append(result)
                 print(f"pair {pair + 1} {label} ({revisions[label][0]}): {result['median_s'] * 1e3:9.2f} ms, "
                       f"matmul {result['matmul_s'] * 1e3:7.2f} ms, {result['matmul_units']:.3f} matmul units",
@@ -125,7 +133,8 @@ def main() -> None:
                for label, (rev, full) in revisions.items()}
     ratio = medians["B"]["matmul_units"] / medians["A"]["matmul_units"]
     report = {"benchmark": "tools/bench_ab.py", "machine": benchlib.machine("cpu", THREADS),
-              "config": {"case": args.case, "length": args.length, "pairs": args.pairs, "calls": args.calls,
+              "config": {"case": args.case, "length": args.length, "padded": args.padded, "pairs": args.pairs,
+                         "calls": args.calls,
                          "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
                          "matmul": MM_SIZE, "no_grad": True},
               "processes": processes, "medians": medians, "ratio_b_over_a_matmul_units": ratio}

@@ -13,13 +13,17 @@ residue order (``attention.residue``) the ``M > 0`` mask is block-sparse
   residue compare, no tensor beyond the caller's padding mask;
 - gather the output back to natural order.
 
+Padded keys' k and v rows are zeroed first (inside the compiled region): a
+NaN or Inf in a padded key or value never reaches an output.
+
 Grouped-query attention goes through flex's ``enable_gqa`` (k, v are never
 repeated). ``ordered=True`` takes q, k, v, the padding mask and returns the
 output already in residue order (no gathers): a model that keeps its
 activations in that order pays for the permutation once, not per layer, and
 gives RoPE the ids ``attention.residue.residue_order(n, R)``.
 
-Limits, each a clear ValueError before any work: ``q_len == kv_len`` (decode
+Limits, each a clear ValueError before any work: no ``torch.export`` (nor
+AOTInductor; ``FLEX_NOT_EXPORTED``); ``q_len == kv_len`` (decode
 and chunked prefill belong to the per-branch path
 ``attention.dilated.dilated_attention``, whose strided views cost a query row
 exactly the keys it attends, with no n-dependent reordering of the cache);
@@ -45,6 +49,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from patternstore.fields import as_int
 
 from attention.dilated.plan import Branches, DilatedPlan, branch_offsets, check_plan, plan_branches
 from attention.caches import register_cached_function
@@ -203,6 +209,11 @@ def fused_forward(
     ``attend`` (flex_attention's signature) call, gather back. q ``(B, n, H,
     d)``, k ``(B, n, H_kv, d)``, v ``(B, n, H_kv, d_v)`` -> ``(B, n, H, d_v)``."""
     n = q.shape[1]
+    if key_padding_mask is not None:
+        # A padded key's NaN or Inf value would meet its 0 probability in p @ v (0 * NaN): zeroed
+        # (mask, k and v are in one order, natural or residue).
+        rows = key_padding_mask[:, :, None, None]
+        k, v = k.masked_fill(rows, 0.0), v.masked_fill(rows, 0.0)
     if not ordered:
         order = residue_position(torch.arange(n, device=q.device), n, modulus)
         q, k, v = (x.index_select(1, order) for x in (q, k, v))
@@ -235,7 +246,20 @@ def _baked_mask_arrays(num_heads: int, flat_plan: tuple[int, ...], seq_len: int,
     return _mask_arrays(residue_block_mask(plan, seq_len, block_size, is_causal, with_full, torch.device(device)))
 
 
-def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> None:
+# torch.export (and so AOTInductor) of this path fails inside torch 2.13 (a
+# data-dependent guard on the residue layout at a static length,
+# "unhashable type: non-nested SymInt" with a Dim): refused up front instead.
+FLEX_NOT_EXPORTED = (
+    "implementation='flex' (dilated_flex_attention) cannot be exported: torch.export and AOTInductor trace "
+    "FlexAttention's residue layout as data-dependent; export implementation='fast', the same function "
+    "('auto' exports as 'fast')"
+)
+
+
+def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: object) -> int:
+    """ValueError naming the argument unless the call suits the fused path; the block size as an int."""
+    if torch.compiler.is_exporting():
+        raise ValueError(FLEX_NOT_EXPORTED)
     check_attention_inputs(q, k, k, key_padding_mask)  # v apart: its head_dim may differ
     if not isinstance(v, Tensor):
         raise ValueError(f"v must be a torch.Tensor, got {type(v).__name__}")
@@ -250,7 +274,8 @@ def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
             "decode and chunked prefill take the per-branch path (attention.dilated.dilated_attention), "
             "which costs a query row the keys it attends"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size % FLEX_MIN_BLOCK:
+    size = as_int(block_size)
+    if size is None or size < 1 or size % FLEX_MIN_BLOCK:
         raise ValueError(f"block_size must be a positive multiple of {FLEX_MIN_BLOCK}, got {block_size!r}")
     if q.device.type == "cpu":
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -260,6 +285,7 @@ def _check_fused_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optio
                 "flex_attention has no CPU backward: for gradients on the CPU use the per-branch path "
                 "(attention.dilated.dilated_attention), or run under torch.no_grad()"
             )
+    return size
 
 
 def dilated_flex_attention(
@@ -272,7 +298,7 @@ def dilated_flex_attention(
     padding) -> ``(B, n, H, d_v)``. ``ordered``: every (B, n, ...) tensor in and
     out is in residue order (``attention.residue.to_residue_order`` with
     ``residue_modulus`` of the plan's rates)."""
-    _check_fused_inputs(q, k, v, key_padding_mask, block_size)
+    block_size = _check_fused_inputs(q, k, v, key_padding_mask, block_size)
     check_plan(plan, q.shape[2])
     is_causal = check_is_causal(is_causal)
     if not isinstance(ordered, bool):

@@ -13,7 +13,8 @@ inputs, each entry a way to compute it:
   sequence (``dilated_flex``), for prefill (``q_len == kv_len``); decode and
   chunked prefill rows (and sequences shorter than one flex block) take
   ``"fast"``, whose views cost a row exactly its keys. FlexAttention compiles a backward on CUDA only: on the CPU it serves
-  forwards without gradients (a call that needs them is refused).
+  forwards without gradients (a call that needs them is refused). ``torch.export`` of it is refused
+  (``dilated_flex.FLEX_NOT_EXPORTED``; ``"auto"`` exports as ``"fast"``).
 
 An entry's ``forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask,
 dropout_p) -> out`` takes checked inputs and the flat plan
@@ -123,7 +124,7 @@ def choose_implementation(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, drop
     """"flex" where ``table`` measured it faster for this (device, dtype,
     head_dim, length, causal, training) and flex serves the call (prefill, no
     dropout), else "fast"."""
-    if not table or q.device.type == "cpu" or dropout_p > 0 or not _flex_serves(q, k):
+    if not table or q.device.type == "cpu" or dropout_p > 0 or torch.compiler.is_exporting() or not _flex_serves(q, k):
         return "fast"
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     n, d = q.shape[1], q.shape[-1]

@@ -58,7 +58,7 @@ from attention.dilated.reference import dilated_attention_reference
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from attention.residue import residue_modulus
 
-__all__ = ["DilatedAttention", "ImprovedDilatedAttention", "dilated_module"]
+__all__ = ["DilatedAttention", "ImprovedDilatedAttention"]
 
 # Plans a module keeps (one per head count it has seen; a model uses one).
 _PLANS_KEPT = 8
@@ -187,13 +187,3 @@ class ImprovedDilatedAttention(DilatedAttention):
 
     def __init__(self, segment_lengths, dilation_rates, **options) -> None:
         super().__init__(segment_lengths, dilation_rates, implementation="fast", **options)
-
-
-def dilated_module(segment_lengths, dilation_rates, *, implementation: str = "reference", **options) -> DilatedAttention:
-    """``DilatedAttention(segment_lengths, dilation_rates,
-    implementation=implementation, **options)``, as its preset where one
-    names these options (``ImprovedDilatedAttention`` for "fast"), so that
-    the layers built on it print and pickle as they always have."""
-    if implementation == "fast":
-        return ImprovedDilatedAttention(segment_lengths, dilation_rates, **options)
-    return DilatedAttention(segment_lengths, dilation_rates, implementation=implementation, **options)

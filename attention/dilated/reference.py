@@ -97,7 +97,7 @@ def reference_attention(
                 if is_causal:  # bottom-right: query i is key k_rows - q_rows + i
                     future = torch.ones(piece.q_rows, piece.k_rows, dtype=torch.bool, device=q.device)
                     future = future.triu(piece.k_rows - piece.q_rows + 1)
-                step = max(1, _REFERENCE_SCORES // (b * h * piece.q_rows * piece.k_rows))
+                step = max(1, _REFERENCE_SCORES // max(1, b * h * piece.q_rows * piece.k_rows))  # b may be 0
                 for heads, kv_heads in head_runs(g, group_size):
                     repeat = (heads.stop - heads.start) // (kv_heads.stop - kv_heads.start)
                     for t in range(0, piece.count, step):  # a few segments at a time

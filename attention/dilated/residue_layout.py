@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attention.checks import check_count
 from attention.caches import register_cached_function
 from attention.dilated.plan import DilatedPlan, check_plan
 from attention.residue import residue_modulus
@@ -68,9 +69,7 @@ class ResidueLayout(NamedTuple):
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_count(name, value, minimum)
 
 
 def residue_layout(

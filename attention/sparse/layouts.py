@@ -37,6 +37,7 @@ from torch import Tensor
 
 from patternstore.csr import drop_future_blocks, prefix_rows
 from patternstore.pattern import real_tensors
+from patternstore.kinds import SPARSE_KINDS
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore, store_for
 
@@ -89,13 +90,14 @@ class LayoutSource:
         self._layouts: BoundedCache[tuple[Tensor, Tensor]] = BoundedCache(self.MAX_LAYOUTS)
         self._plans: BoundedCache[LayoutPlan] = BoundedCache(self.MAX_LAYOUTS)
         self._block_masks: BoundedCache[Any] = BoundedCache(self.MAX_BLOCK_MASKS)
-        probe = self.spec(self.block_size << 20, 2)
-        self.per_head = probe.layout_heads == 2
-        self.prefix_stable = probe.is_prefix_stable
-        self.unidirectional = probe.params["attention"] == "unidirectional"
-        # The fewest blocks (a power of two) at which the spec is valid: a
-        # global block index past a short length exists in causal use only
-        # once the sequence reaches it, but the capacity layout must hold it.
+        kind = SPARSE_KINDS[self.kind]  # what follows holds at every length
+        self.per_head = kind.per_head(self.params)
+        self.prefix_stable = kind.prefix_stable(self.params)
+        self.unidirectional = self.params["attention"] == "unidirectional"
+        # The fewest blocks (a power of two) at which the spec is valid
+        # (num_random_blocks above a short length's block count): a causal
+        # row draws from [0, row], so a short length is served by the first
+        # rows of a capacity layout that is valid.
         self.min_capacity_blocks = next(1 << e for e in range(21) if self._valid(self.block_size << e))
 
     @property

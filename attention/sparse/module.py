@@ -24,7 +24,8 @@ kv_len``, are ``<= p`` when ``causal``, and are not marked in
 So the rows of a short ``q`` equal, exactly, the same rows of the full
 forward. A query with an empty ``K(p)`` outputs 0 and gets zero gradient.
 Gradients are exact (FlashAttention-2's backward from the saved ``lse``).
-Masked keys are filled out of the scores: NaN or inf in them never leaks.
+Masked keys are filled out of the scores and padded keys' k and v rows
+zeroed: a NaN or inf in a padded key or value never leaks.
 
 Paths (``attention_path``): "gather", the tiles of attention/sparse/tiles.py
 (CPU tensors; decode, chunked prefill and dropout on any device; the
@@ -57,7 +58,8 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-from patternstore.specs import SparseSpec
+from patternstore.fields import as_int
+from patternstore.specs import SparseSpec, sparse_template
 from patternstore.store import PatternStore
 
 from attention.block_mask import block_mask_of, with_key_padding
@@ -139,15 +141,15 @@ class BlockSparseAttention(nn.Module):
         softmax_scale = check_softmax_scale(softmax_scale)
         if store is not None and not isinstance(store, PatternStore):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                        or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be an int >= 1 or None, got {max_seq_len!r}")
-        # Validate kind and params now with a length no length-dependent rule
-        # rejects; rules that depend on the length (a global block beyond the
-        # sequence) raise at the first call with that length.
-        probe = SparseSpec(kind, seq_len=block_size << 20, block_size=block_size, seed=seed, **params)
+        if max_seq_len is not None:
+            if as_int(max_seq_len) is None or as_int(max_seq_len) < 1:
+                raise ValueError(f"max_seq_len must be an int >= 1 or None, got {max_seq_len!r}")
+            max_seq_len = as_int(max_seq_len)
+        # Kind and params validated now by every rule that holds at any length;
+        # the length's own rule (num_random_blocks <= the blocks of a row)
+        # raises at the first call with that length.
+        block_size, seed, self.params = sparse_template(kind, block_size, seed, **params)
         self.kind, self.block_size, self.seed = kind, block_size, seed
-        self.params = dict(probe.params)
         self.softmax_scale, self.dropout = softmax_scale, float(dropout)
         self.max_seq_len = max_seq_len
         self._description = describe_layouts(kind, block_size, seed, self.params, store, max_seq_len)
@@ -221,6 +223,9 @@ class BlockSparseAttention(nn.Module):
             mask = self.layouts.block_mask(n, heads, q.device, causal, padded)
         if padded:
             mask = with_key_padding(mask, key_padding_mask)
+            # A padded key's NaN or Inf VALUE would meet its 0 probability in p @ v (0 * NaN): zeroed.
+            rows = key_padding_mask[:, :, None, None]
+            k, v = k.masked_fill(rows, 0.0), v.masked_fill(rows, 0.0)
         out = compiled_flex(q.device.type)(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
             scale=default_scale(q, self.softmax_scale), enable_gqa=heads != k.shape[2],

@@ -7,8 +7,11 @@ shapes (docs/design.md section 4):
 - ``attention::sparse_forward`` / ``attention::sparse_backward``: the tiles
   (attention/sparse/tiles.py). Their ``group_rows`` / ``group_keys`` lists
   carry ``row_groups`` precomputed by the caller (a graph holds them as
-  constants, so the call makes no device-to-host sync); empty lists: the
-  operator groups the rows itself (one sync).
+  constants, so the call makes no device-to-host sync); None (or empty
+  lists, as programs saved before took): the operator groups the rows
+  itself (one sync). None, not an empty list, is what a graph with a
+  symbolic length passes: AOTInductor's runtime hands an empty ``Tensor[]``
+  argument over as None (torch 2.13), which the ``Tensor[]?`` schema takes.
 - ``attention::sparse_layout`` / ``attention::sparse_block_mask``: a store
   lookup by description, for graphs whose length is symbolic only
   (``dynamic=True``, ``torch.export`` with a ``Dim``), which cannot bake a
@@ -36,20 +39,31 @@ from attention.kernels.softmax_parts import accumulate_dtype
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from attention.sparse.layouts import source
 from attention.sparse.tiles import sparse_backward, sparse_forward
+from attention.checks import check_count
 
 __all__ = ["block_sparse_attention", "sparse_attention", "layout_op", "block_mask_op",
            "BLOCK_MASK_ARRAYS"]
 
 
-def _groups(rows: list[Tensor], keys: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    return list(zip(rows, keys))
+def _groups(rows: Optional[list[Tensor]], keys: Optional[list[Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    return list(zip(rows or [], keys or []))
 
 
 # ------------------------------------------------------------ the tiles
-@torch.library.custom_op("attention::sparse_forward", mutates_args=())
+# Written out: schema inference takes no optional tensor list (torch 2.13).
+_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, Tensor[]? group_rows, "
+                   "Tensor[]? group_keys, Tensor? key_padding_mask, Tensor? dropout_seed, SymInt block_size, "
+                   "bool causal, float scale, float dropout_p, bool trusted_layout, str? backend) -> (Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks, "
+                    "Tensor kv_indices, Tensor[]? group_rows, Tensor[]? group_keys, Tensor? key_padding_mask, "
+                    "Tensor? dropout_seed, SymInt block_size, bool causal, float scale, float dropout_p, "
+                    "bool trusted_layout, str? backend) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("attention::sparse_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
 def forward_op(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-    group_rows: list[Tensor], group_keys: list[Tensor],
+    group_rows: Optional[list[Tensor]], group_keys: Optional[list[Tensor]],
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
     backend: Optional[str],
@@ -70,10 +84,11 @@ def _(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_ma
     return _forward_fake(q, v)
 
 
-@torch.library.custom_op("attention::sparse_backward", mutates_args=())
+@torch.library.custom_op("attention::sparse_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    kv_num_blocks: Tensor, kv_indices: Tensor, group_rows: list[Tensor], group_keys: list[Tensor],
+    kv_num_blocks: Tensor, kv_indices: Tensor, group_rows: Optional[list[Tensor]],
+    group_keys: Optional[list[Tensor]],
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
     backend: Optional[str],
@@ -179,13 +194,13 @@ class SparseFunction(torch.autograd.Function):
         q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed, *options = inputs
         # Every tensor through save_for_backward (dynamo traces no tensor kept as a ctx attribute).
         ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices, key_padding_mask,
-                              dropout_seed, *group_rows, *group_keys)
-        ctx.groups, ctx.options = len(group_rows), options
+                              dropout_seed, *(group_rows or []), *(group_keys or []))
+        ctx.groups, ctx.options = len(group_rows or []), options
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
         q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *groups = ctx.saved_tensors
-        rows, keys = list(groups[:ctx.groups]), list(groups[ctx.groups:])
+        rows, keys = (list(groups[:ctx.groups]), list(groups[ctx.groups:])) if ctx.groups else (None, None)
         block_size, causal, scale, dropout_p, trusted_layout, backend = ctx.options
         dq, dk, dv = SparseBackwardFunction.apply(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, rows, keys,
                                                   key_padding_mask, dropout_seed, block_size, causal, scale,
@@ -246,8 +261,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_
     """``block_sparse_attention`` after its checks (the module's path too):
     ``groups`` precomputed (``LayoutPlan.groups``) or empty."""
     seed = torch.randint(0, 1 << 62, (), dtype=torch.int64) if dropout_p > 0 else None
+    rows, keys = ([r for r, _ in groups], [c for _, c in groups]) if groups else (None, None)
     out, _ = SparseFunction.apply(
-        q, k, v, kv_num_blocks, kv_indices, [r for r, _ in groups], [c for _, c in groups], key_padding_mask,
+        q, k, v, kv_num_blocks, kv_indices, rows, keys, key_padding_mask,
         seed, block_size, causal, float(scale), dropout_p, trusted_layout, None,
     )
     return out
@@ -273,8 +289,7 @@ def block_sparse_attention(
     """
     check_attention_inputs(q, k, v, key_padding_mask)
     b, q_len, h, d = q.shape
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    block_size = check_count("block_size", block_size)
     nb = (k.shape[1] + block_size - 1) // block_size
     for name, t, dim in (("kv_num_blocks", kv_num_blocks, 2), ("kv_indices", kv_indices, 1)):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != dim:

@@ -27,7 +27,9 @@ scatter-adds the gradients (``index_add_``).
 
 Masked keys are FILLED out of the scores, never added, so a NaN or inf in a
 masked key (a future key of a causal diagonal block, a padded key) never
-reaches an output; a row whose keys are all masked outputs 0 with lse
+reaches an output; the gathered k and v rows of padded keys are zeroed too,
+so a NaN or Inf VALUE of a padded key never reaches an output or a gradient
+(a future key's value still meets ``0 * NaN``, as in SDPA); a row whose keys are all masked outputs 0 with lse
 ``EMPTY_LSE``. Syncs: with precomputed groups and a trusted layout, none
 (dropout reads its seed on the host: one).
 """
@@ -183,11 +185,33 @@ class TilePlan:
         return picked.view(x.shape[0] * self.lanes, rows, -1, x.shape[-1]).to(self.work)
 
     # ----------------------------------------------------------- masks
-    def mask(self, rows: Tensor, keys: Tensor, positions: Tensor) -> Optional[Tensor]:
+    def padding(self, positions: Tensor) -> Optional[Tensor]:
+        """bool ``[b * A, R, 1, kc * bs]``: the tile's keys that
+        ``key_padding_mask`` marks; None without one."""
+        if self.key_padding_mask is None:
+            return None
+        count, width = positions.shape
+        ignored = self.key_padding_mask[:, positions]                         # [b, R, kc * bs]
+        ignored = ignored[:, None, :, None, :].expand(self.b, self.lanes, count, 1, width)
+        return ignored.reshape(self.b * self.lanes, count, 1, width)
+
+    def gather_keys(self, k_flat: Tensor, v_flat: Tensor, key_index: Tensor, rows: int,
+                    padding: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """The tile's keys and values (``gather``), the rows of padded keys
+        zeroed: a NaN or Inf there would meet its 0 probability (``0 * NaN``
+        in ``p @ v``, and in the backward ``dS @ k``). Only a padded call
+        pays it, O(keys * (d + d_v)) against the tile's O(queries * keys * d)."""
+        kt, vt = self.gather("k", k_flat, key_index, rows), self.gather("v", v_flat, key_index, rows)
+        if padding is not None:
+            padded_rows = padding.transpose(-1, -2)                           # [b * A, R, kc * bs, 1]
+            kt.masked_fill_(padded_rows, 0.0)
+            vt.masked_fill_(padded_rows, 0.0)
+        return kt, vt
+
+    def mask(self, rows: Tensor, keys: Tensor, padding: Optional[Tensor]) -> Optional[Tensor]:
         """The tile's mask, bool broadcastable to ``[b * A, R, G * bs, kc *
         bs]``, True where the key does not count (causal future, past
-        kv_len, padding); None when every key counts."""
-        count, kc = keys.shape
+        kv_len, ``padding``); None when every key counts."""
         masked = None                                                        # [R, bs | 1, kc, bs]
         if self.causal:  # future blocks are dropped: only diagonal blocks cut keys
             diagonal = keys == (rows % self.nb)[:, None]
@@ -200,11 +224,8 @@ class TilePlan:
             if masked.shape[1] > 1 and self.per_lane > 1:
                 masked = masked.repeat(1, self.per_lane, 1)                   # [R, G * bs, kc * bs]
             masked = masked[None]
-        if self.key_padding_mask is not None:
-            ignored = self.key_padding_mask[:, positions]                     # [b, R, kc * bs]
-            ignored = ignored[:, None, :, None, :].expand(self.b, self.lanes, count, 1, kc * self.bs)
-            ignored = ignored.reshape(self.b * self.lanes, count, 1, kc * self.bs)
-            masked = ignored if masked is None else masked | ignored
+        if padding is not None:
+            masked = padding if masked is None else masked | padding
         return masked
 
     def tiles(self, head_dim: int) -> Iterator[tuple[Tensor, list[Tensor]]]:
@@ -270,6 +291,9 @@ def sparse_forward(
     ``backend``: ``attend``'s, None for ``tile_backend``'s choice."""
     if not trusted_layout:  # reads values: several device-to-host syncs on a GPU
         check_layout(kv_num_blocks, kv_indices, -(-k.shape[1] // block_size))
+    b, q_len, h, _ = q.shape
+    if b == 0:  # an empty batch: an empty output, as SDPA gives
+        return q.new_zeros(0, q_len, h, v.shape[-1]), q.new_zeros(0, h, q_len, dtype=accumulate_dtype(q.dtype))
     backend = tile_backend(q.device.type, dropout_p) if backend is None else backend
     plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal, trusted_layout)
     q_flat, k_flat, v_flat = flat(q), flat(k, plan.heads_outer), flat(v, plan.heads_outer)
@@ -284,9 +308,10 @@ def sparse_forward(
             positions = plan.key_positions(keys)
             key_index = plan.key_index(rows, positions)
             keep = dropout_keep(qt, positions.shape[1], dropout_p, seed, tile) if dropout_p > 0 else None
-            o, l = attend(qt, plan.gather("k", k_flat, key_index, rows.numel()),
-                          plan.gather("v", v_flat, key_index, rows.numel()), causal=False, scale=scale,
-                          mask=plan.mask(rows, keys, positions), dropout_p=dropout_p, keep=keep, backend=backend)
+            padding = plan.padding(positions)
+            kt, vt = plan.gather_keys(k_flat, v_flat, key_index, rows.numel(), padding)
+            o, l = attend(qt, kt, vt, causal=False, scale=scale, mask=plan.mask(rows, keys, padding),
+                          dropout_p=dropout_p, keep=keep, backend=backend)
             if acc is None:
                 acc, acc_lse = o, l
             else:
@@ -317,6 +342,8 @@ def sparse_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sparse_forward``'s ``out`` with respect to ``q, k, v``
     (no check_layout: the forward checked these very arrays)."""
+    if q.shape[0] == 0:  # an empty batch
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     backend = tile_backend(q.device.type, dropout_p) if backend is None else backend
     plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal, trusted_layout)
     b, q_len, h = plan.b, plan.q_len, plan.h
@@ -343,10 +370,11 @@ def sparse_backward(
             positions = plan.key_positions(keys)
             key_index = plan.key_index(rows, positions)
             keep = dropout_keep(qt, positions.shape[1], dropout_p, seed, tile) if dropout_p > 0 else None
-            gq, gk, gv = attend_backward(
-                dt, qt, plan.gather("k", k_flat, key_index, count), plan.gather("v", v_flat, key_index, count),
-                ot, lt, causal=False, scale=scale, mask=plan.mask(rows, keys, positions), dropout_p=dropout_p,
-                keep=keep, backend=backend)
+            padding = plan.padding(positions)
+            kt, vt = plan.gather_keys(k_flat, v_flat, key_index, count, padding)
+            gq, gk, gv = attend_backward(dt, qt, kt, vt, ot, lt, causal=False, scale=scale,
+                                         mask=plan.mask(rows, keys, padding), dropout_p=dropout_p, keep=keep,
+                                         backend=backend)
             dq_rows = gq if dq_rows is None else dq_rows.add_(gq)
             index_k = key_index.flatten()
             dk.index_add_(1, index_k, gk.reshape(b, index_k.numel(), -1))
