@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from attention import BlockSparseAttention, DilatedAttention, MultiheadBlockSparseAttention
-from dense_reference import block_pairs, dense_attention, dense_dilated_attention
+from attention.dense_reference import block_pairs, dense_attention, dense_dilated_attention
 from patternstore import PatternStore, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import attention.sparse_tiles as sparse_tiles
+import attention.sparse.tiles as sparse_tiles
 from attention import (
     BlockSparseAttention,
     DilatedAttention,
@@ -27,7 +27,7 @@ from attention import (
     MultiheadDilatedAttention,
     block_sparse_attention,
 )
-from dense_reference import block_pairs, dense_attention, dense_dilated_attention
+from attention.dense_reference import block_pairs, dense_attention, dense_dilated_attention
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -641,13 +641,14 @@ def test_dynamic_compile_runs_twenty_lengths_with_one_compile_and_export_takes_a
 
 
 def test_threads_sharing_one_module_at_different_lengths(tmp_path, monkeypatch):
-    """The bounded per-source caches evict under concurrent use (MAX_LAYOUTS
-    2 here) without a wrong layout reaching any call."""
+    """The bounded per-source caches evict under concurrent use (2 entries
+    here) without a wrong layout reaching any call."""
     from concurrent.futures import ThreadPoolExecutor
 
     module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, attention="unidirectional",
                                   store=PatternStore(tmp_path / "store"))
-    monkeypatch.setattr(module.layouts, "MAX_LAYOUTS", 2)
+    for cache in (module.layouts._layouts, module.layouts._plans):
+        monkeypatch.setattr(cache, "limit", 2)
     inputs = {n: tuple(torch.randn(1, n, 2, 4) for _ in range(3)) for n in (9, 17, 30, 41, 64)}
     expected = {n: module(*x) for n, x in inputs.items()}
     with ThreadPoolExecutor(4) as pool:
