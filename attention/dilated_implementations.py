@@ -81,7 +81,9 @@ def _flex_serves(q: Tensor, k: Tensor) -> bool:
 
 
 def _flex_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: float,
-                  key_padding_mask: Optional[Tensor], dropout_p: float, ordered: bool = False) -> Tensor:
+                  key_padding_mask: Optional[Tensor], dropout_p: float, softcap: None = None, sinks: None = None,
+                  ordered: bool = False) -> Tensor:
+    """(``run_implementation`` gives a soft-cap or sinks to "fast" instead: flex takes neither.)"""
     if not _flex_serves(q, k):
         return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
     plan = DilatedPlan.from_flat(q.shape[2], flat_plan)

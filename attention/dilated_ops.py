@@ -105,7 +105,7 @@ def _folding_vmap(op, batched: int):
     dimension (a later tensor, the sinks, is per head: never vmapped)."""
     def rule(info, in_dims, *args):
         size = info.batch_size
-        if any(d is not None for d in in_dims[batched:]):
+        if any(d is not None for a, d in zip(args[batched:], in_dims[batched:]) if isinstance(a, Tensor)):
             raise ValueError("dilated attention under vmap takes one set of sinks for the whole vmapped batch")
         folded = [_fold(a, d, size) if isinstance(a, Tensor) and i < batched else a
                   for i, (a, d) in enumerate(zip(args, in_dims))]
