@@ -1,5 +1,5 @@
 """Attention sinks and logit soft-capping: the two score changes today's
-models add to softmax attention (docs/design.md section 2.3).
+models add to softmax attention (docs/design.md section 2.4).
 
 Soft-capping (Gemma 2's ``attn_logit_softcapping``) bounds each scaled score
 ``s`` before the softmax: ``c * tanh(s / c)``; its derivative ``1 -
