@@ -22,6 +22,8 @@ __all__ = [
     "check_count",
     "check_dropout",
     "check_is_causal",
+    "check_sinks",
+    "check_softcap",
     "check_softmax_scale",
     "default_scale",
 ]
@@ -105,6 +107,31 @@ def check_softmax_scale(softmax_scale: object) -> Optional[float]:
     if not (_is_real(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be None or a finite number > 0, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def check_softcap(softcap: object) -> Optional[float]:
+    """None (no cap) or a finite number > 0, as a float: scores become
+    ``softcap * tanh(scores / softcap)`` (Gemma 2's ``attn_logit_softcapping``)."""
+    if softcap is None:
+        return None
+    if not (_is_real(softcap) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(softcap)
+
+
+def check_sinks(sinks: object, q: Tensor) -> Optional[Tensor]:
+    """None or one floating sink logit per query head of ``q`` ``(batch,
+    q_len, heads, head_dim)``: a ``(heads,)`` tensor on q's device (gpt-oss's
+    ``s_aux``); shapes, dtypes and devices only."""
+    if sinks is None:
+        return None
+    heads = q.shape[2]
+    if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point or tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must be None or a floating ({heads},) tensor (one logit per query head), got "
+                         f"{getattr(sinks, 'dtype', type(sinks).__name__)} {tuple(getattr(sinks, 'shape', ()))}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device}, q on {q.device}")
+    return sinks
 
 
 def check_dropout(dropout: object) -> float:

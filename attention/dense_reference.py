@@ -5,6 +5,9 @@
 "may attend" mask or an integer multiplicity (how many branches select a pair,
 docs/design.md section 2.1). Masked keys are *removed*, never added as a bias,
 so a NaN or Inf in a masked key changes nothing; a row with no key outputs 0.
+``softcap`` c replaces each scaled score s by ``c * tanh(s / c)`` before the
+weights and masks (Gemma 2); ``sinks`` (one logit per head, gpt-oss) are a
+column appended to each row's scores for the softmax and dropped after it.
 Everything here is O(n^2): for tests and tools only.
 
 ``multiplicity`` derives the dilated pattern from the rules in docs/design.md
@@ -57,6 +60,7 @@ def multiplicity(seq_len, num_heads, segment_lengths, dilation_rates, scheme, is
 def dense_attention(
     q: Tensor, k: Tensor, v: Tensor, *, weight: Optional[Tensor] = None, is_causal: bool = False,
     key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None, return_lse: bool = False,
+    softcap: Optional[float] = None, sinks: Optional[Tensor] = None, window: Optional[int] = None,
 ):
     """q ``(b, m, h, d)``, k ``(b, n, h_kv, d)``, v ``(b, n, h_kv, d_v)`` -> ``(b, m, h, d_v)`` float64.
 
@@ -64,7 +68,9 @@ def dense_attention(
     last m of the n positions (decode rows), so ``is_causal`` is bottom-right.
     ``weight``: bool or counts, ``(h, n, n)`` or ``(b, h, n, n)`` over all n
     positions. ``key_padding_mask``: ``(b, n)``, True = padded. With
-    ``return_lse`` also the ``(b, h, m)`` log-sum-exp, ``-inf`` for empty rows.
+    ``return_lse`` also the ``(b, h, m)`` log-sum-exp, ``-inf`` for empty rows
+    (over the keys and the sink). ``window`` w: key t counts for the query
+    at position p only when ``p - w < t`` (transformers' sliding window).
     """
     b, m, h, _ = q.shape
     n, group = k.shape[1], h // k.shape[2]
@@ -78,13 +84,24 @@ def dense_attention(
         allowed, log_w = allowed & (w > 0), torch.where(w > 0, w, 1.0).log()
     if is_causal:
         allowed = allowed & torch.ones(m, n, dtype=torch.bool).tril(n - m)
+    if window is not None:
+        position = torch.arange(n)
+        allowed = allowed & (position[None, :] > position[n - m:, None] - window)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
     allowed = allowed.expand(b, h, m, n)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale + log_w
-    scores = scores.masked_fill(~allowed, -math.inf)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = (scores + log_w).masked_fill(~allowed, -math.inf)
+    if sinks is not None:
+        column = sinks.double().view(1, h, 1, 1).expand(b, h, m, 1)
+        scores = torch.cat([scores, column], -1)
+        allowed = torch.cat([allowed, torch.ones(b, h, m, 1, dtype=torch.bool)], -1)
     live = allowed.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~live, 0.0), dim=-1) * live
+    if sinks is not None:
+        scores, allowed, probs = scores[..., :n], allowed[..., :n], probs[..., :n]
     if torch.isfinite(v).all():
         out = torch.einsum("bhij,bjhd->bihd", probs, v)
     else:  # a non-finite value counts only where its key is allowed: 0 * NaN must not leak in
@@ -92,6 +109,8 @@ def dense_attention(
         out = (probs[..., None] * picked).sum(-2).transpose(1, 2)
     if not return_lse:
         return out
+    if sinks is not None:
+        scores = torch.cat([scores, column], -1)
     lse = torch.logsumexp(scores, dim=-1).masked_fill(~live.squeeze(-1), -math.inf)
     return out, lse
 

@@ -308,9 +308,10 @@ def test_missing_or_invalid_settings_name_the_config_attribute(impl, settings, m
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"sliding_window": 4}, "sliding"),
-    ({"softcap": 30.0}, "soft-capping"),
-    ({"s_aux": torch.zeros(4)}, "sinks"),
+    ({"sinks": torch.zeros(4)}, "s_aux"),
+    ({"softcap": -1.0}, "softcap must be None or a finite number > 0"),
+    ({"s_aux": torch.zeros(3)}, r"sinks must be None or a floating \(4,\) tensor"),
+    ({"position_bias": torch.zeros(1)}, "position bias"),
     ({"output_attentions": True}, "output_attentions"),
 ])
 def test_unsupported_arguments_raise(kwargs, message):

@@ -1,9 +1,8 @@
 """attention.hf across models (tiny configs built in code, no downloads): a
 saved model reloads with its attention through a plain ``from_pretrained``
 (same logits), a config that carries the settings but runs another
-implementation warns once naming the argument that restores it, every
-sliding-window config is refused with a message that says sliding window,
-and DeepSeek-style multi-head latent attention (value head_dim != query/key
+implementation warns once naming the argument that restores it, families
+without a window run, and DeepSeek-style multi-head latent attention (value head_dim != query/key
 head_dim) equals SDPA where the pattern is dense."""
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import attention.hf.registration as hf  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     DeepseekV3Config,
-    Gemma2Config,
-    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -89,21 +86,7 @@ def test_a_config_with_settings_that_runs_another_implementation_warns_once_nami
     torch.testing.assert_close(restored(x).logits, logits, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------ sliding window
-@pytest.mark.parametrize("config_class, kwargs", [
-    (MistralConfig, {}),  # its default window, 4096
-    (Qwen2Config, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),
-    (Gemma2Config, {"sliding_window": 8, "head_dim": 8}),
-    (Gemma3TextConfig, {"sliding_window": 8, "head_dim": 8}),
-    (LlamaConfig, {"sliding_window": 8}),  # any config with a sliding_window attribute
-], ids=["mistral", "qwen2", "gemma2", "gemma3", "llama-with-window"])
-@torch.no_grad()
-def test_every_sliding_window_config_is_refused_naming_sliding_window(config_class, kwargs):
-    model = build(config_class, attn_implementation=hf.DILATED, patternstore_attention=DILATED, **kwargs)
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        model(ids())
-
-
+# ------------------------------------------------- without a window (tests/test_hf_mixed.py: with one)
 @pytest.mark.parametrize("config_class, kwargs", [
     (MistralConfig, {"sliding_window": None}),
     (Qwen2Config, {"use_sliding_window": False}),

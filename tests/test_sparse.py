@@ -175,7 +175,7 @@ def test_dropout_gradients_are_exact_and_eval_disables_it():
 
     def dropped(q, k, v):
         return sparse_ops.SparseFunction.apply(q, k, v, pattern["kv_num_blocks"], pattern["kv_indices"], [], [],
-                                               None, seed, 4, False, 0.5, 0.4, False, None)[0]
+                                               None, seed, 4, False, 0.5, 0.4, False, None, None, None)[0]
 
     assert torch.autograd.gradcheck(dropped, inputs)
     plain = block_sparse_attention(*inputs, pattern["kv_num_blocks"], pattern["kv_indices"], 4,

@@ -144,7 +144,7 @@ def _chunk_views(
 
 def forward_groups(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], groups: Sequence[Group],
-    is_causal: bool, scale: float, backend: Optional[str] = None,
+    is_causal: bool, scale: float, backend: Optional[str] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Every group's attention folded into a new ``out`` (b, q_len, h, d_v) in
     q's dtype (the rule above ``kernels.accumulate_dtype``) and ``lse`` (b,
@@ -158,7 +158,7 @@ def forward_groups(
     copied = _written_once(groups)
     backend = resolve_kernel(q, v, key_padding_mask, backward=False, backend=backend)  # once for every chunk
     for index, (qc, oc, lc), (kc, vc), pc in _chunk_views(groups, q, k, (q, out, lse), (k, v), key_padding_mask):
-        o, l = attend(qc, kc, vc, causal=is_causal, scale=scale, key_mask=pc, backend=backend)
+        o, l = attend(qc, kc, vc, causal=is_causal, scale=scale, key_mask=pc, backend=backend, softcap=softcap)
         if index < copied:
             oc.copy_(o)
             lc.copy_(l)
@@ -171,7 +171,7 @@ def forward_groups(
 def backward_groups(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], groups: Sequence[Group], is_causal: bool, scale: float,
-    dq: Tensor, dk: Tensor, dv: Tensor, backend: Optional[str] = None,
+    dq: Tensor, dk: Tensor, dv: Tensor, backend: Optional[str] = None, softcap: Optional[float] = None,
 ) -> None:
     """Add every group's gradients into ``dq, dk, dv``, each kernel backward
     fed the FINAL ``out`` and ``lse`` at its rows (``backend`` as in
@@ -180,7 +180,7 @@ def backward_groups(
     views = _chunk_views(groups, q, k, (grad_out, q, out, lse, dq), (k, v, dk, dv), key_padding_mask)
     for _, (doc, qc, oc, lc, dqc), (kc, vc, dkc, dvc), pc in views:
         partial = attend_backward(doc, qc, kc, vc, oc, lc, causal=is_causal, scale=scale, key_mask=pc,
-                                  backend=backend)
+                                  backend=backend, softcap=softcap)
         for total, part in zip((dqc, dkc, dvc), partial):
             total.add_(part)
         del partial, part

@@ -6,7 +6,7 @@ inputs, each entry a way to compute it:
   backward works; under ``torch.compile`` (no dropout) it runs as one opaque
   op (``attention::dilated_reference``), so its graph is length-free too.
 - ``"fast"``: fused kernels on strided views, in-place merge, memory bounded
-  by chunking (``dilated_kernels``); a decode step costs the keys its row
+  by chunking (``attention.dilated.fast``); a decode step costs the keys its row
   attends. Without dropout of its own: with dropout in training, the
   reference runs.
 - ``"flex"``: one compiled FlexAttention call over the residue-ordered
@@ -17,8 +17,10 @@ inputs, each entry a way to compute it:
   (``dilated_flex.FLEX_NOT_EXPORTED``; ``"auto"`` exports as ``"fast"``).
 
 An entry's ``forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask,
-dropout_p) -> out`` takes checked inputs and the flat plan
+dropout_p, softcap, sinks) -> out`` takes checked inputs and the flat plan
 (``DilatedPlan.flat``); its capabilities say what the modules may ask of it.
+A soft-cap or sinks (``attention.kernels.sinks``) asked of an entry that lacks them
+(``"flex"``) run on ``"fast"``, which computes the same function.
 A new implementation (another kernel path) is one more entry.
 
 ``"auto"`` is not an entry but a choice made per call between ``"fast"`` and
@@ -54,20 +56,24 @@ class Implementation(NamedTuple):
     dropout: bool           # applies attention dropout itself (else "reference" runs when dropout_p > 0)
     double_backward: bool   # gradients of gradients (eager)
     value_head_dim: bool    # v's head_dim may differ from q's and k's
+    softcap_sinks: bool     # takes a soft-cap and sinks (else "fast" runs when they are given)
 
 
 def _reference_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: float,
-                       key_padding_mask: Optional[Tensor], dropout_p: float) -> Tensor:
+                       key_padding_mask: Optional[Tensor], dropout_p: float, softcap: Optional[float] = None,
+                       sinks: Optional[Tensor] = None) -> Tensor:
     if torch.compiler.is_compiling() and dropout_p == 0:
         # One opaque op: the graph stays length-free (eager stays autograd-native).
-        return dilated_reference(q, k, v, key_padding_mask, list(flat_plan), is_causal, scale)[0]
+        return dilated_reference(q, k, v, key_padding_mask, list(flat_plan), is_causal, scale, softcap, sinks)[0]
     plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
-    return reference_attention(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p)
+    return reference_attention(q, k, v, plan, is_causal, scale, key_padding_mask, dropout_p, softcap=softcap,
+                               sinks=sinks)
 
 
 def _fast_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: float,
-                  key_padding_mask: Optional[Tensor], dropout_p: float) -> Tensor:
-    return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
+                  key_padding_mask: Optional[Tensor], dropout_p: float, softcap: Optional[float] = None,
+                  sinks: Optional[Tensor] = None) -> Tensor:
+    return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask, softcap, sinks)
 
 
 def _flex_serves(q: Tensor, k: Tensor) -> bool:
@@ -76,7 +82,9 @@ def _flex_serves(q: Tensor, k: Tensor) -> bool:
 
 
 def _flex_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: float,
-                  key_padding_mask: Optional[Tensor], dropout_p: float, ordered: bool = False) -> Tensor:
+                  key_padding_mask: Optional[Tensor], dropout_p: float, softcap: None = None, sinks: None = None,
+                  ordered: bool = False) -> Tensor:
+    """(``run_implementation`` gives a soft-cap or sinks to "fast" instead: flex takes neither.)"""
     if not _flex_serves(q, k):
         return fast_attention(q, k, v, flat_plan, is_causal, scale, key_padding_mask)
     plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
@@ -85,9 +93,12 @@ def _flex_forward(q, k, v, flat_plan: Sequence[int], is_causal: bool, scale: flo
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "reference": Implementation(_reference_forward, dropout=True, double_backward=True, value_head_dim=True),
-    "fast": Implementation(_fast_forward, dropout=False, double_backward=False, value_head_dim=True),
-    "flex": Implementation(_flex_forward, dropout=False, double_backward=False, value_head_dim=True),
+    "reference": Implementation(_reference_forward, dropout=True, double_backward=True, value_head_dim=True,
+                                softcap_sinks=True),
+    "fast": Implementation(_fast_forward, dropout=False, double_backward=False, value_head_dim=True,
+                           softcap_sinks=True),
+    "flex": Implementation(_flex_forward, dropout=False, double_backward=False, value_head_dim=True,
+                           softcap_sinks=False),
 }
 
 
@@ -138,19 +149,23 @@ def choose_implementation(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, drop
 
 def run_implementation(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[int], is_causal: bool,
                        scale: float, key_padding_mask: Optional[Tensor], dropout_p: float,
-                       ordered: bool = False) -> Tensor:
+                       ordered: bool = False, softcap: Optional[float] = None,
+                       sinks: Optional[Tensor] = None) -> Tensor:
     """Implementation ``name`` (or "auto"'s choice) on checked inputs; the
-    reference where it needs dropout it lacks. ``ordered``: inputs and output
-    in residue order (the caller checked ``q_len == kv_len``)."""
+    reference where it needs dropout it lacks, "fast" where it needs a
+    soft-cap or sinks it lacks. ``ordered``: inputs and output in residue
+    order (the caller checked ``q_len == kv_len``)."""
     if name == "auto":
         name = choose_implementation(q, k, v, is_causal, dropout_p)
+    if (softcap is not None or sinks is not None) and not IMPLEMENTATIONS[name].softcap_sinks:
+        name = "fast"
     implementation = IMPLEMENTATIONS[name]
     if v.shape[-1] != q.shape[-1] and not implementation.value_head_dim:
         raise ValueError(f"implementation {name!r} needs v's head_dim equal to q's ({q.shape[-1]}); got {v.shape[-1]}")
     if dropout_p > 0 and not implementation.dropout:
         name, implementation = "reference", IMPLEMENTATIONS["reference"]
     if not ordered:
-        return implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p)
+        return implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p, softcap, sinks)
     if name == "flex" and _flex_serves(q, k):
         return _flex_forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p, ordered=True)
     # The others work in natural order: one gather of each input, one of the output.
@@ -158,5 +173,5 @@ def run_implementation(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Se
     q, k, v = (from_residue_order(x, modulus) for x in (q, k, v))
     if key_padding_mask is not None:
         key_padding_mask = from_residue_order(key_padding_mask, modulus)
-    out = implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p)
+    out = implementation.forward(q, k, v, flat_plan, is_causal, scale, key_padding_mask, dropout_p, softcap, sinks)
     return to_residue_order(out, modulus)

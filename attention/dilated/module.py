@@ -27,7 +27,7 @@ attention a position's pattern never depends on n.
 
 Where the rest lives: the plan and its geometry (``dilated_plan``), the
 reference (``dilated_reference``), the fast path's kernel walk
-(``dilated_kernels``), the custom ops and autograd (``dilated_ops``).
+(``attention.dilated.fast``), the custom ops and autograd (``attention.dilated.ops``).
 
 Supported program transforms: ``torch.compile`` (``fullgraph=True``,
 ``dynamic=True``), ``torch.export`` with a dynamic sequence dimension,
@@ -57,6 +57,7 @@ from patternstore.dilated_groups import Group
 from attention.dilated.reference import dilated_attention_reference
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from attention.residue import residue_modulus
+from attention.checks import check_sinks, check_softcap
 
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention"]
 
@@ -71,7 +72,11 @@ class DilatedAttention(nn.Module):
     the module docstring, any length. ``implementation``: "reference"
     (default), "fast", "flex" or "auto" (``dilated_implementations``); with
     dropout in training an implementation without dropout of its own runs
-    the reference. ``ordered=True``: q, k, v, ``key_padding_mask`` and the
+    the reference. ``softcap`` (None or c > 0) caps the scaled scores, ``c *
+    tanh(s / c)``; ``forward(..., sinks=)`` takes one sink logit per query
+    head, ``(heads,)``, that joins each row's softmax denominator only
+    (``attention.kernels.sinks``; gradients flow to it); "flex" runs either as
+    "fast". ``ordered=True``: q, k, v, ``key_padding_mask`` and the
     output are in residue order (``attention.residue.to_residue_order`` with
     ``self.residue_modulus``), ``q_len == kv_len``; "flex" then runs without
     gathers, the others gather to natural order and back. Pickled state: the
@@ -90,6 +95,7 @@ class DilatedAttention(nn.Module):
         dropout: float = 0.0,
         store: Optional[PatternStore] = None,
         ordered: bool = False,
+        softcap: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_branches(segment_lengths, dilation_rates)
@@ -102,6 +108,7 @@ class DilatedAttention(nn.Module):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
         self.softmax_scale = check_softmax_scale(softmax_scale)
         self.dropout = check_dropout(dropout)
+        self.softcap = check_softcap(softcap)
         self.store = store
         self._plans: BoundedCache[DilatedPlan] = BoundedCache(_PLANS_KEPT)
 
@@ -160,18 +167,22 @@ class DilatedAttention(nn.Module):
         return flat_plan, default_scale(q, self.softmax_scale)
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+        sinks: Optional[Tensor] = None,
     ) -> Tensor:
         flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
+        sinks = check_sinks(sinks, q)
         dropout_p = self.dropout if self.training else 0.0
         return run_implementation(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
-                                  dropout_p, self.ordered)
+                                  dropout_p, self.ordered, self.softcap, sinks)
 
     def extra_repr(self) -> str:
         text = (
             f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
             f"scheme={self.scheme!r}, softmax_scale={self.softmax_scale}, dropout={self.dropout}"
         )
+        if self.softcap is not None:
+            text += f", softcap={self.softcap}"
         if type(self) is DilatedAttention and self.implementation != "reference":
             text += f", implementation={self.implementation!r}"
         if self.ordered:

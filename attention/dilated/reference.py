@@ -8,7 +8,9 @@ one softmax over the branches' log-sum-exps weights their outputs:
 ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``. Padded keys
 are removed (their scores -inf, their keys and values zeroed), so a NaN or
 Inf in a padded key or value never reaches an output. v may have its own
-head_dim (multi-head latent attention): outputs have v's.
+head_dim (multi-head latent attention): outputs have v's. A soft-cap caps
+each piece's scaled scores; sinks join the softmax over the branches as one
+more part with a zero output (``attention.kernels.sinks``).
 
 Memory: a piece's scores are materialized at most ``_REFERENCE_SCORES``
 elements at a time (a few segments per step).
@@ -25,6 +27,8 @@ from torch import Tensor
 from attention.dilated.plan import DilatedPlan, check_plan, head_runs, pieces, view
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, lse_dtype
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from attention.checks import check_sinks, check_softcap
+from attention.kernels.sinks import soft_cap
 
 __all__ = ["dilated_attention_reference", "reference_attention", "softmax_lse"]
 
@@ -57,21 +61,26 @@ def dilated_attention_reference(
     softmax_scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Dilated attention by its definition (module docstring), checked
     inputs: q (b, q_len, h, d), k (b, kv_len, h_kv, d), v (b, kv_len, h_kv,
     d_v) -> (b, q_len, h, d_v). Dropout ``dropout_p`` applies to the
-    attention probabilities."""
+    attention probabilities; ``softcap`` and ``sinks`` (``(h,)``) as in
+    ``attention.kernels.sinks``."""
     check_attention_inputs(q, k, v, key_padding_mask)
     check_plan(plan, q.shape[2])
     is_causal = check_is_causal(is_causal)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
-    return reference_attention(q, k, v, plan, is_causal, scale, key_padding_mask, check_dropout(dropout_p))
+    return reference_attention(q, k, v, plan, is_causal, scale, key_padding_mask, check_dropout(dropout_p),
+                               softcap=check_softcap(softcap), sinks=check_sinks(sinks, q))
 
 
 def reference_attention(
     q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, is_causal: bool, scale: float,
     key_padding_mask: Optional[Tensor], dropout_p: float, with_lse: bool = False,
+    softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
 ):
     """Unchecked core -> out (b, q_len, h, d_v) in q's dtype, or with
     ``with_lse`` (out, lse (b, q_len, h)), lse EMPTY_LSE where no key."""
@@ -103,7 +112,7 @@ def reference_attention(
                     for t in range(0, piece.count, step):  # a few segments at a time
                         seg = slice(t, t + step)
                         ks, vs = (x[:, seg, kv_heads].repeat_interleave(repeat, dim=2) for x in (kp, vp))
-                        scores = (qp[:, seg, heads] @ ks.transpose(-1, -2)) * scale
+                        scores = soft_cap((qp[:, seg, heads] @ ks.transpose(-1, -2)) * scale, softcap)
                         if future is not None:
                             scores = scores.masked_fill(future, _NEG_INF)
                         if pad is not None:
@@ -115,6 +124,8 @@ def reference_attention(
                         view(lse, piece, True)[:, seg, :, heads] = seg_lse.transpose(2, 3)
         outs.append(out)
         lses.append(lse)
+    if sinks is not None:  # one more part: logit z_h, output 0
+        lses.append(sinks.to(acc).expand(b, m, h))
     weights, total = softmax_lse(torch.stack(lses, dim=-1))  # exp(lse_i - L): (b, m, h, branches)
     out = sum(w.unsqueeze(-1) * o for w, o in zip(weights.unbind(-1), outs)).to(dtype)
     if with_lse:

@@ -62,7 +62,9 @@ def serves(attention: nn.Module, q_len: int, attention_mask: Optional[Tensor], i
     """Whether ``step`` computes this call (types and shapes only: it runs at
     trace time too): one query row, the fixed-shape mask, a plain dilated
     module (the last row has the same keys causal or not: none follow it)
-    or a causal prefix-stable block-sparse one."""
+    or a causal prefix-stable block-sparse one; neither with a soft-cap."""
+    if getattr(attention, "softcap", None) is not None:
+        return False
     if q_len != 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 2:
         return False
     if isinstance(attention, DilatedAttention):

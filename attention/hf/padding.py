@@ -1,7 +1,12 @@
 """Padding for the Hugging Face integration (``attention.hf``): the mask
 function registered with ``transformers.AttentionMaskInterface``, the
-checks of what a model asks for (sliding window, mask forms) and the core
+checks of what a model asks for (layer types, mask forms) and the core
 that runs an attention module over a padded batch.
+
+The forms below are those of layers that run a module (dilated or
+block-sparse settings); a dense layer (every sliding-window layer, or a
+layer type mapped to ``"dense"``: ``attention.hf.layers``) gets the model's
+own ``(batch, 1, q_len, kv_len)`` mask instead.
 
 The mask never is a ``q_len x kv_len`` tensor. It has two forms:
 - eager: ``(batch, 1, 1, filled)`` bool, True = a real token, where
@@ -29,34 +34,26 @@ their rows; padding after a row's first real token is passed on as
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
+from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, LAYER_TYPES, dense_mask, layer_entry, mask_layer_type
+
 __all__ = ["RowLayout", "padding_mask", "attend_padded", "check_config", "check_mask"]
 
+
 def check_config(config: Any) -> None:
-    """ValueError naming sliding-window attention when the config asks for
-    it: a non-None ``sliding_window`` (Mistral's default 4096, Qwen2's when
-    ``use_sliding_window``, Gemma2/3) or sliding ``layer_types``. Runs first
-    in the mask function, before transformers' sliding mask function would
-    be refused for another reason."""
-    window = getattr(config, "sliding_window", None)
-    if window is not None:
-        raise ValueError(
-            f"patternstore attention does not support sliding-window attention: config.sliding_window={window!r} "
-            "(a sliding-window model such as Mistral, Qwen2 with use_sliding_window or Gemma2/3); use a "
-            "config with sliding_window=None or another attn_implementation"
-        )
-    layer_types = getattr(config, "layer_types", None) or ()
-    if any("sliding" in str(kind) for kind in layer_types):
-        raise ValueError(
-            "patternstore attention does not support sliding-window attention: config.layer_types has "
-            "sliding-attention layers"
-        )
+    """ValueError naming ``config.layer_types`` when it declares a type other
+    than full or sliding attention (chunked, linear, ...). Runs first in the
+    mask function and the attention function."""
+    for kind in getattr(config, "layer_types", None) or ():
+        if kind not in LAYER_TYPES:
+            raise ValueError(f"patternstore attention runs the layer types {list(LAYER_TYPES)}; config.layer_types "
+                             f"has {kind!r}")
 
 
 class RowLayout(NamedTuple):
@@ -97,10 +94,15 @@ def padding_mask(
     """The ``AttentionMaskInterface`` function of both implementations (the
     module docstring gives its two forms). Older transformers pass
     ``cache_position`` instead of ``q_length`` and ``q_offset``; both are
-    understood."""
-    check_config(kwargs.get("config"))
+    understood. A dense layer's call gets ``attention.hf.layers.dense_mask``."""
+    config = kwargs.get("config")
+    check_config(config)
     if cache_position is not None:
         q_length, q_offset = cache_position.shape[-1], cache_position[..., 0]
+    settings = getattr(config, CONFIG_ATTRIBUTE, None)  # missing or wrong: the attention function names it
+    if isinstance(settings, Mapping) and layer_entry(settings, mask_layer_type(kwargs), CONFIG_ATTRIBUTE) == DENSE:
+        return dense_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device,
+                          **kwargs)
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
         raise ValueError(
             "patternstore attention supports plain causal or bidirectional masks with padding only; "
@@ -203,10 +205,13 @@ def _row_layout(attention_mask: Optional[Tensor], batch: int, kv_len: int) -> tu
 
 def attend_padded(
     attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], is_causal: bool,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """``attention`` over transformers' layouts: query ``(batch, heads, q_len,
     head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim_k / _v)``,
-    the mask in any form above; returns ``(batch, q_len, heads, head_dim_v)``."""
+    the mask in any form above; returns ``(batch, q_len, heads, head_dim_v)``.
+    ``sinks``: the module's ``sinks`` argument (None: not passed)."""
+    extra = {} if sinks is None else {"sinks": sinks}
     batch, _, q_len, _ = query.shape
     layout, real = _row_layout(attention_mask, batch, key.shape[2])
     if layout.filled < q_len:
@@ -216,11 +221,11 @@ def attend_padded(
     k = key[:, :, : layout.filled].transpose(1, 2)
     v = value[:, :, : layout.filled].transpose(1, 2)
     if not any(layout.starts) and not any(layout.holes):
-        return attention(q, k, v, is_causal=is_causal)
-    return _per_padding(attention, q, k, v, layout, real, is_causal)
+        return attention(q, k, v, is_causal=is_causal, **extra)
+    return _per_padding(attention, q, k, v, layout, real, is_causal, extra)
 
 
-def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal: bool) -> Tensor:
+def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal: bool, extra: dict) -> Tensor:
     """Padded batches: each run of rows with one left-padding amount ``s``
     attends on its own, over keys ``s:`` and the queries at positions >= s, so
     its pattern starts at its first token. Padded query rows output 0."""
@@ -240,7 +245,7 @@ def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal:
             key_padding_mask = ~real[rows, start:] if holes else None
             out[rows, first_query:] = attention(
                 q[rows, first_query:], k[rows, start:], v[rows, start:],
-                is_causal=is_causal, key_padding_mask=key_padding_mask,
+                is_causal=is_causal, key_padding_mask=key_padding_mask, **extra,
             )
         row = end
     return out

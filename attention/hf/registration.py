@@ -9,6 +9,12 @@ dict, saved with the model)::
     dilated: {"segment_lengths": [...], "dilation_rates": [...], "scheme": "longnet"}
     sparse:  {"kind": "bigbird", "block_size": 64, "seed": 0, **SparseSpec parameters}
 
+or a mapping by layer type, ``{"full_attention": settings or "dense",
+"sliding_attention": "dense"}`` (``attention.hf.layers``): the settings run
+the full-attention layers; sliding-window layers (Gemma 2/3, Mistral,
+Qwen2 with ``use_sliding_window``, gpt-oss, Cohere 2) compute exactly their
+window under the model's own mask.
+
 Guarantees:
 - transformers' layouts are taken as they come: query ``(batch, heads, q_len,
   head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim)`` with
@@ -39,11 +45,16 @@ Guarantees:
   ``config.attn_implementation``, which ``save_pretrained`` writes and a plain
   ``from_pretrained`` restores (after ``register()``). A config that carries
   ``patternstore_attention`` but runs another implementation warns once.
+- ``softcap`` (Gemma 2's ``attn_logit_softcapping``) and attention sinks
+  (gpt-oss's ``s_aux``) are computed exactly in every layer: the modules'
+  ``softcap`` and ``sinks`` (``attention.kernels.sinks``). Limit: sinks in a
+  full-attention layer under ``torch.compile`` / ``torch.export`` raise (the
+  traced op carries no sinks); eager, and the sliding layers, take them.
 - Unsupported arguments raise ``ValueError`` instead of being ignored:
   packed sequences (a mask function other than causal or bidirectional),
-  sliding-window configs (``sliding_window`` set, sliding ``layer_types``),
-  sliding-window or chunked caches, ``sliding_window``, ``softcap``,
-  attention sinks, ``position_bias``, ``output_attentions=True``, a 4-D mask
+  layer types other than full and sliding attention, a sliding-window or
+  chunked cache on a full-attention layer, ``sinks`` under another name
+  than ``s_aux``, ``position_bias``, ``output_attentions=True``, a 4-D mask
   of another shape, additive float masks.
 - Attention modules are built once per (implementation, settings, store,
   scaling, dropout) and kept (the last ``MAX_MODULES``), so their plan and
@@ -79,11 +90,12 @@ import attention.hf.decode as hf_decode
 from attention.hf.padding import attend_padded, check_config, check_mask, padding_mask
 from attention.checks import check_dropout, check_softmax_scale
 from attention.sparse.module import BlockSparseAttention
+from attention.checks import check_sinks, check_softcap
+from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, FULL, call_layer_type, dense_attention, layer_entry
 
 __all__ = [
     "DILATED",
     "SPARSE",
-    "CONFIG_ATTRIBUTE",
     "register",
     "dilated_attention_forward",
     "sparse_attention_forward",
@@ -92,7 +104,6 @@ __all__ = [
 
 DILATED = "patternstore_dilated"
 SPARSE = "patternstore_sparse"
-CONFIG_ATTRIBUTE = "patternstore_attention"
 
 # Attention modules kept at once: one per distinct (settings, scaling,
 # dropout) a process uses, usually one per model; the bound only stops a
@@ -101,10 +112,7 @@ MAX_MODULES = 32
 
 _DILATED_KEYS = ("segment_lengths", "dilation_rates", "scheme")
 _UNSUPPORTED = {
-    "sliding_window": "sliding-window attention",
-    "softcap": "soft-capping of attention scores",
-    "s_aux": "attention sinks",
-    "sinks": "attention sinks",
+    "sinks": "attention sinks named 'sinks' (transformers passes them as s_aux)",
     "position_bias": "an additive position bias",
     "head_mask": "a head mask",
 }
@@ -162,7 +170,10 @@ def _remember_implementation(config: Any, impl: str) -> None:
 
 def implementation_for(settings: Any) -> Optional[str]:
     """The implementation ``patternstore_attention`` settings are written for
-    (dilated settings name segment lengths, sparse ones a kind), or None."""
+    (dilated settings name segment lengths, sparse ones a kind; a mapping by
+    layer type, those of its full-attention layers), or None."""
+    if isinstance(settings, Mapping) and isinstance(settings.get(FULL), Mapping):
+        settings = settings[FULL]
     if isinstance(settings, Mapping):
         if "segment_lengths" in settings:
             return DILATED
@@ -224,26 +235,39 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {getattr(x, 'shape', x)}")
-    check_mask(attention_mask)
-    settings = _settings(impl, config)
+    entry = layer_entry(_settings(impl, config), call_layer_type(kwargs), CONFIG_ATTRIBUTE)
     scaling, dropout = check_softmax_scale(scaling), check_dropout(dropout)  # transformers' scaling is our softmax_scale
+    softcap, sinks = check_softcap(kwargs.get("softcap")), check_sinks(kwargs.get("s_aux"), query.transpose(1, 2))
     is_causal = kwargs.get("is_causal")
     is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if entry == DENSE:
+        if not torch.compiler.is_compiling():
+            _remember_implementation(config, impl)
+        return dense_attention(query, key, value, attention_mask, scale=scaling if scaling is not None else
+                               query.shape[-1] ** -0.5, is_causal=is_causal, softcap=softcap, sinks=sinks,
+                               dropout=dropout)
+    check_mask(attention_mask)
+    settings = entry
     if torch.compiler.is_compiling():
+        if sinks is not None:
+            raise ValueError(
+                f"attn_implementation={impl!r} under torch.compile / torch.export takes no attention sinks (s_aux) "
+                f"in its full-attention layers: the traced op carries none; run the model eagerly"
+            )
         if dropout > 0:
             raise ValueError(
                 f"attn_implementation={impl!r} under torch.compile runs without attention dropout; "
                 f"got dropout={dropout} (set the config's attention_dropout to 0 or train eagerly)"
             )
         heads = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1])
-        module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal)
+        module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal, softcap)
         fixed_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 2
         if _traced_capturable(module_key, query.device.type, query.shape[2] == 1, fixed_mask, is_causal):
             return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
         return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal)
     _remember_implementation(config, impl)
-    attention = _attention_module(impl, settings, scaling, dropout)
-    return attend_padded(attention, query, key, value, attention_mask, is_causal)
+    attention = _attention_module(impl, settings, scaling, dropout, softcap)
+    return attend_padded(attention, query, key, value, attention_mask, is_causal, sinks)
 
 
 # ------------------------------------------------------- the traced region
@@ -261,16 +285,16 @@ _op_modules: BoundedCache[nn.Module] = process_cache(MAX_MODULES)
 @torch.compiler.assume_constant_result
 def _traced_module_key(
     impl: str, frozen_settings: tuple, scaling: Optional[float], dropout: float,
-    heads: tuple[int, int, int, int], is_causal: bool,
+    heads: tuple[int, int, int, int], is_causal: bool, softcap: Optional[float] = None,
 ) -> str:
     """The op's key for these settings, with the module built and kept and
     its pattern looked up for ``heads`` = (heads, kv_heads, head_dim,
     v_head_dim): one call on meta tensors (no compute), so the op's first
     run finds the plan in the module's cache instead of the store."""
-    key = json.dumps([impl, frozen_settings, scaling, dropout])
+    key = json.dumps([impl, frozen_settings, scaling, dropout, softcap])
     attention = _op_modules.get(key)
     if attention is None:
-        attention = _op_modules.put(key, _attention_module(impl, dict(frozen_settings), scaling, dropout))
+        attention = _op_modules.put(key, _attention_module(impl, dict(frozen_settings), scaling, dropout, softcap))
     count, kv_count, head_dim, v_head_dim = heads
     q = torch.empty(1, 1, count, head_dim, device="meta")
     attention(q, q.new_empty(1, 1, kv_count, head_dim), q.new_empty(1, 1, kv_count, v_head_dim), is_causal=is_causal)
@@ -280,9 +304,9 @@ def _traced_module_key(
 def _op_module(key: str) -> nn.Module:
     attention = _op_modules.get(key)  # no lock: one dict read
     if attention is None:  # register() or the bound dropped it, or an exported program runs in a new process
-        impl, frozen_settings, scaling, dropout = json.loads(key)
+        impl, frozen_settings, scaling, dropout, softcap = json.loads(key)
         attention = _op_modules.put(key, _attention_module(
-            impl, {name: value for name, value in frozen_settings}, scaling, dropout
+            impl, {name: value for name, value in frozen_settings}, scaling, dropout, softcap
         ))
     return attention
 
@@ -386,13 +410,14 @@ def _settings(impl: str, config: Any) -> Mapping:
     return settings
 
 
-def _attention_module(impl: str, settings: Mapping, scaling: Optional[float], dropout: float) -> nn.Module:
+def _attention_module(impl: str, settings: Mapping, scaling: Optional[float], dropout: float,
+                      softcap: Optional[float] = None) -> nn.Module:
     """The attention module for these settings, built on first use."""
     store = _store
-    cache_key = (impl, _frozen(settings), id(store), scaling, dropout)
+    cache_key = (impl, _frozen(settings), id(store), scaling, dropout, softcap)
     attention = _modules.get(cache_key)
     if attention is None:  # a racing thread's module wins (BoundedCache.put)
-        attention = _modules.put(cache_key, _build(impl, dict(settings), scaling, dropout, store))
+        attention = _modules.put(cache_key, _build(impl, dict(settings), scaling, dropout, store, softcap))
     return attention
 
 
@@ -404,7 +429,8 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-def _build(impl: str, settings: dict, scaling: Optional[float], dropout: float, store) -> nn.Module:
+def _build(impl: str, settings: dict, scaling: Optional[float], dropout: float, store,
+           softcap: Optional[float]) -> nn.Module:
     where = f"config.{CONFIG_ATTRIBUTE} for attn_implementation={impl!r}"
     try:
         if impl == DILATED:
@@ -415,14 +441,15 @@ def _build(impl: str, settings: dict, scaling: Optional[float], dropout: float, 
                 )
             attention = ImprovedDilatedAttention(
                 settings["segment_lengths"], settings["dilation_rates"], scheme=settings.get("scheme", "longnet"),
-                softmax_scale=scaling, dropout=dropout, store=store,
+                softmax_scale=scaling, dropout=dropout, store=store, softcap=softcap,
             )
         else:
             if "kind" not in settings:
                 raise ValueError(f"needs 'kind' (and optionally 'block_size', 'seed' and the kind's "
                                  f"SparseSpec parameters), got keys {sorted(settings)}")
             kind = settings.pop("kind")
-            attention = BlockSparseAttention(kind, softmax_scale=scaling, dropout=dropout, store=store, **settings)
+            attention = BlockSparseAttention(kind, softmax_scale=scaling, dropout=dropout, store=store,
+                                             softcap=softcap, **settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from error
     # transformers passes dropout 0 outside training: the module drops exactly when it was given a rate.

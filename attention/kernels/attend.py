@@ -22,6 +22,8 @@ Guarantees:
 - Dropout: ``keep`` (bool broadcastable to ``(B, H, M, N)``) multiplies the
   probabilities after the softmax by ``keep / (1 - dropout_p)``; the lse is
   the undropped one. Only kernels whose entry says ``dropout`` take it.
+- ``softcap`` c: each scaled score s becomes ``c * tanh(s / c)`` (``attention.kernels.sinks``)
+  in a kernel whose entry says ``softcap`` (matmul; flex by a score_mod).
 - Inputs may have any strides: a tensor whose last dimension is not
   contiguous is copied (the fused kernels read rows with a unit stride and
   return wrong numbers otherwise); everything else is passed as a view.
@@ -49,7 +51,7 @@ import torch
 from torch import Tensor
 
 from attention.kernels.masks import AttendCall, check_call, combined_mask, dead_rows, head_residue, key_range, zero_masked_keys
-from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softcap, check_softmax_scale, default_scale
 from attention.kernels.flex import flex_attend, flex_attend_backward
 from attention.kernels.matmul import matmul_backward, matmul_forward
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, lse_dtype, merge_
@@ -88,9 +90,10 @@ class Kernel(NamedTuple):
     dropout: bool                      # takes a keep mask
     bottom_right_causal: bool          # takes causal with M < N in one call
     zero_empty_rows: bool              # returns out 0, lse EMPTY_LSE for rows with no key itself
+    softcap: bool                      # takes a soft-cap (a trailing softcap= argument of forward and backward)
 
     def takes(self, device_type: str, dtype: torch.dtype, head_dim: int, value_head_dim: int, has_mask: bool,
-              structural_mask: bool, dropout: bool, backward: bool) -> bool:
+              structural_mask: bool, dropout: bool, backward: bool, softcap: bool = False) -> bool:
         """Whether this kernel computes such a call."""
         devices = self.backward_devices if backward else self.devices
         least, most, multiple = self.head_dims
@@ -102,6 +105,7 @@ class Kernel(NamedTuple):
             and (self.takes_mask or not has_mask)
             and (self.takes_structural_mask or not structural_mask)
             and (self.dropout or not dropout)
+            and (self.softcap or not softcap)
         )
 
 
@@ -197,14 +201,14 @@ def _cuda_efficient_float32_backward(do, q, k, v, out, lse, causal, scale, maske
     return tuple(grad.to(x.dtype) for grad, x in zip(grads, (q, k, v)))
 
 
-def _flex_forward(q, k, v, causal, scale, masked, keep):
+def _flex_forward(q, k, v, causal, scale, masked, keep, softcap=None):
     key_mask = None if masked is None else masked[:, 0, 0, :]  # (B, 1, 1, N): the entry takes no structural mask
-    return flex_attend(q, k, v, key_mask, causal=causal, scale=scale)
+    return flex_attend(q, k, v, key_mask, causal=causal, scale=scale, softcap=softcap)
 
 
-def _flex_backward(do, q, k, v, out, lse, causal, scale, masked, keep):
+def _flex_backward(do, q, k, v, out, lse, causal, scale, masked, keep, softcap=None):
     key_mask = None if masked is None else masked[:, 0, 0, :]
-    return flex_attend_backward(do, q, k, v, out, lse, key_mask, causal=causal, scale=scale)
+    return flex_attend_backward(do, q, k, v, out, lse, key_mask, causal=causal, scale=scale, softcap=softcap)
 
 
 _CPU_FLASH_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -215,10 +219,11 @@ FLASH_MAX_HEAD_DIM = 256
 
 def _entry(name, forward, backward, devices, *, backward_devices=None, dtypes=(), head_dims=_ALL_HEAD_DIMS,
            native_gqa=False, takes_mask=False, takes_structural_mask=False, fills_mask=True,
-           value_head_dim=False, dropout=False, bottom_right_causal=False, zero_empty_rows=False) -> Kernel:
+           value_head_dim=False, dropout=False, bottom_right_causal=False, zero_empty_rows=False,
+           softcap=False) -> Kernel:
     return Kernel(name, forward, backward, devices, devices if backward_devices is None else backward_devices,
                   dtypes, head_dims, native_gqa, takes_mask, takes_structural_mask, fills_mask, value_head_dim,
-                  dropout, bottom_right_causal, zero_empty_rows)
+                  dropout, bottom_right_causal, zero_empty_rows, softcap)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -262,10 +267,10 @@ KERNELS: dict[str, Kernel] = {
     # so it runs when named (backend="flex") or called (flex_attend).
     "flex": _entry("flex", _flex_forward, _flex_backward, ("cpu", "cuda"), backward_devices=("cuda",),
                    dtypes=(torch.float32, torch.bfloat16, torch.float16), head_dims=(16, 256, 1), native_gqa=True,
-                   takes_mask=True, value_head_dim=True, bottom_right_causal=True, zero_empty_rows=True),
+                   takes_mask=True, value_head_dim=True, bottom_right_causal=True, zero_empty_rows=True, softcap=True),
     "matmul": _entry("matmul", matmul_forward, matmul_backward, (_ANY,), takes_mask=True,
                      takes_structural_mask=True, value_head_dim=True, dropout=True, bottom_right_causal=True,
-                     zero_empty_rows=True),
+                     zero_empty_rows=True, softcap=True),
 }
 
 # Each device type's kernels, best first; ``matmul`` (takes everything) ends
@@ -281,25 +286,26 @@ PREFERENCES: dict[str, tuple[str, ...]] = {
 
 def choose_kernel(device_type: str, dtype: torch.dtype, head_dim: int, has_mask: bool = False,
                   value_head_dim: Optional[int] = None, structural_mask: bool = False, dropout: bool = False,
-                  backward: bool = False, prefer: Optional[str] = None) -> str:
+                  backward: bool = False, prefer: Optional[str] = None, softcap: bool = False) -> str:
     """The name (a key of ``KERNELS``) of the first kernel of ``prefer``,
     then ``PREFERENCES[device_type]``, then ``matmul``, that takes the call:
     ``has_mask`` a key mask, ``value_head_dim`` v's head_dim (None: q's),
     ``structural_mask`` a ``mask``, ``dropout`` a keep mask, ``backward``
-    its backward."""
+    its backward, ``softcap`` a soft-cap."""
     if prefer is not None and prefer not in KERNELS:
         raise ValueError(f"prefer must be None or one of {sorted(KERNELS)}; got {prefer!r}")
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
     order = ((prefer,) if prefer is not None else ()) + PREFERENCES.get(device_type, ()) + ("matmul",)
     for name in order:
         if KERNELS[name].takes(device_type, dtype, head_dim, value_head_dim, has_mask, structural_mask, dropout,
-                               backward):
+                               backward, softcap):
             return name
     raise ValueError(f"no kernel of KERNELS takes this call on {device_type!r}: matmul must end every order")
 
 
 # ------------------------------------------------------------------ attend
-def _kernel_for(q: Tensor, v: Tensor, call: AttendCall, backend: Optional[str], backward: bool) -> Kernel:
+def _kernel_for(q: Tensor, v: Tensor, call: AttendCall, backend: Optional[str], backward: bool,
+                softcap: Optional[float]) -> Kernel:
     """The table's kernel for this call; ``backend``: None, a device type or a kernel name (preferred)."""
     device_type, prefer = q.device.type, None
     if backend in KERNELS:
@@ -315,7 +321,7 @@ def _kernel_for(q: Tensor, v: Tensor, call: AttendCall, backend: Optional[str], 
         except (RuntimeError, TypeError):
             raise ValueError(f"backend must be None, a device type or one of {sorted(KERNELS)}; got {backend!r}") from None
     name = choose_kernel(device_type, q.dtype, q.shape[-1], call.key_mask is not None, v.shape[-1],
-                         call.mask is not None, call.factors is not None, backward, prefer)
+                         call.mask is not None, call.factors is not None, backward, prefer, softcap is not None)
     return KERNELS[name]
 
 
@@ -363,18 +369,23 @@ def _parts(kernel: Kernel, m: int, n: int, causal: bool) -> tuple[tuple[slice, b
     return ((slice(0, n - m), False), (slice(n - m, n), True))
 
 
-def _forward_heads(kernel: Kernel, q, k, v, causal, scale, masked, factors) -> tuple[Tensor, Tensor]:
+def _capped(softcap: Optional[float]) -> dict:  # only a kernel that takes a soft-cap gets one
+    return {} if softcap is None else {"softcap": softcap}
+
+
+def _forward_heads(kernel: Kernel, q, k, v, causal, scale, masked, factors, softcap) -> tuple[Tensor, Tensor]:
     """One kernel call (or one per GQA head residue), dead rows fixed."""
     rep = q.shape[1] // k.shape[1]
     if rep == 1 or kernel.native_gqa:
-        out, lse = kernel.forward(q, k, v, causal, scale, masked, factors)
+        out, lse = kernel.forward(q, k, v, causal, scale, masked, factors, **_capped(softcap))
     else:
         # Query heads r, r + rep, ... read key/value heads 0, 1, ...: a strided
         # view of q per residue r, no repeated keys.
         out = q.new_empty((*q.shape[:3], v.shape[-1]))
         lse = q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
         for r in range(rep):
-            o, l = kernel.forward(q[:, r::rep], k, v, causal, scale, head_residue(masked, r, rep), head_residue(factors, r, rep))
+            o, l = kernel.forward(q[:, r::rep], k, v, causal, scale, head_residue(masked, r, rep),
+                                  head_residue(factors, r, rep), **_capped(softcap))
             out[:, r::rep] = o
             lse[:, r::rep] = l
     lse = lse.to(lse_dtype(q.dtype))
@@ -385,17 +396,17 @@ def _forward_heads(kernel: Kernel, q, k, v, causal, scale, masked, factors) -> t
     return out, lse
 
 
-def _backward_heads(kernel: Kernel, do, q, k, v, out, lse, causal, scale, masked, factors):
+def _backward_heads(kernel: Kernel, do, q, k, v, out, lse, causal, scale, masked, factors, softcap):
     rep = q.shape[1] // k.shape[1]
     if rep == 1 or kernel.native_gqa:
-        return kernel.backward(do, q, k, v, out, lse, causal, scale, masked, factors)
+        return kernel.backward(do, q, k, v, out, lse, causal, scale, masked, factors, **_capped(softcap))
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=accumulate_dtype(k.dtype), device=k.device)
     dv = torch.zeros(v.shape, dtype=accumulate_dtype(v.dtype), device=v.device)
     for r in range(rep):
         heads = slice(r, None, rep)
         gq, gk, gv = kernel.backward(do[:, heads], q[:, heads], k, v, out[:, heads], lse[:, heads], causal, scale,
-                                     head_residue(masked, r, rep), head_residue(factors, r, rep))
+                                     head_residue(masked, r, rep), head_residue(factors, r, rep), **_capped(softcap))
         dq[:, heads] = gq
         dk += gk
         dv += gv
@@ -405,7 +416,7 @@ def _backward_heads(kernel: Kernel, do, q, k, v, out, lse, causal, scale, masked
 def attend(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: Optional[float],
     key_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-    keep: Optional[Tensor] = None, backend: Optional[str] = None,
+    keep: Optional[Tensor] = None, backend: Optional[str] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``(B, H, M, d)`` queries over ``(B, H_kv, N, d)`` keys and
     ``(B, H_kv, N, d_v)`` values -> ``(out (B, H, M, d_v), lse (B, H, M))``
@@ -415,10 +426,10 @@ def attend(
     ``keep``: the dropout keep mask (bool, as ``mask``), scaled by ``1 / (1 -
     dropout_p)``. ``backend``: None (q's device type), a device type ("cuda"
     on meta tensors) or a kernel name of ``KERNELS``, preferred where it
-    takes the call."""
+    takes the call. ``softcap``: None or c > 0 (scores ``c * tanh(s / c)``)."""
     scale = default_scale(q, scale)
-    call = check_call(q, k, v, key_mask, mask, dropout_p, keep)
-    kernel = _kernel_for(q, v, call, backend, backward=False)
+    call, softcap = check_call(q, k, v, key_mask, mask, dropout_p, keep), check_softcap(softcap)
+    kernel = _kernel_for(q, v, call, backend, False, softcap)
     q, k, v = (_unit_stride_rows(x) for x in (q, k, v))
     k, v = zero_masked_keys(k, v, call.key_mask)
     kernel = _finite_keys_or_matmul(kernel, k, call)
@@ -426,7 +437,7 @@ def attend(
     out = lse = None
     for keys, part_causal in _parts(kernel, q.shape[2], n, causal):
         o, l = _forward_heads(kernel, q, k[:, :, keys], v[:, :, keys], part_causal, scale, key_range(masked, keys),
-                              key_range(call.factors, keys))
+                              key_range(call.factors, keys), softcap)
         if out is None:
             out, lse = o, l
         else:
@@ -439,13 +450,14 @@ def attend_backward(
     d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, causal: bool,
     scale: Optional[float], key_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
     dropout_p: float = 0.0, keep: Optional[Tensor] = None, backend: Optional[str] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of ``attend``'s rows given their FINAL
     ``out`` (the dropped output with ``keep``) and ``lse`` (arguments as
     ``attend``'s; out and d_out ``(B, H, M, d_v)`` in q's dtype)."""
     scale = default_scale(q, scale)
-    call = check_call(q, k, v, key_mask, mask, dropout_p, keep)
-    kernel = _kernel_for(q, v, call, backend, backward=True)
+    call, softcap = check_call(q, k, v, key_mask, mask, dropout_p, keep), check_softcap(softcap)
+    kernel = _kernel_for(q, v, call, backend, True, softcap)
     d_out, q, k, v, out = (_unit_stride_rows(x) for x in (d_out, q, k, v, out))
     k, v = zero_masked_keys(k, v, call.key_mask)
     kernel = _finite_keys_or_matmul(kernel, k, call)
@@ -454,7 +466,7 @@ def attend_backward(
     dq, dks, dvs = None, [], []
     for keys, part_causal in parts:
         gq, gk, gv = _backward_heads(kernel, d_out, q, k[:, :, keys], v[:, :, keys], out, lse, part_causal, scale,
-                                     key_range(masked, keys), key_range(call.factors, keys))
+                                     key_range(masked, keys), key_range(call.factors, keys), softcap)
         dq = gq if dq is None else dq + gq
         dks.append(gk)
         dvs.append(gv)

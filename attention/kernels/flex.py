@@ -21,6 +21,8 @@ Guarantees and limits:
   masked scores (a (B, H, M, N) matrix: a check of exactness, not a fast
   path) and ``block_mask``/``score_mod`` are taken only with
   ``return_lse=False``.
+- ``softcap`` c caps the scaled scores, ``c * tanh(s / c)``, through a
+  score_mod (the CPU's explicit lse caps them too).
 - Without a ``block_mask``, one is built per call by ``create_block_mask``,
   which evaluates the mask_mod at M * N points: callers with a stored
   layout pass their own.
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype
+from attention.kernels.sinks import soft_cap
 
 __all__ = ["FLEX_MIN_BLOCK", "FLEX_DEFAULT_TILE", "compiled_flex", "flex_attend", "flex_attend_backward", "flex_tiles"]
 
@@ -99,12 +102,21 @@ def _mask_mod(key_mask: Optional[Tensor], causal: bool, offset: int) -> Optional
     return mask_mod
 
 
-def _explicit_lse(q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], causal: bool) -> Tensor:
-    """(B, H, M) float32 log-sum-exp of the masked scores; query heads grouped over kv heads."""
+def _softcap_mod(softcap: float) -> Callable:
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+def _explicit_lse(q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor], causal: bool,
+                  softcap: Optional[float] = None) -> Tensor:
+    """(B, H, M) float32 log-sum-exp of the masked (capped) scores; query heads grouped over kv heads."""
     b, h, m, d = q.shape
     h_kv, n = k.shape[1], k.shape[2]
     acc = accumulate_dtype(q.dtype)
-    s = q.reshape(b, h_kv, h // h_kv, m, d).to(acc) @ k.to(acc)[:, :, None].transpose(-1, -2) * scale
+    s = soft_cap(q.reshape(b, h_kv, h // h_kv, m, d).to(acc) @ k.to(acc)[:, :, None].transpose(-1, -2) * scale,
+                 softcap)
     excluded = torch.zeros(m, n, dtype=torch.bool, device=q.device)
     if causal:
         excluded = torch.ones(m, n, dtype=torch.bool, device=q.device).triu(n - m + 1)
@@ -117,18 +129,23 @@ def _explicit_lse(q: Tensor, k: Tensor, scale: float, key_mask: Optional[Tensor]
 def flex_attend(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None, *, causal: bool = False,
     scale: Optional[float] = None, block_mask=None, score_mod: Optional[Callable] = None, return_lse: bool = True,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Attention through one flex_attention call -> ``(out, lse)`` (see the
     module docstring). ``block_mask``: a caller's own BlockMask of (M, N),
     which then carries every exclusion (``key_mask`` and ``causal`` must be
     unset); ``score_mod``: flex's, applied to the scaled scores;
     ``return_lse=False``: lse None (on the CPU the only way to take a
-    block_mask or score_mod)."""
+    block_mask or score_mod). ``softcap``: None or c > 0 (not with a score_mod)."""
     m, n = q.shape[2], k.shape[2]
+    if softcap is not None:
+        if score_mod is not None:
+            raise ValueError("flex_attend: give softcap or a score_mod, not both")
+        score_mod = _softcap_mod(softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if block_mask is not None and (key_mask is not None or causal):
         raise ValueError("flex_attend: give key_mask/causal or a block_mask that carries them, not both")
-    if q.device.type == "cpu" and return_lse and (block_mask is not None or score_mod is not None):
+    if q.device.type == "cpu" and return_lse and (block_mask is not None or (score_mod is not None and softcap is None)):
         raise ValueError("flex_attend: on the CPU the lse is explicit: with a block_mask or score_mod pass "
                          "return_lse=False")
     if key_mask is not None:
@@ -145,7 +162,7 @@ def flex_attend(
         out = compiled_flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         if not return_lse:
             return out, None
-        lse = _explicit_lse(q, k, scale, key_mask, causal)
+        lse = _explicit_lse(q, k, scale, key_mask, causal, softcap)
     else:
         from torch.nn.attention.flex_attention import AuxRequest
 
@@ -161,6 +178,7 @@ def flex_attend(
 def flex_attend_backward(
     d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_mask: Optional[Tensor] = None,
     *, causal: bool = False, scale: Optional[float] = None, part: Callable = flex_attend,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of these keys' part given the rows' FINAL ``out`` and
     ``lse``: the part's ``(o, l)`` enter the final output with weight ``w =
@@ -169,7 +187,7 @@ def flex_attend_backward(
     part (flex_attend; tests substitute an explicit one on the CPU)."""
     with torch.enable_grad():
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        o, l = part(*inputs, key_mask, causal=causal, scale=scale)
+        o, l = part(*inputs, key_mask, causal=causal, scale=scale, **({} if softcap is None else {"softcap": softcap}))
         wide = torch.promote_types(l.dtype, accumulate_dtype(q.dtype))
         weight = (l.to(wide) - lse.to(wide)).exp()
         d_o = (weight[..., None] * d_out.to(wide)).to(o.dtype)

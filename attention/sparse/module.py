@@ -67,6 +67,7 @@ from attention.kernels.flex import FLEX_MIN_BLOCK, compiled_flex, flex_tiles
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from attention.sparse.layouts import LayoutPlan, LayoutSource, baked_block_mask, baked_plan, describe_layouts, source, unflatten_plan
 from attention.sparse.ops import block_mask_op, layout_op, sparse_attention
+from attention.checks import check_sinks, check_softcap
 
 __all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES"]
 
@@ -88,9 +89,12 @@ __all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES"]
 FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
-def attention_path(device_type: str, q_len: int, kv_len: int, dropout_p: float, block_size: int) -> str:
-    """"flex" or "gather" (see the note above FLEX_DEVICE_TYPES)."""
-    if device_type in FLEX_DEVICE_TYPES and q_len == kv_len and dropout_p == 0 and block_size % FLEX_MIN_BLOCK == 0:
+def attention_path(device_type: str, q_len: int, kv_len: int, dropout_p: float, block_size: int,
+                   softcap_or_sinks: bool = False) -> str:
+    """"flex" or "gather" (see the note above FLEX_DEVICE_TYPES; a soft-cap or
+    sinks take "gather", whose kernels compute them)."""
+    if (device_type in FLEX_DEVICE_TYPES and q_len == kv_len and dropout_p == 0 and block_size % FLEX_MIN_BLOCK == 0
+            and not softcap_or_sinks):
         return "flex"
     return "gather"
 
@@ -115,7 +119,10 @@ class BlockSparseAttention(nn.Module):
     applies when the layout is unidirectional or ``is_causal``; then a
     prefix-stable layout is taken from the layout of ``max_seq_len`` (or of
     the next power of two of the block count). ``dropout`` applies to
-    attention probabilities in training.
+    attention probabilities in training. ``softcap`` (None or c > 0) caps
+    the scaled scores, ``c * tanh(s / c)``; ``forward(..., sinks=)`` takes
+    one sink logit per query head ``(heads,)``, joining each row's softmax
+    denominator only (``attention.kernels.sinks``); both run on the gather path.
 
     Pickles, deep-copies and exports as its layout description and store
     directory: it finds its layouts again in any process.
@@ -131,6 +138,7 @@ class BlockSparseAttention(nn.Module):
         dropout: float = 0.0,
         store: Optional[PatternStore] = None,
         max_seq_len: Optional[int] = None,
+        softcap: Optional[float] = None,
         **params: Any,
     ) -> None:
         super().__init__()
@@ -139,6 +147,7 @@ class BlockSparseAttention(nn.Module):
                              "do not pass them")
         dropout = check_dropout(dropout)
         softmax_scale = check_softmax_scale(softmax_scale)
+        self.softcap = check_softcap(softcap)
         if store is not None and not isinstance(store, PatternStore):
             raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
         if max_seq_len is not None:
@@ -176,8 +185,9 @@ class BlockSparseAttention(nn.Module):
         return state
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                key_padding_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tensor:
         check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
+        sinks = check_sinks(sinks, q)
         causal = check_is_causal(is_causal) or self._unidirectional
         q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
         if causal and q_len != kv_len and not self._prefix_stable:
@@ -187,11 +197,14 @@ class BlockSparseAttention(nn.Module):
                 f"{self.kind!r} with {self.params} is not (attention='unidirectional' layouts are)"
             )
         dropout_p = self.dropout if self.training else 0.0
-        if attention_path(q.device.type, q_len, kv_len, dropout_p, self.block_size) == "flex":
+        softcap = self.softcap
+        if attention_path(q.device.type, q_len, kv_len, dropout_p, self.block_size,
+                          softcap is not None or sinks is not None) == "flex":
             return self._flex_forward(q, k, v, causal, key_padding_mask)
         plan = self._plan(q, k, causal)
         return sparse_attention(q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.groups, self.block_size, causal,
-                                default_scale(q, self.softmax_scale), dropout_p, key_padding_mask, trusted_layout=True)
+                                default_scale(q, self.softmax_scale), dropout_p, key_padding_mask, trusted_layout=True,
+                                softcap=softcap, sinks=sinks)
 
     def _plan(self, q: Tensor, k: Tensor, causal: bool) -> LayoutPlan:
         """The layout and row groups of this call (module docstring: eager
@@ -239,4 +252,5 @@ class BlockSparseAttention(nn.Module):
         return self.layouts.spec(seq_len, num_heads)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, block_size={self.block_size}, seed={self.seed}, params={self.params}"
+        text = f"kind={self.kind!r}, block_size={self.block_size}, seed={self.seed}, params={self.params}"
+        return text if self.softcap is None else f"{text}, softcap={self.softcap}"

@@ -40,6 +40,8 @@ from attention.checks import check_attention_inputs, check_dropout, check_is_cau
 from attention.sparse.layouts import source
 from attention.sparse.tiles import sparse_backward, sparse_forward
 from attention.checks import check_count
+from attention.checks import check_sinks, check_softcap
+from attention.kernels.sinks import apply_sinks, sinks_grad
 
 __all__ = ["block_sparse_attention", "sparse_attention", "layout_op", "block_mask_op",
            "BLOCK_MASK_ARRAYS"]
@@ -53,11 +55,12 @@ def _groups(rows: Optional[list[Tensor]], keys: Optional[list[Tensor]]) -> list[
 # Written out: schema inference takes no optional tensor list (torch 2.13).
 _FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, Tensor[]? group_rows, "
                    "Tensor[]? group_keys, Tensor? key_padding_mask, Tensor? dropout_seed, SymInt block_size, "
-                   "bool causal, float scale, float dropout_p, bool trusted_layout, str? backend) -> (Tensor, Tensor)")
+                   "bool causal, float scale, float dropout_p, bool trusted_layout, str? backend, float? softcap=None, "
+                   "Tensor? sinks=None) -> (Tensor, Tensor)")
 _BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks, "
                     "Tensor kv_indices, Tensor[]? group_rows, Tensor[]? group_keys, Tensor? key_padding_mask, "
                     "Tensor? dropout_seed, SymInt block_size, bool causal, float scale, float dropout_p, "
-                    "bool trusted_layout, str? backend) -> (Tensor, Tensor, Tensor)")
+                    "bool trusted_layout, str? backend, float? softcap=None) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op("attention::sparse_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
@@ -66,11 +69,16 @@ def forward_op(
     group_rows: Optional[list[Tensor]], group_keys: Optional[list[Tensor]],
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
-    backend: Optional[str],
+    backend: Optional[str], softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (b, q_len, h, v_dim), lse (b, h, q_len))``: ``sparse_tiles.sparse_forward``."""
-    return sparse_forward(q, k, v, kv_num_blocks, kv_indices, _groups(group_rows, group_keys), key_padding_mask,
-                          dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend)
+    """``(out (b, q_len, h, v_dim), lse (b, h, q_len))``: ``attention.sparse.tiles.sparse_forward``, with ``sinks``
+    ``(h,)`` merged in (``attention.kernels.sinks``: the backward takes these as the final out and lse)."""
+    out, lse = sparse_forward(q, k, v, kv_num_blocks, kv_indices, _groups(group_rows, group_keys), key_padding_mask,
+                              dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap)
+    if sinks is None:
+        return out, lse
+    out, lse = apply_sinks(out, lse.transpose(1, 2), sinks)
+    return out, lse.transpose(1, 2).contiguous()
 
 
 def _forward_fake(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,7 +88,7 @@ def _forward_fake(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 @forward_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed,
-      block_size, causal, scale, dropout_p, trusted_layout, backend):
+      block_size, causal, scale, dropout_p, trusted_layout, backend, softcap=None, sinks=None):
     return _forward_fake(q, v)
 
 
@@ -91,17 +99,17 @@ def backward_op(
     group_keys: Optional[list[Tensor]],
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
-    backend: Optional[str],
+    backend: Optional[str], softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``attention::sparse_forward``'s ``out`` with respect to ``q, k, v``."""
     return sparse_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, _groups(group_rows, group_keys),
                            key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p, trusted_layout,
-                           backend)
+                           backend, softcap)
 
 
 @backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
-      dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
+      dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -185,37 +193,43 @@ class SparseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed,
-                block_size, causal, scale, dropout_p, trusted_layout, backend):
+                block_size, causal, scale, dropout_p, trusted_layout, backend, softcap, sinks):
         return forward_op(q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
-                          dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend)
+                          dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap, sinks)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask, dropout_seed, *options = inputs
         # Every tensor through save_for_backward (dynamo traces no tensor kept as a ctx attribute).
         ctx.save_for_backward(q, k, v, output[0], output[1], kv_num_blocks, kv_indices, key_padding_mask,
-                              dropout_seed, *(group_rows or []), *(group_keys or []))
-        ctx.groups, ctx.options = len(group_rows or []), options
+                              dropout_seed, options[-1], *(group_rows or []), *(group_keys or []))
+        ctx.groups, ctx.options = len(group_rows or []), options[:-1]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
-        q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *groups = ctx.saved_tensors
+        q, k, v, out, lse, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, sinks, *groups = \
+            ctx.saved_tensors
         rows, keys = (list(groups[:ctx.groups]), list(groups[ctx.groups:])) if ctx.groups else (None, None)
-        block_size, causal, scale, dropout_p, trusted_layout, backend = ctx.options
+        block_size, causal, scale, dropout_p, trusted_layout, backend, softcap = ctx.options
         dq, dk, dv = SparseBackwardFunction.apply(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, rows, keys,
                                                   key_padding_mask, dropout_seed, block_size, causal, scale,
-                                                  dropout_p, trusted_layout, backend)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+                                                  dropout_p, trusted_layout, backend, softcap)
+        d_sinks = None
+        if sinks is not None and ctx.needs_input_grad[16]:  # lse is (b, h, q_len): heads last for sinks_grad
+            d_sinks = sinks_grad(grad_out, out, lse.transpose(1, 2), sinks)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, d_sinks
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
-             dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
+             dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap, sinks):
         _refuse_batched_layout(in_dims[3:7])
+        if in_dims[16] is not None:
+            raise ValueError("block-sparse attention under vmap takes one set of sinks for the whole vmapped batch")
         size = info.batch_size
         q_, k_, v_ = (_fold(x, d, size) for x, d in zip((q, k, v), in_dims[:3]))
         out, lse = SparseFunction.apply(q_, k_, v_, kv_num_blocks, kv_indices, group_rows, group_keys,
                                         _fold(key_padding_mask, in_dims[7], size), dropout_seed, block_size,
-                                        causal, scale, dropout_p, trusted_layout, backend)
+                                        causal, scale, dropout_p, trusted_layout, backend, softcap, sinks)
         return (_unfold(out, size), _unfold(lse, size)), (0, 0)
 
 
@@ -226,10 +240,10 @@ class SparseBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys, key_padding_mask,
-                dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
+                dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap):
         return backward_op(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys,
                            key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p, trusted_layout,
-                           backend)
+                           backend, softcap)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -245,26 +259,27 @@ class SparseBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, group_rows, group_keys,
-             key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend):
+             key_padding_mask, dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap):
         _refuse_batched_layout(in_dims[6:10])
         size = info.batch_size
         folded = [_fold(x, d, size) for x, d in zip((grad_out, q, k, v, out, lse), in_dims[:6])]
         grads = SparseBackwardFunction.apply(*folded, kv_num_blocks, kv_indices, group_rows, group_keys,
                                              _fold(key_padding_mask, in_dims[10], size), dropout_seed, block_size,
-                                             causal, scale, dropout_p, trusted_layout, backend)
+                                             causal, scale, dropout_p, trusted_layout, backend, softcap)
         return tuple(_unfold(g, size) for g in grads), (0, 0, 0)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                      groups: list[tuple[Tensor, Tensor]], block_size: int, causal: bool, scale: float,
-                     dropout_p: float, key_padding_mask: Optional[Tensor], trusted_layout: bool) -> Tensor:
+                     dropout_p: float, key_padding_mask: Optional[Tensor], trusted_layout: bool,
+                     softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """``block_sparse_attention`` after its checks (the module's path too):
     ``groups`` precomputed (``LayoutPlan.groups``) or empty."""
     seed = torch.randint(0, 1 << 62, (), dtype=torch.int64) if dropout_p > 0 else None
     rows, keys = ([r for r, _ in groups], [c for _, c in groups]) if groups else (None, None)
     out, _ = SparseFunction.apply(
         q, k, v, kv_num_blocks, kv_indices, rows, keys, key_padding_mask,
-        seed, block_size, causal, float(scale), dropout_p, trusted_layout, None,
+        seed, block_size, causal, float(scale), dropout_p, trusted_layout, None, softcap, sinks,
     )
     return out
 
@@ -273,7 +288,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block_size: int, *,
     causal: bool = False, softmax_scale: float | None = None, dropout_p: float = 0.0,
-    key_padding_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None, softcap: float | None = None, sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of ``q (b, q_len, h, d)`` over ``k (b, kv_len, h_kv, d)``,
     ``v (b, kv_len, h_kv, v_dim)`` restricted to a block layout
@@ -284,7 +299,9 @@ def block_sparse_attention(
     device. Query rows are the last ``q_len`` positions. ``causal`` adds key
     <= query. ``softmax_scale`` defaults to ``d ** -0.5``. ``dropout_p`` drops
     attention probabilities (pass 0.0 in evaluation). ``key_padding_mask``
-    bool ``(b, kv_len)``, True where a key must be ignored. Float16/bfloat16
+    bool ``(b, kv_len)``, True where a key must be ignored. ``softcap`` caps
+    the scaled scores, ``c * tanh(s / c)``; ``sinks`` ``(h,)`` are logits that
+    join each row's softmax denominator only (``attention.kernels.sinks``). Float16/bfloat16
     inputs are computed in float32 and returned in their dtype.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
@@ -304,4 +321,5 @@ def block_sparse_attention(
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
     return sparse_attention(q, k, v, kv_num_blocks, kv_indices, [], block_size, check_is_causal(causal), scale,
-                            dropout_p, key_padding_mask, trusted_layout=False)
+                            dropout_p, key_padding_mask, trusted_layout=False, softcap=check_softcap(softcap),
+                            sinks=check_sinks(sinks, q))

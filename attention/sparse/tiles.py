@@ -279,7 +279,7 @@ def sparse_forward(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, groups: Groups,
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """``out (b, q_len, h, v_dim)`` and ``lse (b, h, q_len)`` (work dtype).
     ``groups``: ``row_groups`` of the layout for these lengths, or empty to
@@ -288,7 +288,8 @@ def sparse_forward(
     disk) and, when causal, without future blocks; so neither
     ``check_layout`` nor ``drop_future_blocks`` runs, each of which costs
     device-to-host syncs on a GPU. Otherwise (the functional API) both do.
-    ``backend``: ``attend``'s, None for ``tile_backend``'s choice."""
+    ``backend``: ``attend``'s, None for ``tile_backend``'s choice;
+    ``softcap``: ``attend``'s."""
     if not trusted_layout:  # reads values: several device-to-host syncs on a GPU
         check_layout(kv_num_blocks, kv_indices, -(-k.shape[1] // block_size))
     b, q_len, h, _ = q.shape
@@ -311,7 +312,8 @@ def sparse_forward(
             padding = plan.padding(positions)
             kt, vt = plan.gather_keys(k_flat, v_flat, key_index, rows.numel(), padding)
             o, l = attend(qt, kt, vt, causal=False, scale=scale, mask=plan.mask(rows, keys, padding),
-                          dropout_p=dropout_p, keep=keep, backend=backend)
+                          dropout_p=dropout_p, keep=keep, backend=backend,
+                          softcap=softcap)
             if acc is None:
                 acc, acc_lse = o, l
             else:
@@ -338,7 +340,7 @@ def sparse_backward(
     kv_num_blocks: Tensor, kv_indices: Tensor, groups: Groups,
     key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     block_size: int, causal: bool, scale: float, dropout_p: float, trusted_layout: bool,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sparse_forward``'s ``out`` with respect to ``q, k, v``
     (no check_layout: the forward checked these very arrays)."""
@@ -374,7 +376,7 @@ def sparse_backward(
             kt, vt = plan.gather_keys(k_flat, v_flat, key_index, count, padding)
             gq, gk, gv = attend_backward(dt, qt, kt, vt, ot, lt, causal=False, scale=scale,
                                          mask=plan.mask(rows, keys, padding), dropout_p=dropout_p, keep=keep,
-                                         backend=backend)
+                                         backend=backend, softcap=softcap)
             dq_rows = gq if dq_rows is None else dq_rows.add_(gq)
             index_k = key_index.flatten()
             dk.index_add_(1, index_k, gk.reshape(b, index_k.numel(), -1))
