@@ -29,15 +29,16 @@ limit can be raised for them).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .kinds import dilated_block_branches
 from .sizes import format_size, parse_size
 from .specs import DilatedSpec, SparseSpec, Spec
 
 __all__ = [
-    "GenerationCost", "SpecTooLarge", "generation_cost", "check_generation", "max_generation_bytes",
+    "GenerationCost", "SpecTooLarge", "generation_cost", "check_generation", "max_generation_bytes", "generation_limit",
     "DEFAULT_MAX_GENERATION_BYTES", "MAX_GENERATION_BYTES_ENV",
 ]
 
@@ -74,6 +75,21 @@ def max_generation_bytes() -> int:
     """The limit when none is given: ``$PATTERNSTORE_MAX_GENERATION_BYTES``, else 4 GiB."""
     text = os.environ.get(MAX_GENERATION_BYTES_ENV)
     return DEFAULT_MAX_GENERATION_BYTES if text is None else parse_size(MAX_GENERATION_BYTES_ENV, text)
+
+
+@contextmanager
+def generation_limit(limit: int) -> Iterator[None]:
+    """``limit`` as ``$PATTERNSTORE_MAX_GENERATION_BYTES`` while active (worker
+    processes started meanwhile inherit it), the previous setting after."""
+    previous = os.environ.get(MAX_GENERATION_BYTES_ENV)
+    os.environ[MAX_GENERATION_BYTES_ENV] = str(limit)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[MAX_GENERATION_BYTES_ENV]
+        else:
+            os.environ[MAX_GENERATION_BYTES_ENV] = previous
 
 
 def check_generation(spec: Spec, max_bytes: int | None = None) -> GenerationCost:
