@@ -2,16 +2,11 @@
 
     patternstore [--dir DIR] [-q] [--json] COMMAND ...
 
-Exit status (README, "Command line"): 0 success; 1 the work found or left
-something wrong (verify problems, a corrupt entry listed or skipped, a key not
-in the store, a pattern or file not written: a full disk, an I/O error);
-2 bad input (usage, SPEC, config, a spec too large to generate, a bundle, a
-directory that cannot serve the command), reported as one line on stderr
-before anything is written; 130 interrupted (Ctrl-C), 143 terminated
-(SIGTERM): workers stopped, what was stored stays valid. Data goes to stdout
-(``--json`` makes it machine-readable); progress and notes go to stderr
-(``-q`` silences them). Text read from a store or a bundle is printed escaped
-and cut (``patternstore.printable``).
+Exit status (the README's table): 0 success; 1 problems found or the work
+failed (a full disk, an I/O error); 2 bad input, one line on stderr before
+anything is written; 130 interrupted, 143 terminated (workers stopped). Data
+goes to stdout (``--json``: machine-readable), progress and notes to stderr
+(``-q`` silences them); text from a store or a bundle is printed escaped and cut.
 
 Start-up: parsing, ``--help`` and argument errors (a bad SPEC, config or
 option) import no torch (the spec registries are torch-free); a command

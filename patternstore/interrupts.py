@@ -30,9 +30,11 @@ import os
 import signal
 import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # the command line imports this module at start-up: no pool machinery then
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["Terminated", "sigterm_raises", "worker_start", "stop_pool"]
 
