@@ -7,8 +7,9 @@ inherit it). Torch-free: the command line checks specs before importing torch.
 generation allocates, all of them together (intermediates included), plus a
 per-step allowance for the loops that run over branches, draws and head
 groups. It bounds the peak memory (what is alive at once is at most what was
-allocated) and, to a machine's memory bandwidth, the time: measured in
-``tools/bench_generation_cost.py`` (docs/bench.md). ``layout`` is an upper
+allocated; measured: 2.3-5.8 times the peak) and the time (0.6-0.8 ns of
+one core per estimated byte for every kind, so 4 GiB is about 3 s here):
+``tools/bench_generation_cost.py``, docs/bench.md. ``layout`` is an upper
 bound of the bytes of the arrays returned.
 
 The per-element factors below follow the generators' code
