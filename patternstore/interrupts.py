@@ -16,7 +16,9 @@ Guarantees:
   writing to the store is left as a killed writer leaves it, which the store
   survives (docs/design.md section 3.3).
 
-Limits: ``PR_SET_PDEATHSIG`` exists on Linux only; elsewhere a worker whose
+Limits: ``PR_SET_PDEATHSIG`` fires when the thread that started the worker
+ends (a pool started from a thread must end before the thread does, as
+``precompute``'s does) and exists on Linux only; elsewhere a worker whose
 parent was killed (SIGKILL, not SIGTERM or Ctrl-C) finishes its current spec
 and then stays blocked on its queue. ``ProcessPoolExecutor`` has no public way
 to end running workers before Python 3.14 (``terminate_workers``): its
