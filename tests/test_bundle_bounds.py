@@ -10,6 +10,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from patternstore import bundle
 from patternstore.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, BundleError, read_bundle, write_bundle
@@ -19,6 +21,7 @@ from patternstore.cost import MAX_GENERATION_BYTES_ENV, generation_cost
 from patternstore.fields import INT32_MAX
 from patternstore.generate import generate
 from patternstore.pattern import Pattern
+from patternstore.printable import printable
 from patternstore.specs import SparseSpec
 from patternstore.store import PatternStore
 
@@ -104,3 +107,13 @@ def test_keys_and_text_from_a_bundle_are_printed_escaped_and_cut(tmp_path, capsy
     err = import_error(tmp_path, capsys, {"format": BUNDLE_FORMAT, "version": HOSTILE, "entries": []})
     assert "bundle version '\\x1b]2;owned" in err
     assert not (tmp_path / "store").exists()
+
+
+@given(st.text(), st.integers(1, 60))
+def test_printable_text_is_printable_cut_and_unchanged_when_already_safe(text, limit):
+    shown = printable(text, limit)
+    assert shown.isprintable() and len(shown) <= 10 * limit + len(f"... ({len(text)} characters)")
+    if text.isprintable() and len(text) <= limit:
+        assert shown == text
+    if len(text) > limit:
+        assert shown.endswith(f"... ({len(text)} characters)")
