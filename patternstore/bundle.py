@@ -20,6 +20,14 @@ Guarantees kept here:
 - ``read_bundle`` returns only when *every* entry passes; otherwise it raises
   ``BundleError`` naming the first bad entry, so an importer that writes after
   reading is all-or-nothing.
+- Bounded regeneration: every entry is decoded and the cost of regenerating
+  it checked from its spec (``patternstore.cost``: the generation limit,
+  ``max_bytes`` or ``$PATTERNSTORE_MAX_GENERATION_BYTES``) before any entry
+  is regenerated, so a small entry that asks for a huge layout is refused at
+  once, and a bundle refused for its last entry costs no regeneration.
+- Text from the bundle (keys, values it quotes) is shown escaped and cut
+  (``patternstore.printable``) in every message: no terminal escape
+  sequence and no 200,000-character key reaches the terminal.
 - ``trust=True`` skips the regeneration only: the bundle's format, every
   checksum and every key are still checked. It trusts whoever wrote the
   bundle and the way it came to be that each entry's arrays are what
@@ -39,7 +47,10 @@ from typing import Iterable
 import msgpack
 
 from .codec import CorruptValue, decode, encode, unpack_plain
+from .cost import SpecTooLarge, check_generation
 from .generate import generate
+from .printable import printable
+from .specs import Spec
 
 BUNDLE_FORMAT = "patternstore-bundle"
 BUNDLE_VERSION = 1
@@ -67,33 +78,44 @@ def write_bundle(path: Path, entries: Iterable[tuple[str, bytes]]) -> int:
     return len(body)
 
 
-def read_bundle(path: Path, *, trust: bool = False) -> list[tuple[str, bytes]]:
+def read_bundle(path: Path, *, trust: bool = False, max_bytes: int | None = None) -> list[tuple[str, bytes]]:
     """The (key, envelope bytes) entries of the bundle at ``path``, every one
     decoded and (unless ``trust``) regenerated from its spec and compared
-    byte for byte; ``BundleError`` (or ``OSError``) otherwise."""
+    byte for byte; ``BundleError`` (or ``OSError``) otherwise. ``max_bytes``:
+    the generation limit (None: ``patternstore.cost.max_generation_bytes()``),
+    checked for every entry before the first is regenerated."""
     data = Path(path).read_bytes()
     try:
         bundle = unpack_plain(data)
     except ValueError as error:
-        raise BundleError(f"not a patternstore bundle (not msgpack: {error})") from None
+        raise BundleError(f"not a patternstore bundle (not msgpack: {printable(str(error))})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"not a patternstore bundle (no {BUNDLE_FORMAT!r} marker)")
     if bundle.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"bundle version {bundle.get('version')!r}; this patternstore reads version {BUNDLE_VERSION}")
+        raise BundleError(f"bundle version {printable(repr(bundle.get('version')), 40)}; "
+                          f"this patternstore reads version {BUNDLE_VERSION}")
     entries = bundle.get("entries")
     if not isinstance(entries, list):
         raise BundleError("bundle has no list of entries")
-    checked = []
+    checked: list[tuple[str, bytes, Spec]] = []
     for position, entry in enumerate(entries):
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], bytes)):
             raise BundleError(f"entry {position} is not a [key, envelope bytes] pair")
         key, value = entry
+        shown = f"entry {position} ({printable(key, 80)})"
         try:
-            pattern = decode(value, key)
+            spec = decode(value, key).spec
         except CorruptValue as error:
-            raise BundleError(f"entry {position} ({key}) fails verification: {error}") from None
-        if not trust and encode(generate(pattern.spec)) != value:
-            raise BundleError(f"entry {position} ({key}) differs from a fresh generation of its spec "
+            raise BundleError(f"{shown} fails verification: {printable(str(error))}") from None
+        if not trust:
+            try:
+                check_generation(spec, max_bytes)
+            except SpecTooLarge as error:
+                raise BundleError(f"{shown} is not regenerated: {error}; only trust=True (--trust) imports it "
+                                  "unchecked") from None
+        checked.append((key, value, spec))
+    for position, (key, value, spec) in enumerate(checked if not trust else ()):
+        if encode(generate(spec, max_bytes=max_bytes)) != value:
+            raise BundleError(f"entry {position} ({printable(key, 80)}) differs from a fresh generation of its spec "
                               "(edited, or made by another generator); only trust=True (--trust) imports it")
-        checked.append((key, value))
-    return checked
+    return [(key, value) for key, value, _ in checked]

@@ -2,11 +2,11 @@
 
     patternstore [--dir DIR] [-q] [--json] COMMAND ...
 
-Exit status: 0 success; 1 the work found or left something wrong (verify
-problems, a pattern that could not be stored, a key not in the store);
-2 bad input (usage, SPEC, config, bundle or directory), reported as one line
-on stderr before anything is written. Data goes to stdout (``--json`` makes it
-machine-readable); progress and notes go to stderr (``-q`` silences them).
+Exit status (the README's table): 0 success; 1 problems found or the work
+failed (a full disk, an I/O error); 2 bad input, one line on stderr before
+anything is written; 130 interrupted, 143 terminated (workers stopped). Data
+goes to stdout (``--json``: machine-readable), progress and notes to stderr
+(``-q`` silences them); text from a store or a bundle is printed escaped and cut.
 
 Start-up: parsing, ``--help`` and argument errors (a bad SPEC, config or
 option) import no torch (the spec registries are torch-free); a command
@@ -19,21 +19,20 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 import tomllib
 import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .fields import Field
-from .kinds import SPARSE_KINDS
+from .cost import MAX_GENERATION_BYTES_ENV, SpecTooLarge, check_generation, generation_limit, max_generation_bytes
+from .faults import disk_failed
+from .interrupts import Terminated, sigterm_raises
 from .presets import PRESETS
-from .sizes import format_size
-from .specs import SPARSE_BASE_FIELDS, Spec
-from .spectext import (
-    EXAMPLES, KINDS, LIST_FIELDS, SpecError, format_value, kind_schema, parse_spec, spec_from_fields,
-)
+from .printable import printable
+from .sizes import format_size, parse_size
+from .specs import Spec
+from .spectext import KINDS, SpecError, format_spec, format_value, grammar_help, parse_spec, spec_from_fields
 
 if TYPE_CHECKING:
     from .store import PatternStore
@@ -41,46 +40,7 @@ if TYPE_CHECKING:
 
 PROG = "patternstore"
 
-
-def _grammar_help() -> str:
-    """The SPEC grammar for --help: every kind with its help line and its
-    fields (required, then optional with defaults), from their declarations."""
-    def fields(schema: Sequence[Field]) -> str:
-        required = [f.name for f in schema if f.required]
-        def optional(f: Field) -> str:
-            choices = getattr(f.check, "allowed", ())  # a choice lists its values, the default first
-            allowed = (f.default, *(c for c in choices if c != f.default))
-            return f.name if f.default is None else f"{f.name}={'|'.join(map(format_value, allowed))}"
-
-        optional = [optional(f) for f in schema if not f.required]
-        return " ".join(required + ([f"[{' '.join(optional)}]"] if optional else []))
-
-    declared = [(kind, f.name, (f.check.minimum, f.check.maximum))
-                for kind in KINDS for f in kind_schema(kind) if hasattr(f.check, "maximum")]
-    shared = {name for name in {n for _, n, _ in declared}
-              if len({bounds for _, n, bounds in declared if n == name}) > 1}
-    ranges: dict[tuple[int, int], set[str]] = {}
-    for kind, name, bounds in declared:  # a name with several ranges is shown with its kind
-        ranges.setdefault(bounds, set()).add(f"{name} ({kind})" if name in shared else name)
-    lines = [
-        "SPEC grammar:  KIND:FIELD=VALUE:FIELD=VALUE...",
-        "  VALUE  an integer, true/false, or a string. List fields take items separated by",
-        *textwrap.wrap(f"commas (one item is a list of one): {', '.join(sorted(LIST_FIELDS))}", 80,
-                       initial_indent="         ", subsequent_indent="         "),
-        "  integer ranges (each list item too):",
-        *(line for (low, high), names in sorted(ranges.items()) for line in textwrap.wrap(
-            f"[{low}, {high}]: {', '.join(sorted(names))}", 80, initial_indent="    ", subsequent_indent="      ")),
-        "  KINDs and their FIELDs (optional ones in brackets, with their defaults):",
-        f"    dilated          {fields(kind_schema('dilated'))}  (one pattern for every length)",
-        f"    every sparse kind: {fields(SPARSE_BASE_FIELDS)}, and",
-    ]
-    for name, kind in SPARSE_KINDS.items():
-        lines += textwrap.wrap(f"{kind.help}: {fields(kind.params)}", 96,
-                               initial_indent=f"      {name:<15}", subsequent_indent=" " * 21)
-    return "\n".join(lines + ["examples:", *(f"  {example}" for example in EXAMPLES)])
-
-
-GRAMMAR = _grammar_help()
+GRAMMAR = grammar_help()
 
 CONFIG_HELP = """\
 --config FILE (TOML):
@@ -92,6 +52,10 @@ CONFIG_HELP = """\
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2, nothing written."""
+
+
+class WorkFailed(Exception):
+    """The work could not be done (a full disk, an I/O error): one line, exit status 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +70,7 @@ def _when(timestamp: float | None) -> str:
 
 def _note(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
-        print(text, file=sys.stderr)
+        print(printable(text, 2000), file=sys.stderr)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
@@ -150,7 +114,7 @@ def _open_store(args: argparse.Namespace, *, writable: bool = False) -> PatternS
         try:
             store = maintenance.open_store(args.dir, writable=writable)
         except maintenance.StoreUnavailable as error:
-            raise UsageError(str(error)) from None
+            raise (WorkFailed if disk_failed(error) else UsageError)(str(error)) from None
     for warning in caught:
         _note(args, f"{PROG}: warning: {str(warning.message).splitlines()[0]}")
     return store
@@ -158,7 +122,7 @@ def _open_store(args: argparse.Namespace, *, writable: bool = False) -> PatternS
 
 def _short(key: str) -> str:
     kind, version, digest = (key.split("-", 2) + ["", ""])[:3]
-    return f"{kind}-{version}-{digest[:12]}" if digest else key
+    return printable(f"{kind}-{version}-{digest[:12]}" if digest else key, 60)
 
 
 # ---------------------------------------------------------------- precompute
@@ -214,7 +178,13 @@ def _requested_specs(args: argparse.Namespace) -> list[Spec]:
             raise UsageError(f"--spec: {error}") from None
     for path in args.config:
         specs += _config_specs(path)
-    return list({spec.key: spec for spec in specs}.values())
+    specs = list({spec.key: spec for spec in specs}.values())
+    for spec in specs:  # before any work, and before torch is imported
+        try:
+            check_generation(spec)
+        except SpecTooLarge as error:
+            raise UsageError(f"{printable(format_spec(spec, defaults=False), 120)}: {error}") from None
+    return specs
 
 
 def _list_presets(args: argparse.Namespace) -> int:
@@ -241,7 +211,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     progress = _progress(args, len(specs), maintenance.describe, lines=True)
     result = maintenance.precompute(store, specs, jobs=args.jobs, progress=progress)
     for line in result.failed:
-        print(f"{PROG}: failed: {line}", file=sys.stderr)
+        print(f"{PROG}: failed: {printable(line, 1000)}", file=sys.stderr)
     _emit(args, result.to_json(),
           f"generated {result.generated}, already present {result.present}"
           + (f", failed {len(result.failed)}" if result.failed else "")
@@ -254,19 +224,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from . import maintenance
     store = _open_store(args)
     rows = [entry.to_json(arrays=False) for entry in maintenance.list_entries(store)]
+    status = 1 if any("problem" in r for r in rows) else 0
     if args.json:
         _emit(args, rows, None)
-        return 0
+        return status
     table = [("KEY", "KIND", "BYTES", "STORED", "FIELDS")] + [
         (_short(r["key"]), r["kind"], format_size(r["bytes"]) if "bytes" in r else "-", _when(r["stored_at"]),
-         r.get("short_spec", "").partition(":")[2] or r.get("problem", ""))
+         r.get("short_spec", "").partition(":")[2] or printable(r.get("problem", ""), 200))
         for r in rows
     ]
     if rows:
         key_width, kind_width = (max(len(row[i]) for row in table) for i in (0, 1))
         for key, kind, size, when, fields in table:
             print(f"{key:<{key_width}}  {kind:<{kind_width}}  {size:>10}  {when:<19}  {fields}")
-    return 0
+    return status
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -305,9 +276,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _emit(args, row, None)
     elif "problem" in row:
-        print(f"{key}\n  {row['problem']} (run 'patternstore verify --repair')")
+        print(f"{printable(key)}\n  {printable(row['problem'], 1000)} (run 'patternstore verify --repair')")
     else:
-        lines = [key, f"  spec    {row['spec_text']}"]
+        lines = [printable(key), f"  spec    {row['spec_text']}"]
         lines += [f"          {name} = {format_value(value)}" for name, value in row["spec"].items() if name != "kind"]
         lines += [f"  array   {name}: {a['dtype']} {a['shape']}" for name, a in row["arrays"].items()]
         lines += [f"  bytes   {format_size(row['bytes'])} in arrays, {format_size(row['stored_bytes'])} stored",
@@ -327,10 +298,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _emit(args, result.to_json(), None)
     else:
         for p in result.problems:
-            print(f"{p.key}: {p.problem}" + (f" -> {p.repair}" if p.repair else ""))
+            print(printable(f"{p.key}: {p.problem}" + (f" -> {p.repair}" if p.repair else ""), 2000))
         for o in result.orphans:
-            print(f"{o.path}: orphan file of {o.bytes} bytes, no entry refers to it"
-                  + (f" -> {o.repair}" if o.repair else ""))
+            print(printable(f"{o.path}: orphan file of {o.bytes} bytes, no entry refers to it"
+                            + (f" -> {o.repair}" if o.repair else ""), 2000))
         found = bool(result.problems or result.orphans)
         _note(args, f"verified {result.entries} entries ({result.compared} compared with a fresh generation): "
                     f"{len(result.problems)} problem(s), {len(result.orphans)} orphan file(s)"
@@ -363,9 +334,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         result = maintenance.export(store, args.file)
     except OSError as error:
-        raise UsageError(f"export: cannot write {args.file}: {error.strerror}") from None
+        raise (WorkFailed if disk_failed(error) else UsageError)(
+            f"export: cannot write {args.file}: {error.strerror}; nothing written") from None
     for line in result.skipped:
-        print(f"{PROG}: skipped corrupt entry {line} (run 'patternstore verify --repair')", file=sys.stderr)
+        print(f"{PROG}: skipped corrupt entry {printable(line, 1000)} (run 'patternstore verify --repair')",
+              file=sys.stderr)
     _emit(args, result.to_json(), f"exported {result.exported} patterns ({format_size(result.bytes)}) to {args.file}")
     return 1 if result.skipped else 0
 
@@ -384,7 +357,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     store = _open_store(args, writable=True)
     result = maintenance.import_entries(store, entries)
     for key in result.failed:
-        print(f"{PROG}: failed: could not write {key} to {store.directory}", file=sys.stderr)
+        print(f"{PROG}: failed: could not write {printable(key, 80)} to {store.directory}", file=sys.stderr)
     _emit(args, result.to_json(), f"imported {result.imported}, already present {result.present} ({store.directory})")
     return 1 if result.failed else 0
 
@@ -397,6 +370,13 @@ def _directory(text: str) -> Path:
     return Path(text)
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size("SIZE", text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
@@ -404,7 +384,7 @@ def _positive_int(text: str) -> int:
 
 
 def _global_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None) -> None:
-    """--dir, -q, --json. They work before or after the command: on each
+    """--dir, -q, --json, --max-generation-bytes. They work before or after the command: on each
     command they default to SUPPRESS (``defaults=None``), so an option given
     before the command is not overwritten by the command's own default."""
     def default(name: str) -> Any:
@@ -416,15 +396,19 @@ def _global_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | 
                         help="no progress or notes on stderr")
     parser.add_argument("--json", action="store_true", default=default("json"),
                         help="machine-readable output on stdout")
+    parser.add_argument("--max-generation-bytes", type=_size, default=default("max_generation_bytes"),
+                        metavar="SIZE", help="refuse to generate a pattern estimated to allocate more than SIZE "
+                        f"(4294967296, 16GiB; default: ${MAX_GENERATION_BYTES_ENV}, else 4GiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Seed, inspect, verify and ship a store of attention index patterns.",
-        epilog=GRAMMAR + "\n\nexit status: 0 ok; 1 problems found or work failed; 2 bad input (nothing written)",
+        epilog=GRAMMAR + "\n\nexit status: 0 ok; 1 problems found or work failed; 2 bad input (nothing written); "
+               "130 interrupted; 143 terminated",
     )
-    _global_options(parser, defaults={"dir": None, "quiet": False, "json": False})
+    _global_options(parser, defaults={"dir": None, "quiet": False, "json": False, "max_generation_bytes": None})
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -476,25 +460,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
     """Warnings (e.g. a store directory on NFS) as one line, without source."""
-    print(f"{PROG}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+    print(f"{PROG}: warning: {printable(str(message).splitlines()[0], 2000)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
-        with warnings.catch_warnings():  # restores showwarning when main returns
+        with warnings.catch_warnings(), sigterm_raises():  # restores showwarning when main returns
             warnings.showwarning = _show_warning
             args = parser.parse_args(argv)
-            return args.run(args)
+            try:  # a bad setting is bad input; the option reaches worker processes through the environment
+                limit = args.max_generation_bytes or max_generation_bytes()
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+            with generation_limit(limit):
+                return args.run(args)
     except UsageError as error:
-        print(f"{PROG}: error: {' '.join(str(error).split(chr(10)))}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(' '.join(str(error).splitlines()), 2000)}", file=sys.stderr)
         return 2
+    except (WorkFailed, SpecTooLarge) as error:  # SpecTooLarge here: verify's fresh generation of a stored entry
+        print(f"{PROG}: error: {printable(' '.join(str(error).splitlines()), 2000)}", file=sys.stderr)
+        return 1
     except SystemExit as exit:  # --help and --version print, then exit 0
         return exit.code if isinstance(exit.code, int) else 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # e.g. `patternstore ls | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1

@@ -1,5 +1,11 @@
 """Generators: ``generate(spec) -> Pattern``, pure and deterministic.
 
+Bounded: a spec whose generation would allocate more than the limit is
+refused before any work (``patternstore.cost.check_generation``:
+``SpecTooLarge``, a ``ValueError`` naming the estimate, the fields that make
+it and the limit), so the store, the modules and the command line refuse it
+alike instead of running out of memory.
+
 Vectorized torch code: Python loops run over branches, head groups and
 parameter lists, never over positions or blocks. A sparse kind's generator is
 its builder in ``patternstore.layouts``, which also assembles the CSR
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .cost import check_generation
 from .dilated_groups import GROUP_COLUMNS
 from .layouts import sparse_layout
 from .pattern import Pattern
@@ -20,8 +27,11 @@ from .specs import DilatedSpec, SparseSpec, Spec
 __all__ = ["generate", "dilated_head_groups"]
 
 
-def generate(spec: Spec) -> Pattern:
-    """Build the arrays of ``spec`` (shapes: see ``patternstore.pattern``)."""
+def generate(spec: Spec, *, max_bytes: int | None = None) -> Pattern:
+    """Build the arrays of ``spec`` (shapes: see ``patternstore.pattern``).
+    ``SpecTooLarge`` first when that would allocate more than ``max_bytes``
+    (None: ``$PATTERNSTORE_MAX_GENERATION_BYTES``, else 4 GiB)."""
+    check_generation(spec, max_bytes)
     if isinstance(spec, DilatedSpec):
         return Pattern(spec, _dilated_plan(spec))
     if isinstance(spec, SparseSpec):

@@ -59,7 +59,7 @@ from .fields import (
     optional_int_tuple_range,
 )
 
-__all__ = ["SparseKind", "SPARSE_KINDS", "DIRECTIONS"]
+__all__ = ["SparseKind", "SPARSE_KINDS", "DIRECTIONS", "dilated_block_branches"]
 
 DIRECTIONS = ("bidirectional", "unidirectional")
 
@@ -175,6 +175,31 @@ def _check_variable(params: Mapping[str, Any], num_blocks: int) -> None:
 
 def _check_dilated_blocks(params: Mapping[str, Any], num_blocks: int) -> None:
     check_branches(params["segment_lengths"], params["dilation_rates"], unit=" blocks")
+
+
+# Distinct segments of one rate searched for branches another covers: the
+# search is quadratic in them, so a longer list is only freed of repeats.
+DOMINANCE_SEARCH = 64
+
+
+def dilated_block_branches(params: Mapping[str, Any], num_blocks: int) -> list[tuple[int, int]]:
+    """The branches ``(s, r)`` of a ``dilated_blocks`` layout over ``num_blocks``
+    blocks that add to it, segments clipped to the row (``s = min(w, nb)``
+    links exactly what w does): each once, first seen first, and, among up to
+    ``DOMINANCE_SEARCH`` segments of a rate, none that another covers. Branch
+    (s, r) lies inside (s', r) when s divides s' and r divides s: its segments
+    then tile those of s', each starting at a multiple of r, so its rows and key
+    blocks (offset o plus multiples of r, the same o for the same r) are among
+    those of (s', r). Building only these gives the same layout at the cost of
+    the layout, however often the spec repeats a branch."""
+    clipped = list(dict.fromkeys((min(w, num_blocks), r)
+                                 for w, r in zip(params["segment_lengths"], params["dilation_rates"])))
+    by_rate: dict[int, list[int]] = {}
+    for s, r in clipped:
+        by_rate.setdefault(r, []).append(s)
+    searched = {r: segments for r, segments in by_rate.items() if len(segments) <= DOMINANCE_SEARCH}
+    return [(s, r) for s, r in clipped
+            if not (s % r == 0 and any(s2 != s and s2 % s == 0 for s2 in searched.get(r, ())))]
 
 
 # ---------------------------------------------------------------- the registry

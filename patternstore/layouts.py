@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .kinds import dilated_block_branches
 from .specs import SparseSpec
 
 __all__ = ["LayoutContext", "LAYOUT_BUILDERS", "sparse_layout"]
@@ -198,12 +199,12 @@ def _build_local(ctx: LayoutContext) -> None:
 # ---------------------------------------------------------------- dilated_blocks
 def _build_dilated_blocks(ctx: LayoutContext) -> None:
     """LongNet at block granularity: per branch (w, r), head j with offset
-    o = j // ceil(h / r) links the blocks ``seg + o + r*m`` of each segment."""
+    o = j // ceil(h / r) links the blocks ``seg + o + r*m`` of each segment.
+    Only the branches that add to the layout are built (``dilated_block_branches``)."""
     nb, heads, rows = ctx.num_blocks, ctx.heads, ctx.rows
     ctx.candidates.append(rows[:, None])  # every query block keeps its own block
     head = torch.arange(heads)
-    for w, r in zip(ctx.params["segment_lengths"], ctx.params["dilation_rates"]):
-        s = min(w, nb)
+    for s, r in dilated_block_branches(ctx.params, nb):
         offset = (head // -(-heads // r))[:, None]                 # [heads, 1]
         seg_start = (rows // s * s)[None, :]                       # [1, nb]
         inside = rows[None, :] - seg_start

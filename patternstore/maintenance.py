@@ -67,11 +67,12 @@ def open_store(directory: str | os.PathLike | None = None, *, writable: bool = F
         store = PatternStore(directory, max_entries=0, read_only=not writable)
     if store.disk is None:
         reason = str(store.disk_error)
-        raise StoreUnavailable(reason if not writable else f"{reason} (the store directory must be a writable directory)")
+        raise StoreUnavailable(reason if not writable else f"{reason} (the store directory must be a writable directory)"
+                               ) from store.disk_error
     if writable and store.read_only:
         raise StoreUnavailable(
             f"{store.directory} cannot be written ({store.disk_error}); this command needs a writable store directory"
-        )
+        ) from store.disk_error
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return store

@@ -8,6 +8,11 @@ Guarantees:
   on disk is read through ``PatternStore.get``, so a stored value that fails
   to decode is regenerated rather than counted as present.
 - A failure is recorded in its item and the other specs go on.
+- An interrupt (Ctrl-C, or SIGTERM under ``interrupts.sigterm_raises``)
+  stops the work at once: queued specs are dropped, running workers end
+  (``interrupts.stop_pool``), and the exception goes on to the caller. What
+  was stored stays valid. Workers ignore SIGINT and die with their parent
+  (``interrupts.worker_start``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from .generate import generate
+from .interrupts import stop_pool, worker_start
 from .presets import PRESETS
 from .sizes import format_size
 from .specs import Spec
@@ -96,7 +102,8 @@ def _precompute_one(store: PatternStore, spec: Spec) -> tuple[bool, int, bool]:
 _worker_store: PatternStore | None = None
 
 
-def _worker_start(directory: str, threads: int) -> None:
+def _worker_start(directory: str, threads: int, parent: int) -> None:
+    worker_start(parent)
     import torch
 
     global _worker_store
@@ -143,14 +150,19 @@ def precompute(
                 record(spec, error)
     if pooled:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=min(jobs, len(pooled)), mp_context=get_context("spawn"),
-            initializer=_worker_start, initargs=(str(store.directory), threads),
-        ) as pool:
+            initializer=_worker_start, initargs=(str(store.directory), threads, os.getpid()),
+        )
+        try:
             futures = {pool.submit(_worker_precompute, spec): spec for spec in pooled}
             for future in as_completed(futures):
                 error = future.exception()
                 record(futures[future], error if error is not None else future.result())
+        except BaseException:  # an interrupt: the queue is not worked off first
+            stop_pool(pool)
+            raise
+        pool.shutdown()
     return PrecomputeResult(tuple(items), time.perf_counter() - start, str(store.directory))
 
 

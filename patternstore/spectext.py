@@ -22,7 +22,8 @@ whole batch of specs before it does any work.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+import textwrap
+from typing import Any, Mapping, Sequence
 
 from .fields import Field
 from .kinds import SPARSE_KINDS
@@ -157,3 +158,41 @@ def _is_default(spec: Spec, name: str, value: Any) -> bool:
         return False
     field = next(f for f in kind_schema(spec.kind) if f.name == name)
     return not field.required and value == field.default
+
+
+def grammar_help() -> str:
+    """The SPEC grammar for the command line's --help: every kind with its help
+    line and its fields (required, then optional with defaults), from their declarations."""
+    def fields(schema: Sequence[Field]) -> str:
+        required = [f.name for f in schema if f.required]
+        def optional(f: Field) -> str:
+            choices = getattr(f.check, "allowed", ())  # a choice lists its values, the default first
+            allowed = (f.default, *(c for c in choices if c != f.default))
+            return f.name if f.default is None else f"{f.name}={'|'.join(map(format_value, allowed))}"
+
+        optional = [optional(f) for f in schema if not f.required]
+        return " ".join(required + ([f"[{' '.join(optional)}]"] if optional else []))
+
+    declared = [(kind, f.name, (f.check.minimum, f.check.maximum))
+                for kind in KINDS for f in kind_schema(kind) if hasattr(f.check, "maximum")]
+    shared = {name for name in {n for _, n, _ in declared}
+              if len({bounds for _, n, bounds in declared if n == name}) > 1}
+    ranges: dict[tuple[int, int], set[str]] = {}
+    for kind, name, bounds in declared:  # a name with several ranges is shown with its kind
+        ranges.setdefault(bounds, set()).add(f"{name} ({kind})" if name in shared else name)
+    lines = [
+        "SPEC grammar:  KIND:FIELD=VALUE:FIELD=VALUE...",
+        "  VALUE  an integer, true/false, or a string. List fields take items separated by",
+        *textwrap.wrap(f"commas (one item is a list of one): {', '.join(sorted(LIST_FIELDS))}", 80,
+                       initial_indent="         ", subsequent_indent="         "),
+        "  integer ranges (each list item too):",
+        *(line for (low, high), names in sorted(ranges.items()) for line in textwrap.wrap(
+            f"[{low}, {high}]: {', '.join(sorted(names))}", 80, initial_indent="    ", subsequent_indent="      ")),
+        "  KINDs and their FIELDs (optional ones in brackets, with their defaults):",
+        f"    dilated          {fields(kind_schema('dilated'))}  (one pattern for every length)",
+        f"    every sparse kind: {fields(SPARSE_BASE_FIELDS)}, and",
+    ]
+    for name, kind in SPARSE_KINDS.items():
+        lines += textwrap.wrap(f"{kind.help}: {fields(kind.params)}", 96,
+                               initial_indent=f"      {name:<15}", subsequent_indent=" " * 21)
+    return "\n".join(lines + ["examples:", *(f"  {example}" for example in EXAMPLES)])
