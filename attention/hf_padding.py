@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
-__all__ = ["RowLayout", "padding_mask", "attend_padded", "check_config", "check_mask"]
+__all__ = ["RowLayout", "PaddedRun", "padding_mask", "padded_runs", "unpadded", "attend_padded", "check_config", "check_mask"]
 
 def check_config(config: Any) -> None:
     """ValueError naming sliding-window attention when the config asks for
@@ -208,25 +208,39 @@ def attend_padded(
     head_dim)``, key/value ``(batch, kv_heads, kv_len, head_dim_k / _v)``,
     the mask in any form above; returns ``(batch, q_len, heads, head_dim_v)``."""
     batch, _, q_len, _ = query.shape
-    layout, real = _row_layout(attention_mask, batch, key.shape[2])
-    if layout.filled < q_len:
-        raise ValueError(f"the mask covers {layout.filled} keys, fewer than the {q_len} queries")
+    filled, runs = padded_runs(attention_mask, batch, q_len, key.shape[2])
     # (batch, seq, heads, head_dim) views: the cache's filled rows, untouched.
     q = query.transpose(1, 2)
-    k = key[:, :, : layout.filled].transpose(1, 2)
-    v = value[:, :, : layout.filled].transpose(1, 2)
-    if not any(layout.starts) and not any(layout.holes):
+    k = key[:, :, :filled].transpose(1, 2)
+    v = value[:, :, :filled].transpose(1, 2)
+    if unpadded(runs, batch):  # the module's output as it is
         return attention(q, k, v, is_causal=is_causal)
-    return _per_padding(attention, q, k, v, layout, real, is_causal)
+    return _per_padding(attention, q, k, v, runs, is_causal)
 
 
-def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal: bool) -> Tensor:
-    """Padded batches: each run of rows with one left-padding amount ``s``
-    attends on its own, over keys ``s:`` and the queries at positions >= s, so
-    its pattern starts at its first token. Padded query rows output 0."""
-    batch, q_len, heads, _ = q.shape
+class PaddedRun(NamedTuple):
+    """Batch rows ``rows`` attend together: query rows from ``first_query``
+    (those before it are padding) over keys from ``start`` (their first real
+    token), ``key_padding_mask`` (True = padding) over those keys or None."""
+
+    rows: slice
+    first_query: int
+    start: int
+    key_padding_mask: Optional[Tensor]
+
+
+def padded_runs(attention_mask: Optional[Tensor], batch: int, q_len: int, kv_len: int) -> tuple[int, list[PaddedRun]]:
+    """(filled, runs) of a call: ``filled`` cache rows hold tokens; one run
+    (all rows, from 0, no mask) for an unpadded batch, else one per run of
+    consecutive batch rows with the same amount of left padding (a row with
+    padding after its first token alone, with its key mask)."""
+    layout, real = _row_layout(attention_mask, batch, kv_len)
     filled = layout.filled
-    out = q.new_zeros(batch, q_len, heads, v.shape[-1])
+    if filled < q_len:
+        raise ValueError(f"the mask covers {filled} keys, fewer than the {q_len} queries")
+    if not any(layout.starts) and not any(layout.holes):
+        return filled, [PaddedRun(slice(0, batch), 0, 0, None)]
+    runs = []
     row = 0
     while row < batch:
         start, holes = layout.starts[row], layout.holes[row]
@@ -236,11 +250,26 @@ def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal:
             end += 1
         first_query = max(0, start - (filled - q_len))
         if first_query < q_len:
-            rows = slice(row, end)
-            key_padding_mask = ~real[rows, start:] if holes else None
-            out[rows, first_query:] = attention(
-                q[rows, first_query:], k[rows, start:], v[rows, start:],
-                is_causal=is_causal, key_padding_mask=key_padding_mask,
-            )
+            runs.append(PaddedRun(slice(row, end), first_query, start, ~real[row:end, start:] if holes else None))
         row = end
+    return filled, runs
+
+
+def unpadded(runs: list[PaddedRun], batch: int) -> bool:
+    """Whether ``runs`` is one call over the whole batch and cache."""
+    return len(runs) == 1 and runs[0].rows == slice(0, batch) and runs[0].first_query == runs[0].start == 0 \
+        and runs[0].key_padding_mask is None
+
+
+def _per_padding(attention, q, k, v, runs: list[PaddedRun], is_causal: bool) -> Tensor:
+    """Padded batches: each run attends on its own, over keys ``start:`` and
+    the queries at positions >= start, so its pattern starts at its first
+    token. Padded query rows output 0."""
+    batch, q_len, heads, _ = q.shape
+    out = q.new_zeros(batch, q_len, heads, v.shape[-1])
+    for run in runs:
+        out[run.rows, run.first_query:] = attention(
+            q[run.rows, run.first_query:], k[run.rows, run.start:], v[run.rows, run.start:],
+            is_causal=is_causal, key_padding_mask=run.key_padding_mask,
+        )
     return out
