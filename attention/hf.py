@@ -25,11 +25,14 @@ Guarantees:
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
   mask.
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
-  one opaque custom op (``attention::hf_attend``, with a backward that
-  recomputes the forward). Modules are built at trace time, and a dilated
+  one opaque custom op. Modules are built at trace time, and a dilated
   plan (length-free) is looked up then too; the graph holds no lock, store
   lookup or module construction, and depends on shapes only, so a new
-  padding pattern or static-cache step does not recompile. Limits: a sparse
+  padding pattern or static-cache step does not recompile, and with
+  ``dynamic=True`` (with or without ``fullgraph``) one graph serves every
+  length. Training (inputs that require grad): the op keeps its output and
+  log-sum-exp and its backward starts from them (``attention.hf_training``),
+  no second forward. Limits: a sparse
   layout depends on the length, so the module looks up each new length on
   the op's first run at it (then from its cache), as in eager use; the op
   syncs with the host once per layer when it is given a mask (the row

@@ -102,10 +102,15 @@ def padding_mask(
     if cache_position is not None:
         q_length, q_offset = cache_position.shape[-1], cache_position[..., 0]
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+        traced = torch.compiler.is_compiling() and attention_mask is None
         raise ValueError(
             "patternstore attention supports plain causal or bidirectional masks with padding only; "
             "this model asked for another mask (packed sequences with restarting position_ids, "
             "block_sequence_ids, or an or/and mask function)"
+            # transformers looks for packed sequences in position_ids when there is neither a mask nor a
+            # cache; in a traced region it cannot read them, so it always passes the packed-sequence mask.
+            + ("; under torch.compile without an attention_mask and without a cache transformers cannot rule "
+               "out packed sequences: pass attention_mask (e.g. torch.ones_like(input_ids))" if traced else "")
         )
     if kv_offset:
         raise ValueError(

@@ -147,3 +147,16 @@ def test_dynamic_shapes_compile_one_graph_for_every_length_and_padding(pattern, 
     # The whole model in one graph: no graph break, no recompile (dynamo also hands the backend one empty
     # graph of a wrapper frame, as it does with sdpa).
     assert len([g for g in graphs if any(node.op == "call_function" for node in g.graph.nodes)]) == 1
+
+
+@torch.no_grad()
+def test_a_compiled_call_without_mask_or_cache_names_the_mask_to_pass():
+    """transformers cannot rule out packed sequences in a traced region without a mask and a cache (it
+    passes its packed-sequence mask function): the error says what to pass, and passing it compiles."""
+    model = tiny_llama("dilated").eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    ids, mask = batch(12, [0, 0], seed=3)
+    with pytest.raises(Exception, match=r"pass attention_mask \(e.g. torch.ones_like\(input_ids\)\)"):
+        compiled(input_ids=ids, use_cache=False)
+    got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, model(input_ids=ids, use_cache=False).logits, rtol=0, atol=1e-5)
