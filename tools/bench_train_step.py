@@ -23,7 +23,8 @@ loss, backward and an SGD step (the optimizer eager).
   opaque op and its backward), forward and backward together.
 - compile seconds: the first compiled step (trace, inductor, the step).
 
-Writes tools/results/train_step.json and prints a table.
+Writes tools/results/train_step.json (``--quick``: train_step_quick.json) and
+prints a table.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def main() -> None:
     config = {"batch": BATCH, "length": length, "left_padding_row_1": PAD, "layers": 2, "hidden": 256, "heads": 4,
               "head_dim": 64, "dtype": "float32", "rounds": args.rounds,
               "settings": {name: settings for name, (_, settings) in IMPLEMENTATIONS.items()}}
-    report = benchlib.Report([benchlib.RESULTS / "train_step.json"], "train_step", config,
+    report = benchlib.Report([benchlib.RESULTS / ("train_step_quick.json" if args.quick else "train_step.json")],
+                             "train_step", config,
                              threads=args.threads)
     for row in rows:
         report.add(**row)
