@@ -362,6 +362,8 @@ def _attend_fake(query, key, value, attention_mask, module_key, is_causal):
     return query.new_empty(batch, q_len, heads, value.shape[-1])
 
 
+# No autograd: a traced layer whose inputs require grad takes attention::hf_attend_lse (a backward
+# through these two raises torch's "no autograd formula was registered").
 for _op in (_attend_op, _attend_padded_op):
     _op.register_fake(_attend_fake)
 
