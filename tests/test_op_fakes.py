@@ -137,3 +137,20 @@ def test_the_fake_reduce_scatter_returns_what_the_op_returns(tmp_path):
         torch.library.opcheck(torch.ops.attention.reduce_scatter_rows.default, (full, [0], 30.0), test_utils=CHECKS)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl, settings", [
+    (hf.DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
+    (hf.SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"}),
+])
+def test_the_training_ops_return_what_their_fakes_say_without_padding(cases, impl, settings):
+    """The unpadded call hands the kernels' own outputs on (the sparse lse transposed from (b, h, q))."""
+    key = hf._traced_module_key(impl, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    torch.library.opcheck(torch.ops.attention.hf_attend_lse.default, (q, k, v, None, key, True), test_utils=CHECKS)
+    out, lse = torch.ops.attention.hf_attend_lse(q, k, v, None, key, True)
+    grad = torch.randn(B, H, N, D_V, generator=g).transpose(1, 2)
+    torch.library.opcheck(torch.ops.attention.hf_attend_backward.default,
+                          (grad, q, k, v, out, lse, None, key, True), test_utils=CHECKS)
