@@ -43,7 +43,8 @@ from transformers.masking_utils import bidirectional_mask_function, causal_mask_
 
 from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, LAYER_TYPES, dense_mask, layer_entry, mask_layer_type
 
-__all__ = ["RowLayout", "padding_mask", "attend_padded", "check_config", "check_mask"]
+__all__ = ["RowLayout", "PaddedRun", "padding_mask", "padded_runs", "unpadded", "attend_padded", "check_config",
+           "check_mask"]
 
 
 def check_config(config: Any) -> None:
@@ -104,10 +105,15 @@ def padding_mask(
         return dense_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device,
                           **kwargs)
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+        traced = torch.compiler.is_compiling() and attention_mask is None
         raise ValueError(
             "patternstore attention supports plain causal or bidirectional masks with padding only; "
             "this model asked for another mask (packed sequences with restarting position_ids, "
             "block_sequence_ids, or an or/and mask function)"
+            # transformers looks for packed sequences in position_ids when there is neither a mask nor a
+            # cache; in a traced region it cannot read them, so it always passes the packed-sequence mask.
+            + ("; under torch.compile without an attention_mask and without a cache transformers cannot rule "
+               "out packed sequences: pass attention_mask (e.g. torch.ones_like(input_ids))" if traced else "")
         )
     if kv_offset:
         raise ValueError(
@@ -213,25 +219,39 @@ def attend_padded(
     ``sinks``: the module's ``sinks`` argument (None: not passed)."""
     extra = {} if sinks is None else {"sinks": sinks}
     batch, _, q_len, _ = query.shape
-    layout, real = _row_layout(attention_mask, batch, key.shape[2])
-    if layout.filled < q_len:
-        raise ValueError(f"the mask covers {layout.filled} keys, fewer than the {q_len} queries")
+    filled, runs = padded_runs(attention_mask, batch, q_len, key.shape[2])
     # (batch, seq, heads, head_dim) views: the cache's filled rows, untouched.
     q = query.transpose(1, 2)
-    k = key[:, :, : layout.filled].transpose(1, 2)
-    v = value[:, :, : layout.filled].transpose(1, 2)
-    if not any(layout.starts) and not any(layout.holes):
+    k = key[:, :, :filled].transpose(1, 2)
+    v = value[:, :, :filled].transpose(1, 2)
+    if unpadded(runs, batch):  # the module's output as it is
         return attention(q, k, v, is_causal=is_causal, **extra)
-    return _per_padding(attention, q, k, v, layout, real, is_causal, extra)
+    return _per_padding(attention, q, k, v, runs, is_causal, extra)
 
 
-def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal: bool, extra: dict) -> Tensor:
-    """Padded batches: each run of rows with one left-padding amount ``s``
-    attends on its own, over keys ``s:`` and the queries at positions >= s, so
-    its pattern starts at its first token. Padded query rows output 0."""
-    batch, q_len, heads, _ = q.shape
+class PaddedRun(NamedTuple):
+    """Batch rows ``rows`` attend together: query rows from ``first_query``
+    (those before it are padding) over keys from ``start`` (their first real
+    token), ``key_padding_mask`` (True = padding) over those keys or None."""
+
+    rows: slice
+    first_query: int
+    start: int
+    key_padding_mask: Optional[Tensor]
+
+
+def padded_runs(attention_mask: Optional[Tensor], batch: int, q_len: int, kv_len: int) -> tuple[int, list[PaddedRun]]:
+    """(filled, runs) of a call: ``filled`` cache rows hold tokens; one run
+    (all rows, from 0, no mask) for an unpadded batch, else one per run of
+    consecutive batch rows with the same amount of left padding (a row with
+    padding after its first token alone, with its key mask)."""
+    layout, real = _row_layout(attention_mask, batch, kv_len)
     filled = layout.filled
-    out = q.new_zeros(batch, q_len, heads, v.shape[-1])
+    if filled < q_len:
+        raise ValueError(f"the mask covers {filled} keys, fewer than the {q_len} queries")
+    if not any(layout.starts) and not any(layout.holes):
+        return filled, [PaddedRun(slice(0, batch), 0, 0, None)]
+    runs = []
     row = 0
     while row < batch:
         start, holes = layout.starts[row], layout.holes[row]
@@ -241,11 +261,26 @@ def _per_padding(attention, q, k, v, layout: RowLayout, real: Tensor, is_causal:
             end += 1
         first_query = max(0, start - (filled - q_len))
         if first_query < q_len:
-            rows = slice(row, end)
-            key_padding_mask = ~real[rows, start:] if holes else None
-            out[rows, first_query:] = attention(
-                q[rows, first_query:], k[rows, start:], v[rows, start:],
-                is_causal=is_causal, key_padding_mask=key_padding_mask, **extra,
-            )
+            runs.append(PaddedRun(slice(row, end), first_query, start, ~real[row:end, start:] if holes else None))
         row = end
+    return filled, runs
+
+
+def unpadded(runs: list[PaddedRun], batch: int) -> bool:
+    """Whether ``runs`` is one call over the whole batch and cache."""
+    return len(runs) == 1 and runs[0].rows == slice(0, batch) and runs[0].first_query == runs[0].start == 0 \
+        and runs[0].key_padding_mask is None
+
+
+def _per_padding(attention, q, k, v, runs: list[PaddedRun], is_causal: bool, extra: dict) -> Tensor:
+    """Padded batches: each run attends on its own, over keys ``start:`` and
+    the queries at positions >= start, so its pattern starts at its first
+    token. Padded query rows output 0."""
+    batch, q_len, heads, _ = q.shape
+    out = q.new_zeros(batch, q_len, heads, v.shape[-1])
+    for run in runs:
+        out[run.rows, run.first_query:] = attention(
+            q[run.rows, run.first_query:], k[run.rows, run.start:], v[run.rows, run.start:],
+            is_causal=is_causal, key_padding_mask=run.key_padding_mask, **extra,
+        )
     return out

@@ -31,11 +31,14 @@ Guarantees:
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
   mask.
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
-  one opaque custom op (``attention::hf_attend``, with a backward that
-  recomputes the forward). Modules are built at trace time, and a dilated
+  one opaque custom op. Modules are built at trace time, and a dilated
   plan (length-free) is looked up then too; the graph holds no lock, store
   lookup or module construction, and depends on shapes only, so a new
-  padding pattern or static-cache step does not recompile. Limits: a sparse
+  padding pattern or static-cache step does not recompile, and with
+  ``dynamic=True`` (with or without ``fullgraph``) one graph serves every
+  length. Training (inputs that require grad): the op keeps its output and
+  log-sum-exp and its backward starts from them (``attention.hf.training``),
+  no second forward. Limits: a sparse
   layout depends on the length, so the module looks up each new length on
   the op's first run at it (then from its cache), as in eager use; the op
   syncs with the host once per layer when it is given a mask (the row
@@ -68,11 +71,13 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 try:
     from transformers import AttentionInterface
@@ -92,6 +97,8 @@ from attention.checks import check_dropout, check_softmax_scale
 from attention.sparse.module import BlockSparseAttention
 from attention.checks import check_sinks, check_softcap
 from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, FULL, call_layer_type, dense_attention, layer_entry
+from attention.hf.training import attend_backward, attend_with_lse
+from attention.kernels.softmax_parts import lse_dtype
 
 __all__ = [
     "DILATED",
@@ -236,7 +243,8 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {getattr(x, 'shape', x)}")
     entry = layer_entry(_settings(impl, config), call_layer_type(kwargs), CONFIG_ATTRIBUTE)
-    scaling, dropout = check_softmax_scale(scaling), check_dropout(dropout)  # transformers' scaling is our softmax_scale
+    # transformers' scaling is our softmax_scale
+    scaling, dropout = check_softmax_scale(_value_of(scaling)), check_dropout(_value_of(dropout))
     softcap, sinks = check_softcap(kwargs.get("softcap")), check_sinks(kwargs.get("s_aux"), query.transpose(1, 2))
     is_causal = kwargs.get("is_causal")
     is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -259,15 +267,30 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
                 f"attn_implementation={impl!r} under torch.compile runs without attention dropout; "
                 f"got dropout={dropout} (set the config's attention_dropout to 0 or train eagerly)"
             )
-        heads = (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1])
+        # operator.index: the head counts and dims as ints (dynamo guards them) under dynamic=True.
+        heads = tuple(operator.index(n) for n in (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]))
         module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal, softcap)
+        # A decode step's length 1 is static (dynamo specializes sizes 0 and 1); a symbolic length is longer.
+        one_row = has_static_value(query.shape[2]) and query.shape[2] == 1
         fixed_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 2
-        if _traced_capturable(module_key, query.device.type, query.shape[2] == 1, fixed_mask, is_causal):
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            return torch.ops.attention.hf_attend_lse(query, key, value, attention_mask, module_key, is_causal)[0]
+        if _traced_capturable(module_key, query.device.type, one_row, fixed_mask, is_causal):
             return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
         return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal)
     _remember_implementation(config, impl)
     attention = _attention_module(impl, settings, scaling, dropout, softcap)
     return attend_padded(attention, query, key, value, attention_mask, is_causal, sinks)
+
+
+def _value_of(number: Any) -> Any:
+    """``number`` as a Python float where it is one. Under
+    ``torch.compile(dynamic=True)`` dynamo hands a layer's float attributes
+    (transformers' ``scaling`` and ``dropout``) over as symbolic floats, which
+    neither the checks nor the module key can read; ``float.hex`` makes dynamo
+    read the value (guarded: a model whose value changes recompiles), so the
+    key holds a constant and the graph takes no float input."""
+    return float.fromhex(number.hex()) if isinstance(number, float) else number
 
 
 # ------------------------------------------------------- the traced region
@@ -358,43 +381,60 @@ def _attend_fake(query, key, value, attention_mask, module_key, is_causal):
     return query.new_empty(batch, q_len, heads, value.shape[-1])
 
 
+# No autograd: a traced layer whose inputs require grad takes attention::hf_attend_lse (a backward
+# through these two raises torch's "no autograd formula was registered").
+for _op in (_attend_op, _attend_padded_op):
+    _op.register_fake(_attend_fake)
+
+
+# The training path (attention.hf.training): the forward keeps its
+# log-sum-exp and the backward starts from it.
+@torch.library.custom_op("attention::hf_attend_lse", mutates_args=(), tags=_HOST_READS)
+def _attend_lse_op(
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+) -> tuple[Tensor, Tensor]:
+    """A layer's attention through the padded path, with each query row's
+    log-sum-exp: ``(out (batch, q_len, heads, head_dim_v), lse (batch,
+    q_len, heads))``, both contiguous."""
+    return attend_with_lse(_op_module(module_key), query, key, value, attention_mask, is_causal)
+
+
+@_attend_lse_op.register_fake
+def _(query, key, value, attention_mask, module_key, is_causal):
+    batch, heads, q_len, _ = query.shape
+    return (query.new_empty(batch, q_len, heads, value.shape[-1]),
+            query.new_empty(batch, q_len, heads, dtype=lse_dtype(query.dtype)))
+
+
 @torch.library.custom_op("attention::hf_attend_backward", mutates_args=(), tags=_HOST_READS)
 def _attend_backward_op(
-    grad: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-    module_key: str, is_causal: bool,
+    grad: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+    attention_mask: Optional[Tensor], module_key: str, is_causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact gradients by running the eager forward again under
-    ``torch.func.vjp`` (the op's forward keeps nothing): one more forward per
-    backward. (Plain autograd records nothing inside an op's implementation,
-    which runs below the autograd dispatch key; torch.func pushes its own.)"""
-    attention = _op_module(module_key)
-
-    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return attend_padded(attention, q, k, v, attention_mask, is_causal)
-
-    _, vjp = torch.func.vjp(forward, query, key, value)
-    return tuple(g.contiguous() for g in vjp(grad))
+    """Gradients of ``attention::hf_attend_lse``'s ``out`` for query, key and
+    value from its saved ``out`` and ``lse``: contiguous, in their shapes."""
+    return attend_backward(_op_module(module_key), grad, query, key, value, out, lse, attention_mask, is_causal)
 
 
 @_attend_backward_op.register_fake
-def _(grad, query, key, value, attention_mask, module_key, is_causal):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+def _(grad, query, key, value, out, lse, attention_mask, module_key, is_causal):
+    return tuple(x.new_empty(x.shape) for x in (query, key, value))  # contiguous, as the real op's
 
 
 def _attend_setup(ctx, inputs, output) -> None:
     query, key, value, attention_mask, ctx.module_key, ctx.is_causal = inputs
-    ctx.save_for_backward(query, key, value, attention_mask)
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # internal: the layer returns only ``out``
+    ctx.save_for_backward(query, key, value, out, lse, attention_mask)
 
 
-def _attend_backward(ctx, grad):
-    query, key, value, attention_mask = ctx.saved_tensors
-    grads = _attend_backward_op(grad, query, key, value, attention_mask, ctx.module_key, ctx.is_causal)
+def _attend_backward(ctx, grad, grad_lse):
+    query, key, value, out, lse, attention_mask = ctx.saved_tensors
+    grads = _attend_backward_op(grad, query, key, value, out, lse, attention_mask, ctx.module_key, ctx.is_causal)
     return *grads, None, None, None
 
 
-for _op in (_attend_op, _attend_padded_op):
-    _op.register_fake(_attend_fake)
-    _op.register_autograd(_attend_backward, setup_context=_attend_setup)
+_attend_lse_op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 # ------------------------------------------------------------------ settings

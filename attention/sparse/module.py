@@ -188,14 +188,8 @@ class BlockSparseAttention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tensor:
         check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
         sinks = check_sinks(sinks, q)
-        causal = check_is_causal(is_causal) or self._unidirectional
+        causal = self.causal(check_is_causal(is_causal), q.shape[1], k.shape[1])
         q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
-        if causal and q_len != kv_len and not self._prefix_stable:
-            raise ValueError(
-                f"causal attention with fewer queries than keys (q_len={q_len}, kv_len={kv_len}: a "
-                f"decode step) needs a prefix-stable layout, whose rows do not depend on the length; "
-                f"{self.kind!r} with {self.params} is not (attention='unidirectional' layouts are)"
-            )
         dropout_p = self.dropout if self.training else 0.0
         softcap = self.softcap
         if attention_path(q.device.type, q_len, kv_len, dropout_p, self.block_size,
@@ -205,6 +199,19 @@ class BlockSparseAttention(nn.Module):
         return sparse_attention(q, k, v, plan.kv_num_blocks, plan.kv_indices, plan.groups, self.block_size, causal,
                                 default_scale(q, self.softmax_scale), dropout_p, key_padding_mask, trusted_layout=True,
                                 softcap=softcap, sinks=sinks)
+
+    def causal(self, is_causal: bool, q_len: int, kv_len: int) -> bool:
+        """Whether a call applies the causal rule (``is_causal`` or a
+        unidirectional layout); ValueError for causal rows of a decode step
+        whose layout is not prefix-stable."""
+        causal = is_causal or self._unidirectional
+        if causal and q_len != kv_len and not self._prefix_stable:
+            raise ValueError(
+                f"causal attention with fewer queries than keys (q_len={q_len}, kv_len={kv_len}: a "
+                f"decode step) needs a prefix-stable layout, whose rows do not depend on the length; "
+                f"{self.kind!r} with {self.params} is not (attention='unidirectional' layouts are)"
+            )
+        return causal
 
     def _plan(self, q: Tensor, k: Tensor, causal: bool) -> LayoutPlan:
         """The layout and row groups of this call (module docstring: eager

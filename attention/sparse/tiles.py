@@ -385,6 +385,7 @@ def sparse_backward(
         dq.index_add_(1, target.flatten(), dq_rows.reshape(b, -1, dq_rows.shape[-1]))
     return (
         dq.view(b, q_len + 1, h, -1)[:, :q_len].to(q.dtype).contiguous(),
-        plan.unflat_keys(dk).to(k.dtype),
-        plan.unflat_keys(dv).to(v.dtype),
+        # contiguous, as the operator's fake kernel says (unflat_keys may be a heads-outer view)
+        plan.unflat_keys(dk).to(k.dtype, memory_format=torch.contiguous_format),
+        plan.unflat_keys(dv).to(v.dtype, memory_format=torch.contiguous_format),
     )

@@ -1,0 +1,156 @@
+"""Every custom op of ``attention::`` (and the ``patternstore::`` aliases)
+returns from its fake kernel exactly what the real op returns: shapes,
+strides, dtypes, devices (``torch.library.opcheck``'s fake-tensor check, which
+cross-checks strides), on inputs laid out as callers pass them: the
+modules' strided views, and transformers' non-contiguous ``(batch, heads,
+seq, head_dim)`` views of its projections. A compiled graph trusts the fake
+kernel's strides (inductor asserts them), so a mismatch crashes a compiled
+program (it did: ``attention::hf_attend_backward`` returned contiguous
+gradients where its fake said the views' strides). A new op without a case
+here fails the first test."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")  # installed by `make test` (the test extra)
+
+import attention.hf.registration as hf  # noqa: E402
+from attention import BlockSparseAttention  # noqa: E402
+from attention.dilated.module import ImprovedDilatedAttention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHECKS = ("test_schema", "test_faketensor")
+B, N, H, H_KV, D, D_V = 2, 12, 4, 2, 8, 6
+
+
+def module_views(seed: int, dtype=torch.float32):
+    """q, k, v as (batch, seq, heads, dim) views of transformers' (batch, heads, seq, dim) tensors."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g, dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, H_KV, N, D, generator=g, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, H_KV, N, D_V, generator=g, dtype=dtype).transpose(1, 2)
+    return q, k, v
+
+
+def padding() -> torch.Tensor:
+    """key_padding_mask (True = padding): row 0 a hole after its first token, row 1 left padding."""
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[0, 5] = True
+    mask[1, :3] = True
+    return mask
+
+
+def dilated_cases():
+    module = ImprovedDilatedAttention([4, 8], [1, 2])
+    flat = list(module.plan(H).flat)
+    q, k, v = module_views(0, torch.float64)
+    mask = padding()
+    out, lse = torch.ops.attention.dilated_forward(q, k, v, mask, flat, True, 0.3)
+    grad = torch.randn(B, H, N, D_V, dtype=out.dtype).transpose(1, 2)  # strided, as a transposed layer's grad
+    forward = (q, k, v, mask, flat, True, 0.3)
+    backward = (grad, q, k, v, out, lse, mask, flat, True, 0.3)
+    return {
+        "attention::dilated_forward": forward, "patternstore::dilated_attention": forward,
+        "attention::dilated_reference": forward, "patternstore::dilated_attention_reference": forward,
+        "attention::dilated_backward": backward, "patternstore::dilated_attention_backward": backward,
+    }
+
+
+def sparse_cases():
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, num_sliding_window_blocks=3,
+                                  num_global_blocks=1, attention="unidirectional")
+    plan = module.layouts.plan(N, H, torch.device("cpu"), True, 0)
+    rows, keys = [r for r, _ in plan.groups], [c for _, c in plan.groups]
+    q, k, v = module_views(1, torch.bfloat16)  # half types: an lse of another dtype
+    mask = padding()
+    layout = (plan.kv_num_blocks, plan.kv_indices)
+    options = (4, True, 0.3, 0.0, True)
+    out, lse = torch.ops.attention.sparse_forward(q, k, v, *layout, rows, keys, mask, None, *options, None)
+    grad = torch.randn_like(out)
+    description = module._description
+    return {
+        "attention::sparse_forward": (q, k, v, *layout, rows, keys, mask, None, *options, None),
+        "patternstore::block_sparse_forward": (q, k, v, *layout, mask, None, *options),
+        "attention::sparse_backward": (grad, q, k, v, out, lse, *layout, rows, keys, mask, None, *options, None),
+        "patternstore::block_sparse_backward": (grad, q, k, v, out, lse, *layout, mask, None, *options),
+        "attention::sparse_layout": (q, k, description, True),
+        "patternstore::sparse_layout": (q, k, description, True),
+        "attention::sparse_block_mask": (q, k, description, True, True),
+        "patternstore::sparse_block_mask": (q, k, description, True, False),
+    }
+
+
+def hf_cases():
+    """transformers' layouts: (batch, heads, seq, dim) views of projections, the whole cache."""
+    settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
+    key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    mask = torch.ones(B, N, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    out, lse = torch.ops.attention.hf_attend_lse(q, k, v, mask, key, True)
+    grad = torch.randn_like(out)
+    return {
+        "attention::hf_attend": (q, k, v, mask, key, True),
+        "attention::hf_attend_padded": (q, k, v, mask, key, True),
+        "attention::hf_attend_lse": (q, k, v, mask, key, True),
+        "attention::hf_attend_backward": (grad, q, k, v, out, lse, mask, key, True),
+    }
+
+
+def registered_ops() -> set[str]:
+    return {name for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith(("attention::", "patternstore::"))}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    hf.register()
+    return {**dilated_cases(), **sparse_cases(), **hf_cases()}
+
+
+def test_every_custom_op_has_a_case(cases):
+    assert registered_ops() == set(cases) | {"attention::reduce_scatter_rows"}
+
+
+@pytest.mark.parametrize("name", sorted(registered_ops() - {"attention::reduce_scatter_rows"}))
+def test_the_fake_kernel_returns_what_the_op_returns(cases, name):
+    namespace, op = name.split("::")
+    inputs = cases[name]
+    assert any(isinstance(x, torch.Tensor) and not x.is_contiguous() for x in inputs), "strided inputs"
+    torch.library.opcheck(getattr(getattr(torch.ops, namespace), op).default, inputs, test_utils=CHECKS)
+
+
+def test_the_fake_reduce_scatter_returns_what_the_op_returns(tmp_path):
+    """A one-rank gloo group (the op needs a process group)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    try:
+        full = torch.randn(3, 6, 4).transpose(1, 2)
+        torch.library.opcheck(torch.ops.attention.reduce_scatter_rows.default, (full, [0], 30.0), test_utils=CHECKS)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl, settings", [
+    (hf.DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
+    (hf.SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"}),
+])
+def test_the_training_ops_return_what_their_fakes_say_without_padding(cases, impl, settings):
+    """The unpadded call hands the kernels' own outputs on (the sparse lse transposed from (b, h, q))."""
+    key = hf._traced_module_key(impl, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    torch.library.opcheck(torch.ops.attention.hf_attend_lse.default, (q, k, v, None, key, True), test_utils=CHECKS)
+    out, lse = torch.ops.attention.hf_attend_lse(q, k, v, None, key, True)
+    grad = torch.randn(B, H, N, D_V, generator=g).transpose(1, 2)
+    torch.library.opcheck(torch.ops.attention.hf_attend_backward.default,
+                          (grad, q, k, v, out, lse, None, key, True), test_utils=CHECKS)
