@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")  # installed by `make test` (
 
 import attention.hf.registration as hf  # noqa: E402
 from attention.sparse.module import BlockSparseAttention
-from dense_reference import block_pairs, dense_attention, multiplicity  # noqa: E402
+from attention.dense_reference import block_pairs, dense_attention, multiplicity  # noqa: E402
 from transformers import (  # noqa: E402
     AttentionInterface,
     AutoModelForCausalLM,

@@ -1,4 +1,4 @@
-"""Every custom op of ``attention::`` (and the ``patternstore::`` aliases)
+"""Every custom op of ``attention::``
 returns from its fake kernel exactly what the real op returns: shapes,
 strides, dtypes, devices (``torch.library.opcheck``'s fake-tensor check, which
 cross-checks strides), on inputs laid out as callers pass them: the
@@ -56,9 +56,9 @@ def dilated_cases():
     forward = (q, k, v, mask, flat, True, 0.3)
     backward = (grad, q, k, v, out, lse, mask, flat, True, 0.3)
     return {
-        "attention::dilated_forward": forward, "patternstore::dilated_attention": forward,
-        "attention::dilated_reference": forward, "patternstore::dilated_attention_reference": forward,
-        "attention::dilated_backward": backward, "patternstore::dilated_attention_backward": backward,
+        "attention::dilated_forward": forward,
+        "attention::dilated_reference": forward,
+        "attention::dilated_backward": backward,
     }
 
 
@@ -76,13 +76,9 @@ def sparse_cases():
     description = module._description
     return {
         "attention::sparse_forward": (q, k, v, *layout, rows, keys, mask, None, *options, None),
-        "patternstore::block_sparse_forward": (q, k, v, *layout, mask, None, *options),
         "attention::sparse_backward": (grad, q, k, v, out, lse, *layout, rows, keys, mask, None, *options, None),
-        "patternstore::block_sparse_backward": (grad, q, k, v, out, lse, *layout, mask, None, *options),
         "attention::sparse_layout": (q, k, description, True),
-        "patternstore::sparse_layout": (q, k, description, True),
         "attention::sparse_block_mask": (q, k, description, True, True),
-        "patternstore::sparse_block_mask": (q, k, description, True, False),
     }
 
 
@@ -105,15 +101,30 @@ def hf_cases():
     }
 
 
+def dense_cases():
+    """The exact layers (sliding windows) over transformers' layouts: a window mask, soft-capping, sinks."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    i = torch.arange(N)
+    excluded = ((i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 4))[None, None]  # causal window of 4
+    sinks = torch.randn(H, generator=g)
+    out, lse = torch.ops.attention.hf_dense(q, k, v, excluded, False, 0.3, 20.0, sinks)
+    grad = torch.randn_like(out)
+    return {
+        "attention::hf_dense": (q, k, v, excluded, False, 0.3, 20.0, sinks),
+        "attention::hf_dense_backward": (grad, q, k, v, out, lse, excluded, False, 0.3, 20.0),
+    }
+
+
 def registered_ops() -> set[str]:
-    return {name for name in torch._C._dispatch_get_all_op_names()
-            if name.startswith(("attention::", "patternstore::"))}
+    return {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("attention::")}
 
 
 @pytest.fixture(scope="module")
 def cases():
     hf.register()
-    return {**dilated_cases(), **sparse_cases(), **hf_cases()}
+    return {**dilated_cases(), **sparse_cases(), **hf_cases(), **dense_cases()}
 
 
 def test_every_custom_op_has_a_case(cases):

@@ -20,7 +20,7 @@ from attention.kernels.flex import flex_attend
 from attention.kernels.sinks import apply_sinks, sinks_grad
 from attention.sparse.module import BlockSparseAttention, attention_path
 from attention.sparse.ops import block_sparse_attention
-from dense_reference import block_pairs, dense_attention, multiplicity
+from attention.dense_reference import block_pairs, dense_attention, multiplicity
 from patternstore.generate import generate
 from patternstore.specs import SparseSpec
 from strategies import small_dilated_branches

@@ -156,7 +156,7 @@ def forward_groups(
     out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.full(q.shape[:3], EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
     copied = _written_once(groups)
-    backend = resolve_kernel(q, v, key_padding_mask, backward=False, backend=backend)  # once for every chunk
+    backend = resolve_kernel(q, v, key_padding_mask, backward=False, backend=backend, softcap=softcap)  # once for every chunk
     for index, (qc, oc, lc), (kc, vc), pc in _chunk_views(groups, q, k, (q, out, lse), (k, v), key_padding_mask):
         o, l = attend(qc, kc, vc, causal=is_causal, scale=scale, key_mask=pc, backend=backend, softcap=softcap)
         if index < copied:
@@ -176,7 +176,7 @@ def backward_groups(
     """Add every group's gradients into ``dq, dk, dv``, each kernel backward
     fed the FINAL ``out`` and ``lse`` at its rows (``backend`` as in
     ``forward_groups``)."""
-    backend = resolve_kernel(q, v, key_padding_mask, backward=True, backend=backend)  # once for every chunk
+    backend = resolve_kernel(q, v, key_padding_mask, backward=True, backend=backend, softcap=softcap)  # once for every chunk
     views = _chunk_views(groups, q, k, (grad_out, q, out, lse, dq), (k, v, dk, dv), key_padding_mask)
     for _, (doc, qc, oc, lc, dqc), (kc, vc, dkc, dvc), pc in views:
         partial = attend_backward(doc, qc, kc, vc, oc, lc, causal=is_causal, scale=scale, key_mask=pc,

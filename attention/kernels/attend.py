@@ -326,13 +326,13 @@ def _kernel_for(q: Tensor, v: Tensor, call: AttendCall, backend: Optional[str], 
 
 
 def resolve_kernel(q: Tensor, v: Tensor, key_mask: Optional[Tensor], *, backward: bool,
-                   backend: Optional[str] = None) -> str:
+                   backend: Optional[str] = None, softcap: Optional[float] = None) -> str:
     """The name of the kernel ``attend`` (``backward``: ``attend_backward``)
     takes for calls of this kind: q's device, dtype and head_dim, v's
-    head_dim, a key mask or not, no structural mask, no dropout. A caller
+    head_dim, a key mask or not, ``softcap``, no structural mask, no dropout. A caller
     that makes many such calls (a dilated plan's chunks) chooses once and
     hands the name down as their ``backend``."""
-    return _kernel_for(q, v, AttendCall(key_mask, None, None), backend, backward).name
+    return _kernel_for(q, v, AttendCall(key_mask, None, None), backend, backward, softcap).name
 
 
 def _finite_keys_or_matmul(kernel: Kernel, k: Tensor, call: AttendCall) -> Kernel:
