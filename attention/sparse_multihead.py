@@ -17,8 +17,9 @@ __all__ = ["MultiheadBlockSparseAttention"]
 
 class MultiheadBlockSparseAttention(MultiheadWrapper):
     """``forward(query, key=None, value=None, *, key_padding_mask=None,
-    need_weights=False, is_causal=False) -> (out, None)``, as every
-    ``MultiheadWrapper``; ``kind``, ``block_size``, ``seed``,
+    need_weights=False, is_causal=False, cu_seqlens=None) -> (out, None)``,
+    as every ``MultiheadWrapper`` (``cu_seqlens``: packed documents, each
+    attended as alone, as ``BlockSparseAttention`` takes them); ``kind``, ``block_size``, ``seed``,
     ``softmax_scale``, ``max_seq_len`` (the capacity of causal layouts) and
     ``**params`` (DeepSpeed's names) choose the layout, as in
     ``BlockSparseAttention``. Which key lengths the wrapper accepts is

@@ -37,7 +37,9 @@ import torch
 from torch import Tensor
 
 from .kernels import accumulate_dtype, check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from .packed import check_cu_seqlens
 from .sparse_layouts import source
+from .sparse_packed import packed_sparse_attention
 from .sparse_tiles import sparse_backward, sparse_forward
 
 __all__ = ["block_sparse_attention", "sparse_attention", "layout_op", "block_mask_op",
@@ -299,7 +301,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block_size: int, *,
     causal: bool = False, softmax_scale: float | None = None, dropout_p: float = 0.0,
-    key_padding_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """Attention of ``q (b, q_len, h, d)`` over ``k (b, kv_len, h_kv, d)``,
     ``v (b, kv_len, h_kv, v_dim)`` restricted to a block layout
@@ -312,8 +314,19 @@ def block_sparse_attention(
     attention probabilities (pass 0.0 in evaluation). ``key_padding_mask``
     bool ``(b, kv_len)``, True where a key must be ignored. Float16/bfloat16
     inputs are computed in float32 and returned in their dtype.
+
+    ``cu_seqlens`` (1-D integer ``[0, end_1, ..., total]``, batch 1,
+    ``q_len == kv_len``): packed documents, none attending another. The
+    given layout is then every document's CORNER layout: document ``i`` of
+    ``nb_i = ceil(len_i / block_size)`` blocks gets the layout's rows ``<
+    nb_i`` restricted to key blocks ``< nb_i``, with its first block at its
+    first token (what a prefix-stable kind's layout at the document's own
+    length is; attention/sparse_packed.py). ``key_padding_mask`` is ``(1,
+    total)``.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, k)
     b, q_len, h, d = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
@@ -330,5 +343,9 @@ def block_sparse_attention(
         )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
+    if cu_seqlens is not None:
+        return packed_sparse_attention(q, k, v, cu_seqlens, key_padding_mask, layout=(kv_num_blocks, kv_indices),
+                                       block_size=block_size, causal=check_is_causal(causal), scale=scale,
+                                       dropout_p=dropout_p)
     return sparse_attention(q, k, v, kv_num_blocks, kv_indices, [], block_size, check_is_causal(causal), scale,
                             dropout_p, key_padding_mask, trusted_layout=False)
