@@ -150,7 +150,9 @@ def _module_layouts(layouts: LayoutSource, blocks: list[int], heads: int, causal
         first[b] = row
         row += b
     counts = torch.cat([c for c, _ in parts], 1)
-    indices = torch.cat([i for _, i in parts])
+    # Head-major over the stack: head h's rows of every layout, then head h + 1's.
+    per_head = [torch.split(i, c.sum(1).tolist()) for c, i in parts]
+    indices = torch.cat([pieces[h] for h in range(counts.shape[0]) for pieces in per_head])
     return counts, indices, torch.tensor([first.get(b, 0) for b in blocks], dtype=torch.int64)
 
 
