@@ -62,6 +62,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,6 +79,15 @@ __all__ = ["PackedPlan", "compose_layout", "packed_plan", "packed_sparse_attenti
            "MAX_PLANS"]
 
 
+class TilePart(NamedTuple):
+    """Rows of the composed layout run by one call of the tiles."""
+
+    kv_num_blocks: Tensor        # int32 [H, nb]: the part's rows (others count 0)
+    kv_indices: Tensor           # int32 [nnz]
+    groups: Groups               # the tiles' row groups of those rows
+    padding: Optional[Tensor]    # bool [1, length]: masked keys; None: no mask at all
+
+
 class PackedPlan(NamedTuple):
     """A packed batch laid out in the aligned scratch buffer."""
 
@@ -85,46 +95,47 @@ class PackedPlan(NamedTuple):
     length: int                  # the buffer's length (whole blocks)
     kv_num_blocks: Tensor        # int32 [H, length / block_size]: the composed block-diagonal layout
     kv_indices: Tensor           # int32 [nnz]
-    groups: Groups               # the tiles' row groups of that layout
     padding: Optional[Tensor]    # bool [1, length]: fill (and the caller's padding); None: nothing masked
     fill_blocks: Tensor          # bool [length / block_size]: key blocks that hold fill
+    parts: list[TilePart]        # rows that read no fill key block (unmasked: a tile with a mask costs
+                                 # ~1.8x, docs/bench.md), then the others; one part with a caller's mask
 
 
-def compose_layout(kv_num_blocks: Tensor, kv_indices: Tensor, first_row: Tensor,
-                   doc_blocks: Tensor) -> tuple[Tensor, Tensor]:
+def compose_layout(kv_num_blocks: Tensor, kv_indices: Tensor, first_row, doc_blocks) -> tuple[Tensor, Tensor]:
     """The block-diagonal layout of documents with ``doc_blocks[d]`` blocks
     each (int64 [D], zeros allowed), placed one after the other: document
     ``d``'s local row ``i`` is the source layout's row ``first_row[d] + i``
-    (``kv_num_blocks [H, R]``, ``kv_indices``: one or more layouts stacked
-    along the rows) cut to its key blocks ``< doc_blocks[d]`` (the corner),
-    shifted by the document's first block. O(H * blocks + nnz) vectorized
-    ops: a row's cut is one ``searchsorted`` (rows are sorted ascending)."""
-    heads, rows = kv_num_blocks.shape
-    device = kv_indices.device
-    starts = torch.cumsum(doc_blocks, 0) - doc_blocks                      # each document's first block
+    (``kv_num_blocks [H, R]``, ``kv_indices``, CPU: one or more layouts
+    stacked along the rows) cut to its key blocks ``< doc_blocks[d]`` (the
+    corner), shifted by the document's first block. O(H * blocks + nnz)
+    vectorized numpy (single-threaded: on a loaded machine each small
+    parallel torch op risks a stall of milliseconds); a row's cut is one
+    ``searchsorted`` (rows are sorted ascending)."""
+    counts_in = kv_num_blocks.numpy().astype(np.int64)
+    heads, rows = counts_in.shape
+    indices_in = kv_indices.numpy().astype(np.int64)
+    doc_blocks, first_row = np.asarray(doc_blocks, dtype=np.int64), np.asarray(first_row, dtype=np.int64)
+    starts = np.cumsum(doc_blocks) - doc_blocks                            # each document's first block
     total = int(doc_blocks.sum())
-    doc = torch.repeat_interleave(torch.arange(doc_blocks.numel(), device=device), doc_blocks)   # [NB]
-    local = torch.arange(total, device=device) - starts[doc]
-    source_row = (torch.arange(heads, device=device)[:, None] * rows + (first_row[doc] + local)).flatten()
-    limit = doc_blocks[doc].repeat(heads)                                  # [H * NB]
-    counts = kv_num_blocks.flatten().long()
-    offsets = torch.cumsum(counts, 0) - counts
-    entry_row = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
-    keys = entry_row * (rows + 1) + kv_indices.long()                      # ascending: rows, then columns
-    ends = torch.searchsorted(keys, source_row * (rows + 1) + limit)
+    doc = np.repeat(np.arange(doc_blocks.size), doc_blocks)               # [NB]
+    local = np.arange(total) - starts[doc]
+    source_row = (np.arange(heads)[:, None] * rows + (first_row[doc] + local)[None]).ravel()
+    limit = np.tile(doc_blocks[doc], heads)                                # [H * NB]
+    counts = counts_in.ravel()
+    offsets = np.cumsum(counts) - counts
+    keys = np.repeat(np.arange(counts.size), counts) * (rows + 1) + indices_in   # ascending: rows, then columns
     begins = offsets[source_row]
-    new_counts = ends - begins
-    new_offsets = torch.cumsum(new_counts, 0) - new_counts
-    nnz = int(new_counts.sum())
-    out_row = torch.repeat_interleave(torch.arange(new_counts.numel(), device=device), new_counts)
-    within = torch.arange(nnz, device=device) - new_offsets[out_row]
-    shift = starts[doc].repeat(heads)
-    values = kv_indices[begins[out_row] + within].long() + shift[out_row]
-    return new_counts.view(heads, total).to(torch.int32), values.to(torch.int32)
+    new_counts = np.searchsorted(keys, source_row * (rows + 1) + limit) - begins
+    new_offsets = np.cumsum(new_counts) - new_counts
+    out_row = np.repeat(np.arange(new_counts.size), new_counts)
+    within = np.arange(out_row.size) - new_offsets[out_row]
+    values = indices_in[begins[out_row] + within] + np.tile(starts[doc], heads)[out_row]
+    return (torch.from_numpy(new_counts.reshape(heads, total).astype(np.int32)),
+            torch.from_numpy(values.astype(np.int32)))
 
 
 def _module_layouts(layouts: LayoutSource, blocks: list[int], heads: int, causal: bool,
-                    lengths: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                    lengths: list[int]) -> tuple[Tensor, Tensor, np.ndarray]:
     """``(kv_num_blocks, kv_indices, first_row [D])`` of the module's layouts
     for documents of ``blocks`` (module docstring: one corner layout, or one
     per distinct block count), on the CPU."""
@@ -141,7 +152,7 @@ def _module_layouts(layouts: LayoutSource, blocks: list[int], heads: int, causal
                              f"the layout of {layouts.kind!r}: {error}") from None
     if layouts.prefix_stable:
         counts, indices = layouts.layout(layouts.capacity(max(live) * bs), heads, cpu, causal)
-        return counts, indices, torch.zeros(len(blocks), dtype=torch.int64)
+        return counts, indices, np.zeros(len(blocks), dtype=np.int64)
     parts, first = [], {}
     row = 0
     for b in sorted(set(live)):
@@ -153,7 +164,24 @@ def _module_layouts(layouts: LayoutSource, blocks: list[int], heads: int, causal
     # Head-major over the stack: head h's rows of every layout, then head h + 1's.
     per_head = [torch.split(i, c.sum(1).tolist()) for c, i in parts]
     indices = torch.cat([pieces[h] for h in range(counts.shape[0]) for pieces in per_head])
-    return counts, indices, torch.tensor([first.get(b, 0) for b in blocks], dtype=torch.int64)
+    return counts, indices, np.array([first.get(b, 0) for b in blocks], dtype=np.int64)
+
+
+def _parts(counts: Tensor, indices: Tensor, fill_blocks: np.ndarray, padding: Optional[np.ndarray],
+           caller_mask: bool) -> list[tuple[Tensor, Tensor, Optional[np.ndarray]]]:
+    """The composed layout split by rows: those that read no fill key block
+    run without a mask; with a caller's mask, every row with it."""
+    if padding is None or caller_mask:
+        return [(counts, indices, padding)]
+    flat = counts.numpy().ravel().astype(np.int64)
+    entry_row = np.repeat(np.arange(flat.size), flat)
+    touched = np.bincount(entry_row, weights=fill_blocks[indices.numpy()], minlength=flat.size) > 0
+    parts = []
+    for rows, mask in ((~touched, None), (touched, padding)):
+        if rows.any():
+            part_counts = torch.from_numpy(np.where(rows, flat, 0).reshape(counts.shape).astype(np.int32))
+            parts.append((part_counts, indices[torch.from_numpy(rows[entry_row])], mask))
+    return parts
 
 
 _PLANS: OrderedDict[tuple, PackedPlan] = OrderedDict()
@@ -174,40 +202,49 @@ def packed_plan(cu_seqlens: Tensor, total: int, heads: int, device: torch.device
     if hit is not None:
         _PLANS.move_to_end(key)
         return hit
-    lengths = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
-    blocks = [-(-n // block_size) for n in lengths]
+    starts = np.array(bounds[:-1], dtype=np.int64)
+    lengths = np.diff(np.array(bounds, dtype=np.int64))
+    doc_blocks = -(-lengths // block_size)
     if layout is None:
-        counts, indices, first_row = _module_layouts(source(description), blocks, heads, causal, lengths)
+        counts, indices, first_row = _module_layouts(source(description), doc_blocks.tolist(), heads, causal,
+                                                     lengths.tolist())
     else:
         counts, indices = (t.cpu() for t in layout)
         check_layout(counts, indices, -(-total // block_size))
         if causal:
             counts, indices = drop_future_blocks(counts, indices)
-        first_row = torch.zeros(len(blocks), dtype=torch.int64)
-    doc_blocks = torch.tensor(blocks, dtype=torch.int64)
+        first_row = np.zeros(len(lengths), dtype=np.int64)
     counts, indices = compose_layout(counts, indices, first_row, doc_blocks)
     nb = counts.shape[1]
     length = nb * block_size
-    lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    shift = (torch.cumsum(doc_blocks, 0) - doc_blocks) * block_size - torch.tensor(bounds[:-1], dtype=torch.int64)
-    dest = torch.arange(total) + torch.repeat_interleave(shift, lengths_t)
-    fill = torch.ones(length, dtype=torch.bool)
+    shift = (np.cumsum(doc_blocks) - doc_blocks) * block_size - starts
+    dest = np.arange(total) + np.repeat(shift, lengths)
+    fill = np.ones(length, dtype=bool)
     fill[dest] = False
-    fill_blocks = fill.view(nb, block_size).any(1)
-    padding = fill if key_padding_mask is None else fill.index_put((dest,), key_padding_mask[0].cpu())
-    with torch.no_grad():
-        groups = row_groups(counts, indices, False, 0)
-    identity = length == total
-    plan = PackedPlan(
-        None if identity else dest.to(device), length, counts.to(device), indices.to(device),
-        [(r.to(device), c.to(device)) for r, c in groups],
-        padding[None].to(device) if bool(padding.any()) else None, fill_blocks.to(device),
-    )
+    fill_blocks = fill.reshape(nb, block_size).any(1)
+    padding = fill
+    if key_padding_mask is not None:
+        padding = fill.copy()
+        padding[dest] = key_padding_mask[0].cpu().numpy()
+    padding = padding if padding.any() else None
+    parts = []
+    for part_counts, part_indices, mask in _parts(counts, indices, fill_blocks, padding, key_padding_mask is not None):
+        with torch.no_grad():
+            groups = row_groups(part_counts, part_indices, False, 0)
+        parts.append(TilePart(part_counts.to(device), part_indices.to(device),
+                              [(r.to(device), c.to(device)) for r, c in groups], _device_mask(mask, device)))
+    plan = PackedPlan(None if length == total else torch.from_numpy(dest).to(device), length, counts.to(device),
+                      indices.to(device), _device_mask(padding, device), torch.from_numpy(fill_blocks).to(device),
+                      parts)
     if cacheable:
         _PLANS[key] = plan
         while len(_PLANS) > MAX_PLANS:
             _PLANS.popitem(last=False)
     return plan
+
+
+def _device_mask(mask: Optional[np.ndarray], device: torch.device) -> Optional[Tensor]:
+    return None if mask is None else torch.from_numpy(mask)[None].to(device)
 
 
 def _to_buffer(x: Tensor, plan: PackedPlan, fill: float = 0.0) -> Tensor:
@@ -238,10 +275,18 @@ def forward_op(
     (``description == ""``)."""
     plan = packed_plan(cu_seqlens, q.shape[1], q.shape[2], q.device, causal, block_size, description,
                        _given(kv_num_blocks, kv_indices), key_padding_mask)
-    out, lse = sparse_forward(_to_buffer(q, plan), _to_buffer(k, plan), _to_buffer(v, plan), plan.kv_num_blocks,
-                              plan.kv_indices, plan.groups, plan.padding, dropout_seed, block_size, causal, scale,
-                              dropout_p, True)
+    q_, k_, v_ = _to_buffer(q, plan), _to_buffer(k, plan), _to_buffer(v, plan)
+    out = lse = None
+    for i, part in enumerate(plan.parts):  # disjoint rows: a row outside a part is 0 there, lse EMPTY_LSE
+        o, l = sparse_forward(q_, k_, v_, part.kv_num_blocks, part.kv_indices, part.groups, part.padding,
+                              _part_seed(dropout_seed, i), block_size, causal, scale, dropout_p, True)
+        out, lse = (o, l) if out is None else (out.add_(o), torch.maximum(lse, l))
     return _from_buffer(out, plan).contiguous(), _from_buffer(lse, plan, 2).contiguous()
+
+
+def _part_seed(dropout_seed: Optional[Tensor], part: int) -> Optional[Tensor]:
+    """Each part's dropout stream (the tiles number their tiles from 0 in every call)."""
+    return None if dropout_seed is None else dropout_seed + part
 
 
 @forward_op.register_fake
@@ -264,12 +309,14 @@ def backward_op(
     add nothing to any gradient."""
     plan = packed_plan(cu_seqlens, q.shape[1], q.shape[2], q.device, causal, block_size, description,
                        _given(kv_num_blocks, kv_indices), key_padding_mask)
-    dq, dk, dv = sparse_backward(
-        _to_buffer(grad_out, plan), _to_buffer(q, plan), _to_buffer(k, plan), _to_buffer(v, plan),
-        _to_buffer(out, plan), _to_buffer(lse.transpose(1, 2), plan, -EMPTY_LSE).transpose(1, 2),
-        plan.kv_num_blocks, plan.kv_indices, plan.groups, plan.padding, dropout_seed, block_size, causal, scale,
-        dropout_p, True)
-    return tuple(_from_buffer(g, plan).contiguous() for g in (dq, dk, dv))
+    tensors = (_to_buffer(grad_out, plan), _to_buffer(q, plan), _to_buffer(k, plan), _to_buffer(v, plan),
+               _to_buffer(out, plan), _to_buffer(lse.transpose(1, 2), plan, -EMPTY_LSE).transpose(1, 2))
+    grads = None
+    for i, part in enumerate(plan.parts):
+        g = sparse_backward(*tensors, part.kv_num_blocks, part.kv_indices, part.groups, part.padding,
+                            _part_seed(dropout_seed, i), block_size, causal, scale, dropout_p, True)
+        grads = g if grads is None else tuple(a.add_(b) for a, b in zip(grads, g))
+    return tuple(_from_buffer(g, plan).contiguous() for g in grads)
 
 
 @backward_op.register_fake
