@@ -1,8 +1,9 @@
 """Packed documents for block-sparse attention: each document of a packed
 batch (``cu_seqlens``, attention/packed.py) attended with its own block
-layout, in ONE kernel call over the whole batch.
+layout, in one pass of the tiles over the whole batch (no call per
+document).
 
-Semantics (docs/design.md section 2.4): document ``i = [cu[i], cu[i+1])``
+Semantics (docs/design.md section 2.2, packed documents): document ``i = [cu[i], cu[i+1])``
 gets exactly what ``BlockSparseAttention`` gives it as a sequence of its
 own: its layout starts at its first token, no key of another document
 counts, causal within it, ``key_padding_mask (1, total)`` still applies.
@@ -23,8 +24,8 @@ Where the layouts come from (store traffic per batch, bounded):
   layout. ONE layout per batch, that of the longest document's length
   class (``LayoutSource.capacity``: ``max_seq_len`` or the next power of
   two of the block count), so a batch reads one store entry of at most
-  twice the longest document's rows, and the store holds log2(max length)
-  entries;
+  twice the longest document's rows (or ``max_seq_len``'s), and the store
+  holds log2(max length) entries;
 - the others (bigbird and variable with random blocks drawn from the whole
   row, fixed, whose partial last window moves its global blocks; all
   bidirectional): one layout per distinct document block count, fetched at
@@ -32,16 +33,18 @@ Where the layouts come from (store traffic per batch, bounded):
   counts ``c_1 < ... < c_m`` each belong to a document, so their rows sum
   to at most the batch's block count: the store traffic of a batch is at
   most one layout of the packed length's rows, m <= sqrt(2 * blocks).
-Both kept by ``LayoutSource`` (a dict lookup after the first batch).
+Both kept by ``LayoutSource`` (its last ``MAX_LAYOUTS`` used: a dict
+lookup after the first batch).
 
 Execution: each document is copied to a block-aligned offset of a scratch
 buffer (padded to whole blocks: less than one block of fill per document);
 the block-diagonal CSR of the documents' layouts, index-shifted to their
-offsets, is composed in O(active blocks) by vectorized torch ops on the
-host (``compose_layout``; Python loops run over distinct block counts
-only); the tiles (attention/sparse_tiles.py) run once over the buffer with
-a key padding mask for the fill (or'ed with the caller's), and the rows
-are gathered back. On CUDA, eager and without dropout, the composed CSR is
+offsets, is composed in O(active blocks) by vectorized numpy on the host
+(``compose_layout``; Python loops run over distinct block counts only);
+the tiles (attention/sparse_tiles.py) run over the buffer once for the
+rows that read no fill key block, without a mask, and once for the others
+with the fill masked (one call with the caller's key padding mask or'ed
+in, when given), and the rows are gathered back. On CUDA, eager and without dropout, the composed CSR is
 the BlockMask of compiled FlexAttention (``flex.block_mask_from_csr``,
 only the documents' last key blocks partial): never ``create_block_mask``
 over the packed length.
@@ -52,9 +55,11 @@ Compile and host reads: the tile path is the operator pair
 recompile; fake outputs have the inputs' shapes, so ``dynamic=True`` and
 ``torch.export`` take any length). The operators read ``cu_seqlens`` on the
 host inside themselves: no sync for a CPU ``cu_seqlens``, one per call (and
-one more in the backward) for a GPU one. Compiled graphs on CUDA take this
-tile path too (the flex path is eager). The backward recomposes the plan
-(kept: the last ``MAX_PLANS`` batches).
+one more in the backward) for a GPU one, and one for a GPU
+``key_padding_mask``. Compiled graphs on CUDA take this
+tile path too (the flex path is eager). The backward reuses the forward's
+plan (the last ``MAX_PLANS`` kept; recomposed with a key padding mask or a
+given layout).
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class PackedPlan(NamedTuple):
     kv_indices: Tensor           # int32 [nnz]
     padding: Optional[Tensor]    # bool [1, length]: fill (and the caller's padding); None: nothing masked
     fill_blocks: Tensor          # bool [length / block_size]: key blocks that hold fill
+    width: int                   # the longest row of the layout and of its transpose (a BlockMask's width)
     parts: list[TilePart]        # rows that read no fill key block (unmasked: a tile with a mask costs
                                  # ~1.8x, docs/bench.md), then the others; one part with a caller's mask
 
@@ -233,9 +239,12 @@ def packed_plan(cu_seqlens: Tensor, total: int, heads: int, device: torch.device
             groups = row_groups(part_counts, part_indices, False, 0)
         parts.append(TilePart(part_counts.to(device), part_indices.to(device),
                               [(r.to(device), c.to(device)) for r, c in groups], _device_mask(mask, device)))
+    column_counts = np.bincount(np.repeat(np.arange(counts.shape[0]), counts.sum(1).numpy()) * nb
+                                + indices.numpy(), minlength=counts.numel())
+    width = max(1, int(counts.max()), int(column_counts.max()))
     plan = PackedPlan(None if length == total else torch.from_numpy(dest).to(device), length, counts.to(device),
                       indices.to(device), _device_mask(padding, device), torch.from_numpy(fill_blocks).to(device),
-                      parts)
+                      width, parts)
     if cacheable:
         _PLANS[key] = plan
         while len(_PLANS) > MAX_PLANS:
@@ -364,13 +373,17 @@ def packed_flex_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, k
     """The flex path of a packed batch (eager; module docstring): the
     composed CSR as a BlockMask over the aligned buffer, whose only partial
     blocks are the causal diagonal and the documents' last (filled) key
-    blocks, or every block with a caller's key padding mask."""
+    blocks, or every block with a caller's key padding mask. Its rows are
+    as wide as the longest (``PackedPlan.width``: 4 MiB for a 1M-token
+    batch of 256 documents where ``nb``-wide rows take 1 GiB), except on
+    the CPU, whose flex needs ``nb``-wide rows."""
     plan = packed_plan(cu_seqlens, q.shape[1], q.shape[2], q.device, causal, block_size, description, None,
                        key_padding_mask)
     padded_blocks = None if key_padding_mask is not None else plan.fill_blocks
     mask = block_mask_from_csr(plan.kv_num_blocks, plan.kv_indices, block_size=block_size, q_len=plan.length,
                                kv_len=plan.length, causal=causal, key_padding_mask=plan.padding,
-                               padded_blocks=padded_blocks if plan.padding is not None else None)
+                               padded_blocks=padded_blocks if plan.padding is not None else None,
+                               width=None if q.device.type == "cpu" else plan.width)
     out = compiled_flex_attention()(
         _to_buffer(q, plan).transpose(1, 2), _to_buffer(k, plan).transpose(1, 2),
         _to_buffer(v, plan).transpose(1, 2), block_mask=mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
