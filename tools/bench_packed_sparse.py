@@ -135,34 +135,41 @@ def bench_mix(name, spec, module, args, report) -> None:
     print(name, {c: round(runs.median(c), 3) for c in runs.times}, row["targets"], flush=True)
 
 
-def packed_block_mask(module, args) -> dict:
-    """Time and peak memory of the fused path's BlockMask of a new split of
-    the 1M-token batch: ``packed_plan`` + ``block_mask_from_csr``, rows as
-    wide as the longest (what CUDA builds) and ``nb``-wide (what CPU flex needs)."""
+def build_packed_mask(module, heads: int, lengths: list[int], rotate: int, longest_row: bool) -> tuple[float, int]:
+    """Seconds and peak RSS growth of the fused path's BlockMask of a new
+    split (``lengths`` rotated): ``packed_plan`` + ``block_mask_from_csr``."""
     from attention.flex import block_mask_from_csr
     from attention.sparse_packed import packed_plan
 
-    heads, bs, total = args.heads, module.block_size, args.mask_tokens
+    bs, total = module.block_size, sum(lengths)
+    order = lengths[rotate:] + lengths[:rotate]
+    split = torch.tensor([0] + torch.tensor(order).cumsum(0).tolist())
+    benchlib.reset_peak_rss()
+    before = benchlib.status_bytes("VmRSS")
+    start = time.perf_counter()
+    plan = packed_plan(split, total, heads, torch.device("cpu"), False, bs, module._description, None, None)
+    block_mask_from_csr(plan.kv_num_blocks, plan.kv_indices, block_size=bs, q_len=plan.length, kv_len=plan.length,
+                        causal=False, key_padding_mask=plan.padding, padded_blocks=plan.fill_blocks,
+                        width=plan.width if longest_row else None)
+    return time.perf_counter() - start, benchlib.status_bytes("VmHWM") - before
+
+
+def packed_block_mask(module, args) -> dict:
+    """The 1M-token batch's BlockMask, four new splits each: rows as wide as
+    the longest (what CUDA builds) and ``nb``-wide (what CPU flex needs)."""
+    total = args.mask_tokens
     lengths = scaled(document_lengths(args.mask_documents, 64, 16 * K, seed=7), total)
     result = {"tokens": total, "documents": len(lengths)}
     for form in ("longest_row", "nb_wide"):
-        times, peak = [], 0
-        for attempt in range(4):  # a new split each time: no plan cache hit
-            order = lengths[attempt:] + lengths[:attempt]
-            split = torch.tensor([0] + torch.tensor(order).cumsum(0).tolist())
-            benchlib.reset_peak_rss()
-            before = benchlib.status_bytes("VmRSS")
-            start = time.perf_counter()
-            plan = packed_plan(split, total, heads, torch.device("cpu"), False, bs, module._description, None, None)
-            mask = block_mask_from_csr(plan.kv_num_blocks, plan.kv_indices, block_size=bs, q_len=plan.length,
-                                       kv_len=plan.length, causal=False, key_padding_mask=plan.padding,
-                                       padded_blocks=plan.fill_blocks,
-                                       width=plan.width if form == "longest_row" else None)
-            times.append(time.perf_counter() - start)
-            peak = max(peak, benchlib.status_bytes("VmHWM") - before)
-            del mask, plan
-        result[form] = {"median_s": statistics.median(times), "times_s": times, "peak_rss_growth_bytes": peak}
+        runs = [build_packed_mask(module, args.heads, lengths, attempt, form == "longest_row") for attempt in range(4)]
+        result[form] = {"median_s": statistics.median(t for t, _ in runs), "times_s": [t for t, _ in runs],
+                        "peak_rss_growth_bytes": max(m for _, m in runs)}
     return result
+
+
+def cbm_lengths(n: int, args, seed: int) -> list[int]:
+    """The documents of a create_block_mask case: the 1M mix's density at ``n`` tokens."""
+    return scaled(document_lengths(max(1, n * args.mask_documents // args.mask_tokens), 64, 16 * K, seed=seed), n)
 
 
 def bench_block_mask(module, args, report, budget) -> None:
@@ -187,7 +194,7 @@ def bench_block_mask(module, args, report, budget) -> None:
 
         def split(seed: int) -> None:
             """A new batch: the tensors the mask_mod reads, rewritten in place (no recompile)."""
-            sizes = scaled(document_lengths(max(1, n * args.mask_documents // total), 64, 16 * K, seed=seed), n)
+            sizes = cbm_lengths(n, args, seed)
             document.copy_(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)))
             starts.copy_(torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())[document])
 
@@ -257,6 +264,11 @@ def main() -> None:
         for row in data.get("blockmask_create_block_mask", []):
             if "s" in row.get("compiled_steady", {}):
                 row["steady_over_packed_1m"] = row["compiled_steady"]["s"] / ours["longest_row"]["median_s"]
+                # ours on the steady case's own documents (seed 2), three new splits
+                runs = [build_packed_mask(module, args.heads, cbm_lengths(row["tokens"], args, 2), r, True)
+                        for r in range(3)]
+                row["packed_same_length_s"] = statistics.median(t for t, _ in runs)
+                row["steady_over_packed_same_length"] = row["compiled_steady"]["s"] / row["packed_same_length_s"]
         args.out.write_text(json.dumps(data, indent=1, default=str) + "\n")
         print("packed BlockMask", ours, flush=True)
         return
