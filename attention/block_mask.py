@@ -111,7 +111,7 @@ def build_block_mask(
 def block_mask_from_csr(
     kv_num_blocks: Tensor, kv_indices: Tensor, *, block_size: int, q_len: int, kv_len: int, causal: bool,
     key_padding_mask: Optional[Tensor] = None, padded: bool = False, full_blocks: bool = True,
-    width: Optional[int] = None,
+    width: Optional[int] = None, padded_blocks: Optional[Tensor] = None,
 ):
     """``BlockMask`` of the block-sparse layout ``kv_num_blocks [H, nb]``,
     ``kv_indices`` (any device; the mask lives there) for ``q_len == kv_len``
@@ -119,7 +119,9 @@ def block_mask_from_csr(
     does the building). ``padded``: every block partial without a padding
     mask yet (``with_key_padding`` adds it later, sharing the arrays).
     ``width``: the rows' width, ``nb`` by default; a shorter one must hold
-    the longest row (read on the host: one sync)."""
+    the longest row (read on the host: one sync). ``padded_blocks``: bool
+    ``[nb]``, the only key blocks the ``key_padding_mask`` can cut (the fill
+    of packed documents, attention/sparse/packed.py); default every block."""
     if q_len != kv_len:
         raise ValueError(f"q_len must equal kv_len (flex's blocks are top-left aligned); got {q_len}, {kv_len}")
     nb = -(-kv_len // block_size)
@@ -132,7 +134,9 @@ def block_mask_from_csr(
     if causal:
         kv_num_blocks, kv_indices = drop_future_blocks(kv_num_blocks, kv_indices)
     column = kv_indices.long()
-    partial = torch.full_like(column, padded or not full_blocks, dtype=torch.bool)
+    partial = torch.full_like(column, (padded and padded_blocks is None) or not full_blocks, dtype=torch.bool)
+    if padded and padded_blocks is not None:
+        partial |= padded_blocks[column]
     if causal:
         partial |= column == entry_rows(kv_num_blocks) % nb
     if kv_len % block_size:

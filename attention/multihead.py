@@ -54,7 +54,9 @@ class MultiheadWrapper(nn.Module):
     num_heads, head_dim) that returns the same shape.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None,
-    need_weights=False, is_causal=False) -> (out, None)``; ``out`` is
+    need_weights=False, is_causal=False, cu_seqlens=None) -> (out, None)``
+    (``cu_seqlens``: packed documents, batch 1, as the attention module
+    takes them; the projections are per position); ``out`` is
     (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq) bool, True =
     padding: those keys enter no softmax, and a query with no unpadded key gets
     attention output 0 (never NaN). Attention weights are never materialized,
@@ -133,6 +135,7 @@ class MultiheadWrapper(nn.Module):
         key_padding_mask: Optional[Tensor] = None,
         need_weights: bool = False,
         is_causal: bool = False,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> tuple[Tensor, None]:
         if need_weights:
             raise ValueError(
@@ -152,7 +155,9 @@ class MultiheadWrapper(nn.Module):
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
         q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in self._project(query, key, value))
-        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask).flatten(-2)
+        # Passed only when given: packed documents are the attention module's to accept or refuse.
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **packed).flatten(-2)
         if self.norm is not None:
             x = self.norm(x)
         return self.out_proj(x), None
@@ -196,8 +201,10 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
 
 class MultiheadBlockSparseAttention(MultiheadWrapper):
     """``forward(query, key=None, value=None, *, key_padding_mask=None,
-    need_weights=False, is_causal=False) -> (out, None)``, as every
-    ``MultiheadWrapper``; ``kind``, ``block_size``, ``seed``,
+    need_weights=False, is_causal=False, cu_seqlens=None) -> (out, None)``,
+    as every ``MultiheadWrapper`` (``cu_seqlens``: packed documents, each
+    attended as alone, as ``BlockSparseAttention`` takes them); ``kind``,
+    ``block_size``, ``seed``,
     ``softmax_scale``, ``max_seq_len`` (the capacity of causal layouts) and
     ``**params`` (DeepSpeed's names) choose the layout, as in
     ``BlockSparseAttention``. Which key lengths the wrapper accepts is

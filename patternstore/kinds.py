@@ -42,6 +42,11 @@ every shorter length (``patternstore.csr.prefix_rows``). ``prefix_stable``
 says whether that also holds for a bidirectional layout under the causal
 rule; random blocks of a bidirectional row are drawn from the whole row, so
 there it does not.
+Where ``prefix_stable`` holds, the bidirectional layout at a shorter length
+is also the top-left corner of the layout at any longer one (what packed
+documents read from one stored layout; tests/test_sparse_packed.py checks
+both ways for every kind): the kinds where it fails depend on the length
+through the random blocks' range or fixed's partial last window.
 """
 
 from __future__ import annotations

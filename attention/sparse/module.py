@@ -68,6 +68,8 @@ from attention.checks import check_attention_inputs, check_dropout, check_is_cau
 from attention.sparse.layouts import LayoutPlan, LayoutSource, baked_block_mask, baked_plan, describe_layouts, source, unflatten_plan
 from attention.sparse.ops import block_mask_op, layout_op, sparse_attention
 from attention.checks import check_sinks, check_softcap
+from attention.packed import check_cu_seqlens
+from attention.sparse.packed import packed_flex_attention, packed_sparse_attention
 
 __all__ = ["BlockSparseAttention", "attention_path", "FLEX_DEVICE_TYPES"]
 
@@ -113,7 +115,7 @@ class BlockSparseAttention(nn.Module):
     (DeepSpeed's names); the layout for ``(kind, length, block_size, heads,
     seed, params)`` is fetched from ``store`` (``None``: ``default_store()``)
     on the first call at each key length. ``forward(q, k, v, is_causal=False,
-    key_padding_mask=None)`` with q ``(batch, q_len, heads, head_dim)`` and k,
+    key_padding_mask=None, *, cu_seqlens=None)`` with q ``(batch, q_len, heads, head_dim)`` and k,
     v ``(batch, kv_len, kv_heads, head_dim)``: the query rows are the last
     ``q_len`` positions (a decode step, a chunk of a prefill). The causal rule
     applies when the layout is unidirectional or ``is_causal``; then a
@@ -123,6 +125,10 @@ class BlockSparseAttention(nn.Module):
     the scaled scores, ``c * tanh(s / c)``; ``forward(..., sinks=)`` takes
     one sink logit per query head ``(heads,)``, joining each row's softmax
     denominator only (``attention.kernels.sinks``); both run on the gather path.
+    attention probabilities in training. ``cu_seqlens`` (1-D integer
+    ``[0, end_1, ..., total]``, batch 1, ``q_len == kv_len``): packed
+    documents, each attended exactly as alone (attention/sparse/packed.py);
+    decode after a packed prefill runs per document, as ordinary sequences.
 
     Pickles, deep-copies and exports as its layout description and store
     directory: it finds its layouts again in any process.
@@ -185,9 +191,17 @@ class BlockSparseAttention(nn.Module):
         return state
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
-                key_padding_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tensor:
+                key_padding_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None, *,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
         check_attention_inputs(q, k, v, key_padding_mask)  # before the lookup: bad input costs no work
         sinks = check_sinks(sinks, q)
+        if cu_seqlens is not None:
+            cu_seqlens = check_cu_seqlens(cu_seqlens, q, k)
+            if sinks is not None or self.softcap is not None:
+                raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call the module once "
+                                 "per document for soft-capped or sink attention")
+            causal = check_is_causal(is_causal) or self._unidirectional
+            return self._packed_forward(q, k, v, causal, key_padding_mask, cu_seqlens)
         causal = self.causal(check_is_causal(is_causal), q.shape[1], k.shape[1])
         q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
         dropout_p = self.dropout if self.training else 0.0
@@ -225,6 +239,20 @@ class BlockSparseAttention(nn.Module):
         if torch.compiler.is_compiling():
             return unflatten_plan(baked_plan(self._description, kv_len, heads, str(q.device), causal, first_block))
         return self.layouts.plan(kv_len, heads, q.device, causal, first_block)
+
+    def _packed_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
+                        cu_seqlens: Tensor) -> Tensor:
+        """Packed documents (attention/sparse/packed.py): eager flex calls
+        take the flex path, every other call the packed tile operator."""
+        dropout_p = self.dropout if self.training else 0.0
+        scale = default_scale(q, self.softmax_scale)
+        n = q.shape[1]
+        if (attention_path(q.device.type, n, n, dropout_p, self.block_size) == "flex"
+                and not torch.compiler.is_compiling()):
+            return packed_flex_attention(q, k, v, cu_seqlens, key_padding_mask, description=self._description,
+                                         block_size=self.block_size, causal=causal, scale=scale)
+        return packed_sparse_attention(q, k, v, cu_seqlens, key_padding_mask, description=self._description,
+                                       block_size=self.block_size, causal=causal, scale=scale, dropout_p=dropout_p)
 
     def _flex_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                       key_padding_mask: Optional[Tensor]) -> Tensor:

@@ -42,6 +42,8 @@ from attention.sparse.tiles import sparse_backward, sparse_forward
 from attention.checks import check_count
 from attention.checks import check_sinks, check_softcap
 from attention.kernels.sinks import apply_sinks, sinks_grad
+from attention.packed import check_cu_seqlens
+from attention.sparse.packed import packed_sparse_attention
 
 __all__ = ["block_sparse_attention", "sparse_attention", "layout_op", "block_mask_op",
            "BLOCK_MASK_ARRAYS"]
@@ -289,6 +291,7 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, block_size: int, *,
     causal: bool = False, softmax_scale: float | None = None, dropout_p: float = 0.0,
     key_padding_mask: Tensor | None = None, softcap: float | None = None, sinks: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """Attention of ``q (b, q_len, h, d)`` over ``k (b, kv_len, h_kv, d)``,
     ``v (b, kv_len, h_kv, v_dim)`` restricted to a block layout
@@ -303,8 +306,23 @@ def block_sparse_attention(
     the scaled scores, ``c * tanh(s / c)``; ``sinks`` ``(h,)`` are logits that
     join each row's softmax denominator only (``attention.kernels.sinks``). Float16/bfloat16
     inputs are computed in float32 and returned in their dtype.
+
+    ``cu_seqlens`` (1-D integer ``[0, end_1, ..., total]``, batch 1,
+    ``q_len == kv_len``): packed documents, none attending another. The
+    given layout is then every document's CORNER layout: document ``i`` of
+    ``nb_i = ceil(len_i / block_size)`` blocks gets the layout's rows ``<
+    nb_i`` restricted to key blocks ``< nb_i``, with its first block at its
+    first token (what a prefix-stable kind's layout at the document's own
+    length is; attention/sparse/packed.py). ``key_padding_mask`` is ``(1,
+    total)``.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
+    softcap, sinks = check_softcap(softcap), check_sinks(sinks, q)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, k)
+        if softcap is not None or sinks is not None:
+            raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call once per document "
+                             "for soft-capped or sink attention")
     b, q_len, h, d = q.shape
     block_size = check_count("block_size", block_size)
     nb = (k.shape[1] + block_size - 1) // block_size
@@ -320,6 +338,9 @@ def block_sparse_attention(
         )
     dropout_p = check_dropout(dropout_p)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
+    if cu_seqlens is not None:
+        return packed_sparse_attention(q, k, v, cu_seqlens, key_padding_mask, layout=(kv_num_blocks, kv_indices),
+                                       block_size=block_size, causal=check_is_causal(causal), scale=scale,
+                                       dropout_p=dropout_p)
     return sparse_attention(q, k, v, kv_num_blocks, kv_indices, [], block_size, check_is_causal(causal), scale,
-                            dropout_p, key_padding_mask, trusted_layout=False, softcap=check_softcap(softcap),
-                            sinks=check_sinks(sinks, q))
+                            dropout_p, key_padding_mask, trusted_layout=False, softcap=softcap, sinks=sinks)
