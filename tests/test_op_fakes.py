@@ -82,6 +82,25 @@ def sparse_cases():
     }
 
 
+def packed_sparse_cases():
+    """Packed documents (batch 1): the module's layouts, documents of 5, 0 and 7 tokens, a padded key."""
+    module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, num_sliding_window_blocks=3,
+                                  num_global_blocks=1, attention="unidirectional")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, heads, N, dim, generator=g, dtype=torch.float64).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    cu = torch.tensor([0, 5, 5, N])
+    mask = torch.zeros(1, N, dtype=torch.bool)
+    mask[0, 6] = True
+    options = (module._description, 4, True, 0.3, 0.0)
+    out, lse = torch.ops.attention.sparse_packed_forward(q, k, v, cu, None, None, mask, None, *options)
+    grad = torch.randn_like(out)
+    return {
+        "attention::sparse_packed_forward": (q, k, v, cu, None, None, mask, None, *options),
+        "attention::sparse_packed_backward": (grad, q, k, v, out, lse, cu, None, None, mask, None, *options),
+    }
+
+
 def hf_cases():
     """transformers' layouts: (batch, heads, seq, dim) views of projections, the whole cache."""
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
@@ -124,7 +143,7 @@ def registered_ops() -> set[str]:
 @pytest.fixture(scope="module")
 def cases():
     hf.register()
-    return {**dilated_cases(), **sparse_cases(), **hf_cases(), **dense_cases()}
+    return {**dilated_cases(), **sparse_cases(), **packed_sparse_cases(), **hf_cases(), **dense_cases()}
 
 
 def test_every_custom_op_has_a_case(cases):
