@@ -50,10 +50,12 @@ from patternstore.store import PatternStore, default_store
 
 from .dilated_implementations import IMPLEMENTATION_NAMES, run_implementation
 from .dilated_kernels import backward_groups, forward_groups
+from .dilated_packed import run_packed
 from .dilated_ops import dilated_attention
 from .dilated_plan import DilatedPlan, Group
 from .dilated_reference import dilated_attention_reference
 from .kernels import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
+from .packed import check_cu_seqlens
 from .residue import residue_modulus
 
 __all__ = [
@@ -178,10 +180,19 @@ class DilatedAttention(nn.Module):
         return flat_plan, default_scale(q, self.softmax_scale)
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+        *, cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, q, k)
+            if self.ordered:
+                raise ValueError("cu_seqlens is not supported with ordered=True (the residue order is one "
+                                 "sequence's; packed documents take natural order: a module with ordered=False)")
         flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         dropout_p = self.dropout if self.training else 0.0
+        if cu_seqlens is not None:
+            return run_packed(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
+                              dropout_p, cu_seqlens)
         return run_implementation(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
                                   dropout_p, self.ordered)
 

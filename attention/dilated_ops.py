@@ -37,9 +37,11 @@ import torch
 from torch import Tensor
 
 from .dilated_kernels import backward_groups, forward_groups
+from .dilated_packed import dilated_packed_forward
 from .dilated_plan import DilatedPlan, check_plan, groups_from_flat
 from .dilated_reference import reference_attention
 from .kernels import check_attention_inputs, check_is_causal, check_softmax_scale, default_scale, lse_dtype
+from .packed import check_cu_seqlens
 
 __all__ = ["dilated_attention", "fast_attention", "dilated_forward", "dilated_backward", "dilated_reference",
            "DilatedFunction", "NoDoubleBackward"]
@@ -190,15 +192,22 @@ def dilated_attention(
     is_causal: bool = False,
     softmax_scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """The same function as ``dilated_attention_reference`` (no dropout),
     fast: fused kernels on strided views, in-place merge, memory bounded by
     chunking. Exact gradients for q, k, v through ``torch.autograd`` and
-    ``torch.func``. v may have its own head_dim: the output has v's."""
+    ``torch.func``. v may have its own head_dim: the output has v's.
+    ``cu_seqlens``: packed documents (``attention.packed``), each attended as
+    a sequence of its own (``dilated_packed``; autograd only, no vmap)."""
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, k)
     check_attention_inputs(q, k, v, key_padding_mask)
     check_plan(plan, q)
     is_causal = check_is_causal(is_causal)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
+    if cu_seqlens is not None:
+        return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(plan.flat), is_causal, scale)[0]
     return fast_attention(q, k, v, plan.flat, is_causal, scale, key_padding_mask)
 
 

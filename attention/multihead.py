@@ -41,10 +41,12 @@ class MultiheadWrapper(nn.Module):
     num_heads, head_dim) that returns the same shape.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None,
-    need_weights=False, is_causal=False) -> (out, None)``; ``out`` is
-    (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq) bool, True =
-    padding: those keys enter no softmax, and a query with no unpadded key gets
-    attention output 0 (never NaN). Attention weights are never materialized,
+    need_weights=False, is_causal=False, cu_seqlens=None) -> (out, None)``;
+    ``out`` is (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq)
+    bool, True = padding: those keys enter no softmax, and a query with no
+    unpadded key gets attention output 0 (never NaN). ``cu_seqlens``: packed
+    documents (``attention.packed``), passed to ``attention``; the
+    projections are per position, so each document gets what it gets alone. Attention weights are never materialized,
     so ``need_weights=True`` is an error."""
 
     def __init__(
@@ -127,6 +129,7 @@ class MultiheadWrapper(nn.Module):
         key_padding_mask: Optional[Tensor] = None,
         need_weights: bool = False,
         is_causal: bool = False,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> tuple[Tensor, None]:
         if need_weights:
             raise ValueError(
@@ -146,7 +149,9 @@ class MultiheadWrapper(nn.Module):
                 f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
             )
         q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in self._project(query, key, value))
-        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask).flatten(-2)
+        # cu_seqlens only when given: an attention module without packed documents takes none.
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, **packed).flatten(-2)
         if self.norm is not None:
             x = self.norm(x)
         return self.out_proj(x), None
