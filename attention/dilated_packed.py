@@ -56,15 +56,16 @@ _WASTE = 1.25
 
 
 class Bucket(NamedTuple):
-    """Segments of one padded row count: ``positions`` (units, rows) int64
-    sequence positions (0 where padded), ``valid`` (units, rows) bool, and
-    ``where`` / ``flat``: the flat indices of the valid entries and their
-    positions (None when no entry is padded)."""
+    """Segments padded to one row count: ``valid`` (units, rows) bool (a
+    segment's real rows first), ``read`` (units * rows,) the sequence
+    positions to gather (0 where padded), ``write`` the same with the dump
+    row ``n`` where padded (outputs are scattered there and dropped), and
+    ``padded`` whether any entry is."""
 
-    positions: Tensor
     valid: Tensor
-    where: Optional[Tensor]
-    flat: Tensor
+    read: Tensor
+    write: Tensor
+    padded: bool
 
 
 def segment_buckets(bounds: Sequence[int], g: Group, device: torch.device) -> list[Bucket]:
@@ -93,23 +94,21 @@ def segment_buckets(bounds: Sequence[int], g: Group, device: torch.device) -> li
         seg_start, rows = seg_start[~inside], rows[~inside]
         m = torch.arange(top)
         valid = m[None, :] < rows_b[:, None]
-        positions = (starts_b[:, None] + g.offset + g.rate * m[None, :]).where(valid, 0)
-        where = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1).to(device)
-        flat = positions.flatten().to(device)
-        buckets.append(Bucket(positions.to(device), valid.to(device), where,
-                              flat if where is None else flat[where]))
+        positions = starts_b[:, None] + g.offset + g.rate * m[None, :]
+        read, write = positions.where(valid, 0).flatten(), positions.where(valid, bounds[-1]).flatten()
+        buckets.append(Bucket(valid.to(device), read.to(device), write.to(device), not bool(valid.all())))
     return buckets
 
 
 def _gather(x: Tensor, bucket: Bucket, heads: slice) -> Tensor:
     """x (1, n, h, ...) at the bucket's positions and ``heads`` -> (units, heads, rows, ...)."""
-    return x[0, :, heads][bucket.positions].transpose(1, 2)
+    units, rows = bucket.valid.shape
+    return x[0, :, heads].index_select(0, bucket.read).unflatten(0, (units, rows)).transpose(1, 2)
 
 
-def _valid_rows(x: Tensor, bucket: Bucket) -> Tensor:
-    """(units, heads, rows, ...) -> the valid rows as (count, heads, ...)."""
-    rows = x.transpose(1, 2).flatten(0, 1)
-    return rows if bucket.where is None else rows[bucket.where]
+def _rows(x: Tensor) -> Tensor:
+    """A kernel result (units, heads, rows, ...) as (units * rows, heads, ...)."""
+    return x.transpose(1, 2).flatten(0, 1)
 
 
 def _first_branch_disjoint(groups: Sequence[Group]) -> int:
@@ -122,56 +121,66 @@ def _first_branch_disjoint(groups: Sequence[Group]) -> int:
     return first if all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])) else 0
 
 
-def _key_mask(bucket: Bucket, key_padding_mask: Optional[Tensor]) -> Tensor:
-    masked = ~bucket.valid
+def _key_mask(bucket: Bucket, key_padding_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
+    """The keys a bucket's kernel call excludes: the caller's padding, and
+    the bucket's padding unless causality already does (a segment's real
+    rows come first, so its real queries see no padded key). None when
+    nothing is excluded: a key mask costs the kernels a pass over k and v."""
+    masked = ~bucket.valid if bucket.padded and not is_causal else None
     if key_padding_mask is not None:
-        masked = masked | key_padding_mask[0][bucket.positions]
+        padded = key_padding_mask[0].index_select(0, bucket.read).view(bucket.valid.shape)
+        masked = padded if masked is None else masked | padded
     return masked
 
 
 def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], bounds: Sequence[int],
                    groups: Sequence[Group], is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """-> (out (1, n, h, d_v) in q's dtype, lse (1, n, h)); rows no group reaches: 0 and EMPTY_LSE."""
-    out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.full(q.shape[:3], EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
+    n = q.shape[1]
+    # One more row: the dump row that padded entries are written to.
+    out = torch.zeros((1, n + 1, q.shape[2], v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.full((1, n + 1, q.shape[2]), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
     group_size = q.shape[2] // k.shape[2]
     written = _first_branch_disjoint(groups)
     for index, g in enumerate(groups):
         for bucket in segment_buckets(bounds, g, q.device):
-            masked = _key_mask(bucket, key_padding_mask)
+            masked = _key_mask(bucket, key_padding_mask, is_causal)
             for heads, kv_heads in head_runs(g, group_size):
                 o, l = attend(_gather(q, bucket, heads), _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
                               causal=is_causal, scale=scale, key_mask=masked)
-                o, l = _valid_rows(o, bucket), _valid_rows(l, bucket)
+                o, l = _rows(o).to(out.dtype), _rows(l)
                 if index >= written:
-                    current_o, current_l = out[0, bucket.flat, heads], lse[0, bucket.flat, heads]
+                    current_o = out[0, :, heads].index_select(0, bucket.write)
+                    current_l = lse[0, :, heads].index_select(0, bucket.write)
                     merge_(current_o, current_l, o, l)
                     o, l = current_o, current_l
-                out[0, bucket.flat, heads] = o.to(out.dtype)
-                lse[0, bucket.flat, heads] = l
-    return out, lse
+                out[0, :, heads].index_copy_(0, bucket.write, o)
+                lse[0, :, heads].index_copy_(0, bucket.write, l)
+    return out[:, :n], lse[:, :n]
 
 
 def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     key_padding_mask: Optional[Tensor], bounds: Sequence[int], groups: Sequence[Group],
                     is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``packed_forward``, each bucket's kernel backward fed the final out and lse."""
-    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    n = q.shape[1]
+    dq, dk, dv = (torch.zeros((1, n + 1, *x.shape[2:]), dtype=x.dtype, device=x.device) for x in (q, k, v))
     group_size = q.shape[2] // k.shape[2]
     for g in groups:
         for bucket in segment_buckets(bounds, g, q.device):
-            masked = _key_mask(bucket, key_padding_mask)
-            pad_rows = (~bucket.valid)[:, None, :]  # padded query rows: zero inputs, zero contributions
+            masked = _key_mask(bucket, key_padding_mask, is_causal)
             for heads, kv_heads in head_runs(g, group_size):
-                qb, ob, dob = (_gather(x, bucket, heads).masked_fill(pad_rows[..., None], 0.0)
-                               for x in (q, out, grad_out))
-                lb = _gather(lse, bucket, heads).masked_fill(pad_rows, 0.0)
+                qb, ob, dob, lb = (_gather(x, bucket, heads) for x in (q, out, grad_out, lse))
+                if bucket.padded:  # padded query rows: zero inputs, zero contributions
+                    drop = (~bucket.valid)[:, None, :]
+                    qb, ob, dob = (x.masked_fill(drop[..., None], 0.0) for x in (qb, ob, dob))
+                    lb = lb.masked_fill(drop, 0.0)
                 gq, gk, gv = attend_backward(dob, qb, _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
                                              ob, lb, causal=is_causal, scale=scale, key_mask=masked)
-                dq[0, :, heads].index_put_((bucket.flat,), _valid_rows(gq, bucket).to(dq.dtype), accumulate=True)
-                dk[0, :, kv_heads].index_put_((bucket.flat,), _valid_rows(gk, bucket).to(dk.dtype), accumulate=True)
-                dv[0, :, kv_heads].index_put_((bucket.flat,), _valid_rows(gv, bucket).to(dv.dtype), accumulate=True)
-    return dq, dk, dv
+                dq[0, :, heads].index_add_(0, bucket.write, _rows(gq).to(dq.dtype))
+                dk[0, :, kv_heads].index_add_(0, bucket.write, _rows(gk).to(dk.dtype))
+                dv[0, :, kv_heads].index_add_(0, bucket.write, _rows(gv).to(dv.dtype))
+    return dq[:, :n], dk[:, :n], dv[:, :n]
 
 
 def packed_reference(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, bounds: Sequence[int], is_causal: bool,

@@ -164,9 +164,11 @@ def test_buckets_cover_each_selected_position_once_with_bounded_padding(lengths,
         s = min(segment, b - a) if b > a else 1
         expected += [p for p in range(a, b) if (p - a) % s >= offset and ((p - a) % s - offset) % rate == 0]
     buckets = segment_buckets(cu, g, torch.device("cpu"))
-    got = sorted(p for bucket in buckets for p in bucket.flat.tolist())
-    assert got == sorted(expected)
+    got = [p for bucket in buckets for p in bucket.write[bucket.valid.flatten()].tolist()]
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
     for bucket in buckets:
+        assert bucket.read.tolist() == bucket.write.where(bucket.valid.flatten(), 0).tolist()
+        assert set(bucket.write[~bucket.valid.flatten()].tolist()) <= {cu[-1]}  # padding goes to the dump row
         real = bucket.valid.sum(1)
         assert bool((real * _WASTE >= bucket.valid.shape[1]).all())
     top = max((bucket.valid.shape[1] for bucket in buckets), default=1)
