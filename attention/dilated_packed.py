@@ -101,9 +101,9 @@ def segment_buckets(bounds: Sequence[int], g: Group, device: torch.device) -> li
 
 
 def _gather(x: Tensor, bucket: Bucket, heads: slice) -> Tensor:
-    """x (1, n, h, ...) at the bucket's positions and ``heads`` -> (units, heads, rows, ...)."""
+    """x (n, h, ...) at the bucket's positions and ``heads`` -> (units, heads, rows, ...)."""
     units, rows = bucket.valid.shape
-    return x[0, :, heads].index_select(0, bucket.read).unflatten(0, (units, rows)).transpose(1, 2)
+    return x[:, heads].index_select(0, bucket.read).unflatten(0, (units, rows)).transpose(1, 2)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -142,6 +142,7 @@ def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
     lse = torch.full((1, n + 1, q.shape[2]), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
     group_size = q.shape[2] // k.shape[2]
     written = _first_branch_disjoint(groups)
+    q, k, v = q[0], k[0], v[0]
     for index, g in enumerate(groups):
         for bucket in segment_buckets(bounds, g, q.device):
             masked = _key_mask(bucket, key_padding_mask, is_causal)
@@ -166,6 +167,7 @@ def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     n = q.shape[1]
     dq, dk, dv = (torch.zeros((1, n + 1, *x.shape[2:]), dtype=x.dtype, device=x.device) for x in (q, k, v))
     group_size = q.shape[2] // k.shape[2]
+    q, k, v, out, grad_out, lse = (x[0] for x in (q, k, v, out, grad_out, lse))
     for g in groups:
         for bucket in segment_buckets(bounds, g, q.device):
             masked = _key_mask(bucket, key_padding_mask, is_causal)
