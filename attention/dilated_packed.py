@@ -43,24 +43,57 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .dilated_plan import DilatedPlan, Group, groups_from_flat, head_runs
+from .dilated_plan import DilatedPlan, Group, groups_from_flat
 from .dilated_reference import reference_attention
 from .kernels import EMPTY_LSE, attend, attend_backward, lse_dtype, merge_
 from .packed import document_bounds
 
-__all__ = ["Bucket", "segment_buckets", "packed_forward", "packed_backward", "packed_reference",
+__all__ = ["Layer", "layers", "Bucket", "segment_buckets", "packed_forward", "packed_backward", "packed_reference",
            "dilated_packed_forward", "dilated_packed_backward", "dilated_packed_reference", "run_packed"]
 
 # A bucket pads a segment to at most this many times its selected rows.
 _WASTE = 1.25
 
 
+class Layer(NamedTuple):
+    """Groups of one branch on disjoint heads, run together: query head
+    ``heads[j]`` selects offset ``offsets[j]``; ``kv_heads[j]`` is its key/value head."""
+
+    segment: int
+    rate: int
+    heads: Tensor
+    kv_heads: Tensor
+    offsets: Tensor
+
+
+def layers(groups: Sequence[Group], group_size: int) -> list[Layer]:
+    """The groups as layers: per branch, each group joins the first layer
+    of its branch whose heads it does not overlap (one layer per branch for
+    every plan the store makes)."""
+    found: list[tuple[Group, list[Group]]] = []
+    for g in groups:
+        for first, members in found:
+            if (first.branch == g.branch and all(m.head_stop <= g.head_start or g.head_stop <= m.head_start
+                                                  for m in members)):
+                members.append(g)
+                break
+        else:
+            found.append((g, [g]))
+    result = []
+    for first, members in found:
+        heads = torch.cat([torch.arange(g.head_start, g.head_stop) for g in members])
+        offsets = torch.cat([torch.full((g.head_stop - g.head_start,), g.offset) for g in members])
+        result.append(Layer(first.segment, first.rate, heads, heads // group_size, offsets))
+    return result
+
+
 class Bucket(NamedTuple):
-    """Segments padded to one row count: ``valid`` (units, rows) bool (a
-    segment's real rows first), ``read`` (units * rows,) the sequence
-    positions to gather (0 where padded), ``write`` the same with the dump
-    row ``n`` where padded (outputs are scattered there and dropped), and
-    ``padded`` whether any entry is."""
+    """Segments of one layer padded to one row count, for the layer's heads:
+    ``valid`` (units, rows, heads) bool (a segment's real rows first),
+    ``read`` (units * rows, heads) the sequence positions to gather (0 where
+    padded), ``write`` the same with the dump row ``n`` where padded
+    (outputs are scattered there and dropped), ``padded`` whether any
+    entry is."""
 
     valid: Tensor
     read: Tensor
@@ -68,42 +101,44 @@ class Bucket(NamedTuple):
     padded: bool
 
 
-def segment_buckets(bounds: Sequence[int], g: Group, device: torch.device) -> list[Bucket]:
-    """The buckets of group ``g``'s segments over the documents ``bounds``
-    (``[0, end_1, ..., total]``), vectorized over documents and segments."""
+def segment_buckets(bounds: Sequence[int], layer: Layer, device: torch.device) -> list[Bucket]:
+    """The buckets of ``layer``'s segments over the documents ``bounds``
+    (``[0, end_1, ..., total]``), vectorized over documents, segments and heads."""
     cu = torch.tensor(bounds, dtype=torch.int64)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
     starts, lengths = starts[lengths > 0], lengths[lengths > 0]
     if not len(lengths):
         return []
-    size = lengths.clamp(max=g.segment)                   # s = min(w, L) per document
+    size = lengths.clamp(max=layer.segment)               # s = min(w, L) per document
     count = -(-lengths // size)                           # segments per document
     doc = torch.repeat_interleave(torch.arange(len(lengths)), count)
     first = torch.cumsum(count, 0) - count
     t = torch.arange(len(doc)) - first[doc]               # segment index inside its document
     seg_start = starts[doc] + t * size[doc]
     seg_len = torch.minimum(size[doc], lengths[doc] - t * size[doc])
-    rows = (seg_len - g.offset + g.rate - 1).div(g.rate, rounding_mode="floor").clamp(min=0)
-    keep = rows > 0
-    seg_start, rows = seg_start[keep], rows[keep]
+    # selected rows per (segment, head): ceil((len - offset) / rate), at least 0
+    rows = (seg_len[:, None] - layer.offsets + layer.rate - 1).div(layer.rate, rounding_mode="floor").clamp(min=0)
+    most = rows.amax(1)
+    keep = most > 0
+    seg_start, rows, most = seg_start[keep], rows[keep], most[keep]
     buckets = []
-    while len(rows):
-        top = int(rows.max())
-        inside = rows * _WASTE >= top
+    while len(most):
+        top = int(most.max())
+        inside = most * _WASTE >= top
         starts_b, rows_b = seg_start[inside], rows[inside]
-        seg_start, rows = seg_start[~inside], rows[~inside]
-        m = torch.arange(top)
-        valid = m[None, :] < rows_b[:, None]
-        positions = starts_b[:, None] + g.offset + g.rate * m[None, :]
-        read, write = positions.where(valid, 0).flatten(), positions.where(valid, bounds[-1]).flatten()
+        seg_start, rows, most = seg_start[~inside], rows[~inside], most[~inside]
+        m = torch.arange(top)[None, :, None]
+        valid = m < rows_b[:, None, :]                                      # (units, rows, heads)
+        positions = starts_b[:, None, None] + layer.offsets + layer.rate * m
+        read, write = positions.where(valid, 0).flatten(0, 1), positions.where(valid, bounds[-1]).flatten(0, 1)
         buckets.append(Bucket(valid.to(device), read.to(device), write.to(device), not bool(valid.all())))
     return buckets
 
 
-def _gather(x: Tensor, bucket: Bucket, heads: slice) -> Tensor:
-    """x (n, h, ...) at the bucket's positions and ``heads`` -> (units, heads, rows, ...)."""
-    units, rows = bucket.valid.shape
-    return x[:, heads].index_select(0, bucket.read).unflatten(0, (units, rows)).transpose(1, 2)
+def _gather(x: Tensor, bucket: Bucket, heads: Tensor) -> Tensor:
+    """x (n, h, ...) at the bucket's (position, head) pairs -> (units, heads, rows, ...)."""
+    units, rows, _ = bucket.valid.shape
+    return x[bucket.read, heads].unflatten(0, (units, rows)).transpose(1, 2)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -111,53 +146,53 @@ def _rows(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(0, 1)
 
 
-def _first_branch_disjoint(groups: Sequence[Group]) -> int:
-    """How many leading groups (the first branch) write disjoint head sets:
-    their parts are written, not merged (``dilated_kernels._written_once``'s rule)."""
-    first = 0
-    while first < len(groups) and groups[first].branch == groups[0].branch:
-        first += 1
-    ranges = sorted((g.head_start, g.head_stop) for g in groups[:first])
-    return first if all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:])) else 0
-
-
 def _key_mask(bucket: Bucket, key_padding_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
-    """The keys a bucket's kernel call excludes: the caller's padding, and
-    the bucket's padding unless causality already does (a segment's real
-    rows come first, so its real queries see no padded key). None when
-    nothing is excluded: a key mask costs the kernels a pass over k and v."""
+    """The keys a bucket's kernel call excludes, (units, heads, 1, rows):
+    the caller's padding, and the bucket's padding unless causality already
+    does (a segment's real rows come first, so its real queries see no
+    padded key). None when nothing is excluded: a mask costs the kernels a
+    pass over the scores."""
     masked = ~bucket.valid if bucket.padded and not is_causal else None
     if key_padding_mask is not None:
-        padded = key_padding_mask[0].index_select(0, bucket.read).view(bucket.valid.shape)
+        padded = key_padding_mask[0][bucket.read].view(bucket.valid.shape)
         masked = padded if masked is None else masked | padded
-    return masked
+    return None if masked is None else masked.transpose(1, 2).unsqueeze(2)
+
+
+def _without_padded_keys(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """k, v (n, h_kv, ...) with padded keys zeroed: the per-head masks go to
+    the kernels as ``mask``, which excludes but does not zero, so a NaN in a
+    padded key must not get that far."""
+    if key_padding_mask is None:
+        return k, v
+    drop = key_padding_mask[0][:, None, None]
+    return k.masked_fill(drop, 0.0), v.masked_fill(drop, 0.0)
 
 
 def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], bounds: Sequence[int],
                    groups: Sequence[Group], is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """-> (out (1, n, h, d_v) in q's dtype, lse (1, n, h)); rows no group reaches: 0 and EMPTY_LSE."""
-    n = q.shape[1]
+    n, h = q.shape[1], q.shape[2]
     # One more row: the dump row that padded entries are written to.
-    out = torch.zeros((1, n + 1, q.shape[2], v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.full((1, n + 1, q.shape[2]), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
-    group_size = q.shape[2] // k.shape[2]
-    written = _first_branch_disjoint(groups)
-    q, k, v = q[0], k[0], v[0]
-    for index, g in enumerate(groups):
-        for bucket in segment_buckets(bounds, g, q.device):
-            masked = _key_mask(bucket, key_padding_mask, is_causal)
-            for heads, kv_heads in head_runs(g, group_size):
-                o, l = attend(_gather(q, bucket, heads), _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
-                              causal=is_causal, scale=scale, key_mask=masked)
-                o, l = _rows(o).to(out.dtype), _rows(l)
-                if index >= written:
-                    current_o = out[0, :, heads].index_select(0, bucket.write)
-                    current_l = lse[0, :, heads].index_select(0, bucket.write)
-                    merge_(current_o, current_l, o, l)
-                    o, l = current_o, current_l
-                out[0, :, heads].index_copy_(0, bucket.write, o)
-                lse[0, :, heads].index_copy_(0, bucket.write, l)
-    return out[:, :n], lse[:, :n]
+    out = torch.zeros((n + 1, h, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.full((n + 1, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
+    q, (k, v) = q[0], _without_padded_keys(k[0], v[0], key_padding_mask)
+    covered = torch.zeros(h, dtype=torch.bool)
+    for layer in layers(groups, h // k.shape[1]):
+        heads, kv_heads = layer.heads.to(q.device), layer.kv_heads.to(q.device)
+        merge = bool(covered[layer.heads].any())  # else this layer's part is the first on its heads: written
+        covered[layer.heads] = True
+        for bucket in segment_buckets(bounds, layer, q.device):
+            o, l = attend(_gather(q, bucket, heads), _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
+                          causal=is_causal, scale=scale, mask=_key_mask(bucket, key_padding_mask, is_causal))
+            o, l = _rows(o).to(out.dtype), _rows(l)
+            if merge:
+                current_o, current_l = out[bucket.write, heads], lse[bucket.write, heads]
+                merge_(current_o, current_l, o, l)
+                o, l = current_o, current_l
+            out.index_put_((bucket.write, heads), o)
+            lse.index_put_((bucket.write, heads), l)
+    return out[None, :n], lse[None, :n]
 
 
 def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -165,24 +200,24 @@ def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                     is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``packed_forward``, each bucket's kernel backward fed the final out and lse."""
     n = q.shape[1]
-    dq, dk, dv = (torch.zeros((1, n + 1, *x.shape[2:]), dtype=x.dtype, device=x.device) for x in (q, k, v))
-    group_size = q.shape[2] // k.shape[2]
-    q, k, v, out, grad_out, lse = (x[0] for x in (q, k, v, out, grad_out, lse))
-    for g in groups:
-        for bucket in segment_buckets(bounds, g, q.device):
-            masked = _key_mask(bucket, key_padding_mask, is_causal)
-            for heads, kv_heads in head_runs(g, group_size):
-                qb, ob, dob, lb = (_gather(x, bucket, heads) for x in (q, out, grad_out, lse))
-                if bucket.padded:  # padded query rows: zero inputs, zero contributions
-                    drop = (~bucket.valid)[:, None, :]
-                    qb, ob, dob = (x.masked_fill(drop[..., None], 0.0) for x in (qb, ob, dob))
-                    lb = lb.masked_fill(drop, 0.0)
-                gq, gk, gv = attend_backward(dob, qb, _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
-                                             ob, lb, causal=is_causal, scale=scale, key_mask=masked)
-                dq[0, :, heads].index_add_(0, bucket.write, _rows(gq).to(dq.dtype))
-                dk[0, :, kv_heads].index_add_(0, bucket.write, _rows(gk).to(dk.dtype))
-                dv[0, :, kv_heads].index_add_(0, bucket.write, _rows(gv).to(dv.dtype))
-    return dq[:, :n], dk[:, :n], dv[:, :n]
+    dq, dk, dv = (torch.zeros((n + 1, *x.shape[2:]), dtype=x.dtype, device=x.device) for x in (q, k, v))
+    q, out, grad_out, lse = q[0], out[0], grad_out[0], lse[0]
+    k, v = _without_padded_keys(k[0], v[0], key_padding_mask)
+    for layer in layers(groups, q.shape[1] // k.shape[1]):
+        heads, kv_heads = layer.heads.to(q.device), layer.kv_heads.to(q.device)
+        for bucket in segment_buckets(bounds, layer, q.device):
+            qb, ob, dob, lb = (_gather(x, bucket, heads) for x in (q, out, grad_out, lse))
+            if bucket.padded:  # padded query rows: zero inputs, zero contributions
+                drop = (~bucket.valid).transpose(1, 2)
+                qb, ob, dob = (x.masked_fill(drop[..., None], 0.0) for x in (qb, ob, dob))
+                lb = lb.masked_fill(drop, 0.0)
+            gq, gk, gv = attend_backward(dob, qb, _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads), ob, lb,
+                                         causal=is_causal, scale=scale,
+                                         mask=_key_mask(bucket, key_padding_mask, is_causal))
+            dq.index_put_((bucket.write, heads), _rows(gq).to(dq.dtype), accumulate=True)
+            dk.index_put_((bucket.write, kv_heads), _rows(gk).to(dk.dtype), accumulate=True)
+            dv.index_put_((bucket.write, kv_heads), _rows(gv).to(dv.dtype), accumulate=True)
+    return dq[None, :n], dk[None, :n], dv[None, :n]
 
 
 def packed_reference(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, bounds: Sequence[int], is_causal: bool,

@@ -26,7 +26,8 @@ from attention import (
     dilated_attention,
 )
 from attention.dense_reference import dense_attention, multiplicity
-from attention.dilated_packed import _WASTE, segment_buckets
+from attention.dilated_packed import _WASTE, layers, segment_buckets
+from attention.dilated_plan import Group
 from attention.distributed import DistributedDilatedAttention
 from patternstore import DilatedSpec, generate
 from strategies import small_dilated_branches
@@ -153,26 +154,41 @@ def test_multihead_layers_take_cu_seqlens(layer_class):
 
 
 @pytest.mark.parametrize("lengths", [[37, 5, 1, 64, 16, 3, 29], [200], [1] * 40])
-@pytest.mark.parametrize("segment, rate, offset", [(16, 1, 0), (16, 3, 2), (64, 4, 1)])
-def test_buckets_cover_each_selected_position_once_with_bounded_padding(lengths, segment, rate, offset):
-    from attention.dilated_plan import Group
-
-    g = Group(0, segment, rate, offset, 0, 1)
+@pytest.mark.parametrize("segment, rate", [(16, 1), (16, 3), (64, 4)])
+def test_buckets_cover_each_selected_pair_once_with_bounded_padding(lengths, segment, rate):
+    """One layer of ``rate`` groups (head j, offset j): the buckets' valid
+    (position, head) pairs are exactly the rule's, each once, padding goes
+    to the dump row, a bucket pads a segment at most _WASTE-fold, and there
+    are at most 1 + log(longest) / log(_WASTE) buckets."""
+    groups = [Group(0, segment, rate, o, o, o + 1) for o in range(rate)]
+    (layer,) = layers(groups, 1)
     cu = boundaries(lengths).tolist()
     expected = []
     for a, b in zip(cu[:-1], cu[1:]):
         s = min(segment, b - a) if b > a else 1
-        expected += [p for p in range(a, b) if (p - a) % s >= offset and ((p - a) % s - offset) % rate == 0]
-    buckets = segment_buckets(cu, g, torch.device("cpu"))
-    got = [p for bucket in buckets for p in bucket.write[bucket.valid.flatten()].tolist()]
-    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
+        expected += [(p, o) for p in range(a, b) for o in range(rate)
+                     if (p - a) % s >= o and ((p - a) % s - o) % rate == 0]
+    buckets = segment_buckets(cu, layer, torch.device("cpu"))
+    got = []
     for bucket in buckets:
-        assert bucket.read.tolist() == bucket.write.where(bucket.valid.flatten(), 0).tolist()
-        assert set(bucket.write[~bucket.valid.flatten()].tolist()) <= {cu[-1]}  # padding goes to the dump row
-        real = bucket.valid.sum(1)
+        valid = bucket.valid.flatten(0, 1)
+        heads = layer.heads.expand_as(valid)
+        got += list(zip(bucket.write[valid].tolist(), heads[valid].tolist()))
+        assert torch.equal(bucket.read, bucket.write.where(valid, 0))
+        assert set(bucket.write[~valid].tolist()) <= {cu[-1]}  # padding goes to the dump row
+        real = bucket.valid[:, :, 0].sum(1)  # head 0 has offset 0: its segment's most rows
         assert bool((real * _WASTE >= bucket.valid.shape[1]).all())
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got))
     top = max((bucket.valid.shape[1] for bucket in buckets), default=1)
     assert len(buckets) <= 1 + math.log(top) / math.log(_WASTE)  # each bucket's length < the last's / _WASTE
+
+
+def test_groups_of_a_branch_with_overlapping_heads_run_in_separate_layers():
+    groups = [Group(0, 8, 2, 0, 0, 2), Group(0, 8, 2, 1, 1, 3), Group(0, 8, 2, 1, 3, 4), Group(1, 4, 1, 0, 0, 4)]
+    found = layers(groups, 2)
+    assert [(x.segment, x.heads.tolist(), x.offsets.tolist()) for x in found] == [
+        (8, [0, 1, 3], [0, 0, 1]), (8, [1, 2], [1, 1]), (4, [0, 1, 2, 3], [0, 0, 0, 0])]
+    assert found[0].kv_heads.tolist() == [0, 0, 1]
 
 
 # ------------------------------------------------------------ bad input
