@@ -4,27 +4,30 @@ sequence of its own (docs/design.md section 2.1 at ``n = L``): segments of
 ``s = min(w, L)`` from the document's first token, head offsets relative
 to it, causal inside it, no key of another document.
 
-The fast path (``packed_forward`` / ``packed_backward``). Per group (branch,
-head group), every segment of every document is a variable-length sequence
-of its selected positions ``start + offset + rate * m``. The segments of all
-documents are grouped into a few length BUCKETS (``segment_buckets``): the
-longest remaining row count opens a bucket, which takes every segment of at
-least ``1 / _WASTE`` of it, so padding costs at most ``_WASTE`` rows per
-real row and a group has about ``log(max rows) / log(_WASTE)`` buckets at
-most (full segments, the bulk of long documents, share the first, exact
-one). Each bucket is ONE gather of its positions, ONE ``kernels.attend``
-call (bucket padding excluded by the key mask; padded query rows are
-dropped on the scatter) and one merge into the output by log-sum-exp: the
-kernel launches per call depend on groups x buckets, never on the number of
-documents or segments. The backward walks the same buckets with
-``kernels.attend_backward`` fed the FINAL out and lse (exact for the
-combined softmax, as in ``dilated_kernels``); padded query rows enter it
-with q, grad_out and out 0 and lse 0, which makes their gradient
-contributions exactly 0.
+The fast path (``packed_forward`` / ``packed_backward``). The groups of a
+branch (disjoint heads, one offset each) run together as a ``Layer``. Per
+layer, every segment of every document is a variable-length sequence of its
+selected positions ``start + offset + rate * m`` (per head). The segments
+of all documents are grouped into a few length BUCKETS
+(``segment_buckets``): the longest remaining row count opens a bucket,
+which takes every segment of at least ``1 / BUCKET_WASTE`` of it, so padding
+costs at most ``BUCKET_WASTE`` rows per real row and a layer has at most
+``1 + log(max rows) / log(BUCKET_WASTE)`` buckets (full segments, the bulk
+of long documents, share the first, exact one). Each bucket is ONE gather
+of its (position, head) pairs, ONE ``kernels.attend`` call (bucket padding
+excluded by a mask, or by causality: a segment's real rows come first) and
+one merge into the output by log-sum-exp, padded rows scattered to a dump
+row past the sequence: the kernel calls per call depend on branches x
+buckets, never on the number of documents or segments. The backward walks
+the same buckets with ``kernels.attend_backward`` fed the FINAL out and lse
+(exact for the combined softmax, as in ``dilated_kernels``); padded query
+rows enter it with q, grad_out and out 0 and lse 0, which makes their
+gradient contributions exactly 0. Padded keys (``key_padding_mask``) are
+zeroed once per call, so a NaN or Inf in them reaches no output.
 
 Host reads. The bucket index tensors depend on the values of ``cu_seqlens``:
 they are computed inside the custom ops (``attention::dilated_packed_*``),
-vectorized, once per call and group: one device sync per call for a GPU
+vectorized, once per call and layer: one device sync per call for a GPU
 ``cu_seqlens``, none for a CPU one. The ops are opaque to ``torch.compile``,
 whose graph takes ``cu_seqlens`` as a tensor input: a new split at the same
 total length does not recompile, and with ``dynamic=True`` one graph serves
@@ -48,11 +51,12 @@ from .dilated_reference import reference_attention
 from .kernels import EMPTY_LSE, attend, attend_backward, lse_dtype, merge_
 from .packed import document_bounds
 
-__all__ = ["Layer", "layers", "Bucket", "segment_buckets", "packed_forward", "packed_backward", "packed_reference",
-           "dilated_packed_forward", "dilated_packed_backward", "dilated_packed_reference", "run_packed"]
+__all__ = ["BUCKET_WASTE", "Layer", "layers", "Bucket", "segment_buckets", "packed_forward", "packed_backward",
+           "packed_reference", "dilated_packed_forward", "dilated_packed_backward", "dilated_packed_reference",
+           "run_packed"]
 
 # A bucket pads a segment to at most this many times its selected rows.
-_WASTE = 1.25
+BUCKET_WASTE = 1.25
 
 
 class Layer(NamedTuple):
@@ -124,7 +128,7 @@ def segment_buckets(bounds: Sequence[int], layer: Layer, device: torch.device) -
     buckets = []
     while len(most):
         top = int(most.max())
-        inside = most * _WASTE >= top
+        inside = most * BUCKET_WASTE >= top
         starts_b, rows_b = seg_start[inside], rows[inside]
         seg_start, rows, most = seg_start[~inside], rows[~inside], most[~inside]
         m = torch.arange(top)[None, :, None]

@@ -26,7 +26,7 @@ from attention import (
     dilated_attention,
 )
 from attention.dense_reference import dense_attention, multiplicity
-from attention.dilated_packed import _WASTE, layers, segment_buckets
+from attention.dilated_packed import BUCKET_WASTE, layers, segment_buckets
 from attention.dilated_plan import Group
 from attention.distributed import DistributedDilatedAttention
 from patternstore import DilatedSpec, generate
@@ -67,7 +67,8 @@ def packed_cases(draw):
     if sum(lengths) == 0:
         lengths.append(draw(st.integers(1, 11)))
     kv_heads = draw(st.sampled_from([x for x in range(1, heads + 1) if heads % x == 0]))
-    return segments, rates, heads, scheme, lengths, kv_heads, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 99))
+    is_causal, padded, seed = draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 99))
+    return segments, rates, heads, scheme, lengths, kv_heads, is_causal, padded, seed
 
 
 def make_inputs(n, heads, kv_heads, padded, seed, d=4):
@@ -89,7 +90,9 @@ def test_packed_equals_per_document_calls(implementation, case):
     packed = module(q, k, v, is_causal=is_causal, key_padding_mask=pad, cu_seqlens=cu)
     # "flex" serves a packed batch with the fast path, and its own CPU
     # forward takes no float64: the documents alone run "fast" for it.
-    alone = DilatedAttention(segments, rates, implementation="fast", scheme=scheme) if implementation == "flex" else module
+    alone = module
+    if implementation == "flex":
+        alone = DilatedAttention(segments, rates, implementation="fast", scheme=scheme)
     separate = per_document(lambda *x: alone(*x[:3], is_causal=is_causal, key_padding_mask=x[3]), cu, q, k, v, pad)
     assert_same(packed, separate, (q, k, v))
 
@@ -158,8 +161,8 @@ def test_multihead_layers_take_cu_seqlens(layer_class):
 def test_buckets_cover_each_selected_pair_once_with_bounded_padding(lengths, segment, rate):
     """One layer of ``rate`` groups (head j, offset j): the buckets' valid
     (position, head) pairs are exactly the rule's, each once, padding goes
-    to the dump row, a bucket pads a segment at most _WASTE-fold, and there
-    are at most 1 + log(longest) / log(_WASTE) buckets."""
+    to the dump row, a bucket pads a segment at most BUCKET_WASTE-fold, and there
+    are at most 1 + log(longest) / log(BUCKET_WASTE) buckets."""
     groups = [Group(0, segment, rate, o, o, o + 1) for o in range(rate)]
     (layer,) = layers(groups, 1)
     cu = boundaries(lengths).tolist()
@@ -177,10 +180,10 @@ def test_buckets_cover_each_selected_pair_once_with_bounded_padding(lengths, seg
         assert torch.equal(bucket.read, bucket.write.where(valid, 0))
         assert set(bucket.write[~valid].tolist()) <= {cu[-1]}  # padding goes to the dump row
         real = bucket.valid[:, :, 0].sum(1)  # head 0 has offset 0: its segment's most rows
-        assert bool((real * _WASTE >= bucket.valid.shape[1]).all())
+        assert bool((real * BUCKET_WASTE >= bucket.valid.shape[1]).all())
     assert sorted(got) == sorted(expected) and len(got) == len(set(got))
     top = max((bucket.valid.shape[1] for bucket in buckets), default=1)
-    assert len(buckets) <= 1 + math.log(top) / math.log(_WASTE)  # each bucket's length < the last's / _WASTE
+    assert len(buckets) <= 1 + math.log(top) / math.log(BUCKET_WASTE)  # each bucket < the last / BUCKET_WASTE
 
 
 def test_groups_of_a_branch_with_overlapping_heads_run_in_separate_layers():

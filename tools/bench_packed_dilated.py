@@ -124,7 +124,8 @@ def main() -> None:
             print(f"{mix:5s} {name:7s} {row['median_s']:8.3f} s  {row['matmul_units']:7.2f} matmul units  "
                   f"efficiency {row['efficiency']:.3f}")
         for key, entry in targets.items():
-            print(f"{mix:5s} {key}: {entry['value']:.3f} (target {entry['target']:.3f}) {'met' if entry['met'] else 'MISSED'}")
+            verdict = "met" if entry["met"] else "MISSED"
+            print(f"{mix:5s} {key}: {entry['value']:.3f} (target {entry['target']:.3f}) {verdict}")
 
 
 if __name__ == "__main__":
