@@ -25,6 +25,12 @@ the result is ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``:
 one softmax per row over all the keys any branch gives it. With causal
 attention a position's pattern never depends on n.
 
+Packed documents: ``forward(..., cu_seqlens=)`` (``attention.packed``;
+batch 1, ``q_len == kv_len``) gives every document exactly what it gets as
+a sequence of its own (``dilated_packed``): "reference" runs per document,
+"fast", "flex" and "auto" the bucketed fast path (the fused FlexAttention
+path builds no packed BlockMask); ``ordered=True`` refuses it.
+
 Where the rest lives: the plan and its geometry (``dilated_plan``), the
 reference (``dilated_reference``), the fast path's kernel walk
 (``dilated_kernels``), the custom ops and autograd (``dilated_ops``).
@@ -78,8 +84,9 @@ _PLANS_KEPT = 8
 class DilatedAttention(nn.Module):
     """LongNet dilated attention.
 
-    ``forward(q, k, v, is_causal=False, key_padding_mask=None)``: shapes in
-    the module docstring, any length. ``implementation``: "reference"
+    ``forward(q, k, v, is_causal=False, key_padding_mask=None, *,
+    cu_seqlens=None)``: shapes in the module docstring, any length;
+    ``cu_seqlens`` packed documents (module docstring). ``implementation``: "reference"
     (default), "fast", "flex" or "auto" (``dilated_implementations``); with
     dropout in training an implementation without dropout of its own runs
     the reference. ``ordered=True``: q, k, v, ``key_padding_mask`` and the

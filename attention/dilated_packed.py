@@ -309,11 +309,15 @@ def run_packed(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[i
                scale: float, key_padding_mask: Optional[Tensor], dropout_p: float, cu_seqlens: Tensor) -> Tensor:
     """Implementation ``name`` of ``DilatedAttention`` on a packed batch
     (checked inputs): "reference" (and any call with dropout) per document,
-    autograd-native in eager mode and one opaque op under ``torch.compile``;
+    autograd-native in eager mode and one opaque op under ``torch.compile``
+    (which refuses dropout here: the per-document loop reads ``cu_seqlens``);
     "fast", "flex" and "auto" the bucketed fast path (the fused FlexAttention
     path builds no packed BlockMask: module docstring of ``dilated``)."""
     if name == "reference" or dropout_p > 0:
-        if torch.compiler.is_compiling() and dropout_p == 0:
+        if torch.compiler.is_compiling() and dropout_p > 0:
+            raise ValueError("dropout with cu_seqlens runs the reference per document in eager mode only; under "
+                             "torch.compile set dropout=0.0 or call module.eval()")
+        if torch.compiler.is_compiling():
             return dilated_packed_reference(q, k, v, key_padding_mask, cu_seqlens, list(flat_plan), is_causal,
                                             scale)[0]
         plan = DilatedPlan.from_flat(q.shape[2], flat_plan)

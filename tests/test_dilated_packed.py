@@ -156,6 +156,20 @@ def test_multihead_layers_take_cu_seqlens(layer_class):
     assert_same(packed, separate, (x,))
 
 
+def test_dropout_in_training_draws_as_the_per_document_calls_do():
+    """With dropout the reference runs document by document, in order: the
+    same seed gives the per-document calls' dropped output exactly."""
+    module = ImprovedDilatedAttention((4, 8), (1, 2), dropout=0.5).train()
+    cu = boundaries([6, 0, 13, 1])
+    q, k, v, pad = make_inputs(int(cu[-1]), 2, 2, False, seed=5)
+    torch.manual_seed(11)
+    packed = module(q, k, v, cu_seqlens=cu)
+    torch.manual_seed(11)
+    separate = per_document(lambda *x: module(*x[:3]), cu, q, k, v, pad)
+    assert_same(packed, separate, (q, k, v))
+    assert not torch.allclose(packed, module.eval()(q, k, v, cu_seqlens=cu))
+
+
 @pytest.mark.parametrize("lengths", [[37, 5, 1, 64, 16, 3, 29], [200], [1] * 40])
 @pytest.mark.parametrize("segment, rate", [(16, 1), (16, 3), (64, 4)])
 def test_buckets_cover_each_selected_pair_once_with_bounded_padding(lengths, segment, rate):
