@@ -54,12 +54,12 @@ class MultiheadWrapper(nn.Module):
     num_heads, head_dim) that returns the same shape.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None,
-    need_weights=False, is_causal=False, cu_seqlens=None) -> (out, None)``
-    (``cu_seqlens``: packed documents, batch 1, as the attention module
-    takes them; the projections are per position); ``out`` is
-    (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq) bool, True =
-    padding: those keys enter no softmax, and a query with no unpadded key gets
-    attention output 0 (never NaN). Attention weights are never materialized,
+    need_weights=False, is_causal=False, cu_seqlens=None) -> (out, None)``;
+    ``out`` is (batch, seq, embed_dim). ``key_padding_mask`` (batch, seq)
+    bool, True = padding: those keys enter no softmax, and a query with no
+    unpadded key gets attention output 0 (never NaN). ``cu_seqlens``: packed
+    documents (``attention.packed``), passed to ``attention``; the
+    projections are per position, so each document gets what it gets alone. Attention weights are never materialized,
     so ``need_weights=True`` is an error."""
 
     def __init__(

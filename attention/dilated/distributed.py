@@ -242,6 +242,8 @@ class DistributedDilatedAttention(DilatedAttention):
     of one shape, and pass a mask or not; a mismatch raises the same
     ``ValueError`` on every rank, and an invalid input on one rank raises its
     own ``ValueError`` there and one naming that rank on the others.
+    ``cu_seqlens`` (packed documents) is refused with a ``ValueError``
+    before any collective.
 
     ``timeout`` bounds everything the module waits on: the shape agreement,
     the all-gathers and reduce-scatters, and the creation of their groups
@@ -293,8 +295,17 @@ class DistributedDilatedAttention(DilatedAttention):
         return self._stats["bytes_received"]
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+        *, cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
+        if cu_seqlens is not None:
+            # Refused before any collective: the segment plan and its groups
+            # are per sequence, and attending across documents is never an option.
+            raise ValueError(
+                "cu_seqlens is not supported by DistributedDilatedAttention (packed documents under sequence "
+                "parallelism, where documents may cross rank boundaries, are not implemented); run "
+                "DilatedAttention(cu_seqlens=...) on one rank, or give each rank whole unpacked sequences"
+            )
         group = require_initialized(self.process_group)
         # Every rank reaches the agreement below, valid inputs or not, so a bad
         # input on one rank is an error on all of them, never a wait for a

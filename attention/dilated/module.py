@@ -25,6 +25,12 @@ the result is ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``:
 one softmax per row over all the keys any branch gives it. With causal
 attention a position's pattern never depends on n.
 
+Packed documents: ``forward(..., cu_seqlens=)`` (``attention.packed``;
+batch 1, ``q_len == kv_len``) gives every document exactly what it gets as
+a sequence of its own (``dilated_packed``): "reference" runs per document,
+"fast", "flex" and "auto" the bucketed fast path (the fused FlexAttention
+path builds no packed BlockMask); ``ordered=True`` refuses it.
+
 Where the rest lives: the plan and its geometry (``dilated_plan``), the
 reference (``dilated_reference``), the fast path's kernel walk
 (``attention.dilated.fast``), the custom ops and autograd (``attention.dilated.ops``).
@@ -58,6 +64,8 @@ from attention.dilated.reference import dilated_attention_reference
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from attention.residue import residue_modulus
 from attention.checks import check_sinks, check_softcap
+from attention.dilated.packed import run_packed
+from attention.packed import check_cu_seqlens
 
 __all__ = ["DilatedAttention", "ImprovedDilatedAttention"]
 
@@ -68,8 +76,9 @@ _PLANS_KEPT = 8
 class DilatedAttention(nn.Module):
     """LongNet dilated attention.
 
-    ``forward(q, k, v, is_causal=False, key_padding_mask=None)``: shapes in
-    the module docstring, any length. ``implementation``: "reference"
+    ``forward(q, k, v, is_causal=False, key_padding_mask=None, *,
+    cu_seqlens=None)``: shapes in the module docstring, any length;
+    ``cu_seqlens`` packed documents (module docstring). ``implementation``: "reference"
     (default), "fast", "flex" or "auto" (``dilated_implementations``); with
     dropout in training an implementation without dropout of its own runs
     the reference. ``softcap`` (None or c > 0) caps the scaled scores, ``c *
@@ -169,10 +178,22 @@ class DilatedAttention(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Optional[Tensor] = None,
         sinks: Optional[Tensor] = None,
+        *, cu_seqlens: Optional[Tensor] = None,
     ) -> Tensor:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, q, k)
+            if self.ordered:
+                raise ValueError("cu_seqlens is not supported with ordered=True (the residue order is one "
+                                 "sequence's; packed documents take natural order: a module with ordered=False)")
         flat_plan, scale = self._prepare(q, k, v, is_causal, key_padding_mask)
         sinks = check_sinks(sinks, q)
         dropout_p = self.dropout if self.training else 0.0
+        if cu_seqlens is not None:
+            if sinks is not None or self.softcap is not None:
+                raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call the module once "
+                                 "per document for soft-capped or sink attention")
+            return run_packed(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
+                              dropout_p, cu_seqlens)
         return run_implementation(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
                                   dropout_p, self.ordered, self.softcap, sinks)
 

@@ -41,6 +41,8 @@ from attention.checks import check_attention_inputs, check_is_causal, check_soft
 from attention.kernels.softmax_parts import lse_dtype
 from attention.checks import check_sinks, check_softcap
 from attention.kernels.sinks import apply_sinks, sinks_grad
+from attention.dilated.packed import dilated_packed_forward
+from attention.packed import check_cu_seqlens
 
 __all__ = ["dilated_attention", "fast_attention", "dilated_forward", "dilated_backward", "dilated_reference",
            "DilatedFunction", "NoDoubleBackward"]
@@ -198,18 +200,29 @@ def dilated_attention(
     key_padding_mask: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """The same function as ``dilated_attention_reference`` (no dropout),
     fast: fused kernels on strided views, in-place merge, memory bounded by
     chunking. Exact gradients for q, k, v (and ``sinks``) through
     ``torch.autograd`` and ``torch.func``. v may have its own head_dim: the
-    output has v's. ``softcap``, ``sinks``: ``attention.kernels.sinks``."""
+    output has v's. ``softcap``, ``sinks``: ``attention.kernels.sinks``.
+    ``cu_seqlens``: packed documents (``attention.packed``), each attended as
+    a sequence of its own (``attention.dilated.packed``; autograd only, no
+    vmap; no softcap or sinks)."""
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, k)
     check_attention_inputs(q, k, v, key_padding_mask)
     check_plan(plan, q.shape[2])
     is_causal = check_is_causal(is_causal)
     scale = default_scale(q, check_softmax_scale(softmax_scale))
-    return fast_attention(q, k, v, plan.flat, is_causal, scale, key_padding_mask, check_softcap(softcap),
-                          check_sinks(sinks, q))
+    softcap, sinks = check_softcap(softcap), check_sinks(sinks, q)
+    if cu_seqlens is not None:
+        if softcap is not None or sinks is not None:
+            raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call once per document "
+                             "for soft-capped or sink attention")
+        return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(plan.flat), is_causal, scale)[0]
+    return fast_attention(q, k, v, plan.flat, is_causal, scale, key_padding_mask, softcap, sinks)
 
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[int], is_causal: bool, scale: float,
