@@ -82,6 +82,26 @@ def sparse_cases():
     }
 
 
+def packed_dilated_cases():
+    """Packed documents (batch 1) of 5, 0 and 7 tokens through the dilated ops, a padded key."""
+    module = ImprovedDilatedAttention([4, 8], [1, 2])
+    flat = list(module.plan(H).flat)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, heads, N, dim, generator=g, dtype=torch.float64).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    cu = torch.tensor([0, 5, 5, N])
+    mask = torch.zeros(1, N, dtype=torch.bool)
+    mask[0, 6] = True
+    out, lse = torch.ops.attention.dilated_packed_forward(q, k, v, mask, cu, flat, True, 0.3)
+    grad = torch.randn(1, H, N, D_V, dtype=out.dtype).transpose(1, 2)
+    forward = (q, k, v, mask, cu, flat, True, 0.3)
+    return {
+        "attention::dilated_packed_forward": forward,
+        "attention::dilated_packed_reference": forward,
+        "attention::dilated_packed_backward": (grad, q, k, v, out, lse, mask, cu, flat, True, 0.3),
+    }
+
+
 def packed_sparse_cases():
     """Packed documents (batch 1): the module's layouts, documents of 5, 0 and 7 tokens, a padded key."""
     module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, num_sliding_window_blocks=3,
@@ -143,7 +163,8 @@ def registered_ops() -> set[str]:
 @pytest.fixture(scope="module")
 def cases():
     hf.register()
-    return {**dilated_cases(), **sparse_cases(), **packed_sparse_cases(), **hf_cases(), **dense_cases()}
+    return {**dilated_cases(), **packed_dilated_cases(), **sparse_cases(), **packed_sparse_cases(), **hf_cases(),
+            **dense_cases()}
 
 
 def test_every_custom_op_has_a_case(cases):
