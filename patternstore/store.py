@@ -60,7 +60,8 @@ from pathlib import Path
 import platformdirs
 
 from .codec import CorruptValue, OutdatedValue, encode_packed
-from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
+from .disk import DiskTier
+from .diskerrors import DiskUnavailable, PatternStoreWarning
 from .flight import KeyLocks, remove_idle_locks, single_flight
 from .generate import generate
 from .memory import MemoryTier, exact_device
@@ -174,6 +175,8 @@ class PatternStore:
         self._lock = threading.Lock()
         self._flights = KeyLocks()
         self._memory.reset_lock()
+        if self.disk is not None:
+            self.disk.reset_lock()
 
     @property
     def directory(self) -> Path | None:
