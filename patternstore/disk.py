@@ -151,8 +151,9 @@ class DiskTier:
                 info = os.stat(name, dir_fd=root, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            except OSError as error:
-                raise DiskUnavailable(f"cannot use {self.directory}: {why(error)} ({name})") from error
+            except OSError as error:  # named by its full path, as the OS names it
+                full = OSError(error.errno, error.strerror, str(self.directory / name))
+                raise DiskUnavailable(f"cannot use {self.directory}: {full}") from error
             if not stat.S_ISREG(info.st_mode):
                 raise DamagedStore(f"pattern store database {self.directory / name} is not a regular file "
                                    "(a link or a special file, never opened); 'patternstore verify --repair' "
