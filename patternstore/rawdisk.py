@@ -177,9 +177,9 @@ class ReadOnlyCache:
     """The reads ``DiskTier`` makes, on a database SQLite opens without
     writing (module docstring). For a store opened read-only on purpose
     (the command line's read-only commands) and for a directory this process
-    cannot write (a read-only mount, a shared cache of another user, a full
-    disk that refused diskcache's setup writes). Same rows, same raw-only
-    fetch as the writable tier."""
+    cannot write (a read-only mount, a root-owned site cache, a full disk
+    that refused diskcache's setup writes, SQLite's write lock held past the
+    timeout). Same rows, same raw-only reads as the writable tier."""
 
     def __init__(self, directory: Path, timeout: float, root: int) -> None:
         self._directory, self._timeout = directory, timeout
