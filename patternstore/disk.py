@@ -254,6 +254,8 @@ class DiskTier:
         with self._reopening:
             if self._still_there():  # another thread re-opened it
                 return True
+            if self._pid != os.getpid():  # a forked child never closes what it inherited
+                _INHERITED.append(self._opened)
             try:
                 self._open_writable()
             except DiskUnavailable as error:
