@@ -23,6 +23,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -52,17 +53,19 @@ def warnings_of(action: Callable[[], object]) -> list[str]:
 
 @contextlib.contextmanager
 def no_hang(seconds: float = 20.0) -> Iterator[None]:
-    """Fail (instead of hanging the suite) when the body blocks: SIGALRM
-    interrupts a blocking open or read."""
+    """Fail (instead of hanging the suite) when the body blocks: SIGALRM,
+    sent to the main thread itself (a process-wide alarm may land on one of
+    torch's threads), interrupts a blocking open or read."""
     def expired(signum, frame):
         raise TimeoutError(f"blocked for over {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    alarm = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGALRM))
+    alarm.start()
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        alarm.cancel()
         signal.signal(signal.SIGALRM, previous)
 
 
