@@ -51,13 +51,18 @@ def warnings_of(action: Callable[[], object]) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, PatternStoreWarning)]
 
 
+class Hung(Exception):
+    """Raised by ``no_hang`` (not an ``OSError``: code under test that treats
+    a failed read as a miss must not swallow it and block again)."""
+
+
 @contextlib.contextmanager
 def no_hang(seconds: float = 20.0) -> Iterator[None]:
     """Fail (instead of hanging the suite) when the body blocks: SIGALRM,
     sent to the main thread itself (a process-wide alarm may land on one of
     torch's threads), interrupts a blocking open or read."""
     def expired(signum, frame):
-        raise TimeoutError(f"blocked for over {seconds} s")
+        raise Hung(f"blocked for over {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
     alarm = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGALRM))
