@@ -103,7 +103,7 @@ def _progress(
     return line
 
 
-def _open_store(args: argparse.Namespace, *, writable: bool = False) -> PatternStore:
+def _open_store(args: argparse.Namespace, *, writable: bool = False, repair: bool = False) -> PatternStore:
     """The store in ``--dir`` (else the default directory); a directory that
     cannot hold a store, or cannot be written by a command that writes, is
     bad input. Read-only commands open it read-only: they create and change
@@ -112,7 +112,7 @@ def _open_store(args: argparse.Namespace, *, writable: bool = False) -> PatternS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            store = maintenance.open_store(args.dir, writable=writable)
+            store = maintenance.open_store(args.dir, writable=writable, repair=repair)
         except maintenance.StoreUnavailable as error:
             raise (WorkFailed if disk_failed(error) else UsageError)(str(error)) from None
     for warning in caught:
@@ -290,7 +290,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
     from . import maintenance
-    store = _open_store(args, writable=args.repair)
+    store = _open_store(args, writable=args.repair, repair=args.repair)
     total = len(store.stored_keys())
     result = maintenance.verify(store, full=args.full, sample=args.sample, repair=args.repair,
                                 progress=_progress(args, total, _short, lines=False))
@@ -312,7 +312,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- clear / export / import
 def cmd_clear(args: argparse.Namespace) -> int:
     from . import maintenance
-    store = _open_store(args, writable=True)
+    store = _open_store(args, writable=True, repair=True)
     count = len(store.stored_keys())
     if not args.yes:
         if not sys.stdin.isatty():

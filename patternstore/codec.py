@@ -233,6 +233,20 @@ def stored_spec(value: Any, key: str) -> Spec | None:
     return spec if spec.key == key else None
 
 
+def stored_key(value: Any) -> str | None:
+    """The key a value's header names, read without any check, or None when
+    there is none; ``decode`` under that key then checks everything (a value
+    file found without its database row: ``patternstore.rebuild``)."""
+    try:
+        view = memoryview(value).cast("B")
+        magic, _, _, header_size = _PREFIX.unpack_from(view)
+        header = unpack_plain(view[_PREFIX.size : _PREFIX.size + header_size]) if magic == MAGIC else None
+        key = header["key"]
+    except Exception:  # anything unreadable (any type, any shape): no key
+        return None
+    return key if isinstance(key, str) else None
+
+
 def _array_table(table: list) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], int]:
     """(name -> (dtype, shape), payload bytes) of a header's array table, which
     must be exactly the canonical layout: names unique, offsets back to back,

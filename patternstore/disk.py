@@ -25,80 +25,66 @@ the code next to it):
 - Opening never rewrites a persisted setting unless asked: without a
   ``size_limit`` an existing directory keeps its own limit (a new one gets
   ``DEFAULT_SIZE_LIMIT``).
-- Failures degrade, never raise: a directory that cannot be created or
-  opened raises ``DiskUnavailable`` from the constructor (the store goes on in
-  memory); a store directory that cannot be written (read-only mount, full
-  disk, another user's files) is opened read-only (``read_only``): it is
-  read as it is, with one warning, and nothing is written; a failed write
-  (full disk, read-only directory, SQLite error) returns False, warns once,
-  and stops further writes; a failed read is a miss.
+- Trusted or unused: a directory that anyone but this user (and root) can
+  change, through its own owner and mode or those of the path to it, is
+  refused at open (``safedir.open_directory``; ``DiskUnavailable``, the
+  store then serves from memory with one warning). Inside it nothing is
+  followed through a link, no special file is opened, and no value file is
+  read unless its size is the one its row records (``safedir``,
+  ``rawdisk``): what is not a file the store wrote is ``CorruptValue``.
+- Failures degrade, never raise: a directory that cannot be created, opened
+  or read raises ``DiskUnavailable`` from the constructor (the store goes on
+  in memory), naming the cause with errno and path as the OS gave them
+  (``DamagedStore`` for a database that is not one: ``rebuild``); a store
+  directory that cannot be written (read-only mount, full disk, SQLite's
+  write lock held past ``timeout``) is read as it is (``read_only``), with
+  one warning; a failed write returns False, warns once, and stops further
+  writes; a failed read is a miss.
 - Never hangs: SQLite waits at most ``timeout`` seconds for another writer,
-  then the operation fails as above.
+  at open too (``rawdisk.BoundedCache``), then the operation fails as above;
+  nothing in the directory that is not a regular file is ever opened.
+- A directory deleted or replaced under an open tier is noticed before the
+  next write (the device and inode of the directory and of its database are
+  compared with those opened): the tier opens the directory the path names
+  now, creating it mode 0700 whatever the umask, or stops writing with one
+  warning. A write is never reported stored into a database that no other
+  process can open.
 - The directory is created with mode 0700; a directory on a network
   filesystem, where SQLite's locking is unreliable, gets one warning.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import re
 import sqlite3
+import stat
+import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import BinaryIO
 
 import diskcache
+from diskcache.core import MODE_BINARY, MODE_RAW
 
 from .codec import CorruptValue, decode_packed
 from .pattern import PackedPattern
-from .rawdisk import RawOnlyDisk, ReadOnlyCache
+from .diskerrors import (
+    DISK_ERRORS, DamagedStore, DiskUnavailable, PatternStoreWarning, UntrustedDirectory, damaged, why,
+)
+from .rawdisk import BoundedCache, RawOnlyDisk, ReadOnlyCache, read_row
+from .safedir import (
+    NETWORK_FILESYSTEMS, Untrusted, close_all, filesystem_type, make_directory, open_directory, read_exactly,
+    remove_entry, walk_values,
+)
 
 DEFAULT_SIZE_LIMIT = 8 << 30  # bytes; the limit a new directory gets
-
-# Filesystems on which SQLite's file locking is not to be trusted.
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smbfs", "smb3", "9p", "afs", "ncpfs", "lustre", "gpfs", "beegfs",
-    "ceph", "glusterfs", "fuse.sshfs", "fuse.ceph", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse",
-    "fuse.rclone", "davfs", "fuse.davfs2",
-})
-
-# Errors a disk operation can raise when the directory or the disk is at
-# fault; each becomes a warning and a miss, never an exception to the caller.
-DISK_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
-
+DATABASE_FILES = (diskcache.core.DBNAME, f"{diskcache.core.DBNAME}-wal", f"{diskcache.core.DBNAME}-shm")
 
 # Caches inherited from a parent process: never closed by this one.
 _INHERITED: list[diskcache.Cache] = []
-
-
-class PatternStoreWarning(UserWarning):
-    """The store works on, with less than it was asked for (see the message)."""
-
-
-class DiskUnavailable(RuntimeError):
-    """The directory cannot be used at all; the store keeps patterns in memory."""
-
-
-def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
-    """The fstype of the mount holding ``path``, or None where unknown
-    (no /proc/mounts: not Linux)."""
-    try:
-        with open(mounts_file, encoding="utf-8") as mounts:
-            lines = mounts.read().splitlines()
-    except OSError:
-        return None
-    target, best, fstype = str(path.resolve()), -1, None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        # /proc/mounts writes space, tab, newline and backslash as \ooo.
-        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
-        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) > best:
-            best, fstype = len(mount), fields[2]
-    return fstype
 
 
 class DiskTier:
@@ -115,20 +101,26 @@ class DiskTier:
                  *, read_only: bool = False) -> None:
         """``size_limit``: bytes the directory may take (None: what the
         directory has, ``DEFAULT_SIZE_LIMIT`` for a new one). ``timeout``:
-        seconds SQLite waits for another writer before the operation fails
-        (diskcache's retry loops are never used: they could wait forever on
-        a stuck lock). ``read_only``: open an existing store without writing
-        anything."""
+        seconds SQLite waits for another writer before the operation fails,
+        at open as well (diskcache's retry loops are never used: they could
+        wait forever on a stuck lock). ``read_only``: open an existing store
+        without writing anything."""
         self.directory = Path(directory).expanduser().absolute()
         self.timeout = timeout
         self.writable = not read_only
         self.read_only = read_only  # opened read-only: asked for, or the directory could not be written
         self.write_error: BaseException | None = None  # why writes stopped, if they did
         self._warned: set[str] = set()
+        self._size_limit = size_limit
+        self._reopening = threading.Lock()
+        # Every directory fd this tier opened: a re-opened directory's old fd
+        # may still be in use by another thread, so all close with the tier.
+        self._roots: list[int] = []
+        weakref.finalize(self, close_all, self._roots)
         if read_only:
             self._opened = self._open_existing()
         else:
-            self._open_writable(size_limit)
+            self._open_writable()
         self._pid = os.getpid()
         fstype = filesystem_type(self.directory)
         if fstype in NETWORK_FILESYSTEMS:
@@ -138,54 +130,146 @@ class DiskTier:
                 "SQLite locking is unreliable there. Set PATTERNSTORE_DIR to a local directory.",
             )
 
+    # ------------------------------------------------------------ opening
+    def _open_root(self, *, create: bool) -> int:
+        """The checked directory's fd (``safedir.open_directory``), and its
+        database files checked: regular files or absent."""
+        try:
+            root = open_directory(self.directory, create=create)
+        except Untrusted as error:
+            raise UntrustedDirectory(f"refusing pattern store directory {self.directory}: {error}; only a "
+                                     "directory that nobody but you (and root) can write is used") from None
+        except OSError as error:
+            if create:
+                raise DiskUnavailable(f"cannot use {self.directory}: {why(error)}") from error
+            what = {errno.ENOENT: "no such directory: ", errno.ENOTDIR: "not a directory: "}.get(error.errno, "")
+            raise DiskUnavailable(f"no pattern store in {self.directory}: {what}{why(error)}") from error
+        self._roots.append(root)
+        self._identity = _identity(os.fstat(root))
+        for name in DATABASE_FILES:
+            try:
+                info = os.stat(name, dir_fd=root, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as error:  # named by its full path, as the OS names it
+                full = OSError(error.errno, error.strerror, str(self.directory / name))
+                raise DiskUnavailable(f"cannot use {self.directory}: {full}") from error
+            if not stat.S_ISREG(info.st_mode):
+                raise DamagedStore(f"pattern store database {self.directory / name} is not a regular file "
+                                   "(a link or a special file, never opened); 'patternstore verify --repair' "
+                                   "rebuilds the store", self.directory)
+        return root
+
+    def _has_database(self, root: int) -> bool:
+        try:
+            os.stat(diskcache.core.DBNAME, dir_fd=root, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
     def _open_existing(self) -> ReadOnlyCache:
-        if not self.directory.is_dir():
-            why = "not a directory" if self.directory.exists() else "no such directory"
-            raise DiskUnavailable(f"no pattern store in {self.directory}: {why}")
-        if not (self.directory / diskcache.core.DBNAME).is_file():
+        root = self._open_root(create=False)
+        if not self._has_database(root):
             raise DiskUnavailable(f"no pattern store in {self.directory}: it holds no {diskcache.core.DBNAME}")
         try:
-            return ReadOnlyCache(self.directory, self.timeout)
+            opened = ReadOnlyCache(self.directory, self.timeout, root)
         except DISK_ERRORS as error:
-            raise DiskUnavailable(f"cannot read pattern store {self.directory}: {error}") from error
+            self._refuse(error, "cannot read pattern store")
+        self._root = root
+        return opened
 
-    def _open_writable(self, size_limit: int | None) -> None:
-        if size_limit is None and not (self.directory / diskcache.core.DBNAME).is_file():
-            size_limit = DEFAULT_SIZE_LIMIT
+    def _refuse(self, error: BaseException, what: str) -> None:
+        if damaged(error):
+            raise DamagedStore(f"pattern store database {self.directory / diskcache.core.DBNAME} is damaged "
+                               f"({why(error)}); 'patternstore verify --repair' rebuilds the store, keeping "
+                               "the value files that verify", self.directory) from error
+        raise DiskUnavailable(f"{what} {self.directory}: {why(error)}") from error
+
+    def _open_writable(self) -> None:
+        """Open (or create) the directory for writing; where it cannot be
+        written, read it as it is, with one warning."""
+        root = self._open_root(create=True)
+        self._root = root
+        existed = self._has_database(root)
+        size_limit = DEFAULT_SIZE_LIMIT if self._size_limit is None and not existed else self._size_limit
         try:
-            if not self.directory.is_dir():
-                self.directory.mkdir(mode=0o700, parents=True)
-                self.directory.chmod(0o700)  # exactly 0700, whatever the umask
-            (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
+            make_directory(root, "locks")
             self._opened = self._open(size_limit)
+            if _identity(os.stat(self.directory)) != self._identity:
+                raise FileNotFoundError(f"{self.directory} was replaced while it was opened")
         except DISK_ERRORS as error:
-            if not (self.directory / diskcache.core.DBNAME).is_file():
-                raise DiskUnavailable(f"cannot use {self.directory}: {error}") from error
-            # A store someone else wrote, which this process cannot write:
-            # read it as it is (docs/design.md section 3.3).
+            if damaged(error) or not existed:
+                self._refuse(error, "cannot use")
+            # A store this process cannot write (read-only mount, the write
+            # lock held past the timeout): read it as it is (docs/design.md
+            # section 3.5).
             self.read_only, self.writable, self.write_error = True, False, error
             try:
                 self._opened = self._open(size_limit)
             except DISK_ERRORS as read_error:
-                raise DiskUnavailable(f"cannot use {self.directory}: {error}; read-only: {read_error}") from error
-            self._warn_once(
-                "write",
-                f"cannot write pattern store {self.directory} ({error}); reading it read-only, "
-                "patterns it lacks are kept in memory only",
-            )
+                raise DiskUnavailable(f"cannot use {self.directory}: {why(error)}; read-only: "
+                                      f"{why(read_error)}") from error
+            locked = isinstance(error, sqlite3.OperationalError) and str(error) == "database is locked"
+            cause = (f"another process held SQLite's write lock for over lock_timeout={self.timeout:g}s"
+                     if locked else why(error))
+            self._warn_once("write", f"cannot write pattern store {self.directory} ({cause}); reading it "
+                                     "read-only, patterns it lacks are kept in memory only")
+        self._database = self._database_identity()
 
     def _open(self, size_limit: int | None) -> diskcache.Cache | ReadOnlyCache:
         if self.read_only:
-            return ReadOnlyCache(self.directory, self.timeout)
+            return ReadOnlyCache(self.directory, self.timeout, self._root)
         asked = {} if size_limit is None else {"size_limit": size_limit}  # else the directory's own
-        return diskcache.Cache(
+        cache = BoundedCache(
             str(self.directory),
-            timeout=self.timeout,
+            self.timeout,
             disk=RawOnlyDisk,
             eviction_policy=self.EVICTION_POLICY,
             statistics=False,  # hit counting would make reads write, too
             **asked,
         )
+        cache.disk.root = self._root
+        return cache
+
+    def _database_identity(self) -> tuple[int, int] | None:
+        try:
+            return _identity(os.stat(diskcache.core.DBNAME, dir_fd=self._root, follow_symlinks=False))
+        except OSError:
+            return None
+
+    def _still_there(self) -> bool:
+        """The path names the directory and database this tier opened."""
+        try:
+            here = _identity(os.stat(self.directory))
+        except OSError:
+            return False
+        return here == self._identity and self._database_identity() == self._database
+
+    def _ensure_directory(self) -> bool:
+        """Before a write: the directory the path names now, re-opened (and
+        re-created mode 0700) when it was deleted or replaced; False, with
+        one warning, when it cannot be."""
+        if self._still_there():
+            return True
+        with self._reopening:
+            if self._still_there():  # another thread re-opened it
+                return True
+            if self._pid != os.getpid():  # a forked child never closes what it inherited
+                _INHERITED.append(self._opened)
+            try:
+                self._open_writable()
+            except DiskUnavailable as error:
+                self.writable, self.write_error = False, error
+                self._warn_once("write", f"pattern store directory {self.directory} was deleted or replaced and "
+                                         f"cannot be opened again ({error}); patterns are kept in memory only "
+                                         "from now on")
+                return False
+            self._pid = os.getpid()
+            if not self.writable:  # opened read-only (warned)
+                return False
+            self._warn_once("reopened", f"pattern store directory {self.directory} was deleted or replaced while "
+                                        "open; writing to the one there now (created mode 0700 if missing)")
+            return True
 
     @property
     def _cache(self) -> diskcache.Cache:
@@ -198,6 +282,10 @@ class DiskTier:
             self._opened, self._pid = fresh, os.getpid()
         return self._opened
 
+    def reset_lock(self) -> None:
+        """A fresh re-open lock (after fork(): another thread may have held it)."""
+        self._reopening = threading.Lock()
+
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
             self._warned.add(topic)
@@ -207,12 +295,17 @@ class DiskTier:
     def read(self, key: str) -> bytes | None:
         """The stored bytes of ``key``, or None when absent or unreadable.
 
-        Raises ``CorruptValue`` when the entry was not stored as raw bytes
-        (e.g. a planted pickle): it is refused without being read."""
+        Raises ``CorruptValue`` when the entry is not one the store writes
+        (a planted pickle, link or special file; a file of another size):
+        it is refused without being read."""
+        source = self.source(key)
+        if source is None or isinstance(source, bytes):
+            return source
         try:
-            return self._cache.get(key, default=None)
-        except DISK_ERRORS as error:
-            self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
+            with source:
+                return read_exactly(source)
+        except OSError as error:
+            self.read_failed(error)
             return None
 
     def read_packed(self, key: str) -> tuple[PackedPattern | None, CorruptValue | None]:
@@ -241,7 +334,11 @@ class DiskTier:
         unbuffered, for the caller to read once into its own buffer and close;
         None when absent or unreadable. Raises ``CorruptValue`` like ``read``."""
         try:
-            return self._cache.get(key, default=None, read=True)
+            cache = self._cache
+            row = read_row(cache._sql, cache.disk, key)
+            return None if row is None else cache.disk.value(row, cache.size_limit)
+        except FileNotFoundError:
+            return None  # deleted meanwhile
         except DISK_ERRORS as error:
             self.read_failed(error)
             return None
@@ -249,14 +346,14 @@ class DiskTier:
     def read_failed(self, error: BaseException) -> None:
         """Note a failed read (here, or of a file ``source`` opened): one
         warning; the caller treats the value as missing."""
-        self._warn_once("read", f"cannot read pattern store {self.directory}: {error}; regenerating")
+        self._warn_once("read", f"cannot read pattern store {self.directory}: {why(error)}; regenerating")
 
     def write(self, key: str, value: bytes | memoryview) -> bool:
         """Store ``value`` under ``key`` (the write time becomes its tag); a
         ``memoryview`` (``codec.encode_packed``'s) is written from where it is.
         False when the disk refused it; after the first failure (warned once)
         no further write is tried."""
-        if not self.writable:
+        if not self.writable or not self._ensure_directory():
             return False
         try:
             return bool(self._cache.set(key, value, tag=time.time()))
@@ -264,7 +361,7 @@ class DiskTier:
             self.writable, self.write_error = False, error
             self._warn_once(
                 "write",
-                f"cannot write pattern store {self.directory}: {error}; "
+                f"cannot write pattern store {self.directory}: {why(error)}; "
                 "patterns are kept in memory only from now on",
             )
             return False
@@ -292,6 +389,16 @@ class DiskTier:
         except DISK_ERRORS:
             return 0
 
+    def check_database(self) -> str | None:
+        """SQLite's own check of the database (``PRAGMA quick_check``, a
+        pass over every page): None when sound, else what it found."""
+        try:
+            rows = self._cache._sql("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as error:
+            return why(error)
+        found = [row[0] for row in rows]
+        return None if found == ["ok"] else "; ".join(map(str, found[:3]))
+
     # ------------------------------------------------------------ reading
     def keys(self) -> list[str]:
         """Stored keys, oldest write first (str keys only)."""
@@ -301,13 +408,15 @@ class DiskTier:
             return []
 
     def stored_at(self, key: str) -> float | None:
-        """Unix time of the last write of ``key``, or None."""
+        """Unix time of the last write of ``key``, or None (also for an entry
+        stored in a mode the store never writes, e.g. a planted pickle)."""
         try:
-            value, tag = self._cache.get(key, default=None, read=True, tag=True)
-        except (CorruptValue, *DISK_ERRORS):
+            rows = self._cache._sql("SELECT tag FROM Cache WHERE key = ? AND raw = 1 AND mode IN (?, ?) AND "
+                                    "(expire_time IS NULL OR expire_time > ?)",
+                                    (key, MODE_RAW, MODE_BINARY, time.time())).fetchall()
+        except DISK_ERRORS:
             return None
-        if hasattr(value, "close"):
-            value.close()
+        tag = rows[0][0] if rows else None
         return float(tag) if isinstance(tag, (int, float)) else None
 
     def volume(self) -> int:
@@ -319,7 +428,9 @@ class DiskTier:
 
     def orphans(self, min_age: float = 3600.0) -> list[Path]:
         """Value files that no entry refers to and that were last written more
-        than ``min_age`` seconds ago. A writer inserts its row right after
+        than ``min_age`` seconds ago, and, whatever their age, links and
+        special files where value files or their subdirectories belong
+        (planted: the store makes none). A writer inserts its row right after
         writing its file (waiting at most ``timeout`` for SQLite), so a file
         that old without a row was left by a process that died in between."""
         try:
@@ -330,23 +441,22 @@ class DiskTier:
             return []
         referenced = {filename for (filename,) in rows}
         cutoff = time.time() - min_age
-        found = []
-        for path in sorted(self.directory.rglob("*.val")):
-            try:
-                old = path.stat().st_mtime < cutoff
-            except OSError:
-                continue  # removed meanwhile
-            if old and path.relative_to(self.directory).as_posix() not in referenced:
-                found.append(path)
-        return found
+        return [
+            self.directory / name for name, info in walk_values(self._root)
+            if not stat.S_ISREG(info.st_mode) or (info.st_mtime < cutoff and name not in referenced)
+        ]
 
     def remove(self, paths: list[Path]) -> list[Path]:
-        """Delete ``paths`` (``orphans`` results); the ones that could not be."""
+        """Delete ``paths`` (``orphans`` results), never through a link (a
+        planted link itself is deleted); the ones that could not be."""
         left = []
         for path in paths:
             try:
-                path.unlink(missing_ok=True)
-            except OSError:
+                name = path.relative_to(self.directory).as_posix()
+            except ValueError:  # not in this directory: never touched
+                left.append(path)
+                continue
+            if not remove_entry(self._root, name):
                 left.append(path)
         return left
 
@@ -361,9 +471,24 @@ class DiskTier:
         self._cache.close()
 
     def lock_path(self, key: str) -> Path:
-        """The file that serializes generation of ``key`` across processes."""
+        """The file that serializes generation of ``key`` across processes.
+        Asked right before a generation that will be written: a directory
+        deleted or replaced meanwhile is re-opened first (``write``)."""
+        self._ensure_directory()
         return self.directory / "locks" / f"{key}.lock"
 
     def lock_paths(self) -> list[Path]:
-        """Every lock file present, in key order."""
-        return sorted((self.directory / "locks").glob("*.lock"))
+        """Every lock file present, in key order (none when ``locks`` is not
+        a real directory: never listed through a link)."""
+        try:
+            info = os.stat("locks", dir_fd=self._root, follow_symlinks=False)
+        except OSError:
+            return []
+        if not stat.S_ISDIR(info.st_mode):
+            return []
+        return sorted(path for path in (self.directory / "locks").glob("*.lock") if path.is_file()
+                      and not path.is_symlink())
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from .bundle import read_bundle, write_bundle
 from .codec import ENVELOPE_VERSION, CorruptValue, decode, decode_packed, stored_spec
+from .diskerrors import DamagedStore, DiskUnavailable, PatternStoreWarning
 from .generate import generate
 from .pattern import Pattern
 from .precompute import (
@@ -39,6 +40,7 @@ from .precompute import (
 )
 from .sizes import format_size
 from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec
+from .rebuild import rebuild
 from .spectext import format_spec, parse_spec
 from .store import PatternStore
 
@@ -57,18 +59,34 @@ class StoreUnavailable(ValueError):
     operation must write; the message is one line."""
 
 
-def open_store(directory: str | os.PathLike | None = None, *, writable: bool = False) -> PatternStore:
+def open_store(directory: str | os.PathLike | None = None, *, writable: bool = False,
+               repair: bool = False) -> PatternStore:
     """A store on ``directory`` that keeps nothing in memory (maintenance
     reads every entry once). ``writable``: raise ``StoreUnavailable`` unless
     the directory can be written (it is created when missing); otherwise the
-    store is opened read-only and must exist."""
+    store is opened read-only and must exist. ``repair`` (with ``writable``):
+    a database SQLite cannot open or finds unsound (``PRAGMA quick_check``)
+    is rebuilt first (``rebuild``: the value files that verify are kept),
+    with one warning saying so."""
     with warnings.catch_warnings(record=True) as caught:  # said once: by the error, or again below
         warnings.simplefilter("always")
         store = PatternStore(directory, max_entries=0, read_only=not writable)
+        damage = _damage(store) if repair and writable else None
+        if damage is not None:
+            caught.clear()  # the damage, said once by the rebuild's warning
+            try:
+                done = rebuild(damage[1], damage[0], store.lock_timeout)
+            except DiskUnavailable as error:
+                raise StoreUnavailable(str(error)) from None
+            store = PatternStore(directory, max_entries=0)
+            warnings.warn(f"rebuilt the damaged database of {done.directory} ({done.cause}): kept {done.kept} "
+                          f"value file(s) that verify, dropped {done.dropped}; entries that lived inside the "
+                          "database are regenerated when next asked for", PatternStoreWarning)
     if store.disk is None:
-        reason = str(store.disk_error)
-        raise StoreUnavailable(reason if not writable else f"{reason} (the store directory must be a writable directory)"
-                               ) from store.disk_error
+        error = store.disk_error
+        plain = type(error) is DiskUnavailable  # not damage, not distrust: the directory itself
+        raise StoreUnavailable(f"{error} (the store directory must be a writable directory)" if writable and plain
+                               else str(error)) from error
     if writable and store.read_only:
         raise StoreUnavailable(
             f"{store.directory} cannot be written ({store.disk_error}); this command needs a writable store directory"
@@ -76,6 +94,19 @@ def open_store(directory: str | os.PathLike | None = None, *, writable: bool = F
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return store
+
+
+def _damage(store: PatternStore) -> tuple[str, Path] | None:
+    """(what is wrong, the directory) when the store's database is damaged."""
+    if isinstance(store.disk_error, DamagedStore) and store.disk is None:
+        return str(store.disk_error), store.disk_error.directory
+    if store.disk is None or not store.disk.writable:
+        return None
+    found = store.disk.check_database()
+    if found is None:
+        return None
+    store.disk.close()
+    return f"SQLite's quick_check: {found}", store.disk.directory
 
 
 # ---------------------------------------------------------------- one entry as read
@@ -283,7 +314,7 @@ class VerifyResult:
 
 def _file_size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return path.lstat().st_size  # a planted link's own size: never followed
     except OSError:  # removed meanwhile
         return 0
 

@@ -1,7 +1,9 @@
 """What the disk tier reads and writes in a diskcache directory, and how it
 reads one without writing: ``RawOnlyDisk`` (diskcache's serializer narrowed
-to raw bytes) and ``ReadOnlyCache`` (the tier's reads on SQLite, opened so
-that nothing in the directory is created or changed).
+to raw bytes, its files reached through ``safedir``), ``read_row`` (the one
+query of a value), ``BoundedCache`` (diskcache's cache, its set-up bounded)
+and ``ReadOnlyCache`` (the tier's reads on SQLite, opened so that nothing in
+the directory is created or changed).
 
 Guarantees:
 - Nothing read is ever unpickled. diskcache stores a ``bytes`` value raw (in
@@ -10,6 +12,15 @@ Guarantees:
   ``RawOnlyDisk.fetch`` returns only raw bytes and refuses every other
   storage mode with ``CorruptValue`` before touching the data;
   ``RawOnlyDisk.get`` never unpickles a key either.
+- Files are never reached through a link (``safedir``): ``RawOnlyDisk``
+  writes, reads and deletes its value files from the directory's file
+  descriptor the tier checked and attached (``root``). A value file is read
+  only when its size is the one its row records and at most the directory's
+  size limit; a row's own value only when it is under ``min_file_size``, the
+  most a row holds (``read_row`` asks SQLite for its length first).
+- Opening waits at most ``timeout`` for SQLite's write lock
+  (``BoundedCache``: diskcache's own set-up retries for 60 s whatever its
+  timeout), then fails with ``database is locked``.
 - A write hands diskcache either ``bytes`` or, for a value file, a view of
   the caller's buffer (``store`` of a ``memoryview``): the value is written
   from where it already is, never copied first.
@@ -33,14 +44,21 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_RAW
 
 from .codec import CorruptValue
+from .safedir import create_value, open_value, unlink_value
 
-__all__ = ["RawOnlyDisk", "ReadOnlyCache"]
+__all__ = ["RawOnlyDisk", "BoundedCache", "ReadOnlyCache", "read_row"]
+
+# The one read of a value: its row, with the row's own value only when it is
+# short enough to be one the store wrote (SQLite knows a blob's length
+# without reading it).
+_ROW = ("SELECT mode, filename, size, CASE WHEN length(value) < ? THEN value END, length(value) FROM Cache"
+        " WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)")
 
 
 class _Chunks:
@@ -68,41 +86,109 @@ class RawOnlyDisk(diskcache.Disk):
             raise TypeError(f"the disk tier stores bytes only, got {type(value).__name__}")
         return super().store(value, read, key=key)
 
+    root: int  # the directory's file descriptor, attached by the tier that checked it (safedir)
+
     def get(self, key: Any, raw: bool) -> Any:
         # A non-raw key is a pickle; hand back its bytes uninterpreted (the
         # tier's ``keys`` keeps str keys only).
         return super().get(key, raw) if raw else bytes(key)
 
+    def _write(self, full_path: str, iterator: Any, mode: str, encoding: str | None = None) -> int:
+        # diskcache's file writer, from ``root`` without following a link; a
+        # subdirectory another process removed meanwhile is made again.
+        name = os.path.relpath(full_path, self._directory)
+        for attempt in range(10):
+            try:
+                writer = create_value(self.root, name)
+            except FileNotFoundError:
+                if attempt == 9:
+                    raise
+                continue
+            with writer:
+                size = 0
+                for chunk in iterator:
+                    size += len(chunk)
+                    writer.write(chunk)
+                return size
+
+    def remove(self, file_path: str) -> None:
+        unlink_value(self.root, file_path)
+
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        # The tier reads through ``value`` only; diskcache's own read paths
+        # get a row's raw bytes and nothing else (never a pickle, never a file).
         if mode == MODE_RAW and isinstance(value, (bytes, memoryview)):
-            return bytes(value)  # a blob under 32 KiB, inside the database row
-        if mode == MODE_BINARY and filename and not os.path.isabs(filename) and ".." not in filename:
-            # A missing file raises OSError, which Cache.get turns into a miss.
-            # Unbuffered: a reader's readinto goes straight into its buffer.
-            handle = open(os.path.join(self._directory, filename), "rb", buffering=0)
-            if read:
-                return handle
-            with handle:
-                return handle.read()
-        # MODE_PICKLE, MODE_TEXT, numbers, or a filename pointing elsewhere:
-        # not something this tier wrote. Refused without reading it.
+            return bytes(value)
+        raise CorruptValue(f"stored with diskcache mode {mode}, or in a file; refused unread")
+
+    def value(self, row: tuple, limit: int) -> bytes | BinaryIO:
+        """The value of a ``read_row`` row: the row's bytes, or its file
+        opened unbuffered (at most ``limit`` bytes, its recorded size).
+        ``CorruptValue`` for anything the store does not write: another
+        storage mode (a pickle), a row value too long for a row, a planted
+        link or special file, a file of another size; ``OSError`` when the
+        file is missing or unreadable."""
+        mode, filename, size, blob, length = row
+        if mode == MODE_RAW and type(blob) is bytes:
+            return blob
+        if mode == MODE_RAW and length is not None and blob is None:
+            raise CorruptValue(f"a row value of {length} bytes, at least the {self.min_file_size} a file "
+                               "would hold; refused unread")
+        if mode == MODE_BINARY and type(size) is int:
+            return open_value(self.root, filename, size, limit)
         raise CorruptValue(f"stored with diskcache mode {mode}, not as raw bytes; refused unread")
+
+
+def read_row(sql: Any, disk: RawOnlyDisk, key: str) -> tuple | None:
+    """The row of ``key`` for ``RawOnlyDisk.value``, or None. ``sql`` is the
+    cache's statement runner (both cache classes have ``_sql``)."""
+    rows = sql(_ROW, (disk.min_file_size, key, time.time())).fetchall()
+    return rows[0] if rows else None
+
+
+class BoundedCache(diskcache.Cache):
+    """``diskcache.Cache`` whose set-up (which writes its settings) waits at
+    most ``timeout`` seconds in all for another process's write lock;
+    diskcache retries those statements for 60 s whatever its timeout."""
+
+    def __init__(self, directory: str, timeout: float, **settings: Any) -> None:
+        self._deadline: float | None = time.monotonic() + timeout
+        super().__init__(directory, timeout=timeout, **settings)
+        self._deadline = None
+
+    @property
+    def _sql_retry(self) -> Any:
+        sql = self._sql
+        deadline = self._deadline if self._deadline is not None else time.monotonic() + self._timeout
+
+        def execute(statement: str, *args: Any) -> sqlite3.Cursor:
+            while True:
+                try:
+                    return sql(statement, *args)
+                except sqlite3.OperationalError as error:
+                    if str(error) != "database is locked" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.001)
+
+        return execute
 
 
 class ReadOnlyCache:
     """The reads ``DiskTier`` makes, on a database SQLite opens without
     writing (module docstring). For a store opened read-only on purpose
     (the command line's read-only commands) and for a directory this process
-    cannot write (a read-only mount, a shared cache of another user, a full
-    disk that refused diskcache's setup writes). Same rows, same raw-only
-    fetch as the writable tier."""
+    cannot write (a read-only mount, a root-owned site cache, a full disk
+    that refused diskcache's setup writes, SQLite's write lock held past the
+    timeout). Same rows, same raw-only reads as the writable tier."""
 
-    def __init__(self, directory: Path, timeout: float) -> None:
+    def __init__(self, directory: Path, timeout: float, root: int) -> None:
         self._directory, self._timeout = directory, timeout
-        self._disk = RawOnlyDisk(str(directory))
+        self.disk = RawOnlyDisk(str(directory))
+        self.disk.root = root
         self._local = threading.local()
         rows = dict(self._sql("SELECT key, value FROM Settings").fetchall())
         self.size_limit = int(rows.get("size_limit", 0))
+        self.disk.min_file_size = int(rows.get("disk_min_file_size", diskcache.DEFAULT_SETTINGS["disk_min_file_size"]))
         self._page_size = int(self._sql("PRAGMA page_size").fetchone()[0])
         self._stored_size = int(rows.get("size", 0))
 
@@ -128,21 +214,6 @@ class ReadOnlyCache:
         if self._local.connection is None:
             self._local.connection = self._connect()
         return self._local.connection.execute(statement, parameters)
-
-    def get(self, key: str, default: Any = None, read: bool = False, tag: bool = False) -> Any:
-        rows = self._sql(
-            "SELECT tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
-            " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time()),
-        ).fetchall()
-        found: Any = default
-        stored_tag = None
-        if rows:
-            ((stored_tag, mode, filename, value),) = rows
-            try:
-                found = self._disk.fetch(mode, filename, value, read)
-            except OSError:
-                found, stored_tag = default, None  # deleted meanwhile
-        return (found, stored_tag) if tag else found
 
     def __contains__(self, key: str) -> bool:
         query = "SELECT 1 FROM Cache WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"

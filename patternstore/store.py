@@ -17,9 +17,12 @@ Guarantees (each kept by the code next to it):
   processes sharing the directory, generate it once. Every wait has a
   deadline of ``lock_timeout`` seconds; past it the caller generates the
   pattern itself (counted in ``lock_timeouts``), so a get never hangs.
-- Degrades, never fails: a directory that cannot be created or opened, or a
+- Degrades, never fails: a directory that cannot be created, opened or
+  read (mode 0000, another user's private store), a damaged database, or a
   disk that refuses writes, leaves the store serving from memory, with one
-  warning (``PatternStoreWarning``).
+  warning (``PatternStoreWarning``) naming the cause (errno and path as the
+  OS gave them). A directory deleted or replaced while open is re-opened
+  (re-created 0700) before the next write, or writes stop with one warning.
 - Every get counts exactly one of ``memory_hits``, ``disk_hits``, ``misses``.
 - Works whatever mode the caller is in (``torch.inference_mode``,
   ``torch.export``/fake tensors): a miss or disk hit runs inside
@@ -37,15 +40,19 @@ Guarantees (each kept by the code next to it):
 - Opening never rewrites the directory's persisted size limit unless
   ``disk_size_limit`` is given.
 
-What protects a shared directory: its file modes, nothing else. The store
-creates its directory ``0700``, so only its owner (and root) can read or
-write it. A directory shared on purpose (made group-writable by its owners)
-trusts everyone who can write it: the checksum is unkeyed and catches
-accidents only, so a writer of the directory can store another valid
-pattern under a key (never code: nothing is unpickled, every value's key
-and spec are checked). ``patternstore verify --full`` compares every entry
-with a fresh generation; a bundle from elsewhere is verified that way on
-import (``patternstore import``).
+What protects the directory: its file modes, checked. The checksum is
+unkeyed and catches accidents only, so whoever can write the directory could
+store another valid pattern under a key (never code: nothing is unpickled,
+every value's key and spec are checked). The store therefore uses a
+directory only when nobody but its user (and root) can change it or the path
+to it (``patternstore.safedir``: owner, group and other write, the sticky
+bit of parents such as /tmp); any other directory, a group-shared one
+included, is refused with one warning and the store serves from memory.
+It creates its directory ``0700``. Inside, nothing is followed through a
+link and nothing but a regular file of the recorded size is read.
+``patternstore verify --full`` compares every entry with a fresh
+generation; a bundle from elsewhere is verified that way on import
+(``patternstore import``).
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ from pathlib import Path
 import platformdirs
 
 from .codec import CorruptValue, OutdatedValue, encode_packed
-from .disk import DiskTier, DiskUnavailable, PatternStoreWarning
+from .disk import DiskTier
+from .diskerrors import DiskUnavailable, PatternStoreWarning
 from .flight import KeyLocks, remove_idle_locks, single_flight
 from .generate import generate
 from .memory import MemoryTier, exact_device
@@ -174,6 +182,8 @@ class PatternStore:
         self._lock = threading.Lock()
         self._flights = KeyLocks()
         self._memory.reset_lock()
+        if self.disk is not None:
+            self.disk.reset_lock()
 
     @property
     def directory(self) -> Path | None:

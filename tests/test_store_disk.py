@@ -31,7 +31,8 @@ from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
 from patternstore.codec import CorruptValue, decode, decode_packed, encode, stored_spec
 from patternstore.memory import MemoryTier
 from patternstore.pattern import PACK_ALIGN, Pattern
-from patternstore.disk import PatternStoreWarning, filesystem_type
+from patternstore.diskerrors import PatternStoreWarning
+from patternstore.safedir import filesystem_type
 from strategies import dilated_specs, sparse_specs, tiny_sparse_specs
 
 SMALL = DilatedSpec([128, 512], [1, 2], 2)  # envelope < 32 KiB: inside SQLite
@@ -387,7 +388,7 @@ def test_an_unreadable_database_is_a_miss_with_one_warning(tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    monkeypatch.setattr(diskcache.Cache, "get", broken)
+    monkeypatch.setattr(disk_module, "read_row", broken)  # the tier's one query of a value
     caught = warnings_of(lambda: [store.get(SMALL) for _ in range(3)])
     assert len(caught) == 1 and "cannot read" in str(caught[0].message)
     assert store.get(SMALL).equals(generate(SMALL)) and store.stats()["generations"] == 2
