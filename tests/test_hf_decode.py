@@ -125,30 +125,23 @@ def test_calls_it_does_not_serve_take_the_padded_path():
     assert hf_decode.step(bidirectional, q, k, v, mask, True) is None  # not prefix-stable
 
 
-def test_the_compiled_op_takes_the_step_on_its_device_types(monkeypatch):
-    """The op a compiled layer calls (attention::hf_attend) with the traced mask:
-    the step on DEVICE_TYPES (CUDA; "cpu" added here), the padded path elsewhere,
-    one result."""
+def test_the_step_op_equals_the_padded_op_and_serves_only_decode_steps():
+    """The two ops a compiled layer may call: attention::hf_attend (the step,
+    chosen at trace time where hf_decode serves the call) and
+    attention::hf_attend_padded give one result on a decode step; the step op
+    refuses any other call instead of computing it another way."""
     import attention.hf.registration as hf
 
     hf.register()
     q, k, v, mask = cache_inputs(2, 4, 2, 40, 30, [0, 4], [None, 9], seed=2)
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
     key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (4, 2, 8, 8), True)
-    served = []
-    real_step = hf_decode.step
-
-    def spy(*args):
-        served.append(real_step(*args) is not None)
-        return real_step(*args)
-
-    monkeypatch.setattr(hf_decode, "step", spy)
-    padded = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
-    assert served == []  # the CPU is not a step device
-    monkeypatch.setattr(hf_decode, "DEVICE_TYPES", ("cuda", "cpu"))
     stepped = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
-    assert served == [True]
+    padded = torch.ops.attention.hf_attend_padded(q, k, v, mask, key, True)
     torch.testing.assert_close(stepped, padded, rtol=0, atol=1e-12)
+    prefill = torch.randn(2, 4, 3, 8, dtype=q.dtype)
+    with pytest.raises(ValueError, match="decode steps"):
+        torch.ops.attention.hf_attend(prefill, k, v, mask, key, True)
 
 
 def test_a_traced_decode_step_calls_the_capturable_op_and_a_prefill_the_tagged_one(monkeypatch):

@@ -132,8 +132,12 @@ def hf_cases():
     mask[1, :4] = 0  # left padding
     out, lse = torch.ops.attention.hf_attend_lse(q, k, v, mask, key, True)
     grad = torch.randn_like(out)
+    # A decode step over a static cache: one query row, the fixed-shape mask (real tokens; held rows).
+    step = torch.zeros(B, 2, 1, N, dtype=torch.bool)
+    step[:, :, 0, :9] = True
+    step[1, 0, 0, :4] = False  # left padding
     return {
-        "attention::hf_attend": (q, k, v, mask, key, True),
+        "attention::hf_attend": (q[:, :, -1:], k, v, step, key, True),
         "attention::hf_attend_padded": (q, k, v, mask, key, True),
         "attention::hf_attend_lse": (q, k, v, mask, key, True),
         "attention::hf_attend_backward": (grad, q, k, v, out, lse, mask, key, True),

@@ -351,11 +351,12 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[
             is_causal: bool) -> Tensor:
     attention = _op_module(module_key)
     with torch.no_grad():
-        out = None
-        if query.device.type in hf_decode.DEVICE_TYPES:  # no host sync: capturable in a CUDA graph
-            out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)
-        if out is None:
-            out = attend_padded(attention, query, key, value, attention_mask, is_causal)
+        out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)
+    if out is None:
+        raise ValueError(
+            "attention::hf_attend computes the static-cache decode steps attention.hf.decode serves (one query "
+            "row, the fixed-shape mask); this call is not one: attention::hf_attend_padded computes the others"
+        )
     return out.contiguous()
 
 
@@ -363,8 +364,8 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[
 def _attend_op(
     query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
 ) -> Tensor:
-    """A layer's attention where the decode step serves it (no host read); any
-    other call (programs traced before the padded op existed) the padded path."""
+    """A decode step ``attention.hf.decode`` serves: no host read, so a CUDA
+    graph can capture it (chosen at trace time by ``_traced_capturable``)."""
     return _attend(query, key, value, attention_mask, module_key, is_causal)
 
 
@@ -373,7 +374,9 @@ def _attend_padded_op(
     query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
 ) -> Tensor:
     """A layer's attention through the padded path (host reads: never captured)."""
-    return _attend(query, key, value, attention_mask, module_key, is_causal)
+    attention = _op_module(module_key)
+    with torch.no_grad():
+        return attend_padded(attention, query, key, value, attention_mask, is_causal).contiguous()
 
 
 def _attend_fake(query, key, value, attention_mask, module_key, is_causal):
