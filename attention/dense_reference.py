@@ -115,9 +115,9 @@ def dense_attention(
     return out, lse
 
 
-def block_pairs(kv_num_blocks: Tensor, kv_indices: Tensor, n: int, block_size: int) -> Tensor:
-    """bool ``(layout_heads, n, n)``: key t is in an active block of query i's
-    block row, read from the CSR arrays one row at a time (no causal rule)."""
+def layout_blocks(kv_num_blocks: Tensor, kv_indices: Tensor) -> Tensor:
+    """bool ``(layout_heads, nb, nb)``: the active blocks of a CSR layout,
+    read one row at a time (a loop, no vector trick)."""
     layout_heads, nb = kv_num_blocks.shape
     blocks = torch.zeros(layout_heads, nb, nb, dtype=torch.bool)
     start = 0
@@ -126,6 +126,13 @@ def block_pairs(kv_num_blocks: Tensor, kv_indices: Tensor, n: int, block_size: i
             count = int(kv_num_blocks[hh, i])
             blocks[hh, i, kv_indices[start: start + count].long()] = True
             start += count
+    return blocks
+
+
+def block_pairs(kv_num_blocks: Tensor, kv_indices: Tensor, n: int, block_size: int) -> Tensor:
+    """bool ``(layout_heads, n, n)``: key t is in an active block of query i's
+    block row (no causal rule)."""
+    blocks = layout_blocks(kv_num_blocks, kv_indices)
     position = torch.arange(n)
     return blocks[:, position[:, None] // block_size, position[None, :] // block_size]
 

@@ -22,16 +22,12 @@ transformers = pytest.importorskip("transformers")  # installed by `make test` (
 
 import attention.hf.registration as hf  # noqa: E402
 import attention.hf.training as hf_training  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from hf_tiny import PATTERNS, VOCAB, llama_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 96
-PATTERNS = {
-    "dilated": (hf.DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
-    "bigbird": (hf.SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1,
-                            "num_sliding_window_blocks": 3, "num_global_blocks": 1, "attention": "unidirectional"}),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +40,7 @@ def fresh():
 
 def tiny_llama(pattern: str, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    impl, settings = PATTERNS[pattern]
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-        attn_implementation=impl, patternstore_attention=settings,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(*PATTERNS[pattern], layers))
 
 
 def batch(length: int, pads: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import attention.sparse.module as sparse
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
-from attention.dense_reference import block_pairs, dense_attention
+from attention.dense_reference import block_pairs, dense_attention, layout_blocks
 from attention.sparse.packed import compose_layout
 from patternstore import PatternStore, SparseSpec, generate
 from patternstore.csr import drop_future_blocks
@@ -71,16 +71,8 @@ KINDS = ["bigbird", "bslongformer", "fixed", "variable", "dense", "local", "dila
 
 # ------------------------------------------------------------ the corner property
 def corner(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, nb: int) -> torch.Tensor:
-    """bool [H, nb, nb]: the top-left corner of a layout, from its CSR rows (a loop, no vector trick)."""
-    heads, rows = kv_num_blocks.shape
-    dense = torch.zeros(heads, rows, rows, dtype=torch.bool)
-    start = 0
-    for h in range(heads):
-        for i in range(rows):
-            count = int(kv_num_blocks[h, i])
-            dense[h, i, kv_indices[start:start + count].long()] = True
-            start += count
-    return dense[:, :nb, :nb]
+    """bool [H, nb, nb]: the top-left corner of a layout, from its CSR rows."""
+    return layout_blocks(kv_num_blocks, kv_indices)[:, :nb, :nb]
 
 
 @settings(max_examples=60, deadline=None)
@@ -251,13 +243,21 @@ def test_the_multihead_layer_takes_packed_documents(store):
 
 
 def test_a_document_too_short_for_the_layout_is_refused_naming_it(store):
+    module = BlockSparseAttention("bigbird", block_size=2, num_random_blocks=4, store=store)
+    q = torch.randn(1, 22, 2, 4)
+    with pytest.raises(ValueError, match=r"cu_seqlens: document 1 \(length 5\).*num_random_blocks"):
+        module(q, q, q, cu_seqlens=torch.tensor([0, 8, 13, 22]))
+
+
+def test_a_global_block_past_a_short_document_is_skipped_as_alone(store):
+    """DeepSpeed's rule at every length: a global index past a document's
+    blocks is skipped there, so the document gets what it gets alone."""
     module = BlockSparseAttention("bslongformer", block_size=2, global_block_indices=[3], store=store)
     q = torch.randn(1, 22, 2, 4)
-    with pytest.raises(ValueError, match=r"cu_seqlens: document 1 \(length 5\).*global_block_indices"):
-        module(q, q, q, cu_seqlens=torch.tensor([0, 8, 13, 22]))
-    # causal use of a prefix-stable layout serves short documents, as it does alone
-    out = module(q, q, q, is_causal=True, cu_seqlens=torch.tensor([0, 8, 13, 22]))
-    torch.testing.assert_close(out[:, 8:13], module(q[:, 8:13], q[:, 8:13], q[:, 8:13], is_causal=True))
+    cu = torch.tensor([0, 8, 13, 22])
+    out = module(q, q, q, cu_seqlens=cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(out[:, a:b], module(q[:, a:b], q[:, a:b], q[:, a:b]))
 
 
 @pytest.mark.slow

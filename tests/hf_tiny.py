@@ -1,0 +1,25 @@
+"""The tiny Llama the compiled Hugging Face tests build, and the two
+patterns they run (full coverage is not needed: the references are the
+same model eager or padded)."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+import attention.hf.registration as hf
+
+VOCAB = 96
+PATTERNS = {
+    "dilated": (hf.DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
+    "bigbird": (hf.SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1,
+                            "num_sliding_window_blocks": 3, "num_global_blocks": 1, "attention": "unidirectional"}),
+}
+
+
+def llama_config(impl: str, settings: dict, layers: int) -> LlamaConfig:
+    """2 heads of kv over 4 query heads, hidden 32: every path (GQA, padding) in milliseconds."""
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        attn_implementation=impl, patternstore_attention=settings,
+    )
