@@ -196,6 +196,9 @@ def test_fast_path_through_each_cuda_kernel_with_cpu_emulations(monkeypatch, dty
     choice = kernels.choose_kernel("cuda", dtype, head_dim, masked)
     monkeypatch.setattr(kernels, "_ops", emulated_cuda_ops())
     monkeypatch.setattr(kernels, "choose_kernel", lambda *args: choice)
+    # The module chooses its kernel once per call and hands the name down: the CUDA entry takes CPU tensors here.
+    monkeypatch.setitem(kernels.KERNELS, choice, kernels.KERNELS[choice]._replace(devices=("cuda", "cpu"),
+                                                                                  backward_devices=("cuda", "cpu")))
     monkeypatch.setattr(dilated_kernels, "_MIN_CHUNK", 64)  # several chunks per piece
     u = {torch.float32: None, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     tolerance = 1e-5 if u is None else 4 * u

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention import kernels
+import attention.kernels.attend as kernels
 from attention.dilated.module import DilatedAttention
 from attention.dilated.ops import dilated_attention
 from attention.dilated.ops import fast_attention
@@ -109,7 +109,7 @@ def test_sparse_soft_cap_and_sinks_equal_the_dense_reference(kind, n, data, soft
 
 @pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash-tiles", "matmul-tiles"])
 def test_sparse_functional_api_in_float32(monkeypatch, flash):
-    from attention import sparse_tiles
+    import attention.sparse.tiles as sparse_tiles
 
     monkeypatch.setattr(sparse_tiles, "USE_CPU_FLASH_KERNEL", flash)
     spec = SparseSpec("bigbird", seq_len=33, block_size=4, num_heads=4, num_random_blocks=1)
@@ -122,7 +122,7 @@ def test_sparse_functional_api_in_float32(monkeypatch, flash):
 
 
 def test_the_flex_path_hands_soft_caps_and_sinks_to_the_gather_path(monkeypatch):
-    from attention import sparse
+    import attention.sparse.module as sparse
 
     monkeypatch.setattr(sparse, "FLEX_DEVICE_TYPES", ("cpu",))
     assert attention_path("cpu", 64, 64, 0.0, 16) == "flex"

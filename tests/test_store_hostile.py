@@ -192,7 +192,12 @@ def plant_special(path: Path, kind: str) -> contextlib.AbstractContextManager:
         os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers: harmless if opened
         return contextlib.nullcontext()
     listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(path))
+    here = os.getcwd()
+    os.chdir(path.parent)  # a socket's path is limited to 108 bytes: bind by the short relative name
+    try:
+        listener.bind(path.name)
+    finally:
+        os.chdir(here)
     return contextlib.closing(listener)
 
 
