@@ -86,11 +86,11 @@ def _progress(
 ) -> Callable[[Any], None] | None:
     """A bar on a terminal; elsewhere one plain ``[i/n] label`` line per item
     when ``lines`` (nothing with -q)."""
-    from . import maintenance
+    from .precompute import progress_bar
     if args.quiet:
         return None
     if sys.stderr.isatty():
-        return maintenance.progress_bar(total, sys.stderr, label)
+        return progress_bar(total, sys.stderr, label)
     if not lines:
         return None
     done = 0
@@ -190,9 +190,9 @@ def _requested_specs(args: argparse.Namespace) -> list[Spec]:
 def _list_presets(args: argparse.Namespace) -> int:
     for name in args.preset:
         _preset_specs(name)  # an unknown name is bad input
-    from . import maintenance
+    from .precompute import preset_sizes
 
-    rows = maintenance.preset_sizes(args.preset)
+    rows = preset_sizes(args.preset)
     text = "\n".join(f"{r.name:<14} {r.specs:>4} specs {format_size(r.bytes):>10}  {r.description}" for r in rows)
     _emit(args, [r.to_json() for r in rows], text)
     return 0
@@ -205,11 +205,11 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if not specs:
         raise UsageError("nothing to precompute: give --preset NAME, --spec SPEC or --config FILE "
                          f"(presets: {', '.join(PRESETS)})")
-    from . import maintenance
+    from .precompute import describe, precompute
 
     store = _open_store(args, writable=True)
-    progress = _progress(args, len(specs), maintenance.describe, lines=True)
-    result = maintenance.precompute(store, specs, jobs=args.jobs, progress=progress)
+    progress = _progress(args, len(specs), describe, lines=True)
+    result = precompute(store, specs, jobs=args.jobs, progress=progress)
     for line in result.failed:
         print(f"{PROG}: failed: {printable(line, 1000)}", file=sys.stderr)
     _emit(args, result.to_json(),

@@ -1,8 +1,8 @@
 """Store maintenance as library functions: read each disk entry
 (``read_entry``, ``entries``, ``orphans``), verify (and repair), export,
-import, list, stats, precompute (``patternstore.precompute``, re-exported
-here). Each operation returns a result object (a dataclass with
-``to_json()``, the form ``patternstore --json`` prints); the command line
+import, list, stats (precompute lives in ``patternstore.precompute``).
+Each operation returns a result object (a dataclass with ``to_json()``,
+the form ``patternstore --json`` prints); the command line
 (``patternstore.cli``) only parses arguments and renders these.
 
 Guarantees:
@@ -35,10 +35,6 @@ from .codec import ENVELOPE_VERSION, CorruptValue, decode, decode_packed, stored
 from .diskerrors import DamagedStore, DiskUnavailable, PatternStoreWarning
 from .generate import generate
 from .pattern import Pattern
-from .precompute import (
-    PrecomputeItem, PrecomputeResult, PresetSize, describe, precompute, preset_sizes, progress_bar,
-)
-from .sizes import format_size
 from .specs import DILATED_FORMAT_VERSION, SPARSE_FORMAT_VERSION, Spec
 from .rebuild import rebuild
 from .spectext import format_spec, parse_spec
@@ -48,9 +44,8 @@ __all__ = [
     "StoreUnavailable", "open_store", "kind_of", "StoredEntry", "read_entry", "entries", "orphans",
     "remove_orphans", "EntryInfo", "list_entries", "entry_info", "resolve_key", "AmbiguousKey",
     "StoreStats", "store_stats",
-    "PrecomputeItem", "PrecomputeResult", "precompute", "describe", "progress_bar", "PresetSize", "preset_sizes",
     "VerifyProblem", "OrphanFile", "VerifyResult", "verify",
-    "ExportResult", "export", "ImportResult", "import_bundle", "import_entries", "clear", "format_size",
+    "ExportResult", "export", "ImportResult", "import_bundle", "import_entries", "clear",
 ]
 
 

@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 
 from .pattern import PackedPattern, Pattern, real_tensors
-from .specs import check_int
+from .fields import check_int
 
 _INDEXED = ("cuda", "xpu", "mtia")  # device types whose bare name means "the current one"
 _exact: dict = {None: None}  # device argument -> exact device, for arguments whose meaning cannot change

@@ -73,9 +73,10 @@ from .flight import KeyLocks, remove_idle_locks, single_flight
 from .generate import generate
 from .memory import MemoryTier, exact_device
 from .pattern import Pattern, real_tensors
-from .specs import DilatedSpec, SparseSpec, Spec, check_int
+from .fields import check_int
+from .specs import DilatedSpec, SparseSpec, Spec
 
-__all__ = ["PatternStore", "PatternStoreWarning", "default_store", "default_directory", "store_for"]
+__all__ = ["PatternStore", "default_store", "default_directory", "store_for"]
 
 _SPEC_TYPES = (DilatedSpec, SparseSpec)
 

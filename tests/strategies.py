@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from patternstore.specs import SPARSE_KINDS, DilatedSpec, SparseSpec
+from patternstore.kinds import SPARSE_KINDS
+from patternstore.specs import DilatedSpec, SparseSpec
 
 
 @st.composite

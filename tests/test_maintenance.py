@@ -15,6 +15,7 @@ from pathlib import Path
 import diskcache
 import pytest
 
+from patternstore.precompute import precompute
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate, maintenance
 from patternstore.cli import main
 from patternstore.codec import encode
@@ -30,7 +31,7 @@ SPECS = [
 @pytest.fixture
 def seeded(tmp_path: Path) -> Path:
     directory = tmp_path / "store"
-    result = maintenance.precompute(maintenance.open_store(directory, writable=True), SPECS)
+    result = precompute(maintenance.open_store(directory, writable=True), SPECS)
     assert (result.generated, result.present, result.failed) == (len(SPECS), 0, [])
     return directory
 
@@ -38,10 +39,10 @@ def seeded(tmp_path: Path) -> Path:
 def test_precompute_generates_once_then_finds_present(tmp_path):
     store = maintenance.open_store(tmp_path, writable=True)
     seen = []
-    first = maintenance.precompute(store, SPECS + SPECS[:1], progress=seen.append)  # a key given twice counts once
+    first = precompute(store, SPECS + SPECS[:1], progress=seen.append)  # a key given twice counts once
     assert [item.spec for item in seen] == SPECS and all(item.generated and item.stored for item in seen)
     assert first.bytes == sum(generate(spec).nbytes for spec in SPECS)
-    again = maintenance.precompute(store, SPECS)
+    again = precompute(store, SPECS)
     assert (again.generated, again.present, again.bytes) == (0, len(SPECS), 0)
     assert again.to_json()["specs"] == len(SPECS) and again.to_json()["directory"] == str(tmp_path)
 

@@ -18,7 +18,7 @@ from attention.dense_reference import block_pairs, dense_attention, layout_block
 from attention.sparse.packed import compose_layout
 from patternstore import PatternStore, SparseSpec, generate
 from patternstore.csr import drop_future_blocks
-from patternstore.specs import SPARSE_KINDS
+from patternstore.kinds import SPARSE_KINDS
 from strategies import sparse_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
