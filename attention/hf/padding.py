@@ -108,22 +108,23 @@ def padding_mask(
         return dense_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device,
                           **kwargs)
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
-        ids = packed_sequence_ids(mask_function)
-        if ids is not None and not torch.compiler.is_compiling():
-            return packed_mask(ids, device)  # attention.hf.packed: each document as if alone
+        if torch.compiler.is_compiling():
+            # transformers looks for packed sequences in position_ids when there is neither a mask nor a
+            # cache; in a traced region it cannot read them, so it always passes the packed-sequence mask.
+            raise ValueError(
+                "patternstore attention runs packed sequences (restarting position_ids, cu_seqlens) eagerly only, "
+                "and no mask other than causal or bidirectional; under torch.compile without an attention_mask and "
+                "without a cache transformers cannot rule out packed sequences: pass attention_mask (e.g. "
+                "torch.ones_like(input_ids)), or run packed batches eagerly"
+            )
+        ids = packed_sequence_ids(mask_function)  # eager: the closure is read, not traced
         if ids is None:
             raise ValueError(
                 "patternstore attention supports causal or bidirectional masks with padding, and packed sequences "
                 "(restarting position_ids); this model asked for another mask (block_sequence_ids, or an or/and "
                 f"mask function): mask_function={getattr(mask_function, '__qualname__', mask_function)!r}"
             )
-        # transformers looks for packed sequences in position_ids when there is neither a mask nor a
-        # cache; in a traced region it cannot read them, so it always passes the packed-sequence mask.
-        raise ValueError(
-            "patternstore attention runs packed sequences (restarting position_ids, cu_seqlens) eagerly only; "
-            "under torch.compile without an attention_mask and without a cache transformers cannot rule out "
-            "packed sequences: pass attention_mask (e.g. torch.ones_like(input_ids)), or run packed batches eagerly"
-        )
+        return packed_mask(ids, device)  # attention.hf.packed: each document as if alone
     if kv_offset:
         raise ValueError(
             f"patternstore attention needs the whole cache (kv_offset 0); got kv_offset={kv_offset} "
