@@ -193,3 +193,29 @@ def test_flash_kwargs_with_padding_are_refused():
     with pytest.raises(ValueError, match="cu_seq_lens_q .*takes no padding"):
         model(torch.randint(1, VOCAB, (1, 6)), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]]),
               cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False)
+
+
+@torch.no_grad()
+def test_a_mask_used_again_with_other_position_ids_is_read_again():
+    """A layer keeps what it found in position_ids on the mask for the forward's other layers; the same
+    mask with other (or in-place changed) position_ids is read again, never answered from the old ones."""
+    from types import SimpleNamespace
+
+    layer = SimpleNamespace(config=SimpleNamespace(patternstore_attention=DILATED), is_causal=True)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 10, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+
+    def attend(position_ids):
+        return hf.dilated_attention_forward(layer, q, k, v, mask, position_ids=position_ids)[0]
+
+    def alone(start, end):
+        return hf.dilated_attention_forward(layer, q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                            None)[0]
+
+    one = torch.arange(10)[None]
+    two = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    torch.testing.assert_close(attend(one), alone(0, 10), rtol=0, atol=1e-12)
+    torch.testing.assert_close(attend(two), torch.cat([alone(0, 4), alone(4, 10)], dim=1), rtol=0, atol=1e-12)
+    two[0, 4:] = torch.arange(4, 10)  # in place: one document again
+    torch.testing.assert_close(attend(two), alone(0, 10), rtol=0, atol=1e-12)

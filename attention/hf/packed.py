@@ -65,7 +65,10 @@ from transformers.masking_utils import (
 
 __all__ = ["packed_sequence_ids", "packed_mask", "packed_documents", "dense_documents", "attend_packed"]
 
-_DOCUMENTS_ATTRIBUTE = "_patternstore_documents"
+_DOCUMENTS_ATTRIBUTE = "_patternstore_documents"  # set by the mask function: the batch's documents
+# What a layer found in position_ids, kept on the mask for the other layers of the forward with the
+# position_ids it read and their version (a mask used again with other positions is read again).
+_POSITIONS_ATTRIBUTE = "_patternstore_position_documents"
 _FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
 
 # The code objects of transformers' factories' inner functions: every function
@@ -174,13 +177,34 @@ def packed_documents(impl: str, attention_mask: Optional[Tensor], kwargs: Mappin
         return None
     kept = getattr(attention_mask, _DOCUMENTS_ATTRIBUTE, None)
     if kept is not None:
-        return kept or None
+        return kept
+    position_ids = kwargs.get("position_ids")
+    found = _found(attention_mask, position_ids)
+    if found is not None:
+        return found or None
     documents = None
     if query.shape[2] == key.shape[2] and (attention_mask is None or bool(attention_mask.all())):
-        documents = _restarting(kwargs.get("position_ids"), query.shape[0], key.shape[2])
-    if attention_mask is not None:
-        setattr(attention_mask, _DOCUMENTS_ATTRIBUTE, documents or ())
+        documents = _restarting(position_ids, query.shape[0], key.shape[2])
+    _keep(attention_mask, position_ids, documents or ())
     return documents
+
+
+def _found(attention_mask: Optional[Tensor], position_ids: Any) -> Any:
+    """What an earlier layer found in these ``position_ids`` (unchanged since), else None."""
+    kept = getattr(attention_mask, _POSITIONS_ATTRIBUTE, None)
+    if kept is None or kept[0] is not position_ids or kept[1] != _version_of(position_ids):
+        return None
+    return kept[2]
+
+
+def _version_of(position_ids: Any) -> Optional[int]:
+    """The tensor's in-place version counter (None for no tensor)."""
+    return position_ids._version if isinstance(position_ids, Tensor) else None
+
+
+def _keep(attention_mask: Optional[Tensor], position_ids: Any, found: Any) -> None:
+    if attention_mask is not None:
+        setattr(attention_mask, _POSITIONS_ATTRIBUTE, (position_ids, _version_of(position_ids), found))
 
 
 def dense_documents(impl: str, attention_mask: Optional[Tensor], kwargs: Mapping[str, Any], query: Tensor,
@@ -200,9 +224,9 @@ def dense_documents(impl: str, attention_mask: Optional[Tensor], kwargs: Mapping
     elif torch.compiler.is_compiling() or query.shape[2] != length:
         return attention_mask
     else:
-        kept = getattr(attention_mask, _DOCUMENTS_ATTRIBUTE, None)
-        if kept is not None:  # () where the forward's first dense layer found no documents
-            return kept if isinstance(kept, Tensor) else attention_mask
+        found = _found(attention_mask, kwargs.get("position_ids"))
+        if found is not None:  # () where the forward's first dense layer found no documents
+            return found if isinstance(found, Tensor) else attention_mask
         documents = _restarting(kwargs.get("position_ids"), batch, length)
     masked = attention_mask
     if documents is not None:
@@ -210,8 +234,8 @@ def dense_documents(impl: str, attention_mask: Optional[Tensor], kwargs: Mapping
         ids = torch.stack([torch.bucketize(positions, cu[1:-1].to(query.device), right=True) for cu in documents])
         same = (ids[:, :, None] == ids[:, None, :])[:, None]
         masked = (same.tril() if is_causal else same) if attention_mask is None else attention_mask & same
-    if bounds is None and attention_mask is not None:
-        setattr(attention_mask, _DOCUMENTS_ATTRIBUTE, masked if documents is not None else ())
+    if bounds is None:
+        _keep(attention_mask, kwargs.get("position_ids"), masked if documents is not None else ())
     return masked
 
 
