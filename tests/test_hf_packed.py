@@ -219,3 +219,21 @@ def test_a_mask_used_again_with_other_position_ids_is_read_again():
     torch.testing.assert_close(attend(two), torch.cat([alone(0, 4), alone(4, 10)], dim=1), rtol=0, atol=1e-12)
     two[0, 4:] = torch.arange(4, 10)  # in place: one document again
     torch.testing.assert_close(attend(two), alone(0, 10), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@torch.no_grad()
+def test_several_packed_rows_each_keep_their_documents(use_cache):
+    """position_ids of shape (batch, length), each row packed its own way: one module call per row."""
+    model = tiny_model("llama", hf.SPARSE, BIGBIRD)
+    docs = documents(seed=5)
+    rows = [[docs[0], docs[1], docs[3]], [docs[2][:13], docs[4]]]  # 9 + 1 + 6 and 13 + 3 tokens
+    ids = torch.tensor([sum(row, []) for row in rows])
+    positions = torch.tensor([[p for doc in row for p in range(len(doc))] for row in rows])
+    logits = model(ids, position_ids=positions, use_cache=use_cache).logits
+    for b, row in enumerate(rows):
+        start = 0
+        for doc in row:
+            alone = model(torch.tensor([doc]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[b, start:start + len(doc)], alone, rtol=0, atol=1e-10)
+            start += len(doc)
