@@ -30,10 +30,11 @@ Guarantees:
   then skips its packed mask, so the first layer looks at ``position_ids``
   itself, as the flash path does: restarting positions in a batch without
   padding are packed documents (two host reads, kept on the mask for the
-  other layers of the forward). A padded batch keeps its padding semantics. ``cu_seq_lens_q`` / ``_k`` are read on the host once per layer
-  (one sync per layer on a GPU, as the flash path's position_ids check).
-  When both are given, the explicit ``cu_seq_lens_q`` wins (as in
-  transformers' flash path). Dense layers (sliding windows, ``"dense"``)
+  other layers of the forward). A padded batch keeps its padding semantics.
+- ``cu_seq_lens_q`` / ``_k`` are read on the host once per layer (one sync
+  per layer on a GPU, as the flash path's position_ids check). When both
+  forms are given, the explicit ``cu_seq_lens_q`` wins (as in transformers'
+  flash path). Dense layers (sliding windows, ``"dense"``)
   take the model's mask, which holds restarting position_ids' documents, and
   ``cu_seq_lens_q``'s documents on top (``dense_documents``).
 - Rows: several packed rows (``position_ids`` of shape (batch, length)) run
