@@ -319,12 +319,8 @@ def test_unsupported_arguments_raise(kwargs, message):
         call(hf.DILATED, DILATED, **kwargs)
 
 
-def test_packed_sequences_and_foreign_masks_raise():
-    model = tiny_llama(hf.DILATED, DILATED)
-    ids = prompt(12, seed=7)
-    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])  # two sequences in one row
-    with pytest.raises(ValueError, match="packed"):
-        model(ids, position_ids=packed, use_cache=False)
+def test_foreign_masks_raise():
+    """(Packed sequences are taken: tests/test_hf_packed.py, with the refused custom masks.)"""
     layer = SimpleNamespace(config=SimpleNamespace(patternstore_attention=DILATED), is_causal=True)
     q = torch.randn(1, 4, 12, 16)
     additive = torch.zeros(1, 1, 12, 12)

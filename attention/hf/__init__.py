@@ -3,6 +3,7 @@ adds ``attn_implementation="patternstore_dilated"`` and ``"patternstore_sparse"`
 
 - ``registration``: the two attention functions, their settings and ``register``;
 - ``padding``: Hugging Face masks and padding to the modules' ``key_padding_mask``;
+- ``packed``: padding-free batches (``DataCollatorWithFlattening``) to the modules' ``cu_seqlens``;
 - ``decode``: the static-cache decode step with no host read (CUDA graphs).
 """
 

@@ -21,7 +21,9 @@ The mask never is a ``q_len x kv_len`` tensor. It has two forms:
   the cache row holds a token (dim 1 is 2, where a head-broadcast mask has 1). Built from tensors only (no host sync, no shape that
   depends on the data), so one graph serves every padding pattern and every
   static-cache step; ``attend_padded`` reads ``filled`` from ``[:, 1]``.
-As 4-D tensors both pass through ``create_causal_mask`` and ``generate``'s
+A packed batch (``DataCollatorWithFlattening``'s restarting position_ids)
+gets the eager form with every token real, carrying each row's
+``cu_seqlens`` (``attention.hf.packed``). As 4-D tensors the forms pass through ``create_causal_mask`` and ``generate``'s
 mask preparation unchanged.
 
 Each batch row's pattern starts at its first real token (left padding, as
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
 from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, LAYER_TYPES, dense_mask, layer_entry, mask_layer_type
+from attention.hf.packed import packed_mask, packed_sequence_ids
 
 __all__ = ["RowLayout", "PaddedRun", "padding_mask", "padded_runs", "unpadded", "attend_padded", "check_config",
            "check_mask"]
@@ -105,16 +108,23 @@ def padding_mask(
         return dense_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device,
                           **kwargs)
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
-        traced = torch.compiler.is_compiling() and attention_mask is None
-        raise ValueError(
-            "patternstore attention supports plain causal or bidirectional masks with padding only; "
-            "this model asked for another mask (packed sequences with restarting position_ids, "
-            "block_sequence_ids, or an or/and mask function)"
+        if torch.compiler.is_compiling():
             # transformers looks for packed sequences in position_ids when there is neither a mask nor a
             # cache; in a traced region it cannot read them, so it always passes the packed-sequence mask.
-            + ("; under torch.compile without an attention_mask and without a cache transformers cannot rule "
-               "out packed sequences: pass attention_mask (e.g. torch.ones_like(input_ids))" if traced else "")
-        )
+            raise ValueError(
+                "patternstore attention runs packed sequences (restarting position_ids, cu_seqlens) eagerly only, "
+                "and no mask other than causal or bidirectional; under torch.compile without an attention_mask and "
+                "without a cache transformers cannot rule out packed sequences: pass attention_mask (e.g. "
+                "torch.ones_like(input_ids)), or run packed batches eagerly"
+            )
+        ids = packed_sequence_ids(mask_function)  # eager: the closure is read, not traced
+        if ids is None:
+            raise ValueError(
+                "patternstore attention supports causal or bidirectional masks with padding, and packed sequences "
+                "(restarting position_ids); this model asked for another mask (block_sequence_ids, or an or/and "
+                f"mask function): mask_function={getattr(mask_function, '__qualname__', mask_function)!r}"
+            )
+        return packed_mask(ids, device)  # attention.hf.packed: each document as if alone
     if kv_offset:
         raise ValueError(
             f"patternstore attention needs the whole cache (kv_offset 0); got kv_offset={kv_offset} "

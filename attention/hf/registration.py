@@ -53,8 +53,9 @@ Guarantees:
   ``softcap`` and ``sinks`` (``attention.kernels.sinks``). Limit: sinks in a
   full-attention layer under ``torch.compile`` / ``torch.export`` raise (the
   traced op carries no sinks); eager, and the sliding layers, take them.
-- Unsupported arguments raise ``ValueError`` instead of being ignored:
-  packed sequences (a mask function other than causal or bidirectional),
+- Packed batches (``DataCollatorWithFlattening``): ``attention.hf.packed``.
+- Unsupported arguments raise ``ValueError`` instead of being ignored: a
+  mask function other than causal, bidirectional or packed,
   layer types other than full and sliding attention, a sliding-window or
   chunked cache on a full-attention layer, ``sinks`` under another name
   than ``s_aux``, ``position_bias``, ``output_attentions=True``, a 4-D mask
@@ -93,9 +94,9 @@ from attention.caches import BoundedCache, process_cache
 from attention.dilated.module import ImprovedDilatedAttention
 import attention.hf.decode as hf_decode
 from attention.hf.padding import attend_padded, check_config, check_mask, padding_mask
-from attention.checks import check_dropout, check_softmax_scale
+from attention.checks import check_dropout, check_sinks, check_softcap, check_softmax_scale
 from attention.sparse.module import BlockSparseAttention
-from attention.checks import check_sinks, check_softcap
+from attention.hf.packed import attend_packed, dense_documents, packed_documents
 from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, FULL, call_layer_type, dense_attention, layer_entry
 from attention.hf.training import attend_backward, attend_with_lse
 from attention.kernels.softmax_parts import lse_dtype
@@ -251,11 +252,12 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
     if entry == DENSE:
         if not torch.compiler.is_compiling():
             _remember_implementation(config, impl)
+        attention_mask = dense_documents(impl, attention_mask, kwargs, query, key, is_causal)
         return dense_attention(query, key, value, attention_mask, scale=scaling if scaling is not None else
                                query.shape[-1] ** -0.5, is_causal=is_causal, softcap=softcap, sinks=sinks,
                                dropout=dropout)
     check_mask(attention_mask)
-    settings = entry
+    settings, documents = entry, packed_documents(impl, attention_mask, kwargs, query, key)  # None unless packed
     if torch.compiler.is_compiling():
         if sinks is not None:
             raise ValueError(
@@ -280,6 +282,8 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
         return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal)
     _remember_implementation(config, impl)
     attention = _attention_module(impl, settings, scaling, dropout, softcap)
+    if documents is not None:
+        return attend_packed(attention, query, key, value, documents, is_causal, sinks)
     return attend_padded(attention, query, key, value, attention_mask, is_causal, sinks)
 
 
