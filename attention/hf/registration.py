@@ -357,10 +357,8 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[
     with torch.no_grad():
         out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)
     if out is None:
-        raise ValueError(
-            "attention::hf_attend computes the static-cache decode steps attention.hf.decode serves (one query "
-            "row, the fixed-shape mask); this call is not one: attention::hf_attend_padded computes the others"
-        )
+        raise ValueError("attention::hf_attend computes the decode steps attention.hf.decode serves (one query row, "
+                         "the fixed-shape mask); attention::hf_attend_padded computes every other call")
     return out.contiguous()
 
 
@@ -368,8 +366,7 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[
 def _attend_op(
     query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
 ) -> Tensor:
-    """A decode step ``attention.hf.decode`` serves: no host read, so a CUDA
-    graph can capture it (chosen at trace time by ``_traced_capturable``)."""
+    """A decode step ``attention.hf.decode`` serves: capturable (``_traced_capturable`` chose it)."""
     return _attend(query, key, value, attention_mask, module_key, is_causal)
 
 
