@@ -241,11 +241,11 @@ def main() -> None:
             per_kind[category] = per_kind.get(category, 0) + 1
             if past_length(params, nb):
                 past[category] = past.get(category, 0) + 1
-            if category != "agree" and len(examples.setdefault(category, [])) < EXAMPLES:
+            if not category.endswith("agree") and len(examples.setdefault(category, [])) < EXAMPLES:
                 example: dict[str, Any] = {"kind": kind, "num_blocks": nb, "params": params}
                 if our_error or their_error:
                     example["ours"], example["deepspeed"] = our_error, their_error
-                elif "agree" not in category:
+                else:
                     where = (mine != theirs).nonzero()[:8].tolist()
                     example["diff_head_row_col_ours_deepspeed"] = [
                         [h, r, c, int(mine[h, r, c]), int(theirs[h, r, c])] for h, r, c in where]
