@@ -7,7 +7,7 @@ DeepSpeed is not a dependency of the project: this tool alone reads it. It
 loads only ``deepspeed/ops/sparse_attention/sparsity_config.py`` (which
 imports torch and random) from the installed package, without importing
 ``deepspeed`` itself. Releases up to at least 0.16.0 ship that file; 0.19.8
-no longer does. Without it the tool exits with status 2 and says so.
+no longer does. Without it the tool exits with status 1 and says so.
 
 Grid: every kind with a DeepSpeed config (``SPARSE_KINDS[kind].deepspeed``),
 every DeepSpeed parameter of that config at several values (global indices
