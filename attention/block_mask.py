@@ -42,8 +42,8 @@ from patternstore.pattern import Pattern
 from patternstore.fields import check_bool
 from patternstore.specs import SparseSpec
 
-__all__ = ["BLOCK_MASK_FIELDS", "block_diagonal", "build_block_mask", "block_mask_from_csr", "block_mask_of", "with_key_padding", "to_block_mask",
-           "layout_mask_mod"]
+__all__ = ["BLOCK_MASK_FIELDS", "block_diagonal", "build_block_mask", "block_mask_from_csr", "block_mask_of",
+           "with_key_padding", "to_block_mask", "layout_mask_mod"]
 
 # The tensor fields of a BlockMask this bridge fills, in BlockMask's own order
 # (``BlockMask._TENSOR_ATTRS`` without the optional dq-ordering arrays).

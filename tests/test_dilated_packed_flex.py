@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from attention import DilatedAttention
 from attention.dense_reference import dense_attention, multiplicity
-from attention.dilated.packed_flex import _mods, packed_block_mask, packed_flex_attention, packed_layout
+from attention.dilated.packed_flex import document_mods, packed_block_mask, packed_flex_attention, packed_layout
 from attention.dilated.plan import DilatedPlan, plan_branches
 from attention.residue import residue_modulus
 from patternstore import DilatedSpec, generate
@@ -77,7 +77,7 @@ def test_mods_recount_each_documents_multiplicity(case, padded):
     query_valid[layout.dest] = True
     key_valid = query_valid.clone()
     key_valid[layout.dest] = ~pad
-    score_mod, mask_mod = _mods(plan_branches(plan), residue_modulus(rates), causal, layout.doc_length,
+    score_mod, mask_mod = document_mods(plan_branches(plan), residue_modulus(rates), causal, layout.doc_length,
                                 layout.doc_index, query_valid, key_valid)
     h = torch.arange(heads)[:, None, None]
     i = torch.arange(layout.length)
@@ -97,7 +97,8 @@ def test_compiled_cpu_forward_equals_the_fast_path_and_the_dense_reference(monke
     import attention.dilated.packed as packed
 
     calls = []
-    monkeypatch.setattr(packed, "packed_flex_attention", lambda *a, **kw: calls.append(1) or packed_flex_attention(*a, **kw))
+    monkeypatch.setattr(packed, "packed_flex_attention",
+                        lambda *a, **kw: calls.append(1) or packed_flex_attention(*a, **kw))
     segments, rates, heads, kv_heads = (16, 48), (1, 3), 4, 2
     lengths = [37, 0, 1, 64, 130, 20]   # not multiples of the block, R or a segment; empty; one token
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])

@@ -68,7 +68,7 @@ def document_mask_mod(plan, bounds: list[int]):
     """and_masks(same document, the dilated pattern of each document) in natural order."""
     from torch.nn.attention.flex_attention import and_masks
 
-    from attention.dilated.packed_flex import _multiplicity
+    from attention.dilated.packed_flex import document_multiplicity
     from attention.dilated.plan import plan_branches
 
     cu = torch.tensor(bounds)
@@ -81,7 +81,7 @@ def document_mask_mod(plan, bounds: list[int]):
         return doc[q_idx] == doc[kv_idx]
 
     def pattern(b, h, q_idx, kv_idx):
-        return _multiplicity(branches, length[q_idx], h, q_idx - start[q_idx], kv_idx - start[kv_idx]) > 0
+        return document_multiplicity(branches, length[q_idx], h, q_idx - start[q_idx], kv_idx - start[kv_idx]) > 0
 
     return and_masks(document, pattern)
 

@@ -50,7 +50,8 @@ from attention.dilated.residue_layout import residue_layout
 from attention.kernels.flex import compiled_flex, flex_tiles
 from attention.residue import residue_index, residue_modulus, residue_position
 
-__all__ = ["PackedLayout", "packed_layout", "packed_block_mask", "packed_flex_attention", "serves_packed"]
+__all__ = ["PackedLayout", "packed_layout", "packed_block_mask", "document_multiplicity", "document_mods",
+           "packed_flex_attention", "serves_packed"]
 
 
 class PackedLayout(NamedTuple):
@@ -108,7 +109,7 @@ def packed_block_mask(layout: PackedLayout, device: torch.device, mask_mod=None)
                             device=device)
 
 
-def _multiplicity(branches: Branches, length: Tensor, h: Tensor, pq: Tensor, pk: Tensor) -> Tensor:
+def document_multiplicity(branches: Branches, length: Tensor, h: Tensor, pq: Tensor, pk: Tensor) -> Tensor:
     """M of (query position ``pq``, key position ``pk``) on head ``h`` in a
     document of ``length`` (``attention.dilated.flex``'s count, with the
     segment ``min(w, length)`` a tensor)."""
@@ -122,7 +123,7 @@ def _multiplicity(branches: Branches, length: Tensor, h: Tensor, pq: Tensor, pk:
     return count
 
 
-def _mods(branches: Branches, modulus: int, is_causal: bool, doc_length: Tensor, doc_index: Tensor,
+def document_mods(branches: Branches, modulus: int, is_causal: bool, doc_length: Tensor, doc_index: Tensor,
           query_valid: Tensor, key_valid: Tensor):
     """(score_mod, mask_mod) over the buffer (module docstring)."""
 
@@ -132,11 +133,11 @@ def _mods(branches: Branches, modulus: int, is_causal: bool, doc_length: Tensor,
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         (pq, length), (pk, _) = positions(q_idx), positions(kv_idx)
-        return score + _multiplicity(branches, length, h, pq, pk).to(score.dtype).log()
+        return score + document_multiplicity(branches, length, h, pq, pk).to(score.dtype).log()
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         (pq, length), (pk, _) = positions(q_idx), positions(kv_idx)
-        keep = (_multiplicity(branches, length, h, pq, pk) > 0) & query_valid[q_idx] & key_valid[kv_idx]
+        keep = (document_multiplicity(branches, length, h, pq, pk) > 0) & query_valid[q_idx] & key_valid[kv_idx]
         if is_causal:
             keep = keep & (pk <= pq)
         return keep
@@ -180,7 +181,7 @@ def packed_flex_attention(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, bo
         buffer[0, dest] = x[0]
         return buffer.transpose(1, 2)
 
-    score_mod, mask_mod = _mods(plan_branches(plan), residue_modulus(g.rate for g in plan.groups), is_causal,
+    score_mod, mask_mod = document_mods(plan_branches(plan), residue_modulus(g.rate for g in plan.groups), is_causal,
                                 layout.doc_length.to(device), layout.doc_index.to(device), query_valid, key_valid)
     mask = packed_block_mask(layout, device, mask_mod)
     out = compiled_flex(device.type)(scatter(q), scatter(k), scatter(v), score_mod=score_mod, block_mask=mask,
