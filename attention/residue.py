@@ -74,7 +74,9 @@ def residue_position(index: Tensor, seq_len: int, modulus: int) -> Tensor:
     per_class, longer = seq_len // modulus, seq_len % modulus
     long_part = longer * (per_class + 1)  # indices of the classes that hold one more
     rest = index - long_part
-    short = max(per_class, 1)  # no index reaches the short classes when per_class == 0
+    # No index reaches the short classes when per_class == 0. A tensor seq_len: one length per index
+    # (packed documents, attention.dilated.packed_flex).
+    short = per_class.clamp(min=1) if isinstance(per_class, Tensor) else max(per_class, 1)
     in_long = index < long_part
     residue = torch.where(in_long, index // (per_class + 1), longer + rest // short)
     step = torch.where(in_long, index % (per_class + 1), rest % short)

@@ -88,8 +88,9 @@ def test_packed_equals_per_document_calls(implementation, case):
     cu = boundaries(lengths)
     q, k, v, pad = make_inputs(int(cu[-1]), heads, kv_heads, padded, seed)
     packed = module(q, k, v, is_causal=is_causal, key_padding_mask=pad, cu_seqlens=cu)
-    # "flex" serves a packed batch with the fast path, and its own CPU
-    # forward takes no float64: the documents alone run "fast" for it.
+    # On the CPU "flex" gives a packed batch that needs gradients (or float64) to the fast path, and
+    # its own CPU forward takes no float64: the documents alone run "fast" for it (the fused packed
+    # path: tests/test_dilated_packed_flex.py).
     alone = module
     if implementation == "flex":
         alone = DilatedAttention(segments, rates, implementation="fast", scheme=scheme)

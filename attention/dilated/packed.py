@@ -51,6 +51,7 @@ from patternstore.dilated_groups import Group
 from attention.dilated.reference import reference_attention
 from attention.kernels.softmax_parts import EMPTY_LSE, lse_dtype, merge_
 from attention.kernels.attend import attend, attend_backward
+from attention.dilated.packed_flex import packed_flex_attention, serves_packed
 from attention.packed import document_bounds
 
 __all__ = ["BUCKET_WASTE", "Layer", "layers", "Bucket", "segment_buckets", "packed_forward", "packed_backward",
@@ -313,8 +314,10 @@ def run_packed(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[i
     (checked inputs): "reference" (and any call with dropout) per document,
     autograd-native in eager mode and one opaque op under ``torch.compile``
     (which refuses dropout here: the per-document loop reads ``cu_seqlens``);
-    "fast", "flex" and "auto" the bucketed fast path (the fused FlexAttention
-    path builds no packed BlockMask: module docstring of ``dilated``)."""
+    "flex" the fused path where it serves the call
+    (``attention.dilated.packed_flex.serves_packed``: eager; on the CPU
+    without gradients, float32 or half), else and for "fast" and "auto" the
+    bucketed fast path."""
     if name == "reference" or dropout_p > 0:
         if torch.compiler.is_compiling() and dropout_p > 0:
             raise ValueError("dropout with cu_seqlens runs the reference per document in eager mode only; under "
@@ -325,4 +328,8 @@ def run_packed(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[i
         plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
         return packed_reference(q, k, v, plan, document_bounds(cu_seqlens, q.shape[1]), is_causal, scale,
                                 key_padding_mask, dropout_p)
+    if name == "flex" and serves_packed(q, k, v):
+        plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
+        return packed_flex_attention(q, k, v, plan, document_bounds(cu_seqlens, q.shape[1]), is_causal, scale,
+                                     key_padding_mask)
     return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(flat_plan), is_causal, scale)[0]
