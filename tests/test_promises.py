@@ -134,6 +134,27 @@ def test_a_padded_value_never_reaches_a_multihead_block_sparse_output(tmp_path):
     torch.testing.assert_close(out[~pad], clean[~pad], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
+def test_a_padded_value_never_reaches_the_block_sparse_flex_output(tmp_path, monkeypatch):
+    """The flex path (CUDA's square calls; here on the CPU, forward only,
+    float32: one compile)."""
+    import attention.sparse as sparse
+
+    monkeypatch.setattr(sparse, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
+    n, heads = 48, 2
+    pad = padding(n)
+    (q, k, v), (ck, cv) = poisoned(n, heads, heads, pad, d=16, d_v=16)
+    module = BlockSparseAttention("bigbird", block_size=16, num_random_blocks=1, store=PatternStore(tmp_path / "s"))
+    assert sparse.attention_path("cpu", n, n, 0.0, 16) == "flex"
+    with torch.no_grad():
+        out = module(q.float(), k.float(), v.float(), key_padding_mask=pad)
+    layout = generate(module.spec(n, heads))
+    pairs = block_pairs(layout["kv_num_blocks"], layout["kv_indices"], n, 16).expand(heads, n, n)
+    expected = dense_attention(q, ck, cv, weight=pairs, key_padding_mask=pad)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------ a padded value, dilated
 @pytest.mark.parametrize("implementation", ["reference", "fast"])
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -27,9 +27,10 @@ scatter-adds the gradients (``index_add_``).
 
 Masked keys are FILLED out of the scores, never added, so a NaN or inf in a
 masked key (a future key of a causal diagonal block, a padded key) never
-reaches an output; the gathered k and v rows of padded keys are zeroed too,
-so a NaN or Inf VALUE of a padded key never reaches an output or a gradient
-(a future key's value still meets ``0 * NaN``, as in SDPA); a row whose keys are all masked outputs 0 with lse
+reaches an output; the k and v rows of padded keys are zeroed too (the whole
+tensors or, where a call gathers fewer keys than the sequence holds, each
+tile's), so a NaN or Inf VALUE of a padded key never reaches an output or a
+gradient (a future key's value still meets ``0 * NaN``, as in SDPA); a row whose keys are all masked outputs 0 with lse
 ``EMPTY_LSE``. Syncs: with precomputed groups and a trusted layout, none
 (dropout reads its seed on the host: one).
 """
@@ -126,6 +127,7 @@ class TilePlan:
         self.future = self.slot[None, :] > self.slot[:, None]           # [bs, bs] key offset > query offset
         self.beyond = self.slot >= kv_len - (nb - 1) * block_size if kv_len % block_size else None
         self.key_padding_mask = key_padding_mask
+        self.zero_tiles = False  # set by without_padded_values
         self.heads_outer = heads_outer(k)  # the flat order of keys and values (``flat``)
         if self.shared:  # query head of lane a, slot r: a * G + r
             self.head_of_lane = torch.arange(h, device=device).view(self.lanes, 1, self.per_lane, 1)
@@ -195,14 +197,30 @@ class TilePlan:
         ignored = ignored[:, None, :, None, :].expand(self.b, self.lanes, count, 1, width)
         return ignored.reshape(self.b * self.lanes, count, 1, width)
 
+    def without_padded_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k and v with the rows of padded keys zeroed, where that is cheaper
+        than zeroing them in every gathered tile (``gather_keys``): a NaN or
+        Inf there would meet its 0 probability (``0 * NaN`` in ``p @ v``, and
+        in the backward ``dS @ k``). Whole tensors when the tiles gather more
+        keys than the sequence holds (a prefill gathers each key for every
+        row whose layout covers it); else, a decode step, in the tiles, which
+        gather only its rows' keys. Only a padded call pays either."""
+        self.zero_tiles = False
+        if self.key_padding_mask is None:
+            return k, v
+        gathered = sum(rows.numel() * keys.shape[1] for rows, keys in self.groups) * self.bs * self.lanes
+        if gathered <= self.kv_len * self.kv_heads:
+            self.zero_tiles = True
+            return k, v
+        padded_rows = self.key_padding_mask[:, :, None, None]
+        return k.masked_fill(padded_rows, 0.0), v.masked_fill(padded_rows, 0.0)
+
     def gather_keys(self, k_flat: Tensor, v_flat: Tensor, key_index: Tensor, rows: int,
                     padding: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """The tile's keys and values (``gather``), the rows of padded keys
-        zeroed: a NaN or Inf there would meet its 0 probability (``0 * NaN``
-        in ``p @ v``, and in the backward ``dS @ k``). Only a padded call
-        pays it, O(keys * (d + d_v)) against the tile's O(queries * keys * d)."""
+        zeroed where ``without_padded_values`` left that to the tiles."""
         kt, vt = self.gather("k", k_flat, key_index, rows), self.gather("v", v_flat, key_index, rows)
-        if padding is not None:
+        if padding is not None and self.zero_tiles:
             padded_rows = padding.transpose(-1, -2)                           # [b * A, R, kc * bs, 1]
             kt.masked_fill_(padded_rows, 0.0)
             vt.masked_fill_(padded_rows, 0.0)
@@ -297,6 +315,7 @@ def sparse_forward(
         return q.new_zeros(0, q_len, h, v.shape[-1]), q.new_zeros(0, h, q_len, dtype=accumulate_dtype(q.dtype))
     backend = tile_backend(q.device.type, dropout_p) if backend is None else backend
     plan = TilePlan(q, k, kv_num_blocks, kv_indices, groups, key_padding_mask, block_size, causal, trusted_layout)
+    k, v = plan.without_padded_values(k, v)
     q_flat, k_flat, v_flat = flat(q), flat(k, plan.heads_outer), flat(v, plan.heads_outer)
     seed = int(dropout_seed) if dropout_p > 0 else 0
     tile = 0
@@ -353,6 +372,7 @@ def sparse_backward(
     # so they add nothing to any gradient.
     d_out = F.pad(grad_out.to(plan.work), (0, 0, 0, 0, 0, 1)).view(b, (q_len + 1) * h, -1)
     q_flat, out_flat = flat(q), flat(out)
+    k, v = plan.without_padded_values(k, v)
     k_flat, v_flat = flat(k, plan.heads_outer), flat(v, plan.heads_outer)
     lse = lse.to(plan.work).transpose(1, 2).reshape(b, q_len * h, 1)  # empty rows: EMPTY_LSE, exp(-inf - it) = 0
     dq = q.new_zeros(b, (q_len + 1) * h, q.shape[-1], dtype=plan.work)
