@@ -29,7 +29,7 @@ Guarantees:
 - Padding from the 2-D ``attention_mask`` (``attention.hf.padding``): each
   batch row's pattern starts at its first real token, so a padded batch
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
-  mask.
+  mask in a dilated or block-sparse layer (a dense layer takes the model's).
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
   one opaque custom op. Modules are built at trace time, and a dilated
   plan (length-free) is looked up then too; the graph holds no lock, store
