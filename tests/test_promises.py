@@ -138,7 +138,7 @@ def test_a_padded_value_never_reaches_a_multihead_block_sparse_output(tmp_path):
 def test_a_padded_value_never_reaches_the_block_sparse_flex_output(tmp_path, monkeypatch):
     """The flex path (CUDA's square calls; here on the CPU, forward only,
     float32: one compile)."""
-    import attention.sparse as sparse
+    import attention.sparse.module as sparse
 
     monkeypatch.setattr(sparse, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
     n, heads = 48, 2

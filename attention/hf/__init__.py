@@ -1,5 +1,6 @@
 """The ``transformers`` integration: ``import attention.hf; attention.hf.register()``
-adds ``attn_implementation="patternstore_dilated"`` and ``"patternstore_sparse"``.
+adds ``attn_implementation="patternstore_dilated"`` and ``"patternstore_sparse"``
+(``attention.hf.DILATED`` and ``attention.hf.SPARSE``).
 
 - ``registration``: the two attention functions, their settings and ``register``;
 - ``padding``: Hugging Face masks and padding to the modules' ``key_padding_mask``;
@@ -7,6 +8,6 @@ adds ``attn_implementation="patternstore_dilated"`` and ``"patternstore_sparse"`
 - ``decode``: the static-cache decode step with no host read (CUDA graphs).
 """
 
-from attention.hf.registration import register
+from attention.hf.registration import DILATED, SPARSE, register
 
-__all__ = ["register"]
+__all__ = ["DILATED", "SPARSE", "register"]
