@@ -127,7 +127,11 @@ class TilePlan:
         self.future = self.slot[None, :] > self.slot[:, None]           # [bs, bs] key offset > query offset
         self.beyond = self.slot >= kv_len - (nb - 1) * block_size if kv_len % block_size else None
         self.key_padding_mask = key_padding_mask
-        self.zero_tiles = False  # set by without_padded_values
+        # Where padded k and v rows are zeroed (``without_padded_values``): in
+        # each tile when the tiles gather no more keys than the sequence holds
+        # (a decode step gathers only its rows' keys), else once, whole.
+        gathered = sum(rows.numel() * keys.shape[1] for rows, keys in self.groups) * block_size * self.lanes
+        self.zero_tiles = key_padding_mask is not None and gathered <= kv_len * kv_heads
         self.heads_outer = heads_outer(k)  # the flat order of keys and values (``flat``)
         if self.shared:  # query head of lane a, slot r: a * G + r
             self.head_of_lane = torch.arange(h, device=device).view(self.lanes, 1, self.per_lane, 1)
@@ -205,12 +209,7 @@ class TilePlan:
         keys than the sequence holds (a prefill gathers each key for every
         row whose layout covers it); else, a decode step, in the tiles, which
         gather only its rows' keys. Only a padded call pays either."""
-        self.zero_tiles = False
-        if self.key_padding_mask is None:
-            return k, v
-        gathered = sum(rows.numel() * keys.shape[1] for rows, keys in self.groups) * self.bs * self.lanes
-        if gathered <= self.kv_len * self.kv_heads:
-            self.zero_tiles = True
+        if self.key_padding_mask is None or self.zero_tiles:
             return k, v
         padded_rows = self.key_padding_mask[:, :, None, None]
         return k.masked_fill(padded_rows, 0.0), v.masked_fill(padded_rows, 0.0)
