@@ -259,11 +259,13 @@ def test_torch_func_grad_and_vjp_on_two_ranks():
 
 
 TIMEOUT = timedelta(seconds=2)
+LATEST = 30.0  # seconds: half the default group's 60 s timeout, so a pass shows the module's own timeout acted
 
 
 def _one_rank_never_calls(rank: int, world: int) -> None:
-    """Rank 1 skips a call: rank 0 fails within 2 x ``timeout`` (not the
-    default group's 60 s here), naming what it waited on and the group; once
+    """Rank 1 skips a call: rank 0 fails after ``timeout`` (2 s), well
+    before the default group's 60 s (the bound leaves room for a loaded
+    machine: 2 x timeout failed under a parallel test run), naming what it waited on and the group; once
     on a cold module (the groups' creation waits) and once on a warm one (the
     shape agreement's all-gather waits)."""
     x = torch.randn(1, CHUNK, 2, 4)
@@ -274,7 +276,7 @@ def _one_rank_never_calls(rank: int, world: int) -> None:
         start = time.perf_counter()
         with pytest.raises(CollectiveError, match=r"creating the process group of global ranks \[0, 1\] \(timeout 2 s\)"):
             cold(x, x, x)
-        assert time.perf_counter() - start < 2 * TIMEOUT.total_seconds()
+        assert time.perf_counter() - start < LATEST
     dist.barrier()
     warm(x, x, x)  # both ranks: the groups exist
     if rank == 0:
@@ -282,7 +284,7 @@ def _one_rank_never_calls(rank: int, world: int) -> None:
         with pytest.raises(CollectiveError, match=r"all_gather in the process group of global ranks \[0, 1\] "
                                                   r"\(timeout 2 s\) failed: .*[Tt]imed out"):
             warm(x, x, x)
-        assert time.perf_counter() - start < 2 * TIMEOUT.total_seconds()
+        assert time.perf_counter() - start < LATEST
     dist.barrier()
 
 
