@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 
 import pytest
 import torch
@@ -50,10 +49,9 @@ from attention import (
 )
 from attention.kernels.attend import attend as kernels
 from attention.dense_reference import block_pairs, dense_attention, dense_dilated_attention
+from device_checks import (DEVICE, GRADIENT_FACTOR, HAVE_CUDA, RELATIVE_ERROR, assert_close, compile_dtype,
+                           device_tensor, widened)
 from patternstore import SparseSpec, generate
-
-DEVICE = torch.device(os.environ.get("PATTERNSTORE_TEST_DEVICE", "cuda"))
-HAVE_CUDA = torch.cuda.is_available()
 
 pytestmark = [
     pytest.mark.cuda,
@@ -66,19 +64,6 @@ needs_cuda = pytest.mark.skipif(
     not (DEVICE.type == "cuda" and HAVE_CUDA), reason="CUDA graphs and the CUDA kernel choice need a CUDA device"
 )
 
-# Largest ||got - ref|| / ||ref|| accepted, per dtype. Unit roundoff u: bf16
-# 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4. Rounding the output alone costs about
-# u / sqrt(3) in this measure (2.3e-3 bf16, 2.8e-4 fp16); the fused kernels
-# also round the probabilities to the input dtype before P @ V (errors that
-# average over keys), and each branch merge rounds the output once more
-# (it is held in the input dtype: kernels.accumulate_dtype's note). So about
-# 2u is expected, and the bounds are 2.5u (bf16 1e-2) and 4u (fp16 2e-3), the
-# METHOD's 1e-3..1e-2 band for bf16. float32: float32 arithmetic lands near
-# 1e-6 here; 1e-4 also fails a kernel that silently computed in TF32 (~3e-4).
-RELATIVE_ERROR = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
-# Gradients: the backward rounds dP and dS to the input dtype before its
-# matmuls, and a gradient sums two such products (dS @ K and P^T @ dO).
-GRADIENT_FACTOR = 2.0
 # Multi-head layers add four rounded stages (input projection, attention,
 # LayerNorm, output projection) around the attention.
 MULTIHEAD_FACTOR = 2.0
@@ -89,24 +74,6 @@ HEADS, HEAD_DIM = 4, 64
 
 
 # ------------------------------------------------------------------ helpers
-def device_tensor(*shape: int, dtype: torch.dtype, generator: torch.Generator, grad: bool = True) -> Tensor:
-    x = torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
-    return x.requires_grad_(grad)
-
-
-def widened(x: Tensor) -> Tensor:
-    """The values the device saw, as a float64 CPU leaf for the reference."""
-    return x.detach().to("cpu", torch.float64).requires_grad_(x.requires_grad)
-
-
-def assert_close(got: Tensor, want: Tensor, tolerance: float, what: str, floor: float = 0.0) -> None:
-    """||got - want|| <= tolerance * max(||want||, floor), every value finite."""
-    got = got.detach().to("cpu", torch.float64)
-    want = want.detach().to("cpu", torch.float64)
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: {int((~torch.isfinite(got)).sum())} non-finite values"
-    error = float((got - want).norm() / max(float(want.norm()), floor, 1e-300))
-    assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance:.1e}"
 
 
 def padding_mask(batch: int, kv_len: int) -> Tensor:
@@ -398,8 +365,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def compile_dtype() -> torch.dtype:
-    return torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
 def check_compiled(model: nn.Module, make_inputs, **kwargs) -> None:

@@ -87,9 +87,12 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
     if [ $DRY = 0 ]; then
         step kernels 120 bash -c "for k in cuda_cudnn cuda_flash cuda_efficient cuda_efficient_float32; do $PY tools/cuda_kernels_check.py --kernel \$k; done"
     fi
+    #    Every file with a test marked cuda takes part (test_cuda.py first: its block-sparse cases
+    #    come last within it, and a run cut short loses the fewest checks).
+    CUDA_FILES=(tests/test_cuda.py $(grep -l "pytest.mark.cuda" tests/test_*.py | grep -v "^tests/test_cuda.py$"))
     PYTEST_OPTS=(-v --tb=short -rfEs -p no:cacheprovider --durations=12 "${XDIST[@]/6/4}")
     "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout=120)
-    step tests_cuda 200 "$PY" -m pytest -m cuda tests/test_cuda.py tests/test_host_ops.py "${PYTEST_OPTS[@]}"
+    step tests_cuda 200 "$PY" -m pytest -m cuda "${CUDA_FILES[@]}" "${PYTEST_OPTS[@]}"
     wait $CPU_PID
     cat "$STATE/cpu.out"
 fi
