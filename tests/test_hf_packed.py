@@ -20,6 +20,7 @@ import attention.hf.registration as hf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.data.data_collator import DataCollatorWithFlattening  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
+from hf_tiny import float64_loss, loss_and_grads, padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,33 +77,6 @@ def flattened(docs: list[list[int]], form: str) -> dict:
     collator_args, forward_args = FORMS[form]
     batch = DataCollatorWithFlattening(**collator_args)([{"input_ids": d} for d in docs])
     return {**batch, **forward_args}
-
-
-def padded(docs: list[list[int]]) -> dict:
-    """The same documents as a right-padded batch: attention_mask, labels -100 on padding."""
-    width = max(map(len, docs))
-    ids = torch.zeros(len(docs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, doc in enumerate(docs):
-        ids[row, :len(doc)] = torch.tensor(doc)
-        mask[row, :len(doc)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def float64_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """transformers' causal-LM loss (next-token targets, -100 ignored, the mean
-    over targets) kept in float64: its own ``loss`` casts the logits to float32."""
-    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(transformers' loss, the float64 loss, the float64 loss's parameter gradients)."""
-    model.zero_grad()
-    out = model(**batch)
-    loss = float64_loss(out.logits, batch["labels"])
-    loss.backward()
-    return out.loss.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("form", FORMS)
