@@ -9,10 +9,10 @@ own: its layout starts at its first token, no key of another document
 counts, causal within it, ``key_padding_mask (1, total)`` still applies.
 Empty documents hold nothing. ``softcap`` caps every tile's scores and
 ``sinks`` (per row and head, blind to documents) are merged once into the
-final out and lse, as in ``attention::sparse_forward``. A document too short for the layout's spec
-(a global block past its block count, more random blocks than it has) is
-refused with the ValueError its own call raises, naming the document,
-before any work. With ``block_sparse_attention(..., cu_seqlens=)`` the
+final out and lse, as in ``attention::sparse_forward``. A document too
+short for the layout's spec (a global block past its block count, more
+random blocks than it has) is refused with the ValueError its own call
+raises, naming the document, before any work. With ``block_sparse_attention(..., cu_seqlens=)`` the
 given layout (over ``ceil(total / block_size)`` blocks) is every
 document's CORNER layout: a document of ``nb_i`` blocks gets the given
 layout's rows ``< nb_i`` restricted to key blocks ``< nb_i``.
