@@ -1,9 +1,11 @@
 """The tiny Llama the compiled Hugging Face tests build, and the two
 patterns they run (full coverage is not needed: the references are the
-same model eager or padded)."""
+same model eager or padded); the padded batch and float64 loss the
+padding-free tests compare against."""
 
 from __future__ import annotations
 
+import torch
 from transformers import LlamaConfig
 
 import attention.hf.registration as hf
@@ -23,3 +25,30 @@ def llama_config(impl: str, settings: dict, layers: int) -> LlamaConfig:
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
         attn_implementation=impl, patternstore_attention=settings,
     )
+
+
+def padded(docs: list[list[int]]) -> dict:
+    """The same documents as a right-padded batch: attention_mask, labels -100 on padding."""
+    width = max(map(len, docs))
+    ids = torch.zeros(len(docs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, doc in enumerate(docs):
+        ids[row, :len(doc)] = torch.tensor(doc)
+        mask[row, :len(doc)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def float64_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss (next-token targets, -100 ignored, the mean
+    over targets) kept in float64: its own ``loss`` casts the logits to float32."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(transformers' loss, the float64 loss, the float64 loss's parameter gradients)."""
+    model.zero_grad()
+    out = model(**batch)
+    loss = float64_loss(out.logits, batch["labels"])
+    loss.backward()
+    return out.loss.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -20,6 +20,7 @@ import attention.hf.registration as hf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.data.data_collator import DataCollatorWithFlattening  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
+from hf_tiny import float64_loss, loss_and_grads, padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,11 +47,12 @@ def registered():
     hf.register()
 
 
-def tiny_model(arch: str, impl: str, settings: dict, seed: int = 0):
-    """A 2-layer float64 model of ``arch``: "llama", "qwen2", or "qwen2-sliding"
-    (a sliding-window layer, dense, beside a full-attention layer)."""
+def tiny_model(arch: str, impl: str, settings: dict, seed: int = 0, layers: int = 2):
+    """A float64 model of ``arch`` (2 layers, or an even ``layers``): "llama", "qwen2", or "qwen2-sliding"
+    (sliding-window layers, dense, alternating with full-attention layers)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=None,
                   eos_token_id=None, attn_implementation=impl)
     if arch == "llama":
@@ -60,7 +62,7 @@ def tiny_model(arch: str, impl: str, settings: dict, seed: int = 0):
         config = Qwen2Config(**common, use_sliding_window=False, patternstore_attention=settings)
     else:
         config = Qwen2Config(**common, use_sliding_window=True, sliding_window=5, max_window_layers=0,
-                             layer_types=["sliding_attention", "full_attention"],
+                             layer_types=["sliding_attention", "full_attention"] * (layers // 2),
                              patternstore_attention={"full_attention": settings, "sliding_attention": "dense"})
     return Qwen2ForCausalLM(config).double().eval()
 
@@ -75,33 +77,6 @@ def flattened(docs: list[list[int]], form: str) -> dict:
     collator_args, forward_args = FORMS[form]
     batch = DataCollatorWithFlattening(**collator_args)([{"input_ids": d} for d in docs])
     return {**batch, **forward_args}
-
-
-def padded(docs: list[list[int]]) -> dict:
-    """The same documents as a right-padded batch: attention_mask, labels -100 on padding."""
-    width = max(map(len, docs))
-    ids = torch.zeros(len(docs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, doc in enumerate(docs):
-        ids[row, :len(doc)] = torch.tensor(doc)
-        mask[row, :len(doc)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-def float64_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """transformers' causal-LM loss (next-token targets, -100 ignored, the mean
-    over targets) kept in float64: its own ``loss`` casts the logits to float32."""
-    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(transformers' loss, the float64 loss, the float64 loss's parameter gradients)."""
-    model.zero_grad()
-    out = model(**batch)
-    loss = float64_loss(out.logits, batch["labels"])
-    loss.backward()
-    return out.loss.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -237,3 +212,57 @@ def test_several_packed_rows_each_keep_their_documents(use_cache):
             alone = model(torch.tensor([doc]), use_cache=False).logits[0]
             torch.testing.assert_close(logits[b, start:start + len(doc)], alone, rtol=0, atol=1e-10)
             start += len(doc)
+
+
+@pytest.mark.parametrize("form", ["flash_kwargs", "flash_kwargs_only"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2-sliding"])
+@torch.no_grad()
+def test_flash_kwargs_are_read_on_the_host_once_per_forward(arch, form, monkeypatch):
+    """Every layer (full and dense) takes the first layer's read of cu_seq_lens_q / _k; a new batch's
+    tensors, and tensors changed in place, are read again and never answered from the old read."""
+    import attention.hf.packed as hf_packed
+
+    reads = []
+    read = hf_packed._read_bounds
+    monkeypatch.setattr(hf_packed, "_read_bounds", lambda cu_q, cu_k: reads.append(cu_q.tolist()) or read(cu_q, cu_k))
+    model = tiny_model(arch, *IMPLEMENTATIONS["dilated"], layers=4)
+    docs = documents()
+
+    def check(batch_docs, batch, count):
+        logits = model(**batch).logits[0]
+        assert len(reads) == count, reads
+        start = 0
+        for doc in batch_docs:
+            alone = model(torch.tensor([doc]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[start:start + len(doc)], alone, rtol=0, atol=TOLERANCE[form])
+            start += len(doc)
+        return logits
+
+    check(docs, flattened(docs, form), 1)
+    other = [docs[2], docs[0], docs[4], docs[1], docs[3]]  # the next batch: other boundaries
+    batch = flattened(other, form)
+    check(other, batch, 2)
+    # The same tensors changed in place to the first batch's split (over the other batch's tokens).
+    first = flattened(docs, form)
+    batch["cu_seq_lens_q"].copy_(first["cu_seq_lens_q"])
+    batch["cu_seq_lens_k"].copy_(first["cu_seq_lens_k"])
+    changed = model(**batch).logits
+    assert len(reads) == 3 and reads[-1] == first["cu_seq_lens_q"].tolist()
+    fresh = {**batch, "cu_seq_lens_q": first["cu_seq_lens_q"], "cu_seq_lens_k": first["cu_seq_lens_k"]}
+    torch.testing.assert_close(changed, model(**fresh).logits, rtol=0, atol=0)
+
+
+def test_a_packed_batch_runs_under_inference_mode():
+    """Inference tensors count no versions: nothing is kept on them, and every layer reads them."""
+    model = tiny_model("qwen2-sliding", *IMPLEMENTATIONS["sparse"])
+    docs = documents(seed=4)
+    with torch.inference_mode():
+        for form in ("position_ids_with_cache", "flash_kwargs"):
+            batch = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                     for name, value in flattened(docs, form).items()}  # inference tensors
+            logits = model(**batch).logits[0]
+            start = 0
+            for doc in docs:
+                alone = model(torch.tensor([doc]), use_cache=False).logits[0]
+                torch.testing.assert_close(logits[start:start + len(doc)], alone, rtol=0, atol=1e-10)
+                start += len(doc)

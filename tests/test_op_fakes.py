@@ -83,7 +83,8 @@ def sparse_cases():
 
 
 def packed_dilated_cases():
-    """Packed documents (batch 1) of 5, 0 and 7 tokens through the dilated ops, a padded key."""
+    """Packed documents (batch 1) of 5, 0 and 7 tokens through the dilated ops, a padded key, a soft-cap
+    and sinks."""
     module = ImprovedDilatedAttention([4, 8], [1, 2])
     flat = list(module.plan(H).flat)
     g = torch.Generator().manual_seed(5)
@@ -92,18 +93,19 @@ def packed_dilated_cases():
     cu = torch.tensor([0, 5, 5, N])
     mask = torch.zeros(1, N, dtype=torch.bool)
     mask[0, 6] = True
-    out, lse = torch.ops.attention.dilated_packed_forward(q, k, v, mask, cu, flat, True, 0.3)
+    forward = (q, k, v, mask, cu, flat, True, 0.3, 2.0, torch.randn(H, dtype=torch.float64, generator=g))
+    out, lse = torch.ops.attention.dilated_packed_forward(*forward)
     grad = torch.randn(1, H, N, D_V, dtype=out.dtype).transpose(1, 2)
-    forward = (q, k, v, mask, cu, flat, True, 0.3)
     return {
         "attention::dilated_packed_forward": forward,
         "attention::dilated_packed_reference": forward,
-        "attention::dilated_packed_backward": (grad, q, k, v, out, lse, mask, cu, flat, True, 0.3),
+        "attention::dilated_packed_backward": (grad, q, k, v, out, lse, mask, cu, flat, True, 0.3, 2.0),
     }
 
 
 def packed_sparse_cases():
-    """Packed documents (batch 1): the module's layouts, documents of 5, 0 and 7 tokens, a padded key."""
+    """Packed documents (batch 1): the module's layouts, documents of 5, 0 and 7 tokens, a padded key, a
+    soft-cap and sinks."""
     module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, num_sliding_window_blocks=3,
                                   num_global_blocks=1, attention="unidirectional")
     g = torch.Generator().manual_seed(4)
@@ -112,11 +114,12 @@ def packed_sparse_cases():
     cu = torch.tensor([0, 5, 5, N])
     mask = torch.zeros(1, N, dtype=torch.bool)
     mask[0, 6] = True
-    options = (module._description, 4, True, 0.3, 0.0)
-    out, lse = torch.ops.attention.sparse_packed_forward(q, k, v, cu, None, None, mask, None, *options)
+    options = (module._description, 4, True, 0.3, 0.0, 2.0)
+    sinks = torch.randn(H, dtype=torch.float64, generator=g)
+    out, lse = torch.ops.attention.sparse_packed_forward(q, k, v, cu, None, None, mask, None, *options, sinks)
     grad = torch.randn_like(out)
     return {
-        "attention::sparse_packed_forward": (q, k, v, cu, None, None, mask, None, *options),
+        "attention::sparse_packed_forward": (q, k, v, cu, None, None, mask, None, *options, sinks),
         "attention::sparse_packed_backward": (grad, q, k, v, out, lse, cu, None, None, mask, None, *options),
     }
 

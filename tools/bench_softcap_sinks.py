@@ -2,6 +2,7 @@
 the same call without them, on the CPU.
 
     PYTHONPATH=. python tools/bench_softcap_sinks.py [--lengths 4096 8192] [--out tools/results/softcap_sinks.json]
+        [--documents D]
 
 Per (module, length, pass): four candidates interleaved round by round with
 a 1024^3 matmul (benchlib.interleave): "plain", "softcap" (c = 50, Gemma 2's),
@@ -12,7 +13,9 @@ shared host inflate less).
 Modules: ``ImprovedDilatedAttention`` (segments 2048/4096, rates 1/2, causal)
 and ``BlockSparseAttention`` (bigbird, block 128, unidirectional); batch 1,
 8 heads, head_dim 64, float32. Passes: "forward" (under no_grad) and
-"train" (forward and backward of q, k, v and the sinks).
+"train" (forward and backward of q, k, v and the sinks). ``--documents D``
+(D > 1): every call is a packed batch (``cu_seqlens``) of D documents of
+uneven lengths (``document_bounds``), the same in every candidate.
 
 Expectation, from where each feature runs: a sink is one merge of the final
 (out, lse), O(rows x heads x head_dim), against the call's O(rows x keys x
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -43,16 +47,28 @@ def modules(name: str) -> dict[str, torch.nn.Module]:
                                       softcap=SOFTCAP if cap else None) for cap in (False, True)}
 
 
-def calls(name: str, n: int, train: bool) -> dict:
+def document_bounds(n: int, documents: int) -> Optional[torch.Tensor]:
+    """``cu_seqlens`` of ``documents`` documents over ``n`` tokens, lengths rising 1 : 2 : ... : D
+    (None for one document: an unpacked call)."""
+    if documents <= 1:
+        return None
+    weights = torch.arange(1, documents + 1, dtype=torch.float64)
+    ends = (weights.cumsum(0) / weights.sum() * n).round().to(torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), ends])
+
+
+def calls(name: str, n: int, train: bool, documents: int = 1) -> dict:
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, requires_grad=train) for _ in range(3))
     sinks = torch.randn(HEADS, requires_grad=train)
     built = modules(name)
+    cu_seqlens = document_bounds(n, documents)
 
     def run(cap: bool, with_sinks: bool):
         def call():
             with torch.set_grad_enabled(train):
-                out = built[cap](q, k, v, is_causal=True, sinks=sinks if with_sinks else None)
+                out = built[cap](q, k, v, is_causal=True, sinks=sinks if with_sinks else None,
+                                 cu_seqlens=cu_seqlens)
                 if train:
                     out.sum().backward()
         return call
@@ -67,19 +83,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default="tools/results/softcap_sinks.json")
+    parser.add_argument("--documents", type=int, default=1, help="D > 1: packed batches of D documents")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = {"heads": HEADS, "head_dim": HEAD_DIM, "softcap": SOFTCAP, "dtype": "float32", "batch": 1,
               "dilated": {"segment_lengths": [2048, 4096], "dilation_rates": [1, 2]},
               "sparse": {"kind": "bigbird", "block_size": 128, "attention": "unidirectional"},
-              "rounds": args.rounds, "reference": "matmul 1024^3 float32"}
+              "rounds": args.rounds, "reference": "matmul 1024^3 float32", "documents": args.documents}
     report = benchlib.Report([Path(args.out)], "softcap_sinks", config, threads=args.threads)
     for name in ("dilated", "sparse"):
         for n in args.lengths:
             for train in (False, True):
                 case = {"module": name, "seq_len": n, "pass": "train" if train else "forward"}
                 try:
-                    runs = benchlib.interleave(calls(name, n, train), timed=benchlib.timer("cpu"),
+                    runs = benchlib.interleave(calls(name, n, train, args.documents), timed=benchlib.timer("cpu"),
                                                rounds=args.rounds, reference=benchlib.matmul(1024))
                 except Exception as error:  # noqa: BLE001 - recorded, the other cases go on
                     report.fail(case, error)

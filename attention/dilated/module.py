@@ -29,7 +29,8 @@ Packed documents: ``forward(..., cu_seqlens=)`` (``attention.packed``;
 batch 1, ``q_len == kv_len``) gives every document exactly what it gets as
 a sequence of its own (``dilated_packed``): "reference" runs per document,
 "fast", "flex" and "auto" the bucketed fast path (the fused FlexAttention
-path builds no packed BlockMask); ``ordered=True`` refuses it.
+path builds no packed BlockMask); ``softcap`` and ``sinks`` as without it
+("flex" hands them to the bucketed path); ``ordered=True`` refuses it.
 
 Where the rest lives: the plan and its geometry (``dilated_plan``), the
 reference (``dilated_reference``), the fast path's kernel walk
@@ -189,11 +190,8 @@ class DilatedAttention(nn.Module):
         sinks = check_sinks(sinks, q)
         dropout_p = self.dropout if self.training else 0.0
         if cu_seqlens is not None:
-            if sinks is not None or self.softcap is not None:
-                raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call the module once "
-                                 "per document for soft-capped or sink attention")
             return run_packed(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
-                              dropout_p, cu_seqlens)
+                              dropout_p, cu_seqlens, self.softcap, sinks)
         return run_implementation(self.implementation, q, k, v, flat_plan, is_causal, scale, key_padding_mask,
                                   dropout_p, self.ordered, self.softcap, sinks)
 

@@ -209,7 +209,7 @@ def dilated_attention(
     output has v's. ``softcap``, ``sinks``: ``attention.kernels.sinks``.
     ``cu_seqlens``: packed documents (``attention.packed``), each attended as
     a sequence of its own (``attention.dilated.packed``; autograd only, no
-    vmap; no softcap or sinks)."""
+    vmap), ``softcap`` and ``sinks`` as without it."""
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q, k)
     check_attention_inputs(q, k, v, key_padding_mask)
@@ -218,10 +218,8 @@ def dilated_attention(
     scale = default_scale(q, check_softmax_scale(softmax_scale))
     softcap, sinks = check_softcap(softcap), check_sinks(sinks, q)
     if cu_seqlens is not None:
-        if softcap is not None or sinks is not None:
-            raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call once per document "
-                             "for soft-capped or sink attention")
-        return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(plan.flat), is_causal, scale)[0]
+        return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(plan.flat), is_causal, scale,
+                                      softcap, sinks)[0]
     return fast_attention(q, k, v, plan.flat, is_causal, scale, key_padding_mask, softcap, sinks)
 
 

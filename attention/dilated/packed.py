@@ -24,6 +24,11 @@ the same buckets with ``kernels.attend_backward`` fed the FINAL out and lse
 rows enter it with q, grad_out and out 0 and lse 0, which makes their
 gradient contributions exactly 0. Padded keys (``key_padding_mask``) are
 zeroed once per call, so a NaN or Inf in them reaches no output.
+A soft-cap goes to every kernel call (``softcap``, the kernels whose
+entry takes it); sinks (``attention.kernels.sinks``, per row and head,
+blind to documents) are merged once into the final out and lse by the
+forward op and get their gradient in its autograd, as in
+``attention::dilated_forward``.
 
 Host reads. The bucket index tensors depend on the values of ``cu_seqlens``:
 they are computed inside the custom ops (``attention::dilated_packed_*``),
@@ -51,6 +56,7 @@ from patternstore.dilated_groups import Group
 from attention.dilated.reference import reference_attention
 from attention.kernels.softmax_parts import EMPTY_LSE, lse_dtype, merge_
 from attention.kernels.attend import attend, attend_backward
+from attention.kernels.sinks import apply_sinks, sinks_grad
 from attention.dilated.packed_flex import packed_flex_attention, serves_packed
 from attention.packed import document_bounds
 
@@ -177,7 +183,8 @@ def _without_padded_keys(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
 
 
 def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], bounds: Sequence[int],
-                   groups: Sequence[Group], is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+                   groups: Sequence[Group], is_causal: bool, scale: float,
+                   softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """-> (out (1, n, h, d_v) in q's dtype, lse (1, n, h)); rows no group reaches: 0 and EMPTY_LSE."""
     n, h = q.shape[1], q.shape[2]
     # One more row: the dump row that padded entries are written to.
@@ -191,7 +198,8 @@ def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
         covered[layer.heads] = True
         for bucket in segment_buckets(bounds, layer, q.device):
             o, l = attend(_gather(q, bucket, heads), _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
-                          causal=is_causal, scale=scale, mask=_key_mask(bucket, key_padding_mask, is_causal))
+                          causal=is_causal, scale=scale, mask=_key_mask(bucket, key_padding_mask, is_causal),
+                          softcap=softcap)
             o, l = _rows(o).to(out.dtype), _rows(l)
             if merge:
                 current_o, current_l = out[bucket.write, heads], lse[bucket.write, heads]
@@ -204,7 +212,7 @@ def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
 
 def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     key_padding_mask: Optional[Tensor], bounds: Sequence[int], groups: Sequence[Group],
-                    is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                    is_causal: bool, scale: float, softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``packed_forward``, each bucket's kernel backward fed the final out and lse."""
     n = q.shape[1]
     dq, dk, dv = (torch.zeros((n + 1, *x.shape[2:]), dtype=x.dtype, device=x.device) for x in (q, k, v))
@@ -220,7 +228,7 @@ def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                 lb = lb.masked_fill(drop, 0.0)
             gq, gk, gv = attend_backward(dob, qb, _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads), ob, lb,
                                          causal=is_causal, scale=scale,
-                                         mask=_key_mask(bucket, key_padding_mask, is_causal))
+                                         mask=_key_mask(bucket, key_padding_mask, is_causal), softcap=softcap)
             dq.index_put_((bucket.write, heads), _rows(gq).to(dq.dtype), accumulate=True)
             dk.index_put_((bucket.write, kv_heads), _rows(gk).to(dk.dtype), accumulate=True)
             dv.index_put_((bucket.write, kv_heads), _rows(gv).to(dv.dtype), accumulate=True)
@@ -229,17 +237,18 @@ def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 def packed_reference(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, bounds: Sequence[int], is_causal: bool,
                      scale: float, key_padding_mask: Optional[Tensor], dropout_p: float,
-                     with_lse: bool = False):
+                     with_lse: bool = False, softcap: Optional[float] = None, sinks: Optional[Tensor] = None):
     """``reference_attention`` on every document as a sequence of its own,
     concatenated (autograd-native): out (1, n, h, d_v), with ``with_lse``
-    also lse (1, n, h)."""
+    also lse (1, n, h); ``softcap`` and ``sinks`` go to each call as to an
+    unpacked one (a sink is per row: merged per document is merged once)."""
     outs, lses = [], []
     for a, b in zip(bounds[:-1], bounds[1:]):
         if a == b:
             continue
         pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
         result = reference_attention(q[:, a:b], k[:, a:b], v[:, a:b], plan, is_causal, scale, pad, dropout_p,
-                                     with_lse=with_lse)
+                                     with_lse=with_lse, softcap=softcap, sinks=sinks)
         outs.append(result[0] if with_lse else result)
         if with_lse:
             lses.append(result[1])
@@ -252,47 +261,58 @@ def packed_reference(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, bounds:
 
 # ------------------------------------------------------------ the ops
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens: Tensor,
-             flat_plan: list[int], is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+             flat_plan: list[int], is_causal: bool, scale: float, softcap: Optional[float] = None,
+             sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The fast path; with ``sinks`` ``(h,)`` merged into the final out and
+    lse (as ``attention::dilated_forward``), which the backward takes."""
     bounds = document_bounds(cu_seqlens, q.shape[1])
-    return packed_forward(q, k, v, key_padding_mask, bounds, groups_from_flat(flat_plan), is_causal, scale)
+    out, lse = packed_forward(q, k, v, key_padding_mask, bounds, groups_from_flat(flat_plan), is_causal, scale,
+                              softcap)
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens: Tensor,
-               flat_plan: list[int], is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+               flat_plan: list[int], is_causal: bool, scale: float, softcap: Optional[float] = None,
+               sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     bounds = document_bounds(cu_seqlens, q.shape[1])
     plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
-    return packed_reference(q, k, v, plan, bounds, is_causal, scale, key_padding_mask, 0.0, with_lse=True)
+    return packed_reference(q, k, v, plan, bounds, is_causal, scale, key_padding_mask, 0.0, with_lse=True,
+                            softcap=softcap, sinks=sinks)
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               key_padding_mask: Optional[Tensor], cu_seqlens: Tensor, flat_plan: list[int], is_causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+              scale: float, softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     bounds = document_bounds(cu_seqlens, q.shape[1])
     return packed_backward(grad_out, q, k, v, out, lse, key_padding_mask, bounds, groups_from_flat(flat_plan),
-                           is_causal, scale)
+                           is_causal, scale, softcap)
 
 
-def _forward_fake(q, k, v, key_padding_mask, cu_seqlens, flat_plan, is_causal, scale):
+def _forward_fake(q, k, v, key_padding_mask, cu_seqlens, flat_plan, is_causal, scale, softcap=None, sinks=None):
     return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
-def _backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, flat_plan, is_causal, scale):
+def _backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, flat_plan, is_causal, scale,
+                   softcap=None):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, cu_seqlens, flat_plan, is_causal, scale = inputs
+    q, k, v, key_padding_mask, cu_seqlens, flat_plan, is_causal, scale, softcap, sinks = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens)
-    ctx.flat_plan, ctx.is_causal, ctx.scale = flat_plan, is_causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens, sinks)
+    ctx.flat_plan, ctx.is_causal, ctx.scale, ctx.softcap = flat_plan, is_causal, scale, softcap
 
 
 def _gradients(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
+    """q, k, v from the kernels' backward fed the final out and lse (sinks
+    merged); the sinks' own gradient as ``attention::dilated_forward``'s."""
+    q, k, v, out, lse, key_padding_mask, cu_seqlens, sinks = ctx.saved_tensors
     grads = dilated_packed_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, ctx.flat_plan,
-                                    ctx.is_causal, ctx.scale)
-    return (*grads, None, None, None, None, None)
+                                    ctx.is_causal, ctx.scale, ctx.softcap)
+    d_sinks = None if sinks is None or not ctx.needs_input_grad[9] else sinks_grad(grad_out, out, lse, sinks)
+    return (*grads, None, None, None, None, None, None, d_sinks)
 
 
 def _define(name: str, function, fake, autograd: bool):
@@ -309,14 +329,16 @@ dilated_packed_reference = _define("attention::dilated_packed_reference", _refer
 
 
 def run_packed(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[int], is_causal: bool,
-               scale: float, key_padding_mask: Optional[Tensor], dropout_p: float, cu_seqlens: Tensor) -> Tensor:
+               scale: float, key_padding_mask: Optional[Tensor], dropout_p: float, cu_seqlens: Tensor,
+               softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """Implementation ``name`` of ``DilatedAttention`` on a packed batch
     (checked inputs): "reference" (and any call with dropout) per document,
     autograd-native in eager mode and one opaque op under ``torch.compile``
     (which refuses dropout here: the per-document loop reads ``cu_seqlens``);
     "flex" the fused path where it serves the call
     (``attention.dilated.packed_flex.serves_packed``: eager; on the CPU
-    without gradients, float32 or half), else and for "fast" and "auto" the
+    without gradients, float32 or half; no soft-cap or sinks, which "flex"
+    hands to "fast" as unpacked), else and for "fast" and "auto" the
     bucketed fast path."""
     if name == "reference" or dropout_p > 0:
         if torch.compiler.is_compiling() and dropout_p > 0:
@@ -324,12 +346,13 @@ def run_packed(name: str, q: Tensor, k: Tensor, v: Tensor, flat_plan: Sequence[i
                              "torch.compile set dropout=0.0 or call module.eval()")
         if torch.compiler.is_compiling():
             return dilated_packed_reference(q, k, v, key_padding_mask, cu_seqlens, list(flat_plan), is_causal,
-                                            scale)[0]
+                                            scale, softcap, sinks)[0]
         plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
         return packed_reference(q, k, v, plan, document_bounds(cu_seqlens, q.shape[1]), is_causal, scale,
-                                key_padding_mask, dropout_p)
-    if name == "flex" and serves_packed(q, k, v):
+                                key_padding_mask, dropout_p, softcap=softcap, sinks=sinks)
+    if name == "flex" and softcap is None and sinks is None and serves_packed(q, k, v):
         plan = DilatedPlan.from_flat(q.shape[2], flat_plan)
         return packed_flex_attention(q, k, v, plan, document_bounds(cu_seqlens, q.shape[1]), is_causal, scale,
                                      key_padding_mask)
-    return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(flat_plan), is_causal, scale)[0]
+    return dilated_packed_forward(q, k, v, key_padding_mask, cu_seqlens, list(flat_plan), is_causal, scale, softcap,
+                                  sinks)[0]

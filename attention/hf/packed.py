@@ -31,10 +31,16 @@ Guarantees:
   itself, as the flash path does: restarting positions in a batch without
   padding are packed documents (two host reads, kept on the mask for the
   other layers of the forward). A padded batch keeps its padding semantics.
-- ``cu_seq_lens_q`` / ``_k`` are read on the host once per layer (one sync
-  per layer on a GPU, as the flash path's position_ids check). When both
-  forms are given, the explicit ``cu_seq_lens_q`` wins (as in transformers'
-  flash path). Dense layers (sliding windows, ``"dense"``)
+- ``cu_seq_lens_q`` / ``_k`` are read on the host once per forward (one
+  sync on a GPU, ``_read_bounds``): the first layer keeps what it read on
+  ``cu_seq_lens_q`` (an attribute of that tensor, with ``_k`` by weak
+  reference and both tensors' in-place version counters), and the other
+  layers of the forward take it from there; a new tensor, another ``_k`` or
+  a tensor changed in place is read again. Limit: inference tensors (made
+  under ``torch.inference_mode``) count no versions, so they are read in
+  every layer, as restarting ``position_ids`` that are inference tensors
+  are. When both forms are given, the explicit ``cu_seq_lens_q`` wins (as
+  in transformers' flash path). Dense layers (sliding windows, ``"dense"``)
   take the model's mask, which holds restarting position_ids' documents, and
   ``cu_seq_lens_q``'s documents on top (``dense_documents``).
 - Rows: several packed rows (``position_ids`` of shape (batch, length)) run
@@ -50,6 +56,7 @@ a cache; generation uses padded batches).
 
 from __future__ import annotations
 
+import weakref
 from types import CodeType
 from typing import Any, Mapping, Optional
 
@@ -71,6 +78,9 @@ _DOCUMENTS_ATTRIBUTE = "_patternstore_documents"  # set by the mask function: th
 # position_ids it read and their version (a mask used again with other positions is read again).
 _POSITIONS_ATTRIBUTE = "_patternstore_position_documents"
 _FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
+# What the forward's first layer read from cu_seq_lens_q / _k, kept on cu_seq_lens_q: (a weak reference
+# to _k, both tensors' versions, the bounds).
+_FLASH_ATTRIBUTE = "_patternstore_flash_bounds"
 
 # The code objects of transformers' factories' inner functions: every function
 # a factory returns shares its code object, whatever it closes over.
@@ -152,11 +162,22 @@ def _flash_bounds(impl: str, kwargs: Mapping[str, Any]) -> Optional[list[int]]:
     for name, cu in zip(_FLASH_KEYS, (cu_q, cu_k)):
         if not isinstance(cu, Tensor) or cu.dim() != 1:
             raise ValueError(f"{name} must be a 1-D integer tensor [0, ..., total], got {getattr(cu, 'shape', cu)!r}")
-    bounds = torch.cat((cu_q, cu_k.to(cu_q.device))).tolist()
+    versions = (_version_of(cu_q), _version_of(cu_k))
+    kept = getattr(cu_q, _FLASH_ATTRIBUTE, None)
+    if kept is not None and None not in versions and kept[0]() is cu_k and kept[1] == versions:
+        return kept[2]
+    bounds = _read_bounds(cu_q, cu_k)
     if bounds[: cu_q.numel()] != bounds[cu_q.numel():]:
         raise ValueError(f"patternstore attention takes packed self-attention: cu_seq_lens_k must equal "
                          f"cu_seq_lens_q, got {bounds[cu_q.numel():]} and {bounds[: cu_q.numel()]}")
+    if None not in versions:
+        setattr(cu_q, _FLASH_ATTRIBUTE, (weakref.ref(cu_k), versions, bounds[: cu_q.numel()]))
     return bounds[: cu_q.numel()]
+
+
+def _read_bounds(cu_q: Tensor, cu_k: Tensor) -> list[int]:
+    """``cu_q`` then ``cu_k`` as Python ints: the flash form's one host read (a sync for a GPU tensor)."""
+    return torch.cat((cu_q, cu_k.to(cu_q.device))).tolist()
 
 
 def packed_documents(impl: str, attention_mask: Optional[Tensor], kwargs: Mapping[str, Any], query: Tensor,
@@ -198,13 +219,15 @@ def _found(attention_mask: Optional[Tensor], position_ids: Any) -> Any:
     return kept[2]
 
 
-def _version_of(position_ids: Any) -> Optional[int]:
-    """The tensor's in-place version counter (None for no tensor)."""
-    return position_ids._version if isinstance(position_ids, Tensor) else None
+def _version_of(x: Any) -> Optional[int]:
+    """A tensor's in-place version counter; None for no tensor and for an
+    inference tensor, which counts none."""
+    return x._version if isinstance(x, Tensor) and not x.is_inference() else None
 
 
 def _keep(attention_mask: Optional[Tensor], position_ids: Any, found: Any) -> None:
-    if attention_mask is not None:
+    """Keep ``found`` on the mask, unless the positions are an inference tensor (no version to check)."""
+    if attention_mask is not None and not (isinstance(position_ids, Tensor) and position_ids.is_inference()):
         setattr(attention_mask, _POSITIONS_ATTRIBUTE, (position_ids, _version_of(position_ids), found))
 
 

@@ -197,11 +197,8 @@ class BlockSparseAttention(nn.Module):
         sinks = check_sinks(sinks, q)
         if cu_seqlens is not None:
             cu_seqlens = check_cu_seqlens(cu_seqlens, q, k)
-            if sinks is not None or self.softcap is not None:
-                raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call the module once "
-                                 "per document for soft-capped or sink attention")
             causal = check_is_causal(is_causal) or self._unidirectional
-            return self._packed_forward(q, k, v, causal, key_padding_mask, cu_seqlens)
+            return self._packed_forward(q, k, v, causal, key_padding_mask, cu_seqlens, sinks)
         causal = self.causal(check_is_causal(is_causal), q.shape[1], k.shape[1])
         q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
         dropout_p = self.dropout if self.training else 0.0
@@ -241,18 +238,21 @@ class BlockSparseAttention(nn.Module):
         return self.layouts.plan(kv_len, heads, q.device, causal, first_block)
 
     def _packed_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor],
-                        cu_seqlens: Tensor) -> Tensor:
+                        cu_seqlens: Tensor, sinks: Optional[Tensor]) -> Tensor:
         """Packed documents (attention/sparse/packed.py): eager flex calls
-        take the flex path, every other call the packed tile operator."""
+        take the flex path, every other call (a soft-cap or sinks among
+        them, as unpacked) the packed tile operator."""
         dropout_p = self.dropout if self.training else 0.0
         scale = default_scale(q, self.softmax_scale)
-        n = q.shape[1]
-        if (attention_path(q.device.type, n, n, dropout_p, self.block_size) == "flex"
+        n, softcap = q.shape[1], self.softcap
+        if (attention_path(q.device.type, n, n, dropout_p, self.block_size,
+                           softcap is not None or sinks is not None) == "flex"
                 and not torch.compiler.is_compiling()):
             return packed_flex_attention(q, k, v, cu_seqlens, key_padding_mask, description=self._description,
                                          block_size=self.block_size, causal=causal, scale=scale)
         return packed_sparse_attention(q, k, v, cu_seqlens, key_padding_mask, description=self._description,
-                                       block_size=self.block_size, causal=causal, scale=scale, dropout_p=dropout_p)
+                                       block_size=self.block_size, causal=causal, scale=scale, dropout_p=dropout_p,
+                                       softcap=softcap, sinks=sinks)
 
     def _flex_forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                       key_padding_mask: Optional[Tensor]) -> Tensor:

@@ -38,10 +38,9 @@ from torch import Tensor
 from attention.kernels.softmax_parts import accumulate_dtype
 from attention.checks import check_attention_inputs, check_dropout, check_is_causal, check_softmax_scale, default_scale
 from attention.sparse.layouts import source
-from attention.sparse.tiles import sparse_backward, sparse_forward
+from attention.sparse.tiles import sparse_backward, sparse_forward, tiles_sinks_grad, with_sinks
 from attention.checks import check_count
 from attention.checks import check_sinks, check_softcap
-from attention.kernels.sinks import apply_sinks, sinks_grad
 from attention.packed import check_cu_seqlens
 from attention.sparse.packed import packed_sparse_attention
 
@@ -77,10 +76,7 @@ def forward_op(
     ``(h,)`` merged in (``attention.kernels.sinks``: the backward takes these as the final out and lse)."""
     out, lse = sparse_forward(q, k, v, kv_num_blocks, kv_indices, _groups(group_rows, group_keys), key_padding_mask,
                               dropout_seed, block_size, causal, scale, dropout_p, trusted_layout, backend, softcap)
-    if sinks is None:
-        return out, lse
-    out, lse = apply_sinks(out, lse.transpose(1, 2), sinks)
-    return out, lse.transpose(1, 2).contiguous()
+    return with_sinks(out, lse, sinks)
 
 
 def _forward_fake(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,8 +213,8 @@ class SparseFunction(torch.autograd.Function):
                                                   key_padding_mask, dropout_seed, block_size, causal, scale,
                                                   dropout_p, trusted_layout, backend, softcap)
         d_sinks = None
-        if sinks is not None and ctx.needs_input_grad[16]:  # lse is (b, h, q_len): heads last for sinks_grad
-            d_sinks = sinks_grad(grad_out, out, lse.transpose(1, 2), sinks)
+        if sinks is not None and ctx.needs_input_grad[16]:
+            d_sinks = tiles_sinks_grad(grad_out, out, lse, sinks)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None, d_sinks
 
     @staticmethod
@@ -314,15 +310,12 @@ def block_sparse_attention(
     nb_i`` restricted to key blocks ``< nb_i``, with its first block at its
     first token (what a prefix-stable kind's layout at the document's own
     length is; attention/sparse/packed.py). ``key_padding_mask`` is ``(1,
-    total)``.
+    total)``; ``softcap`` and ``sinks`` as without it.
     """
     check_attention_inputs(q, k, v, key_padding_mask)
     softcap, sinks = check_softcap(softcap), check_sinks(sinks, q)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q, k)
-        if softcap is not None or sinks is not None:
-            raise ValueError("cu_seqlens (packed documents) takes no softcap or sinks: call once per document "
-                             "for soft-capped or sink attention")
     b, q_len, h, d = q.shape
     block_size = check_count("block_size", block_size)
     nb = (k.shape[1] + block_size - 1) // block_size
@@ -341,6 +334,6 @@ def block_sparse_attention(
     if cu_seqlens is not None:
         return packed_sparse_attention(q, k, v, cu_seqlens, key_padding_mask, layout=(kv_num_blocks, kv_indices),
                                        block_size=block_size, causal=check_is_causal(causal), scale=scale,
-                                       dropout_p=dropout_p)
+                                       dropout_p=dropout_p, softcap=softcap, sinks=sinks)
     return sparse_attention(q, k, v, kv_num_blocks, kv_indices, [], block_size, check_is_causal(causal), scale,
                             dropout_p, key_padding_mask, trusted_layout=False, softcap=softcap, sinks=sinks)

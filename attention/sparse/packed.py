@@ -7,10 +7,12 @@ Semantics (docs/design.md section 2.2, packed documents): document ``i = [cu[i],
 gets exactly what ``BlockSparseAttention`` gives it as a sequence of its
 own: its layout starts at its first token, no key of another document
 counts, causal within it, ``key_padding_mask (1, total)`` still applies.
-Empty documents hold nothing. A document too short for the layout's spec
-(a global block past its block count, more random blocks than it has) is
-refused with the ValueError its own call raises, naming the document,
-before any work. With ``block_sparse_attention(..., cu_seqlens=)`` the
+Empty documents hold nothing. ``softcap`` caps every tile's scores and
+``sinks`` (per row and head, blind to documents) are merged once into the
+final out and lse, as in ``attention::sparse_forward``. A document too
+short for the layout's spec (a global block past its block count, more
+random blocks than it has) is refused with the ValueError its own call
+raises, naming the document, before any work. With ``block_sparse_attention(..., cu_seqlens=)`` the
 given layout (over ``ceil(total / block_size)`` blocks) is every
 document's CORNER layout: a document of ``nb_i`` blocks gets the given
 layout's rows ``< nb_i`` restricted to key blocks ``< nb_i``.
@@ -78,7 +80,7 @@ from attention.kernels.flex import compiled_flex, flex_tiles
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype
 from attention.packed import document_bounds
 from attention.sparse.layouts import LayoutSource, source
-from attention.sparse.tiles import Groups, row_groups, sparse_backward, sparse_forward
+from attention.sparse.tiles import Groups, row_groups, sparse_backward, sparse_forward, tiles_sinks_grad, with_sinks
 
 __all__ = ["PackedPlan", "compose_layout", "packed_plan", "packed_sparse_attention", "packed_flex_attention",
            "MAX_PLANS"]
@@ -273,19 +275,21 @@ def forward_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, kv_num_blocks: Optional[Tensor],
     kv_indices: Optional[Tensor], key_padding_mask: Optional[Tensor], dropout_seed: Optional[Tensor],
     description: str, block_size: int, causal: bool, scale: float, dropout_p: float,
+    softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out (1, total, h, v_dim), lse (1, h, total))`` of the packed batch:
     the module's layouts (``description``) or the corners of the given one
-    (``description == ""``)."""
+    (``description == ""``); ``softcap`` in every tile, ``sinks`` ``(h,)``
+    merged into the final out and lse (as ``attention::sparse_forward``)."""
     plan = packed_plan(cu_seqlens, q.shape[1], q.shape[2], q.device, causal, block_size, description,
                        _given(kv_num_blocks, kv_indices), key_padding_mask)
     q_, k_, v_ = _to_buffer(q, plan), _to_buffer(k, plan), _to_buffer(v, plan)
     out = lse = None
     for i, part in enumerate(plan.parts):  # disjoint rows: a row outside a part is 0 there, lse EMPTY_LSE
         o, l = sparse_forward(q_, k_, v_, part.kv_num_blocks, part.kv_indices, part.groups, part.padding,
-                              _part_seed(dropout_seed, i), block_size, causal, scale, dropout_p, True)
+                              _part_seed(dropout_seed, i), block_size, causal, scale, dropout_p, True, None, softcap)
         out, lse = (o, l) if out is None else (out.add_(o), torch.maximum(lse, l))
-    return _from_buffer(out, plan).contiguous(), _from_buffer(lse, plan, 2).contiguous()
+    return with_sinks(_from_buffer(out, plan).contiguous(), _from_buffer(lse, plan, 2).contiguous(), sinks)
 
 
 def _part_seed(dropout_seed: Optional[Tensor], part: int) -> Optional[Tensor]:
@@ -295,7 +299,7 @@ def _part_seed(dropout_seed: Optional[Tensor], part: int) -> Optional[Tensor]:
 
 @forward_op.register_fake
 def _(q, k, v, cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, description, block_size,
-      causal, scale, dropout_p):
+      causal, scale, dropout_p, softcap=None, sinks=None):
     b, n, h, _ = q.shape
     return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, h, n, dtype=accumulate_dtype(q.dtype))
 
@@ -305,7 +309,7 @@ def backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
     kv_num_blocks: Optional[Tensor], kv_indices: Optional[Tensor], key_padding_mask: Optional[Tensor],
     dropout_seed: Optional[Tensor], description: str, block_size: int, causal: bool, scale: float,
-    dropout_p: float,
+    dropout_p: float, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``attention::sparse_packed_forward``'s ``out`` with
     respect to ``q, k, v``, from the saved ``out`` and ``lse``. Fill rows get
@@ -318,29 +322,32 @@ def backward_op(
     grads = None
     for i, part in enumerate(plan.parts):
         g = sparse_backward(*tensors, part.kv_num_blocks, part.kv_indices, part.groups, part.padding,
-                            _part_seed(dropout_seed, i), block_size, causal, scale, dropout_p, True)
+                            _part_seed(dropout_seed, i), block_size, causal, scale, dropout_p, True, None, softcap)
         grads = g if grads is None else tuple(a.add_(b) for a, b in zip(grads, g))
     return tuple(_from_buffer(g, plan).contiguous() for g in grads)
 
 
 @backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed,
-      description, block_size, causal, scale, dropout_p):
+      description, block_size, causal, scale, dropout_p, softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *options = inputs
+    q, k, v, cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, *options, sinks = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask,
-                          dropout_seed)
-    ctx.options = options
+                          dropout_seed, sinks)
+    ctx.options = options  # description ... dropout_p, softcap: backward_op's trailing arguments
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
-    q, k, v, out, lse, cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed = ctx.saved_tensors
-    dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, kv_num_blocks, kv_indices,
+    q, k, v, out, lse, cu_seqlens, kv_num_blocks, kv_indices, key_padding_mask, dropout_seed, sinks = \
+        ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, cu_seqlens, kv_num_blocks, kv_indices,
                              key_padding_mask, dropout_seed, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    d_sinks = tiles_sinks_grad(grad_out, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[14] else None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, d_sinks
 
 
 def _no_double_backward(ctx, *grads):
@@ -354,12 +361,13 @@ backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inp
 
 def packed_sparse_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, key_padding_mask: Optional[Tensor],
                             *, description: str = "", layout: Optional[tuple[Tensor, Tensor]] = None,
-                            block_size: int, causal: bool, scale: float, dropout_p: float) -> Tensor:
+                            block_size: int, causal: bool, scale: float, dropout_p: float,
+                            softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """The tile path of a packed batch (inputs checked by the caller)."""
     seed = torch.randint(0, 1 << 62, (), dtype=torch.int64) if dropout_p > 0 else None
     counts, indices = layout if layout is not None else (None, None)
     out, _ = forward_op(q, k, v, cu_seqlens, counts, indices, key_padding_mask, seed, description, block_size,
-                        causal, float(scale), float(dropout_p))
+                        causal, float(scale), float(dropout_p), softcap, sinks)
     return out
 
 

@@ -48,9 +48,10 @@ from patternstore.csr import check_layout, drop_future_blocks
 
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype, merge_
 from attention.kernels.attend import attend, attend_backward
+from attention.kernels.sinks import apply_sinks, sinks_grad
 
 __all__ = ["TILE_ELEMENTS", "USE_CPU_FLASH_KERNEL", "Groups", "row_groups", "TilePlan", "tile_backend",
-           "sparse_forward", "sparse_backward"]
+           "sparse_forward", "sparse_backward", "with_sinks", "tiles_sinks_grad"]
 
 # (rows [R], keys [R, c]) of each block count c > 0 (``row_groups``).
 Groups = list[tuple[Tensor, Tensor]]
@@ -408,3 +409,18 @@ def sparse_backward(
         plan.unflat_keys(dk).to(k.dtype, memory_format=torch.contiguous_format),
         plan.unflat_keys(dv).to(v.dtype, memory_format=torch.contiguous_format),
     )
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The tiles' final ``(out (b, q_len, h, v_dim), lse (b, h, q_len))``
+    with ``sinks`` ``(h,)`` merged in (``attention.kernels.sinks``; the
+    backward takes these as the final out and lse); as they are for None."""
+    if sinks is None:
+        return out, lse
+    out, lse = apply_sinks(out, lse.transpose(1, 2), sinks)
+    return out, lse.transpose(1, 2).contiguous()
+
+
+def tiles_sinks_grad(grad_out: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """``sinks_grad`` from ``with_sinks``'s out and lse ``(b, h, q_len)``."""
+    return sinks_grad(grad_out, out, lse.transpose(1, 2), sinks)
