@@ -131,11 +131,13 @@ def test_the_step_op_equals_the_padded_op_and_serves_only_decode_steps():
     attention::hf_attend_padded give one result on a decode step; the step op
     refuses any other call instead of computing it another way."""
     import attention.hf.registration as hf
+    from attention.hf.modules import DILATED, frozen
+    from attention.hf.traced import traced_module_key
 
     hf.register()
     q, k, v, mask = cache_inputs(2, 4, 2, 40, 30, [0, 4], [None, 9], seed=2)
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
-    key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (4, 2, 8, 8), True)
+    key = traced_module_key(DILATED, frozen(settings), None, 0.0, (4, 2, 8, 8), True)
     stepped = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
     padded = torch.ops.attention.hf_attend_padded(q, k, v, mask, key, True)
     torch.testing.assert_close(stepped, padded, rtol=0, atol=1e-12)
@@ -152,6 +154,8 @@ def test_a_traced_decode_step_calls_the_capturable_op_and_a_prefill_the_tagged_o
     from test_hf_compile import PATTERNS, left_padded, prefill_and_step, tiny_llama
 
     import attention.hf.registration as hf
+    from attention.hf.modules import DILATED, frozen
+    from attention.hf.traced import traced_module_key
 
     hf.register()
     monkeypatch.setattr(hf_decode, "DEVICE_TYPES", ("cuda", "cpu"))

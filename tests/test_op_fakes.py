@@ -20,6 +20,8 @@ import torch.distributed as dist
 pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
 import attention.hf.registration as hf  # noqa: E402
+from attention.hf.modules import DILATED, SPARSE, frozen  # noqa: E402
+from attention.hf.traced import traced_module_key  # noqa: E402
 from attention import BlockSparseAttention  # noqa: E402
 from attention.dilated.module import ImprovedDilatedAttention
 
@@ -124,7 +126,7 @@ def packed_sparse_cases():
 def hf_cases():
     """transformers' layouts: (batch, heads, seq, dim) views of projections, the whole cache."""
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
-    key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    key = traced_module_key(DILATED, frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
                for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
@@ -195,12 +197,12 @@ def test_the_fake_reduce_scatter_returns_what_the_op_returns(tmp_path):
 
 
 @pytest.mark.parametrize("impl, settings", [
-    (hf.DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
-    (hf.SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"}),
+    (DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
+    (SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"}),
 ])
 def test_the_training_ops_return_what_their_fakes_say_without_padding(cases, impl, settings):
     """The unpadded call hands the kernels' own outputs on (the sparse lse transposed from (b, h, q))."""
-    key = hf._traced_module_key(impl, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    key = traced_module_key(impl, frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
                for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
