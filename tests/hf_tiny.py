@@ -1,10 +1,10 @@
-"""The tiny Llama the compiled Hugging Face tests build, and the two
+"""The tiny Llama (and gpt-oss) the compiled Hugging Face tests build, and the two
 patterns they run (full coverage is not needed: the references are the
 same model eager or padded)."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
+from transformers import GptOssConfig, LlamaConfig
 
 import attention.hf.registration as hf
 
@@ -22,4 +22,18 @@ def llama_config(impl: str, settings: dict, layers: int) -> LlamaConfig:
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
         attn_implementation=impl, patternstore_attention=settings,
+    )
+
+
+def gpt_oss_config(impl: str, settings: dict) -> GptOssConfig:
+    """gpt-oss (attention sinks, ``s_aux``), the Llama's sizes: a sliding layer
+    (window 8) then a full-attention one; experts as batched matmuls (the
+    eager experts loop over the experts a batch hits: data-dependent, no
+    full graph)."""
+    return GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=None, eos_token_id=None, experts_implementation="batched_mm", attn_implementation=impl,
+        patternstore_attention=settings,
     )

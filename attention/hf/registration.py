@@ -31,12 +31,13 @@ Guarantees:
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
   mask in a dilated or block-sparse layer (a dense layer takes the model's).
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
-  one opaque custom op. Modules are built at trace time, and a dilated
-  plan (length-free) is looked up then too; the graph holds no lock, store
+  one opaque custom op (``attention.hf.traced``). Modules are built at
+  trace time, and a dilated plan (length-free) is looked up then too; the
+  graph holds no lock, store
   lookup or module construction, and depends on shapes only, so a new
   padding pattern or static-cache step does not recompile, and with
   ``dynamic=True`` (with or without ``fullgraph``) one graph serves every
-  length. Training (inputs that require grad): the op keeps its output and
+  length. Training (inputs or sinks that require grad): the op keeps its output and
   log-sum-exp and its backward starts from them (``attention.hf.training``),
   no second forward. Limits: a sparse
   layout depends on the length, so the module looks up each new length on
@@ -49,10 +50,10 @@ Guarantees:
   ``from_pretrained`` restores (after ``register()``). A config that carries
   ``patternstore_attention`` but runs another implementation warns once.
 - ``softcap`` (Gemma 2's ``attn_logit_softcapping``) and attention sinks
-  (gpt-oss's ``s_aux``) are computed exactly in every layer: the modules'
-  ``softcap`` and ``sinks`` (``attention.kernels.sinks``). Limit: sinks in a
-  full-attention layer under ``torch.compile`` / ``torch.export`` raise (the
-  traced op carries no sinks); eager, and the sliding layers, take them.
+  (gpt-oss's ``s_aux``) are computed exactly in every layer, eager, compiled
+  or exported: the modules' ``softcap`` and ``sinks``
+  (``attention.kernels.sinks``); a traced full-attention layer hands its
+  sinks to its op, and a training step gets their gradient.
 - Packed batches (``DataCollatorWithFlattening``): ``attention.hf.packed``.
 - Unsupported arguments raise ``ValueError`` instead of being ignored: a
   mask function other than causal, bidirectional or packed,
@@ -238,11 +239,6 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
     check_mask(attention_mask)
     settings, documents = entry, packed_documents(impl, attention_mask, kwargs, query, key)  # None unless packed
     if torch.compiler.is_compiling():
-        if sinks is not None:
-            raise ValueError(
-                f"attn_implementation={impl!r} under torch.compile / torch.export takes no attention sinks (s_aux) "
-                f"in its full-attention layers: the traced op carries none; run the model eagerly"
-            )
         if dropout > 0:
             raise ValueError(
                 f"attn_implementation={impl!r} under torch.compile runs without attention dropout; "
@@ -254,11 +250,12 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
         # A decode step's length 1 is static (dynamo specializes sizes 0 and 1); a symbolic length is longer.
         one_row = has_static_value(query.shape[2]) and query.shape[2] == 1
         fixed_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 2
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            return torch.ops.attention.hf_attend_lse(query, key, value, attention_mask, module_key, is_causal)[0]
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, sinks)):
+            return torch.ops.attention.hf_attend_lse(query, key, value, attention_mask, module_key, is_causal,
+                                                     sinks)[0]
         if traced_capturable(module_key, query.device.type, one_row, fixed_mask, is_causal):
-            return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
-        return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal)
+            return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal, sinks)
+        return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal, sinks)
     _remember_implementation(config, impl)
     attention = attention_module(impl, settings, scaling, dropout, softcap)
     if documents is not None:

@@ -19,6 +19,11 @@ Guarantees:
   exported program runs in another process): the key is portable;
 - the row layout, the static cache's fill level and the padding are data,
   not graph structure: one graph serves every padding pattern;
+- each forward op takes the layer's attention sinks (gpt-oss's ``s_aux``,
+  one logit per query head, or None) and merges them as the eager module
+  does; the training op saves the final out and log-sum-exp (sinks merged
+  in), from which its backward gives query, key and value their exact
+  gradients and the sinks theirs (``attention.kernels.sinks.sinks_grad``);
 - each op returns exactly what its fake kernel says (shapes, strides,
   dtypes; tests/test_op_fakes.py), and its result is the eager layer's.
 Limits: ``hf_attend_padded`` and the training ops read the row layout on the
@@ -40,6 +45,7 @@ import attention.hf.decode as hf_decode
 from attention.hf.modules import MAX_MODULES, attention_module
 from attention.hf.padding import attend_padded
 from attention.hf.training import attend_backward, attend_with_lse
+from attention.kernels.sinks import apply_sinks, sinks_grad
 from attention.kernels.softmax_parts import lse_dtype
 
 __all__ = ["op_modules", "traced_capturable", "traced_module_key"]
@@ -91,10 +97,10 @@ _HOST_READS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None)
 
 
 def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str,
-            is_causal: bool) -> Tensor:
+            is_causal: bool, sinks: Optional[Tensor]) -> Tensor:
     attention = _op_module(module_key)
     with torch.no_grad():
-        out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)
+        out = hf_decode.step(attention, query, key, value, attention_mask, is_causal, sinks)
     if out is None:
         raise ValueError("attention::hf_attend computes the decode steps attention.hf.decode serves (one query row, "
                          "the fixed-shape mask); attention::hf_attend_padded computes every other call")
@@ -103,47 +109,57 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[
 
 @torch.library.custom_op("attention::hf_attend", mutates_args=())
 def _attend_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    """A decode step ``attention.hf.decode`` serves: capturable (``traced_capturable`` chose it)."""
-    return _attend(query, key, value, attention_mask, module_key, is_causal)
+    """A decode step ``attention.hf.decode`` serves, with ``sinks`` (one
+    logit per query head, or None): capturable (``traced_capturable`` chose it)."""
+    return _attend(query, key, value, attention_mask, module_key, is_causal, sinks)
 
 
 @torch.library.custom_op("attention::hf_attend_padded", mutates_args=(), tags=_HOST_READS)
 def _attend_padded_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    """A layer's attention through the padded path (host reads: never captured)."""
+    """A layer's attention through the padded path (host reads: never
+    captured); ``sinks`` (one logit per query head, or None) as the module takes them."""
     attention = _op_module(module_key)
     with torch.no_grad():
-        return attend_padded(attention, query, key, value, attention_mask, is_causal).contiguous()
+        return attend_padded(attention, query, key, value, attention_mask, is_causal, sinks).contiguous()
 
 
-def _attend_fake(query, key, value, attention_mask, module_key, is_causal):
+def _attend_fake(query, key, value, attention_mask, module_key, is_causal, sinks=None):
     batch, heads, q_len, _ = query.shape
     return query.new_empty(batch, q_len, heads, value.shape[-1])
 
 
-# No autograd: a traced layer whose inputs require grad takes attention::hf_attend_lse (a backward
-# through these two raises torch's "no autograd formula was registered").
+# No autograd: a traced layer whose inputs (sinks included) require grad takes attention::hf_attend_lse
+# (a backward through these two raises torch's "no autograd formula was registered").
 for _op in (_attend_op, _attend_padded_op):
     _op.register_fake(_attend_fake)
 
 
-# The training path (attention.hf.training): the forward keeps its
-# log-sum-exp and the backward starts from it.
+# The training path (attention.hf.training): the forward keeps its FINAL
+# out and log-sum-exp (sinks merged in) and the backward starts from them.
 @torch.library.custom_op("attention::hf_attend_lse", mutates_args=(), tags=_HOST_READS)
 def _attend_lse_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
+    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool,
+    sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """A layer's attention through the padded path, with each query row's
     log-sum-exp: ``(out (batch, q_len, heads, head_dim_v), lse (batch,
-    q_len, heads))``, both contiguous."""
-    return attend_with_lse(_op_module(module_key), query, key, value, attention_mask, is_causal)
+    q_len, heads))``, both contiguous; ``sinks`` (one logit per query head,
+    or None) merged into both (``attention.kernels.sinks.apply_sinks``)."""
+    out, lse = attend_with_lse(_op_module(module_key), query, key, value, attention_mask, is_causal)
+    if sinks is None:
+        return out, lse
+    with torch.no_grad():
+        return apply_sinks(out, lse, sinks)  # new contiguous tensors in out's and lse's dtypes
 
 
 @_attend_lse_op.register_fake
-def _(query, key, value, attention_mask, module_key, is_causal):
+def _(query, key, value, attention_mask, module_key, is_causal, sinks=None):
     batch, heads, q_len, _ = query.shape
     return (query.new_empty(batch, q_len, heads, value.shape[-1]),
             query.new_empty(batch, q_len, heads, dtype=lse_dtype(query.dtype)))
@@ -155,7 +171,8 @@ def _attend_backward_op(
     attention_mask: Optional[Tensor], module_key: str, is_causal: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``attention::hf_attend_lse``'s ``out`` for query, key and
-    value from its saved ``out`` and ``lse``: contiguous, in their shapes."""
+    value from its saved final ``out`` and ``lse`` (exact with sinks too: a
+    sink is a key with a zero value, inside ``lse``): contiguous, in their shapes."""
     return attend_backward(_op_module(module_key), grad, query, key, value, out, lse, attention_mask, is_causal)
 
 
@@ -165,16 +182,17 @@ def _(grad, query, key, value, out, lse, attention_mask, module_key, is_causal):
 
 
 def _attend_setup(ctx, inputs, output) -> None:
-    query, key, value, attention_mask, ctx.module_key, ctx.is_causal = inputs
+    query, key, value, attention_mask, ctx.module_key, ctx.is_causal, sinks = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # internal: the layer returns only ``out``
-    ctx.save_for_backward(query, key, value, out, lse, attention_mask)
+    ctx.save_for_backward(query, key, value, out, lse, attention_mask, sinks)
 
 
 def _attend_backward(ctx, grad, grad_lse):
-    query, key, value, out, lse, attention_mask = ctx.saved_tensors
+    query, key, value, out, lse, attention_mask, sinks = ctx.saved_tensors
     grads = _attend_backward_op(grad, query, key, value, out, lse, attention_mask, ctx.module_key, ctx.is_causal)
-    return *grads, None, None, None
+    d_sinks = sinks_grad(grad, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[6] else None
+    return *grads, None, None, None, d_sinks
 
 
 _attend_lse_op.register_autograd(_attend_backward, setup_context=_attend_setup)
