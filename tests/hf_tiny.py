@@ -1,4 +1,4 @@
-"""The tiny Llama the compiled Hugging Face tests build, and the two
+"""The tiny Llama (and gpt-oss) the compiled Hugging Face tests build, and the two
 patterns they run (full coverage is not needed: the references are the
 same model eager or padded); the padded batch and float64 loss the
 padding-free tests compare against."""
@@ -6,7 +6,7 @@ padding-free tests compare against."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig
+from transformers import GptOssConfig, LlamaConfig
 
 import attention.hf.registration as hf
 
@@ -52,3 +52,17 @@ def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict
     loss = float64_loss(out.logits, batch["labels"])
     loss.backward()
     return out.loss.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def gpt_oss_config(impl: str, settings: dict) -> GptOssConfig:
+    """gpt-oss (attention sinks, ``s_aux``), the Llama's sizes: a sliding layer
+    (window 8) then a full-attention one; experts as batched matmuls (the
+    eager experts loop over the experts a batch hits: data-dependent, no
+    full graph)."""
+    return GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=None, eos_token_id=None, experts_implementation="batched_mm", attn_implementation=impl,
+        patternstore_attention=settings,
+    )

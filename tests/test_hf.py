@@ -15,6 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
+import attention.hf.modules as hf_modules  # noqa: E402
 import attention.hf.registration as hf  # noqa: E402
 from attention.dense_reference import dense_dilated_attention
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -333,9 +334,9 @@ def test_modules_are_built_once_per_settings():
     for _ in range(3):
         call(hf.DILATED, DILATED, scaling=0.25)
         call(hf.DILATED, dict(DILATED), scaling=0.25)
-    assert len(hf._modules) == 1
+    assert len(hf_modules._modules) == 1
     call(hf.SPARSE, BIGBIRD, scaling=0.25)
-    assert len(hf._modules) == 2
+    assert len(hf_modules._modules) == 2
 
 
 def test_the_library_imports_without_transformers():

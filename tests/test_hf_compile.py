@@ -4,7 +4,8 @@ into a static cache and a decode step equal the eager model, and a new
 padding pattern at the same shapes runs without a recompile (the padded
 row still gets what it gets alone); a compiled training step with padding
 has the eager gradients; an exported program with dynamic batch and length
-runs other shapes and paddings as eager. A compile test compiles a prefill
+runs other shapes and paddings as eager (and a gpt-oss one, with attention
+sinks in its full-attention layer). A compile test compiles a prefill
 and a decode graph (about 20 s each with inductor on a quiet CPU), so there
 are few."""
 
@@ -16,9 +17,9 @@ import torch
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
 import attention.hf.registration as hf  # noqa: E402
-from transformers import LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers import GptOssForCausalLM, LlamaForCausalLM, StaticCache  # noqa: E402
 
-from hf_tiny import PATTERNS, VOCAB, llama_config  # noqa: E402
+from hf_tiny import PATTERNS, VOCAB, gpt_oss_config, llama_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,12 +136,27 @@ class Logits(torch.nn.Module):
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
+def tiny_gpt_oss(impl: str, settings: dict) -> torch.nn.Module:
+    """A sliding layer and a full-attention one with attention sinks (random: zeros would change nothing)."""
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(gpt_oss_config(impl, settings)).eval()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt-oss"])
 @torch.no_grad()
-def test_export_with_dynamic_batch_and_length_runs_other_shapes_and_paddings_as_eager(fresh_dynamo):
-    wrapped = Logits(tiny_llama(*PATTERNS["dilated"], layers=1))
+def test_export_with_dynamic_batch_and_length_runs_other_shapes_and_paddings_as_eager(model, fresh_dynamo):
+    """gpt-oss: its full-attention layer's op takes the layer's sinks."""
+    wrapped = Logits(tiny_llama(*PATTERNS["dilated"], layers=1) if model == "llama" else
+                     tiny_gpt_oss(*PATTERNS["bigbird"]))
     ids, mask = left_padded([0, 4], seed=9)
     batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("length", min=2, max=64)
     program = torch.export.export(wrapped, (ids, mask), dynamic_shapes=({0: batch, 1: length},) * 2).module()
+    (op,) = [node for node in program.graph.nodes if str(node.target) == "attention.hf_attend_padded.default"]
+    sinks = op.args[6] if len(op.args) > 6 else op.kwargs.get("sinks")
+    assert (sinks is not None) == (model == "gpt-oss"), op.args
     hf.register()  # the exported op finds its module again after the cache is emptied
     ids, mask = left_padded([2, 0, 7], seed=10)
     ids, mask = ids[:, :11], mask[:, :11]

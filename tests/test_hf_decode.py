@@ -1,6 +1,6 @@
 """The capture-safe decode step over a static cache (attention.hf.decode):
 for random patterns, cache fills, grouped-query heads and padding (left, and
-holes after the first token) it equals the padded path
+holes after the first token), with and without attention sinks, it equals the padded path
 (attention.hf.padding.attend_padded, itself checked against SDPA in
 tests/test_hf.py) and the float64 dense reference, in float64 to 1e-12; it
 dispatches no host sync (no ``aten::_local_scalar_dense``) once a layout's
@@ -19,7 +19,7 @@ pytest.importorskip("transformers")  # attention.hf.padding imports transformers
 from attention import BlockSparseAttention, DilatedAttention, ImprovedDilatedAttention  # noqa: E402
 from attention.hf import decode as hf_decode
 from attention.hf.padding import attend_padded
-from attention.dense_reference import dense_dilated_attention
+from attention.dense_reference import dense_attention, multiplicity
 from strategies import small_dilated_branches  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,22 +52,28 @@ def dilated_cases(draw):
     return segments, rates, scheme, heads, kv_heads, length, filled, pads, holes
 
 
+def random_sinks(heads: int, seed: int) -> torch.Tensor:
+    """One sink logit per head (gpt-oss's ``s_aux``), float64."""
+    return torch.randn(heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 @settings(max_examples=30, deadline=None)
-@given(dilated_cases(), st.booleans())
-def test_dilated_step_equals_the_padded_path_and_the_reference(case, causal):
+@given(dilated_cases(), st.booleans(), st.booleans())
+def test_dilated_step_equals_the_padded_path_and_the_reference(case, causal, with_sinks):
     segments, rates, scheme, heads, kv_heads, length, filled, pads, holes = case
     module = DilatedAttention(segments, rates, implementation="fast", scheme=scheme)
     q, k, v, mask = cache_inputs(len(pads), heads, kv_heads, length, filled, pads, holes, seed=filled)
-    got = hf_decode.step(module, q, k, v, mask, causal)
-    want = attend_padded(module, q, k, v, mask, causal)
+    sinks = random_sinks(heads, filled) if with_sinks else None
+    got = hf_decode.step(module, q, k, v, mask, causal, sinks)
+    want = attend_padded(module, q, k, v, mask, causal, sinks)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     for row, pad in enumerate(pads):  # the row alone, its pattern from its first token, against float64
         real = mask[row, 0, 0, pad:filled]
         keys, values = (x[row:row + 1, :, pad:filled].transpose(1, 2) for x in (k, v))
         queries = torch.cat([torch.zeros(1, filled - pad - 1, heads, 8, dtype=q.dtype), q[row:row + 1, :, -1:]
                              .transpose(1, 2)], 1)  # the reference is square: earlier rows are not compared
-        ref = dense_dilated_attention(queries, keys, values, segments, rates, scheme=scheme, is_causal=True,
-                                      key_padding_mask=~real[None])
+        ref = dense_attention(queries, keys, values, weight=multiplicity(filled - pad, heads, segments, rates, scheme,
+                                                                         True), key_padding_mask=~real[None], sinks=sinks)
         torch.testing.assert_close(got[row:row + 1], ref[:, -1:], rtol=0, atol=1e-12)
 
 
@@ -79,11 +85,13 @@ def test_dilated_step_equals_the_padded_path_and_the_reference(case, causal):
 ])
 @pytest.mark.parametrize("filled, pads, holes", [(37, [0, 5], [None, 20]), (64, [0, 0], [None, None]),
                                                  (1, [0, 0], [None, None]), (50, [49, 3], [None, 4])])
-def test_sparse_step_equals_the_padded_path(kind, params, filled, pads, holes):
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["", "sinks"])
+def test_sparse_step_equals_the_padded_path(kind, params, filled, pads, holes, with_sinks):
     module = BlockSparseAttention(kind, block_size=4, attention="unidirectional", **params)
     q, k, v, mask = cache_inputs(2, 4, 2, 64, filled, pads, holes, seed=filled)
-    got = hf_decode.step(module, q, k, v, mask, True)
-    torch.testing.assert_close(got, attend_padded(module, q, k, v, mask, True), rtol=0, atol=1e-12)
+    sinks = random_sinks(4, filled) if with_sinks else None
+    got = hf_decode.step(module, q, k, v, mask, True, sinks)
+    torch.testing.assert_close(got, attend_padded(module, q, k, v, mask, True, sinks), rtol=0, atol=1e-12)
 
 
 class Syncs(TorchDispatchMode):
@@ -108,6 +116,7 @@ def test_a_step_reads_nothing_on_the_host(module):
     hf_decode.step(module, q, k, v, mask, True)  # the sparse row table: built once, here
     with Syncs() as syncs:
         out = hf_decode.step(module, q, k, v, mask, True)
+        hf_decode.step(module, q, k, v, mask, True, random_sinks(4, 1))
     assert out is not None and syncs.count == 0
     with Syncs() as syncs:  # what it replaces: the padded path reads the fill level and the row layout
         attend_padded(module, q, k, v, mask, True)
@@ -131,14 +140,18 @@ def test_the_step_op_equals_the_padded_op_and_serves_only_decode_steps():
     attention::hf_attend_padded give one result on a decode step; the step op
     refuses any other call instead of computing it another way."""
     import attention.hf.registration as hf
+    from attention.hf.modules import DILATED, frozen
+    from attention.hf.traced import traced_module_key
 
     hf.register()
     q, k, v, mask = cache_inputs(2, 4, 2, 40, 30, [0, 4], [None, 9], seed=2)
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
-    key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (4, 2, 8, 8), True)
-    stepped = torch.ops.attention.hf_attend(q, k, v, mask, key, True)
-    padded = torch.ops.attention.hf_attend_padded(q, k, v, mask, key, True)
-    torch.testing.assert_close(stepped, padded, rtol=0, atol=1e-12)
+    key = traced_module_key(DILATED, frozen(settings), None, 0.0, (4, 2, 8, 8), True)
+    for sinks in (None, random_sinks(4, 3)):
+        stepped = torch.ops.attention.hf_attend(q, k, v, mask, key, True, sinks)
+        padded = torch.ops.attention.hf_attend_padded(q, k, v, mask, key, True, sinks)
+        torch.testing.assert_close(stepped, padded, rtol=0, atol=1e-12)
+    assert (stepped - torch.ops.attention.hf_attend(q, k, v, mask, key, True)).abs().max() > 1e-3  # sinks matter
     prefill = torch.randn(2, 4, 3, 8, dtype=q.dtype)
     with pytest.raises(ValueError, match="decode steps"):
         torch.ops.attention.hf_attend(prefill, k, v, mask, key, True)
@@ -152,6 +165,8 @@ def test_a_traced_decode_step_calls_the_capturable_op_and_a_prefill_the_tagged_o
     from test_hf_compile import PATTERNS, left_padded, prefill_and_step, tiny_llama
 
     import attention.hf.registration as hf
+    from attention.hf.modules import DILATED, frozen
+    from attention.hf.traced import traced_module_key
 
     hf.register()
     monkeypatch.setattr(hf_decode, "DEVICE_TYPES", ("cuda", "cpu"))

@@ -273,15 +273,30 @@ def test_a_layer_type_neither_full_nor_sliding_is_refused_naming_layer_types():
         hf.dilated_attention_forward(SimpleNamespace(config=config, is_causal=True), q, q, q, None)
 
 
-@torch.no_grad()
-def test_sinks_in_a_full_layer_under_compile_are_refused_naming_s_aux(monkeypatch):
-    model = build("gpt-oss", COVERING[hf.DILATED])
+def test_sinks_in_a_full_layer_on_the_traced_branch_equal_the_eager_call(monkeypatch):
+    """The branch a compiled or exported layer takes (its ops, without a compile:
+    tests/test_hf_sinks_compile.py compiles) merges the sinks: the training op
+    gives the eager output and gradients (the sinks' included), the padded op the output."""
+    model = build("gpt-oss", COVERING[hf.DILATED], dtype=torch.float64)
     model.set_attn_implementation(hf.DILATED)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced branch, without a compile
     layer = model.model.layers[1].self_attn
-    q = torch.randn(1, 4, 6, 8)
-    k = torch.randn(1, 2, 6, 8)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
+
+    def call():
+        inputs = (q.clone().requires_grad_(), k.clone().requires_grad_())
+        out = hf.dilated_attention_forward(layer, *inputs, inputs[1], None, scaling=0.3, s_aux=layer.sinks)[0]
+        return (out, *torch.autograd.grad(out.sin().sum(), (*inputs, layer.sinks)))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="s_aux"):
-            hf.dilated_attention_forward(layer, q, k, k, None, scaling=0.3, s_aux=layer.sinks)
+        want = call()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced branch, without a compile
+        got = call()
+        with torch.no_grad():
+            padded = hf.dilated_attention_forward(layer, q, k, k, None, scaling=0.3, s_aux=layer.sinks)[0]
+    for name, a, b in zip(("out", "query", "key", "sinks"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(padded, want[0], rtol=1e-10, atol=1e-12)
+    assert want[3].abs().min() > 0

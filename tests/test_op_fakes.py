@@ -7,7 +7,8 @@ seq, head_dim)`` views of its projections. A compiled graph trusts the fake
 kernel's strides (inductor asserts them), so a mismatch crashes a compiled
 program (it did: ``attention::hf_attend_backward`` returned contiguous
 gradients where its fake said the views' strides). A new op without a case
-here fails the first test."""
+here fails the first test; the ops that take attention sinks are checked
+with them too."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch.distributed as dist
 pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
 import attention.hf.registration as hf  # noqa: E402
+from attention.hf.modules import DILATED, SPARSE, frozen  # noqa: E402
+from attention.hf.traced import traced_module_key  # noqa: E402
 from attention import BlockSparseAttention  # noqa: E402
 from attention.dilated.module import ImprovedDilatedAttention
 
@@ -127,7 +130,7 @@ def packed_sparse_cases():
 def hf_cases():
     """transformers' layouts: (batch, heads, seq, dim) views of projections, the whole cache."""
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
-    key = hf._traced_module_key(hf.DILATED, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    key = traced_module_key(DILATED, frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
                for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
@@ -198,12 +201,12 @@ def test_the_fake_reduce_scatter_returns_what_the_op_returns(tmp_path):
 
 
 @pytest.mark.parametrize("impl, settings", [
-    (hf.DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
-    (hf.SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"}),
+    (DILATED, {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}),
+    (SPARSE, {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"}),
 ])
 def test_the_training_ops_return_what_their_fakes_say_without_padding(cases, impl, settings):
     """The unpadded call hands the kernels' own outputs on (the sparse lse transposed from (b, h, q))."""
-    key = hf._traced_module_key(impl, hf._frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
+    key = traced_module_key(impl, frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
                for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
@@ -212,3 +215,54 @@ def test_the_training_ops_return_what_their_fakes_say_without_padding(cases, imp
     grad = torch.randn(B, H, N, D_V, generator=g).transpose(1, 2)
     torch.library.opcheck(torch.ops.attention.hf_attend_backward.default,
                           (grad, q, k, v, out, lse, None, key, True), test_utils=CHECKS)
+
+
+def ops_taking_sinks() -> list[str]:
+    return sorted(name for name in registered_ops() if "sinks" in schema_names(name))
+
+
+def schema_names(name: str) -> list[str]:
+    namespace, op = name.split("::")
+    return [argument.name for argument in getattr(getattr(torch.ops, namespace), op).default._schema.arguments]
+
+
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("name", ops_taking_sinks())
+def test_an_op_that_takes_sinks_returns_what_its_fake_says_with_and_without_them(cases, name, with_sinks):
+    """Each op with a ``sinks`` argument, on its case's inputs, given one logit per query head or None."""
+    namespace, op = name.split("::")
+    overload = getattr(getattr(torch.ops, namespace), op).default
+    inputs, arguments = cases[name], overload._schema.arguments
+    where = schema_names(name).index("sinks")
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(7)) if with_sinks else None
+    inputs = (*inputs[:where], *(argument.default_value for argument in arguments[len(inputs):where]), sinks,
+              *inputs[where + 1:])
+    torch.library.opcheck(overload, inputs, test_utils=CHECKS)
+
+
+SINKS_SETTINGS = {
+    DILATED: {"segment_lengths": [4, 8], "dilation_rates": [1, 2]},
+    SPARSE: {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "attention": "unidirectional"},
+}
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("impl", [DILATED, SPARSE])
+def test_the_training_ops_return_what_their_fakes_say_with_sinks(cases, impl, padded):
+    """The training op with sinks, padded or not (the unpadded call merges them into the kernels' own
+    outputs), and its backward fed the final out and lse it gives."""
+    key = traced_module_key(impl, frozen(SINKS_SETTINGS[impl]), None, 0.0, (H, H_KV, D, D_V), True)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
+               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    sinks = torch.randn(H, generator=g)
+    mask = None
+    if padded:
+        mask = torch.ones(B, N, dtype=torch.long)
+        mask[1, :4] = 0  # left padding
+    torch.library.opcheck(torch.ops.attention.hf_attend_lse.default, (q, k, v, mask, key, True, sinks),
+                          test_utils=CHECKS)
+    out, lse = torch.ops.attention.hf_attend_lse(q, k, v, mask, key, True, sinks)
+    grad = torch.randn(B, H, N, D_V, generator=g).transpose(1, 2)
+    torch.library.opcheck(torch.ops.attention.hf_attend_backward.default,
+                          (grad, q, k, v, out, lse, mask, key, True), test_utils=CHECKS)

@@ -23,7 +23,9 @@ the pattern:
   block's key blocks from the layout padded to the longest row;
 - one gather of those keys and values (grouped-query heads by index, no
   repeat), one softmax (float32 for half types), one weighted sum. Cost: the keys the row
-  attends (times the padding of the candidates), never the cache length.
+  attends (times the padding of the candidates), never the cache length;
+- attention sinks (gpt-oss's ``s_aux``, one logit per head) join the
+  softmax's denominator only, as in the modules (``attention.kernels.sinks``).
 
 The block-sparse row table is built once per (layout, cache length, heads,
 device), on the first call (the capture's warm-up run); a capture that
@@ -75,10 +77,10 @@ def serves(attention: nn.Module, q_len: int, attention_mask: Optional[Tensor], i
 
 
 def step(attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-         is_causal: bool) -> Optional[Tensor]:
+         is_causal: bool, sinks: Optional[Tensor] = None) -> Optional[Tensor]:
     """One decode row per batch row over a static cache: query ``(B, H, 1,
     d)``, key/value ``(B, H_kv, L, d / d_v)``, the fixed-shape mask ``(B, 2, 1,
-    L)`` -> ``(B, 1, H, d_v)``; None where ``serves`` says no."""
+    L)``, ``sinks`` ``(H,)`` or None -> ``(B, 1, H, d_v)``; None where ``serves`` says no."""
     if not serves(attention, query.shape[2], attention_mask, is_causal):
         return None
     if isinstance(attention, DilatedAttention):
@@ -90,7 +92,7 @@ def step(attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, attent
     first = torch.where(real.any(-1, keepdim=True), real.to(torch.uint8).argmax(-1, keepdim=True), position)
     relative, ok = candidates(position - first)                            # (B, H, K) each
     scale = default_scale(query.transpose(1, 2), attention.softmax_scale)
-    return _attend(query, key, value, real, relative + first[..., None], ok, scale)
+    return _attend(query, key, value, real, relative + first[..., None], ok, scale, sinks)
 
 
 def _dilated_candidates(plan, heads: int, cache_len: int):
@@ -152,9 +154,9 @@ def _row_table(attention: BlockSparseAttention, heads: int, cache_len: int, devi
 
 
 def _attend(query: Tensor, key: Tensor, value: Tensor, real: Tensor, position: Tensor, ok: Tensor,
-            scale: float) -> Tensor:
+            scale: float, sinks: Optional[Tensor]) -> Tensor:
     """Softmax of one row per (batch, head) over its candidate keys at
-    ``position`` ``(B, H, K)`` where ``ok``: ``(B, 1, H, d_v)``."""
+    ``position`` ``(B, H, K)`` where ``ok``, and the head's sink: ``(B, 1, H, d_v)``."""
     batch, heads, _, d = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     position = position.clamp(0, length - 1)
@@ -167,8 +169,15 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, real: Tensor, position: T
     dtype = accumulate_dtype(query.dtype)
     scores = torch.einsum("bhd,bhkd->bhk", query[:, :, 0].to(dtype), keys.to(dtype)) * scale
     scores = scores.masked_fill(~ok, float("-inf"))
-    top = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(dtype).min)  # a row with no key: 0 out
+    top = scores.amax(-1, keepdim=True)
+    sink = None if sinks is None else sinks.to(dtype)[:, None]               # (H, 1): a key with a zero value
+    if sink is not None:
+        top = torch.maximum(top, sink)
+    top = top.clamp_min(torch.finfo(dtype).min)                            # a row with no key: 0 out
     weights = (scores - top).exp()
-    total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    total = weights.sum(-1, keepdim=True)
+    if sink is not None:
+        total = total + (sink - top).exp()
+    total = total.clamp_min(torch.finfo(dtype).tiny)
     out = torch.einsum("bhk,bhkd->bhd", weights, values.to(dtype)) / total
     return out.to(value.dtype)[:, None]

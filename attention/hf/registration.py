@@ -31,12 +31,13 @@ Guarantees:
   gives each sequence exactly what it gets alone; never a ``q_len x kv_len``
   mask in a dilated or block-sparse layer (a dense layer takes the model's).
 - ``torch.compile(model, fullgraph=True)`` and ``torch.export``: a layer is
-  one opaque custom op. Modules are built at trace time, and a dilated
-  plan (length-free) is looked up then too; the graph holds no lock, store
+  one opaque custom op (``attention.hf.traced``). Modules are built at
+  trace time, and a dilated plan (length-free) is looked up then too; the
+  graph holds no lock, store
   lookup or module construction, and depends on shapes only, so a new
   padding pattern or static-cache step does not recompile, and with
   ``dynamic=True`` (with or without ``fullgraph``) one graph serves every
-  length. Training (inputs that require grad): the op keeps its output and
+  length. Training (inputs or sinks that require grad): the op keeps its output and
   log-sum-exp and its backward starts from them (``attention.hf.training``),
   no second forward. Limits: a sparse
   layout depends on the length, so the module looks up each new length on
@@ -49,10 +50,10 @@ Guarantees:
   ``from_pretrained`` restores (after ``register()``). A config that carries
   ``patternstore_attention`` but runs another implementation warns once.
 - ``softcap`` (Gemma 2's ``attn_logit_softcapping``) and attention sinks
-  (gpt-oss's ``s_aux``) are computed exactly in every layer: the modules'
-  ``softcap`` and ``sinks`` (``attention.kernels.sinks``). Limit: sinks in a
-  full-attention layer under ``torch.compile`` / ``torch.export`` raise (the
-  traced op carries no sinks); eager, and the sliding layers, take them.
+  (gpt-oss's ``s_aux``) are computed exactly in every layer, eager, compiled
+  or exported: the modules' ``softcap`` and ``sinks``
+  (``attention.kernels.sinks``); a traced full-attention layer hands its
+  sinks to its op, and a training step gets their gradient.
 - Packed batches (``DataCollatorWithFlattening``): ``attention.hf.packed``.
 - Unsupported arguments raise ``ValueError`` instead of being ignored: a
   mask function other than causal, bidirectional or packed,
@@ -71,7 +72,6 @@ attention`` never imports this module.
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import warnings
 from typing import Any, Callable, Mapping, Optional
@@ -90,43 +90,25 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from patternstore.store import PatternStore
 
-from attention.caches import BoundedCache, process_cache
-from attention.dilated.module import ImprovedDilatedAttention
-import attention.hf.decode as hf_decode
+from attention.hf.modules import DILATED, SPARSE, attention_module, frozen, use_store
 from attention.hf.padding import attend_padded, check_config, check_mask, padding_mask
 from attention.checks import check_dropout, check_sinks, check_softcap, check_softmax_scale
-from attention.sparse.module import BlockSparseAttention
 from attention.hf.packed import attend_packed, dense_documents, packed_documents
 from attention.hf.layers import CONFIG_ATTRIBUTE, DENSE, FULL, call_layer_type, dense_attention, layer_entry
-from attention.hf.training import attend_backward, attend_with_lse
-from attention.kernels.softmax_parts import lse_dtype
+from attention.hf.traced import op_modules, traced_capturable, traced_module_key
 
 __all__ = [
-    "DILATED",
-    "SPARSE",
     "register",
     "dilated_attention_forward",
     "sparse_attention_forward",
     "implementation_for",
 ]
 
-DILATED = "patternstore_dilated"
-SPARSE = "patternstore_sparse"
-
-# Attention modules kept at once: one per distinct (settings, scaling,
-# dropout) a process uses, usually one per model; the bound only stops a
-# process that builds many differently configured models from growing.
-MAX_MODULES = 32
-
-_DILATED_KEYS = ("segment_lengths", "dilation_rates", "scheme")
 _UNSUPPORTED = {
     "sinks": "attention sinks named 'sinks' (transformers passes them as s_aux)",
     "position_bias": "an additive position bias",
     "head_mask": "a head mask",
 }
-
-_store: Optional[PatternStore] = None
-_modules: BoundedCache[nn.Module] = process_cache(MAX_MODULES)
 
 
 # ------------------------------------------------------------------ register
@@ -140,12 +122,10 @@ def register(store: Optional[PatternStore] = None) -> None:
     before it (sdpa, eager, flash, flex) so that a model whose config carries
     ``patternstore_attention`` but runs one of them warns once, at its first
     forward, naming the ``attn_implementation`` that restores its attention."""
-    global _store
     if store is not None and not isinstance(store, PatternStore):
         raise ValueError(f"store must be a PatternStore or None, got {type(store).__name__}")
-    _store = store
-    _modules.clear()
-    _op_modules.clear()
+    use_store(store)
+    op_modules.clear()
     AttentionInterface.register(DILATED, dilated_attention_forward)
     AttentionInterface.register(SPARSE, sparse_attention_forward)
     AttentionMaskInterface.register(DILATED, padding_mask)
@@ -259,11 +239,6 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
     check_mask(attention_mask)
     settings, documents = entry, packed_documents(impl, attention_mask, kwargs, query, key)  # None unless packed
     if torch.compiler.is_compiling():
-        if sinks is not None:
-            raise ValueError(
-                f"attn_implementation={impl!r} under torch.compile / torch.export takes no attention sinks (s_aux) "
-                f"in its full-attention layers: the traced op carries none; run the model eagerly"
-            )
         if dropout > 0:
             raise ValueError(
                 f"attn_implementation={impl!r} under torch.compile runs without attention dropout; "
@@ -271,17 +246,18 @@ def _forward(impl, module, query, key, value, attention_mask, dropout, scaling, 
             )
         # operator.index: the head counts and dims as ints (dynamo guards them) under dynamic=True.
         heads = tuple(operator.index(n) for n in (query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]))
-        module_key = _traced_module_key(impl, _frozen(settings), scaling, dropout, heads, is_causal, softcap)
+        module_key = traced_module_key(impl, frozen(settings), scaling, dropout, heads, is_causal, softcap)
         # A decode step's length 1 is static (dynamo specializes sizes 0 and 1); a symbolic length is longer.
         one_row = has_static_value(query.shape[2]) and query.shape[2] == 1
         fixed_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 2
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            return torch.ops.attention.hf_attend_lse(query, key, value, attention_mask, module_key, is_causal)[0]
-        if _traced_capturable(module_key, query.device.type, one_row, fixed_mask, is_causal):
-            return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal)
-        return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, sinks)):
+            return torch.ops.attention.hf_attend_lse(query, key, value, attention_mask, module_key, is_causal,
+                                                     sinks)[0]
+        if traced_capturable(module_key, query.device.type, one_row, fixed_mask, is_causal):
+            return torch.ops.attention.hf_attend(query, key, value, attention_mask, module_key, is_causal, sinks)
+        return torch.ops.attention.hf_attend_padded(query, key, value, attention_mask, module_key, is_causal, sinks)
     _remember_implementation(config, impl)
-    attention = _attention_module(impl, settings, scaling, dropout, softcap)
+    attention = attention_module(impl, settings, scaling, dropout, softcap)
     if documents is not None:
         return attend_packed(attention, query, key, value, documents, is_causal, sinks)
     return attend_padded(attention, query, key, value, attention_mask, is_causal, sinks)
@@ -297,150 +273,6 @@ def _value_of(number: Any) -> Any:
     return float.fromhex(number.hex()) if isinstance(number, float) else number
 
 
-# ------------------------------------------------------- the traced region
-# Under torch.compile / torch.export a layer is one opaque custom op. Its
-# module is found at trace time (``_traced_module_key`` runs eagerly, marked
-# assume_constant_result: building, validation and the store lookup happen
-# there and only the key string reaches the graph); at run time the op reads
-# the module from a plain dict and runs the eager code, so the row layout,
-# the static cache's fill level and the per-padding calls are data, not
-# graph structure: one graph serves every padding pattern. The key is
-# portable (an exported program rebuilds the module in another process).
-_op_modules: BoundedCache[nn.Module] = process_cache(MAX_MODULES)
-
-
-@torch.compiler.assume_constant_result
-def _traced_module_key(
-    impl: str, frozen_settings: tuple, scaling: Optional[float], dropout: float,
-    heads: tuple[int, int, int, int], is_causal: bool, softcap: Optional[float] = None,
-) -> str:
-    """The op's key for these settings, with the module built and kept and
-    its pattern looked up for ``heads`` = (heads, kv_heads, head_dim,
-    v_head_dim): one call on meta tensors (no compute), so the op's first
-    run finds the plan in the module's cache instead of the store."""
-    key = json.dumps([impl, frozen_settings, scaling, dropout, softcap])
-    attention = _op_modules.get(key)
-    if attention is None:
-        attention = _op_modules.put(key, _attention_module(impl, dict(frozen_settings), scaling, dropout, softcap))
-    count, kv_count, head_dim, v_head_dim = heads
-    q = torch.empty(1, 1, count, head_dim, device="meta")
-    attention(q, q.new_empty(1, 1, kv_count, head_dim), q.new_empty(1, 1, kv_count, v_head_dim), is_causal=is_causal)
-    return key
-
-
-def _op_module(key: str) -> nn.Module:
-    attention = _op_modules.get(key)  # no lock: one dict read
-    if attention is None:  # register() or the bound dropped it, or an exported program runs in a new process
-        impl, frozen_settings, scaling, dropout, softcap = json.loads(key)
-        attention = _op_modules.put(key, _attention_module(
-            impl, {name: value for name, value in frozen_settings}, scaling, dropout, softcap
-        ))
-    return attention
-
-
-@torch.compiler.assume_constant_result
-def _traced_capturable(module_key: str, device_type: str, one_row: bool, fixed_mask: bool, is_causal: bool) -> bool:
-    """Whether the layer's op can run inside a CUDA-graph capture: a decode
-    step ``hf_decode`` serves on one of its devices (decided at trace time)."""
-    probe = torch.empty(1, 2, 1, 1, device="meta") if fixed_mask else None  # serves reads the mask's shape
-    return device_type in hf_decode.DEVICE_TYPES and hf_decode.serves(_op_module(module_key), 1 if one_row else 2,
-                                                                      probe, is_causal)
-
-
-# Tagged: inductor must not capture an op that reads the device on the host.
-_HOST_READS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
-
-
-def _attend(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str,
-            is_causal: bool) -> Tensor:
-    attention = _op_module(module_key)
-    with torch.no_grad():
-        out = hf_decode.step(attention, query, key, value, attention_mask, is_causal)
-    if out is None:
-        raise ValueError("attention::hf_attend computes the decode steps attention.hf.decode serves (one query row, "
-                         "the fixed-shape mask); attention::hf_attend_padded computes every other call")
-    return out.contiguous()
-
-
-@torch.library.custom_op("attention::hf_attend", mutates_args=())
-def _attend_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
-) -> Tensor:
-    """A decode step ``attention.hf.decode`` serves: capturable (``_traced_capturable`` chose it)."""
-    return _attend(query, key, value, attention_mask, module_key, is_causal)
-
-
-@torch.library.custom_op("attention::hf_attend_padded", mutates_args=(), tags=_HOST_READS)
-def _attend_padded_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
-) -> Tensor:
-    """A layer's attention through the padded path (host reads: never captured)."""
-    attention = _op_module(module_key)
-    with torch.no_grad():
-        return attend_padded(attention, query, key, value, attention_mask, is_causal).contiguous()
-
-
-def _attend_fake(query, key, value, attention_mask, module_key, is_causal):
-    batch, heads, q_len, _ = query.shape
-    return query.new_empty(batch, q_len, heads, value.shape[-1])
-
-
-# No autograd: a traced layer whose inputs require grad takes attention::hf_attend_lse (a backward
-# through these two raises torch's "no autograd formula was registered").
-for _op in (_attend_op, _attend_padded_op):
-    _op.register_fake(_attend_fake)
-
-
-# The training path (attention.hf.training): the forward keeps its
-# log-sum-exp and the backward starts from it.
-@torch.library.custom_op("attention::hf_attend_lse", mutates_args=(), tags=_HOST_READS)
-def _attend_lse_op(
-    query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], module_key: str, is_causal: bool
-) -> tuple[Tensor, Tensor]:
-    """A layer's attention through the padded path, with each query row's
-    log-sum-exp: ``(out (batch, q_len, heads, head_dim_v), lse (batch,
-    q_len, heads))``, both contiguous."""
-    return attend_with_lse(_op_module(module_key), query, key, value, attention_mask, is_causal)
-
-
-@_attend_lse_op.register_fake
-def _(query, key, value, attention_mask, module_key, is_causal):
-    batch, heads, q_len, _ = query.shape
-    return (query.new_empty(batch, q_len, heads, value.shape[-1]),
-            query.new_empty(batch, q_len, heads, dtype=lse_dtype(query.dtype)))
-
-
-@torch.library.custom_op("attention::hf_attend_backward", mutates_args=(), tags=_HOST_READS)
-def _attend_backward_op(
-    grad: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-    attention_mask: Optional[Tensor], module_key: str, is_causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``attention::hf_attend_lse``'s ``out`` for query, key and
-    value from its saved ``out`` and ``lse``: contiguous, in their shapes."""
-    return attend_backward(_op_module(module_key), grad, query, key, value, out, lse, attention_mask, is_causal)
-
-
-@_attend_backward_op.register_fake
-def _(grad, query, key, value, out, lse, attention_mask, module_key, is_causal):
-    return tuple(x.new_empty(x.shape) for x in (query, key, value))  # contiguous, as the real op's
-
-
-def _attend_setup(ctx, inputs, output) -> None:
-    query, key, value, attention_mask, ctx.module_key, ctx.is_causal = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)  # internal: the layer returns only ``out``
-    ctx.save_for_backward(query, key, value, out, lse, attention_mask)
-
-
-def _attend_backward(ctx, grad, grad_lse):
-    query, key, value, out, lse, attention_mask = ctx.saved_tensors
-    grads = _attend_backward_op(grad, query, key, value, out, lse, attention_mask, ctx.module_key, ctx.is_causal)
-    return *grads, None, None, None
-
-
-_attend_lse_op.register_autograd(_attend_backward, setup_context=_attend_setup)
-
-
 # ------------------------------------------------------------------ settings
 def _settings(impl: str, config: Any) -> Mapping:
     settings = getattr(config, CONFIG_ATTRIBUTE, None)
@@ -452,49 +284,3 @@ def _settings(impl: str, config: Any) -> Mapping:
             + f"; got {settings!r}"
         )
     return settings
-
-
-def _attention_module(impl: str, settings: Mapping, scaling: Optional[float], dropout: float,
-                      softcap: Optional[float] = None) -> nn.Module:
-    """The attention module for these settings, built on first use."""
-    store = _store
-    cache_key = (impl, _frozen(settings), id(store), scaling, dropout, softcap)
-    attention = _modules.get(cache_key)
-    if attention is None:  # a racing thread's module wins (BoundedCache.put)
-        attention = _modules.put(cache_key, _build(impl, dict(settings), scaling, dropout, store, softcap))
-    return attention
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _build(impl: str, settings: dict, scaling: Optional[float], dropout: float, store,
-           softcap: Optional[float]) -> nn.Module:
-    where = f"config.{CONFIG_ATTRIBUTE} for attn_implementation={impl!r}"
-    try:
-        if impl == DILATED:
-            unknown = sorted(set(settings) - set(_DILATED_KEYS))
-            if unknown or "segment_lengths" not in settings or "dilation_rates" not in settings:
-                raise ValueError(
-                    f"needs 'segment_lengths' and 'dilation_rates' (optional 'scheme'), got keys {sorted(settings)}"
-                )
-            attention = ImprovedDilatedAttention(
-                settings["segment_lengths"], settings["dilation_rates"], scheme=settings.get("scheme", "longnet"),
-                softmax_scale=scaling, dropout=dropout, store=store, softcap=softcap,
-            )
-        else:
-            if "kind" not in settings:
-                raise ValueError(f"needs 'kind' (and optionally 'block_size', 'seed' and the kind's "
-                                 f"SparseSpec parameters), got keys {sorted(settings)}")
-            kind = settings.pop("kind")
-            attention = BlockSparseAttention(kind, softmax_scale=scaling, dropout=dropout, store=store,
-                                             softcap=softcap, **settings)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from error
-    # transformers passes dropout 0 outside training: the module drops exactly when it was given a rate.
-    return attention.train(dropout > 0)

@@ -4,14 +4,15 @@ a forward that returns what its backward needs, and that backward.
 Under ``torch.compile`` / ``torch.export`` a layer is one opaque custom op.
 When its inputs require gradients the op is ``attention::hf_attend_lse``:
 the padded forward (``attention.hf.padding``) that also returns each query
-row's log-sum-exp, and whose autograd saves ``(query, key, value, out,
-lse)``; its backward, ``attention::hf_attend_backward``, runs the kernels'
+row's log-sum-exp (``attention.hf.traced`` merges a layer's sinks into
+both), and whose autograd saves ``(query, key, value, out, lse)``; its backward, ``attention::hf_attend_backward``, runs the kernels'
 backward from that saved ``out`` and ``lse`` over the same padded runs: no
 second forward.
 
 Guarantees:
 - exact: the gradients the eager model gets (the modules' own backward
-  kernels, fed the final ``out`` and ``lse`` of each run);
+  kernels, fed the final ``out`` and ``lse`` of each run; with sinks, the
+  ``out`` and ``lse`` after them);
 - the ops return what their fake kernels say: ``out`` contiguous ``(batch,
   q_len, heads, head_dim_v)`` in the query's dtype, ``lse`` contiguous
   ``(batch, q_len, heads)`` in ``lse_dtype`` (float64 for float64, else
