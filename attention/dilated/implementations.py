@@ -2,7 +2,7 @@
 ``DilatedAttention(implementation=...)`` runs. One function of the same
 inputs, each entry a way to compute it:
 
-- ``"reference"``: plain and autograd-native (``dilated_reference``): double
+- ``"reference"``: plain and autograd-native (``attention.dilated.reference``): double
   backward works; under ``torch.compile`` (no dropout) it runs as one opaque
   op (``attention::dilated_reference``), so its graph is length-free too.
 - ``"fast"``: fused kernels on strided views, in-place merge, memory bounded
@@ -10,7 +10,7 @@ inputs, each entry a way to compute it:
   attends. Without dropout of its own: with dropout in training, the
   reference runs.
 - ``"flex"``: one compiled FlexAttention call over the residue-ordered
-  sequence (``dilated_flex``), for prefill (``q_len == kv_len``); decode and
+  sequence (``attention.dilated.flex``), for prefill (``q_len == kv_len``); decode and
   chunked prefill rows (and sequences shorter than one flex block) take
   ``"fast"``, whose views cost a row exactly its keys. FlexAttention compiles a backward on CUDA only: on the CPU it serves
   forwards without gradients (a call that needs them is refused). ``torch.export`` of it is refused

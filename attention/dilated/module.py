@@ -27,13 +27,15 @@ attention a position's pattern never depends on n.
 
 Packed documents: ``forward(..., cu_seqlens=)`` (``attention.packed``;
 batch 1, ``q_len == kv_len``) gives every document exactly what it gets as
-a sequence of its own (``dilated_packed``): "reference" runs per document,
-"fast", "flex" and "auto" the bucketed fast path (the fused FlexAttention
-path builds no packed BlockMask); ``softcap`` and ``sinks`` as without it
-("flex" hands them to the bucketed path); ``ordered=True`` refuses it.
+a sequence of its own (``attention.dilated.packed``): "reference" runs per document,
+"fast" and "auto" the bucketed fast path, "flex" one FlexAttention call
+over the documents' residue layouts where it serves the call
+(``attention.dilated.packed_flex``), else the bucketed path; ``softcap``
+and ``sinks`` as without it ("flex" hands them to the bucketed path);
+``ordered=True`` refuses it.
 
-Where the rest lives: the plan and its geometry (``dilated_plan``), the
-reference (``dilated_reference``), the fast path's kernel walk
+Where the rest lives: the plan and its geometry (``attention.dilated.plan``), the
+reference (``attention.dilated.reference``), the fast path's kernel walk
 (``attention.dilated.fast``), the custom ops and autograd (``attention.dilated.ops``).
 
 Supported program transforms: ``torch.compile`` (``fullgraph=True``,
@@ -80,7 +82,7 @@ class DilatedAttention(nn.Module):
     ``forward(q, k, v, is_causal=False, key_padding_mask=None, *,
     cu_seqlens=None)``: shapes in the module docstring, any length;
     ``cu_seqlens`` packed documents (module docstring). ``implementation``: "reference"
-    (default), "fast", "flex" or "auto" (``dilated_implementations``); with
+    (default), "fast", "flex" or "auto" (``attention.dilated.implementations``); with
     dropout in training an implementation without dropout of its own runs
     the reference. ``softcap`` (None or c > 0) caps the scaled scores, ``c *
     tanh(s / c)``; ``forward(..., sinks=)`` takes one sink logit per query

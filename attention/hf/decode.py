@@ -11,7 +11,7 @@ the pattern:
 
 - ``p = filled - 1``, the query's position (the last: dilated attention
   gives it the same keys causal or not), and ``first``, the row's first
-  real token, come from the traced mask's two rows (``hf_padding``) as
+  real token, come from the traced mask's two rows (``attention.hf.padding``) as
   device tensors; the pattern is anchored at ``first`` (left padding), as in
   the padded path;
 - each pattern's keys for the row are a fixed number of candidate positions

@@ -41,10 +41,11 @@ Guarantees:
   log-sum-exp and its backward starts from them (``attention.hf.training``),
   no second forward. Limits: a sparse
   layout depends on the length, so the module looks up each new length on
-  the op's first run at it (then from its cache), as in eager use; the op
-  syncs with the host once per layer when it is given a mask (the row
-  layout), so it cannot be captured in a CUDA graph; attention dropout is
-  refused under compile.
+  the op's first run at it (then from its cache), as in eager use; a
+  prefill or training call given a mask syncs with the host once per layer
+  (the row layout), so it cannot be captured in a CUDA graph (a static-cache
+  decode step reads nothing on the host and can: ``attention.hf.decode``);
+  attention dropout is refused under compile.
 - Saved models keep their attention: the first eager forward records
   ``config.attn_implementation``, which ``save_pretrained`` writes and a plain
   ``from_pretrained`` restores (after ``register()``). A config that carries

@@ -86,7 +86,7 @@ def _op_module(key: str) -> nn.Module:
 @torch.compiler.assume_constant_result
 def traced_capturable(module_key: str, device_type: str, one_row: bool, fixed_mask: bool, is_causal: bool) -> bool:
     """Whether the layer's op can run inside a CUDA-graph capture: a decode
-    step ``hf_decode`` serves on one of its devices (decided at trace time)."""
+    step ``attention.hf.decode`` serves on one of its devices (decided at trace time)."""
     probe = torch.empty(1, 2, 1, 1, device="meta") if fixed_mask else None  # serves reads the mask's shape
     return device_type in hf_decode.DEVICE_TYPES and hf_decode.serves(_op_module(module_key), 1 if one_row else 2,
                                                                       probe, is_causal)
