@@ -1,12 +1,14 @@
 """The tiny Llama (and gpt-oss) the compiled Hugging Face tests build, and the two
 patterns they run (full coverage is not needed: the references are the
-same model eager or padded); the padded batch and float64 loss the
-padding-free tests compare against."""
+same model eager or padded); the collator's padding-free batches, the
+padded batch and the float64 loss the padding-free tests compare against;
+a backend that records the graphs a compile makes."""
 
 from __future__ import annotations
 
 import torch
 from transformers import GptOssConfig, LlamaConfig
+from transformers.data.data_collator import DataCollatorWithFlattening
 
 import attention.hf.registration as hf
 
@@ -25,6 +27,38 @@ def llama_config(impl: str, settings: dict, layers: int) -> LlamaConfig:
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
         attn_implementation=impl, patternstore_attention=settings,
     )
+
+
+# DataCollatorWithFlattening's forms: (collator arguments, forward arguments).
+FORMS = {
+    "position_ids": ({}, {"use_cache": False}),  # transformers' packed mask
+    "position_ids_with_cache": ({}, {}),  # use_cache=True: transformers skips its packed mask
+    "flash_kwargs": ({"return_flash_attn_kwargs": True}, {}),
+    "flash_kwargs_only": ({"return_flash_attn_kwargs": True, "return_position_ids": False}, {"use_cache": False}),
+}
+
+
+def documents(lengths, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
+    """Random token ids in 1..vocab-1, one list per document length."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def flattened(docs: list[list[int]], form: str) -> dict:
+    """The real collator's batch, with the form's forward arguments."""
+    collator_args, forward_args = FORMS[form]
+    batch = DataCollatorWithFlattening(**collator_args)([{"input_ids": d} for d in docs])
+    return {**batch, **forward_args}
+
+
+def recording(graphs: list):
+    """aot_eager, appending each graph module it is given to ``graphs``."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+    return backend
 
 
 def padded(docs: list[list[int]]) -> dict:

@@ -18,9 +18,8 @@ transformers = pytest.importorskip("transformers")  # installed by `make test` (
 
 import attention.hf.registration as hf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-from transformers.data.data_collator import DataCollatorWithFlattening  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
-from hf_tiny import float64_loss, loss_and_grads, padded  # noqa: E402
+from hf_tiny import FORMS, documents, float64_loss, flattened, loss_and_grads, padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,12 +30,6 @@ BIGBIRD = {"kind": "bigbird", "block_size": 4, "num_random_blocks": 1, "num_slid
 IMPLEMENTATIONS = {"dilated": (hf.DILATED, DILATED), "sparse": (hf.SPARSE, BIGBIRD)}
 LENGTHS = (9, 1, 14, 6, 3)  # one token alone; none a multiple of a segment or block's worth everywhere
 # (collator arguments, forward arguments): every form the collator produces
-FORMS = {
-    "position_ids": ({}, {"use_cache": False}),  # transformers' packed mask
-    "position_ids_with_cache": ({}, {}),  # use_cache=True: transformers skips its packed mask
-    "flash_kwargs": ({"return_flash_attn_kwargs": True}, {}),
-    "flash_kwargs_only": ({"return_flash_attn_kwargs": True, "return_position_ids": False}, {"use_cache": False}),
-}
 # Without position_ids the model numbers the packed row 0..total-1: rotary embeddings are relative, but
 # transformers computes their phases in float32, so a document's logits move by float32 rounding.
 TOLERANCE = {form: 1e-5 if form == "flash_kwargs_only" else 1e-10 for form in FORMS}
@@ -67,25 +60,13 @@ def tiny_model(arch: str, impl: str, settings: dict, seed: int = 0, layers: int 
     return Qwen2ForCausalLM(config).double().eval()
 
 
-def documents(seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-def flattened(docs: list[list[int]], form: str) -> dict:
-    """The real collator's batch, with the form's forward arguments."""
-    collator_args, forward_args = FORMS[form]
-    batch = DataCollatorWithFlattening(**collator_args)([{"input_ids": d} for d in docs])
-    return {**batch, **forward_args}
-
-
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2-sliding"])
 @torch.no_grad()
 def test_each_document_gets_its_logits_alone(arch, impl, form):
     model = tiny_model(arch, *IMPLEMENTATIONS[impl])
-    docs = documents()
+    docs = documents(LENGTHS, vocab=VOCAB)
     logits = model(**flattened(docs, form)).logits[0]
     start = 0
     for doc in docs:
@@ -103,7 +84,7 @@ def test_each_document_gets_its_logits_alone(arch, impl, form):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_loss_and_gradients_equal_the_padded_batch(arch, impl, form):
     model = tiny_model(arch, *IMPLEMENTATIONS[impl]).train()
-    docs = documents(seed=1)
+    docs = documents(LENGTHS, seed=1, vocab=VOCAB)
     want_hf_loss, want_loss, want = loss_and_grads(model, padded(docs))
     hf_loss, loss, got = loss_and_grads(model, flattened(docs, form))
     torch.testing.assert_close(hf_loss, want_hf_loss, rtol=2e-6, atol=0)  # float32, summed in another order
@@ -119,7 +100,7 @@ def test_optimizer_steps_equal_the_padded_batches(impl, form):
     padded_model = copy.deepcopy(packed_model)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (packed_model, padded_model)]
     for step in range(3):
-        docs = documents(seed=10 + step)
+        docs = documents(LENGTHS, seed=10 + step, vocab=VOCAB)
         for model, optimizer, batch in zip((packed_model, padded_model), optimizers,
                                            (flattened(docs, form), padded(docs))):
             optimizer.zero_grad()
@@ -201,7 +182,7 @@ def test_a_mask_used_again_with_other_position_ids_is_read_again():
 def test_several_packed_rows_each_keep_their_documents(use_cache):
     """position_ids of shape (batch, length), each row packed its own way: one module call per row."""
     model = tiny_model("llama", hf.SPARSE, BIGBIRD)
-    docs = documents(seed=5)
+    docs = documents(LENGTHS, seed=5, vocab=VOCAB)
     rows = [[docs[0], docs[1], docs[3]], [docs[2][:13], docs[4]]]  # 9 + 1 + 6 and 13 + 3 tokens
     ids = torch.tensor([sum(row, []) for row in rows])
     positions = torch.tensor([[p for doc in row for p in range(len(doc))] for row in rows])
@@ -226,7 +207,7 @@ def test_flash_kwargs_are_read_on_the_host_once_per_forward(arch, form, monkeypa
     read = hf_packed._read_bounds
     monkeypatch.setattr(hf_packed, "_read_bounds", lambda cu_q, cu_k: reads.append(cu_q.tolist()) or read(cu_q, cu_k))
     model = tiny_model(arch, *IMPLEMENTATIONS["dilated"], layers=4)
-    docs = documents()
+    docs = documents(LENGTHS, vocab=VOCAB)
 
     def check(batch_docs, batch, count):
         logits = model(**batch).logits[0]
@@ -255,7 +236,7 @@ def test_flash_kwargs_are_read_on_the_host_once_per_forward(arch, form, monkeypa
 def test_a_packed_batch_runs_under_inference_mode():
     """Inference tensors count no versions: nothing is kept on them, and every layer reads them."""
     model = tiny_model("qwen2-sliding", *IMPLEMENTATIONS["sparse"])
-    docs = documents(seed=4)
+    docs = documents(LENGTHS, seed=4, vocab=VOCAB)
     with torch.inference_mode():
         for form in ("position_ids_with_cache", "flash_kwargs"):
             batch = {name: value.clone() if isinstance(value, torch.Tensor) else value

@@ -23,17 +23,18 @@ import torch
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
 import attention.hf.registration as hf  # noqa: E402
-from hf_tiny import loss_and_grads, padded  # noqa: E402
+from hf_tiny import VOCAB, documents, flattened, loss_and_grads, padded  # noqa: E402
 from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig  # noqa: E402
-from transformers.data.data_collator import DataCollatorWithFlattening  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:this model's config carries patternstore_attention"),
               pytest.mark.filterwarnings("ignore:.*RoPE scaling factor")]
 
-VOCAB = 96
 WINDOW = 8
 LENGTHS = (9, 1, 14, 6, 3, 20)  # two documents longer than the window: it slides inside them
+# hf_tiny.FORMS but "flash_kwargs_only", whose positions 0..total-1 move logits by float32 rotary rounding
+# (tests/test_hf_packed.py holds that form to 1e-5).
+FORMS = ("position_ids", "position_ids_with_cache", "flash_kwargs")
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=None, eos_token_id=None,
              sliding_window=WINDOW, attention_dropout=0.0)
@@ -51,11 +52,6 @@ COVERING = {  # a pattern over every pair: each document's result must be full a
     hf.SPARSE: {"kind": "dense", "block_size": 8, "attention": "unidirectional"},
 }
 # (collator arguments, forward arguments)
-FORMS = {
-    "position_ids": ({}, {"use_cache": False}),  # transformers' packed mask
-    "position_ids_with_cache": ({}, {}),  # use_cache=True: transformers skips its packed mask
-    "flash_kwargs": ({"return_flash_attn_kwargs": True}, {}),
-}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,24 +72,13 @@ def build(name: str, impl: str):
     return model
 
 
-def documents(seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-def flattened(docs: list[list[int]], form: str) -> dict:
-    collator_args, forward_args = FORMS[form]
-    batch = DataCollatorWithFlattening(**collator_args)([{"input_ids": d} for d in docs])
-    return {**batch, **forward_args}
-
-
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("impl", [hf.DILATED, hf.SPARSE], ids=["dilated", "sparse"])
 @pytest.mark.parametrize("name", MODELS)
 @torch.no_grad()
 def test_each_document_gets_its_logits_alone(name, impl, form):
     model = build(name, impl)
-    docs = documents(seed=0)
+    docs = documents(LENGTHS, seed=0)
     logits = model(**flattened(docs, form)).logits[0]
     whole = model(torch.tensor([sum(docs, [])]), use_cache=False).logits[0]
     start = 0
@@ -109,7 +94,7 @@ def test_each_document_gets_its_logits_alone(name, impl, form):
 @pytest.mark.parametrize("name, impl", [("gemma2", hf.DILATED), ("gpt-oss", hf.SPARSE)])
 def test_loss_and_gradients_equal_the_padded_batch(name, impl, form):
     model = build(name, impl).train()
-    docs = documents(seed=1)
+    docs = documents(LENGTHS, seed=1)
     _, want_loss, want = loss_and_grads(model, padded(docs))
     _, loss, got = loss_and_grads(model, flattened(docs, form))
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-11)

@@ -30,7 +30,7 @@ from attention.hf.padding import attend_padded  # noqa: E402
 from attention.hf.traced import traced_module_key  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from hf_tiny import VOCAB, gpt_oss_config  # noqa: E402
+from hf_tiny import VOCAB, gpt_oss_config, recording  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:this model's config carries patternstore_attention")]
@@ -56,15 +56,6 @@ def tiny_gpt_oss(impl: str, dtype: torch.dtype) -> torch.nn.Module:
     for layer in model.model.layers:  # sinks start at 0; random ones make them matter
         torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
     return model
-
-
-def recording(graphs: list):
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return aot_eager(graph_module, example_inputs)
-    return backend
 
 
 @IMPLS

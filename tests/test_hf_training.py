@@ -24,7 +24,7 @@ import attention.hf.registration as hf  # noqa: E402
 import attention.hf.training as hf_training  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from hf_tiny import PATTERNS, VOCAB, llama_config  # noqa: E402
+from hf_tiny import PATTERNS, VOCAB, llama_config, recording  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,15 +105,6 @@ def test_a_compiled_training_step_equals_the_eager_step_without_a_second_forward
     assert calls == {"forward": layers * runs, "backward": layers * runs}  # the backward ran no forward
     model.zero_grad()
     assert_same_step(training_step(model, compiled, ids, mask), want)
-
-
-def recording(graphs: list):
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return aot_eager(graph_module, example_inputs)
-    return backend
 
 
 @pytest.mark.parametrize("pattern", ["dilated", "bigbird"])
