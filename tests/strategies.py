@@ -96,3 +96,15 @@ def tiny_sparse_specs(max_blocks: int = 12) -> st.SearchStrategy[SparseSpec]:
 
 
 any_spec = st.one_of(dilated_specs(), sparse_specs())
+
+
+@st.composite
+def document_lengths(draw: st.DrawFn, lengths: st.SearchStrategy[int], max_documents: int,
+                     longest_filler: int) -> list[int]:
+    """A packed batch's document lengths: up to ``max_documents`` drawn from
+    ``lengths`` (empty documents included), with one of 1..``longest_filler``
+    tokens appended when they sum to 0."""
+    drawn = draw(st.lists(lengths, min_size=1, max_size=max_documents))
+    if sum(drawn) == 0:
+        drawn.append(draw(st.integers(1, longest_filler)))
+    return drawn

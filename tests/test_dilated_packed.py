@@ -30,7 +30,7 @@ from attention.dilated.packed import BUCKET_WASTE, layers, segment_buckets
 from patternstore.dilated_groups import Group
 from attention.dilated.distributed import DistributedDilatedAttention
 from patternstore import DilatedSpec, generate
-from strategies import small_dilated_branches
+from strategies import document_lengths, small_dilated_branches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,9 +63,7 @@ def assert_same(packed, separate, inputs, tol=1e-10):
 @st.composite
 def packed_cases(draw):
     segments, rates, heads, scheme = draw(small_dilated_branches(max_segment=12, max_rate=4, max_heads=4))
-    lengths = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 7, 9, 13, 17, 26]), min_size=1, max_size=7))
-    if sum(lengths) == 0:
-        lengths.append(draw(st.integers(1, 11)))
+    lengths = draw(document_lengths(st.sampled_from([0, 1, 2, 3, 5, 7, 9, 13, 17, 26]), 7, 11))
     kv_heads = draw(st.sampled_from([x for x in range(1, heads + 1) if heads % x == 0]))
     is_causal, padded, seed = draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 99))
     return segments, rates, heads, scheme, lengths, kv_heads, is_causal, padded, seed

@@ -16,7 +16,7 @@ from attention.dilated.packed_flex import document_mods, packed_block_mask, pack
 from attention.dilated.plan import DilatedPlan, plan_branches
 from attention.residue import residue_modulus
 from patternstore import DilatedSpec, generate
-from strategies import small_dilated_branches
+from strategies import document_lengths, small_dilated_branches
 
 
 def plan_of(segments, rates, heads, scheme) -> DilatedPlan:
@@ -39,9 +39,7 @@ def buffer_multiplicity(layout, lengths, heads, segments, rates, scheme, causal)
 @st.composite
 def cases(draw):
     segments, rates, heads, scheme = draw(small_dilated_branches(max_segment=12, max_rate=4, max_heads=4))
-    lengths = draw(st.lists(st.sampled_from([0, 1, 2, 5, 8, 9, 13, 16, 26, 40]), min_size=1, max_size=6))
-    if sum(lengths) == 0:
-        lengths.append(draw(st.integers(1, 11)))
+    lengths = draw(document_lengths(st.sampled_from([0, 1, 2, 5, 8, 9, 13, 16, 26, 40]), 6, 11))
     return segments, rates, heads, scheme, lengths, draw(st.sampled_from([4, 8])), draw(st.booleans())
 
 

@@ -22,7 +22,7 @@ import attention.sparse.tiles as sparse_tiles
 from attention import BlockSparseAttention, DilatedAttention, DilatedPlan, block_sparse_attention, dilated_attention
 from attention.dense_reference import block_pairs, dense_attention, layout_blocks, multiplicity
 from patternstore import DilatedSpec, PatternStore, SparseSpec, generate
-from strategies import small_dilated_branches, sparse_params
+from strategies import document_lengths, small_dilated_branches, sparse_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,9 +79,7 @@ FEATURES = ("softcap", "sinks", "both")
 @st.composite
 def dilated_cases(draw):
     segments, rates, heads, scheme = draw(small_dilated_branches(max_segment=12, max_rate=4, max_heads=4))
-    lengths = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 7, 9, 13, 17, 26]), min_size=1, max_size=7))
-    if sum(lengths) == 0:
-        lengths.append(draw(st.integers(1, 11)))
+    lengths = draw(document_lengths(st.sampled_from([0, 1, 2, 3, 5, 7, 9, 13, 17, 26]), 7, 11))
     kv_heads = draw(st.sampled_from([x for x in range(1, heads + 1) if heads % x == 0]))
     features = draw(st.sampled_from(FEATURES))
     softcap = draw(st.sampled_from([0.5, 1.5, 4.0])) if features != "sinks" else None
@@ -125,9 +123,7 @@ SPARSE_KINDS = ["bigbird", "bslongformer", "fixed", "variable", "dense", "local"
 @st.composite
 def sparse_cases(draw):
     block = draw(st.sampled_from([1, 2, 4]))
-    lengths = draw(st.lists(st.integers(0, 5 * block + 1), min_size=1, max_size=7))
-    if sum(lengths) == 0:
-        lengths.append(draw(st.integers(1, 3 * block)))
+    lengths = draw(document_lengths(st.integers(0, 5 * block + 1), 7, 3 * block))
     kind = draw(st.sampled_from(SPARSE_KINDS))
     params = sparse_params(draw, kind, 1)  # valid for documents of one block
     kv_heads = draw(st.sampled_from([1, 2]))

@@ -19,7 +19,7 @@ from attention.sparse.packed import compose_layout
 from patternstore import PatternStore, SparseSpec, generate
 from patternstore.csr import drop_future_blocks
 from patternstore.kinds import SPARSE_KINDS
-from strategies import sparse_params
+from strategies import document_lengths, sparse_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,9 +127,7 @@ def test_compose_layout_places_each_corner_on_the_block_diagonal():
 @st.composite
 def packed_cases(draw):
     block = draw(st.sampled_from([1, 2, 4]))
-    lengths = draw(st.lists(st.integers(0, 5 * block + 1), min_size=1, max_size=7))
-    if sum(lengths) == 0:
-        lengths.append(draw(st.integers(1, 3 * block)))
+    lengths = draw(document_lengths(st.integers(0, 5 * block + 1), 7, 3 * block))
     if draw(st.booleans()):  # more documents than blocks
         lengths += [1] * draw(st.integers(1, 6))
     kind = draw(st.sampled_from(KINDS))
