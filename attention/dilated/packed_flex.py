@@ -9,11 +9,12 @@ Layout of the call. Each non-empty document of length ``L`` takes
 other; its tokens sit there in ITS OWN residue order (``attention.residue``
 at ``n = L``), the rest of its last block is fill. The BlockMask is the
 block-diagonal composition (``attention.block_mask.block_diagonal``) of each
-document's residue layout (``residue_layout(plan, L, block, causal)``): built in O(active
-blocks) from the per-length layouts, never by evaluating a mask over the
-packed length (no ``create_block_mask``). Blocks never cross documents, so
-no key of another document is ever computed. A document's last block row
-and column (where it has fill) are partial, so the mask_mod drops the fill.
+document's residue layout (that of ``residue_layout(plan, L, block,
+causal)``): built in O(active blocks) from the per-length layouts, never
+by evaluating a mask over the packed length (no ``create_block_mask``).
+Blocks never cross documents, so no key of another document is ever
+computed. A document's last block row and column (where it has fill) are
+partial, so the mask_mod drops the fill.
 
 The mods recount the multiplicity per document: they capture three
 ``(buffer,)`` tensors, each position's document length, its residue-order
@@ -27,8 +28,7 @@ together in one vectorized numpy pass (``residue_layouts``, not cached: a
 batch of 256 distinct lengths costs one pass over their 256 small layouts;
 figures in docs/bench.md, "Packed documents"), one vectorized composition,
 one BlockMask, one scatter of q, k, v into the buffer, one flex call, one
-gather back. The host reads
-``cu_seqlens`` once (one sync for a GPU tensor).
+gather back. The host reads ``cu_seqlens`` once (one sync for a GPU tensor).
 
 Limits: eager only (``run_packed`` gives compiled and exported calls the
 fast path, whose ops take ``cu_seqlens`` as a tensor input); on the CPU
