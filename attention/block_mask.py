@@ -26,6 +26,12 @@ CPU: torch 2.13's CPU FlexAttention lowering (``_inductor/kernel/flex/
 flex_cpu.py``) asserts ``width * block_size >= seq_len``, hence ``nb``-wide
 rows there. ``BlockMask.to_dense()`` assumes that ``nb``-wide form; flex
 reads only the first ``kv_num_blocks`` entries of each row.
+
+Packed documents: ONE composer, ``block_diagonal``, places per-document
+layouts (corners of one stored layout, or whole per-length layouts with
+their full/partial flags) on the block diagonal of one CSR; the packed
+block-sparse plan (attention/sparse/packed.py) and the packed fused
+dilated path (attention/dilated/packed_flex.py) both use it.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from patternstore.pattern import Pattern
 from patternstore.fields import check_bool
 from patternstore.specs import SparseSpec
 
-__all__ = ["BLOCK_MASK_FIELDS", "block_diagonal", "build_block_mask", "block_mask_from_csr", "block_mask_of",
-           "with_key_padding", "to_block_mask", "layout_mask_mod"]
+__all__ = ["BLOCK_MASK_FIELDS", "block_diagonal", "stack_layouts", "build_block_mask", "block_mask_from_csr",
+           "block_mask_of", "with_key_padding", "to_block_mask", "layout_mask_mod"]
 
 # The tensor fields of a BlockMask this bridge fills, in BlockMask's own order
 # (``BlockMask._TENSOR_ATTRS`` without the optional dq-ordering arrays).
@@ -66,35 +72,58 @@ def layout_mask_mod(kv_len: int, causal: bool, key_padding_mask: Optional[Tensor
     return mask_mod
 
 
-def block_diagonal(layouts: list[tuple[Tensor, Tensor, Tensor]], which) -> tuple[Tensor, Tensor, Tensor]:
-    """The block-diagonal CSR of documents placed one after the other:
-    document ``d`` is the whole layout ``layouts[which[d]]`` (``which``:
-    int [D]; each layout ``(kv_num_blocks [H, nb_u], kv_indices [nnz_u], flags
-    [nnz_u])``, rows head-major and ascending, CPU), its block indices shifted
-    by the blocks of the documents before it. -> ``(kv_num_blocks [H, NB],
-    kv_indices [nnz], flags [nnz])``, ``NB`` the sum of the documents' blocks.
-    O(H * NB + nnz) vectorized numpy: no Python loop over documents."""
-    heads = layouts[0][0].shape[0]
-    sizes = np.array([c.shape[1] for c, _, _ in layouts], dtype=np.int64)
-    counts_in = np.concatenate([c.numpy().astype(np.int64).ravel() for c, _, _ in layouts])  # (u, h, row)
-    indices_in = np.concatenate([i.numpy().astype(np.int64) for _, i, _ in layouts])
-    flags_in = np.concatenate([f.numpy() for _, _, f in layouts])
-    base = np.cumsum(sizes * heads) - sizes * heads                          # each layout's first source row
-    which = np.asarray(which, dtype=np.int64)
-    doc_blocks = sizes[which]
-    starts = np.cumsum(doc_blocks) - doc_blocks
+def block_diagonal(kv_num_blocks: Tensor, kv_indices: Tensor, first_row, doc_blocks,
+                   flags: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """THE block-diagonal composition of documents placed one after the
+    other, ``doc_blocks[d]`` blocks each (int [D], zeros allowed): document
+    ``d``'s local row ``i`` is the source layout's row ``first_row[d] + i``
+    cut to its key blocks ``< doc_blocks[d]`` (the top-left corner; a whole
+    layout of ``doc_blocks[d]`` blocks is its own corner), the block indices
+    shifted by the document's first block. The source ``kv_num_blocks [H,
+    R]``, ``kv_indices [nnz]`` (CPU, rows head-major and ascending) is one
+    layout or several stacked along the rows (``stack_layouts``); ``flags``
+    (any dtype ``[nnz]``, e.g. full/partial) travel with their entries.
+    -> ``(kv_num_blocks [H, NB] int32, kv_indices int32, flags or None)``,
+    ``NB`` the sum of ``doc_blocks``; each output row is its source row's
+    entries in their order (ascending), rows head-major: the order the
+    sparse tiles and ``build_block_mask`` read. O(H * NB + nnz) vectorized
+    numpy, no Python loop over documents (single-threaded: on a loaded
+    machine each small parallel torch op risks a stall of milliseconds); a
+    row's cut is one ``searchsorted``."""
+    counts_in = kv_num_blocks.numpy().astype(np.int64)
+    heads, rows = counts_in.shape
+    indices_in = kv_indices.numpy().astype(np.int64)
+    doc_blocks, first_row = np.asarray(doc_blocks, dtype=np.int64), np.asarray(first_row, dtype=np.int64)
+    starts = np.cumsum(doc_blocks) - doc_blocks                            # each document's first block
     total = int(doc_blocks.sum())
-    doc = np.repeat(np.arange(which.size), doc_blocks)                       # [NB]
+    doc = np.repeat(np.arange(doc_blocks.size), doc_blocks)               # [NB]
     local = np.arange(total) - starts[doc]
-    source_row = (base[which[doc]] + local)[None] + np.arange(heads)[:, None] * sizes[which[doc]][None]  # [H, NB]
-    offsets = np.cumsum(counts_in) - counts_in
-    new_counts = counts_in[source_row].ravel()
+    source_row = (np.arange(heads)[:, None] * rows + (first_row[doc] + local)[None]).ravel()
+    limit = np.tile(doc_blocks[doc], heads)                                # [H * NB]
+    counts = counts_in.ravel()
+    offsets = np.cumsum(counts) - counts
+    keys = np.repeat(np.arange(counts.size), counts) * (rows + 1) + indices_in   # ascending: rows, then columns
+    begins = offsets[source_row]
+    new_counts = np.searchsorted(keys, source_row * (rows + 1) + limit) - begins
     new_offsets = np.cumsum(new_counts) - new_counts
     out_row = np.repeat(np.arange(new_counts.size), new_counts)
-    entry = offsets[source_row.ravel()][out_row] + np.arange(out_row.size) - new_offsets[out_row]
+    entry = begins[out_row] + np.arange(out_row.size) - new_offsets[out_row]
     values = indices_in[entry] + np.tile(starts[doc], heads)[out_row]
     return (torch.from_numpy(new_counts.reshape(heads, total).astype(np.int32)),
-            torch.from_numpy(values.astype(np.int32)), torch.from_numpy(flags_in[entry]))
+            torch.from_numpy(values.astype(np.int32)),
+            None if flags is None else flags[torch.from_numpy(entry)])
+
+
+def stack_layouts(layouts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Layouts ``(kv_num_blocks [H, nb_u], kv_indices)`` (CPU) stacked along
+    the rows for ``block_diagonal``: ``(kv_num_blocks [H, sum nb_u],
+    kv_indices, first_row [U])``, head ``h``'s rows of every layout, then
+    head ``h + 1``'s; layout ``u``'s rows start at ``first_row[u]``."""
+    sizes = np.array([c.shape[1] for c, _ in layouts], dtype=np.int64)
+    counts = torch.cat([c for c, _ in layouts], 1)
+    per_head = [torch.split(i, c.sum(1).tolist()) for c, i in layouts]
+    indices = torch.cat([pieces[h] for h in range(counts.shape[0]) for pieces in per_head])
+    return counts, indices, np.cumsum(sizes) - sizes
 
 
 def _rows(counts: Tensor, indices: Tensor, width: Optional[int]) -> tuple[Tensor, Tensor]:

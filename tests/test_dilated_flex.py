@@ -20,7 +20,7 @@ from attention.dilated.plan import DilatedPlan
 from attention.dilated.flex import block_mask_from_layout, dilated_flex_attention, fused_forward, residue_block_mask
 from attention.dilated.plan import plan_branches
 from attention.residue import from_residue_order, residue_index, residue_inverse, residue_modulus, residue_order, to_residue_order
-from attention.dilated.residue_layout import layout_period, residue_layout
+from attention.dilated.residue_layout import layout_period, residue_layout, residue_layouts
 from attention.dense_reference import dense_dilated_attention, multiplicity
 from patternstore import DilatedSpec, generate
 from strategies import small_dilated_branches
@@ -94,6 +94,38 @@ def test_layout_is_the_block_reduction_of_the_dense_mask(spec, n, block, causal)
     any_pair, every_pair = reduced_mask(segments, rates, heads, scheme, n, block, causal)
     assert torch.equal(active, any_pair)
     assert not bool((full & ~every_pair).any()), "a block marked full holds a masked pair"
+
+
+@settings(max_examples=100, deadline=None)
+@given(small_dilated_branches(), st.lists(st.integers(1, 60), min_size=1, max_size=6), st.integers(1, 9),
+       st.booleans())
+def test_layouts_of_many_lengths_at_once_are_each_length_s_layout(spec, lengths, block, causal):
+    segments, rates, heads, scheme = spec
+    plan = plan_of(segments, rates, heads, scheme)
+    counts, indices, full, first = residue_layouts(plan, lengths, block, causal)
+    head_first = counts.sum(1).cumsum(0) - counts.sum(1)  # each head's first entry in the stack
+    for u, n in enumerate(lengths):
+        alone = residue_layout(plan, n, block, causal)
+        nb = alone.kv_num_blocks.shape[1]
+        assert torch.equal(counts[:, first[u]:first[u] + nb], alone.kv_num_blocks)
+        for h in range(heads):
+            before = int(counts[h, :first[u]].sum()) + int(head_first[h])
+            mine = slice(int(alone.kv_num_blocks[:h].sum()), int(alone.kv_num_blocks[:h + 1].sum()))
+            assert torch.equal(indices[before:before + mine.stop - mine.start], alone.kv_indices[mine])
+            assert torch.equal(full[before:before + mine.stop - mine.start], alone.full[mine])
+    assert counts.shape[1] == sum(-(-n // block) for n in lengths) and int(counts.sum()) == indices.numel()
+
+
+def test_layouts_of_many_lengths_reject_bad_input():
+    plan = plan_of((8,), (2,), 2)
+    with pytest.raises(ValueError, match="lengths"):
+        residue_layouts(plan, [4, 0], 4, False)
+    with pytest.raises(ValueError, match="lengths"):
+        residue_layouts(plan, [], 4, False)
+    with pytest.raises(ValueError, match="block_size"):
+        residue_layouts(plan, [8], 0, False)
+    with pytest.raises(ValueError, match="is_causal"):
+        residue_layouts(plan, [8], 4, 1)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import attention.sparse.module as sparse
 from attention import BlockSparseAttention, MultiheadBlockSparseAttention, block_sparse_attention
 from attention.dense_reference import block_pairs, dense_attention, layout_blocks
-from attention.sparse.packed import compose_layout
+from attention.block_mask import block_diagonal
 from patternstore import PatternStore, SparseSpec, generate
 from patternstore.csr import drop_future_blocks
 from patternstore.kinds import SPARSE_KINDS
@@ -114,11 +114,11 @@ def test_the_kinds_that_are_not_prefix_stable_are_not_corners(kind, params, leng
                            corner(short["kv_num_blocks"], short["kv_indices"], lengths[0]))
 
 
-def test_compose_layout_places_each_corner_on_the_block_diagonal():
+def test_block_diagonal_places_each_corner_on_the_block_diagonal():
     counts = torch.tensor([[1, 2, 3], [3, 1, 2]], dtype=torch.int32)
     indices = torch.tensor([0, 0, 1, 0, 1, 2, 0, 1, 2, 1, 0, 2], dtype=torch.int32)
-    got_counts, got_indices = compose_layout(counts, indices, torch.zeros(3, dtype=torch.int64),
-                                             torch.tensor([2, 0, 3]))
+    got_counts, got_indices, _ = block_diagonal(counts, indices, torch.zeros(3, dtype=torch.int64),
+                                                torch.tensor([2, 0, 3]))
     assert got_counts.tolist() == [[1, 2, 1, 2, 3], [2, 1, 3, 1, 2]]
     assert got_indices.tolist() == [0, 0, 1, 2, 2, 3, 2, 3, 4, 0, 1, 1, 2, 3, 4, 3, 2, 4]
 

@@ -20,6 +20,11 @@ head_dim 64; ``dilated``: segments 2048/4096/8192, rates 1/2/4 (the CPU
 benchmark's); ``sparse``: bigbird, block 128 (DeepSpeed's defaults).
 ``--padded``: batch 2, the second sequence's last eighth of keys padded
 (a ``key_padding_mask``), for what the padded path costs.
+``sparse-packed``: the same bigbird module over 256 packed documents
+(``cu_seqlens``; ``tools/bench_packed_sparse.py``'s short mix, log-uniform
+64..1K, seed 25, scaled to ``--length`` tokens); besides the forward, each
+process times the host plan of 5 new splits (``packed_plan``, median:
+``host_plan_s``), compared B / A in seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import benchlib
 THREADS, HEADS, HEAD_DIM, MM_SIZE = 2, 8, 64, 2048
 SEGMENTS, RATES = (2048, 4096, 8192), (1, 2, 4)
 SPARSE_KIND, SPARSE_BLOCK = "bigbird", 128
-CASES = ("dilated", "sparse")
+CASES = ("dilated", "sparse", "sparse-packed")
 
 
 def child(case: str, n: int, calls: int, padded: bool) -> dict:
@@ -59,12 +64,40 @@ def child(case: str, n: int, calls: int, padded: bool) -> dict:
     if padded:
         pad = torch.zeros(batch, n, dtype=torch.bool)
         pad[1, n - n // 8:] = True
+    extra, call = {}, lambda: module(q, k, v, key_padding_mask=pad)
+    if case == "sparse-packed":
+        extra["host_plan_s"] = packed_host_plan_s(module, n)
+        cu = torch.tensor([0, *torch.tensor(packed_lengths(n)).cumsum(0).tolist()])
+        call = lambda: module(q, k, v, key_padding_mask=pad, cu_seqlens=cu)  # noqa: E731
     with torch.no_grad():
-        runs = benchlib.interleave({case: lambda: module(q, k, v, key_padding_mask=pad)}, timed=benchlib.timer("cpu"), rounds=calls,
+        runs = benchlib.interleave({case: call}, timed=benchlib.timer("cpu"), rounds=calls,
                                    reference=benchlib.matmul(MM_SIZE))
     if runs.failures:
         raise RuntimeError(f"{case} failed: {runs.failures}")
-    return {"attention": attention.__file__, **runs.row(case), "matmul_s": runs.median("matmul")}
+    return {"attention": attention.__file__, **runs.row(case), "matmul_s": runs.median("matmul"), **extra}
+
+
+def packed_lengths(n: int) -> list[int]:
+    from bench_packed_sparse import K, document_lengths, scaled
+
+    return scaled(document_lengths(256, 64, K, seed=25), n)
+
+
+def packed_host_plan_s(module, n: int) -> float:
+    """Median host plan (``packed_plan``) of 5 new splits of the packed documents: no plan cache hit."""
+    import time
+
+    import torch
+    from attention.sparse.packed import packed_plan
+
+    lengths, times = packed_lengths(n), []
+    for seed in range(5):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(100 + seed)).tolist()
+        split = torch.tensor([0, *torch.tensor([lengths[i] for i in order]).cumsum(0).tolist()])
+        start = time.perf_counter()
+        packed_plan(split, n, HEADS, torch.device("cpu"), False, module.block_size, module._description, None, None)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run_child(worktree: Path, store: Path, case: str, n: int, calls: int, padded: bool, timeout_s: float) -> dict:
@@ -92,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.length < 1 or args.pairs < 1 or args.calls < 1:
         parser.error(f"--length, --pairs and --calls must be >= 1, got {args.length}, {args.pairs}, {args.calls}")
+    if args.padded and "sparse-packed" in (args.case, args.child):
+        parser.error("--padded is for one sequence per row; the sparse-packed case packs its documents in one row")
     if args.child:
         print(json.dumps(child(args.child, args.length, args.calls, args.padded)))
         return
@@ -118,8 +153,9 @@ def main() -> None:
                 result = run_child(trees[label], tmp / f"store-{label}", args.case, args.length, args.calls,
                                    args.padded, args.timeout_s)
                 processes[label].append(result)
+                plan = f", host plan {result['host_plan_s'] * 1e3:.2f} ms" if "host_plan_s" in result else ""
                 print(f"pair {pair + 1} {label} ({revisions[label][0]}): {result['median_s'] * 1e3:9.2f} ms, "
-                      f"matmul {result['matmul_s'] * 1e3:7.2f} ms, {result['matmul_units']:.3f} matmul units",
+                      f"matmul {result['matmul_s'] * 1e3:7.2f} ms, {result['matmul_units']:.3f} matmul units{plan}",
                       flush=True)
     finally:
         for tree in trees.values():
@@ -132,12 +168,17 @@ def main() -> None:
                        "median_s": statistics.median(p["median_s"] for p in processes[label])}
                for label, (rev, full) in revisions.items()}
     ratio = medians["B"]["matmul_units"] / medians["A"]["matmul_units"]
+    if args.case == "sparse-packed":
+        for label in medians:
+            medians[label]["host_plan_s"] = statistics.median(p["host_plan_s"] for p in processes[label])
     report = {"benchmark": "tools/bench_ab.py", "machine": benchlib.machine("cpu", THREADS),
               "config": {"case": args.case, "length": args.length, "padded": args.padded, "pairs": args.pairs,
                          "calls": args.calls,
                          "threads": THREADS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
                          "matmul": MM_SIZE, "no_grad": True},
               "processes": processes, "medians": medians, "ratio_b_over_a_matmul_units": ratio}
+    if args.case == "sparse-packed":
+        report["ratio_b_over_a_host_plan_s"] = medians["B"]["host_plan_s"] / medians["A"]["host_plan_s"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"A {args.a}: {medians['A']['matmul_units']:.3f}, B {args.b}: {medians['B']['matmul_units']:.3f} "

@@ -9,8 +9,9 @@ batch, lengths log-uniform (seed 0) scaled to the batch's total.
 Candidates at each total (16K, 32K, 64K, 1M):
 - ours: ``packed_layout`` + the BlockMask (``build_block_mask`` with rows
   as wide as the longest, the CUDA form; the CPU form pads each row to one
-  slot per block), with the per-length layout cache cleared first: every
-  batch brings new document lengths (time and the BlockMask's bytes);
+  slot per block), process caches cleared first: every batch brings new
+  document lengths (``residue_layouts`` builds them all, uncached; time
+  and the BlockMask's bytes);
 - create_block_mask: torch's ``create_block_mask`` (compiled, as flex's docs
   advise) over the packed length with the equivalent
   ``and_masks(document, dilated pattern)`` mask_mod in natural order; the

@@ -9,11 +9,12 @@ Layout of the call. Each non-empty document of length ``L`` takes
 other; its tokens sit there in ITS OWN residue order (``attention.residue``
 at ``n = L``), the rest of its last block is fill. The BlockMask is the
 block-diagonal composition (``attention.block_mask.block_diagonal``) of each
-document's ``residue_layout(plan, L, block, causal)``: built in O(active
-blocks) from the per-length layouts, never by evaluating a mask over the
-packed length (no ``create_block_mask``). Blocks never cross documents, so
-no key of another document is ever computed. A document's last block row
-and column (where it has fill) are partial, so the mask_mod drops the fill.
+document's residue layout (that of ``residue_layout(plan, L, block,
+causal)``): built in O(active blocks) from the per-length layouts, never
+by evaluating a mask over the packed length (no ``create_block_mask``).
+Blocks never cross documents, so no key of another document is ever
+computed. A document's last block row and column (where it has fill) are
+partial, so the mask_mod drops the fill.
 
 The mods recount the multiplicity per document: they capture three
 ``(buffer,)`` tensors, each position's document length, its residue-order
@@ -22,12 +23,12 @@ not padded); the in-document position is ``residue_position(index, L, R)``
 and the segment is ``min(w, L)``, all tensor arithmetic. Fill and padded
 keys' k and v rows are zero, so a NaN or Inf in them reaches no output.
 
-Cost per batch: one ``residue_layout`` per DISTINCT document length (kept
-per process, ``attention.dilated.residue_layout.LAYOUTS_KEPT``; a batch of
-256 distinct lengths builds 256 small layouts: figures in docs/bench.md,
-"Packed documents"), one vectorized composition, one BlockMask, one scatter
-of q, k, v into the buffer, one flex call, one gather back. The host reads
-``cu_seqlens`` once (one sync for a GPU tensor).
+Cost per batch: the layouts of the DISTINCT document lengths, built
+together in one vectorized numpy pass (``residue_layouts``, not cached: a
+batch of 256 distinct lengths costs one pass over their 256 small layouts;
+figures in docs/bench.md, "Packed documents"), one vectorized composition,
+one BlockMask, one scatter of q, k, v into the buffer, one flex call, one
+gather back. The host reads ``cu_seqlens`` once (one sync for a GPU tensor).
 
 Limits: eager only (``run_packed`` gives compiled and exported calls the
 fast path, whose ops take ``cu_seqlens`` as a tensor input); on the CPU
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
@@ -46,7 +48,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from attention.block_mask import block_diagonal, build_block_mask
 from attention.dilated.flex import FUSED_BLOCK
 from attention.dilated.plan import Branches, DilatedPlan, branch_offsets, plan_branches
-from attention.dilated.residue_layout import residue_layout
+from attention.dilated.residue_layout import residue_layouts
 from attention.kernels.flex import compiled_flex, flex_tiles
 from attention.residue import residue_index, residue_modulus, residue_position
 
@@ -73,20 +75,17 @@ def packed_layout(plan: DilatedPlan, bounds: Sequence[int], block_size: int, is_
     cu = torch.tensor(list(bounds), dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
     live = lengths[lengths > 0]
-    distinct = sorted(set(live.tolist()))
     modulus = residue_modulus(g.rate for g in plan.groups)
-    parts = []
-    for n in distinct:
-        layout = residue_layout(plan, n, block_size, is_causal)
-        nb = layout.kv_num_blocks.shape[1]
-        full = layout.full
-        if n % block_size:  # the last block row and column hold fill: the mask_mod must run there
-            rows = torch.repeat_interleave(torch.arange(nb).repeat(layout.kv_num_blocks.shape[0]),
-                                           layout.kv_num_blocks.ravel().long())
-            full = full & (layout.kv_indices != nb - 1) & (rows != nb - 1)
-        parts.append((layout.kv_num_blocks, layout.kv_indices, full))
-    which = torch.searchsorted(torch.tensor(distinct), live)
-    counts, indices, full = block_diagonal(parts, which.numpy())
+    documents = live.numpy()
+    distinct = np.unique(documents)
+    counts, indices, full, first_row = residue_layouts(plan, distinct.tolist(), block_size, is_causal)
+    doc_blocks = -(-documents // block_size)
+    counts, indices, full = block_diagonal(counts, indices, first_row[np.searchsorted(distinct, documents)],
+                                           doc_blocks, full)
+    filled = np.zeros(int(doc_blocks.sum()), dtype=bool)  # a document's last block when it holds fill
+    filled[np.cumsum(doc_blocks) - 1] = documents % block_size != 0
+    rows = np.repeat(np.arange(counts.numel()), counts.numpy().ravel()) % filled.size
+    full &= torch.from_numpy(~(filled[rows] | filled[indices.numpy()]))  # the mask_mod must run there
     span = -(-live // block_size) * block_size                    # each document's place in the buffer
     start = torch.cumsum(span, 0) - span
     doc = torch.repeat_interleave(torch.arange(live.numel()), live)

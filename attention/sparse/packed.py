@@ -42,7 +42,8 @@ Execution: each document is copied to a block-aligned offset of a scratch
 buffer (padded to whole blocks: less than one block of fill per document);
 the block-diagonal CSR of the documents' layouts, index-shifted to their
 offsets, is composed in O(active blocks) by vectorized numpy on the host
-(``compose_layout``; Python loops run over distinct block counts only);
+(``attention.block_mask.block_diagonal``; Python loops run over distinct
+block counts only);
 the tiles (attention/sparse/tiles.py) run over the buffer once for the
 rows that read no fill key block, without a mask, and once for the others
 with the fill masked (one call with the caller's key padding mask or'ed
@@ -74,7 +75,7 @@ from torch import Tensor
 
 from patternstore.csr import check_layout, drop_future_blocks
 
-from attention.block_mask import block_mask_from_csr
+from attention.block_mask import block_diagonal, block_mask_from_csr, stack_layouts
 from attention.caches import BoundedCache, process_cache
 from attention.kernels.flex import compiled_flex, flex_tiles
 from attention.kernels.softmax_parts import EMPTY_LSE, accumulate_dtype
@@ -82,7 +83,7 @@ from attention.packed import document_bounds
 from attention.sparse.layouts import LayoutSource, source
 from attention.sparse.tiles import Groups, row_groups, sparse_backward, sparse_forward, tiles_sinks_grad, with_sinks
 
-__all__ = ["PackedPlan", "compose_layout", "packed_plan", "packed_sparse_attention", "packed_flex_attention",
+__all__ = ["PackedPlan", "packed_plan", "packed_sparse_attention", "packed_flex_attention",
            "MAX_PLANS"]
 
 
@@ -109,39 +110,6 @@ class PackedPlan(NamedTuple):
                                  # ~1.8x, docs/bench.md), then the others; one part with a caller's mask
 
 
-def compose_layout(kv_num_blocks: Tensor, kv_indices: Tensor, first_row, doc_blocks) -> tuple[Tensor, Tensor]:
-    """The block-diagonal layout of documents with ``doc_blocks[d]`` blocks
-    each (int64 [D], zeros allowed), placed one after the other: document
-    ``d``'s local row ``i`` is the source layout's row ``first_row[d] + i``
-    (``kv_num_blocks [H, R]``, ``kv_indices``, CPU: one or more layouts
-    stacked along the rows) cut to its key blocks ``< doc_blocks[d]`` (the
-    corner), shifted by the document's first block. O(H * blocks + nnz)
-    vectorized numpy (single-threaded: on a loaded machine each small
-    parallel torch op risks a stall of milliseconds); a row's cut is one
-    ``searchsorted`` (rows are sorted ascending)."""
-    counts_in = kv_num_blocks.numpy().astype(np.int64)
-    heads, rows = counts_in.shape
-    indices_in = kv_indices.numpy().astype(np.int64)
-    doc_blocks, first_row = np.asarray(doc_blocks, dtype=np.int64), np.asarray(first_row, dtype=np.int64)
-    starts = np.cumsum(doc_blocks) - doc_blocks                            # each document's first block
-    total = int(doc_blocks.sum())
-    doc = np.repeat(np.arange(doc_blocks.size), doc_blocks)               # [NB]
-    local = np.arange(total) - starts[doc]
-    source_row = (np.arange(heads)[:, None] * rows + (first_row[doc] + local)[None]).ravel()
-    limit = np.tile(doc_blocks[doc], heads)                                # [H * NB]
-    counts = counts_in.ravel()
-    offsets = np.cumsum(counts) - counts
-    keys = np.repeat(np.arange(counts.size), counts) * (rows + 1) + indices_in   # ascending: rows, then columns
-    begins = offsets[source_row]
-    new_counts = np.searchsorted(keys, source_row * (rows + 1) + limit) - begins
-    new_offsets = np.cumsum(new_counts) - new_counts
-    out_row = np.repeat(np.arange(new_counts.size), new_counts)
-    within = np.arange(out_row.size) - new_offsets[out_row]
-    values = indices_in[begins[out_row] + within] + np.tile(starts[doc], heads)[out_row]
-    return (torch.from_numpy(new_counts.reshape(heads, total).astype(np.int32)),
-            torch.from_numpy(values.astype(np.int32)))
-
-
 def _module_layouts(layouts: LayoutSource, blocks: list[int], heads: int, causal: bool,
                     lengths: list[int]) -> tuple[Tensor, Tensor, np.ndarray]:
     """``(kv_num_blocks, kv_indices, first_row [D])`` of the module's layouts
@@ -161,18 +129,10 @@ def _module_layouts(layouts: LayoutSource, blocks: list[int], heads: int, causal
     if layouts.prefix_stable:
         counts, indices = layouts.layout(layouts.capacity(max(live) * bs), heads, cpu, causal)
         return counts, indices, np.zeros(len(blocks), dtype=np.int64)
-    parts, first = [], {}
-    row = 0
-    for b in sorted(set(live)):
-        counts, indices = layouts.layout(b * bs, heads, cpu, causal)
-        parts.append((counts, indices))
-        first[b] = row
-        row += b
-    counts = torch.cat([c for c, _ in parts], 1)
-    # Head-major over the stack: head h's rows of every layout, then head h + 1's.
-    per_head = [torch.split(i, c.sum(1).tolist()) for c, i in parts]
-    indices = torch.cat([pieces[h] for h in range(counts.shape[0]) for pieces in per_head])
-    return counts, indices, np.array([first.get(b, 0) for b in blocks], dtype=np.int64)
+    distinct = sorted(set(live))
+    counts, indices, first = stack_layouts([layouts.layout(b * bs, heads, cpu, causal) for b in distinct])
+    first_of = dict(zip(distinct, first.tolist()))
+    return counts, indices, np.array([first_of.get(b, 0) for b in blocks], dtype=np.int64)
 
 
 def _parts(counts: Tensor, indices: Tensor, fill_blocks: np.ndarray, padding: Optional[np.ndarray],
@@ -221,7 +181,7 @@ def packed_plan(cu_seqlens: Tensor, total: int, heads: int, device: torch.device
         if causal:
             counts, indices = drop_future_blocks(counts, indices)
         first_row = np.zeros(len(lengths), dtype=np.int64)
-    counts, indices = compose_layout(counts, indices, first_row, doc_blocks)
+    counts, indices, _ = block_diagonal(counts, indices, first_row, doc_blocks)
     nb = counts.shape[1]
     length = nb * block_size
     shift = (np.cumsum(doc_blocks) - doc_blocks) * block_size - starts
