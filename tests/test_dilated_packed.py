@@ -26,7 +26,9 @@ from attention import (
     dilated_attention,
 )
 from attention.dense_reference import dense_attention, multiplicity
+from attention.dilated import packed as packed_module
 from attention.dilated.packed import BUCKET_WASTE, layers, segment_buckets
+from attention.dilated.plan import groups_from_flat
 from patternstore.dilated_groups import Group
 from attention.dilated.distributed import DistributedDilatedAttention
 from patternstore import DilatedSpec, generate
@@ -175,7 +177,8 @@ def test_buckets_cover_each_selected_pair_once_with_bounded_padding(lengths, seg
     """One layer of ``rate`` groups (head j, offset j): the buckets' valid
     (position, head) pairs are exactly the rule's, each once, padding goes
     to the dump row, a bucket pads a segment at most BUCKET_WASTE-fold, and there
-    are at most 1 + log(longest) / log(BUCKET_WASTE) buckets."""
+    are at most 2 (1 + log(longest) / log(BUCKET_WASTE)) buckets (each step
+    may split its full segments from the rest)."""
     groups = [Group(0, segment, rate, o, o, o + 1) for o in range(rate)]
     (layer,) = layers(groups, 1)
     cu = boundaries(lengths).tolist()
@@ -196,7 +199,35 @@ def test_buckets_cover_each_selected_pair_once_with_bounded_padding(lengths, seg
         assert bool((real * BUCKET_WASTE >= bucket.valid.shape[1]).all())
     assert sorted(got) == sorted(expected) and len(got) == len(set(got))
     top = max((bucket.valid.shape[1] for bucket in buckets), default=1)
-    assert len(buckets) <= 1 + math.log(top) / math.log(BUCKET_WASTE)  # each bucket < the last / BUCKET_WASTE
+    assert len(buckets) <= 2 * (1 + math.log(top) / math.log(BUCKET_WASTE))  # each step < the last / BUCKET_WASTE
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_full_segment_and_tail_buckets_run_in_chunks_as_per_document_calls(monkeypatch, is_causal, padded):
+    """Documents of whole segments (lengths exact multiples of both segments)
+    beside documents with tails: the first layer's full segments form an
+    unpadded bucket of their own next to a padded bucket of near-full tails,
+    and with the chunk bound lowered every bucket runs in runs of a few units;
+    outputs and gradients still equal the per-document calls."""
+    segments, rates, heads, kv_heads = (32, 64), (1, 2), 4, 2
+    lengths = [64 + 31, 32 + 30, 128, 32, 64, 13, 0, 1]
+    monkeypatch.setattr(packed_module, "_MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(packed_module, "_CHUNK_FRACTION", 4)
+    cu = boundaries(lengths)
+    n = int(cu[-1])
+    plan = DilatedPlan.from_pattern(generate(DilatedSpec(segments, rates, heads)))
+    first = layers(groups_from_flat(plan.flat), heads // kv_heads)[0]
+    buckets = segment_buckets(cu.tolist(), first, torch.device("cpu"))
+    full = [b for b in buckets if not b.padded and b.valid.shape[0] > 1]
+    assert len(full) == 1 and full[0].valid.shape[:2] == (10, 32)  # the 10 full segments of 32, unpadded
+    assert any(b.padded and b.valid.shape[0] == 2 for b in buckets)  # the tails of 31 and 30 rows
+    assert len(packed_module._chunks(full[0], n * heads // 4)) == 4  # runs of 3 units of 32 rows x 4 heads
+    module = ImprovedDilatedAttention(segments, rates)
+    q, k, v, pad = make_inputs(n, heads, kv_heads, padded, seed=4)
+    packed = module(q, k, v, is_causal=is_causal, key_padding_mask=pad, cu_seqlens=cu)
+    separate = per_document(lambda *x: module(*x[:3], is_causal=is_causal, key_padding_mask=x[3]), cu, q, k, v, pad)
+    assert_same(packed, separate, (q, k, v))
 
 
 def test_groups_of_a_branch_with_overlapping_heads_run_in_separate_layers():

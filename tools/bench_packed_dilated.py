@@ -1,10 +1,11 @@
 """Benchmark: dilated attention over packed documents (``cu_seqlens``).
 
-    python tools/bench_packed_dilated.py [--rounds N] [--mix long|short ...] [--out PATH]
+    python tools/bench_packed_dilated.py [--rounds N] [--mix long|short ...] [--backward] [--out PATH]
 
 CPU, float32, 2 threads, batch 1, 8 heads of 64, the dilated benchmark
 spec of tools/bench_attention.py's cpu preset (branches (2048, 1), (4096,
-2), (8192, 4), longnet), forward without gradients, non-causal,
+2), (8192, 4), longnet), forward without gradients (``--backward``: forward
+and backward of every candidate, q, k, v needing gradients), non-causal,
 ``ImprovedDilatedAttention`` ("fast") in every candidate. Two document
 mixes (lengths drawn log-uniform with a fixed seed):
 - long: 16 documents of 512..16K tokens;
@@ -21,11 +22,13 @@ Candidates, interleaved A B C D A B C D with a 3072^3 matmul (benchlib):
   figure).
 
 Useful work (``attention_candidates.selected_pairs``, 4 * head_dim FLOP a
-pair): a document's own pairs for packed, padded and loop; the whole
-sequence's pairs for single. Targets (issue 25): packed's useful FLOP/s at
-least 0.85 of single's; packed faster than padded by at least the padding
-fraction (time(packed) <= (1 - fraction) * time(padded)); packed never
-slower than loop. Results: tools/results/packed_dilated_cpu.json.
+pair, 3.5 times that with ``--backward``): a document's own pairs for
+packed, padded and loop; the whole sequence's pairs for single. Targets
+(issue 25): packed's useful FLOP/s at least 0.85 of single's; packed faster
+than padded by at least the padding fraction (time(packed) <= (1 -
+fraction) * time(padded)); packed never slower than loop. Results:
+tools/results/packed_dilated_cpu.json (packed_dilated_backward_cpu.json
+with ``--backward``).
 """
 
 from __future__ import annotations
@@ -53,8 +56,15 @@ def lengths_of(mix: str, seed: int = 0) -> list[int]:
     return [int(x) for x in logs.exp().round().tolist()]
 
 
-def candidates(lengths: list[int]) -> tuple[dict, dict]:
-    """(name -> callable, name -> useful FLOP)."""
+def _backward(out) -> None:
+    """Backward of one candidate's output (a tensor or a list of them) with an all-ones gradient."""
+    for x in out if isinstance(out, list) else [out]:
+        x.backward(torch.ones_like(x))
+
+
+def candidates(lengths: list[int], backward: bool = False) -> tuple[dict, dict]:
+    """(name -> callable, name -> useful FLOP): forward only, or forward and
+    backward with ``backward`` (inputs needing gradients)."""
     from attention import ImprovedDilatedAttention
 
     module = ImprovedDilatedAttention(SEGMENTS, RATES)
@@ -69,15 +79,20 @@ def candidates(lengths: list[int]) -> tuple[dict, dict]:
         for x, y in zip(batch, (q, k, v)):
             x[i, : b - a] = y[0, a:b]
         pad[i, : b - a] = False
-    own = sum(selected_pairs(n, HEADS, SEGMENTS, RATES, "longnet") for n in lengths) * 4.0 * HEAD_DIM
+    for x in (q, k, v, *batch):
+        x.requires_grad_(backward)
+    flop = 4.0 * HEAD_DIM * (3.5 if backward else 1.0)  # a backward is 5 pair matmuls to the forward's 2
+    own = sum(selected_pairs(n, HEADS, SEGMENTS, RATES, "longnet") for n in lengths) * flop
     calls = {
         "packed": lambda: module(q, k, v, cu_seqlens=cu),
         "padded": lambda: module(*batch, key_padding_mask=pad),
         "loop": lambda: [module(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
         "single": lambda: module(q, k, v),
     }
+    if backward:
+        calls = {name: (lambda call=call: _backward(call())) for name, call in calls.items()}
     work = {"packed": own, "padded": own, "loop": own,
-            "single": selected_pairs(total, HEADS, SEGMENTS, RATES, "longnet") * 4.0 * HEAD_DIM}
+            "single": selected_pairs(total, HEADS, SEGMENTS, RATES, "longnet") * flop}
     return calls, work
 
 
@@ -85,18 +100,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mix", nargs="+", default=list(MIXES), choices=list(MIXES))
-    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "packed_dilated_cpu.json")
+    parser.add_argument("--backward", action="store_true", help="time forward and backward")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default tools/results/packed_dilated_cpu.json (_backward_cpu.json with --backward)")
     args = parser.parse_args()
+    out = args.out or benchlib.RESULTS / f"packed_dilated{'_backward' if args.backward else ''}_cpu.json"
     torch.set_num_threads(2)
     config = {"heads": HEADS, "head_dim": HEAD_DIM, "segments": SEGMENTS, "rates": RATES, "dtype": "float32",
-              "causal": False, "forward_only": True, "rounds": args.rounds, "matmul": 3072,
+              "causal": False, "forward_only": not args.backward, "rounds": args.rounds, "matmul": 3072,
               "mixes": {name: MIXES[name] for name in args.mix}}
-    report = benchlib.Report([args.out], "packed_dilated", config, threads=2)
+    report = benchlib.Report([out], "packed_dilated", config, threads=2)
     timed = benchlib.timer("cpu")
     for mix in args.mix:
         lengths = lengths_of(mix)
-        calls, work = candidates(lengths)
-        with torch.no_grad():
+        calls, work = candidates(lengths, args.backward)
+        with torch.set_grad_enabled(args.backward):
             result = benchlib.interleave(calls, timed=timed, rounds=args.rounds, reference=benchlib.matmul(3072))
         matmul_flops = 2 * 3072 ** 3 / result.median("matmul")
         rows = {}

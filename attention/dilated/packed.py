@@ -9,17 +9,26 @@ branch (disjoint heads, one offset each) run together as a ``Layer``. Per
 layer, every segment of every document is a variable-length sequence of its
 selected positions ``start + offset + rate * m`` (per head). The segments
 of all documents are grouped into a few length BUCKETS
-(``segment_buckets``): the longest remaining row count opens a bucket,
-which takes every segment of at least ``1 / BUCKET_WASTE`` of it, so padding
-costs at most ``BUCKET_WASTE`` rows per real row and a layer has at most
-``1 + log(max rows) / log(BUCKET_WASTE)`` buckets (full segments, the bulk
-of long documents, share the first, exact one). Each bucket is ONE gather
-of its (position, head) pairs, ONE ``kernels.attend`` call (bucket padding
-excluded by a mask, or by causality: a segment's real rows come first) and
-one merge into the output by log-sum-exp, padded rows scattered to a dump
-row past the sequence: the kernel calls per call depend on branches x
-buckets, never on the number of documents or segments. The backward walks
-the same buckets with ``kernels.attend_backward`` fed the FINAL out and lse
+(``segment_buckets``): the longest remaining row count opens a step, which
+takes every segment of at least ``1 / BUCKET_WASTE`` of it, so padding
+costs at most ``BUCKET_WASTE`` rows per real row; when most of a step's
+segments have its full row count on every head (the full segments, the bulk
+of long documents), they form an unpadded bucket of their own and the rest
+a padded one, so a layer has at most ``2 (1 + log(max rows) /
+log(BUCKET_WASTE))`` buckets. A bucket runs in runs of whole units of at
+most ``1 / _CHUNK_FRACTION`` of the (position, head) rows (``_chunks``: the
+allocator reuses their temporaries, no fresh pages per bucket). Each run is
+ONE ``index_select`` per input of its (position, head) rows in a flat
+``(n * h, d)`` view, read by the kernels as a strided view, ONE
+``kernels.attend`` call (padding excluded by a mask, none for an unpadded
+bucket or under causality: a segment's real rows come first) and one
+``index_copy_`` into the output: a plain copy for a layer that is the
+first on its heads, else a merge by log-sum-exp of the rows read back;
+padded rows go to a dump row past the sequence. A layer's runs number at
+most its buckets plus ``2 BUCKET_WASTE _CHUNK_FRACTION`` (a run holds at
+least half its bound unless it is one unit), so the kernel calls per call
+depend on branches and buckets, never on the number of documents or segments. The backward walks
+the same runs with ``kernels.attend_backward`` fed the FINAL out and lse
 (exact for the combined softmax, as in ``attention.dilated.fast``); padded query
 rows enter it with q, grad_out and out 0 and lse 0, which makes their
 gradient contributions exactly 0. Padded keys (``key_padding_mask``) are
@@ -65,7 +74,11 @@ __all__ = ["BUCKET_WASTE", "Layer", "layers", "Bucket", "segment_buckets", "pack
            "run_packed"]
 
 # A bucket pads a segment to at most this many times its selected rows.
-BUCKET_WASTE = 1.25
+BUCKET_WASTE = 1.1
+# A kernel call's run of units selects at most max(n / _CHUNK_FRACTION,
+# _MIN_CHUNK_ROWS) (position, head) rows (``_chunks``).
+_CHUNK_FRACTION = 8
+_MIN_CHUNK_ROWS = 1 << 14
 
 
 class Layer(NamedTuple):
@@ -114,6 +127,15 @@ class Bucket(NamedTuple):
     padded: bool
 
 
+def _bucket(seg_start: Tensor, rows: Tensor, layer: Layer, total: int, device: torch.device) -> Bucket:
+    """The bucket of the segments starting at ``seg_start`` with ``rows`` (units, heads) selected rows."""
+    m = torch.arange(int(rows.max()))[None, :, None]
+    valid = m < rows[:, None, :]                                          # (units, rows, heads)
+    positions = seg_start[:, None, None] + layer.offsets + layer.rate * m
+    read, write = positions.where(valid, 0).flatten(0, 1), positions.where(valid, total).flatten(0, 1)
+    return Bucket(valid.to(device), read.to(device), write.to(device), not bool(valid.all()))
+
+
 def segment_buckets(bounds: Sequence[int], layer: Layer, device: torch.device) -> list[Bucket]:
     """The buckets of ``layer``'s segments over the documents ``bounds``
     (``[0, end_1, ..., total]``), vectorized over documents, segments and heads."""
@@ -138,25 +160,47 @@ def segment_buckets(bounds: Sequence[int], layer: Layer, device: torch.device) -
     while len(most):
         top = int(most.max())
         inside = most * BUCKET_WASTE >= top
-        starts_b, rows_b = seg_start[inside], rows[inside]
+        # When most of them have ``top`` rows on every head (full segments, the
+        # bulk of long documents), those run on their own: no padding, no mask.
+        exact = inside & (rows == top).all(1)
+        if 2 * int(exact.sum()) < int(inside.sum()):
+            exact = torch.zeros_like(inside)
+        for members in (exact, inside & ~exact):
+            if bool(members.any()):
+                buckets.append(_bucket(seg_start[members], rows[members], layer, bounds[-1], device))
         seg_start, rows, most = seg_start[~inside], rows[~inside], most[~inside]
-        m = torch.arange(top)[None, :, None]
-        valid = m < rows_b[:, None, :]                                      # (units, rows, heads)
-        positions = starts_b[:, None, None] + layer.offsets + layer.rate * m
-        read, write = positions.where(valid, 0).flatten(0, 1), positions.where(valid, bounds[-1]).flatten(0, 1)
-        buckets.append(Bucket(valid.to(device), read.to(device), write.to(device), not bool(valid.all())))
     return buckets
 
 
-def _gather(x: Tensor, bucket: Bucket, heads: Tensor) -> Tensor:
-    """x (n, h, ...) at the bucket's (position, head) pairs -> (units, heads, rows, ...)."""
-    units, rows, _ = bucket.valid.shape
-    return x[bucket.read, heads].unflatten(0, (units, rows)).transpose(1, 2)
+def _chunks(bucket: Bucket, elements: int) -> list[Bucket]:
+    """The bucket in runs of whole units whose (rows, heads) selections hold
+    at most ``elements`` rows of one query tensor ``(n, h, d)`` together
+    (at least one unit each): bounded temporaries, reused by the allocator
+    from one run to the next instead of fresh pages per bucket."""
+    units, rows, heads = bucket.valid.shape
+    step = max(1, elements // (rows * heads))
+    if step >= units:
+        return [bucket]
+    return [Bucket(bucket.valid[a:a + step], bucket.read[a * rows:(a + step) * rows],
+                   bucket.write[a * rows:(a + step) * rows], bucket.padded) for a in range(0, units, step)]
+
+
+def _flat(positions: Tensor, heads: Tensor, num_heads: int) -> Tensor:
+    """(units * rows, heads) positions of an (n, num_heads, ...) tensor as
+    indices of its (n * num_heads, ...) view, in that order."""
+    return (positions * num_heads + heads).flatten()
+
+
+def _gather(x: Tensor, index: Tensor, bucket: Bucket) -> Tensor:
+    """x (n, h, ...) contiguous at the flat ``index`` (``_flat``) -> (units, heads, rows, ...):
+    one ``index_select`` of whole rows, a strided view for the kernels."""
+    return x.flatten(0, 1).index_select(0, index).view(*bucket.valid.shape, *x.shape[2:]).transpose(1, 2)
 
 
 def _rows(x: Tensor) -> Tensor:
-    """A kernel result (units, heads, rows, ...) as (units * rows, heads, ...)."""
-    return x.transpose(1, 2).flatten(0, 1)
+    """A kernel result (units, heads, rows, ...) as (units * rows * heads, ...): free
+    for the kernels' results on ``_gather``'s views, which keep their strides."""
+    return x.transpose(1, 2).reshape(-1, *x.shape[3:])
 
 
 def _key_mask(bucket: Bucket, key_padding_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
@@ -182,31 +226,53 @@ def _without_padded_keys(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     return k.masked_fill(drop, 0.0), v.masked_fill(drop, 0.0)
 
 
+def _copies_every_row(found: Sequence[Layer], h: int) -> bool:
+    """Whether every head's first layer has rate 1 (offset 0) and is copied
+    (no head of it came earlier): its segments tile every document, so the
+    output and lse need no initial value (the plan the benchmarks run skips
+    a pass over both)."""
+    covered, everywhere = torch.zeros(h, dtype=torch.bool), torch.zeros(h, dtype=torch.bool)
+    for layer in found:
+        if layer.rate == 1 and not bool(layer.offsets.any()) and not bool(covered[layer.heads].any()):
+            everywhere[layer.heads] = True
+        covered[layer.heads] = True
+    return bool(everywhere.all())
+
+
 def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], bounds: Sequence[int],
                    groups: Sequence[Group], is_causal: bool, scale: float,
                    softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """-> (out (1, n, h, d_v) in q's dtype, lse (1, n, h)); rows no group reaches: 0 and EMPTY_LSE."""
-    n, h = q.shape[1], q.shape[2]
+    n, h, h_kv = q.shape[1], q.shape[2], k.shape[2]
+    found = layers(groups, h // h_kv)
     # One more row: the dump row that padded entries are written to.
-    out = torch.zeros((n + 1, h, v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.full((n + 1, h), EMPTY_LSE, dtype=lse_dtype(q.dtype), device=q.device)
-    q, (k, v) = q[0], _without_padded_keys(k[0], v[0], key_padding_mask)
+    out = torch.empty((n + 1, h, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n + 1, h), dtype=lse_dtype(q.dtype), device=q.device)
+    if not _copies_every_row(found, h):
+        out.zero_()
+        lse.fill_(EMPTY_LSE)
+    flat_out, flat_lse = out.view(-1, v.shape[-1]), lse.view(-1)
+    q, (k, v) = q[0].contiguous(), (x.contiguous() for x in _without_padded_keys(k[0], v[0], key_padding_mask))
     covered = torch.zeros(h, dtype=torch.bool)
-    for layer in layers(groups, h // k.shape[1]):
+    chunk = max(n * h // _CHUNK_FRACTION, _MIN_CHUNK_ROWS)
+    for layer in found:
         heads, kv_heads = layer.heads.to(q.device), layer.kv_heads.to(q.device)
-        merge = bool(covered[layer.heads].any())  # else this layer's part is the first on its heads: written
+        merge = bool(covered[layer.heads].any())  # else this layer's part is the first on its heads: copied
         covered[layer.heads] = True
-        for bucket in segment_buckets(bounds, layer, q.device):
-            o, l = attend(_gather(q, bucket, heads), _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads),
+        for bucket in (c for b in segment_buckets(bounds, layer, q.device) for c in _chunks(b, chunk)):
+            at_q, at_kv, to = (_flat(bucket.read, heads, h), _flat(bucket.read, kv_heads, h_kv),
+                               _flat(bucket.write, heads, h))
+            o, l = attend(_gather(q, at_q, bucket), _gather(k, at_kv, bucket), _gather(v, at_kv, bucket),
                           causal=is_causal, scale=scale, mask=_key_mask(bucket, key_padding_mask, is_causal),
                           softcap=softcap)
             o, l = _rows(o).to(out.dtype), _rows(l)
             if merge:
-                current_o, current_l = out[bucket.write, heads], lse[bucket.write, heads]
+                current_o, current_l = flat_out.index_select(0, to), flat_lse.index_select(0, to)
                 merge_(current_o, current_l, o, l)
                 o, l = current_o, current_l
-            out.index_put_((bucket.write, heads), o)
-            lse.index_put_((bucket.write, heads), l)
+            flat_out.index_copy_(0, to, o)
+            flat_lse.index_copy_(0, to, l)
+            del o, l  # before the next bucket's kernel allocates its own
     return out[None, :n], lse[None, :n]
 
 
@@ -214,24 +280,28 @@ def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                     key_padding_mask: Optional[Tensor], bounds: Sequence[int], groups: Sequence[Group],
                     is_causal: bool, scale: float, softcap: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``packed_forward``, each bucket's kernel backward fed the final out and lse."""
-    n = q.shape[1]
+    n, h, h_kv = q.shape[1], q.shape[2], k.shape[2]
     dq, dk, dv = (torch.zeros((n + 1, *x.shape[2:]), dtype=x.dtype, device=x.device) for x in (q, k, v))
-    q, out, grad_out, lse = q[0], out[0], grad_out[0], lse[0]
-    k, v = _without_padded_keys(k[0], v[0], key_padding_mask)
-    for layer in layers(groups, q.shape[1] // k.shape[1]):
+    flat_dq, flat_dk, flat_dv = (x.flatten(0, 1) for x in (dq, dk, dv))
+    q, out, grad_out, lse = (x[0].contiguous() for x in (q, out, grad_out, lse))
+    k, v = (x.contiguous() for x in _without_padded_keys(k[0], v[0], key_padding_mask))
+    chunk = max(n * h // _CHUNK_FRACTION, _MIN_CHUNK_ROWS)
+    for layer in layers(groups, h // h_kv):
         heads, kv_heads = layer.heads.to(q.device), layer.kv_heads.to(q.device)
-        for bucket in segment_buckets(bounds, layer, q.device):
-            qb, ob, dob, lb = (_gather(x, bucket, heads) for x in (q, out, grad_out, lse))
+        for bucket in (c for b in segment_buckets(bounds, layer, q.device) for c in _chunks(b, chunk)):
+            at_q, at_kv = _flat(bucket.read, heads, h), _flat(bucket.read, kv_heads, h_kv)
+            qb, ob, dob, lb = (_gather(x, at_q, bucket) for x in (q, out, grad_out, lse))
             if bucket.padded:  # padded query rows: zero inputs, zero contributions
                 drop = (~bucket.valid).transpose(1, 2)
                 qb, ob, dob = (x.masked_fill(drop[..., None], 0.0) for x in (qb, ob, dob))
                 lb = lb.masked_fill(drop, 0.0)
-            gq, gk, gv = attend_backward(dob, qb, _gather(k, bucket, kv_heads), _gather(v, bucket, kv_heads), ob, lb,
+            gq, gk, gv = attend_backward(dob, qb, _gather(k, at_kv, bucket), _gather(v, at_kv, bucket), ob, lb,
                                          causal=is_causal, scale=scale,
                                          mask=_key_mask(bucket, key_padding_mask, is_causal), softcap=softcap)
-            dq.index_put_((bucket.write, heads), _rows(gq).to(dq.dtype), accumulate=True)
-            dk.index_put_((bucket.write, kv_heads), _rows(gk).to(dk.dtype), accumulate=True)
-            dv.index_put_((bucket.write, kv_heads), _rows(gv).to(dv.dtype), accumulate=True)
+            to, to_kv = _flat(bucket.write, heads, h), _flat(bucket.write, kv_heads, h_kv)
+            flat_dq.index_put_((to,), _rows(gq).to(dq.dtype), accumulate=True)
+            flat_dk.index_put_((to_kv,), _rows(gk).to(dk.dtype), accumulate=True)
+            flat_dv.index_put_((to_kv,), _rows(gv).to(dv.dtype), accumulate=True)
     return dq[None, :n], dk[None, :n], dv[None, :n]
 
 
