@@ -34,3 +34,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """An empty dynamo cache before and after the test (a compile test counts
+    its own graphs and recompiles)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

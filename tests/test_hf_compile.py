@@ -58,13 +58,6 @@ def prefill_and_step(forward, model, ids, mask) -> tuple[torch.Tensor, torch.Ten
     return prefill, step
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 # Inductor for dilated; the sparse run checks the same trace (one opaque op
 # per layer) with aot_eager, which skips the code generation (seconds, not
 # tens of seconds, on this CPU).

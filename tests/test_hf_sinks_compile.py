@@ -43,11 +43,8 @@ IMPLS = pytest.mark.parametrize("impl", [DILATED, SPARSE], ids=["dilated", "spar
 
 
 @pytest.fixture(autouse=True)
-def fresh():
+def fresh(fresh_dynamo):
     hf.register()
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def tiny_gpt_oss(impl: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -31,11 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def fresh():
+def fresh(fresh_dynamo):
     hf.register()
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def tiny_llama(pattern: str, layers: int = 2) -> LlamaForCausalLM:
