@@ -10,7 +10,7 @@ import torch
 from transformers import GptOssConfig, LlamaConfig
 from transformers.data.data_collator import DataCollatorWithFlattening
 
-import attention.hf.registration as hf
+import attention.hf as hf
 
 VOCAB = 96
 PATTERNS = {

@@ -22,7 +22,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the test extra)
 
-import attention.hf.registration as hf  # noqa: E402
+import attention.hf as hf  # noqa: E402
 from hf_tiny import VOCAB, documents, flattened, loss_and_grads, padded  # noqa: E402
 from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig  # noqa: E402
 

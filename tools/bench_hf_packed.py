@@ -26,7 +26,7 @@ import argparse
 import torch
 
 import benchlib
-import attention.hf.registration as hf
+import attention.hf as hf
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.data.data_collator import DataCollatorWithFlattening
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 import benchlib  # noqa: E402
-import attention.hf.registration as hf  # noqa: E402
+import attention.hf as hf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 IMPLEMENTATIONS = {
