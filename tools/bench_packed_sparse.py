@@ -35,7 +35,7 @@ a packed 1M-token batch of 256 documents (``packed_plan`` +
 ``block_mask_from_csr``), time and memory, against ``create_block_mask``
 with ``and_masks(document, pattern)`` at 16K-64K (as far as fits).
 
-Writes tools/results/packed_sparse_cpu.json.
+Writes tools/results/packed_sparse_cpu.json (``packed_sparse_cuda.json`` on CUDA).
 """
 
 from __future__ import annotations
