@@ -1,6 +1,6 @@
-"""The GPU benchmark: bench_attention, bench_memory, bench_first_call --fused
-and bench_sparse with ``--device cuda`` within one time budget, gathered
-into tools/results/gpu.json and gpu.png.
+"""The GPU benchmark: bench_attention, bench_memory, bench_first_call --fused,
+bench_sparse, bench_packed_dilated and bench_packed_sparse with ``--device
+cuda`` within one time budget, gathered into tools/results/gpu.json and gpu.png.
 
     python tools/bench_gpu.py [--budget-s S] [--device cuda|cpu] [--quick]
                               [--cuda-tests PYTEST_LOG] [--results DIR] [--out-dir DIR]
@@ -16,8 +16,12 @@ and the fused path ("flex", natural and residue order) against dense SDPA
 and a gather-flash peer, with the path-choice table; peak memory at 1M
 (then 64K, 256K) for fast, flex and flex in ordered mode; the fused path's
 first output in a fresh process at 1M against create_block_mask;
-block-sparse against FlexAttention. Sections run in that order (issue 18's
-dilated figures first; block-sparse takes what is left with its share).
+block-sparse against FlexAttention; packed documents (``cu_seqlens``, 16
+documents of 2K..128K and 256 of 256..8K) in dilated attention (packed,
+the fused flex path, padded, a loop, one unpacked sequence) and in
+block-sparse attention (packed, padded, loop, unpacked). Sections run in
+that order (issue 18's dilated figures first; the packed sections, 0.05 of
+the budget each, take what is left).
 
 gpu.json: ``device_name``, ``date``, ``torch``, ``commit``; ``cuda_tests``
 ``{"passed", "failed", "skipped"}`` read from the pytest log of the CUDA
@@ -48,11 +52,14 @@ import benchlib
 TOOLS = Path(__file__).resolve().parent
 # (section, script, budget share, arguments besides --device/--dtype/--budget-s/--out/--resume)
 SECTIONS = (
-    ("attention", "bench_attention.py", 0.40, ["--preset", "gpu"]),
+    ("attention", "bench_attention.py", 0.35, ["--preset", "gpu"]),
     ("memory", "bench_memory.py", 0.15, ["--lengths", "1048576", "65536", "262144",
                                          "--implementation", "flex-ordered", "flex", "fast"]),
     ("first_output", "bench_first_call.py", 0.20, ["--fused"]),
-    ("sparse", "bench_sparse.py", 0.25, []),
+    ("sparse", "bench_sparse.py", 0.20, []),
+    # Packed documents (cu_seqlens), issue 25's benchmarks: 0.05 each taken from attention and sparse.
+    ("packed_dilated", "bench_packed_dilated.py", 0.05, []),
+    ("packed_sparse", "bench_packed_sparse.py", 0.05, ["--skip-blockmask"]),
 )
 QUICK_MEMORY = ["--lengths", "2048", "--implementation", "fast", "flex-ordered"]
 KILL_AFTER_S = 30.0

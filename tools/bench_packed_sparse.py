@@ -1,11 +1,19 @@
 """Benchmark of packed documents (``cu_seqlens``) in block-sparse attention.
 
     python tools/bench_packed_sparse.py [--quick] [--rounds R] [--budget-s S] [--out PATH]
+                                        [--device cpu|cuda] [--dtype D] [--resume PATH]
 
-CPU, float32, 2 threads, batch 1, 8 heads of 64, bigbird with block 128
-(DeepSpeed's defaults: 3 window blocks, 1 global, 1 random), forward. Two
-document mixes, drawn with a fixed seed: 16 documents log-uniform in
-512..16K, and 256 short documents log-uniform in 64..1K.
+Default: CPU, float32, 2 threads, batch 1, 8 heads of 64, bigbird with
+block 128 (DeepSpeed's defaults: 3 window blocks, 1 global, 1 random),
+forward. Two document mixes, drawn with a fixed seed: 16 documents
+log-uniform in 512..16K, and 256 short documents log-uniform in 64..1K.
+``--device cuda`` (``--dtype bfloat16`` from tools/bench_gpu.py, CUDA-event
+timer, a 4096^3 matmul): 16 documents in 2K..128K and 256 in 256..8K
+(about 0.5M tokens each), no BlockMask part (below: a CPU host-side
+measurement). One case per mix, the JSON written after each; ``--budget-s``
+stops new mixes from starting, ``--resume`` skips the mixes an earlier JSON
+of this commit holds; every mix's targets also at the top level
+(``targets``, "<mix>: <target>") for tools/bench_gpu.py.
 
 Candidates, interleaved A B C D (tools/benchlib.py) with a square matmul
 in the same rounds, medians:
@@ -27,7 +35,7 @@ a packed 1M-token batch of 256 documents (``packed_plan`` +
 ``block_mask_from_csr``), time and memory, against ``create_block_mask``
 with ``and_masks(document, pattern)`` at 16K-64K (as far as fits).
 
-Writes tools/results/packed_sparse_cpu.json.
+Writes tools/results/packed_sparse_cpu.json (``packed_sparse_cuda.json`` on CUDA).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import benchlib
 K = 1024
 MIXES = {"16 docs 512..16K": (16, 512, 16 * K), "256 docs 64..1K": (256, 64, K)}
 QUICK_MIXES = {"8 docs 64..1K": (8, 64, K), "64 docs 16..256": (64, 16, 256)}
+CUDA_MIXES = {"16 docs 2K..128K": (16, 2 * K, 128 * K), "256 docs 256..8K": (256, 256, 8 * K)}
 
 
 def document_lengths(count: int, low: int, high: int, seed: int) -> list[int]:
@@ -79,12 +88,13 @@ def bench_mix(name, spec, module, args, report) -> None:
     lengths = document_lengths(count, low, high, seed=25)
     total, longest = sum(lengths), max(lengths)
     heads, dim = args.heads, args.head_dim
+    device, dtype = args.device, getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, total, heads, dim, generator=generator) for _ in range(3))
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v = (torch.randn(1, total, heads, dim, generator=generator).to(device, dtype) for _ in range(3))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device)
     bounds = cu.tolist()
-    padded = [torch.zeros(count, longest, heads, dim) for _ in range(3)]
-    mask = torch.ones(count, longest, dtype=torch.bool)
+    padded = [torch.zeros(count, longest, heads, dim, device=device, dtype=dtype) for _ in range(3)]
+    mask = torch.ones(count, longest, dtype=torch.bool, device=device)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         for buffer, x in zip(padded, (q, k, v)):
             buffer[i, : b - a] = x[0, a:b]
@@ -99,16 +109,19 @@ def bench_mix(name, spec, module, args, report) -> None:
         "loop": loop,
         "unpacked": lambda: module(q, k, v),
     }
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16/fp16: the rounding of one output
     with torch.no_grad():
-        torch.testing.assert_close(candidates["packed"](), loop(), rtol=1e-5, atol=1e-5)
-        runs = benchlib.interleave(candidates, timed=benchlib.timer("cpu"), rounds=args.rounds,
-                                   reference=benchlib.matmul(args.matmul))
+        torch.testing.assert_close(candidates["packed"](), loop(), rtol=tolerance, atol=tolerance)
+        runs = benchlib.interleave(candidates, timed=benchlib.timer(device), rounds=args.rounds,
+                                   reference=benchlib.matmul(args.matmul, device, dtype))
         plan_s = []
         for seed in range(5):  # a new split of the same documents each time: no plan cache hit
             order = torch.randperm(count, generator=torch.Generator().manual_seed(100 + seed)).tolist()
-            split = torch.tensor([0] + torch.tensor([lengths[i] for i in order]).cumsum(0).tolist())
+            split = torch.tensor([0] + torch.tensor([lengths[i] for i in order]).cumsum(0).tolist(), device=device)
+            benchlib.synchronize(device)
             start = time.perf_counter()
             packed_plan(split, total, heads, q.device, False, module.block_size, module._description, None, None)
+            benchlib.synchronize(device)
             plan_s.append(time.perf_counter() - start)
     matmul_flops = 2 * args.matmul**3 / runs.median("matmul")
     useful = 4 * dim * sum(allowed_pairs(module, n, heads) for n in lengths)
@@ -235,16 +248,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=1800.0)
-    parser.add_argument("--out", type=Path, default=benchlib.RESULTS / "packed_sparse_cpu.json")
-    parser.add_argument("--skip-blockmask", action="store_true")
+    benchlib.add_arguments(parser)  # --device, --dtype, --budget-s (default 1800 here), --out, --resume
+    parser.add_argument("--skip-blockmask", action="store_true", help="the mixes only (always so on CUDA)")
     parser.add_argument("--packed-blockmask-only", action="store_true",
                         help="measure the packed BlockMask again into the existing --out JSON (its other "
                              "entries kept, the commit of this measurement recorded beside it)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    args.out = args.out or benchlib.RESULTS / f"packed_sparse_{args.device}.json"
+    threads = 2 if args.device == "cpu" else None
+    if threads:
+        torch.set_num_threads(threads)
     args.heads, args.head_dim, args.block = (2, 16, 16) if args.quick else (8, 64, 128)
-    args.matmul = 256 if args.quick else 2048
+    args.matmul = 256 if args.quick else 2048 if args.device == "cpu" else 4096
     args.mask_tokens, args.mask_documents = (4 * K, 16) if args.quick else (1 << 20, 256)
     args.cbm_lengths = (1 * K, 2 * K) if args.quick else (16 * K, 32 * K, 64 * K)
     args.eager_cbm_max = 1 * K if args.quick else 16 * K  # eager materializes n x n int64 intermediates
@@ -255,8 +270,10 @@ def main() -> None:
     store = PatternStore(Path(tempfile.mkdtemp(prefix="bench-packed-")))
     module = BlockSparseAttention("bigbird", block_size=args.block, store=store)
     config = {"kind": "bigbird", "block_size": args.block, "params": module.params, "heads": args.heads,
-              "head_dim": args.head_dim, "dtype": "float32", "threads": 2, "rounds": args.rounds,
+              "head_dim": args.head_dim, "dtype": args.dtype, "threads": threads, "rounds": args.rounds,
               "matmul": args.matmul, "mode": "forward"}
+    if args.device != "cpu":
+        config["device"] = args.device
     if args.packed_blockmask_only:
         data = json.loads(args.out.read_text())
         ours = packed_block_mask(module, args)
@@ -272,14 +289,38 @@ def main() -> None:
         args.out.write_text(json.dumps(data, indent=1, default=str) + "\n")
         print("packed BlockMask", ours, flush=True)
         return
-    report = benchlib.Report([args.out], "packed_sparse", config, threads=2)
-    budget = benchlib.Budget(args.budget_s)
-    for name, spec in (QUICK_MIXES if args.quick else MIXES).items():
-        if budget.allows({"mix": name}):
+    report = benchlib.Report([args.out], "packed_sparse", config, device=args.device, threads=threads,
+                             resume=args.resume)
+    budget = benchlib.Budget(1800.0 if args.budget_s is None else args.budget_s)
+    mixes = QUICK_MIXES if args.quick else MIXES if args.device == "cpu" else CUDA_MIXES
+    for name, spec in mixes.items():
+        if report.has(mix=name) or not budget.allows({"mix": name}):
+            continue
+        try:
             bench_mix(name, spec, module, args, report)
-    if not args.skip_blockmask:
+        except torch.OutOfMemoryError as error:  # recorded; the next mix goes on (a wrong output still stops)
+            report.fail({"mix": name}, error)
+        benchlib.free_memory()
+        collect_targets(report)
+    if args.skip_blockmask or args.device != "cpu":
+        budget.skipped.append({"blockmask": "all", "reason": "--skip-blockmask" if args.skip_blockmask else
+                               "a CPU host-side measurement"})
+    else:
         bench_block_mask(module, args, report, budget)
     report.data["skipped"] = budget.skipped
+    collect_targets(report)
+
+
+def collect_targets(report: benchlib.Report) -> None:
+    """Every mix's targets (resumed ones too) at the top level, "<mix>: <target>", as tools/bench_gpu.py reads them."""
+    names = {"a_eff_over_d_eff": ("packed/unpacked efficiency", 0.85),
+             "a_time_over_b_time": ("time packed/padded", None), "a_time_over_c_time": ("time packed/loop", 1.0)}
+    verdicts = {"a_eff_over_d_eff": "a_eff_over_d_eff_met", "a_time_over_b_time": "a_vs_b_met",
+                "a_time_over_c_time": "a_vs_c_met"}
+    report.data["targets"] = {
+        f"{row['mix']}: {label}": {"value": row["targets"][key], "met": row["targets"][verdicts[key]],
+                                   "target": row["targets"]["a_time_over_b_time_bound"] if bound is None else bound}
+        for row in report.data["rows"] for key, (label, bound) in names.items()}
     report.write()
 
 

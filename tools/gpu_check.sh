@@ -110,7 +110,8 @@ MODEL_DECODE=0
 #    set, there too, with the CUDA test counts read from the tests' log).
 #    Sections in order: dilated attention (fast and the fused flex path, the
 #    path-choice table), peak memory at 1M, the fused path's first output,
-#    block-sparse; all of them inside gpu.json (no extra file in $OUT).
+#    block-sparse, packed documents in dilated and in block-sparse attention;
+#    all of them inside gpu.json (no extra file in $OUT).
 RESERVE=$(( (DECODE == 1 ? 60 : 0) + (MODEL_DECODE == 1 ? 130 : 0) ))
 BUDGET=$(( TOTAL - (SECONDS - START) - RESERVE - 45 ))  # bench_gpu ends within its budget + 30 s
 if [ "${GPU_CHECK_BENCH:-1}" = 0 ]; then
