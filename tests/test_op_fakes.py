@@ -32,13 +32,16 @@ CHECKS = ("test_schema", "test_faketensor")
 B, N, H, H_KV, D, D_V = 2, 12, 4, 2, 8, 6
 
 
-def module_views(seed: int, dtype=torch.float32):
+def module_views(g: torch.Generator, dtype=torch.float32, batch: int = B):
     """q, k, v as (batch, seq, heads, dim) views of transformers' (batch, heads, seq, dim) tensors."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, N, D, generator=g, dtype=dtype).transpose(1, 2)
-    k = torch.randn(B, H_KV, N, D, generator=g, dtype=dtype).transpose(1, 2)
-    v = torch.randn(B, H_KV, N, D_V, generator=g, dtype=dtype).transpose(1, 2)
-    return q, k, v
+    return tuple(torch.randn(batch, heads, N, dim, generator=g, dtype=dtype).transpose(1, 2)
+                 for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+
+
+def hf_views(g: torch.Generator):
+    """q, k, v in transformers' layout (batch, heads, seq, dim), views of (batch, seq, heads, dim) tensors."""
+    return tuple(torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
+                 for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
 
 
 def padding() -> torch.Tensor:
@@ -52,7 +55,7 @@ def padding() -> torch.Tensor:
 def dilated_cases():
     module = ImprovedDilatedAttention([4, 8], [1, 2])
     flat = list(module.plan(H).flat)
-    q, k, v = module_views(0, torch.float64)
+    q, k, v = module_views(torch.Generator().manual_seed(0), torch.float64)
     mask = padding()
     out, lse = torch.ops.attention.dilated_forward(q, k, v, mask, flat, True, 0.3)
     grad = torch.randn(B, H, N, D_V, dtype=out.dtype).transpose(1, 2)  # strided, as a transposed layer's grad
@@ -70,7 +73,7 @@ def sparse_cases():
                                   num_global_blocks=1, attention="unidirectional")
     plan = module.layouts.plan(N, H, torch.device("cpu"), True, 0)
     rows, keys = [r for r, _ in plan.groups], [c for _, c in plan.groups]
-    q, k, v = module_views(1, torch.bfloat16)  # half types: an lse of another dtype
+    q, k, v = module_views(torch.Generator().manual_seed(1), torch.bfloat16)  # half types: an lse of another dtype
     mask = padding()
     layout = (plan.kv_num_blocks, plan.kv_indices)
     options = (4, True, 0.3, 0.0, True)
@@ -91,8 +94,7 @@ def packed_dilated_cases():
     module = ImprovedDilatedAttention([4, 8], [1, 2])
     flat = list(module.plan(H).flat)
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, heads, N, dim, generator=g, dtype=torch.float64).transpose(1, 2)
-               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    q, k, v = module_views(g, torch.float64, batch=1)
     cu = torch.tensor([0, 5, 5, N])
     mask = torch.zeros(1, N, dtype=torch.bool)
     mask[0, 6] = True
@@ -112,8 +114,7 @@ def packed_sparse_cases():
     module = BlockSparseAttention("bigbird", block_size=4, num_random_blocks=1, num_sliding_window_blocks=3,
                                   num_global_blocks=1, attention="unidirectional")
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(1, heads, N, dim, generator=g, dtype=torch.float64).transpose(1, 2)
-               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    q, k, v = module_views(g, torch.float64, batch=1)
     cu = torch.tensor([0, 5, 5, N])
     mask = torch.zeros(1, N, dtype=torch.bool)
     mask[0, 6] = True
@@ -132,8 +133,7 @@ def hf_cases():
     settings = {"segment_lengths": [4, 8], "dilation_rates": [1, 2]}
     key = traced_module_key(DILATED, frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
-               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    q, k, v = hf_views(g)
     mask = torch.ones(B, N, dtype=torch.long)
     mask[1, :4] = 0  # left padding
     out, lse = torch.ops.attention.hf_attend_lse(q, k, v, mask, key, True)
@@ -153,8 +153,7 @@ def hf_cases():
 def dense_cases():
     """The exact layers (sliding windows) over transformers' layouts: a window mask, soft-capping, sinks."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
-               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    q, k, v = hf_views(g)
     i = torch.arange(N)
     excluded = ((i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 4))[None, None]  # causal window of 4
     sinks = torch.randn(H, generator=g)
@@ -208,8 +207,7 @@ def test_the_training_ops_return_what_their_fakes_say_without_padding(cases, imp
     """The unpadded call hands the kernels' own outputs on (the sparse lse transposed from (b, h, q))."""
     key = traced_module_key(impl, frozen(settings), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
-               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    q, k, v = hf_views(g)
     torch.library.opcheck(torch.ops.attention.hf_attend_lse.default, (q, k, v, None, key, True), test_utils=CHECKS)
     out, lse = torch.ops.attention.hf_attend_lse(q, k, v, None, key, True)
     grad = torch.randn(B, H, N, D_V, generator=g).transpose(1, 2)
@@ -253,8 +251,7 @@ def test_the_training_ops_return_what_their_fakes_say_with_sinks(cases, impl, pa
     outputs), and its backward fed the final out and lse it gives."""
     key = traced_module_key(impl, frozen(SINKS_SETTINGS[impl]), None, 0.0, (H, H_KV, D, D_V), True)
     g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(B, N, heads, dim, generator=g).transpose(1, 2)
-               for heads, dim in ((H, D), (H_KV, D), (H_KV, D_V)))
+    q, k, v = hf_views(g)
     sinks = torch.randn(H, generator=g)
     mask = None
     if padded:
