@@ -104,10 +104,8 @@ def run_child(worktree: Path, store: Path, case: str, n: int, calls: int, padded
     env = dict(os.environ, PYTHONPATH=str(worktree), PATTERNSTORE_DIR=str(store), OMP_NUM_THREADS=str(THREADS))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--length", str(n),
                "--calls", str(calls)] + (["--padded"] if padded else [])
-    done = subprocess.run(command, env=env, cwd=worktree, capture_output=True, text=True, timeout=timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"{worktree.name}: {case} at {n} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return benchlib.child_json(command, env=env, what=f"{worktree.name}: {case} at {n}", cwd=worktree,
+                               timeout=timeout_s)
 
 
 def main() -> None:

@@ -59,7 +59,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -269,11 +268,7 @@ def cpu_worker(n, head_dim, names, cfg, args, dapt, standin) -> dict:
                OMP_NUM_THREADS=str(cfg["threads"]))
     command = [sys.executable, __file__, "--worker", json.dumps([n, head_dim, names, cfg]),
                "--device", args.device, "--dtype", args.dtype]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [""])[-1]  # the exception's line first: failures keep one line
-        raise RuntimeError(f"worker for n={n} failed: {last[:200]}\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return benchlib.child_json(command, env=env, what=f"worker for n={n}")
 
 
 def estimate_s(report: benchlib.Report, head_dim: int, n: int, names: list[str], compiles: bool) -> float:

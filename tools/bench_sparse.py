@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -235,10 +234,7 @@ def first_output(cfg, device: str, dtype_name: str, kind: str, n: int, timeout_s
     for which in ("ours", "ours", "flex-cbm"):
         command = [sys.executable, "-c", CHILD, str(Path(__file__).parent), which, kind, str(n), str(cfg["heads"]),
                    str(cfg["head_dim"]), str(cfg["block"]), device, dtype_name]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
-        if done.returncode != 0:
-            raise RuntimeError(f"first output {which}: {done.stderr[-600:]}")
-        row[which] = json.loads(done.stdout.strip().splitlines()[-1])
+        row[which] = benchlib.child_json(command, env=env, what=f"first output {which}", timeout=timeout_s)
     row["speedup"] = row["flex-cbm"]["first_output_s"] / row["ours"]["first_output_s"]
     return row
 

@@ -90,10 +90,7 @@ def run_child(base: Path, directory: Path, args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(directory), "--batches",
                str(args.batches), "--calls", str(args.calls), "--rounds", str(args.rounds)]
-    done = subprocess.run(command, env=env, cwd=benchlib.REPO, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return benchlib.child_json(command, env=env, what="child", cwd=benchlib.REPO, timeout=1800)
 
 
 def main() -> None:

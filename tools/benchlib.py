@@ -192,6 +192,18 @@ def failure(error: BaseException) -> dict:
     return {"failure": "oom" if is_oom(error) else "error", "message": text}
 
 
+def child_json(command: list[str], *, env: dict, what: str, cwd: Optional[Path] = None,
+               timeout: Optional[float] = None) -> dict:
+    """Run a benchmark's child process; the JSON of its last stdout line.
+    RuntimeError when it fails, the exception's line first (``failure``
+    keeps one line), then the tail of its stderr."""
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"{what} failed: {last[:200]}\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
