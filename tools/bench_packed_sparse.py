@@ -189,7 +189,7 @@ def bench_block_mask(module, args, report, budget) -> None:
     """The fused path's per-batch BlockMask against create_block_mask (module docstring)."""
     from torch.nn.attention.flex_attention import and_masks, create_block_mask
 
-    heads, bs, total = args.heads, module.block_size, args.mask_tokens
+    heads, bs = args.heads, module.block_size
     ours = packed_block_mask(module, args)
     report.data["blockmask_packed"] = ours
     report.write()
