@@ -55,7 +55,7 @@ under ``torch.compile`` it runs as the opaque op
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -185,6 +185,14 @@ def _chunks(bucket: Bucket, elements: int) -> list[Bucket]:
                    bucket.write[a * rows:(a + step) * rows], bucket.padded) for a in range(0, units, step)]
 
 
+def _runs(bounds: Sequence[int], layer: Layer, query_rows: int, device: torch.device) -> Iterator[Bucket]:
+    """``layer``'s kernel calls: its buckets (``segment_buckets``) in runs
+    (``_chunks``) of at most ``max(query_rows / _CHUNK_FRACTION,
+    _MIN_CHUNK_ROWS)`` (position, head) rows, ``query_rows`` being n * h."""
+    elements = max(query_rows // _CHUNK_FRACTION, _MIN_CHUNK_ROWS)
+    return (run for bucket in segment_buckets(bounds, layer, device) for run in _chunks(bucket, elements))
+
+
 def _flat(positions: Tensor, heads: Tensor, num_heads: int) -> Tensor:
     """(units * rows, heads) positions of an (n, num_heads, ...) tensor as
     indices of its (n * num_heads, ...) view, in that order."""
@@ -254,12 +262,11 @@ def packed_forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[T
     flat_out, flat_lse = out.view(-1, v.shape[-1]), lse.view(-1)
     q, (k, v) = q[0].contiguous(), (x.contiguous() for x in _without_padded_keys(k[0], v[0], key_padding_mask))
     covered = torch.zeros(h, dtype=torch.bool)
-    chunk = max(n * h // _CHUNK_FRACTION, _MIN_CHUNK_ROWS)
     for layer in found:
         heads, kv_heads = layer.heads.to(q.device), layer.kv_heads.to(q.device)
         merge = bool(covered[layer.heads].any())  # else this layer's part is the first on its heads: copied
         covered[layer.heads] = True
-        for bucket in (c for b in segment_buckets(bounds, layer, q.device) for c in _chunks(b, chunk)):
+        for bucket in _runs(bounds, layer, n * h, q.device):
             at_q, at_kv, to = (_flat(bucket.read, heads, h), _flat(bucket.read, kv_heads, h_kv),
                                _flat(bucket.write, heads, h))
             o, l = attend(_gather(q, at_q, bucket), _gather(k, at_kv, bucket), _gather(v, at_kv, bucket),
@@ -285,10 +292,9 @@ def packed_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     flat_dq, flat_dk, flat_dv = (x.flatten(0, 1) for x in (dq, dk, dv))
     q, out, grad_out, lse = (x[0].contiguous() for x in (q, out, grad_out, lse))
     k, v = (x.contiguous() for x in _without_padded_keys(k[0], v[0], key_padding_mask))
-    chunk = max(n * h // _CHUNK_FRACTION, _MIN_CHUNK_ROWS)
     for layer in layers(groups, h // h_kv):
         heads, kv_heads = layer.heads.to(q.device), layer.kv_heads.to(q.device)
-        for bucket in (c for b in segment_buckets(bounds, layer, q.device) for c in _chunks(b, chunk)):
+        for bucket in _runs(bounds, layer, n * h, q.device):
             at_q, at_kv = _flat(bucket.read, heads, h), _flat(bucket.read, kv_heads, h_kv)
             qb, ob, dob, lb = (_gather(x, at_q, bucket) for x in (q, out, grad_out, lse))
             if bucket.padded:  # padded query rows: zero inputs, zero contributions
