@@ -86,6 +86,18 @@ def test_a_config_with_settings_that_runs_another_implementation_warns_once_nami
     torch.testing.assert_close(restored(x).logits, logits, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_a_new_config_warns_even_where_a_dead_config_held_its_id(monkeypatch):
+    """Python reuses a dead object's id: the record of warned configs must
+    not take a new config for an old one (the warning went missing in a
+    test run once). Planted here as another object under the new config's id."""
+    model = build(LlamaConfig, attn_implementation="sdpa", patternstore_attention=DILATED)
+    stand_in = LlamaConfig()  # what a config warned about earlier, at the same address, looks like
+    monkeypatch.setitem(hf._warned, id(model.config), stand_in)
+    with pytest.warns(UserWarning, match=hf.CONFIG_ATTRIBUTE):
+        model(ids())
+
+
 # ------------------------------------------------- without a window (tests/test_hf_mixed.py: with one)
 @pytest.mark.parametrize("config_class, kwargs", [
     (MistralConfig, {"sliding_window": None}),

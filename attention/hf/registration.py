@@ -75,6 +75,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
+import weakref
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -149,7 +150,9 @@ def register(store: Optional[PatternStore] = None) -> None:
 # switched with ``set_attn_implementation`` after a forward carries what it
 # last ran through this module.
 _WRAPPED = "_patternstore_wrapped"
-_warned: set[int] = set()
+# The configs warned about, by id: weak values, so a dead config's id (which
+# Python reuses) never silences the warning for a new config.
+_warned: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
 def _remember_implementation(config: Any, impl: str) -> None:
@@ -175,10 +178,10 @@ def _warning_when_settings_unused(mask_function: Callable) -> Callable:
     @functools.wraps(mask_function)
     def checked(*args: Any, **kwargs: Any) -> Any:
         config = kwargs.get("config")
-        if config is not None and not torch.compiler.is_compiling() and id(config) not in _warned:
+        if config is not None and not torch.compiler.is_compiling() and _warned.get(id(config)) is not config:
             wanted = implementation_for(getattr(config, CONFIG_ATTRIBUTE, None))
             if wanted is not None and getattr(config, "_attn_implementation", None) not in (DILATED, SPARSE):
-                _warned.add(id(config))
+                _warned[id(config)] = config
                 warnings.warn(
                     f"this model's config carries {CONFIG_ATTRIBUTE} but runs "
                     f"attn_implementation={config._attn_implementation!r}, not patternstore attention; "
